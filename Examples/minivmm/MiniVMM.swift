@@ -1,0 +1,207 @@
+import ArgumentParser
+import VMMKit
+import X86Disassembler
+
+@main
+struct MiniVMM: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "minivmm",
+        abstract: "A minimal VMM built with VMMKit: runs a guest image on KVM.",
+        subcommands: [Run.self, Bench.self],
+        defaultSubcommand: Run.self)
+}
+
+/// Options shared by `run` and `bench`.
+struct GuestOptions: ParsableArguments {
+    @Option(help: "Guest image: ELF64 (PVH note honoured) or flat binary. Default: the bundled demo guest.")
+    var kernel: String?
+
+    @Option(help: "Guest command line.")
+    var append: String = ""
+
+    @Option(help: "Guest memory, e.g. 256M, 1G (minimum 32M).")
+    var memory: String = "256M"
+
+    @Option(help: "Number of vCPUs.")
+    var cpus: Int = 1
+
+    @Flag(help: "Stop with an error when the guest touches a port or address no device claims.")
+    var strict = false
+
+    func memoryBytes() throws -> UInt64 {
+        guard let v = parseSize(memory) else { throw ValidationError("bad --memory '\(memory)': use e.g. 256M or 1G") }
+        return v
+    }
+
+    func image() throws -> (BootImage, String) {
+        guard let path = kernel else { return (.elf(demoGuestImage), "demo guest (hello)") }
+        let bytes = try readFile(path)
+        if bytes.starts(with: [0x7f, 0x45, 0x4c, 0x46]) { return (.elf(bytes), path) }
+        return (.flat(bytes), path)
+    }
+}
+
+struct Run: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Run a guest until it exits.")
+
+    @OptionGroup var guest: GuestOptions
+
+    @Flag(help: "Print an exit profile (counts per exit kind and the top exit sites) to stderr.")
+    var profile = false
+
+    @Flag(help: "Exit with QEMU's isa-debug-exit status (v << 1) | 1 instead of v.")
+    var qemuExitStatus = false
+
+    func run() throws {
+        let session: Session
+        do {
+            session = try Session(options: guest, profile: profile)
+        } catch {
+            printError("minivmm: \(error)")
+            throw ExitCode(125)
+        }
+        let reason: StopReason
+        do {
+            reason = try session.vm.run()
+        } catch {
+            session.console.flush()
+            printError("minivmm: \(error)")
+            if profile { session.printProfile() }
+            throw ExitCode(125)
+        }
+        if profile { session.printProfile() }
+        switch reason {
+        case .guestExit(let v):
+            let code = qemuExitStatus ? Int32(truncatingIfNeeded: (v << 1) | 1) : Int32(truncatingIfNeeded: v)
+            throw ExitCode(code & 0xff)
+        case .halted, .stopped:
+            throw ExitCode(0)
+        case .systemEvent(let t):
+            printError("minivmm: guest system event \(t)")
+            throw ExitCode(0)
+        }
+    }
+}
+
+/// A configured VM with the standard devices and a loaded guest.
+struct Session {
+    let vm: VirtualMachine
+    let devices: StandardDevices
+    let console: OutputSink
+    let loaded: LoadedImage
+
+    init(options: GuestOptions, profile: Bool, console: OutputSink = .standardOutput()) throws {
+        var config = VMConfiguration(memorySize: try options.memoryBytes(), vcpuCount: options.cpus)
+        config.strict = options.strict
+        config.collectSiteStatistics = profile
+        let kvm = try KVMSystem()
+        vm = try VirtualMachine(backend: kvm, configuration: config)
+        self.console = console
+        devices = try StandardDevices.install(on: vm, console: console)
+        let (image, _) = try options.image()
+        loaded = try X86Boot.load(image, commandLine: options.append, into: vm)
+    }
+
+    func printProfile() {
+        let stats = vm.statistics()
+        var out = "\n== exit profile ==\n"
+        out += pad("kind", 16) + pad("count", 12, right: true) + "\n"
+        for k in ExitKind.allCases where stats[k] > 0 {
+            out += pad(k.description, 16) + pad(String(stats[k]), 12, right: true) + "\n"
+        }
+        out += pad("total", 16) + pad(String(stats.total), 12, right: true) + "\n"
+        if let steady = devices.marker.steadyPhase {
+            out += "steady phase: \(steady.exits) exits in \(steady.nanoseconds / 1_000_000) ms\n"
+        }
+        let top = stats.topSites(10)
+        if !top.isEmpty {
+            out += "\n== top exit sites (rip is where KVM reported it; the instruction is the one that exited) ==\n"
+            out += pad("rip", 20) + pad("symbol", 24) + pad("instruction", 28) + pad("access", 22) + pad("count", 10, right: true) + "\n"
+            let profiler = SiteDescriber(vm: vm, symbols: loaded.symbols)
+            for (site, count) in top {
+                out += pad("0x" + String(site.rip, radix: 16), 20)
+                out += pad(loaded.symbols.symbolize(site.rip) ?? "-", 24)
+                out += pad(profiler.instruction(for: site) ?? "?", 28)
+                out += pad(describe(site), 22)
+                out += pad(String(count), 10, right: true) + "\n"
+            }
+        }
+        let unclaimed = vm.bus.unclaimedCounts
+        if !unclaimed.isEmpty {
+            out += "\n== unclaimed accesses ==\n"
+            for (a, n) in unclaimed.sorted(by: { $0.value > $1.value }).prefix(10) {
+                out += "\(a.space) \(a.direction) 0x\(String(a.address, radix: 16)): \(n)\n"
+            }
+        }
+        printError(out)
+    }
+
+    private func describe(_ s: ExitSite) -> String {
+        let dir = s.direction == .write ? "write" : "read"
+        switch s.kind {
+        case .io: return "port 0x\(String(s.address, radix: 16)) \(dir)\(s.size)"
+        case .mmio: return "mmio 0x\(String(s.address, radix: 16)) \(dir)\(s.size)"
+        case .msr: return "msr 0x\(String(s.address, radix: 16)) \(dir)"
+        default: return s.kind.description
+        }
+    }
+}
+
+/// Finds the exiting instruction of a site: KVM may report RIP on the
+/// instruction (hardware, for IN and MMIO reads) or just past it (PIO/MMIO
+/// on other hosts), so both are tried, and the decoding whose access matches
+/// the exit wins.
+struct SiteDescriber {
+    let vm: VirtualMachine
+    let symbols: SymbolTable
+    let disassembler: X86Disassembler?
+
+    init(vm: VirtualMachine, symbols: SymbolTable) {
+        self.vm = vm
+        self.symbols = symbols
+        disassembler = try? X86Disassembler(mode: .bits64)
+    }
+
+    func instruction(for site: ExitSite) -> String? {
+        guard let d = disassembler else { return nil }
+        // Translate through vCPU 0's current page tables (guests here identity-map; a
+        // per-site CR3 is what DMP's hotspot detector records).
+        let paging = (try? vm.vcpus[0].specialRegisters()).map(PagingContext.init)
+        func phys(_ va: UInt64) -> UInt64? {
+            guard let p = paging, p.cr3 != 0 else { return va }
+            return try? vm.memory.translate(va, paging: p).physical.rawValue
+        }
+        let before: [UInt8] = {
+            guard site.rip >= 15, let pa = phys(site.rip - 15) else { return [] }
+            return (try? vm.memory.readBytes(at: GuestAddress(pa), count: 15)) ?? []
+        }()
+        let candidates = d.candidatesEnding(at: site.rip, bytesBefore: before).filter { matches($0, site) }
+        if let best = candidates.max(by: { $0.length < $1.length }) { return best.description }
+        if let pa = phys(site.rip), let bytes = try? vm.memory.readBytes(at: GuestAddress(pa), count: 15),
+           let i = d.decode(bytes, address: site.rip), matches(i, site) {
+            return i.description + " (at rip)"
+        }
+        return nil
+    }
+
+    private func matches(_ i: X86Instruction, _ site: ExitSite) -> Bool {
+        switch site.kind {
+        case .io:
+            return ["in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"].contains(i.mnemonic)
+        case .mmio:
+            return i.operands.contains { if case .memory = $0.operand { true } else { false } }
+        case .msr:
+            return i.mnemonic == "rdmsr" || i.mnemonic == "wrmsr"
+        case .halt:
+            return i.mnemonic == "hlt"
+        default:
+            return false
+        }
+    }
+}
+
+func pad(_ s: String, _ n: Int, right: Bool = false) -> String {
+    let p = String(repeating: " ", count: max(0, n - s.count))
+    return right ? p + s + " " : s + p
+}
+

@@ -1,0 +1,39 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let package = Package(
+    name: "VMMKit",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "VMMKit", targets: ["VMMKit"]),
+        .library(name: "VMMKitTesting", targets: ["VMMKitTesting"]),
+        .library(name: "X86Disassembler", targets: ["X86Disassembler"]),
+        .executable(name: "minivmm", targets: ["minivmm"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        .target(name: "CKVM"),
+        .systemLibrary(
+            name: "CCapstone",
+            pkgConfig: "capstone",
+            providers: [.apt(["libcapstone-dev"])]
+        ),
+        .target(name: "VMMKit", dependencies: ["CKVM"]),
+        .target(name: "VMMKitTesting", dependencies: ["VMMKit"]),
+        .target(name: "X86Disassembler", dependencies: ["CCapstone"]),
+        .executableTarget(
+            name: "minivmm",
+            dependencies: [
+                "VMMKit", "X86Disassembler",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            path: "Examples/minivmm"
+        ),
+        .testTarget(name: "VMMKitTests", dependencies: ["VMMKit", "VMMKitTesting"]),
+        .testTarget(name: "KVMTests", dependencies: ["VMMKit"], resources: []),
+        .testTarget(name: "X86DisassemblerTests", dependencies: ["X86Disassembler"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,92 @@
+// CKVM: the parts of the Linux KVM API that Swift cannot import directly.
+//
+// The ioctl request codes are function-like macros (_IO, _IOW, ...), so they
+// are exported here as constants; `ioctl` is variadic, so fixed-arity wrappers
+// are provided. Everything is prefixed `ckvm_`/`CKVM_`.
+#ifndef CKVM_H
+#define CKVM_H
+
+#include <linux/kvm.h>
+#include <stdint.h>
+#include <stddef.h>
+#include <pthread.h>
+#include <sys/types.h>
+
+// MARK: ioctl request codes (system fd)
+extern const unsigned long CKVM_GET_API_VERSION;
+extern const unsigned long CKVM_CREATE_VM;
+extern const unsigned long CKVM_CHECK_EXTENSION;
+extern const unsigned long CKVM_GET_VCPU_MMAP_SIZE;
+extern const unsigned long CKVM_GET_SUPPORTED_CPUID;
+extern const unsigned long CKVM_GET_MSR_INDEX_LIST;
+
+// MARK: ioctl request codes (VM fd)
+extern const unsigned long CKVM_CREATE_VCPU;
+extern const unsigned long CKVM_SET_USER_MEMORY_REGION;
+extern const unsigned long CKVM_GET_DIRTY_LOG;
+extern const unsigned long CKVM_SET_TSS_ADDR;
+extern const unsigned long CKVM_SET_IDENTITY_MAP_ADDR;
+extern const unsigned long CKVM_CREATE_IRQCHIP;
+extern const unsigned long CKVM_CREATE_PIT2;
+extern const unsigned long CKVM_IRQ_LINE;
+extern const unsigned long CKVM_IRQFD;
+extern const unsigned long CKVM_IOEVENTFD;
+extern const unsigned long CKVM_REGISTER_COALESCED_MMIO;
+extern const unsigned long CKVM_UNREGISTER_COALESCED_MMIO;
+extern const unsigned long CKVM_ENABLE_CAP;
+
+// MARK: ioctl request codes (vCPU fd)
+extern const unsigned long CKVM_RUN;
+extern const unsigned long CKVM_GET_REGS;
+extern const unsigned long CKVM_SET_REGS;
+extern const unsigned long CKVM_GET_SREGS;
+extern const unsigned long CKVM_SET_SREGS;
+extern const unsigned long CKVM_GET_FPU;
+extern const unsigned long CKVM_SET_FPU;
+extern const unsigned long CKVM_GET_XSAVE;
+extern const unsigned long CKVM_SET_XSAVE;
+extern const unsigned long CKVM_GET_MSRS;
+extern const unsigned long CKVM_SET_MSRS;
+extern const unsigned long CKVM_SET_CPUID2;
+extern const unsigned long CKVM_GET_LAPIC;
+extern const unsigned long CKVM_SET_LAPIC;
+extern const unsigned long CKVM_GET_VCPU_EVENTS;
+extern const unsigned long CKVM_SET_VCPU_EVENTS;
+extern const unsigned long CKVM_TRANSLATE;
+extern const unsigned long CKVM_SET_GUEST_DEBUG;
+
+// MARK: fixed-arity ioctl wrappers. Each returns the ioctl result; on -1 the
+// caller reads errno through ckvm_errno().
+int ckvm_ioctl_none(int fd, unsigned long request);
+int ckvm_ioctl_int(int fd, unsigned long request, unsigned long arg);
+int ckvm_ioctl_ptr(int fd, unsigned long request, void *arg);
+int ckvm_errno(void);
+
+// MARK: kvm_run helpers
+/// Atomically store `value` into `run->immediate_exit` (safe from any thread).
+void ckvm_store_immediate_exit(struct kvm_run *run, uint8_t value);
+/// Atomically load `run->immediate_exit`.
+uint8_t ckvm_load_immediate_exit(struct kvm_run *run);
+
+// MARK: kicking a vCPU thread out of KVM_RUN
+/// The signal used to kick vCPU threads (SIGRTMIN + 1). Installs, once, a
+/// handler that does nothing and no SA_RESTART, so a blocking KVM_RUN returns
+/// with EINTR.
+int ckvm_install_kick_handler(void);
+/// Send the kick signal to `thread`. Returns 0 or an errno value.
+int ckvm_kick_thread(pthread_t thread);
+
+// MARK: offsets into kvm_run that Swift cannot compute through anonymous unions.
+size_t ckvm_run_size(void);
+/// offsetof(struct kvm_run, mmio.data)
+extern const size_t CKVM_RUN_MMIO_DATA_OFFSET;
+/// offsetof(struct kvm_run, msr.data)
+extern const size_t CKVM_RUN_MSR_DATA_OFFSET;
+/// offsetof(struct kvm_run, msr.error)
+extern const size_t CKVM_RUN_MSR_ERROR_OFFSET;
+/// offsetof(struct kvm_run, s.regs.regs)
+extern const size_t CKVM_RUN_SYNC_REGS_OFFSET;
+/// offsetof(struct kvm_run, s.regs.sregs)
+extern const size_t CKVM_RUN_SYNC_SREGS_OFFSET;
+
+#endif

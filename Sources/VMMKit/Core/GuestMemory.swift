@@ -1,0 +1,180 @@
+/// Errors from guest memory access and guest page-table walks.
+public enum GuestMemoryError: Error, Hashable, Sendable, CustomStringConvertible {
+    /// No memory region contains this address.
+    case invalidAddress(GuestAddress)
+    /// The access starts in a region but runs past its end after `completed` of `expected` bytes.
+    case partialBuffer(expected: Int, completed: Int)
+    /// The address computation overflowed 64 bits.
+    case overflow(base: UInt64, length: UInt64)
+    /// Regions overlap or are malformed when the memory is set up.
+    case invalidRegion(String)
+    /// The host could not allocate backing memory.
+    case allocationFailed(size: UInt64, errno: Errno)
+    /// A guest-virtual address is not canonical for 4-level paging.
+    case nonCanonical(virtual: UInt64)
+    /// The page walk met a not-present entry at `level` (4 = PML4 ... 1 = PT).
+    case pageNotPresent(virtual: UInt64, level: Int)
+    /// The page walk found a mapping that does not allow the access.
+    case protectionViolation(virtual: UInt64, access: PageAccess)
+    /// A paging-structure entry has a reserved bit set (for example PS in a PML4E).
+    case reservedBit(virtual: UInt64, level: Int)
+
+    /// A one-line description.
+    public var description: String {
+        switch self {
+        case .invalidAddress(let a): "guest-physical address \(a) is not backed by guest memory"
+        case .partialBuffer(let e, let c): "access ran past the end of a memory region after \(c) of \(e) bytes"
+        case .overflow(let b, let l): "address 0x\(String(b, radix: 16)) + \(l) overflows"
+        case .invalidRegion(let why): "invalid memory region: \(why)"
+        case .allocationFailed(let size, let e): "could not allocate \(size) bytes of guest memory: \(e)"
+        case .nonCanonical(let v): "virtual address 0x\(String(v, radix: 16)) is not canonical"
+        case .pageNotPresent(let v, let l): "virtual address 0x\(String(v, radix: 16)) not present at paging level \(l)"
+        case .protectionViolation(let v, let a): "virtual address 0x\(String(v, radix: 16)) does not allow \(a)"
+        case .reservedBit(let v, let l): "reserved bit set at paging level \(l) for 0x\(String(v, radix: 16))"
+        }
+    }
+}
+
+/// One contiguous range of guest-physical memory backed by host memory.
+public struct GuestRegion: @unchecked Sendable {
+    /// The guest-physical range the region covers.
+    public let range: GuestRange
+    /// The host address of the region's first byte.
+    public let host: UnsafeMutableRawPointer
+    /// Whether the guest may write the region (a read-only slot turns guest writes into MMIO exits).
+    public let readOnly: Bool
+}
+
+/// The guest's physical memory: a set of non-overlapping regions with checked
+/// reads and writes and a guest-virtual to guest-physical page walk.
+///
+/// Host memory is allocated with anonymous `mmap` and freed when the
+/// ``GuestMemory`` is deinitialized; hypervisor memory slots refer to it, so the
+/// ``GuestMemory`` must outlive the VM (``VirtualMachine`` arranges that).
+///
+/// Guest memory is shared with running vCPUs: reads may observe concurrent
+/// guest writes, as on real hardware. Every access is bounds checked.
+public final class GuestMemory: @unchecked Sendable {
+    /// The regions, sorted by guest-physical address.
+    public let regions: [GuestRegion]
+    private let owned: [(UnsafeMutableRawPointer, Int)]
+
+    /// Allocates zeroed memory for each range (sorted; they must not overlap).
+    ///
+    /// - Parameter layout: `(range, readOnly)` pairs.
+    public init(ranges layout: [(GuestRange, Bool)]) throws(GuestMemoryError) {
+        let sorted = layout.sorted { $0.0.start < $1.0.start }
+        for (i, (r, _)) in sorted.enumerated() {
+            guard r.size > 0, r.size % 4096 == 0, r.start.rawValue % 4096 == 0 else {
+                throw .invalidRegion("\(r) is empty or not page aligned")
+            }
+            guard r.end != nil else { throw .overflow(base: r.start.rawValue, length: r.size) }
+            if i > 0, sorted[i - 1].0.overlaps(r) {
+                throw .invalidRegion("\(sorted[i - 1].0) overlaps \(r)")
+            }
+        }
+        var regions: [GuestRegion] = []
+        var owned: [(UnsafeMutableRawPointer, Int)] = []
+        for (r, ro) in sorted {
+            guard r.size <= UInt64(Int.max) else { throw .allocationFailed(size: r.size, errno: .outOfMemory) }
+            let p: UnsafeMutableRawPointer
+            switch HostMemory.mapAnonymous(size: Int(r.size)) {
+            case .success(let ptr): p = ptr
+            case .failure(let e):
+                for (q, n) in owned { HostMemory.unmap(q, size: n) }
+                throw .allocationFailed(size: r.size, errno: e)
+            }
+            owned.append((p, Int(r.size)))
+            regions.append(GuestRegion(range: r, host: p, readOnly: ro))
+        }
+        self.regions = regions
+        self.owned = owned
+    }
+
+    /// Convenience: one writable region `[0, size)`.
+    public convenience init(size: UInt64) throws(GuestMemoryError) {
+        try self.init(ranges: [(GuestRange(start: GuestAddress(0), size: size), false)])
+    }
+
+    deinit {
+        for (p, n) in owned { HostMemory.unmap(p, size: n) }
+    }
+
+    /// The region containing `address`, if any.
+    @inline(__always)
+    public func region(containing address: GuestAddress) -> GuestRegion? {
+        for r in regions where r.range.contains(address) { return r }
+        return nil
+    }
+
+    /// Whether `[address, address + length)` is wholly backed by one region.
+    public func isValid(_ address: GuestAddress, length: UInt64) -> Bool {
+        guard let r = region(containing: address) else { return length == 0 ? false : false }
+        return r.range.contains(address, length: length)
+    }
+
+    /// The host pointer for `[address, address + length)`, checked to lie in one region.
+    @inline(__always)
+    func hostPointer(_ address: GuestAddress, length: Int) throws(GuestMemoryError) -> UnsafeMutableRawPointer {
+        guard length >= 0 else { throw .overflow(base: address.rawValue, length: 0) }
+        guard address.adding(UInt64(length)) != nil else {
+            throw .overflow(base: address.rawValue, length: UInt64(length))
+        }
+        guard let r = region(containing: address) else { throw .invalidAddress(address) }
+        let off = address.rawValue - r.range.start.rawValue
+        let avail = r.range.size - off
+        guard UInt64(length) <= avail else {
+            throw .partialBuffer(expected: length, completed: Int(avail))
+        }
+        return r.host + Int(off)
+    }
+
+    /// Copies `buffer.count` bytes from guest memory at `address` into `buffer`.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at address: GuestAddress) throws(GuestMemoryError) {
+        guard buffer.count > 0, let base = buffer.baseAddress else { return }
+        let p = try hostPointer(address, length: buffer.count)
+        base.copyMemory(from: p, byteCount: buffer.count)
+    }
+
+    /// Reads `count` bytes at `address`.
+    public func readBytes(at address: GuestAddress, count: Int) throws(GuestMemoryError) -> [UInt8] {
+        guard count > 0 else { return [] }
+        let p = try hostPointer(address, length: count)
+        return Array(UnsafeRawBufferPointer(start: p, count: count))
+    }
+
+    /// Writes `bytes` into guest memory at `address` (all or nothing).
+    public func write(_ bytes: UnsafeRawBufferPointer, at address: GuestAddress) throws(GuestMemoryError) {
+        guard bytes.count > 0, let src = bytes.baseAddress else { return }
+        let p = try hostPointer(address, length: bytes.count)
+        p.copyMemory(from: src, byteCount: bytes.count)
+    }
+
+    /// Writes `bytes` into guest memory at `address` (all or nothing).
+    public func write(_ bytes: [UInt8], at address: GuestAddress) throws(GuestMemoryError) {
+        guard !bytes.isEmpty else { return }
+        let p = try hostPointer(address, length: bytes.count)
+        bytes.withUnsafeBytes { p.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+    }
+
+    /// Reads a plain value (little-endian, unaligned allowed) at `address`.
+    @inline(__always)
+    public func read<T: FixedWidthInteger>(_ type: T.Type = T.self, at address: GuestAddress) throws(GuestMemoryError) -> T {
+        let p = try hostPointer(address, length: MemoryLayout<T>.size)
+        return T(littleEndian: p.loadUnaligned(as: T.self))
+    }
+
+    /// Writes a plain value (little-endian, unaligned allowed) at `address`.
+    @inline(__always)
+    public func write<T: FixedWidthInteger>(_ value: T, at address: GuestAddress) throws(GuestMemoryError) {
+        let p = try hostPointer(address, length: MemoryLayout<T>.size)
+        p.storeBytes(of: value.littleEndian, as: T.self)
+    }
+
+    /// Fills `[address, address + count)` with `byte`.
+    public func fill(_ byte: UInt8, at address: GuestAddress, count: Int) throws(GuestMemoryError) {
+        guard count > 0 else { return }
+        let p = try hostPointer(address, length: count)
+        p.initializeMemory(as: UInt8.self, repeating: byte, count: count)
+    }
+}

@@ -1,0 +1,171 @@
+/// One virtual CPU. ``VirtualMachine`` runs each on its own thread.
+public final class VCPU: @unchecked Sendable {
+    /// The vCPU index (also its initial APIC ID).
+    public let id: Int
+    /// The backend vCPU (registers, state get/set). Use from the vCPU thread
+    /// while running, or from any thread while the VM is stopped or paused.
+    public let backend: any VCPUBackend
+    /// The exit context of the current or last run.
+    public internal(set) var context: ExitContext?
+
+    init(id: Int, backend: any VCPUBackend) {
+        self.id = id
+        self.backend = backend
+    }
+
+    /// The vCPU's general registers (when the VM is stopped or paused).
+    public func registers() throws(VMError) -> Registers {
+        do { return try backend.registers() } catch { throw .backend(error) }
+    }
+
+    /// The vCPU's special registers (when the VM is stopped or paused).
+    public func specialRegisters() throws(VMError) -> SpecialRegisters {
+        do { return try backend.specialRegisters() } catch { throw .backend(error) }
+    }
+
+    /// The run loop: `KVM_RUN`, dispatch the exit through the chain, repeat.
+    func runLoop(vm: VirtualMachine) -> Control.Outcome {
+        guard let ctx = context else { return .error(.invalidState("vCPU \(id) has no context")) }
+        backend.bindToCurrentThread()
+        let control = vm.control
+        let collectSites = ctx.statistics.collectSites
+        while true {
+            if control.requests.load(ordering: .acquiring) != 0 {
+                if control.stopRequested { return .stop(.stopped) }
+                // Pause: complete any pending access (KVM_RUN with immediate_exit
+                // returns EINTR after finishing it), then park.
+                backend.setImmediateExit(true)
+                do {
+                    let e = try backend.run()
+                    if e != .interrupted {
+                        if let out = dispatch(e, ctx, collectSites) { return out }
+                    }
+                } catch { return .error(.backend(error)) }
+                control.park()
+                backend.setImmediateExit(false)
+                continue
+            }
+            let exit: VMExit
+            do { exit = try backend.run() } catch { return .error(.backend(error)) }
+            if case .interrupted = exit {
+                ctx.statistics.record(.interrupted)
+                backend.setImmediateExit(false)
+                continue
+            }
+            if let out = dispatch(exit, ctx, collectSites) { return out }
+        }
+    }
+
+    /// Counts and dispatches one exit; returns an outcome when the vCPU must stop.
+    @inline(__always)
+    private func dispatch(_ exit: VMExit, _ ctx: ExitContext, _ collectSites: Bool) -> Control.Outcome? {
+        ctx.statistics.record(exit.kind)
+        if collectSites, let rip = try? backend.registers().rip {
+            ctx.statistics.record(site: ExitStatistics.site(for: exit, rip: rip))
+        }
+        do {
+            switch try ctx.dispatch(exit) {
+            case .handled: return nil
+            case .pass:
+                let rip = try? backend.registers().rip
+                return .error(.unhandledExit(vcpu: id, exit: exit, rip: rip))
+            case .stopVCPU: return .halted
+            case .stopVM(let reason): return .stop(reason)
+            }
+        } catch {
+            return .error(error)
+        }
+    }
+}
+
+extension ExitStatistics {
+    /// The site an exit happened at.
+    @inline(__always)
+    public static func site(for exit: VMExit, rip: UInt64) -> ExitSite {
+        switch exit {
+        case .io(let io): ExitSite(rip: rip, kind: .io, address: UInt64(io.port), size: io.size, direction: io.direction)
+        case .mmio(let m): ExitSite(rip: rip, kind: .mmio, address: m.address.rawValue, size: m.size, direction: m.direction)
+        case .msrRead(let i): ExitSite(rip: rip, kind: .msr, address: UInt64(i), size: 8, direction: .read)
+        case .msrWrite(let i, _): ExitSite(rip: rip, kind: .msr, address: UInt64(i), size: 8, direction: .write)
+        default: ExitSite(rip: rip, kind: exit.kind, address: 0, size: 0, direction: .read)
+        }
+    }
+}
+
+/// The built-in handler that sends port I/O and MMIO exits to the ``IOBus``.
+final class BusDispatchHandler: ExitHandler {
+    let strict: Bool
+    init(strict: Bool) { self.strict = strict }
+
+    func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult {
+        switch exit {
+        case .io(let io):
+            let size = Int(io.size)
+            let port = UInt64(io.port)
+            if io.direction == .write {
+                for i in 0..<max(1, Int(io.count)) {
+                    let value = io.count == 1 ? io.value : context.ioData(at: i)
+                    guard let effect = context.bus.write(.pio, address: port, size: size, value: value) else {
+                        try unclaimed(.pio, port, .write, context)
+                        continue
+                    }
+                    if case .stopVM(let s) = effect { return .stopVM(.guestExit(status: s)) }
+                }
+            } else {
+                for i in 0..<max(1, Int(io.count)) {
+                    let v = context.bus.read(.pio, address: port, size: size)
+                    if v == nil { try unclaimed(.pio, port, .read, context) }
+                    context.completeRead(v ?? allOnes(size: size), at: i)
+                }
+            }
+            return .handled
+        case .mmio(let m):
+            let size = Int(m.size)
+            if m.direction == .write {
+                guard let effect = context.bus.write(.mmio, address: m.address.rawValue, size: size, value: m.value) else {
+                    try unclaimed(.mmio, m.address.rawValue, .write, context)
+                    return .handled
+                }
+                if case .stopVM(let s) = effect { return .stopVM(.guestExit(status: s)) }
+            } else {
+                let v = context.bus.read(.mmio, address: m.address.rawValue, size: size)
+                if v == nil { try unclaimed(.mmio, m.address.rawValue, .read, context) }
+                context.completeRead(v ?? allOnes(size: size))
+            }
+            return .handled
+        default:
+            return .pass
+        }
+    }
+
+    private func unclaimed(_ space: BusSpace, _ address: UInt64, _ dir: AccessDirection, _ context: ExitContext) throws(VMError) {
+        guard strict else { return }
+        throw .unclaimedAccess(space: space, address: address, direction: dir, vcpu: context.vcpuID,
+                               rip: try? context.registers().rip)
+    }
+}
+
+/// The built-in last handler: HLT stops the vCPU, guest failures become typed errors with registers.
+final class DefaultExitPolicy: ExitHandler {
+    func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult {
+        switch exit {
+        case .halt: return .stopVCPU
+        case .shutdown: throw fault(.tripleFault, context)
+        case .internalError(let ie):
+            throw fault(ie.isEmulationFailure ? .emulationFailure : .internalError(suberror: ie.suberror), context, data: ie.data)
+        case .failEntry(let reason, _): throw fault(.failedEntry(reason: reason), context)
+        case .systemEvent(let type, _): return .stopVM(.systemEvent(type: type))
+        case .msrRead:
+            // No handler claimed the MSR: behave like an unimplemented MSR reading as 0.
+            context.completeRead(0)
+            return .handled
+        case .msrWrite: return .handled
+        default: return .pass
+        }
+    }
+
+    private func fault(_ kind: GuestFault.Kind, _ context: ExitContext, data: [UInt64] = []) -> VMError {
+        .guestFault(GuestFault(kind: kind, vcpu: context.vcpuID, registers: try? context.registers(),
+                               specialRegisters: try? context.specialRegisters(), data: data))
+    }
+}

@@ -1,0 +1,139 @@
+/// The direction of a device access, seen from the guest.
+public enum AccessDirection: UInt8, Hashable, Sendable {
+    /// The guest reads from the device (`in`, an MMIO load).
+    case read
+    /// The guest writes to the device (`out`, an MMIO store).
+    case write
+}
+
+/// A port I/O exit (`KVM_EXIT_IO`).
+///
+/// For `count > 1` (string I/O: `rep insb`/`rep outsw`...) the data holds
+/// `count` elements of `size` bytes; read them with ``ExitContext/ioData(at:)``
+/// and, for reads, supply each with ``ExitContext/completeRead(_:at:)``.
+public struct PortIO: Hashable, Sendable {
+    /// The I/O port.
+    public var port: UInt16
+    /// The access width in bytes (1, 2 or 4).
+    public var size: UInt8
+    /// The number of elements (more than 1 for string I/O).
+    public var count: UInt32
+    /// In or out.
+    public var direction: AccessDirection
+    /// For an `out` with `count == 1`, the value written (zero-extended); zero otherwise.
+    public var value: UInt64
+
+    /// Creates a port I/O exit description.
+    public init(port: UInt16, size: UInt8, count: UInt32 = 1, direction: AccessDirection, value: UInt64 = 0) {
+        self.port = port; self.size = size; self.count = count; self.direction = direction; self.value = value
+    }
+}
+
+/// An MMIO exit (`KVM_EXIT_MMIO`): a guest load or store to guest-physical
+/// memory that no writable memory slot backs.
+public struct MMIOAccess: Hashable, Sendable {
+    /// The guest-physical address accessed.
+    public var address: GuestAddress
+    /// The access width in bytes (1 to 8).
+    public var size: UInt8
+    /// Load or store.
+    public var direction: AccessDirection
+    /// For a store, the value written (little-endian, zero-extended); zero for a load.
+    public var value: UInt64
+
+    /// Creates an MMIO exit description.
+    public init(address: GuestAddress, size: UInt8, direction: AccessDirection, value: UInt64 = 0) {
+        self.address = address; self.size = size; self.direction = direction; self.value = value
+    }
+}
+
+/// Why the hypervisor could not run or emulate guest code (`KVM_EXIT_INTERNAL_ERROR`).
+public struct InternalError: Hashable, Sendable {
+    /// `KVM_INTERNAL_ERROR_*`: 1 = emulation failure, 2 = simultaneous exceptions, 3 = delivery event, 4 = unexpected exit.
+    public var suberror: UInt32
+    /// The extra words the kernel reported (for emulation failures, may include instruction bytes).
+    public var data: [UInt64]
+
+    /// Creates an internal-error description.
+    public init(suberror: UInt32, data: [UInt64] = []) { self.suberror = suberror; self.data = data }
+
+    /// Whether this is an instruction emulation failure.
+    public var isEmulationFailure: Bool { suberror == 1 }
+}
+
+/// A VM exit: why `KVM_RUN` returned, with the exit's data.
+///
+/// Unknown exit reasons arrive as ``unsupported(_:)`` and never crash.
+public enum VMExit: Hashable, Sendable {
+    /// Port I/O (`in`, `out`, `ins`, `outs`).
+    case io(PortIO)
+    /// A load or store to unbacked (or read-only) guest-physical memory.
+    case mmio(MMIOAccess)
+    /// The vCPU executed `hlt` and no interrupt is pending (no in-kernel irqchip).
+    case halt
+    /// The guest shut down, e.g. a triple fault.
+    case shutdown
+    /// VM entry failed; `reason` is the hardware entry failure reason.
+    case failEntry(reason: UInt64, cpu: UInt32)
+    /// The hypervisor could not continue (emulation failure and others).
+    case internalError(InternalError)
+    /// A system event: `type` is `KVM_SYSTEM_EVENT_*` (1 shutdown, 2 reset, 3 crash).
+    case systemEvent(type: UInt32, flags: UInt64)
+    /// A hypercall (`KVM_EXIT_HYPERCALL`).
+    case hypercall(nr: UInt64, args: [UInt64])
+    /// A user-space MSR read (`KVM_EXIT_X86_RDMSR`); complete with ``ExitContext/completeRead(_:at:)``.
+    case msrRead(index: UInt32)
+    /// A user-space MSR write (`KVM_EXIT_X86_WRMSR`).
+    case msrWrite(index: UInt32, value: UInt64)
+    /// A debug exit (single step, breakpoint).
+    case debug(exception: UInt32, pc: UInt64, dr6: UInt64, dr7: UInt64)
+    /// `KVM_RUN` returned because of a signal or `immediate_exit` (EINTR), or `KVM_EXIT_INTR`.
+    case interrupted
+    /// The interrupt window is open (requested with `request_interrupt_window`).
+    case irqWindowOpen
+    /// An exit this library does not model; `reason` names it.
+    case unsupported(reason: UInt32, name: String)
+
+    /// The kind of exit, for statistics.
+    public var kind: ExitKind {
+        switch self {
+        case .io: .io
+        case .mmio: .mmio
+        case .halt: .halt
+        case .shutdown: .shutdown
+        case .failEntry: .failEntry
+        case .internalError: .internalError
+        case .systemEvent: .systemEvent
+        case .hypercall: .hypercall
+        case .msrRead, .msrWrite: .msr
+        case .debug: .debug
+        case .interrupted: .interrupted
+        case .irqWindowOpen: .irqWindowOpen
+        case .unsupported: .unsupported
+        }
+    }
+}
+
+/// The kinds of ``VMExit``, for per-kind counting.
+public enum ExitKind: Int, CaseIterable, Hashable, Sendable, CustomStringConvertible {
+    case io, mmio, halt, shutdown, failEntry, internalError, systemEvent, hypercall, msr, debug, interrupted, irqWindowOpen, unsupported
+
+    /// A short lowercase name (`io`, `mmio`, ...).
+    public var description: String {
+        switch self {
+        case .io: "io"
+        case .mmio: "mmio"
+        case .halt: "hlt"
+        case .shutdown: "shutdown"
+        case .failEntry: "fail-entry"
+        case .internalError: "internal-error"
+        case .systemEvent: "system-event"
+        case .hypercall: "hypercall"
+        case .msr: "msr"
+        case .debug: "debug"
+        case .interrupted: "interrupted"
+        case .irqWindowOpen: "irq-window"
+        case .unsupported: "unsupported"
+        }
+    }
+}

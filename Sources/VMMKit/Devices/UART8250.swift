@@ -1,0 +1,120 @@
+/// An 8250/16550-compatible UART: transmit into an ``OutputSink``, with the
+/// line status, interrupt enable, line control, divisor latch, modem control
+/// (loopback) and scratch registers a polling driver expects.
+///
+/// Attach it at 8 ports, for COM1 `0x3f8..<0x400`. It has no interrupt line yet.
+public final class UART8250: BusDevice {
+    /// `uart`.
+    public let name = "uart"
+    private let sink: OutputSink
+    private var ier: UInt8 = 0
+    private var lcr: UInt8 = 0x03
+    private var mcr: UInt8 = 0x08
+    private var scr: UInt8 = 0
+    private var dll: UInt8 = 0x0c // 9600 baud
+    private var dlm: UInt8 = 0
+    private var fcr: UInt8 = 0
+    private var rx: [UInt8] = []
+    private var thrInterruptPending = false
+    /// The number of bytes transmitted (sent to the sink).
+    public private(set) var transmitted = 0
+
+    /// A UART transmitting into `sink`.
+    public init(sink: OutputSink) { self.sink = sink }
+
+    private var dlab: Bool { lcr & 0x80 != 0 }
+    private var loopback: Bool { mcr & 0x10 != 0 }
+
+    /// Queues bytes as received input (the guest reads them from RBR).
+    public func receive(_ bytes: [UInt8]) { rx.append(contentsOf: bytes) }
+
+    /// Reads a register.
+    public func read(offset: UInt64, size: Int) -> UInt64 {
+        switch offset {
+        case 0:
+            if dlab { return UInt64(dll) }
+            return rx.isEmpty ? 0 : UInt64(rx.removeFirst())
+        case 1: return UInt64(dlab ? dlm : ier)
+        case 2:
+            var iir: UInt8 = 0x01
+            if ier & 0x01 != 0 && !rx.isEmpty { iir = 0x04 }
+            else if ier & 0x02 != 0 && thrInterruptPending { iir = 0x02; thrInterruptPending = false }
+            if fcr & 0x01 != 0 { iir |= 0xc0 }
+            return UInt64(iir)
+        case 3: return UInt64(lcr)
+        case 4: return UInt64(mcr)
+        case 5: return UInt64(lineStatus)
+        case 6:
+            if loopback {
+                // CTS<-RTS, DSR<-DTR, RI<-OUT1, DCD<-OUT2
+                let m = mcr
+                return UInt64(((m & 0x02) << 3) | ((m & 0x01) << 5) | ((m & 0x04) << 4) | ((m & 0x08) << 4))
+            }
+            return 0xb0
+        case 7: return UInt64(scr)
+        default: return allOnes(size: size)
+        }
+    }
+
+    /// The line status register: transmitter always empty; data ready when input is queued.
+    public var lineStatus: UInt8 { 0x60 | (rx.isEmpty ? 0 : 0x01) }
+
+    /// Writes a register.
+    public func write(offset: UInt64, size: Int, value: UInt64) -> DeviceEffect {
+        let b = UInt8(truncatingIfNeeded: value)
+        switch offset {
+        case 0:
+            if dlab { dll = b; break }
+            if loopback { rx.append(b) } else { sink.put(b); transmitted += 1 }
+            thrInterruptPending = true
+        case 1:
+            if dlab { dlm = b } else {
+                ier = b & 0x0f
+                if ier & 0x02 != 0 { thrInterruptPending = true }
+            }
+        case 2:
+            fcr = b
+            if b & 0x02 != 0 { rx.removeAll() }
+        case 3: lcr = b
+        case 4: mcr = b & 0x1f
+        case 7: scr = b
+        default: break
+        }
+        return .none
+    }
+
+    /// LSR reads can be served as a constant while no input is pending and loopback is off;
+    /// THR writes can go through a ring while DLAB is clear and loopback is off.
+    public func fastPath(offset: UInt64, size: Int, direction: AccessDirection) -> FastPathDescription? {
+        switch (offset, direction) {
+        case (5, .read):
+            return FastPathDescription(kind: .constantRead(0x60), offset: 5, size: size, direction: .read,
+                                       enabled: rx.isEmpty && !loopback)
+        case (0, .write):
+            return FastPathDescription(kind: .ringAppend, offset: 0, size: size, direction: .write,
+                                       enabled: !dlab && !loopback)
+        default:
+            return nil
+        }
+    }
+
+    /// Writes out buffered output.
+    public func flush() { sink.flush() }
+}
+
+/// QEMU's `isa-debug-exit`: a guest write of `v` stops the VM with status `v`.
+///
+/// Attach it at `0xf4..<0xf8` (QEMU: `-device isa-debug-exit,iobase=0xf4,iosize=4`).
+/// Under QEMU the process exit status is `(v << 1) | 1`; ``StopReason/guestExit(status:)`` carries `v`.
+public final class DebugExitDevice: BusDevice {
+    /// `debug-exit`.
+    public let name = "debug-exit"
+    /// Creates the device.
+    public init() {}
+    /// Reads return 0.
+    public func read(offset: UInt64, size: Int) -> UInt64 { 0 }
+    /// Any write stops the VM with the written value.
+    public func write(offset: UInt64, size: Int, value: UInt64) -> DeviceEffect {
+        .stopVM(status: UInt32(truncatingIfNeeded: value))
+    }
+}

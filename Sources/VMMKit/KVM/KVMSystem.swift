@@ -1,0 +1,216 @@
+import CKVM
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The KVM hypervisor: an open `/dev/kvm` (the system file descriptor).
+///
+/// ```swift
+/// let kvm = try KVMSystem()          // opens /dev/kvm
+/// let vm = try VirtualMachine(backend: kvm, configuration: .init())
+/// ```
+public final class KVMSystem: HypervisorBackend, @unchecked Sendable {
+    /// The `/dev/kvm` file descriptor.
+    public let fd: Int32
+    /// The size of each vCPU's `kvm_run` mapping. The corresponding ioctl is `KVM_GET_VCPU_MMAP_SIZE`.
+    public let vcpuMmapSize: Int
+    /// `"kvm"`.
+    public var name: String { "kvm" }
+
+    /// Opens the KVM device and checks its API version (12).
+    ///
+    /// - Throws: ``BackendError`` naming `open /dev/kvm` (missing device,
+    ///   permission denied) or the failed ioctl.
+    public init(path: String = "/dev/kvm") throws(BackendError) {
+        let fd = try Sys.open(path, flags: O_RDWR)
+        do throws(BackendError) {
+            let version = try Sys.ioctl(fd, CKVM_GET_API_VERSION, "KVM_GET_API_VERSION")
+            guard version == KVM_API_VERSION else {
+                throw BackendError("KVM_GET_API_VERSION", errno: .notSupported, detail: "API version \(version), expected \(KVM_API_VERSION)")
+            }
+            let size = try Sys.ioctl(fd, CKVM_GET_VCPU_MMAP_SIZE, "KVM_GET_VCPU_MMAP_SIZE")
+            guard size >= Int32(ckvm_run_size()) else {
+                throw BackendError("KVM_GET_VCPU_MMAP_SIZE", errno: .invalidArgument, detail: "size \(size) too small")
+            }
+            self.vcpuMmapSize = Int(size)
+        } catch {
+            Sys.close(fd)
+            throw error
+        }
+        self.fd = fd
+    }
+
+    deinit { Sys.close(fd) }
+
+    /// Whether `/dev/kvm` can be opened here; `nil` if it can, else the reason.
+    public static func unavailableReason(path: String = "/dev/kvm") -> String? {
+        do {
+            _ = try KVMSystem(path: path)
+            return nil
+        } catch {
+            return error.description
+        }
+    }
+
+    /// The value of a capability (0 when absent). The corresponding ioctl is `KVM_CHECK_EXTENSION`.
+    public func checkExtension(_ capability: Int32) -> Int32 {
+        (try? Sys.ioctl(fd, CKVM_CHECK_EXTENSION, value: UInt(capability), "KVM_CHECK_EXTENSION")) ?? 0
+    }
+
+    /// Creates a VM. The corresponding ioctl is `KVM_CREATE_VM`.
+    public func createVM() throws(BackendError) -> any VMBackend {
+        try KVMVM(system: self)
+    }
+
+    /// The CPUID leaves KVM supports. The corresponding ioctl is `KVM_GET_SUPPORTED_CPUID`.
+    public func supportedCPUID() throws(BackendError) -> [CPUIDEntry] {
+        var capacity = 64
+        while true {
+            let bytes = MemoryLayout<kvm_cpuid2>.size + capacity * MemoryLayout<kvm_cpuid_entry2>.stride
+            let buf = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 16)
+            defer { buf.deallocate() }
+            buf.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
+            buf.assumingMemoryBound(to: kvm_cpuid2.self).pointee.nent = UInt32(capacity)
+            do {
+                _ = try Sys.ioctl(fd, CKVM_GET_SUPPORTED_CPUID, buf, "KVM_GET_SUPPORTED_CPUID")
+            } catch where error.errno == .tooBig && capacity < 4096 {
+                capacity *= 2
+                continue
+            }
+            let n = Int(buf.assumingMemoryBound(to: kvm_cpuid2.self).pointee.nent)
+            let entries = (buf + MemoryLayout<kvm_cpuid2>.size).assumingMemoryBound(to: kvm_cpuid_entry2.self)
+            return (0..<min(n, capacity)).map { i in
+                let e = entries[i]
+                return CPUIDEntry(function: e.function, index: e.index, flags: e.flags, eax: e.eax, ebx: e.ebx, ecx: e.ecx, edx: e.edx)
+            }
+        }
+    }
+}
+
+/// A KVM virtual machine (the VM file descriptor).
+public final class KVMVM: VMBackend {
+    /// The VM file descriptor.
+    public let fd: Int32
+    /// The system this VM belongs to.
+    public let system: KVMSystem
+
+    init(system: KVMSystem) throws(BackendError) {
+        self.system = system
+        self.fd = try Sys.ioctl(system.fd, CKVM_CREATE_VM, value: 0, "KVM_CREATE_VM")
+    }
+
+    deinit { Sys.close(fd) }
+
+    /// Adds, changes or deletes a slot. The corresponding ioctl is `KVM_SET_USER_MEMORY_REGION`.
+    public func setUserMemoryRegion(_ slot: MemorySlot) throws(BackendError) {
+        var region = kvm_userspace_memory_region(
+            slot: slot.slot, flags: slot.flags.rawValue,
+            guest_phys_addr: slot.range.start.rawValue, memory_size: slot.range.size,
+            userspace_addr: UInt64(UInt(bitPattern: slot.host)))
+        _ = try Sys.withStruct(&region) { (p) throws(BackendError) in
+            try Sys.ioctl(fd, CKVM_SET_USER_MEMORY_REGION, p, "KVM_SET_USER_MEMORY_REGION")
+        }
+    }
+
+    /// Creates a vCPU and maps its `kvm_run`. The corresponding ioctl is `KVM_CREATE_VCPU`.
+    public func createVCPU(id: Int) throws(BackendError) -> any VCPUBackend {
+        let vfd = try Sys.ioctl(fd, CKVM_CREATE_VCPU, value: UInt(id), "KVM_CREATE_VCPU")
+        do throws(BackendError) {
+            return try KVMVCPU(fd: vfd, id: id, mmapSize: system.vcpuMmapSize,
+                               syncRegs: system.checkExtension(KVM_CAP_SYNC_REGS) & Int32(KVM_SYNC_X86_REGS) != 0)
+        } catch {
+            Sys.close(vfd)
+            throw error
+        }
+    }
+
+    /// The supported CPUID. The corresponding ioctl is `KVM_GET_SUPPORTED_CPUID`.
+    public func supportedCPUID() throws(BackendError) -> [CPUIDEntry] { try system.supportedCPUID() }
+
+    /// The value of a capability for this VM. The corresponding ioctl is `KVM_CHECK_EXTENSION`.
+    public func checkExtension(_ capability: Int32) -> Int32 {
+        (try? Sys.ioctl(fd, CKVM_CHECK_EXTENSION, value: UInt(capability), "KVM_CHECK_EXTENSION")) ?? 0
+    }
+
+    /// Returns and clears a slot's dirty bitmap. The corresponding ioctl is `KVM_GET_DIRTY_LOG`.
+    public func dirtyLog(slot: UInt32, pageCount: Int) throws(BackendError) -> [UInt64] {
+        var bitmap = [UInt64](repeating: 0, count: max(1, (pageCount + 63) / 64))
+        var failure: BackendError?
+        bitmap.withUnsafeMutableBytes { buf in
+            var log = kvm_dirty_log()
+            log.slot = slot
+            log.dirty_bitmap = buf.baseAddress
+            do throws(BackendError) {
+                _ = try Sys.withStruct(&log) { (p) throws(BackendError) in
+                    try Sys.ioctl(fd, CKVM_GET_DIRTY_LOG, p, "KVM_GET_DIRTY_LOG")
+                }
+            } catch { failure = error }
+        }
+        if let failure { throw failure }
+        return bitmap
+    }
+
+    /// Sets the TSS address. The corresponding ioctl is `KVM_SET_TSS_ADDR`.
+    public func setTSSAddress(_ address: UInt64) throws(BackendError) {
+        _ = try Sys.ioctl(fd, CKVM_SET_TSS_ADDR, value: UInt(address), "KVM_SET_TSS_ADDR")
+    }
+
+    /// Creates the in-kernel irqchip. The corresponding ioctl is `KVM_CREATE_IRQCHIP`.
+    public func createIRQChip() throws(BackendError) {
+        _ = try Sys.ioctl(fd, CKVM_CREATE_IRQCHIP, "KVM_CREATE_IRQCHIP")
+    }
+
+    /// Drives an interrupt line. The corresponding ioctl is `KVM_IRQ_LINE`.
+    public func setIRQLine(_ irq: UInt32, level: Bool) throws(BackendError) {
+        var line = kvm_irq_level()
+        line.irq = irq
+        line.level = level ? 1 : 0
+        _ = try Sys.withStruct(&line) { (p) throws(BackendError) in try Sys.ioctl(fd, CKVM_IRQ_LINE, p, "KVM_IRQ_LINE") }
+    }
+
+    /// Routes an eventfd to a GSI. The corresponding ioctl is `KVM_IRQFD`.
+    public func registerIRQFD(fd eventFD: Int32, gsi: UInt32) throws(BackendError) {
+        var irqfd = kvm_irqfd()
+        irqfd.fd = UInt32(bitPattern: eventFD)
+        irqfd.gsi = gsi
+        _ = try Sys.withStruct(&irqfd) { (p) throws(BackendError) in try Sys.ioctl(fd, CKVM_IRQFD, p, "KVM_IRQFD") }
+    }
+
+    /// Registers an ioeventfd. The corresponding ioctl is `KVM_IOEVENTFD`.
+    public func registerIOEventFD(_ event: IOEventFD) throws(BackendError) {
+        var e = kvm_ioeventfd()
+        e.addr = event.address
+        e.len = event.length
+        e.fd = event.fd
+        var flags: UInt32 = 0
+        if event.isPIO { flags |= UInt32(1 << kvm_ioeventfd_flag_nr_pio) }
+        if let dm = event.datamatch {
+            flags |= UInt32(1 << kvm_ioeventfd_flag_nr_datamatch)
+            e.datamatch = dm
+        }
+        e.flags = flags
+        _ = try Sys.withStruct(&e) { (p) throws(BackendError) in try Sys.ioctl(fd, CKVM_IOEVENTFD, p, "KVM_IOEVENTFD") }
+    }
+
+    /// Registers a coalesced zone. The corresponding ioctl is `KVM_REGISTER_COALESCED_MMIO`.
+    public func registerCoalescedZone(_ zone: CoalescedZone) throws(BackendError) {
+        var z = kvm_coalesced_mmio_zone()
+        z.addr = zone.address
+        z.size = zone.size
+        z.pio = zone.isPIO ? 1 : 0
+        _ = try Sys.withStruct(&z) { (p) throws(BackendError) in
+            try Sys.ioctl(fd, CKVM_REGISTER_COALESCED_MMIO, p, "KVM_REGISTER_COALESCED_MMIO")
+        }
+    }
+
+    /// Removes a coalesced zone. The corresponding ioctl is `KVM_UNREGISTER_COALESCED_MMIO`.
+    public func unregisterCoalescedZone(_ zone: CoalescedZone) throws(BackendError) {
+        var z = kvm_coalesced_mmio_zone()
+        z.addr = zone.address
+        z.size = zone.size
+        z.pio = zone.isPIO ? 1 : 0
+        _ = try Sys.withStruct(&z) { (p) throws(BackendError) in
+            try Sys.ioctl(fd, CKVM_UNREGISTER_COALESCED_MMIO, p, "KVM_UNREGISTER_COALESCED_MMIO")
+        }
+    }
+}

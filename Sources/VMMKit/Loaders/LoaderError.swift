@@ -1,0 +1,94 @@
+/// Why a guest image could not be loaded.
+public enum LoaderError: Error, Hashable, Sendable, CustomStringConvertible {
+    /// The image is empty.
+    case empty
+    /// The image ends before a structure it declares: `what` needs bytes up to `needed`, the image has `available`.
+    case truncated(what: String, needed: UInt64, available: UInt64)
+    /// Not an ELF file (bad magic), or not what the loader expects.
+    case badMagic
+    /// Not a 64-bit little-endian ELF.
+    case unsupportedFormat(String)
+    /// An ELF for another machine (`e_machine`).
+    case unsupportedMachine(UInt16)
+    /// A header field has a value that cannot be right (sizes, counts).
+    case inconsistent(String)
+    /// A segment lies (partly) outside guest RAM or in memory the platform reserves.
+    case segmentOutsideMemory(index: Int, address: UInt64, size: UInt64)
+    /// Two loadable segments overlap.
+    case overlappingSegments(Int, Int)
+    /// The image has no loadable segment.
+    case noLoadableSegments
+    /// The entry point is not inside a loaded segment.
+    case entryOutsideImage(UInt64)
+    /// The command line does not fit the space reserved for it.
+    case commandLineTooLong(length: Int, maximum: Int)
+    /// The guest memory is too small for the platform layout.
+    case memoryTooSmall(needed: UInt64, available: UInt64)
+
+    /// A one-line description.
+    public var description: String {
+        func h(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
+        switch self {
+        case .empty: return "the image is empty"
+        case .truncated(let w, let n, let a): return "truncated image: \(w) needs \(n) bytes, the file has \(a)"
+        case .badMagic: return "not an ELF image (bad magic)"
+        case .unsupportedFormat(let s): return "unsupported ELF: \(s)"
+        case .unsupportedMachine(let m): return "ELF for machine \(m), expected x86-64 (62)"
+        case .inconsistent(let s): return "inconsistent image: \(s)"
+        case .segmentOutsideMemory(let i, let a, let s):
+            return "segment \(i) at \(h(a)) (+\(h(s))) lies outside guest RAM or in reserved memory"
+        case .overlappingSegments(let a, let b): return "segments \(a) and \(b) overlap"
+        case .noLoadableSegments: return "no loadable segment"
+        case .entryOutsideImage(let e): return "entry point \(h(e)) is outside the loaded segments"
+        case .commandLineTooLong(let l, let m): return "command line of \(l) bytes exceeds \(m)"
+        case .memoryTooSmall(let n, let a): return "guest memory of \(a) bytes is below the \(n) the platform needs"
+        }
+    }
+}
+
+/// A symbol from an image's symbol table.
+public struct GuestSymbol: Hashable, Sendable {
+    /// The symbol's name.
+    public var name: String
+    /// Its address.
+    public var address: UInt64
+    /// Its size in bytes (0 when unknown).
+    public var size: UInt64
+    /// Whether it is a function (`STT_FUNC`).
+    public var isFunction: Bool
+}
+
+/// Symbols sorted by address, for turning guest addresses into `name+offset`.
+public struct SymbolTable: Hashable, Sendable {
+    /// The symbols, sorted by address.
+    public let symbols: [GuestSymbol]
+
+    /// Builds a table (sorts the symbols, drops unnamed ones).
+    public init(_ symbols: [GuestSymbol] = []) {
+        self.symbols = symbols.filter { !$0.name.isEmpty }.sorted { $0.address < $1.address }
+    }
+
+    /// The symbol containing `address` (or the nearest one below it when sizes are unknown).
+    public func symbol(containing address: UInt64) -> GuestSymbol? {
+        var lo = 0, hi = symbols.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if symbols[mid].address <= address { lo = mid + 1 } else { hi = mid }
+        }
+        var i = lo - 1
+        while i >= 0 {
+            let s = symbols[i]
+            if s.size == 0 || address - s.address < s.size { return s }
+            i -= 1
+            if address - symbols[i + 1].address > 1 << 20 { break }
+        }
+        return nil
+    }
+
+    /// `name+0xoff` for `address`, or `nil` when no symbol covers it.
+    public func symbolize(_ address: UInt64) -> String? {
+        guard let s = symbol(containing: address) else { return nil }
+        let off = address - s.address
+        return off == 0 ? s.name : "\(s.name)+0x\(String(off, radix: 16))"
+    }
+}

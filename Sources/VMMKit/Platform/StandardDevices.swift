@@ -1,0 +1,52 @@
+/// The devices of VMMKit's minimal x86 platform, as minivmm and the tests use them:
+///
+/// | device | where |
+/// |---|---|
+/// | 8250 UART (COM1) | ports `0x3f8..<0x400` |
+/// | debug exit (QEMU `isa-debug-exit`) | ports `0xf4..<0xf8` |
+/// | phase marker | port `0x700` |
+/// | doorbell | MMIO `0xD000_0000`, 4 KiB |
+/// | paravirtual rings | memory at ``X86Layout/paravirtualArea``: ring 0 → UART THR, ring 1 → doorbell |
+public struct StandardDevices {
+    /// The doorbell's MMIO page.
+    public static let doorbellBase: UInt64 = 0xD000_0000
+    /// The phase-marker port.
+    public static let markerPort: UInt16 = 0x700
+
+    /// The UART.
+    public let uart: UART8250
+    /// The debug-exit port.
+    public let debugExit: DebugExitDevice
+    /// The doorbell device.
+    public let doorbell: DoorbellDevice
+    /// The paravirtual ring device.
+    public let rings: PVRingDevice
+    /// The phase marker.
+    public let marker: PhaseMarker
+
+    /// Attaches the devices to `vm` and adds their exit handlers (ring drain, phase marker).
+    /// The UART writes into `console`, which is flushed when the VM stops.
+    @discardableResult
+    public static func install(on vm: VirtualMachine, console: OutputSink) throws(VMError) -> StandardDevices {
+        let uart = UART8250(sink: console)
+        let debugExit = DebugExitDevice()
+        let doorbell = DoorbellDevice(memory: vm.memory)
+        let marker = PhaseMarker(port: markerPort)
+        let rings: PVRingDevice
+        do {
+            try vm.bus.attach(uart, ports: 0x3f8..<0x400)
+            try vm.bus.attach(debugExit, ports: 0xf4..<0xf8)
+            try vm.bus.attach(doorbell, mmio: GuestRange(start: GuestAddress(doorbellBase), size: 0x1000))
+        } catch { throw .bus(error) }
+        do {
+            rings = try PVRingDevice(memory: vm.memory, bus: vm.bus, targets: [
+                PVRingTarget(space: .pio, address: 0x3f8),
+                PVRingTarget(space: .mmio, address: doorbellBase + DoorbellDevice.doorbellOffset),
+            ])
+        } catch { throw .ring(error) }
+        vm.addExitHandler(rings)
+        vm.addExitHandler(marker)
+        vm.addStopHook { _ in console.flush() }
+        return StandardDevices(uart: uart, debugExit: debugExit, doorbell: doorbell, rings: rings, marker: marker)
+    }
+}

@@ -1,0 +1,229 @@
+/// Where the x86 platform puts things in guest-physical memory.
+///
+/// ```
+/// 0x000500  GDT                      0x007000  hvm_start_info
+/// 0x001000  PML4, PDPT, 4 PDs        0x007100  memory map
+///           (identity map of 4 GiB)  0x008000  command line (≤ 28 KiB)
+/// 0x080000  initial stack top (long-mode entries)
+/// 0x100000  kernel image (RAM up to 0xE00000)
+/// 0xE00000  paravirtual area: rings, DMP implant (reserved, 2 MiB)
+/// 0x1000000 RAM up to the memory size
+/// ```
+public enum X86Layout {
+    /// The GDT the platform sets up for entry.
+    public static let gdt: UInt64 = 0x500
+    /// The PML4 of the identity map used for long-mode entries.
+    public static let pml4: UInt64 = 0x1000
+    /// `struct hvm_start_info` for PVH entries.
+    public static let startInfo: UInt64 = 0x7000
+    /// The PVH memory map.
+    public static let memoryMap: UInt64 = 0x7100
+    /// The kernel command line (NUL-terminated).
+    public static let commandLine: UInt64 = 0x8000
+    /// The longest command line accepted, including the NUL.
+    public static let commandLineMaximum = 0x7000
+    /// The stack pointer for long-mode (non-PVH) entries.
+    public static let initialStack: UInt64 = 0x80000
+    /// The lowest address a kernel segment may load at.
+    public static let kernelMinimum: UInt64 = 0x100000
+    /// The reserved paravirtual area (ring device, DMP implant): never RAM in the memory map.
+    public static let paravirtualArea = GuestRange(start: GuestAddress(0xE0_0000), size: 0x20_0000)
+    /// The smallest guest memory the platform accepts.
+    public static let minimumMemory: UInt64 = 32 << 20
+
+    /// The memory map the guest is given: (range, type) with type 1 = RAM, 2 = reserved.
+    public static func memoryMap(memorySize: UInt64) -> [(GuestRange, UInt32)] {
+        var m: [(GuestRange, UInt32)] = [
+            (GuestRange(start: GuestAddress(0), size: 0x9fc00), 1),
+            (GuestRange(start: GuestAddress(0x9fc00), size: 0x100000 - 0x9fc00), 2),
+            (GuestRange(start: GuestAddress(0x100000), size: paravirtualArea.start.rawValue - 0x100000), 1),
+            (paravirtualArea, 2),
+        ]
+        let top = paravirtualArea.start.rawValue + paravirtualArea.size
+        if memorySize > top { m.append((GuestRange(start: GuestAddress(top), size: memorySize - top), 1)) }
+        return m
+    }
+}
+
+/// A guest image to boot.
+public enum BootImage: Sendable {
+    /// An ELF64 image: entered through PVH when it has the `XEN_ELFNOTE_PHYS32_ENTRY`
+    /// note (as QEMU does), else at `e_entry` in 64-bit long mode.
+    case elf([UInt8])
+    /// A flat binary copied to `loadAddress` and entered in 64-bit long mode at `entry` (default: `loadAddress`).
+    case flat([UInt8], loadAddress: UInt64 = 0x100000, entry: UInt64? = nil)
+}
+
+/// What was loaded and how the vCPUs will enter it.
+public struct LoadedImage: Sendable {
+    /// How the vCPUs enter the image.
+    public enum EntryMode: Hashable, Sendable {
+        /// PVH: 32-bit protected mode, paging off, EBX = `hvm_start_info`.
+        case pvh(UInt32)
+        /// 64-bit long mode with the platform's identity map, RSP = ``X86Layout/initialStack``.
+        case long64(UInt64)
+    }
+    /// The entry mode and address.
+    public var entry: EntryMode
+    /// The guest-physical ranges the image occupies.
+    public var segments: [GuestRange]
+    /// The image's symbols (empty for flat binaries and stripped images).
+    public var symbols: SymbolTable
+}
+
+/// Boots x86-64 guests without firmware: loads the image, builds the GDT,
+/// identity page tables and PVH start info, and sets every vCPU's CPUID and
+/// registers for entry.
+///
+/// Every vCPU starts at the same entry in the same state (there is no
+/// INIT/SIPI yet); the guest tells them apart by their initial APIC ID
+/// (CPUID leaf 1, EBX bits 31:24), which is the vCPU index.
+public enum X86Boot {
+    /// Loads `image` into `vm` and prepares every vCPU to enter it.
+    public static func load(_ image: BootImage, commandLine: String = "", into vm: VirtualMachine) throws(VMError) -> LoadedImage {
+        let memSize = vm.configuration.memorySize
+        guard memSize >= X86Layout.minimumMemory else {
+            throw .loader(.memoryTooSmall(needed: X86Layout.minimumMemory, available: memSize))
+        }
+        let cmd = Array(commandLine.utf8)
+        guard cmd.count < X86Layout.commandLineMaximum else {
+            throw .loader(.commandLineTooLong(length: cmd.count, maximum: X86Layout.commandLineMaximum - 1))
+        }
+        let loaded: LoadedImage
+        switch image {
+        case .elf(let bytes):
+            let elf: ELFImage
+            do { elf = try ELFImage(bytes: bytes) } catch { throw .loader(error) }
+            var ranges: [GuestRange] = []
+            for (i, s) in elf.segments.enumerated() {
+                let r = try place(index: i, at: s.physicalAddress, size: s.memorySize, memorySize: memSize)
+                try write(Array(bytes[Int(s.fileOffset)..<Int(s.fileOffset + s.fileSize)]), at: s.physicalAddress, vm)
+                if s.memorySize > s.fileSize {
+                    do { try vm.memory.fill(0, at: GuestAddress(s.physicalAddress + s.fileSize), count: Int(s.memorySize - s.fileSize)) }
+                    catch { throw .memory(error) }
+                }
+                ranges.append(r)
+            }
+            let entry: LoadedImage.EntryMode = elf.pvhEntry.map { .pvh($0) } ?? .long64(elf.entry)
+            loaded = LoadedImage(entry: entry, segments: ranges, symbols: elf.symbols)
+        case .flat(let bytes, let loadAddress, let entry):
+            guard !bytes.isEmpty else { throw .loader(.empty) }
+            let r = try place(index: 0, at: loadAddress, size: UInt64(bytes.count), memorySize: memSize)
+            try write(bytes, at: loadAddress, vm)
+            let e = entry ?? loadAddress
+            guard r.contains(GuestAddress(e)) else { throw .loader(.entryOutsideImage(e)) }
+            loaded = LoadedImage(entry: .long64(e), segments: [r], symbols: SymbolTable())
+        }
+        try writePlatformTables(vm: vm, commandLine: cmd)
+        try setUpVCPUs(vm: vm, entry: loaded.entry)
+        return loaded
+    }
+
+    private static func place(index: Int, at address: UInt64, size: UInt64, memorySize: UInt64) throws(VMError) -> GuestRange {
+        let r = GuestRange(start: GuestAddress(address), size: size)
+        guard let end = r.end, address >= X86Layout.kernelMinimum, end <= memorySize,
+              !r.overlaps(X86Layout.paravirtualArea) else {
+            throw .loader(.segmentOutsideMemory(index: index, address: address, size: size))
+        }
+        return r
+    }
+
+    private static func write(_ bytes: [UInt8], at address: UInt64, _ vm: VirtualMachine) throws(VMError) {
+        do { try vm.memory.write(bytes, at: GuestAddress(address)) } catch { throw .memory(error) }
+    }
+
+    /// GDT entries: null, 0x08 64-bit code, 0x10 data, 0x18 32-bit code.
+    static let gdtEntries: [UInt64] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x00cf_9b00_0000_ffff]
+
+    static func writePlatformTables(vm: VirtualMachine, commandLine: [UInt8]) throws(VMError) {
+        let m = vm.memory
+        do {
+            for (i, e) in gdtEntries.enumerated() { try m.write(e, at: GuestAddress(X86Layout.gdt + UInt64(i) * 8)) }
+            // Identity map of 0-4 GiB with 2 MiB pages: PML4 -> PDPT -> 4 PDs.
+            let pdpt = X86Layout.pml4 + 0x1000
+            try m.fill(0, at: GuestAddress(X86Layout.pml4), count: 0x6000)
+            try m.write(pdpt | 0x3, at: GuestAddress(X86Layout.pml4))
+            for g in 0..<UInt64(4) {
+                let pd = pdpt + 0x1000 * (g + 1)
+                try m.write(pd | 0x3, at: GuestAddress(pdpt + g * 8))
+                for j in 0..<UInt64(512) {
+                    try m.write(((g << 30) | (j << 21)) | 0x83, at: GuestAddress(pd + j * 8))
+                }
+            }
+            // PVH start info, memory map and command line.
+            let map = X86Layout.memoryMap(memorySize: vm.configuration.memorySize)
+            try m.fill(0, at: GuestAddress(X86Layout.startInfo), count: 0x1000)
+            try m.write(UInt32(0x336e_c578), at: GuestAddress(X86Layout.startInfo))       // magic
+            try m.write(UInt32(1), at: GuestAddress(X86Layout.startInfo + 4))             // version
+            try m.write(X86Layout.commandLine, at: GuestAddress(X86Layout.startInfo + 24)) // cmdline_paddr
+            try m.write(X86Layout.memoryMap, at: GuestAddress(X86Layout.startInfo + 40))   // memmap_paddr
+            try m.write(UInt32(map.count), at: GuestAddress(X86Layout.startInfo + 48))     // memmap_entries
+            for (i, (r, type)) in map.enumerated() {
+                let e = X86Layout.memoryMap + UInt64(i) * 24
+                try m.write(r.start.rawValue, at: GuestAddress(e))
+                try m.write(r.size, at: GuestAddress(e + 8))
+                try m.write(type, at: GuestAddress(e + 16))
+            }
+            try m.write(commandLine + [0], at: GuestAddress(X86Layout.commandLine))
+        } catch { throw .memory(error) }
+    }
+
+    static func setUpVCPUs(vm: VirtualMachine, entry: LoadedImage.EntryMode) throws(VMError) {
+        let supported: [CPUIDEntry]
+        do { supported = try vm.backend.supportedCPUID() } catch { throw .backend(error) }
+        for v in vm.vcpus {
+            do {
+                try v.backend.setCPUID(cpuid(supported, apicID: UInt32(v.id), count: UInt32(vm.vcpus.count)))
+                var s = try v.backend.specialRegisters()
+                var r = Registers()
+                s.gdt = DescriptorTable(base: X86Layout.gdt, limit: UInt16(gdtEntries.count * 8 - 1))
+                s.idt = DescriptorTable(base: 0, limit: 0)
+                s.tr = Segment(selector: 0, type: 11, base: 0, limit: 0x67, s: false, g: false)
+                s.ldt = Segment(selector: 0, type: 2, base: 0, limit: 0xffff, s: false, g: false)
+                switch entry {
+                case .pvh(let e):
+                    let code = Segment(selector: 0x18, type: 0xb, db: true)
+                    let data = Segment(selector: 0x10, type: 0x3, db: true)
+                    s.cs = code
+                    s.ds = data; s.es = data; s.fs = data; s.gs = data; s.ss = data
+                    s.cr0 = 0x11            // PE | ET
+                    s.cr3 = 0; s.cr4 = 0; s.efer = 0
+                    r.rip = UInt64(e)
+                    r.rbx = X86Layout.startInfo
+                case .long64(let e):
+                    let code = Segment(selector: 0x08, type: 0xb, l: true)
+                    let data = Segment(selector: 0x10, type: 0x3, db: true)
+                    s.cs = code
+                    s.ds = data; s.es = data; s.fs = data; s.gs = data; s.ss = data
+                    s.cr0 = 0x8005_0033     // PG | WP | NE | ET | MP | PE
+                    s.cr3 = X86Layout.pml4
+                    s.cr4 = 0x620           // OSXMMEXCPT | OSFXSR | PAE
+                    s.efer = 0x500          // LMA | LME
+                    r.rip = e
+                    r.rsp = X86Layout.initialStack - 0x1000 * UInt64(v.id)
+                    r.rsi = X86Layout.startInfo
+                }
+                r.rflags = 2
+                try v.backend.setSpecialRegisters(s)
+                try v.backend.setRegisters(r)
+            } catch { throw .backend(error) }
+        }
+    }
+
+    /// The supported CPUID with this vCPU's APIC ID filled in and the hypervisor bit set.
+    public static func cpuid(_ supported: [CPUIDEntry], apicID: UInt32, count: UInt32) -> [CPUIDEntry] {
+        supported.map { e in
+            var e = e
+            switch e.function {
+            case 1:
+                e.ebx = (e.ebx & 0x0000_ffff) | (apicID << 24) | (min(count, 255) << 16)
+                e.ecx |= 1 << 31
+                if count > 1 { e.edx |= 1 << 28 }
+            case 0xb, 0x1f:
+                e.edx = apicID
+            default: break
+            }
+            return e
+        }
+    }
+}

@@ -1,0 +1,174 @@
+// The one place where VMMKit calls into libc and the KVM ioctl shims.
+// Every function here is a small funnel: it calls one C function and turns
+// a failure into a typed `BackendError` naming the operation and errno.
+// No EINTR retry happens here: callers decide (KVM_RUN must see EINTR).
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import CKVM
+
+enum Sys {
+    @inline(__always)
+    static var errno: Errno { Errno(rawValue: ckvm_errno()) }
+
+    static func open(_ path: String, flags: Int32) throws(BackendError) -> Int32 {
+        let fd = Glibc.open(path, flags | O_CLOEXEC)
+        if fd < 0 { throw BackendError("open \(path)", errno: errno) }
+        return fd
+    }
+
+    static func close(_ fd: Int32) { _ = Glibc.close(fd) }
+
+    @inline(__always)
+    static func ioctl(_ fd: Int32, _ request: UInt, _ name: StaticString) throws(BackendError) -> Int32 {
+        let r = ckvm_ioctl_none(fd, request)
+        if r < 0 { throw BackendError(String(describing: name), errno: errno) }
+        return r
+    }
+
+    @inline(__always)
+    static func ioctl(_ fd: Int32, _ request: UInt, value: UInt, _ name: StaticString) throws(BackendError) -> Int32 {
+        let r = ckvm_ioctl_int(fd, request, value)
+        if r < 0 { throw BackendError(String(describing: name), errno: errno) }
+        return r
+    }
+
+    @inline(__always)
+    static func ioctl(_ fd: Int32, _ request: UInt, _ arg: UnsafeMutableRawPointer, _ name: StaticString) throws(BackendError) -> Int32 {
+        let r = ckvm_ioctl_ptr(fd, request, arg)
+        if r < 0 { throw BackendError(String(describing: name), errno: errno) }
+        return r
+    }
+
+    /// `ioctl` that returns the raw result and errno, for KVM_RUN where EINTR is not an error.
+    @inline(__always)
+    static func ioctlRaw(_ fd: Int32, _ request: UInt) -> (Int32, Errno) {
+        let r = ckvm_ioctl_none(fd, request)
+        return r < 0 ? (r, errno) : (r, Errno(rawValue: 0))
+    }
+
+    static func withStruct<T, R>(_ value: inout T, _ body: (UnsafeMutableRawPointer) throws(BackendError) -> R) throws(BackendError) -> R {
+        try withUnsafeMutablePointer(to: &value) { (p) throws(BackendError) -> R in try body(UnsafeMutableRawPointer(p)) }
+    }
+
+    static func mapShared(fd: Int32, size: Int) throws(BackendError) -> UnsafeMutableRawPointer {
+        guard let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), p != MAP_FAILED else {
+            throw BackendError("mmap kvm_run", errno: errno)
+        }
+        return p
+    }
+
+    static func unmap(_ p: UnsafeMutableRawPointer, size: Int) { _ = munmap(p, size) }
+
+    static func installKickHandler() throws(BackendError) {
+        let r = ckvm_install_kick_handler()
+        if r != 0 { throw BackendError("sigaction", errno: Errno(rawValue: r)) }
+    }
+
+    static func currentThread() -> pthread_t { pthread_self() }
+
+    static func kick(_ thread: pthread_t) { _ = ckvm_kick_thread(thread) }
+
+    /// Monotonic nanoseconds.
+    @inline(__always)
+    static func monotonicNanoseconds() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
+    }
+}
+
+/// Anonymous host memory for guest RAM.
+enum HostMemory {
+    static func mapAnonymous(size: Int) -> Result<UnsafeMutableRawPointer, Errno> {
+        guard let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
+              p != MAP_FAILED else {
+            return .failure(Errno(rawValue: ckvm_errno()))
+        }
+        return .success(p)
+    }
+
+    static func unmap(_ p: UnsafeMutableRawPointer, size: Int) { _ = munmap(p, size) }
+}
+
+/// A mutex with a condition variable (pthread), for pausing and joining vCPU threads.
+final class ConditionLock: @unchecked Sendable {
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let cond = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+
+    init() {
+        pthread_mutex_init(mutex, nil)
+        var attr = pthread_condattr_t()
+        pthread_condattr_init(&attr)
+        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
+        pthread_cond_init(cond, &attr)
+        pthread_condattr_destroy(&attr)
+    }
+
+    deinit {
+        pthread_cond_destroy(cond)
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+        cond.deallocate()
+    }
+
+    func lock() { pthread_mutex_lock(mutex) }
+    func unlock() { pthread_mutex_unlock(mutex) }
+    func broadcast() { pthread_cond_broadcast(cond) }
+    /// Waits (lock held) until signalled or `timeoutNanoseconds` elapse.
+    func wait(timeoutNanoseconds: UInt64? = nil) {
+        guard let t = timeoutNanoseconds else { pthread_cond_wait(cond, mutex); return }
+        let deadline = Sys.monotonicNanoseconds() &+ t
+        var ts = timespec(tv_sec: Int(deadline / 1_000_000_000), tv_nsec: Int(deadline % 1_000_000_000))
+        pthread_cond_timedwait(cond, mutex, &ts)
+    }
+
+    func withLock<R>(_ body: () throws -> R) rethrows -> R {
+        lock(); defer { unlock() }
+        return try body()
+    }
+}
+
+/// Starts a detached-joinable OS thread running `body` (vCPU threads).
+final class OSThread: @unchecked Sendable {
+    private var handle = pthread_t()
+    private let body: () -> Void
+
+    private init(body: @escaping () -> Void) { self.body = body }
+
+    static func start(name: String, _ body: @escaping () -> Void) throws(BackendError) -> OSThread {
+        let t = OSThread(body: body)
+        let unmanaged = Unmanaged.passRetained(t)
+        let r = pthread_create(&t.handle, nil, { arg in
+            guard let arg else { return nil }
+            let t = Unmanaged<OSThread>.fromOpaque(arg).takeRetainedValue()
+            t.body()
+            return nil
+        }, unmanaged.toOpaque())
+        if r != 0 {
+            unmanaged.release()
+            throw BackendError("pthread_create", errno: Errno(rawValue: r))
+        }
+        return t
+    }
+
+    func join() { pthread_join(handle, nil) }
+}
+
+/// Writes to a host file descriptor (UART output to the terminal).
+enum HostOutput {
+    static func write(fd: Int32, _ bytes: UnsafeRawBufferPointer) {
+        guard var p = bytes.baseAddress else { return }
+        var left = bytes.count
+        while left > 0 {
+            let n = Glibc.write(fd, p, left)
+            if n < 0 { if ckvm_errno() == EINTR { continue }; return }
+            if n == 0 { return }
+            p += n
+            left -= n
+        }
+    }
+}
