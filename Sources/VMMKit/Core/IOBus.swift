@@ -58,6 +58,10 @@ public struct UnclaimedAccess: Hashable, Sendable {
     public var address: UInt64
     /// Read or write.
     public var direction: AccessDirection
+    /// Creates a record.
+    public init(space: BusSpace, address: UInt64, direction: AccessDirection) {
+        self.space = space; self.address = address; self.direction = direction
+    }
 }
 
 /// Dispatches port I/O and MMIO accesses to the devices attached at address ranges.

@@ -1,0 +1,42 @@
+import VMMKit
+import VMMKitTesting
+
+/// A device that records accesses and answers reads with a value.
+final class RecordingDevice: BusDevice {
+    let name: String
+    var readValue: UInt64
+    var writes: [(offset: UInt64, size: Int, value: UInt64)] = []
+    var reads: [(offset: UInt64, size: Int)] = []
+    init(name: String = "recorder", readValue: UInt64 = 0) { self.name = name; self.readValue = readValue }
+    func read(offset: UInt64, size: Int) -> UInt64 { reads.append((offset, size)); return readValue &+ offset }
+    func write(offset: UInt64, size: Int, value: UInt64) -> DeviceEffect { writes.append((offset, size, value)); return .none }
+}
+
+/// A handler that records the exits it sees and answers with a fixed result.
+final class ProbeHandler: ExitHandler {
+    let name: String
+    let result: ExitResult
+    let order: OrderLog
+    init(_ name: String, _ result: ExitResult, _ order: OrderLog) { self.name = name; self.result = result; self.order = order }
+    func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult {
+        order.append(name)
+        return result
+    }
+}
+
+final class OrderLog: @unchecked Sendable {
+    var names: [String] = []
+    func append(_ s: String) { names.append(s) }
+}
+
+func makeVM(_ mock: MockHypervisor, vcpus: Int = 1, strict: Bool = false, memory: UInt64 = 4 << 20) throws -> VirtualMachine {
+    var c = VMConfiguration(memorySize: memory, vcpuCount: vcpus)
+    c.strict = strict
+    return try VirtualMachine(backend: mock, configuration: c)
+}
+
+func out(_ port: UInt16, _ value: UInt64, size: UInt8 = 1) -> MockStep {
+    .exit(.io(PortIO(port: port, size: size, direction: .write, value: value)))
+}
+
+let debugExit3 = out(0xf4, 3)
