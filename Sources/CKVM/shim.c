@@ -71,6 +71,13 @@ int ckvm_install_kick_handler(void) {
     return 0;
 }
 
+int ckvm_unblock_kick_signal(void) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGRTMIN + 1);
+    return pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+}
+
 int ckvm_kick_thread(pthread_t thread) { return pthread_kill(thread, SIGRTMIN + 1); }
 
 size_t ckvm_run_size(void) { return sizeof(struct kvm_run); }

@@ -256,6 +256,7 @@ public final class MockVCPU: VCPUBackend, @unchecked Sendable {
         var xsave = XSAVEState(bytes: Array(repeating: 0, count: 4096))
         var lapic = LAPICState(bytes: Array(repeating: 0, count: 1024))
         var events = VCPUEvents(bytes: Array(repeating: 0, count: 64))
+        var coalesced: [CoalescedWrite] = []
     }
     private let state = Mutex(State())
     private let immediateExit = Atomic<Bool>(false)
@@ -355,6 +356,17 @@ public final class MockVCPU: VCPUBackend, @unchecked Sendable {
 
     /// Nothing to bind: the mock needs no signal.
     public func bindToCurrentThread() {}
+    /// Nothing to unbind.
+    public func unbindThread() {}
+
+    /// Queues writes as if the guest had made them to a coalesced zone; the VM applies them at its next exit.
+    public func queueCoalescedWrites(_ writes: [CoalescedWrite]) { state.withLock { $0.coalesced.append(contentsOf: writes) } }
+
+    /// Hands over the queued coalesced writes.
+    public func drainCoalescedWrites(_ body: (CoalescedWrite) -> Void) {
+        let w: [CoalescedWrite] = state.withLock { s in let w = s.coalesced; s.coalesced = []; return w }
+        for x in w { body(x) }
+    }
 
     /// The register file.
     public func registers() throws(BackendError) -> Registers {

@@ -73,6 +73,9 @@ uint8_t ckvm_load_immediate_exit(struct kvm_run *run);
 /// handler that does nothing and no SA_RESTART, so a blocking KVM_RUN returns
 /// with EINTR.
 int ckvm_install_kick_handler(void);
+/// Unblock the kick signal in the calling thread (threads inherit their
+/// creator's mask, which may block it). Returns 0 or an errno value.
+int ckvm_unblock_kick_signal(void);
 /// Send the kick signal to `thread`. Returns 0 or an errno value.
 int ckvm_kick_thread(pthread_t thread);
 

@@ -49,6 +49,22 @@ public struct CoalescedZone: Hashable, Sendable {
     public init(address: UInt64, size: UInt32, isPIO: Bool) { self.address = address; self.size = size; self.isPIO = isPIO }
 }
 
+/// One write the kernel batched in a coalesced zone instead of exiting.
+public struct CoalescedWrite: Hashable, Sendable {
+    /// Port I/O or MMIO.
+    public var space: BusSpace
+    /// The port or guest-physical address.
+    public var address: UInt64
+    /// The width in bytes (1 to 8).
+    public var size: Int
+    /// The value written.
+    public var value: UInt64
+    /// Creates a write record.
+    public init(space: BusSpace, address: UInt64, size: Int, value: UInt64) {
+        self.space = space; self.address = address; self.size = size; self.value = value
+    }
+}
+
 /// A registration of an eventfd signalled when the guest writes an address (`KVM_IOEVENTFD`).
 public struct IOEventFD: Hashable, Sendable {
     /// The address or port.
@@ -152,4 +168,11 @@ public protocol VCPUBackend: AnyObject {
     func kick()
     /// Records the calling thread as the one that runs this vCPU (for ``kick()``).
     func bindToCurrentThread()
+    /// Hands every write the kernel batched in the coalesced MMIO/PIO ring to
+    /// `body`, oldest first, and frees their slots. Call it before handling an
+    /// exit so batched writes reach devices in order.
+    func drainCoalescedWrites(_ body: (CoalescedWrite) -> Void)
+    /// Forgets the thread recorded by ``bindToCurrentThread()`` (the thread is about to end);
+    /// later kicks only set `immediate_exit`.
+    func unbindThread()
 }

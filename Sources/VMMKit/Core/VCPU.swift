@@ -38,7 +38,9 @@ public final class VCPU: @unchecked Sendable {
                 do {
                     let e = try backend.run()
                     if e != .interrupted {
+                        // A backend that returned a real exit instead: handle it, then try again.
                         if let out = dispatch(e, ctx, collectSites) { return out }
+                        continue
                     }
                 } catch { return .error(.backend(error)) }
                 control.park()
@@ -59,6 +61,7 @@ public final class VCPU: @unchecked Sendable {
     /// Counts and dispatches one exit; returns an outcome when the vCPU must stop.
     @inline(__always)
     private func dispatch(_ exit: VMExit, _ ctx: ExitContext, _ collectSites: Bool) -> Control.Outcome? {
+        if ctx.vm.hasCoalescedZones { ctx.vm.drainCoalesced(backend) }
         ctx.statistics.record(exit.kind)
         if collectSites, let rip = try? backend.registers().rip {
             ctx.statistics.record(site: ExitStatistics.site(for: exit, rip: rip))

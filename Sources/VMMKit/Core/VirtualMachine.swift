@@ -14,6 +14,20 @@ public struct VMConfiguration: Sendable {
     public var strict: Bool = false
     /// Count exits per site (RIP and access), for profiles. Costs a hash-table update per exit.
     public var collectSiteStatistics: Bool = false
+    /// Create the in-kernel interrupt controllers (`KVM_CREATE_IRQCHIP`) before the vCPUs.
+    public var inKernelIRQChip: Bool = false
+
+    /// Where RAM ends below 4 GiB: `[lowMemoryLimit, 4 GiB)` is left for MMIO
+    /// (the doorbell, the LAPIC and IOAPIC, the TSS pages), and RAM beyond it continues at 4 GiB.
+    public static let lowMemoryLimit: UInt64 = 0xC000_0000
+
+    /// The guest-physical ranges of RAM: `[0, min(size, 3 GiB))`, then the rest from 4 GiB.
+    public var ramRanges: [GuestRange] {
+        let low = min(memorySize, VMConfiguration.lowMemoryLimit)
+        var r = [GuestRange(start: GuestAddress(0), size: low)]
+        if memorySize > low { r.append(GuestRange(start: GuestAddress(1 << 32), size: memorySize - low)) }
+        return r
+    }
 
     /// The default configuration: 256 MiB, one vCPU.
     public init() {}
@@ -30,8 +44,8 @@ public struct VMConfiguration: Sendable {
 ///
 /// ```swift
 /// let vm = try VirtualMachine(backend: KVMSystem(), configuration: .init(memorySize: 64 << 20))
-/// try vm.bus.attach(UART8250(sink: .standardOutput), ports: 0x3f8..<0x400)
-/// let image = try BootLoader.load(elf: bytes, into: vm)
+/// try vm.bus.attach(UART8250(sink: .standardOutput()), ports: 0x3f8..<0x400)
+/// _ = try X86Boot.load(.elf(bytes), into: vm)
 /// let reason = try vm.run()
 /// ```
 public final class VirtualMachine: @unchecked Sendable {
@@ -63,7 +77,7 @@ public final class VirtualMachine: @unchecked Sendable {
         do {
             self.backend = try hypervisor.createVM()
         } catch { throw .backend(error) }
-        var layout: [(GuestRange, Bool)] = [(GuestRange(start: GuestAddress(0), size: configuration.memorySize), false)]
+        var layout: [(GuestRange, Bool)] = configuration.ramRanges.map { ($0, false) }
         layout += configuration.extraRegions.map { ($0.range, $0.readOnly) }
         do {
             self.memory = try GuestMemory(ranges: layout)
@@ -74,6 +88,7 @@ public final class VirtualMachine: @unchecked Sendable {
             }
             // Intel VMX needs three pages for a real-mode TSS; put them just below 4 GiB, out of RAM.
             try? backend.setTSSAddress(0xfffb_d000)
+            if configuration.inKernelIRQChip { try backend.createIRQChip() }
             for i in 0..<configuration.vcpuCount {
                 vcpus.append(VCPU(id: i, backend: try backend.createVCPU(id: i)))
             }
@@ -85,6 +100,27 @@ public final class VirtualMachine: @unchecked Sendable {
     public func addExitHandler(_ handler: any ExitHandler) {
         handlers.append(handler)
     }
+
+    /// Registers a coalesced zone: the guest's writes there are batched by the
+    /// kernel instead of exiting, and applied to the bus, in order, before the
+    /// next exit of the vCPU that reads the ring is handled (and at stop).
+    /// The corresponding ioctl is `KVM_REGISTER_COALESCED_MMIO`.
+    public func registerCoalescedZone(_ zone: CoalescedZone) throws(VMError) {
+        do { try backend.registerCoalescedZone(zone) } catch { throw .backend(error) }
+        hasCoalescedZones = true
+    }
+
+    /// Applies writes batched in coalesced zones to the bus.
+    func drainCoalesced(_ vcpu: any VCPUBackend) {
+        // The ring is shared by all vCPUs: one drainer at a time.
+        coalescedLock.lock()
+        vcpu.drainCoalescedWrites { w in _ = bus.write(w.space, address: w.address, size: w.size, value: w.value) }
+        coalescedLock.unlock()
+    }
+
+    private let coalescedLock = ConditionLock()
+
+    private(set) var hasCoalescedZones = false
 
     /// Adds a closure run once each time the VM stops, after all vCPUs left `KVM_RUN`.
     public func addStopHook(_ hook: @escaping (VirtualMachine) -> Void) {
@@ -110,10 +146,11 @@ public final class VirtualMachine: @unchecked Sendable {
                                   collectSites: configuration.collectSiteStatistics)
             v.context = ctx
             do {
-                threads.append(try OSThread.start(name: "vcpu\(v.id)") { [self] in
+                threads.append(try OSThread.start { [self] in
                     let outcome = v.runLoop(vm: self)
+                    v.backend.unbindThread()
                     self.control.vcpuFinished(outcome)
-                    self.kickAll()
+                    if case .halted = outcome {} else { self.kickAll() }
                 })
             } catch {
                 control.vcpuFinished(.error(.backend(error)))
@@ -126,7 +163,9 @@ public final class VirtualMachine: @unchecked Sendable {
     /// Waits until the VM has stopped, runs the stop hooks and handlers'
     /// ``ExitHandler/vmDidStop(_:)``, and returns why it stopped.
     public func wait() throws(VMError) -> StopReason {
+        guard control.isRunning else { throw .invalidState("the VM was not started") }
         let outcome = control.waitForAll()
+        if hasCoalescedZones, let v = vcpus.first { drainCoalesced(v.backend) }
         var result = outcome
         for h in handlers {
             do { try h.vmDidStop(self) } catch {
@@ -157,7 +196,8 @@ public final class VirtualMachine: @unchecked Sendable {
         control.resume()
     }
 
-    /// The exit statistics of all vCPUs, merged. Exact when the VM is stopped or paused.
+    /// The exit statistics of all vCPUs, merged. Call it while the VM is stopped
+    /// or paused (``pauseAll()``): the vCPU threads update their counts without locks.
     public func statistics() -> ExitStatistics {
         var total = ExitStatistics(collectSites: configuration.collectSiteStatistics)
         for v in vcpus { if let c = v.context { total.merge(c.statistics) } }
@@ -202,6 +242,8 @@ final class Control: @unchecked Sendable {
     }
 
     func setThreads(_ t: [OSThread]) { cond.withLock { threads = t } }
+
+    var isRunning: Bool { cond.withLock { running } }
 
     func reset() { cond.withLock { running = false; pauseRequested = false; threads = [] } }
 

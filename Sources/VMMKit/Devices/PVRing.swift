@@ -122,6 +122,11 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
         }
         var stop: StopReason?
         let target = targets[i]
+        // Record progress even when a later slot is refused, so nothing is written twice.
+        defer {
+            consumers[i] = consumer
+            try? memory.write(consumer, at: GuestAddress(h + 4))
+        }
         while consumer != producer {
             let slot = h + PVRingDevice.slotsOffset + UInt64(consumer & (slotCount - 1)) * PVRingDevice.slotSize
             let value: UInt64, width: UInt32, seq: UInt32
@@ -141,8 +146,6 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
             consumer &+= 1
             consumed[i] += 1
         }
-        consumers[i] = consumer
-        do { try memory.write(consumer, at: GuestAddress(h + 4)) } catch { throw .memory(error) }
         return stop
     }
 

@@ -28,6 +28,7 @@ public final class PhaseMarker: ExitHandler, @unchecked Sendable {
         let m = marks
         guard let b = m.firstIndex(where: { $0.value == 1 }),
               let e = m[b...].firstIndex(where: { $0.value == 2 }) else { return nil }
+        guard m[e].exits >= m[b].exits, m[e].nanoseconds >= m[b].nanoseconds else { return nil }
         return (m[e].exits - m[b].exits, m[e].nanoseconds - m[b].nanoseconds)
     }
 

@@ -84,7 +84,7 @@ public final class UART8250: BusDevice {
     }
 
     /// LSR reads can be served as a constant while no input is pending and loopback is off;
-    /// THR writes can go through a ring while DLAB is clear and loopback is off.
+    /// THR writes can go through a ring while DLAB is clear, loopback is off and no input is pending.
     public func fastPath(offset: UInt64, size: Int, direction: AccessDirection) -> FastPathDescription? {
         switch (offset, direction) {
         case (5, .read):
@@ -92,7 +92,7 @@ public final class UART8250: BusDevice {
                                        enabled: rx.isEmpty && !loopback)
         case (0, .write):
             return FastPathDescription(kind: .ringAppend, offset: 0, size: size, direction: .write,
-                                       enabled: !dlab && !loopback)
+                                       enabled: !dlab && !loopback && rx.isEmpty)
         default:
             return nil
         }

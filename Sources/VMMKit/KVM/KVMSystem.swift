@@ -117,7 +117,8 @@ public final class KVMVM: VMBackend {
         let vfd = try Sys.ioctl(fd, CKVM_CREATE_VCPU, value: UInt(id), "KVM_CREATE_VCPU")
         do throws(BackendError) {
             return try KVMVCPU(fd: vfd, id: id, mmapSize: system.vcpuMmapSize,
-                               syncRegs: system.checkExtension(KVM_CAP_SYNC_REGS) & Int32(KVM_SYNC_X86_REGS) != 0)
+                               syncRegs: system.checkExtension(KVM_CAP_SYNC_REGS) & Int32(KVM_SYNC_X86_REGS) != 0,
+                               coalescedPage: checkExtension(KVM_CAP_COALESCED_MMIO))
         } catch {
             Sys.close(vfd)
             throw error

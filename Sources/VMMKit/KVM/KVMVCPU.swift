@@ -180,8 +180,36 @@ public final class KVMVCPU: VCPUBackend {
 
     /// Records the calling thread as this vCPU's thread.
     public func bindToCurrentThread() {
+        _ = ckvm_unblock_kick_signal()
         threadLock.lock()
         thread = Sys.currentThread()
+        threadLock.unlock()
+    }
+
+    /// Hands the writes batched in the coalesced ring to `body` and frees their slots.
+    public func drainCoalescedWrites(_ body: (CoalescedWrite) -> Void) {
+        guard let ring = coalescedRing else { return }
+        // struct kvm_coalesced_mmio_ring { u32 first, last; struct kvm_coalesced_mmio entries[]; }
+        // struct kvm_coalesced_mmio { u64 phys_addr; u32 len; u32 pio; u8 data[8]; }  (24 bytes)
+        let entrySize = 24
+        let maxEntries = UInt32((4096 - 8) / entrySize)
+        var first = ring.load(as: UInt32.self) % maxEntries
+        let last = ring.load(fromByteOffset: 4, as: UInt32.self) % maxEntries
+        while first != last {
+            let e = ring + 8 + Int(first) * entrySize
+            let len = Int(min(e.load(fromByteOffset: 8, as: UInt32.self), 8))
+            let pio = e.load(fromByteOffset: 12, as: UInt32.self) != 0
+            body(CoalescedWrite(space: pio ? .pio : .mmio, address: e.load(as: UInt64.self), size: max(len, 1),
+                                value: loadLE(e + 16, count: len)))
+            first = (first + 1) % maxEntries
+            ring.storeBytes(of: first, as: UInt32.self)
+        }
+    }
+
+    /// Forgets the vCPU thread; later kicks only set `immediate_exit`.
+    public func unbindThread() {
+        threadLock.lock()
+        thread = nil
         threadLock.unlock()
     }
 

@@ -32,7 +32,9 @@ public enum X86Layout {
     public static let minimumMemory: UInt64 = 32 << 20
 
     /// The memory map the guest is given: (range, type) with type 1 = RAM, 2 = reserved.
-    public static func memoryMap(memorySize: UInt64) -> [(GuestRange, UInt32)] {
+    /// `ram` are the VM's RAM ranges (``VMConfiguration/ramRanges``); the first starts at 0.
+    public static func memoryMap(ram: [GuestRange]) -> [(GuestRange, UInt32)] {
+        let memorySize = ram.first?.size ?? 0
         var m: [(GuestRange, UInt32)] = [
             (GuestRange(start: GuestAddress(0), size: 0x9fc00), 1),
             (GuestRange(start: GuestAddress(0x9fc00), size: 0x100000 - 0x9fc00), 2),
@@ -41,6 +43,7 @@ public enum X86Layout {
         ]
         let top = paravirtualArea.start.rawValue + paravirtualArea.size
         if memorySize > top { m.append((GuestRange(start: GuestAddress(top), size: memorySize - top), 1)) }
+        for r in ram.dropFirst() { m.append((r, 1)) }
         return m
     }
 }
@@ -121,7 +124,8 @@ public enum X86Boot {
 
     private static func place(index: Int, at address: UInt64, size: UInt64, memorySize: UInt64) throws(VMError) -> GuestRange {
         let r = GuestRange(start: GuestAddress(address), size: size)
-        guard let end = r.end, address >= X86Layout.kernelMinimum, end <= memorySize,
+        let lowRAM = min(memorySize, VMConfiguration.lowMemoryLimit)
+        guard let end = r.end, address >= X86Layout.kernelMinimum, end <= lowRAM,
               !r.overlaps(X86Layout.paravirtualArea) else {
             throw .loader(.segmentOutsideMemory(index: index, address: address, size: size))
         }
@@ -151,7 +155,7 @@ public enum X86Boot {
                 }
             }
             // PVH start info, memory map and command line.
-            let map = X86Layout.memoryMap(memorySize: vm.configuration.memorySize)
+            let map = X86Layout.memoryMap(ram: vm.configuration.ramRanges)
             try m.fill(0, at: GuestAddress(X86Layout.startInfo), count: 0x1000)
             try m.write(UInt32(0x336e_c578), at: GuestAddress(X86Layout.startInfo))       // magic
             try m.write(UInt32(1), at: GuestAddress(X86Layout.startInfo + 4))             // version

@@ -3,11 +3,7 @@
 // a failure into a typed `BackendError` naming the operation and errno.
 // No EINTR retry happens here: callers decide (KVM_RUN must see EINTR).
 
-#if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import CKVM
 
 enum Sys {
@@ -139,7 +135,7 @@ final class OSThread: @unchecked Sendable {
 
     private init(body: @escaping () -> Void) { self.body = body }
 
-    static func start(name: String, _ body: @escaping () -> Void) throws(BackendError) -> OSThread {
+    static func start(_ body: @escaping () -> Void) throws(BackendError) -> OSThread {
         let t = OSThread(body: body)
         let unmanaged = Unmanaged.passRetained(t)
         let r = pthread_create(&t.handle, nil, { arg in

@@ -1,0 +1,217 @@
+import Testing
+import VMMKit
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Why KVM tests cannot run here, or nil when `/dev/kvm` opens.
+let kvmUnavailable: String? = KVMSystem.unavailableReason()
+let kvmSkipReason = Comment(rawValue: "needs /dev/kvm: \(kvmUnavailable ?? "")")
+
+/// The repository's `Guests/` directory.
+let guestsDirectory: String = {
+    var parts = #filePath.split(separator: "/", omittingEmptySubsequences: false)
+    parts.removeLast(3) // Tests/KVMTests/KVMTests.swift
+    return parts.joined(separator: "/") + "/Guests"
+}()
+
+func guestImage(_ name: String) throws -> [UInt8] {
+    let path = guestsDirectory + "/" + name + ".elf"
+    guard let f = fopen(path, "rb") else { throw VMError.invalidConfiguration("cannot open \(path)") }
+    defer { fclose(f) }
+    var out: [UInt8] = []
+    var buf = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = fread(&buf, 1, buf.count, f)
+        out.append(contentsOf: buf[0..<n])
+        if n < buf.count { break }
+    }
+    return out
+}
+
+/// A VM with the standard devices and a captured console.
+struct GuestRun {
+    let vm: VirtualMachine
+    let devices: StandardDevices
+    let console = CapturedOutput()
+
+    init(_ image: String, commandLine: String = "", cpus: Int = 1, memory: UInt64 = 64 << 20,
+         extra: [(range: GuestRange, readOnly: Bool)] = [], setup: (VirtualMachine) throws -> Void = { _ in }) throws {
+        var c = VMConfiguration(memorySize: memory, vcpuCount: cpus)
+        c.extraRegions = extra
+        vm = try VirtualMachine(backend: try KVMSystem(), configuration: c)
+        devices = try StandardDevices.install(on: vm, console: console.sink())
+        try setup(vm)
+        _ = try X86Boot.load(.elf(try guestImage(image)), commandLine: commandLine, into: vm)
+    }
+
+    func run() throws -> StopReason { try vm.run() }
+}
+
+/// Extracts `key=value` from a RESULT line.
+func resultField(_ text: String, _ key: String) -> String? {
+    guard let line = text.split(separator: "\n").first(where: { $0.hasPrefix("RESULT ") }) else { return nil }
+    for word in line.split(separator: " ") where word.hasPrefix(key + "=") { return String(word.dropFirst(key.count + 1)) }
+    return nil
+}
+
+final class Recorder: BusDevice, @unchecked Sendable {
+    let name = "recorder"
+    let value: UInt64
+    var writes: [(UInt64, Int, UInt64)] = []
+    var reads = 0
+    init(value: UInt64 = 0) { self.value = value }
+    func read(offset: UInt64, size: Int) -> UInt64 { reads += 1; return value &+ UInt64(reads - 1) }
+    func write(offset: UInt64, size: Int, value: UInt64) -> DeviceEffect { writes.append((offset, size, value)); return .none }
+}
+
+final class StringExits: @unchecked Sendable {
+    var ports: Set<UInt16> = []
+    func record(_ io: PortIO) { ports.insert(io.port) }
+}
+
+@Suite("Real KVM", .serialized, .enabled(if: kvmUnavailable == nil, kvmSkipReason))
+struct KVMTests {
+    @Test("hello prints its line and exits with the status from its command line")
+    func hello() throws {
+        let g = try GuestRun("hello", commandLine: "exit=42")
+        #expect(try g.run() == .guestExit(status: 42))
+        #expect(g.console.text == "Hello from the VMMKit hello guest!\n")
+    }
+
+    @Test("each workload and its static-PV twin give the same checksum", arguments: [
+        ("uart-cpl0", "iters=12"), ("uart-cpl3", "iters=12"), ("doorbell-cpl3", "iters=64"),
+    ])
+    func workloadTwins(name: String, args: String) throws {
+        let plain = try GuestRun(name, commandLine: args)
+        #expect(try plain.run() == .guestExit(status: 0))
+        let pv = try GuestRun(name + "-pv", commandLine: args)
+        #expect(try pv.run() == .guestExit(status: 0))
+        let a = resultField(plain.console.text, "checksum"), b = resultField(pv.console.text, "checksum")
+        #expect(a != nil && a == b, "\(plain.console.text.suffix(120)) vs \(pv.console.text.suffix(120))")
+        #expect(resultField(pv.console.text, "workload") == name + "-pv")
+        // The twin's console lines are the same bytes, delivered through the ring.
+        let lines = { (t: String) in t.split(separator: "\n").filter { !$0.hasPrefix("RESULT") } }
+        #expect(lines(plain.console.text) == lines(pv.console.text))
+        if name.hasPrefix("uart") { #expect(pv.devices.rings.consumed[0] > 0) } else { #expect(pv.devices.rings.consumed[1] > 0) }
+        // The PV twin exits far less.
+        #expect(pv.vm.statistics().total < plain.vm.statistics().total)
+    }
+
+    @Test("string I/O with count > 1 in both directions")
+    func stringIO() throws {
+        let source = Recorder(value: 0x30)
+        let strings = StringExits()
+        let g = try GuestRun("selftest", commandLine: "test=strio") { vm in
+            try vm.bus.attach(source, ports: 0x702..<0x703)
+            vm.addExitHandler(ClosureExitHandler { exit, _ in
+                if case .io(let io) = exit, io.count > 1 { strings.record(io) }
+                return .pass
+            })
+        }
+        #expect(try g.run() == .guestExit(status: 0))
+        #expect(g.console.text == "STRINGIO\ninsb=3031323334353637\n")
+        #expect(source.reads == 8)
+        // KVM may split `rep outsb` into single-element exits (it does on this host); `rep insb` arrives batched.
+        #expect(strings.ports.contains(0x702), "a string exit with count > 1 was seen: \(strings.ports)")
+    }
+
+    @Test("an MMIO read returns the device's value; the MMIO write carries the guest's")
+    func mmioRead() throws {
+        let dev = Recorder(value: 0x1234_5678)
+        let g = try GuestRun("selftest", commandLine: "test=mmioread") { vm in
+            try vm.bus.attach(dev, mmio: GuestRange(start: GuestAddress(0xc000_0000), size: 0x1000))
+        }
+        #expect(try g.run() == .guestExit(status: 0))
+        #expect(g.console.text == "mmio=0x12345678\n")
+        #expect(dev.writes.count == 1 && dev.writes[0].0 == 4 && dev.writes[0].2 == 0x1234_5679)
+    }
+
+    @Test("a write to a read-only memslot exits as an MMIO write; reads come from memory")
+    func readOnlySlot() throws {
+        let dev = Recorder()
+        let ro = GuestRange(start: GuestAddress(0xb000_0000), size: 0x1000)
+        let g = try GuestRun("selftest", commandLine: "test=rowrite", extra: [(ro, true)]) { vm in
+            try vm.bus.attach(dev, mmio: ro)
+            try vm.memory.write(UInt32(0x0bad_cafe), at: ro.start)
+        }
+        #expect(try g.run() == .guestExit(status: 0))
+        #expect(dev.writes.count == 1 && dev.writes[0].2 == 0xdead_beef && dev.writes[0].1 == 4)
+        #expect(dev.reads == 0, "reads of a read-only slot do not exit")
+        #expect(g.console.text == "ro=0x0badcafe\n", "the write did not reach memory")
+    }
+
+    @Test("a triple fault is reported with registers, not hung on")
+    func tripleFault() throws {
+        let g = try GuestRun("selftest", commandLine: "test=triple")
+        #expect {
+            try g.run()
+        } throws: { e in
+            guard case VMError.guestFault(let f) = e else { return false }
+            return f.kind == .tripleFault && f.registers != nil
+        }
+    }
+
+    @Test("stop() ends a spinning guest within a second")
+    func stopSpinning() throws {
+        let g = try GuestRun("selftest", commandLine: "test=spin")
+        try g.vm.start()
+        usleep(100_000)
+        var t0 = timespec(), t1 = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &t0)
+        g.vm.stop()
+        #expect(try g.vm.wait() == .stopped)
+        clock_gettime(CLOCK_MONOTONIC, &t1)
+        let ms = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1_000_000
+        #expect(ms < 1000, "stop took \(ms) ms")
+    }
+
+    @Test("two vCPUs run, pauseAll() returns, and nothing runs until resumeAll()")
+    func twoVCPUs() throws {
+        let counter = Recorder()
+        let g = try GuestRun("selftest", commandLine: "test=smp", cpus: 2) { vm in try vm.bus.attach(counter, ports: 0x703..<0x704) }
+        try g.vm.start()
+        var waited = 0
+        func seen() -> Set<UInt64> { g.vm.pauseAll(); defer { g.vm.resumeAll() }; return Set(counter.writes.map(\.2)) }
+        while seen() != [0, 1] && waited < 200 { usleep(10_000); waited += 1 }
+        g.vm.pauseAll()
+        #expect(Set(counter.writes.map(\.2)) == [0, 1], "both vCPUs wrote their APIC ID")
+        let n = counter.writes.count
+        usleep(50_000)
+        #expect(counter.writes.count == n, "no exits while paused")
+        g.vm.resumeAll()
+        usleep(50_000)
+        g.vm.stop()
+        #expect(try g.vm.wait() == .stopped)
+        #expect(counter.writes.count > n, "running again after resume")
+    }
+
+    @Test("a flat binary enters in long mode; coalesced PIO writes reach the device in order")
+    func flatAndCoalesced() throws {
+        // mov al, 0x41; out 0x704, al (x3 with al+1); mov al, 5; out 0xf4, al
+        let code: [UInt8] = [
+            0x66, 0xba, 0x04, 0x07,             // mov dx, 0x704
+            0xb0, 0x41, 0xee,                   // mov al, 'A'; out dx, al
+            0xb0, 0x42, 0xee,                   // mov al, 'B'; out dx, al
+            0xb0, 0x43, 0xee,                   // mov al, 'C'; out dx, al
+            0xb0, 0x05, 0xe6, 0xf4,             // mov al, 5; out 0xf4, al
+        ]
+        let dev = Recorder()
+        let vm = try VirtualMachine(backend: try KVMSystem(), configuration: VMConfiguration(memorySize: 64 << 20))
+        try vm.bus.attach(DebugExitDevice(), ports: 0xf4..<0xf8)
+        try vm.bus.attach(dev, ports: 0x704..<0x705)
+        try vm.registerCoalescedZone(CoalescedZone(address: 0x704, size: 1, isPIO: true))
+        _ = try X86Boot.load(.flat(code), into: vm)
+        #expect(try vm.run() == .guestExit(status: 5))
+        #expect(dev.writes.map(\.2) == [0x41, 0x42, 0x43])
+        #expect(vm.statistics()[.io] == 1, "only the debug-exit write exited")
+    }
+
+    @Test("malformed images are refused with a typed error before anything runs", arguments: [
+        [UInt8](), [0x7f, 0x45, 0x4c], [0x7f, 0x45, 0x4c, 0x46] + [UInt8](repeating: 0, count: 60),
+    ])
+    func malformed(bytes: [UInt8]) throws {
+        let vm = try VirtualMachine(backend: try KVMSystem(), configuration: VMConfiguration(memorySize: 64 << 20))
+        #expect(throws: VMError.self) { _ = try X86Boot.load(.elf(bytes), into: vm) }
+    }
+}
