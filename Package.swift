@@ -3,7 +3,6 @@ import PackageDescription
 
 let package = Package(
     name: "VMMKit",
-    platforms: [.macOS(.v15)],
     products: [
         .library(name: "VMMKit", targets: ["VMMKit"]),
         .library(name: "VMMKitTesting", targets: ["VMMKitTesting"]),
@@ -31,8 +30,9 @@ let package = Package(
             ],
             path: "Examples/minivmm"
         ),
+        .executableTarget(name: "tinyvmm", dependencies: ["VMMKit"], path: "Examples/tinyvmm"),
         .testTarget(name: "VMMKitTests", dependencies: ["VMMKit", "VMMKitTesting"]),
-        .testTarget(name: "KVMTests", dependencies: ["VMMKit"], resources: []),
+        .testTarget(name: "KVMTests", dependencies: ["VMMKit"]),
         .testTarget(name: "X86DisassemblerTests", dependencies: ["X86Disassembler"]),
     ],
     swiftLanguageModes: [.v6]
