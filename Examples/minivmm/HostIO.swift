@@ -49,3 +49,63 @@ func readFile(_ path: String) throws -> [UInt8] {
     }
     return out
 }
+
+/// Nanoseconds on the monotonic clock.
+func monotonicNanoseconds() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
+/// TSC ticks per nanosecond, measured against the monotonic clock.
+func calibrateTSC() -> Double {
+    let t0 = monotonicNanoseconds(), c0 = ExitPathProbe.timestamp()
+    usleep(100_000)
+    let t1 = monotonicNanoseconds(), c1 = ExitPathProbe.timestamp()
+    return Double(c1 &- c0) / Double(t1 - t0)
+}
+
+/// The path of the running executable.
+func selfExecutable() -> String {
+    var buf = [CChar](repeating: 0, count: 4096)
+    let n = readlink("/proc/self/exe", &buf, buf.count - 1)
+    guard n > 0 else { return CommandLine.arguments[0] }
+    return String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
+
+/// The first `name` on PATH, if any.
+func findExecutable(_ name: String) -> String? {
+    guard let path = getenv("PATH") else { return nil }
+    for dir in String(cString: path).split(separator: ":") {
+        let p = "\(dir)/\(name)"
+        if access(p, X_OK) == 0 { return p }
+    }
+    return nil
+}
+
+/// Runs a process with stdout and stderr to a temporary file; returns its status, output and wall time.
+func spawn(_ argv: [String]) throws -> (status: Int32, output: String, milliseconds: Double) {
+    var template = Array("/tmp/minivmm-bench-XXXXXX".utf8CString)
+    let fd = mkstemp(&template)
+    guard fd >= 0 else { throw ValidationError("mkstemp failed") }
+    let path = String(cString: template)
+    defer { close(fd); unlink(path) }
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    posix_spawn_file_actions_adddup2(&actions, fd, 1)
+    posix_spawn_file_actions_adddup2(&actions, fd, 2)
+    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+    let cargs = argv.map { strdup($0) } + [nil]
+    defer { for p in cargs { free(p) } }
+    var pid = pid_t()
+    let t0 = monotonicNanoseconds()
+    let rc = posix_spawn(&pid, argv[0], &actions, nil, cargs, environ)
+    guard rc == 0 else { throw ValidationError("cannot run \(argv[0]): \(String(cString: strerror(rc)))") }
+    var status: Int32 = 0
+    while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+    let ms = Double(monotonicNanoseconds() - t0) / 1e6
+    let output = (try? readFile(path)).map { String(decoding: $0, as: UTF8.self) } ?? ""
+    let code: Int32 = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+    return (code, output, ms)
+}

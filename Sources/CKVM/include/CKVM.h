@@ -79,6 +79,14 @@ int ckvm_unblock_kick_signal(void);
 /// Send the kick signal to `thread`. Returns 0 or an errno value.
 int ckvm_kick_thread(pthread_t thread);
 
+// MARK: timing
+/// The time-stamp counter (for in-process benchmarks of the exit path).
+static inline uint64_t ckvm_rdtsc(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+
 // MARK: offsets into kvm_run that Swift cannot compute through anonymous unions.
 size_t ckvm_run_size(void);
 /// offsetof(struct kvm_run, mmio.data)

@@ -45,9 +45,14 @@ public final class KVMVCPU: VCPUBackend {
         Sys.close(fd)
     }
 
+    /// An optional probe timing the VMM's side of each exit (benchmarks only).
+    public var exitPathProbe: ExitPathProbe?
+
     /// Runs until the next exit. The corresponding ioctl is `KVM_RUN`.
     public func run() throws(BackendError) -> VMExit {
+        if let p = exitPathProbe { p.enter() }
         let (r, err) = Sys.ioctlRaw(fd, CKVM_RUN)
+        if let p = exitPathProbe { p.leave() }
         if r < 0 {
             syncRegsValid = false
             if err == .interrupted { return .interrupted }

@@ -1,0 +1,38 @@
+import CKVM
+
+/// Measures the VMM's side of the exit path: the TSC cycles from `KVM_RUN`
+/// returning to the next `KVM_RUN` call (decode, statistics, the exit chain,
+/// the device). Attach one to a ``KVMVCPU`` (``KVMVCPU/exitPathProbe``) before
+/// the VM starts; it stores samples into a buffer allocated up front, so
+/// measuring allocates nothing.
+public final class ExitPathProbe: @unchecked Sendable {
+    private var buffer: UnsafeMutableBufferPointer<UInt64>
+    private var count = 0
+    private var lastReturn: UInt64 = 0
+
+    /// A probe that keeps up to `capacity` samples.
+    public init(capacity: Int) {
+        buffer = .allocate(capacity: max(1, capacity))
+        buffer.initialize(repeating: 0)
+    }
+
+    deinit { buffer.deallocate() }
+
+    @inline(__always)
+    func enter() {
+        let now = ckvm_rdtsc()
+        if lastReturn != 0, count < buffer.count {
+            buffer[count] = now &- lastReturn
+            count += 1
+        }
+    }
+
+    @inline(__always)
+    func leave() { lastReturn = ckvm_rdtsc() }
+
+    /// The samples, in TSC cycles.
+    public var samples: [UInt64] { Array(buffer[0..<count]) }
+
+    /// The current TSC value.
+    public static func timestamp() -> UInt64 { ckvm_rdtsc() }
+}
