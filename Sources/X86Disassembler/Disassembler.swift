@@ -123,6 +123,7 @@ public final class X86Disassembler {
     /// the exiting instruction.
     public func candidatesEnding(at end: UInt64, bytesBefore bytes: [UInt8]) -> [X86Instruction] {
         var out: [X86Instruction] = []
+        guard end >= UInt64(bytes.count) else { return [] }
         for start in 0..<bytes.count {
             let slice = Array(bytes[start...])
             if let i = decode(slice, address: end - UInt64(slice.count)), i.length == slice.count { out.append(i) }

@@ -56,6 +56,10 @@ public struct GuestSymbol: Hashable, Sendable {
     public var size: UInt64
     /// Whether it is a function (`STT_FUNC`).
     public var isFunction: Bool
+    /// Creates a symbol.
+    public init(name: String, address: UInt64, size: UInt64, isFunction: Bool) {
+        self.name = name; self.address = address; self.size = size; self.isFunction = isFunction
+    }
 }
 
 /// Symbols sorted by address, for turning guest addresses into `name+offset`.
