@@ -6,33 +6,61 @@ import Glibc
 
 /// The operations of the mock backend, named after the KVM ioctls they stand for.
 public enum MockOperation: String, Hashable, Sendable, CaseIterable {
+    /// Stands for `KVM_CREATE_VM`.
     case createVM = "KVM_CREATE_VM"
+    /// Stands for `KVM_SET_USER_MEMORY_REGION`.
     case setUserMemoryRegion = "KVM_SET_USER_MEMORY_REGION"
+    /// Stands for `KVM_CREATE_VCPU`.
     case createVCPU = "KVM_CREATE_VCPU"
+    /// Stands for `KVM_GET_SUPPORTED_CPUID`.
     case getSupportedCPUID = "KVM_GET_SUPPORTED_CPUID"
+    /// Stands for `KVM_GET_DIRTY_LOG`.
     case getDirtyLog = "KVM_GET_DIRTY_LOG"
+    /// Stands for `KVM_SET_TSS_ADDR`.
     case setTSSAddress = "KVM_SET_TSS_ADDR"
+    /// Stands for `KVM_CREATE_IRQCHIP`.
     case createIRQChip = "KVM_CREATE_IRQCHIP"
+    /// Stands for `KVM_IRQ_LINE`.
     case irqLine = "KVM_IRQ_LINE"
+    /// Stands for `KVM_IRQFD`.
     case irqfd = "KVM_IRQFD"
+    /// Stands for `KVM_IOEVENTFD`.
     case ioeventfd = "KVM_IOEVENTFD"
+    /// Stands for `KVM_REGISTER_COALESCED_MMIO`.
     case registerCoalescedMMIO = "KVM_REGISTER_COALESCED_MMIO"
+    /// Stands for `KVM_UNREGISTER_COALESCED_MMIO`.
     case unregisterCoalescedMMIO = "KVM_UNREGISTER_COALESCED_MMIO"
+    /// Stands for `KVM_RUN`.
     case run = "KVM_RUN"
+    /// Stands for `KVM_GET_REGS`.
     case getRegisters = "KVM_GET_REGS"
+    /// Stands for `KVM_SET_REGS`.
     case setRegisters = "KVM_SET_REGS"
+    /// Stands for `KVM_GET_SREGS`.
     case getSpecialRegisters = "KVM_GET_SREGS"
+    /// Stands for `KVM_SET_SREGS`.
     case setSpecialRegisters = "KVM_SET_SREGS"
+    /// Stands for `KVM_SET_CPUID2`.
     case setCPUID = "KVM_SET_CPUID2"
+    /// Stands for `KVM_GET_MSRS`.
     case getMSRs = "KVM_GET_MSRS"
+    /// Stands for `KVM_SET_MSRS`.
     case setMSRs = "KVM_SET_MSRS"
+    /// Stands for `KVM_GET_FPU`.
     case getFPU = "KVM_GET_FPU"
+    /// Stands for `KVM_SET_FPU`.
     case setFPU = "KVM_SET_FPU"
+    /// Stands for `KVM_GET_XSAVE`.
     case getXSAVE = "KVM_GET_XSAVE"
+    /// Stands for `KVM_SET_XSAVE`.
     case setXSAVE = "KVM_SET_XSAVE"
+    /// Stands for `KVM_GET_LAPIC`.
     case getLAPIC = "KVM_GET_LAPIC"
+    /// Stands for `KVM_SET_LAPIC`.
     case setLAPIC = "KVM_SET_LAPIC"
+    /// Stands for `KVM_GET_VCPU_EVENTS`.
     case getVCPUEvents = "KVM_GET_VCPU_EVENTS"
+    /// Stands for `KVM_SET_VCPU_EVENTS`.
     case setVCPUEvents = "KVM_SET_VCPU_EVENTS"
 }
 
@@ -274,7 +302,9 @@ public final class MockVCPU: VCPUBackend, @unchecked Sendable {
     public var remainingSteps: [MockStep] { state.withLock { $0.script } }
     /// The number of `KVM_RUN` calls that entered the "guest" (not refused by `immediate_exit`).
     public var runCount: Int { state.withLock { $0.runs } }
-    /// For each consumed exit, what handlers supplied through ``setExitData(_:at:)`` (element index → value).
+    /// For each exit that a later `KVM_RUN` completed, what handlers supplied through
+    /// ``setExitData(_:at:)`` (element index → value). An exit is complete when the next run starts,
+    /// as with KVM, so the last exit of a run that ends in a halt is included.
     public var completedReads: [[Int: UInt64]] { state.withLock { $0.completed } }
     /// The CPUID set by ``setCPUID(_:)``.
     public var cpuid: [CPUIDEntry] { state.withLock { $0.cpuid } }

@@ -113,8 +113,9 @@ public protocol VMBackend: AnyObject {
 
 /// One vCPU of a backend.
 ///
-/// All methods except ``kick()`` and ``setImmediateExit(_:)`` must be called
-/// from the thread that runs the vCPU.
+/// While the vCPU runs, all methods except ``kick()`` and
+/// ``setImmediateExit(_:)`` must be called from the thread that runs it; while
+/// its VM is stopped or paused, any one thread may call them.
 public protocol VCPUBackend: AnyObject {
     /// The vCPU index.
     var id: Int { get }

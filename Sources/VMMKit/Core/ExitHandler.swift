@@ -18,7 +18,8 @@ public enum ExitResult: Hashable, Sendable {
 /// outcome) calls ``ExitContext/forward(_:)`` and returns its result.
 ///
 /// Handlers run on vCPU threads; one handler instance is shared by all vCPUs
-/// of a VM, so per-vCPU state belongs in ``ExitContext`` or behind a lock.
+/// of a VM, so state it keeps must be per vCPU (indexed by
+/// ``ExitContext/vcpuID``) or behind a lock.
 /// The hot path must not allocate.
 public protocol ExitHandler: AnyObject {
     /// Handles or passes on one exit.

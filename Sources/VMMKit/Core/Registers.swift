@@ -1,8 +1,12 @@
 /// The general-purpose registers of an x86-64 vCPU (`struct kvm_regs`).
 public struct Registers: Hashable, Sendable, CustomStringConvertible {
+    /// The legacy general-purpose registers.
     public var rax: UInt64 = 0, rbx: UInt64 = 0, rcx: UInt64 = 0, rdx: UInt64 = 0
+    /// Index, stack and frame registers.
     public var rsi: UInt64 = 0, rdi: UInt64 = 0, rsp: UInt64 = 0, rbp: UInt64 = 0
+    /// The 64-bit extension registers r8–r11.
     public var r8: UInt64 = 0, r9: UInt64 = 0, r10: UInt64 = 0, r11: UInt64 = 0
+    /// The 64-bit extension registers r12–r15.
     public var r12: UInt64 = 0, r13: UInt64 = 0, r14: UInt64 = 0, r15: UInt64 = 0
     /// The instruction pointer.
     public var rip: UInt64 = 0
@@ -30,11 +34,15 @@ public struct Registers: Hashable, Sendable, CustomStringConvertible {
 
 /// A segment register's hidden state (`struct kvm_segment`).
 public struct Segment: Hashable, Sendable {
+    /// The segment base address.
     public var base: UInt64 = 0
+    /// The segment limit in bytes (already scaled by the granularity).
     public var limit: UInt32 = 0
+    /// The selector value.
     public var selector: UInt16 = 0
     /// The 4-bit type field of the descriptor.
     public var type: UInt8 = 0
+    /// The P bit.
     public var present: Bool = false
     /// Descriptor privilege level (0–3).
     public var dpl: UInt8 = 0
@@ -46,6 +54,7 @@ public struct Segment: Hashable, Sendable {
     public var l: Bool = false
     /// Granularity (limit in 4 KiB units).
     public var g: Bool = false
+    /// The AVL bit (available to software).
     public var avl: Bool = false
     /// Whether the segment is unusable.
     public var unusable: Bool = false
@@ -63,7 +72,9 @@ public struct Segment: Hashable, Sendable {
 
 /// A descriptor-table register (GDTR/IDTR).
 public struct DescriptorTable: Hashable, Sendable {
+    /// The table's linear base address.
     public var base: UInt64 = 0
+    /// The table's limit (size in bytes minus one).
     public var limit: UInt16 = 0
     /// A zeroed table register.
     public init() {}
@@ -73,11 +84,17 @@ public struct DescriptorTable: Hashable, Sendable {
 
 /// The special registers of an x86-64 vCPU (`struct kvm_sregs`).
 public struct SpecialRegisters: Hashable, Sendable {
+    /// The segment registers.
     public var cs = Segment(), ds = Segment(), es = Segment(), fs = Segment(), gs = Segment(), ss = Segment()
+    /// The task register and the LDT register.
     public var tr = Segment(), ldt = Segment()
+    /// The GDT and IDT registers.
     public var gdt = DescriptorTable(), idt = DescriptorTable()
+    /// The control registers.
     public var cr0: UInt64 = 0x60000010, cr2: UInt64 = 0, cr3: UInt64 = 0, cr4: UInt64 = 0, cr8: UInt64 = 0
+    /// The EFER MSR (LME, LMA, NXE, SCE).
     public var efer: UInt64 = 0
+    /// The APIC base MSR.
     public var apicBase: UInt64 = 0xfee00900
     /// Pending external interrupts, one bit per vector (256 bits).
     public var interruptBitmap: [UInt64] = [0, 0, 0, 0]
@@ -93,10 +110,13 @@ public struct SpecialRegisters: Hashable, Sendable {
 
 /// One CPUID leaf as KVM reports and accepts it (`struct kvm_cpuid_entry2`).
 public struct CPUIDEntry: Hashable, Sendable {
+    /// The leaf (EAX input).
     public var function: UInt32
+    /// The sub-leaf (ECX input), significant when bit 0 of ``flags`` is set.
     public var index: UInt32
     /// `KVM_CPUID_FLAG_*` bits (bit 0: the index is significant).
     public var flags: UInt32
+    /// The output registers.
     public var eax: UInt32, ebx: UInt32, ecx: UInt32, edx: UInt32
 
     /// Creates an entry.
@@ -109,7 +129,9 @@ public struct CPUIDEntry: Hashable, Sendable {
 
 /// One model-specific register and its value.
 public struct MSREntry: Hashable, Sendable {
+    /// The MSR number.
     public var index: UInt32
+    /// The MSR's value.
     public var value: UInt64
     /// Creates an entry.
     public init(index: UInt32, value: UInt64) { self.index = index; self.value = value }

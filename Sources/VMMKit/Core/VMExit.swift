@@ -116,7 +116,32 @@ public enum VMExit: Hashable, Sendable {
 
 /// The kinds of ``VMExit``, for per-kind counting.
 public enum ExitKind: Int, CaseIterable, Hashable, Sendable, CustomStringConvertible {
-    case io, mmio, halt, shutdown, failEntry, internalError, systemEvent, hypercall, msr, debug, interrupted, irqWindowOpen, unsupported
+    /// ``VMExit/io(_:)``.
+    case io
+    /// ``VMExit/mmio(_:)``.
+    case mmio
+    /// ``VMExit/halt``.
+    case halt
+    /// ``VMExit/shutdown``.
+    case shutdown
+    /// ``VMExit/failEntry(reason:cpu:)``.
+    case failEntry
+    /// ``VMExit/internalError(_:)``.
+    case internalError
+    /// ``VMExit/systemEvent(type:flags:)``.
+    case systemEvent
+    /// ``VMExit/hypercall(nr:args:)``.
+    case hypercall
+    /// ``VMExit/msrRead(index:)`` and ``VMExit/msrWrite(index:value:)``.
+    case msr
+    /// ``VMExit/debug(exception:pc:dr6:dr7:)``.
+    case debug
+    /// ``VMExit/interrupted``.
+    case interrupted
+    /// ``VMExit/irqWindowOpen``.
+    case irqWindowOpen
+    /// ``VMExit/unsupported(reason:name:)``.
+    case unsupported
 
     /// A short lowercase name (`io`, `mmio`, ...).
     public var description: String {
