@@ -35,19 +35,7 @@ func parseSize(_ s: String) -> UInt64? {
 }
 
 func readFile(_ path: String) throws -> [UInt8] {
-    guard let f = fopen(path, "rb") else {
-        throw ValidationError("cannot open '\(path)': \(String(cString: strerror(errno)))")
-    }
-    defer { fclose(f) }
-    var out: [UInt8] = []
-    var buf = [UInt8](repeating: 0, count: 1 << 16)
-    while true {
-        let n = fread(&buf, 1, buf.count, f)
-        if n > 0 { out.append(contentsOf: buf[0..<n]) }
-        if n < buf.count { break }
-        if out.count > ELFImage.maximumSize { throw ValidationError("'\(path)' is larger than \(ELFImage.maximumSize) bytes") }
-    }
-    return out
+    do { return try ImageFile.read(path) } catch { throw ValidationError(error.description) }
 }
 
 /// Nanoseconds on the monotonic clock.

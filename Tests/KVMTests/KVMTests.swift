@@ -16,17 +16,7 @@ let guestsDirectory: String = {
 }()
 
 func guestImage(_ name: String) throws -> [UInt8] {
-    let path = guestsDirectory + "/" + name + ".elf"
-    guard let f = fopen(path, "rb") else { throw VMError.invalidConfiguration("cannot open \(path)") }
-    defer { fclose(f) }
-    var out: [UInt8] = []
-    var buf = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let n = fread(&buf, 1, buf.count, f)
-        out.append(contentsOf: buf[0..<n])
-        if n < buf.count { break }
-    }
-    return out
+    try ImageFile.read(guestsDirectory + "/" + name + ".elf")
 }
 
 /// A VM with the standard devices and a captured console.

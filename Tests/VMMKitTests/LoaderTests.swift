@@ -141,3 +141,18 @@ struct LoaderTests {
         #expect(t.symbolize(0x10) == nil)
     }
 }
+
+@Suite("Image files")
+struct ImageFileTests {
+    @Test("a missing image file is a typed error naming the path and errno")
+    func missing() {
+        #expect(throws: LoaderError.unreadable(path: "/nonexistent/guest.elf", errno: .noSuchFile)) {
+            _ = try ImageFile.read("/nonexistent/guest.elf")
+        }
+    }
+
+    @Test("a directory is not an image")
+    func directory() {
+        #expect(throws: LoaderError.self) { _ = try ImageFile.read("/") }
+    }
+}

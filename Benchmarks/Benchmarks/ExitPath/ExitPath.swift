@@ -17,16 +17,7 @@ let guests: String = {
 }()
 
 func load(_ name: String) -> [UInt8] {
-    guard let f = fopen(guests + "/" + name + ".elf", "rb") else { return [] }
-    defer { fclose(f) }
-    var out: [UInt8] = []
-    var buf = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let n = fread(&buf, 1, buf.count, f)
-        out.append(contentsOf: buf[0..<n])
-        if n < buf.count { break }
-    }
-    return out
+    (try? ImageFile.read(guests + "/" + name + ".elf")) ?? []
 }
 
 func runGuest(_ image: [UInt8], _ commandLine: String) throws -> Int {

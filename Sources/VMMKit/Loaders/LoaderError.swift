@@ -2,6 +2,8 @@
 public enum LoaderError: Error, Hashable, Sendable, CustomStringConvertible {
     /// The image is empty.
     case empty
+    /// The image file could not be opened or read.
+    case unreadable(path: String, errno: Errno)
     /// The image ends before a structure it declares: `what` needs bytes up to `needed`, the image has `available`.
     case truncated(what: String, needed: UInt64, available: UInt64)
     /// Not an ELF file (bad magic), or not what the loader expects.
@@ -30,6 +32,7 @@ public enum LoaderError: Error, Hashable, Sendable, CustomStringConvertible {
         func h(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
         switch self {
         case .empty: return "the image is empty"
+        case .unreadable(let p, let e): return "cannot read \(p): \(e)"
         case .truncated(let w, let n, let a): return "truncated image: \(w) needs \(n) bytes, the file has \(a)"
         case .badMagic: return "not an ELF image (bad magic)"
         case .unsupportedFormat(let s): return "unsupported ELF: \(s)"
