@@ -11,7 +11,7 @@ func printError(_ s: String) {
     var bytes = Array(line.utf8)
     var off = 0
     while off < bytes.count {
-        let n = bytes.withUnsafeMutableBytes { write(2, $0.baseAddress! + off, $0.count - off) }
+        let n = bytes.withUnsafeMutableBytes { b in b.baseAddress.map { write(2, $0 + off, b.count - off) } ?? -1 }
         if n <= 0 { return }
         off += n
     }

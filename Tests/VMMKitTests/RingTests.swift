@@ -1,5 +1,9 @@
 import Testing
 import VMMKit
+import VMMKitTesting
+#if canImport(Glibc)
+import Glibc
+#endif
 
 @Suite("Paravirtual ring consumer")
 struct RingTests {
@@ -83,5 +87,48 @@ struct RingTests {
         #expect(throws: PVRingError.self) { _ = try PVRingDevice(memory: m, bus: IOBus(), targets: [PVRingTarget(space: .pio, address: 0)], slotCount: 1024) }
         let small = try GuestMemory(size: 2 << 20)
         #expect(throws: PVRingError.self) { _ = try PVRingDevice(memory: small, bus: IOBus(), targets: [PVRingTarget(space: .pio, address: 0)]) }
+    }
+}
+
+@Suite("Paravirtual ring drain timer")
+struct RingTimerTests {
+    @Test("the drain timer delivers ring entries while the vCPU never exits")
+    func timerDrains() throws {
+        let mock = MockHypervisor()
+        let vm = try makeVM(mock, memory: 32 << 20)
+        let out = CapturedOutput()
+        let devices = try StandardDevices.install(on: vm, console: out.sink())
+        mock.vcpu(0)?.script([.spin])
+        try vm.start()
+        // Act as the guest: publish "hi\n" into ring 0 (the UART) without exiting.
+        let h = devices.rings.header(0).rawValue
+        for (i, b) in Array("hi\n".utf8).enumerated() {
+            let slot = h + 64 + UInt64(i) * 16
+            try vm.memory.write(UInt64(b), at: GuestAddress(slot))
+            try vm.memory.write(UInt32(1), at: GuestAddress(slot + 8))
+            try vm.memory.write(UInt32(i + 1), at: GuestAddress(slot + 12))
+            try vm.memory.write(UInt32(i + 1), at: GuestAddress(h))
+        }
+        var waited = 0
+        while out.text != "hi\n" && waited < 200 { usleep(5_000); waited += 1 }
+        #expect(out.text == "hi\n", "drained within a second by the timer")
+        vm.stop()
+        #expect(try vm.wait() == .stopped)
+    }
+
+    @Test("a hostile index seen by the timer stops the VM with the ring error")
+    func timerError() throws {
+        let mock = MockHypervisor()
+        let vm = try makeVM(mock, memory: 32 << 20)
+        let devices = try StandardDevices.install(on: vm, console: CapturedOutput().sink())
+        mock.vcpu(0)?.script([.spin, .spin])
+        try vm.start()
+        try vm.memory.write(UInt32(0x8000_0000), at: devices.rings.header(1))
+        #expect {
+            _ = try vm.wait()
+        } throws: { e in
+            guard case VMError.ring(.indexOutOfRange(ring: 1, producer: 0x8000_0000, consumer: 0, slots: 256)) = e else { return false }
+            return true
+        }
     }
 }

@@ -154,7 +154,9 @@ public final class GuestMemory: @unchecked Sendable {
     public func write(_ bytes: [UInt8], at address: GuestAddress) throws(GuestMemoryError) {
         guard !bytes.isEmpty else { return }
         let p = try hostPointer(address, length: bytes.count)
-        bytes.withUnsafeBytes { p.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        bytes.withUnsafeBytes { src in
+            if let base = src.baseAddress { p.copyMemory(from: base, byteCount: src.count) }
+        }
     }
 
     /// Reads a plain value (little-endian, unaligned allowed) at `address`.

@@ -62,6 +62,8 @@ public final class VirtualMachine: @unchecked Sendable {
 
     private var handlers: [any ExitHandler] = []
     private var stopHooks: [(VirtualMachine) -> Void] = []
+    private var periodicTasks: [(interval: UInt64, body: (VirtualMachine) throws(VMError) -> StopReason?)] = []
+    private var timerThread: OSThread?
     let control = Control()
 
     /// Creates the VM, its memory slots and its vCPUs.
@@ -122,6 +124,14 @@ public final class VirtualMachine: @unchecked Sendable {
 
     private(set) var hasCoalescedZones = false
 
+    /// Adds work run every `nanoseconds` on the VM's timer thread while the VM
+    /// runs (for example draining a shared-memory ring while the vCPUs do not
+    /// exit). Returning a ``StopReason`` stops the VM with it; throwing stops
+    /// it with the error. Call before ``run()``.
+    public func addPeriodicTask(every nanoseconds: UInt64, _ body: @escaping (VirtualMachine) throws(VMError) -> StopReason?) {
+        periodicTasks.append((max(nanoseconds, 100_000), body))
+    }
+
     /// Adds a closure run once each time the VM stops, after all vCPUs left `KVM_RUN`.
     public func addStopHook(_ hook: @escaping (VirtualMachine) -> Void) {
         stopHooks.append(hook)
@@ -158,6 +168,32 @@ public final class VirtualMachine: @unchecked Sendable {
             }
         }
         control.setThreads(threads)
+        if !periodicTasks.isEmpty { startTimer() }
+    }
+
+    private func startTimer() {
+        let tasks = periodicTasks
+        let tick = tasks.map(\.interval).min() ?? 10_000_000
+        timerThread = try? OSThread.start { [self] in
+            var due = tasks.map { Sys.monotonicNanoseconds() &+ $0.interval }
+            while control.sleepWhileRunning(nanoseconds: tick) {
+                let now = Sys.monotonicNanoseconds()
+                for (i, t) in tasks.enumerated() where now >= due[i] {
+                    due[i] = now &+ t.interval
+                    do throws(VMError) {
+                        if let reason = try t.body(self) {
+                            control.finishExternally(.success(reason))
+                            kickAll()
+                            return
+                        }
+                    } catch {
+                        control.finishExternally(.failure(error))
+                        kickAll()
+                        return
+                    }
+                }
+            }
+        }
     }
 
     /// Waits until the VM has stopped, runs the stop hooks and handlers'
@@ -165,6 +201,8 @@ public final class VirtualMachine: @unchecked Sendable {
     public func wait() throws(VMError) -> StopReason {
         guard control.isRunning else { throw .invalidState("the VM was not started") }
         let outcome = control.waitForAll()
+        timerThread?.join()
+        timerThread = nil
         if hasCoalescedZones, let v = vcpus.first { drainCoalesced(v.backend) }
         var result = outcome
         for h in handlers {
@@ -285,6 +323,23 @@ final class Control: @unchecked Sendable {
         cond.unlock()
         for th in t { th.join() }
         return r
+    }
+
+    /// Stops the VM from outside a vCPU (the timer thread): the first result wins.
+    func finishExternally(_ r: Result<StopReason, VMError>) {
+        cond.withLock {
+            if result == nil { result = r }
+            requests.bitwiseOr(Control.stopBit, ordering: .sequentiallyConsistent)
+            cond.broadcast()
+        }
+    }
+
+    /// Sleeps up to `nanoseconds`; returns false once the VM is stopping or every vCPU has finished.
+    func sleepWhileRunning(nanoseconds: UInt64) -> Bool {
+        cond.lock(); defer { cond.unlock() }
+        if active == 0 || stopRequested { return false }
+        cond.wait(timeoutNanoseconds: nanoseconds)
+        return active > 0 && !stopRequested
     }
 
     func requestPause() -> Bool {

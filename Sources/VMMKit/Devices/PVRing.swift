@@ -45,7 +45,8 @@ public struct PVRingTarget: Hashable, Sendable {
 ///
 /// The consumer drains every published slot, in order, before the VM handles
 /// any port I/O, MMIO or HLT exit (so an exiting access lands behind the
-/// ring's earlier entries), and at stop. A slot reserved but not yet
+/// ring's earlier entries), at stop, and from a drain timer while the vCPUs
+/// run (``VirtualMachine/addPeriodicTask(every:_:)``; ``StandardDevices`` sets it up). A slot reserved but not yet
 /// published stops the drain for now; it is never waited for.
 public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     /// The header magic, `"RING"`.
@@ -56,6 +57,8 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     public static let slotSize: UInt64 = 16
     /// Offset of the first slot from the header.
     public static let slotsOffset: UInt64 = 64
+    /// How often ``StandardDevices`` drains the rings while vCPUs run without exiting (10 ms).
+    public static let drainInterval: UInt64 = 10_000_000
 
     /// Where ring 0's header is.
     public let base: GuestAddress

@@ -46,6 +46,9 @@ public struct StandardDevices {
         } catch { throw .ring(error) }
         vm.addExitHandler(rings)
         vm.addExitHandler(marker)
+        vm.addPeriodicTask(every: PVRingDevice.drainInterval) { _ throws(VMError) in
+            do throws(PVRingError) { return try rings.drain() } catch { throw .ring(error) }
+        }
         vm.addStopHook { _ in console.flush() }
         return StandardDevices(uart: uart, debugExit: debugExit, doorbell: doorbell, rings: rings, marker: marker)
     }
