@@ -97,3 +97,37 @@ func spawn(_ argv: [String]) throws -> (status: Int32, output: String, milliseco
     let code: Int32 = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
     return (code, output, ms)
 }
+
+/// Turns Ctrl-C (SIGINT) and SIGTERM into `vm.stop()`, so the guest's output is
+/// flushed and `--profile` still prints. Blocks both signals in the calling
+/// thread (vCPU threads started later inherit that) and waits for them on a
+/// dedicated thread. Returns a flag that is set once a signal arrived.
+final class InterruptFlag: @unchecked Sendable {
+    private(set) var raised = false
+    fileprivate func raise() { raised = true }
+}
+
+func stopOnInterrupt(_ vm: VirtualMachine) -> InterruptFlag {
+    let flag = InterruptFlag()
+    var set = sigset_t()
+    sigemptyset(&set)
+    sigaddset(&set, SIGINT)
+    sigaddset(&set, SIGTERM)
+    pthread_sigmask(SIG_BLOCK, &set, nil)
+    final class Box: @unchecked Sendable { let vm: VirtualMachine; let flag: InterruptFlag; var set: sigset_t
+        init(_ vm: VirtualMachine, _ flag: InterruptFlag, _ set: sigset_t) { self.vm = vm; self.flag = flag; self.set = set } }
+    let box = Unmanaged.passRetained(Box(vm, flag, set))
+    var thread = pthread_t()
+    pthread_create(&thread, nil, { arg in
+        guard let arg else { return nil }
+        let box = Unmanaged<Box>.fromOpaque(arg).takeRetainedValue()
+        var sig: Int32 = 0
+        if sigwait(&box.set, &sig) == 0 {
+            box.flag.raise()
+            box.vm.stop()
+        }
+        return nil
+    }, box.toOpaque())
+    pthread_detach(thread)
+    return flag
+}

@@ -60,6 +60,7 @@ struct Run: ParsableCommand {
             printError("minivmm: \(error)")
             throw ExitCode(125)
         }
+        let interrupted = stopOnInterrupt(session.vm)
         let reason: StopReason
         do {
             reason = try session.vm.run()
@@ -74,7 +75,9 @@ struct Run: ParsableCommand {
         case .guestExit(let v):
             let code = qemuExitStatus ? Int32(truncatingIfNeeded: (v << 1) | 1) : Int32(truncatingIfNeeded: v)
             throw ExitCode(code & 0xff)
-        case .halted, .stopped:
+        case .stopped:
+            throw ExitCode(interrupted.raised ? 130 : 0)
+        case .halted:
             throw ExitCode(0)
         case .systemEvent(let t):
             printError("minivmm: guest system event \(t)")
