@@ -80,6 +80,10 @@ int ckvm_unblock_kick_signal(void) {
 
 int ckvm_kick_thread(pthread_t thread) { return pthread_kill(thread, SIGRTMIN + 1); }
 
+static __thread uintptr_t ckvm_tag;
+void ckvm_set_thread_tag(uintptr_t tag) { ckvm_tag = tag; }
+uintptr_t ckvm_thread_tag(void) { return ckvm_tag; }
+
 size_t ckvm_run_size(void) { return sizeof(struct kvm_run); }
 
 #include <stddef.h>

@@ -79,6 +79,18 @@ int ckvm_unblock_kick_signal(void);
 /// Send the kick signal to `thread`. Returns 0 or an errno value.
 int ckvm_kick_thread(pthread_t thread);
 
+// MARK: atomic access to memory shared with the guest
+static inline uint32_t ckvm_load_acquire_u32(const void *p) {
+    return __atomic_load_n((const uint32_t *)p, __ATOMIC_ACQUIRE);
+}
+static inline void ckvm_store_release_u32(void *p, uint32_t v) {
+    __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELEASE);
+}
+
+// MARK: per-thread tag: which VM, if any, the calling thread runs a vCPU of
+void ckvm_set_thread_tag(uintptr_t tag);
+uintptr_t ckvm_thread_tag(void);
+
 // MARK: timing
 /// The time-stamp counter (for in-process benchmarks of the exit path).
 static inline uint64_t ckvm_rdtsc(void) {

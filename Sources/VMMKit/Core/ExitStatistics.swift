@@ -43,9 +43,18 @@ public struct ExitStatistics: Sendable {
     @inline(__always)
     public mutating func record(_ kind: ExitKind) { counts[kind.rawValue] &+= 1 }
 
+    /// Exits not counted per site because ``siteLimit`` distinct sites were already tracked.
+    public private(set) var untrackedSiteExits = 0
+    /// How many distinct sites are counted (memory stays bounded whatever the guest does).
+    public static let siteLimit = 65536
+
     /// Counts one exit at a site.
     @inline(__always)
-    public mutating func record(site: ExitSite) { sites[site, default: 0] &+= 1 }
+    public mutating func record(site: ExitSite) {
+        if let n = sites[site] { sites[site] = n &+ 1 }
+        else if sites.count < ExitStatistics.siteLimit { sites[site] = 1 }
+        else { untrackedSiteExits &+= 1 }
+    }
 
     /// Adds another vCPU's statistics into these.
     public mutating func merge(_ other: ExitStatistics) {

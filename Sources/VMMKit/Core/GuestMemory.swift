@@ -1,3 +1,5 @@
+import CKVM
+
 /// Errors from guest memory access and guest page-table walks.
 public enum GuestMemoryError: Error, Hashable, Sendable, CustomStringConvertible {
     /// No memory region contains this address.
@@ -16,6 +18,8 @@ public enum GuestMemoryError: Error, Hashable, Sendable, CustomStringConvertible
     case pageNotPresent(virtual: UInt64, level: Int)
     /// The page walk found a mapping that does not allow the access.
     case protectionViolation(virtual: UInt64, access: PageAccess)
+    /// A device (DMA) write targeted a read-only region.
+    case readOnly(GuestAddress)
     /// A paging-structure entry has a reserved bit set (for example PS in a PML4E).
     case reservedBit(virtual: UInt64, level: Int)
 
@@ -30,6 +34,7 @@ public enum GuestMemoryError: Error, Hashable, Sendable, CustomStringConvertible
         case .nonCanonical(let v): "virtual address 0x\(String(v, radix: 16)) is not canonical"
         case .pageNotPresent(let v, let l): "virtual address 0x\(String(v, radix: 16)) not present at paging level \(l)"
         case .protectionViolation(let v, let a): "virtual address 0x\(String(v, radix: 16)) does not allow \(a)"
+        case .readOnly(let a): "guest-physical address \(a) is in a read-only region"
         case .reservedBit(let v, let l): "reserved bit set at paging level \(l) for 0x\(String(v, radix: 16))"
         }
     }
@@ -171,6 +176,29 @@ public final class GuestMemory: @unchecked Sendable {
     public func write<T: FixedWidthInteger>(_ value: T, at address: GuestAddress) throws(GuestMemoryError) {
         let p = try hostPointer(address, length: MemoryLayout<T>.size)
         p.storeBytes(of: value.littleEndian, as: T.self)
+    }
+
+    /// Writes a plain value on behalf of a device (DMA): like ``write(_:at:)-(T,_)``,
+    /// but refuses read-only regions, which the guest cannot write either.
+    public func dmaWrite<T: FixedWidthInteger>(_ value: T, at address: GuestAddress) throws(GuestMemoryError) {
+        if let r = region(containing: address), r.readOnly { throw .readOnly(address) }
+        try write(value, at: address)
+    }
+
+    /// Loads a 32-bit word with acquire ordering (a naturally aligned index or
+    /// sequence word that another CPU publishes): later reads see what was
+    /// written before it was stored with release ordering.
+    public func loadAcquire(_ type: UInt32.Type = UInt32.self, at address: GuestAddress) throws(GuestMemoryError) -> UInt32 {
+        guard address.rawValue % 4 == 0 else { return try read(UInt32.self, at: address) }
+        let p = try hostPointer(address, length: 4)
+        return ckvm_load_acquire_u32(p)
+    }
+
+    /// Stores a 32-bit word with release ordering.
+    public func storeRelease(_ value: UInt32, at address: GuestAddress) throws(GuestMemoryError) {
+        guard address.rawValue % 4 == 0 else { return try write(value, at: address) }
+        let p = try hostPointer(address, length: 4)
+        ckvm_store_release_u32(p, value)
     }
 
     /// Fills `[address, address + count)` with `byte`.

@@ -77,6 +77,10 @@ public final class IOBus: @unchecked Sendable {
     private var pio: [Entry] = []
     private var mmio: [Entry] = []
     private var unclaimed: [UnclaimedAccess: Int] = [:]
+    /// Unclaimed accesses not counted per address because ``unclaimedAddressLimit`` distinct addresses were already tracked.
+    public private(set) var unclaimedOverflow = 0
+    /// How many distinct unclaimed addresses are counted (a guest can touch many; memory stays bounded).
+    public static let unclaimedAddressLimit = 4096
     private let lock = ConditionLock()
 
     /// Creates an empty bus.
@@ -134,7 +138,7 @@ public final class IOBus: @unchecked Sendable {
     public func read(_ space: BusSpace, address: UInt64, size: Int) -> UInt64? {
         lock.lock(); defer { lock.unlock() }
         guard let e = find(address, space) else {
-            unclaimed[UnclaimedAccess(space: space, address: address, direction: .read), default: 0] += 1
+            countUnclaimed(UnclaimedAccess(space: space, address: address, direction: .read))
             return nil
         }
         return e.device.read(offset: address - e.range.start.rawValue, size: size)
@@ -145,13 +149,19 @@ public final class IOBus: @unchecked Sendable {
     public func write(_ space: BusSpace, address: UInt64, size: Int, value: UInt64) -> DeviceEffect? {
         lock.lock(); defer { lock.unlock() }
         guard let e = find(address, space) else {
-            unclaimed[UnclaimedAccess(space: space, address: address, direction: .write), default: 0] += 1
+            countUnclaimed(UnclaimedAccess(space: space, address: address, direction: .write))
             return nil
         }
         return e.device.write(offset: address - e.range.start.rawValue, size: size, value: value)
     }
 
-    /// How many times each unclaimed address was accessed.
+    private func countUnclaimed(_ a: UnclaimedAccess) {
+        if let n = unclaimed[a] { unclaimed[a] = n &+ 1 }
+        else if unclaimed.count < IOBus.unclaimedAddressLimit { unclaimed[a] = 1 }
+        else { unclaimedOverflow &+= 1 }
+    }
+
+    /// How many times each unclaimed address was accessed (up to ``unclaimedAddressLimit`` addresses).
     public var unclaimedCounts: [UnclaimedAccess: Int] {
         lock.withLock { unclaimed }
     }

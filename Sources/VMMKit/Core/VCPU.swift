@@ -27,11 +27,13 @@ public final class VCPU: @unchecked Sendable {
     func runLoop(vm: VirtualMachine) -> Control.Outcome {
         guard let ctx = context else { return .error(.invalidState("vCPU \(id) has no context")) }
         backend.bindToCurrentThread()
+        Sys.setThreadTag(vm)
+        defer { Sys.clearThreadTag() }
         let control = vm.control
         let collectSites = ctx.statistics.collectSites
         while true {
             if control.requests.load(ordering: .acquiring) != 0 {
-                if control.stopRequested { return .stop(.stopped) }
+                if control.stopRequested { return completed(.stop(.stopped)) }
                 // Pause: complete any pending access (KVM_RUN with immediate_exit
                 // returns EINTR after finishing it), then park.
                 backend.setImmediateExit(true)
@@ -54,8 +56,21 @@ public final class VCPU: @unchecked Sendable {
                 backend.setImmediateExit(false)
                 continue
             }
-            if let out = dispatch(exit, ctx, collectSites) { return out }
+            if let out = dispatch(exit, ctx, collectSites) {
+                if case .error = out { return out }
+                return completed(out)
+            }
         }
+    }
+
+    /// Before the vCPU leaves after a handled exit: let KVM finish the access
+    /// (write an `in`/MMIO-load result into the register, advance RIP) with a
+    /// `KVM_RUN` that has `immediate_exit` set, so the state read after the
+    /// stop is final and a later run does not replay the old access.
+    private func completed(_ outcome: Control.Outcome) -> Control.Outcome {
+        backend.setImmediateExit(true)
+        _ = try? backend.run()
+        return outcome
     }
 
     /// Counts and dispatches one exit; returns an outcome when the vCPU must stop.

@@ -146,6 +146,9 @@ public final class VirtualMachine: @unchecked Sendable {
         return try wait()
     }
 
+    /// Whether the VM has been started and not yet waited for.
+    public var isRunning: Bool { control.isRunning }
+
     /// Starts the vCPU threads and returns at once; ``wait()`` for the result.
     public func start() throws(VMError) {
         guard control.begin(vcpuCount: vcpus.count) else { throw .invalidState("the VM is already running") }
@@ -168,13 +171,18 @@ public final class VirtualMachine: @unchecked Sendable {
             }
         }
         control.setThreads(threads)
-        if !periodicTasks.isEmpty { startTimer() }
+        if !periodicTasks.isEmpty {
+            do { try startTimer() } catch {
+                control.finishExternally(.failure(.backend(error)))
+                kickAll()
+            }
+        }
     }
 
-    private func startTimer() {
+    private func startTimer() throws(BackendError) {
         let tasks = periodicTasks
         let tick = tasks.map(\.interval).min() ?? 10_000_000
-        timerThread = try? OSThread.start { [self] in
+        timerThread = try OSThread.start { [self] in
             var due = tasks.map { Sys.monotonicNanoseconds() &+ $0.interval }
             while control.sleepWhileRunning(nanoseconds: tick) {
                 let now = Sys.monotonicNanoseconds()
@@ -222,14 +230,27 @@ public final class VirtualMachine: @unchecked Sendable {
     }
 
     /// Pauses every vCPU and returns only when each is out of `KVM_RUN` with
-    /// its pending access completed (or has already finished). A no-op when not running.
-    public func pauseAll() {
-        guard control.requestPause() else { return }
+    /// its pending access completed (or has already finished).
+    ///
+    /// May be called from any thread, including a vCPU's own thread from an
+    /// exit handler (that vCPU counts as paused while its handler runs); not
+    /// from a device (devices run under the bus lock, which the other vCPUs
+    /// may be waiting for). Pauses nest: each `pauseAll()` that returned
+    /// `true` needs one ``resumeAll()``.
+    ///
+    /// - Returns: `false` when the VM is not running or stopped while pausing
+    ///   (then nothing is paused and no ``resumeAll()`` is due).
+    @discardableResult
+    public func pauseAll() -> Bool {
+        guard control.requestPause() else { return false }
         kickAll()
-        control.waitForPaused()
+        let onVCPU = Sys.threadRunsVCPU(of: self)
+        if control.waitForPaused(selfIsVCPU: onVCPU) { return true }
+        control.resume()
+        return false
     }
 
-    /// Resumes the vCPUs paused by ``pauseAll()``.
+    /// Resumes the vCPUs once every ``pauseAll()`` has been matched.
     public func resumeAll() {
         control.resume()
     }
@@ -263,7 +284,8 @@ final class Control: @unchecked Sendable {
     private var running = false
     private var active = 0
     private var paused = 0
-    private var pauseRequested = false
+    private var pauseDepth = 0
+    private var pauseRequested: Bool { pauseDepth > 0 }
     private var result: Result<StopReason, VMError>?
     private var threads: [OSThread] = []
 
@@ -283,7 +305,7 @@ final class Control: @unchecked Sendable {
 
     var isRunning: Bool { cond.withLock { running } }
 
-    func reset() { cond.withLock { running = false; pauseRequested = false; threads = [] } }
+    func reset() { cond.withLock { running = false; pauseDepth = 0; threads = [] } }
 
     func requestStop() {
         cond.withLock {
@@ -344,24 +366,29 @@ final class Control: @unchecked Sendable {
 
     func requestPause() -> Bool {
         cond.withLock {
-            guard running, active > 0 else { return false }
-            pauseRequested = true
+            guard running, active > 0, !stopRequested else { return false }
+            pauseDepth += 1
             requests.bitwiseOr(Control.pauseBit, ordering: .sequentiallyConsistent)
             return true
         }
     }
 
-    func waitForPaused() {
-        cond.lock()
-        while paused < active && !stopRequested { cond.wait(timeoutNanoseconds: 100_000_000) }
-        cond.unlock()
+    /// Waits until every active vCPU (but the caller, when it is one) is parked.
+    /// Returns false if the VM began stopping instead.
+    func waitForPaused(selfIsVCPU: Bool) -> Bool {
+        cond.lock(); defer { cond.unlock() }
+        while paused + (selfIsVCPU ? 1 : 0) < active && !stopRequested { cond.wait(timeoutNanoseconds: 100_000_000) }
+        return !stopRequested
     }
 
     func resume() {
         cond.withLock {
-            pauseRequested = false
-            requests.bitwiseAnd(~Control.pauseBit, ordering: .sequentiallyConsistent)
-            cond.broadcast()
+            guard pauseDepth > 0 else { return }
+            pauseDepth -= 1
+            if pauseDepth == 0 {
+                requests.bitwiseAnd(~Control.pauseBit, ordering: .sequentiallyConsistent)
+                cond.broadcast()
+            }
         }
     }
 

@@ -62,8 +62,8 @@ public final class DoorbellDevice: BusDevice {
         let index = UInt64(completions & (entries - 1))
         guard let at = GuestAddress(queueAddress).adding(index * 8) else { error = 2; return }
         do {
-            try memory.write(request ^ 0x5A5A_5A5A, at: at)
-            try memory.write(completions &+ 1, at: GuestAddress(at.rawValue + 4))
+            try memory.dmaWrite(request ^ 0x5A5A_5A5A, at: at)
+            try memory.dmaWrite(completions &+ 1, at: GuestAddress(at.rawValue + 4))
         } catch {
             self.error = 2
             return

@@ -70,12 +70,19 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     private let bus: IOBus
     private var consumers: [UInt32]
     private let lock = ConditionLock()
+    private var consumedCounts: [Int]
     /// Entries consumed per ring.
-    public private(set) var consumed: [Int]
+    public var consumed: [Int] { lock.withLock { consumedCounts } }
 
-    /// Creates the rings and writes their headers.
+    /// Creates the rings and writes their headers. The rings occupy
+    /// `[base, base + targets.count * stride)`, which must lie inside `area`.
     public init(memory: GuestMemory, bus: IOBus, base: GuestAddress = X86Layout.paravirtualArea.start,
+                area: GuestRange = X86Layout.paravirtualArea,
                 targets: [PVRingTarget], slotCount: UInt32 = 256) throws(PVRingError) {
+        let (span, o) = UInt64(targets.count).multipliedReportingOverflow(by: PVRingDevice.stride)
+        guard !o, area.contains(base, length: span) else {
+            throw .layout("\(targets.count) rings at \(base) do not fit in \(area)")
+        }
         guard slotCount > 0, slotCount & (slotCount - 1) == 0,
               PVRingDevice.slotsOffset + UInt64(slotCount) * PVRingDevice.slotSize <= PVRingDevice.stride else {
             throw .layout("slot count \(slotCount) must be a power of two that fits \(PVRingDevice.stride) bytes")
@@ -86,7 +93,7 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
         self.targets = targets
         self.slotCount = slotCount
         self.consumers = Array(repeating: 0, count: targets.count)
-        self.consumed = Array(repeating: 0, count: targets.count)
+        self.consumedCounts = Array(repeating: 0, count: targets.count)
         for i in targets.indices {
             let h = header(i)
             do {
@@ -117,7 +124,7 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     private func drainRing(_ i: Int) throws(PVRingError) -> StopReason? {
         let h = header(i).rawValue
         let producer: UInt32
-        do { producer = try memory.read(at: GuestAddress(h)) } catch { throw .memory(error) }
+        do { producer = try memory.loadAcquire(at: GuestAddress(h)) } catch { throw .memory(error) }
         var consumer = consumers[i]
         if producer == consumer { return nil }
         guard producer &- consumer <= slotCount else {
@@ -128,13 +135,13 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
         // Record progress even when a later slot is refused, so nothing is written twice.
         defer {
             consumers[i] = consumer
-            try? memory.write(consumer, at: GuestAddress(h + 4))
+            try? memory.storeRelease(consumer, at: GuestAddress(h + 4))
         }
         while consumer != producer {
             let slot = h + PVRingDevice.slotsOffset + UInt64(consumer & (slotCount - 1)) * PVRingDevice.slotSize
             let value: UInt64, width: UInt32, seq: UInt32
             do {
-                seq = try memory.read(at: GuestAddress(slot + 12))
+                seq = try memory.loadAcquire(at: GuestAddress(slot + 12))
                 guard seq == consumer &+ 1 else { break } // reserved, not yet published
                 value = try memory.read(at: GuestAddress(slot))
                 width = try memory.read(at: GuestAddress(slot + 8))
@@ -147,7 +154,7 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
                 stop = .guestExit(status: s)
             }
             consumer &+= 1
-            consumed[i] += 1
+            consumedCounts[i] += 1
         }
         return stop
     }

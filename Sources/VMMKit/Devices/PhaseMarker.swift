@@ -17,6 +17,9 @@ public final class PhaseMarker: ExitHandler, @unchecked Sendable {
     private let lock = ConditionLock()
     private var recorded: [PhaseMark] = []
 
+    /// How many marks are kept (later ones are dropped).
+    public static let markLimit = 1024
+
     /// A marker on `port`.
     public init(port: UInt16 = 0x700) { self.port = port }
 
@@ -38,7 +41,7 @@ public final class PhaseMarker: ExitHandler, @unchecked Sendable {
         if io.direction == .write {
             let mark = PhaseMark(value: UInt32(truncatingIfNeeded: io.value), nanoseconds: Sys.monotonicNanoseconds(),
                                  exits: context.statistics.total)
-            lock.withLock { recorded.append(mark) }
+            lock.withLock { if recorded.count < PhaseMarker.markLimit { recorded.append(mark) } }
         } else {
             context.completeRead(allOnes(size: Int(io.size)))
         }

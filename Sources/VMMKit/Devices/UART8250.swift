@@ -15,9 +15,16 @@ public final class UART8250: BusDevice {
     private var dlm: UInt8 = 0
     private var fcr: UInt8 = 0
     private var rx: [UInt8] = []
+    private var overrun = false
     private var thrInterruptPending = false
+    /// Guards the registers: the bus serializes guest accesses, but the host may
+    /// call ``receive(_:)`` and ``fastPath(offset:size:direction:)`` from other threads.
+    private let lock = ConditionLock()
+    /// The receive FIFO depth of a 16550.
+    public static let fifoDepth = 16
+    private var transmittedCount = 0
     /// The number of bytes transmitted (sent to the sink).
-    public private(set) var transmitted = 0
+    public var transmitted: Int { lock.withLock { transmittedCount } }
 
     /// A UART transmitting into `sink`.
     public init(sink: OutputSink) { self.sink = sink }
@@ -25,11 +32,20 @@ public final class UART8250: BusDevice {
     private var dlab: Bool { lcr & 0x80 != 0 }
     private var loopback: Bool { mcr & 0x10 != 0 }
 
-    /// Queues bytes as received input (the guest reads them from RBR).
-    public func receive(_ bytes: [UInt8]) { rx.append(contentsOf: bytes) }
+    /// Queues bytes as received input (the guest reads them from RBR). Bytes
+    /// beyond the 16-byte FIFO are dropped and flag an overrun, as on a 16550.
+    /// Safe from any thread.
+    public func receive(_ bytes: [UInt8]) {
+        lock.withLock { for b in bytes { push(b) } }
+    }
+
+    private func push(_ b: UInt8) {
+        if rx.count < UART8250.fifoDepth { rx.append(b) } else { overrun = true }
+    }
 
     /// Reads a register.
     public func read(offset: UInt64, size: Int) -> UInt64 {
+        lock.lock(); defer { lock.unlock() }
         switch offset {
         case 0:
             if dlab { return UInt64(dll) }
@@ -43,7 +59,10 @@ public final class UART8250: BusDevice {
             return UInt64(iir)
         case 3: return UInt64(lcr)
         case 4: return UInt64(mcr)
-        case 5: return UInt64(lineStatus)
+        case 5:
+            let lsr = lineStatusLocked | (overrun ? 0x02 : 0)
+            overrun = false
+            return UInt64(lsr)
         case 6:
             if loopback {
                 // CTS<-RTS, DSR<-DTR, RI<-OUT1, DCD<-OUT2
@@ -57,15 +76,17 @@ public final class UART8250: BusDevice {
     }
 
     /// The line status register: transmitter always empty; data ready when input is queued.
-    public var lineStatus: UInt8 { 0x60 | (rx.isEmpty ? 0 : 0x01) }
+    public var lineStatus: UInt8 { lock.withLock { lineStatusLocked } }
+    private var lineStatusLocked: UInt8 { 0x60 | (rx.isEmpty ? 0 : 0x01) }
 
     /// Writes a register.
     public func write(offset: UInt64, size: Int, value: UInt64) -> DeviceEffect {
         let b = UInt8(truncatingIfNeeded: value)
+        lock.lock(); defer { lock.unlock() }
         switch offset {
         case 0:
             if dlab { dll = b; break }
-            if loopback { rx.append(b) } else { sink.put(b); transmitted += 1 }
+            if loopback { push(b) } else { sink.put(b); transmittedCount += 1 }
             thrInterruptPending = true
         case 1:
             if dlab { dlm = b } else {
@@ -86,6 +107,7 @@ public final class UART8250: BusDevice {
     /// LSR reads can be served as a constant while no input is pending and loopback is off;
     /// THR writes can go through a ring while DLAB is clear, loopback is off and no input is pending.
     public func fastPath(offset: UInt64, size: Int, direction: AccessDirection) -> FastPathDescription? {
+        lock.lock(); defer { lock.unlock() }
         switch (offset, direction) {
         case (5, .read):
             return FastPathDescription(kind: .constantRead(0x60), offset: 5, size: size, direction: .read,

@@ -93,6 +93,7 @@ public final class KVMVM: VMBackend {
     public let fd: Int32
     /// The system this VM belongs to.
     public let system: KVMSystem
+    private var slotSizes: [UInt32: UInt64] = [:]
 
     init(system: KVMSystem) throws(BackendError) {
         self.system = system
@@ -110,6 +111,7 @@ public final class KVMVM: VMBackend {
         _ = try Sys.withStruct(&region) { (p) throws(BackendError) in
             try Sys.ioctl(fd, CKVM_SET_USER_MEMORY_REGION, p, "KVM_SET_USER_MEMORY_REGION")
         }
+        slotSizes[slot.slot] = slot.range.size == 0 ? nil : slot.range.size
     }
 
     /// Creates a vCPU and maps its `kvm_run`. The corresponding ioctl is `KVM_CREATE_VCPU`.
@@ -134,8 +136,13 @@ public final class KVMVM: VMBackend {
     }
 
     /// Returns and clears a slot's dirty bitmap. The corresponding ioctl is `KVM_GET_DIRTY_LOG`.
+    /// The bitmap always covers the whole slot (KVM writes that much); `pageCount` is a minimum.
     public func dirtyLog(slot: UInt32, pageCount: Int) throws(BackendError) -> [UInt64] {
-        var bitmap = [UInt64](repeating: 0, count: max(1, (pageCount + 63) / 64))
+        guard let size = slotSizes[slot] else {
+            throw BackendError("KVM_GET_DIRTY_LOG", errno: .invalidArgument, detail: "no memory slot \(slot)")
+        }
+        let pages = max(pageCount, Int(clamping: (size + 4095) / 4096))
+        var bitmap = [UInt64](repeating: 0, count: max(1, (pages + 63) / 64))
         var failure: BackendError?
         bitmap.withUnsafeMutableBytes { buf in
             var log = kvm_dirty_log()

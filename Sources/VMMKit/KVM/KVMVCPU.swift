@@ -46,7 +46,8 @@ public final class KVMVCPU: VCPUBackend {
     }
 
     /// An optional probe timing the VMM's side of each exit (benchmarks only).
-    public var exitPathProbe: ExitPathProbe?
+    /// Set it before the VM starts.
+    @exclusivity(unchecked) public var exitPathProbe: ExitPathProbe?
 
     /// Runs until the next exit. The corresponding ioctl is `KVM_RUN`.
     public func run() throws(BackendError) -> VMExit {
@@ -73,6 +74,8 @@ public final class KVMVCPU: VCPUBackend {
             let dir: AccessDirection = io.direction == UInt8(KVM_EXIT_IO_OUT) ? .write : .read
             var value: UInt64 = 0
             if dir == .write && io.count == 1 { value = exitData(at: 0) }
+            // A read nobody completes returns all ones (the PC convention), never stale data.
+            if dir == .read { for i in 0..<Int(io.count) { guard let (p, n) = ioElement(i) else { break }; storeLE(.max, p, count: n) } }
             return .io(PortIO(port: io.port, size: io.size, count: io.count, direction: dir, value: value))
         case KVM_EXIT_MMIO:
             let m = kvmRun.pointee.mmio
@@ -80,6 +83,7 @@ public final class KVMVCPU: VCPUBackend {
             let dir: AccessDirection = m.is_write != 0 ? .write : .read
             var value: UInt64 = 0
             if dir == .write { value = loadLE(raw + ckvm_mmio_offset, count: Int(len)) }
+            else { storeLE(.max, raw + ckvm_mmio_offset, count: 8) }
             return .mmio(MMIOAccess(address: GuestAddress(m.phys_addr), size: len, direction: dir, value: value))
         case KVM_EXIT_HLT: return .halt
         case KVM_EXIT_SHUTDOWN: return .shutdown
@@ -177,10 +181,11 @@ public final class KVMVCPU: VCPUBackend {
     /// Sets `immediate_exit` and signals the vCPU thread so that `KVM_RUN` returns.
     public func kick() {
         ckvm_store_immediate_exit(kvmRun, 1)
+        // Signal under the lock: unbindThread() waits for it, so the thread
+        // cannot have exited (and been joined) while we signal it.
         threadLock.lock()
-        let t = thread
+        if let t = thread { Sys.kick(t) }
         threadLock.unlock()
-        if let t { Sys.kick(t) }
     }
 
     /// Records the calling thread as this vCPU's thread.

@@ -81,6 +81,7 @@ public struct ELFImage: Sendable {
 
         var segs: [Segment] = []
         var pvh: UInt32?
+        var notesSeen = Set<UInt64>()
         for i in 0..<phnum {
             let ph = phoff + i * phentsize
             let ptype = try r.u32(ph, "p_type")
@@ -100,18 +101,20 @@ public struct ELFImage: Sendable {
                 if memsz > 0 {
                     segs.append(Segment(physicalAddress: paddr, virtualAddress: vaddr, fileOffset: offset, fileSize: filesz, memorySize: memsz))
                 }
-            case 4: // PT_NOTE
-                if let e = try ELFImage.pvhNote(r, offset: offset, size: filesz) { pvh = e }
+            case 4: // PT_NOTE: each distinct note range is scanned once
+                if pvh == nil, notesSeen.insert(offset).inserted, notesSeen.count <= 16,
+                   let e = try ELFImage.pvhNote(r, offset: offset, size: filesz) { pvh = e }
             default:
                 break
             }
         }
         guard !segs.isEmpty else { throw .noLoadableSegments }
-        for a in 0..<segs.count {
-            for b in (a + 1)..<segs.count {
-                let ra = GuestRange(start: GuestAddress(segs[a].physicalAddress), size: segs[a].memorySize)
-                let rb = GuestRange(start: GuestAddress(segs[b].physicalAddress), size: segs[b].memorySize)
-                if ra.overlaps(rb) { throw .overlappingSegments(a, b) }
+        // Overlaps: sort by address and compare neighbours (O(n log n) for hostile counts).
+        let order = segs.indices.sorted { segs[$0].physicalAddress < segs[$1].physicalAddress }
+        for k in order.indices.dropFirst() {
+            let a = order[k - 1], b = order[k]
+            if segs[a].physicalAddress + segs[a].memorySize > segs[b].physicalAddress {
+                throw .overlappingSegments(min(a, b), max(a, b))
             }
         }
         segments = segs
@@ -129,7 +132,9 @@ public struct ELFImage: Sendable {
         try r.check(offset, size, "a note segment")
         var off = offset
         let end = offset + size
-        while off + 12 <= end {
+        var count = 0
+        while off + 12 <= end, count < 4096 {
+            count += 1
             let namesz = UInt64(try r.u32(off, "a note's namesz"))
             let descsz = UInt64(try r.u32(off + 4, "a note's descsz"))
             let type = try r.u32(off + 8, "a note's type")
@@ -153,7 +158,8 @@ public struct ELFImage: Sendable {
         guard shoff != 0, shnum > 0, shentsize >= 64 else { return SymbolTable() }
         try r.check(shoff, shentsize * shnum, "the section headers")
         var out: [GuestSymbol] = []
-        for i in 0..<shnum {
+        // ELF has at most one SHT_SYMTAB: use the first, with bounded work.
+        for i in 0..<shnum where out.isEmpty {
             let sh = shoff + i * shentsize
             guard try r.u32(sh + 4, "sh_type") == 2 else { continue } // SHT_SYMTAB
             let off = try r.u64(sh + 24, "sh_offset")
@@ -166,7 +172,7 @@ public struct ELFImage: Sendable {
             let strSize = try r.u64(strSh + 32, "strtab sh_size")
             try r.check(strOff, strSize, "the string table")
             try r.check(off, size, "the symbol table")
-            let count = min(size / entsize, 1 << 20)
+            let count = min(size / entsize, 1 << 16)
             for k in 0..<count {
                 let s = off + k * entsize
                 let nameIdx = UInt64(try r.u32(s, "st_name"))
@@ -177,7 +183,7 @@ public struct ELFImage: Sendable {
                 guard stype == 0 || stype == 1 || stype == 2, nameIdx < strSize, value != 0 else { continue }
                 var name: [UInt8] = []
                 var p = strOff + nameIdx
-                while p < strOff + strSize, r.bytes[Int(p)] != 0, name.count < 256 { name.append(r.bytes[Int(p)]); p += 1 }
+                while p < strOff + strSize, r.bytes[Int(p)] != 0, name.count < 128 { name.append(r.bytes[Int(p)]); p += 1 }
                 out.append(GuestSymbol(name: String(decoding: name, as: UTF8.self), address: value, size: ssize, isFunction: stype == 2))
             }
         }

@@ -22,8 +22,10 @@ public enum X86Layout {
     public static let commandLine: UInt64 = 0x8000
     /// The longest command line accepted, including the NUL.
     public static let commandLineMaximum = 0x7000
-    /// The stack pointer for long-mode (non-PVH) entries.
+    /// The stack pointer for long-mode (non-PVH) entries; vCPU `n` starts at `initialStack - n * 0x1000`.
     public static let initialStack: UInt64 = 0x80000
+    /// How many vCPUs get a boot stack above the platform tables (0x10000).
+    public static let maximumLongModeVCPUs = Int((initialStack - 0x10000) / 0x1000)
     /// The lowest address a kernel segment may load at.
     public static let kernelMinimum: UInt64 = 0x100000
     /// The reserved paravirtual area (ring device, DMP implant): never RAM in the memory map.
@@ -84,6 +86,10 @@ public struct LoadedImage: Sendable {
 public enum X86Boot {
     /// Loads `image` into `vm` and prepares every vCPU to enter it.
     public static func load(_ image: BootImage, commandLine: String = "", into vm: VirtualMachine) throws(VMError) -> LoadedImage {
+        guard !vm.isRunning else { throw .invalidState("cannot load an image into a running VM") }
+        guard vm.vcpus.count <= X86Layout.maximumLongModeVCPUs else {
+            throw .invalidConfiguration("the platform's boot stacks fit \(X86Layout.maximumLongModeVCPUs) vCPUs, not \(vm.vcpus.count)")
+        }
         let memSize = vm.configuration.memorySize
         guard memSize >= X86Layout.minimumMemory else {
             throw .loader(.memoryTooSmall(needed: X86Layout.minimumMemory, available: memSize))
@@ -107,7 +113,9 @@ public enum X86Boot {
                 }
                 ranges.append(r)
             }
-            let entry: LoadedImage.EntryMode = elf.pvhEntry.map { .pvh($0) } ?? .long64(elf.entry)
+            // e_entry is virtual; the platform's identity map runs it at its physical address.
+            let entry: LoadedImage.EntryMode
+            if let pvh = elf.pvhEntry { entry = .pvh(pvh) } else { entry = .long64(try physicalEntry(elf)) }
             loaded = LoadedImage(entry: entry, segments: ranges, symbols: elf.symbols)
         case .flat(let bytes, let loadAddress, let entry):
             guard !bytes.isEmpty else { throw .loader(.empty) }
@@ -120,6 +128,17 @@ public enum X86Boot {
         try writePlatformTables(vm: vm, commandLine: cmd)
         try setUpVCPUs(vm: vm, entry: loaded.entry)
         return loaded
+    }
+
+    /// The physical address of `e_entry`, through the segment whose virtual range holds it.
+    static func physicalEntry(_ elf: ELFImage) throws(VMError) -> UInt64 {
+        for s in elf.segments where elf.entry >= s.virtualAddress && elf.entry - s.virtualAddress < s.memorySize {
+            return s.physicalAddress + (elf.entry - s.virtualAddress)
+        }
+        if elf.segments.contains(where: { elf.entry >= $0.physicalAddress && elf.entry - $0.physicalAddress < $0.memorySize }) {
+            return elf.entry
+        }
+        throw .loader(.entryOutsideImage(elf.entry))
     }
 
     private static func place(index: Int, at address: UInt64, size: UInt64, memorySize: UInt64) throws(VMError) -> GuestRange {
@@ -199,7 +218,7 @@ public enum X86Boot {
                     let data = Segment(selector: 0x10, type: 0x3, db: true)
                     s.cs = code
                     s.ds = data; s.es = data; s.fs = data; s.gs = data; s.ss = data
-                    s.cr0 = 0x8005_0033     // PG | WP | NE | ET | MP | PE
+                    s.cr0 = 0x8005_0033     // PG | AM | WP | NE | ET | MP | PE
                     s.cr3 = X86Layout.pml4
                     s.cr4 = 0x620           // OSXMMEXCPT | OSFXSR | PAE
                     s.efer = 0x500          // LMA | LME

@@ -66,6 +66,14 @@ enum Sys {
 
     static func currentThread() -> pthread_t { pthread_self() }
 
+    /// Marks the calling thread as running a vCPU of `vm`.
+    static func setThreadTag(_ vm: AnyObject) { ckvm_set_thread_tag(UInt(bitPattern: ObjectIdentifier(vm).hashValue)) }
+    static func clearThreadTag() { ckvm_set_thread_tag(0) }
+    /// Whether the calling thread runs a vCPU of `vm`.
+    static func threadRunsVCPU(of vm: AnyObject) -> Bool {
+        ckvm_thread_tag() == UInt(bitPattern: ObjectIdentifier(vm).hashValue)
+    }
+
     static func kick(_ thread: pthread_t) { _ = ckvm_kick_thread(thread) }
 
     /// Monotonic nanoseconds.
