@@ -133,3 +133,99 @@ struct BackendTests {
         #expect(try vm.wait() == .stopped)
     }
 }
+
+@Suite("Review regressions")
+struct ReviewRegressionTests {
+    final class PauseFromHandler: ExitHandler, @unchecked Sendable {
+        var results: [Bool] = []
+        func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult {
+            guard case .io(let io) = exit, io.port == 0x90 else { return .pass }
+            let ok = context.vm.pauseAll()
+            results.append(ok)
+            if ok { context.vm.resumeAll() }
+            return .handled
+        }
+    }
+
+    @Test("pauseAll() from a vCPU's own exit handler returns (that vCPU counts as paused)")
+    func pauseFromHandler() throws {
+        let mock = MockHypervisor()
+        let vm = try makeVM(mock, vcpus: 2)
+        let h = PauseFromHandler()
+        vm.addExitHandler(h)
+        try vm.bus.attach(DebugExitDevice(), ports: 0xf4..<0xf8)
+        mock.vcpu(0)?.script([out(0x90, 1), out(0x90, 2), debugExit3])
+        mock.vcpu(1)?.script([.spin, .spin, .spin, .spin, .spin])
+        #expect(try vm.run() == .guestExit(status: 3))
+        #expect(h.results == [true, true])
+    }
+
+    @Test("nested pauses need as many resumes; pauseAll() on a stopped VM returns false")
+    func nestedPause() throws {
+        let mock = MockHypervisor()
+        let vm = try makeVM(mock)
+        #expect(vm.pauseAll() == false)
+        mock.vcpu(0)?.script(Array(repeating: .spin, count: 10))
+        try vm.start()
+        #expect(vm.pauseAll())
+        #expect(vm.pauseAll())
+        let runs = mock.vcpu(0)!.runCount
+        vm.resumeAll()
+        usleep(30_000)
+        #expect(mock.vcpu(0)!.runCount == runs, "still paused after one of two resumes")
+        vm.resumeAll()
+        var waited = 0
+        while mock.vcpu(0)!.runCount == runs && waited < 1000 { usleep(1000); waited += 1 }
+        #expect(mock.vcpu(0)!.runCount > runs)
+        vm.stop()
+        #expect(try vm.wait() == .stopped)
+    }
+
+    @Test("a stop after a handled exit completes it with an immediate-exit KVM_RUN")
+    func stopCompletesAccess() throws {
+        let mock = MockHypervisor()
+        let vm = try makeVM(mock)
+        try vm.bus.attach(DebugExitDevice(), ports: 0xf4..<0xf8)
+        mock.vcpu(0)?.script([debugExit3])
+        _ = try vm.run()
+        let runs = mock.log.calls(.run).count
+        #expect(runs == 2, "the exit's KVM_RUN and the completing one")
+        #expect(mock.vcpu(0)?.completedReads.count == 1)
+    }
+
+    @Test("the unclaimed-address table is bounded")
+    func unclaimedBounded() {
+        let bus = IOBus()
+        for a in 0..<UInt64(IOBus.unclaimedAddressLimit + 100) { _ = bus.read(.mmio, address: 0x1000_0000 + a * 8, size: 4) }
+        #expect(bus.unclaimedCounts.count == IOBus.unclaimedAddressLimit)
+        #expect(bus.unclaimedOverflow == 100)
+    }
+
+    @Test("UART input beyond the FIFO is dropped and reported as an overrun")
+    func uartOverrun() {
+        let u = UART8250(sink: CapturedOutput().sink())
+        u.receive(Array(repeating: 0x41, count: 40))
+        #expect(u.read(offset: 5, size: 1) & 0x03 == 0x03, "data ready and overrun")
+        #expect(u.read(offset: 5, size: 1) & 0x02 == 0, "overrun clears on read")
+        var n = 0
+        while u.read(offset: 5, size: 1) & 1 == 1 { _ = u.read(offset: 0, size: 1); n += 1 }
+        #expect(n == UART8250.fifoDepth)
+    }
+
+    @Test("more vCPUs than the boot stacks allow are refused, not corrupting memory")
+    func tooManyVCPUs() throws {
+        let vm = try makeVM(MockHypervisor(), vcpus: X86Layout.maximumLongModeVCPUs + 1, memory: 32 << 20)
+        #expect(throws: VMError.self) { _ = try X86Boot.load(.flat([0xf4]), into: vm) }
+    }
+
+    @Test("device DMA into a read-only region is refused")
+    func dmaReadOnly() throws {
+        let m = try GuestMemory(ranges: [(GuestRange(start: GuestAddress(0), size: 0x1000), true)])
+        #expect(throws: GuestMemoryError.readOnly(GuestAddress(0x10))) { try m.dmaWrite(UInt32(1), at: GuestAddress(0x10)) }
+        let d = DoorbellDevice(memory: m)
+        _ = d.write(offset: 0x10, size: 4, value: 4)
+        _ = d.write(offset: 0x14, size: 4, value: 1)
+        _ = d.write(offset: 0x40, size: 4, value: 7)
+        #expect(d.read(offset: 0x18, size: 4) != 0 && d.read(offset: 4, size: 4) == 0)
+    }
+}
