@@ -38,11 +38,12 @@ struct ChainTests {
         let mock = MockHypervisor()
         let vm = try makeVM(mock)
         let log = OrderLog()
-        var seen: [ExitResult] = []
+        final class Seen: @unchecked Sendable { var results: [ExitResult] = [] }
+        let seen = Seen()
         vm.addExitHandler(ClosureExitHandler { exit, ctx throws(VMError) in
             log.append("outer-before")
             let r = try ctx.forward(exit)
-            seen.append(r)
+            seen.results.append(r)
             log.append("outer-after")
             return r
         })
@@ -53,7 +54,7 @@ struct ChainTests {
         _ = try vm.run()
         // Two exits: the scripted OUT, then the HLT the mock returns when its script is done.
         #expect(log.names == ["outer-before", "inner", "outer-after", "outer-before", "outer-after"])
-        #expect(seen == [.handled, .stopVCPU])
+        #expect(seen.results == [.handled, .stopVCPU])
         #expect(dev.writes.count == 1 && dev.writes[0].value == 7, "the bus ran exactly once")
     }
 

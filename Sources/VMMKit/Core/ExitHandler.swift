@@ -35,9 +35,11 @@ extension ExitHandler {
 
 /// A handler made from a closure, for small VMMs and tests.
 public final class ClosureExitHandler: ExitHandler {
-    private let body: (VMExit, ExitContext) throws(VMError) -> ExitResult
-    /// Wraps `body`.
-    public init(_ body: @escaping (VMExit, ExitContext) throws(VMError) -> ExitResult) { self.body = body }
+    private let body: @Sendable (VMExit, ExitContext) throws(VMError) -> ExitResult
+    /// Wraps `body`. It runs on vCPU threads, hence `@Sendable` (a closure
+    /// written in top-level code would otherwise be main-actor isolated and
+    /// trap when a vCPU thread calls it).
+    public init(_ body: @escaping @Sendable (VMExit, ExitContext) throws(VMError) -> ExitResult) { self.body = body }
     /// Calls the closure.
     public func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult { try body(exit, context) }
 }
@@ -52,9 +54,15 @@ public final class ExitContext {
     public unowned let vm: VirtualMachine
     let backend: any VCPUBackend
     private let handlers: [any ExitHandler]
-    private var cursor = 0
-    /// This vCPU's exit statistics.
-    public internal(set) var statistics: ExitStatistics
+    @exclusivity(unchecked) private var cursor = 0
+    /// This vCPU's exit statistics (only this vCPU's thread writes them).
+    @exclusivity(unchecked) public internal(set) var statistics: ExitStatistics
+    /// Guest memory.
+    public let memory: GuestMemory
+    /// The I/O bus.
+    public let bus: IOBus
+    /// Whether coalesced zones were registered when the VM started.
+    let drainsCoalesced: Bool
 
     init(vcpuID: Int, vm: VirtualMachine, backend: any VCPUBackend, handlers: [any ExitHandler], collectSites: Bool) {
         self.vcpuID = vcpuID
@@ -62,12 +70,10 @@ public final class ExitContext {
         self.backend = backend
         self.handlers = handlers
         self.statistics = ExitStatistics(collectSites: collectSites)
+        self.memory = vm.memory
+        self.bus = vm.bus
+        self.drainsCoalesced = vm.hasCoalescedZones
     }
-
-    /// Guest memory.
-    public var memory: GuestMemory { vm.memory }
-    /// The I/O bus.
-    public var bus: IOBus { vm.bus }
 
     /// The vCPU's general registers (from sync regs: no ioctl on KVM).
     public func registers() throws(VMError) -> Registers {

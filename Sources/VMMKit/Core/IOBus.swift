@@ -74,8 +74,8 @@ public final class IOBus: @unchecked Sendable {
         let device: any BusDevice
     }
 
-    private var pio: [Entry] = []
-    private var mmio: [Entry] = []
+    @exclusivity(unchecked) private var pio: [Entry] = []
+    @exclusivity(unchecked) private var mmio: [Entry] = []
     private var unclaimed: [UnclaimedAccess: Int] = [:]
     /// Unclaimed accesses not counted per address because ``unclaimedAddressLimit`` distinct addresses were already tracked.
     public private(set) var unclaimedOverflow = 0

@@ -76,7 +76,7 @@ public final class VCPU: @unchecked Sendable {
     /// Counts and dispatches one exit; returns an outcome when the vCPU must stop.
     @inline(__always)
     private func dispatch(_ exit: VMExit, _ ctx: ExitContext, _ collectSites: Bool) -> Control.Outcome? {
-        if ctx.vm.hasCoalescedZones { ctx.vm.drainCoalesced(backend) }
+        if ctx.drainsCoalesced { ctx.vm.drainCoalesced(backend) }
         ctx.statistics.record(exit.kind)
         if collectSites, let rip = try? backend.registers().rip {
             ctx.statistics.record(site: ExitStatistics.site(for: exit, rip: rip))

@@ -61,8 +61,8 @@ public final class VirtualMachine: @unchecked Sendable {
     public private(set) var vcpus: [VCPU] = []
 
     private var handlers: [any ExitHandler] = []
-    private var stopHooks: [(VirtualMachine) -> Void] = []
-    private var periodicTasks: [(interval: UInt64, body: (VirtualMachine) throws(VMError) -> StopReason?)] = []
+    private var stopHooks: [@Sendable (VirtualMachine) -> Void] = []
+    private var periodicTasks: [(interval: UInt64, body: @Sendable (VirtualMachine) throws(VMError) -> StopReason?)] = []
     private var timerThread: OSThread?
     let control = Control()
 
@@ -103,11 +103,12 @@ public final class VirtualMachine: @unchecked Sendable {
         handlers.append(handler)
     }
 
-    /// Registers a coalesced zone: the guest's writes there are batched by the
+    /// Registers a coalesced zone (before ``start()``): the guest's writes there are batched by the
     /// kernel instead of exiting, and applied to the bus, in order, before the
     /// next exit of the vCPU that reads the ring is handled (and at stop).
     /// The corresponding ioctl is `KVM_REGISTER_COALESCED_MMIO`.
     public func registerCoalescedZone(_ zone: CoalescedZone) throws(VMError) {
+        guard !isRunning else { throw .invalidState("register coalesced zones before starting the VM") }
         do { try backend.registerCoalescedZone(zone) } catch { throw .backend(error) }
         hasCoalescedZones = true
     }
@@ -128,12 +129,12 @@ public final class VirtualMachine: @unchecked Sendable {
     /// runs (for example draining a shared-memory ring while the vCPUs do not
     /// exit). Returning a ``StopReason`` stops the VM with it; throwing stops
     /// it with the error. Call before ``run()``.
-    public func addPeriodicTask(every nanoseconds: UInt64, _ body: @escaping (VirtualMachine) throws(VMError) -> StopReason?) {
+    public func addPeriodicTask(every nanoseconds: UInt64, _ body: @escaping @Sendable (VirtualMachine) throws(VMError) -> StopReason?) {
         periodicTasks.append((max(nanoseconds, 100_000), body))
     }
 
     /// Adds a closure run once each time the VM stops, after all vCPUs left `KVM_RUN`.
-    public func addStopHook(_ hook: @escaping (VirtualMachine) -> Void) {
+    public func addStopHook(_ hook: @escaping @Sendable (VirtualMachine) -> Void) {
         stopHooks.append(hook)
     }
 
