@@ -102,3 +102,40 @@ struct MemoryTests {
         }
     }
 }
+
+@Suite("Page walk modes")
+struct PageWalkModeTests {
+    @Test("the mode comes from CR0.PG, CR4.PAE, EFER.LMA and CR4.LA57; paging off is identity; others are refused")
+    func modes() throws {
+        let m = try GuestMemory(size: 1 << 20)
+        var s = SpecialRegisters()
+        s.cr0 = 0x11
+        #expect(PagingContext(s).mode == .none)
+        #expect(try m.translate(0x1234, paging: PagingContext(s)).physical == GuestAddress(0x1234))
+        s.cr0 = 0x8000_0011
+        #expect(PagingContext(s).mode == .legacy32)
+        #expect(throws: GuestMemoryError.unsupportedPagingMode(.legacy32)) { _ = try m.translate(0, paging: PagingContext(s)) }
+        s.cr4 = 0x20
+        #expect(PagingContext(s).mode == .pae)
+        s.efer = 0x500
+        #expect(PagingContext(s).mode == .fourLevel)
+        s.cr4 |= 1 << 12
+        #expect(PagingContext(s).mode == .fiveLevel)
+    }
+
+    @Test("SMEP and SMAP forbid supervisor fetches and data accesses to user pages")
+    func smepSmap() throws {
+        let m = try GuestMemory(size: 16 << 20)
+        try m.write(0x2000 | 0x7 as UInt64, at: GuestAddress(0x1000))
+        try m.write(0x3000 | 0x7 as UInt64, at: GuestAddress(0x2000))
+        try m.write(0x0 | 0x87 as UInt64, at: GuestAddress(0x3000))   // 0-2 MiB: user 2 MiB page
+        let plain = PagingContext(cr3: 0x1000)
+        _ = try m.translate(0x1000, paging: plain, access: .execute)
+        let smep = PagingContext(cr3: 0x1000, smep: true)
+        #expect(throws: GuestMemoryError.self) { _ = try m.translate(0x1000, paging: smep, access: .execute) }
+        _ = try m.translate(0x1000, paging: smep, access: [.user, .execute])
+        let smap = PagingContext(cr3: 0x1000, smap: true)
+        #expect(throws: GuestMemoryError.self) { _ = try m.translate(0x1000, paging: smap) }
+        _ = try m.translate(0x1000, paging: smap, access: .execute)
+    }
+}

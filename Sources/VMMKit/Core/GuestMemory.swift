@@ -18,6 +18,8 @@ public enum GuestMemoryError: Error, Hashable, Sendable, CustomStringConvertible
     case pageNotPresent(virtual: UInt64, level: Int)
     /// The page walk found a mapping that does not allow the access.
     case protectionViolation(virtual: UInt64, access: PageAccess)
+    /// The page walk does not support this paging mode (32-bit, PAE, 5-level).
+    case unsupportedPagingMode(PagingContext.Mode)
     /// A device (DMA) write targeted a read-only region.
     case readOnly(GuestAddress)
     /// A paging-structure entry has a reserved bit set (for example PS in a PML4E).
@@ -34,6 +36,7 @@ public enum GuestMemoryError: Error, Hashable, Sendable, CustomStringConvertible
         case .nonCanonical(let v): "virtual address 0x\(String(v, radix: 16)) is not canonical"
         case .pageNotPresent(let v, let l): "virtual address 0x\(String(v, radix: 16)) not present at paging level \(l)"
         case .protectionViolation(let v, let a): "virtual address 0x\(String(v, radix: 16)) does not allow \(a)"
+        case .unsupportedPagingMode(let m): "the page walk does not support paging mode \(m)"
         case .readOnly(let a): "guest-physical address \(a) is in a read-only region"
         case .reservedBit(let v, let l): "reserved bit set at paging level \(l) for 0x\(String(v, radix: 16))"
         }

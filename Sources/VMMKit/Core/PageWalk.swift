@@ -43,18 +43,49 @@ public struct PagingContext: Hashable, Sendable {
     public var writeProtect: Bool
     /// EFER.NXE: the XD bit is honoured.
     public var noExecuteEnabled: Bool
+    /// The paging mode; only ``Mode/none`` and ``Mode/fourLevel`` can be walked.
+    public var mode: Mode
+    /// CR4.SMEP: supervisor instruction fetches from user pages fault.
+    public var smep: Bool
+    /// CR4.SMAP: supervisor data accesses to user pages fault (RFLAGS.AC is not considered).
+    public var smap: Bool
 
-    /// Creates a paging context.
-    public init(cr3: UInt64, writeProtect: Bool = true, noExecuteEnabled: Bool = true) {
+    /// The x86 paging modes.
+    public enum Mode: Hashable, Sendable {
+        /// Paging off (CR0.PG clear): virtual = physical.
+        case none
+        /// 32-bit paging (CR4.PAE clear).
+        case legacy32
+        /// PAE paging without long mode.
+        case pae
+        /// 4-level paging (long mode).
+        case fourLevel
+        /// 5-level paging (CR4.LA57).
+        case fiveLevel
+    }
+
+    /// Creates a context for 4-level paging (or another mode).
+    public init(cr3: UInt64, writeProtect: Bool = true, noExecuteEnabled: Bool = true,
+                mode: Mode = .fourLevel, smep: Bool = false, smap: Bool = false) {
         self.cr3 = cr3
         self.writeProtect = writeProtect
         self.noExecuteEnabled = noExecuteEnabled
+        self.mode = mode
+        self.smep = smep
+        self.smap = smap
     }
 
-    /// Takes CR3, CR0.WP and EFER.NXE from a vCPU's special registers.
+    /// Takes the mode, CR3, CR0.WP, EFER.NXE, CR4.SMEP and CR4.SMAP from a vCPU's special registers.
     public init(_ sregs: SpecialRegisters) {
+        let mode: Mode
+        if sregs.cr0 & (1 << 31) == 0 { mode = .none }
+        else if sregs.cr4 & (1 << 5) == 0 { mode = .legacy32 }
+        else if sregs.efer & (1 << 10) == 0 { mode = .pae }
+        else if sregs.cr4 & (1 << 12) != 0 { mode = .fiveLevel }
+        else { mode = .fourLevel }
         self.init(cr3: sregs.cr3, writeProtect: sregs.cr0 & (1 << 16) != 0,
-                  noExecuteEnabled: sregs.efer & (1 << 11) != 0)
+                  noExecuteEnabled: sregs.efer & (1 << 11) != 0, mode: mode,
+                  smep: sregs.cr4 & (1 << 20) != 0, smap: sregs.cr4 & (1 << 21) != 0)
     }
 }
 
@@ -65,6 +96,14 @@ extension GuestMemory {
     /// The walk reads the guest's own page tables; it never writes them (no
     /// accessed/dirty bits are set).
     public func translate(_ virtual: UInt64, paging: PagingContext, access: PageAccess = []) throws(GuestMemoryError) -> Translation {
+        switch paging.mode {
+        case .none:
+            return Translation(physical: GuestAddress(virtual), pageSize: 4096, writable: true, user: true, executable: true)
+        case .fourLevel:
+            break
+        case .legacy32, .pae, .fiveLevel:
+            throw .unsupportedPagingMode(paging.mode)
+        }
         // Canonical: bits 63:47 all equal.
         let top = virtual >> 47
         guard top == 0 || top == 0x1ffff else { throw .nonCanonical(virtual: virtual) }
@@ -104,5 +143,11 @@ extension GuestMemory {
             throw .protectionViolation(virtual: virtual, access: access)
         }
         if access.contains(.execute) && !t.executable { throw .protectionViolation(virtual: virtual, access: access) }
+        // Supervisor access (no .user) to a user page: SMEP for fetches, SMAP for data.
+        if !access.contains(.user) && t.user {
+            if access.contains(.execute) ? paging.smep : paging.smap {
+                throw .protectionViolation(virtual: virtual, access: access)
+            }
+        }
     }
 }
