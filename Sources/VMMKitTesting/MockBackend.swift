@@ -30,6 +30,8 @@ public enum MockOperation: String, Hashable, Sendable, CaseIterable {
     case registerCoalescedMMIO = "KVM_REGISTER_COALESCED_MMIO"
     /// Stands for `KVM_UNREGISTER_COALESCED_MMIO`.
     case unregisterCoalescedMMIO = "KVM_UNREGISTER_COALESCED_MMIO"
+    /// Stands for `KVM_ENABLE_CAP`.
+    case enableCapability = "KVM_ENABLE_CAP"
     /// Stands for `KVM_RUN`.
     case run = "KVM_RUN"
     /// Stands for `KVM_GET_REGS`.
@@ -261,6 +263,10 @@ public final class MockVM: VMBackend, @unchecked Sendable {
         try log.record(.registerCoalescedMMIO, "0x" + String(zone.address, radix: 16))
         state.withLock { $0.zones.append(zone) }
     }
+    /// Records the capability.
+    public func enableCapability(_ capability: UInt32, args: [UInt64]) throws(BackendError) {
+        try log.record(.enableCapability, "\(capability) \(args)")
+    }
     /// Removes the zone.
     public func unregisterCoalescedZone(_ zone: CoalescedZone) throws(BackendError) {
         try log.record(.unregisterCoalescedMMIO, "0x" + String(zone.address, radix: 16))
@@ -376,6 +382,11 @@ public final class MockVCPU: VCPUBackend, @unchecked Sendable {
     /// Records what a handler supplied for element `index` of a read.
     public func setExitData(_ value: UInt64, at index: Int) {
         state.withLock { $0.reads[index] = value }
+    }
+
+    /// Records a rejected MSR access (as element -1 of the completed reads, value 1).
+    public func rejectMSRAccess() {
+        state.withLock { $0.reads[-1] = 1 }
     }
 
     /// Sets or clears `immediate_exit`.

@@ -219,3 +219,52 @@ struct KVMDirtyLogTests {
         #expect(throws: BackendError.self) { _ = try backend.dirtyLog(slot: 7, pageCount: 1) }
     }
 }
+
+final class MSRLog: @unchecked Sendable {
+    var reads: [UInt32] = []
+    var writes: [(UInt32, UInt64)] = []
+}
+
+@Suite("Real KVM: user-space MSR exits", .serialized, .enabled(if: kvmUnavailable == nil, kvmSkipReason))
+struct KVMMSRTests {
+    // mov ecx, 0x12345678; rdmsr; mov ebx, eax; mov eax, 7; xor edx, edx; wrmsr; mov eax, ebx; out 0xf4, al
+    static let code: [UInt8] = [0xb9, 0x78, 0x56, 0x34, 0x12, 0x0f, 0x32, 0x89, 0xc3, 0xb8, 0x07, 0x00, 0x00, 0x00,
+                                0x31, 0xd2, 0x0f, 0x30, 0x89, 0xd8, 0xe6, 0xf4]
+
+    func makeVM() throws -> VirtualMachine {
+        var c = VMConfiguration(memorySize: 64 << 20)
+        c.userSpaceMSRExits = true
+        let vm = try VirtualMachine(backend: try KVMSystem(), configuration: c)
+        try vm.bus.attach(DebugExitDevice(), ports: 0xf4..<0xf8)
+        _ = try X86Boot.load(.flat(KVMMSRTests.code), into: vm)
+        return vm
+    }
+
+    @Test("accesses to an unknown MSR reach a handler, which supplies the value read")
+    func handled() throws {
+        let vm = try makeVM()
+        let log = MSRLog()
+        vm.addExitHandler(ClosureExitHandler { exit, ctx in
+            switch exit {
+            case .msrRead(let i): log.reads.append(i); ctx.completeRead(42); return .handled
+            case .msrWrite(let i, let v): log.writes.append((i, v)); return .handled
+            default: return .pass
+            }
+        })
+        #expect(try vm.run() == .guestExit(status: 42))
+        #expect(log.reads == [0x1234_5678])
+        #expect(log.writes.count == 1 && log.writes[0].0 == 0x1234_5678 && log.writes[0].1 == 7)
+    }
+
+    @Test("an MSR access no handler takes gets #GP (here: a triple fault, the guest has no IDT)")
+    func rejected() throws {
+        let vm = try makeVM()
+        #expect {
+            try vm.run()
+        } throws: { e in
+            guard case VMError.guestFault(let f) = e else { return false }
+            return f.kind == .tripleFault
+        }
+        #expect(vm.statistics()[.msr] == 1)
+    }
+}

@@ -109,6 +109,8 @@ public protocol VMBackend: AnyObject {
     func registerCoalescedZone(_ zone: CoalescedZone) throws(BackendError)
     /// Removes a coalesced zone. The corresponding ioctl is `KVM_UNREGISTER_COALESCED_MMIO`.
     func unregisterCoalescedZone(_ zone: CoalescedZone) throws(BackendError)
+    /// Enables a VM capability (`KVM_CAP_*`) with up to four arguments. The corresponding ioctl is `KVM_ENABLE_CAP`.
+    func enableCapability(_ capability: UInt32, args: [UInt64]) throws(BackendError)
 }
 
 /// One vCPU of a backend.
@@ -158,8 +160,11 @@ public protocol VCPUBackend: AnyObject {
     /// MMIO store value (index 0). Out-of-range indices read as 0.
     func exitData(at index: Int) -> UInt64
     /// Supplies element `index` of the data an `in`, MMIO load or MSR read
-    /// returns to the guest when the vCPU next runs. Out-of-range indices are ignored.
+    /// returns to the guest when the vCPU next runs (for a hypercall: its
+    /// return value). Out-of-range indices are ignored.
     func setExitData(_ value: UInt64, at index: Int)
+    /// Makes the current MSR exit fail: the guest gets #GP, as for an MSR that does not exist.
+    func rejectMSRAccess()
     /// Sets or clears `immediate_exit`: while set, ``run()`` completes any
     /// pending access and returns ``VMExit/interrupted`` without running guest
     /// code. Safe from any thread.

@@ -94,6 +94,10 @@ public final class ExitContext {
     @inline(__always)
     public func completeRead(_ value: UInt64, at index: Int = 0) { backend.setExitData(value, at: index) }
 
+    /// Fails the current MSR exit: the guest gets #GP.
+    @inline(__always)
+    public func rejectMSRAccess() { backend.rejectMSRAccess() }
+
     /// Runs the rest of the chain (the handlers after the current one) on `exit`.
     public func forward(_ exit: VMExit) throws(VMError) -> ExitResult {
         while cursor < handlers.count {

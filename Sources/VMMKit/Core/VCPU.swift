@@ -173,11 +173,10 @@ final class DefaultExitPolicy: ExitHandler {
             throw fault(ie.isEmulationFailure ? .emulationFailure : .internalError(suberror: ie.suberror), context, data: ie.data)
         case .failEntry(let reason, _): throw fault(.failedEntry(reason: reason), context)
         case .systemEvent(let type, _): return .stopVM(.systemEvent(type: type))
-        case .msrRead:
-            // No handler claimed the MSR: behave like an unimplemented MSR reading as 0.
-            context.completeRead(0)
+        case .msrRead, .msrWrite:
+            // No handler claimed the MSR: the guest gets #GP, as KVM gives for an MSR it does not know.
+            context.rejectMSRAccess()
             return .handled
-        case .msrWrite: return .handled
         default: return .pass
         }
     }

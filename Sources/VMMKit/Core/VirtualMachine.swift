@@ -16,6 +16,9 @@ public struct VMConfiguration: Sendable {
     public var collectSiteStatistics: Bool = false
     /// Create the in-kernel interrupt controllers (`KVM_CREATE_IRQCHIP`) before the vCPUs.
     public var inKernelIRQChip: Bool = false
+    /// Deliver guest accesses to MSRs KVM does not know as ``VMExit/msrRead(index:)`` and
+    /// ``VMExit/msrWrite(index:value:)`` exits (`KVM_CAP_X86_USER_SPACE_MSR`); unhandled ones get #GP.
+    public var userSpaceMSRExits: Bool = false
 
     /// Where RAM ends below 4 GiB: `[lowMemoryLimit, 4 GiB)` is left for MMIO
     /// (the doorbell, the LAPIC and IOAPIC, the TSS pages), and RAM beyond it continues at 4 GiB.
@@ -91,6 +94,9 @@ public final class VirtualMachine: @unchecked Sendable {
             // Intel VMX needs three pages for a real-mode TSS; put them just below 4 GiB, out of RAM.
             try? backend.setTSSAddress(0xfffb_d000)
             if configuration.inKernelIRQChip { try backend.createIRQChip() }
+            if configuration.userSpaceMSRExits {
+                try backend.enableCapability(188 /* KVM_CAP_X86_USER_SPACE_MSR */, args: [1 << 1 /* KVM_MSR_EXIT_REASON_UNKNOWN */])
+            }
             for i in 0..<configuration.vcpuCount {
                 vcpus.append(VCPU(id: i, backend: try backend.createVCPU(id: i)))
             }

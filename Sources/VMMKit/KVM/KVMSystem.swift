@@ -211,6 +211,16 @@ public final class KVMVM: VMBackend {
         }
     }
 
+    /// Enables a VM capability. The corresponding ioctl is `KVM_ENABLE_CAP`.
+    public func enableCapability(_ capability: UInt32, args: [UInt64]) throws(BackendError) {
+        var c = kvm_enable_cap()
+        c.cap = capability
+        withUnsafeMutableBytes(of: &c.args) { b in
+            for (i, a) in args.prefix(4).enumerated() { b.storeBytes(of: a, toByteOffset: i * 8, as: UInt64.self) }
+        }
+        _ = try Sys.withStruct(&c) { (p) throws(BackendError) in try Sys.ioctl(fd, CKVM_ENABLE_CAP, p, "KVM_ENABLE_CAP") }
+    }
+
     /// Removes a coalesced zone. The corresponding ioctl is `KVM_UNREGISTER_COALESCED_MMIO`.
     public func unregisterCoalescedZone(_ zone: CoalescedZone) throws(BackendError) {
         var z = kvm_coalesced_mmio_zone()

@@ -170,9 +170,19 @@ public final class KVMVCPU: VCPUBackend {
             guard index == 0 else { return }
             (raw + CKVM_RUN_MSR_DATA_OFFSET).storeBytes(of: value, as: UInt64.self)
             (raw + CKVM_RUN_MSR_ERROR_OFFSET).storeBytes(of: 0, as: UInt8.self)
+        case KVM_EXIT_HYPERCALL:
+            guard index == 0 else { return }
+            kvmRun.pointee.hypercall.ret = value
         default:
             return
         }
+    }
+
+    /// Fails the current MSR exit: the guest gets #GP.
+    public func rejectMSRAccess() {
+        let r = Int32(kvmRun.pointee.exit_reason)
+        guard r == KVM_EXIT_X86_RDMSR || r == KVM_EXIT_X86_WRMSR else { return }
+        (raw + CKVM_RUN_MSR_ERROR_OFFSET).storeBytes(of: 1, as: UInt8.self)
     }
 
     /// Sets or clears `immediate_exit` (atomically; safe from any thread).
