@@ -126,6 +126,8 @@ func stopOnInterrupt(_ vm: VirtualMachine) -> InterruptFlag {
             box.flag.raise()
             box.vm.stop()
         }
+        // A second signal while the stop is stuck (a console write to a stalled pipe): leave now.
+        if sigwait(&box.set, &sig) == 0 { _exit(130) }
         return nil
     }, box.toOpaque())
     pthread_detach(thread)

@@ -1,6 +1,7 @@
 import Testing
 import VMMKit
 import VMMKitTesting
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -137,11 +138,12 @@ struct BackendTests {
 @Suite("Review regressions")
 struct ReviewRegressionTests {
     final class PauseFromHandler: ExitHandler, @unchecked Sendable {
-        var results: [Bool] = []
+        private let m = Mutex<[Bool]>([])
+        var results: [Bool] { m.withLock { $0 } }
         func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult {
             guard case .io(let io) = exit, io.port == 0x90 else { return .pass }
             let ok = context.vm.pauseAll()
-            results.append(ok)
+            m.withLock { $0.append(ok) }
             if ok { context.vm.resumeAll() }
             return .handled
         }
@@ -227,5 +229,20 @@ struct ReviewRegressionTests {
         _ = d.write(offset: 0x14, size: 4, value: 1)
         _ = d.write(offset: 0x40, size: 4, value: 7)
         #expect(d.read(offset: 0x18, size: 4) != 0 && d.read(offset: 4, size: 4) == 0)
+    }
+}
+
+@Suite("Concurrent pauses")
+struct ConcurrentPauseTests {
+    @Test("two vCPUs pausing from their handlers at once take turns instead of deadlocking")
+    func twoHandlersPause() throws {
+        let mock = MockHypervisor()
+        let vm = try makeVM(mock, vcpus: 2)
+        let h = ReviewRegressionTests.PauseFromHandler()
+        vm.addExitHandler(h)
+        try vm.bus.attach(DebugExitDevice(), ports: 0xf4..<0xf8)
+        for i in 0..<2 { mock.vcpu(i)?.script(Array(repeating: out(0x90, 1), count: 20) + [.exit(.halt)]) }
+        #expect(try vm.run() == .halted)
+        #expect(h.results.count == 40 && h.results.allSatisfy { $0 })
     }
 }

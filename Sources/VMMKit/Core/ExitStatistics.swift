@@ -60,6 +60,7 @@ public struct ExitStatistics: Sendable {
     public mutating func merge(_ other: ExitStatistics) {
         for i in counts.indices { counts[i] &+= other.counts[i] }
         for (k, v) in other.sites { sites[k, default: 0] &+= v }
+        untrackedSiteExits &+= other.untrackedSiteExits
     }
 
     /// The sites sorted by count, most first.

@@ -41,7 +41,10 @@ public final class VCPU: @unchecked Sendable {
                     let e = try backend.run()
                     if e != .interrupted {
                         // A backend that returned a real exit instead: handle it, then try again.
-                        if let out = dispatch(e, ctx, collectSites) { return out }
+                        if let out = dispatch(e, ctx, collectSites) {
+                            if case .error = out { return out }
+                            return completed(out)
+                        }
                         continue
                     }
                 } catch { return .error(.backend(error)) }
@@ -68,8 +71,15 @@ public final class VCPU: @unchecked Sendable {
     /// `KVM_RUN` that has `immediate_exit` set, so the state read after the
     /// stop is final and a later run does not replay the old access.
     private func completed(_ outcome: Control.Outcome) -> Control.Outcome {
+        guard let ctx = context else { return outcome }
         backend.setImmediateExit(true)
-        _ = try? backend.run()
+        // Completing can need more user-space work (the second half of a split
+        // MMIO access, the next chunk of string I/O): KVM then returns another
+        // exit even with immediate_exit set. Serve those, up to a bound.
+        for _ in 0..<64 {
+            guard let e = try? backend.run(), e != .interrupted else { break }
+            if case .error = dispatch(e, ctx, ctx.statistics.collectSites) { break }
+        }
         return outcome
     }
 

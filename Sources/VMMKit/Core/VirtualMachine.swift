@@ -192,6 +192,7 @@ public final class VirtualMachine: @unchecked Sendable {
         timerThread = try OSThread.start { [self] in
             var due = tasks.map { Sys.monotonicNanoseconds() &+ $0.interval }
             while control.sleepWhileRunning(nanoseconds: tick) {
+                if control.isPaused { continue } // a pause holder owns the devices' state
                 let now = Sys.monotonicNanoseconds()
                 for (i, t) in tasks.enumerated() where now >= due[i] {
                     due[i] = now &+ t.interval
@@ -240,21 +241,18 @@ public final class VirtualMachine: @unchecked Sendable {
     /// its pending access completed (or has already finished).
     ///
     /// May be called from any thread, including a vCPU's own thread from an
-    /// exit handler (that vCPU counts as paused while its handler runs); not
-    /// from a device (devices run under the bus lock, which the other vCPUs
-    /// may be waiting for). Pauses nest: each `pauseAll()` that returned
-    /// `true` needs one ``resumeAll()``.
+    /// exit handler (that vCPU counts as paused while its handler runs, but
+    /// its own access completes only after the handler returns); not from a
+    /// device (devices run under the bus lock, which the other vCPUs may be
+    /// waiting for). One thread holds the pause at a time; others wait their
+    /// turn. Pauses nest: each `pauseAll()` that returned `true` needs one
+    /// ``resumeAll()``.
     ///
     /// - Returns: `false` when the VM is not running or stopped while pausing
     ///   (then nothing is paused and no ``resumeAll()`` is due).
     @discardableResult
     public func pauseAll() -> Bool {
-        guard control.requestPause() else { return false }
-        kickAll()
-        let onVCPU = Sys.threadRunsVCPU(of: self)
-        if control.waitForPaused(selfIsVCPU: onVCPU) { return true }
-        control.resume()
-        return false
+        control.acquirePause(selfIsVCPU: Sys.threadRunsVCPU(of: self)) { kickAll() }
     }
 
     /// Resumes the vCPUs once every ``pauseAll()`` has been matched.
@@ -292,6 +290,7 @@ final class Control: @unchecked Sendable {
     private var active = 0
     private var paused = 0
     private var pauseDepth = 0
+    private var holder: UInt?
     private var pauseRequested: Bool { pauseDepth > 0 }
     private var result: Result<StopReason, VMError>?
     private var threads: [OSThread] = []
@@ -312,7 +311,7 @@ final class Control: @unchecked Sendable {
 
     var isRunning: Bool { cond.withLock { running } }
 
-    func reset() { cond.withLock { running = false; pauseDepth = 0; threads = [] } }
+    func reset() { cond.withLock { running = false; pauseDepth = 0; holder = nil; threads = [] } }
 
     func requestStop() {
         cond.withLock {
@@ -371,33 +370,46 @@ final class Control: @unchecked Sendable {
         return active > 0 && !stopRequested
     }
 
-    func requestPause() -> Bool {
-        cond.withLock {
-            guard running, active > 0, !stopRequested else { return false }
-            pauseDepth += 1
-            requests.bitwiseOr(Control.pauseBit, ordering: .sequentiallyConsistent)
-            return true
-        }
-    }
-
-    /// Waits until every active vCPU (but the caller, when it is one) is parked.
-    /// Returns false if the VM began stopping instead.
-    func waitForPaused(selfIsVCPU: Bool) -> Bool {
+    /// Takes the pause for the calling thread and waits until every other
+    /// active vCPU is parked. One holder at a time (it may nest); a vCPU-thread
+    /// caller counts as parked while it waits, so two vCPUs pausing from their
+    /// handlers take turns instead of waiting for each other. Returns false when
+    /// the VM is not running or starts stopping.
+    func acquirePause(selfIsVCPU: Bool, kick: () -> Void) -> Bool {
         cond.lock(); defer { cond.unlock() }
-        while paused + (selfIsVCPU ? 1 : 0) < active && !stopRequested { cond.wait(timeoutNanoseconds: 100_000_000) }
-        return !stopRequested
+        guard running, active > 0, !stopRequested else { return false }
+        let me = Sys.threadID()
+        if holder == me { pauseDepth += 1; return true }
+        if selfIsVCPU { paused += 1; cond.broadcast() }
+        defer { if selfIsVCPU { paused -= 1 } }
+        while holder != nil && !stopRequested { cond.wait(timeoutNanoseconds: 100_000_000) }
+        guard !stopRequested, active > 0 else { return false }
+        holder = me
+        pauseDepth = 1
+        requests.bitwiseOr(Control.pauseBit, ordering: .sequentiallyConsistent)
+        kick()
+        while paused < active && !stopRequested { cond.wait(timeoutNanoseconds: 100_000_000) }
+        if stopRequested { releaseLocked(all: true); return false }
+        return true
     }
 
+    /// Gives back one level of the pause; the last one lets the vCPUs go on.
     func resume() {
-        cond.withLock {
-            guard pauseDepth > 0 else { return }
-            pauseDepth -= 1
-            if pauseDepth == 0 {
-                requests.bitwiseAnd(~Control.pauseBit, ordering: .sequentiallyConsistent)
-                cond.broadcast()
-            }
-        }
+        cond.withLock { releaseLocked(all: false) }
     }
+
+    private func releaseLocked(all: Bool) {
+        guard pauseDepth > 0 else { return }
+        pauseDepth = all ? 0 : pauseDepth - 1
+        if pauseDepth == 0 {
+            holder = nil
+            requests.bitwiseAnd(~Control.pauseBit, ordering: .sequentiallyConsistent)
+        }
+        cond.broadcast()
+    }
+
+    /// Whether a pause is in force (periodic tasks wait it out).
+    var isPaused: Bool { cond.withLock { pauseDepth > 0 } }
 
     /// Called by a vCPU thread that saw the pause bit: parks until resumed or stopped.
     func park() {

@@ -159,7 +159,7 @@ public struct ELFImage: Sendable {
         try r.check(shoff, shentsize * shnum, "the section headers")
         var out: [GuestSymbol] = []
         // ELF has at most one SHT_SYMTAB: use the first, with bounded work.
-        for i in 0..<shnum where out.isEmpty {
+        for i in 0..<shnum {
             let sh = shoff + i * shentsize
             guard try r.u32(sh + 4, "sh_type") == 2 else { continue } // SHT_SYMTAB
             let off = try r.u64(sh + 24, "sh_offset")
@@ -186,6 +186,7 @@ public struct ELFImage: Sendable {
                 while p < strOff + strSize, r.bytes[Int(p)] != 0, name.count < 128 { name.append(r.bytes[Int(p)]); p += 1 }
                 out.append(GuestSymbol(name: String(decoding: name, as: UTF8.self), address: value, size: ssize, isFunction: stype == 2))
             }
+            break // only the first SHT_SYMTAB, whatever it held
         }
         return SymbolTable(out)
     }

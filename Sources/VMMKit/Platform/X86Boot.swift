@@ -87,9 +87,6 @@ public enum X86Boot {
     /// Loads `image` into `vm` and prepares every vCPU to enter it.
     public static func load(_ image: BootImage, commandLine: String = "", into vm: VirtualMachine) throws(VMError) -> LoadedImage {
         guard !vm.isRunning else { throw .invalidState("cannot load an image into a running VM") }
-        guard vm.vcpus.count <= X86Layout.maximumLongModeVCPUs else {
-            throw .invalidConfiguration("the platform's boot stacks fit \(X86Layout.maximumLongModeVCPUs) vCPUs, not \(vm.vcpus.count)")
-        }
         let memSize = vm.configuration.memorySize
         guard memSize >= X86Layout.minimumMemory else {
             throw .loader(.memoryTooSmall(needed: X86Layout.minimumMemory, available: memSize))
@@ -124,6 +121,9 @@ public enum X86Boot {
             let e = entry ?? loadAddress
             guard r.contains(GuestAddress(e)) else { throw .loader(.entryOutsideImage(e)) }
             loaded = LoadedImage(entry: .long64(e), segments: [r], symbols: SymbolTable())
+        }
+        if case .long64 = loaded.entry, vm.vcpus.count > X86Layout.maximumLongModeVCPUs {
+            throw .invalidConfiguration("long-mode entry: the platform's boot stacks fit \(X86Layout.maximumLongModeVCPUs) vCPUs, not \(vm.vcpus.count)")
         }
         try writePlatformTables(vm: vm, commandLine: cmd)
         try setUpVCPUs(vm: vm, entry: loaded.entry)

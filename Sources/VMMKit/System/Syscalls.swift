@@ -65,6 +65,8 @@ enum Sys {
     }
 
     static func currentThread() -> pthread_t { pthread_self() }
+    /// The calling thread's identity as a number.
+    static func threadID() -> UInt { UInt(pthread_self()) }
 
     /// Marks the calling thread as running a vCPU of `vm`.
     static func setThreadTag(_ vm: AnyObject) { ckvm_set_thread_tag(UInt(bitPattern: ObjectIdentifier(vm).hashValue)) }
