@@ -202,13 +202,15 @@ public final class KVMVM: VMBackend {
 
     /// Registers a coalesced zone. The corresponding ioctl is `KVM_REGISTER_COALESCED_MMIO`.
     public func registerCoalescedZone(_ zone: CoalescedZone) throws(BackendError) {
+        try coalescedZoneIoctl(zone, CKVM_REGISTER_COALESCED_MMIO, "KVM_REGISTER_COALESCED_MMIO")
+    }
+
+    private func coalescedZoneIoctl(_ zone: CoalescedZone, _ request: UInt, _ name: StaticString) throws(BackendError) {
         var z = kvm_coalesced_mmio_zone()
         z.addr = zone.address
         z.size = zone.size
         z.pio = zone.isPIO ? 1 : 0
-        _ = try Sys.withStruct(&z) { (p) throws(BackendError) in
-            try Sys.ioctl(fd, CKVM_REGISTER_COALESCED_MMIO, p, "KVM_REGISTER_COALESCED_MMIO")
-        }
+        _ = try Sys.withStruct(&z) { (p) throws(BackendError) in try Sys.ioctl(fd, request, p, name) }
     }
 
     /// Enables a VM capability. The corresponding ioctl is `KVM_ENABLE_CAP`.
@@ -223,12 +225,6 @@ public final class KVMVM: VMBackend {
 
     /// Removes a coalesced zone. The corresponding ioctl is `KVM_UNREGISTER_COALESCED_MMIO`.
     public func unregisterCoalescedZone(_ zone: CoalescedZone) throws(BackendError) {
-        var z = kvm_coalesced_mmio_zone()
-        z.addr = zone.address
-        z.size = zone.size
-        z.pio = zone.isPIO ? 1 : 0
-        _ = try Sys.withStruct(&z) { (p) throws(BackendError) in
-            try Sys.ioctl(fd, CKVM_UNREGISTER_COALESCED_MMIO, p, "KVM_UNREGISTER_COALESCED_MMIO")
-        }
+        try coalescedZoneIoctl(zone, CKVM_UNREGISTER_COALESCED_MMIO, "KVM_UNREGISTER_COALESCED_MMIO")
     }
 }
