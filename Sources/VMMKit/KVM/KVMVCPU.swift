@@ -82,8 +82,8 @@ public final class KVMVCPU: VCPUBackend {
             let len = UInt8(min(m.len, 8))
             let dir: AccessDirection = m.is_write != 0 ? .write : .read
             var value: UInt64 = 0
-            if dir == .write { value = loadLE(raw + ckvm_mmio_offset, count: Int(len)) }
-            else { storeLE(.max, raw + ckvm_mmio_offset, count: 8) }
+            if dir == .write { value = loadLE(raw + CKVM_RUN_MMIO_DATA_OFFSET, count: Int(len)) }
+            else { storeLE(.max, raw + CKVM_RUN_MMIO_DATA_OFFSET, count: 8) }
             return .mmio(MMIOAccess(address: GuestAddress(m.phys_addr), size: len, direction: dir, value: value))
         case KVM_EXIT_HLT: return .halt
         case KVM_EXIT_SHUTDOWN: return .shutdown
@@ -116,7 +116,6 @@ public final class KVMVCPU: VCPUBackend {
         }
     }
 
-    private var ckvm_mmio_offset: Int { CKVM_RUN_MMIO_DATA_OFFSET }
 
     @inline(__always)
     private func loadLE(_ p: UnsafeRawPointer, count: Int) -> UInt64 {
