@@ -206,8 +206,8 @@ struct KVMTests {
     }
 }
 
-@Suite("Real KVM: dirty log", .serialized, .enabled(if: kvmUnavailable == nil, kvmSkipReason))
-struct KVMDirtyLogTests {
+/// Dirty logging (in the serialized KVM suite).
+extension KVMTests {
     @Test("the dirty log of a slot reports the pages the guest wrote, sized to the whole slot")
     func dirtyLog() throws {
         let kvm = try KVMSystem()
@@ -225,24 +225,24 @@ final class MSRLog: @unchecked Sendable {
     var writes: [(UInt32, UInt64)] = []
 }
 
-@Suite("Real KVM: user-space MSR exits", .serialized, .enabled(if: kvmUnavailable == nil, kvmSkipReason))
-struct KVMMSRTests {
+/// User-space MSR exits (in the serialized KVM suite).
+extension KVMTests {
     // mov ecx, 0x12345678; rdmsr; mov ebx, eax; mov eax, 7; xor edx, edx; wrmsr; mov eax, ebx; out 0xf4, al
-    static let code: [UInt8] = [0xb9, 0x78, 0x56, 0x34, 0x12, 0x0f, 0x32, 0x89, 0xc3, 0xb8, 0x07, 0x00, 0x00, 0x00,
+    static let msrCode: [UInt8] = [0xb9, 0x78, 0x56, 0x34, 0x12, 0x0f, 0x32, 0x89, 0xc3, 0xb8, 0x07, 0x00, 0x00, 0x00,
                                 0x31, 0xd2, 0x0f, 0x30, 0x89, 0xd8, 0xe6, 0xf4]
 
-    func makeVM() throws -> VirtualMachine {
+    func makeMSRVM() throws -> VirtualMachine {
         var c = VMConfiguration(memorySize: 64 << 20)
         c.userSpaceMSRExits = true
         let vm = try VirtualMachine(backend: try KVMSystem(), configuration: c)
         try vm.bus.attach(DebugExitDevice(), ports: 0xf4..<0xf8)
-        _ = try X86Boot.load(.flat(KVMMSRTests.code), into: vm)
+        _ = try X86Boot.load(.flat(KVMTests.msrCode), into: vm)
         return vm
     }
 
     @Test("accesses to an unknown MSR reach a handler, which supplies the value read")
-    func handled() throws {
-        let vm = try makeVM()
+    func msrHandled() throws {
+        let vm = try makeMSRVM()
         let log = MSRLog()
         vm.addExitHandler(ClosureExitHandler { exit, ctx in
             switch exit {
@@ -257,8 +257,8 @@ struct KVMMSRTests {
     }
 
     @Test("an MSR access no handler takes gets #GP (here: a triple fault, the guest has no IDT)")
-    func rejected() throws {
-        let vm = try makeVM()
+    func msrRejected() throws {
+        let vm = try makeMSRVM()
         #expect {
             try vm.run()
         } throws: { e in
