@@ -119,3 +119,20 @@ struct ChainTests {
         #expect(vm.bus.unclaimedCounts[UnclaimedAccess(space: .pio, address: 0x81, direction: .write)] == 1)
     }
 }
+
+@Suite("Restart")
+struct RestartTests {
+    @Test("after wait() returns, start() runs the vCPUs again from where they stopped")
+    func restart() throws {
+        let mock = MockHypervisor()
+        let vm = try makeVM(mock)
+        try vm.bus.attach(DebugExitDevice(), ports: 0xf4..<0xf8)
+        mock.vcpu(0)?.script([debugExit3])
+        #expect(try vm.run() == .guestExit(status: 3))
+        #expect(throws: VMError.self) { _ = try vm.wait() }   // not started
+        mock.vcpu(0)?.script([out(0xf4, 4)])
+        #expect(try vm.run() == .guestExit(status: 4))
+        #expect(vm.statistics()[.io] == 1, "statistics restart with each run")
+        #expect(mock.finish().isEmpty)
+    }
+}
