@@ -268,3 +268,23 @@ extension KVMTests {
         #expect(vm.statistics()[.msr] == 1)
     }
 }
+
+/// Stopping right after an MMIO read (in the serialized KVM suite).
+extension KVMTests {
+    @Test("a VM stopped by the handler of an MMIO read still completes it: the register holds the value, RIP is past the load")
+    func stopCompletesMMIORead() throws {
+        let g = try GuestRun("selftest", commandLine: "test=mmioread") { vm in
+            vm.addExitHandler(ClosureExitHandler { exit, ctx in
+                guard case .mmio(let m) = exit, m.address == GuestAddress(0xc000_0000), m.direction == .read else { return .pass }
+                ctx.completeRead(0x1122_3344)
+                return .stopVM(.stopped)
+            })
+        }
+        #expect(try g.run() == .stopped)
+        let r = try g.vm.vcpus[0].registers()
+        #expect(r.rbx & 0xffff_ffff == 0x1122_3344, "selftest loads with `mov (%rax), %ebx`")
+        // test_mmioread: push %rbx (1 byte); mov $0xc0000000,%eax (5); mov (%rax),%ebx (2).
+        let fn = try #require(try ELFImage(bytes: guestImage("selftest")).symbols.symbols.first { $0.name == "test_mmioread" })
+        #expect(r.rip == fn.address + 8, "RIP past the load")
+    }
+}
