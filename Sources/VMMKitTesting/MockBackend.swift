@@ -106,8 +106,8 @@ public enum MockStep: Sendable, CustomStringConvertible {
 
 /// A record of everything the mock backend was asked to do, shared by a hypervisor's VMs and vCPUs.
 public final class MockCallLog: @unchecked Sendable {
-    private let lock = Mutex<[MockCall]>([])
-    private let failures = Mutex<[MockOperation: [Errno]]>([:])
+    private let lock = Locked<[MockCall]>([])
+    private let failures = Locked<[MockOperation: [Errno]]>([:])
 
     init() {}
 
@@ -157,7 +157,7 @@ public final class MockHypervisor: HypervisorBackend, @unchecked Sendable {
         CPUIDEntry(function: 0, eax: 0xd, ebx: 0x6874_7541, ecx: 0x444d_4163, edx: 0x6974_6e65),
         CPUIDEntry(function: 1, eax: 0x800f12, ebx: 0, ecx: 0, edx: 0x0789_fbff),
     ]
-    private let vmsLock = Mutex<[MockVM]>([])
+    private let vmsLock = Locked<[MockVM]>([])
 
     /// Creates a mock hypervisor.
     public init() {}
@@ -202,7 +202,7 @@ public struct MockLeftovers: Hashable, Sendable {
 public final class MockVM: VMBackend, @unchecked Sendable {
     private let log: MockCallLog
     private let cpuid: [CPUIDEntry]
-    private let state = Mutex<(slots: [UInt32: MemorySlot], vcpus: [MockVCPU], zones: [CoalescedZone], irqs: [UInt32: Bool])>(([:], [], [], [:]))
+    private let state = Locked<(slots: [UInt32: MemorySlot], vcpus: [MockVCPU], zones: [CoalescedZone], irqs: [UInt32: Bool])>(([:], [], [], [:]))
 
     init(hypervisor: MockHypervisor) {
         // Keep what the VM needs, not the hypervisor: a VM may outlive it.
@@ -297,9 +297,9 @@ public final class MockVCPU: VCPUBackend, @unchecked Sendable {
         var events = VCPUEvents(bytes: Array(repeating: 0, count: 64))
         var coalesced: [CoalescedWrite] = []
     }
-    private let state = Mutex(State())
+    private let state = Locked(State())
     private let immediateExit = Atomic<Bool>(false)
-    private let wake = Mutex<Bool>(false)
+    private let wake = Locked<Bool>(false)
 
     init(id: Int, log: MockCallLog) {
         self.id = id
@@ -465,4 +465,28 @@ public final class MockVCPU: VCPUBackend, @unchecked Sendable {
     public func vcpuEvents() throws(BackendError) -> VCPUEvents { try log.record(.getVCPUEvents, vcpu: id); return state.withLock { $0.events } }
     /// Sets the pending events.
     public func setVCPUEvents(_ v: VCPUEvents) throws(BackendError) { try log.record(.setVCPUEvents, vcpu: id); state.withLock { $0.events = v } }
+}
+
+/// A value behind a pthread mutex. (Not `Synchronization.Mutex`: its Linux
+/// implementation waits on futexes directly, which ThreadSanitizer cannot see,
+/// so tests run under TSan would report false races.)
+final class Locked<Value>: @unchecked Sendable {
+    private var value: Value
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+
+    init(_ value: Value) {
+        self.value = value
+        pthread_mutex_init(mutex, nil)
+    }
+
+    deinit {
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+    }
+
+    func withLock<R>(_ body: (inout Value) throws -> R) rethrows -> R {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return try body(&value)
+    }
 }
