@@ -55,7 +55,8 @@ struct DisassemblerTests {
     func invalid() throws {
         let d = try X86Disassembler(mode: .bits64)
         #expect(d.decode([]) == nil)
-        #expect(d.decode([0x0f, 0xff]) == nil || d.decode([0x0f, 0xff])?.length == 2)
+        #expect(d.decode([0x0f]) == nil, "a two-byte opcode cut after its escape byte")
+        #expect(d.decode([0x89, 0x46]) == nil, "a store missing its displacement byte")
         #expect(d.decode([0x06]) == nil, "push es is invalid in 64-bit mode")
     }
 }

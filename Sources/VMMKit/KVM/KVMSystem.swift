@@ -66,23 +66,23 @@ public final class KVMSystem: HypervisorBackend, @unchecked Sendable {
     public func supportedCPUID() throws(BackendError) -> [CPUIDEntry] {
         var capacity = 64
         while true {
-            let bytes = MemoryLayout<kvm_cpuid2>.size + capacity * MemoryLayout<kvm_cpuid_entry2>.stride
-            let buf = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 16)
-            defer { buf.deallocate() }
-            buf.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
-            buf.assumingMemoryBound(to: kvm_cpuid2.self).pointee.nent = UInt32(capacity)
-            do {
-                _ = try Sys.ioctl(fd, CKVM_GET_SUPPORTED_CPUID, buf, "KVM_GET_SUPPORTED_CPUID")
-            } catch where error.errno == .tooBig && capacity < 4096 {
-                capacity *= 2
-                continue
+            let cap = capacity
+            let result: [CPUIDEntry]? = try withKVMFlexibleArray(kvm_cpuid2.self, kvm_cpuid_entry2.self, count: cap) {
+                (buf, entries) throws(BackendError) -> [CPUIDEntry]? in
+                buf.assumingMemoryBound(to: kvm_cpuid2.self).pointee.nent = UInt32(cap)
+                do throws(BackendError) {
+                    _ = try Sys.ioctl(fd, CKVM_GET_SUPPORTED_CPUID, buf, "KVM_GET_SUPPORTED_CPUID")
+                } catch where error.errno == .tooBig && cap < 4096 {
+                    return nil // more leaves than room: try again with more
+                }
+                let n = Int(buf.assumingMemoryBound(to: kvm_cpuid2.self).pointee.nent)
+                return (0..<min(n, cap)).map { i in
+                    let e = entries[i]
+                    return CPUIDEntry(function: e.function, index: e.index, flags: e.flags, eax: e.eax, ebx: e.ebx, ecx: e.ecx, edx: e.edx)
+                }
             }
-            let n = Int(buf.assumingMemoryBound(to: kvm_cpuid2.self).pointee.nent)
-            let entries = (buf + MemoryLayout<kvm_cpuid2>.size).assumingMemoryBound(to: kvm_cpuid_entry2.self)
-            return (0..<min(n, capacity)).map { i in
-                let e = entries[i]
-                return CPUIDEntry(function: e.function, index: e.index, flags: e.flags, eax: e.eax, ebx: e.ebx, ecx: e.ecx, edx: e.edx)
-            }
+            if let result { return result }
+            capacity *= 2
         }
     }
 }

@@ -272,33 +272,25 @@ public final class KVMVCPU: VCPUBackend {
 
     /// Sets the guest's CPUID. The corresponding ioctl is `KVM_SET_CPUID2`.
     public func setCPUID(_ entries: [CPUIDEntry]) throws(BackendError) {
-        let bytes = MemoryLayout<kvm_cpuid2>.size + max(1, entries.count) * MemoryLayout<kvm_cpuid_entry2>.stride
-        let buf = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 16)
-        defer { buf.deallocate() }
-        buf.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
-        buf.assumingMemoryBound(to: kvm_cpuid2.self).pointee.nent = UInt32(entries.count)
-        let out = (buf + MemoryLayout<kvm_cpuid2>.size).assumingMemoryBound(to: kvm_cpuid_entry2.self)
-        for (i, e) in entries.enumerated() {
-            var k = kvm_cpuid_entry2()
-            k.function = e.function; k.index = e.index; k.flags = e.flags
-            k.eax = e.eax; k.ebx = e.ebx; k.ecx = e.ecx; k.edx = e.edx
-            out[i] = k
+        try withKVMFlexibleArray(kvm_cpuid2.self, kvm_cpuid_entry2.self, count: entries.count) { (buf, out) throws(BackendError) in
+            buf.assumingMemoryBound(to: kvm_cpuid2.self).pointee.nent = UInt32(entries.count)
+            for (i, e) in entries.enumerated() {
+                out[i].function = e.function; out[i].index = e.index; out[i].flags = e.flags
+                out[i].eax = e.eax; out[i].ebx = e.ebx; out[i].ecx = e.ecx; out[i].edx = e.edx
+            }
+            _ = try Sys.ioctl(fd, CKVM_SET_CPUID2, buf, "KVM_SET_CPUID2")
         }
-        _ = try Sys.ioctl(fd, CKVM_SET_CPUID2, buf, "KVM_SET_CPUID2")
     }
 
     private func withMSRBuffer<R>(_ entries: [MSREntry], _ body: (UnsafeMutableRawPointer, UnsafeMutablePointer<kvm_msr_entry>) throws(BackendError) -> R) throws(BackendError) -> R {
-        let bytes = MemoryLayout<kvm_msrs>.size + max(1, entries.count) * MemoryLayout<kvm_msr_entry>.stride
-        let buf = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 16)
-        defer { buf.deallocate() }
-        buf.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
-        buf.assumingMemoryBound(to: kvm_msrs.self).pointee.nmsrs = UInt32(entries.count)
-        let list = (buf + MemoryLayout<kvm_msrs>.size).assumingMemoryBound(to: kvm_msr_entry.self)
-        for (i, e) in entries.enumerated() {
-            list[i].index = e.index
-            list[i].data = e.value
+        try withKVMFlexibleArray(kvm_msrs.self, kvm_msr_entry.self, count: entries.count) { (buf, list) throws(BackendError) in
+            buf.assumingMemoryBound(to: kvm_msrs.self).pointee.nmsrs = UInt32(entries.count)
+            for (i, e) in entries.enumerated() {
+                list[i].index = e.index
+                list[i].data = e.value
+            }
+            return try body(buf, list)
         }
-        return try body(buf, list)
     }
 
     /// Reads MSRs. The corresponding ioctl is `KVM_GET_MSRS`.
@@ -357,6 +349,16 @@ public final class KVMVCPU: VCPUBackend {
     public func vcpuEvents() throws(BackendError) -> VCPUEvents { VCPUEvents(bytes: try getBytes(kvm_vcpu_events.self, CKVM_GET_VCPU_EVENTS, "KVM_GET_VCPU_EVENTS")) }
     /// Sets pending events. The corresponding ioctl is `KVM_SET_VCPU_EVENTS`.
     public func setVCPUEvents(_ events: VCPUEvents) throws(BackendError) { try setBytes(kvm_vcpu_events.self, events.bytes, CKVM_SET_VCPU_EVENTS, "KVM_SET_VCPU_EVENTS") }
+}
+
+/// A zeroed kvm.h header followed by `count` entries (`kvm_cpuid2`, `kvm_msrs`), for one ioctl.
+func withKVMFlexibleArray<Header, Entry, R>(_ header: Header.Type, _ entry: Entry.Type, count: Int,
+                                                 _ body: (UnsafeMutableRawPointer, UnsafeMutablePointer<Entry>) throws(BackendError) -> R) throws(BackendError) -> R {
+    let bytes = MemoryLayout<Header>.size + max(1, count) * MemoryLayout<Entry>.stride
+    let buf = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 16)
+    defer { buf.deallocate() }
+    buf.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
+    return try body(buf, (buf + MemoryLayout<Header>.size).assumingMemoryBound(to: Entry.self))
 }
 
 // MARK: conversions between the Swift register types and kvm.h structs
