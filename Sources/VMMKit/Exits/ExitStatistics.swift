@@ -68,3 +68,16 @@ public struct ExitStatistics: Sendable {
         sites.sorted { $0.value != $1.value ? $0.value > $1.value : $0.key.rip < $1.key.rip }.prefix(n).map { ($0.key, $0.value) }
     }
 }
+extension ExitStatistics {
+    /// The site an exit happened at.
+    @inline(__always)
+    public static func site(for exit: VMExit, rip: UInt64) -> ExitSite {
+        switch exit {
+        case .io(let io): ExitSite(rip: rip, kind: .io, address: UInt64(io.port), size: io.size, direction: io.direction)
+        case .mmio(let m): ExitSite(rip: rip, kind: .mmio, address: m.address.rawValue, size: m.size, direction: m.direction)
+        case .msrRead(let i): ExitSite(rip: rip, kind: .msr, address: UInt64(i), size: 8, direction: .read)
+        case .msrWrite(let i, _): ExitSite(rip: rip, kind: .msr, address: UInt64(i), size: 8, direction: .write)
+        default: ExitSite(rip: rip, kind: exit.kind, address: 0, size: 0, direction: .read)
+        }
+    }
+}
