@@ -1,0 +1,38 @@
+import VMMKit
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A record of everything the mock backend was asked to do, shared by a hypervisor's VMs and vCPUs.
+public final class MockCallLog: @unchecked Sendable {
+    private let lock = Locked<[MockCall]>([])
+    private let failures = Locked<[MockOperation: [Errno]]>([:])
+
+    init() {}
+
+    /// Every call so far, in order.
+    public var calls: [MockCall] { lock.withLock { $0 } }
+
+    /// The calls of one operation.
+    public func calls(_ op: MockOperation) -> [MockCall] { calls.filter { $0.operation == op } }
+
+    /// Makes the next `count` calls of `op` fail with `errno` (queued after earlier injections).
+    public func inject(_ errno: Errno, into op: MockOperation, count: Int = 1) {
+        failures.withLock { $0[op, default: []].append(contentsOf: Array(repeating: errno, count: count)) }
+    }
+
+    func record(_ op: MockOperation, vcpu: Int? = nil, _ detail: String = "") throws(BackendError) {
+        lock.withLock { $0.append(MockCall(operation: op, vcpu: vcpu, detail: detail)) }
+        let injected: Errno? = failures.withLock { f in
+            guard var list = f[op], !list.isEmpty else { return nil }
+            let e = list.removeFirst()
+            f[op] = list
+            return e
+        }
+        if let e = injected { throw BackendError(op.rawValue, errno: e, detail: "injected by the mock backend") }
+    }
+
+    /// Errors injected but not yet delivered.
+    public var undeliveredFailures: [MockOperation: [Errno]] { failures.withLock { $0.filter { !$0.value.isEmpty } } }
+}
