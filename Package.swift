@@ -21,7 +21,7 @@ let package = Package(
         ),
         .target(name: "VMMKit", dependencies: ["CKVM"]),
         .target(name: "VMMKitTesting", dependencies: ["VMMKit"]),
-        .target(name: "X86Disassembler", dependencies: ["CCapstone"]),
+        .target(name: "X86Disassembler", dependencies: ["CCapstone", "VMMKit"]),
         .executableTarget(
             name: "minivmm",
             dependencies: [
@@ -33,7 +33,7 @@ let package = Package(
         .executableTarget(name: "tinyvmm", dependencies: ["VMMKit"], path: "Examples/tinyvmm"),
         .testTarget(name: "VMMKitTests", dependencies: ["VMMKit", "VMMKitTesting"]),
         .testTarget(name: "KVMTests", dependencies: ["VMMKit"]),
-        .testTarget(name: "X86DisassemblerTests", dependencies: ["X86Disassembler"]),
+        .testTarget(name: "X86DisassemblerTests", dependencies: ["X86Disassembler", "VMMKit"], exclude: ["Corpus"]),
     ],
     swiftLanguageModes: [.v6]
 )

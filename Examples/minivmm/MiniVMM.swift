@@ -92,6 +92,8 @@ struct Session {
     let devices: StandardDevices
     let console: OutputSink
     let loaded: LoadedImage
+    /// The registers at each site's first exit, for matching instructions by operands (profile only).
+    let snapshots: ExitSnapshots?
 
     init(options: GuestOptions, profile: Bool, console: OutputSink = .standardOutput()) throws {
         var config = VMConfiguration(memorySize: try options.memoryBytes(), vcpuCount: options.cpus)
@@ -100,6 +102,9 @@ struct Session {
         let kvm = try KVMSystem()
         vm = try VirtualMachine(backend: kvm, configuration: config)
         self.console = console
+        // First in the chain, so it sees exits the devices' own handlers consume.
+        snapshots = profile ? ExitSnapshots() : nil
+        if let snapshots { vm.addExitHandler(snapshots) }
         devices = try StandardDevices.install(on: vm, console: console)
         let (image, _) = try options.image()
         loaded = try X86Boot.load(image, commandLine: options.append, into: vm)
@@ -119,12 +124,12 @@ struct Session {
         let top = stats.topSites(10)
         if !top.isEmpty {
             out += "\n== top exit sites (rip is where KVM reported it; the instruction is the one that exited) ==\n"
-            out += pad("rip", 20) + pad("symbol", 24) + pad("instruction", 28) + pad("access", 22) + pad("count", 10, right: true) + "\n"
-            let profiler = SiteDescriber(vm: vm, symbols: loaded.symbols)
+            out += pad("rip", 20) + pad("symbol", 24) + pad("instruction", 40) + pad("access", 22) + pad("count", 10, right: true) + "\n"
+            let profiler = SiteDescriber(vm: vm, snapshots: snapshots)
             for (site, count) in top {
                 out += pad("0x" + String(site.rip, radix: 16), 20)
                 out += pad(loaded.symbols.symbolize(site.rip) ?? "-", 24)
-                out += pad(profiler.instruction(for: site) ?? "?", 28)
+                out += pad(profiler.instruction(for: site) ?? "?", 40)
                 out += pad(describe(site), 22)
                 out += pad(String(count), 10, right: true) + "\n"
             }
@@ -146,59 +151,6 @@ struct Session {
         case .mmio: return "mmio 0x\(String(s.address, radix: 16)) \(dir)\(s.size)"
         case .msr: return "msr 0x\(String(s.address, radix: 16)) \(dir)"
         default: return s.kind.description
-        }
-    }
-}
-
-/// Finds the exiting instruction of a site: KVM may report RIP on the
-/// instruction (hardware, for IN and MMIO reads) or just past it (PIO/MMIO
-/// on other hosts), so both are tried, and the decoding whose access matches
-/// the exit wins.
-struct SiteDescriber {
-    let vm: VirtualMachine
-    let symbols: SymbolTable
-    let disassembler: X86Disassembler?
-
-    init(vm: VirtualMachine, symbols: SymbolTable) {
-        self.vm = vm
-        self.symbols = symbols
-        disassembler = try? X86Disassembler(mode: .bits64)
-    }
-
-    func instruction(for site: ExitSite) -> String? {
-        guard let d = disassembler else { return nil }
-        // Translate through vCPU 0's current page tables (guests here identity-map; a
-        // per-site CR3 is what DMP's hotspot detector records).
-        let paging = (try? vm.vcpus[0].specialRegisters()).map(PagingContext.init)
-        func phys(_ va: UInt64) -> UInt64? {
-            guard let p = paging, p.cr3 != 0 else { return va }
-            return try? vm.memory.translate(va, paging: p).physical.rawValue
-        }
-        let before: [UInt8] = {
-            guard site.rip >= 15, let pa = phys(site.rip - 15) else { return [] }
-            return (try? vm.memory.readBytes(at: GuestAddress(pa), count: 15)) ?? []
-        }()
-        let candidates = d.candidatesEnding(at: site.rip, bytesBefore: before).filter { matches($0, site) }
-        if let best = candidates.max(by: { $0.length < $1.length }) { return best.description }
-        if let pa = phys(site.rip), let bytes = try? vm.memory.readBytes(at: GuestAddress(pa), count: 15),
-           let i = d.decode(bytes, address: site.rip), matches(i, site) {
-            return i.description + " (at rip)"
-        }
-        return nil
-    }
-
-    private func matches(_ i: X86Instruction, _ site: ExitSite) -> Bool {
-        switch site.kind {
-        case .io:
-            return ["in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"].contains(i.mnemonic)
-        case .mmio:
-            return i.operands.contains { if case .memory = $0.operand { true } else { false } }
-        case .msr:
-            return i.mnemonic == "rdmsr" || i.mnemonic == "wrmsr"
-        case .halt:
-            return i.mnemonic == "hlt"
-        default:
-            return false
         }
     }
 }
