@@ -20,7 +20,7 @@ let package = Package(
             providers: [.apt(["libcapstone-dev"])]
         ),
         .target(name: "VMMKit", dependencies: ["CKVM"]),
-        .target(name: "VMMKitTesting", dependencies: ["VMMKit"]),
+        .target(name: "VMMKitTesting", dependencies: ["VMMKit", "CKVM"]),
         .target(name: "X86Disassembler", dependencies: ["CCapstone", "VMMKit"]),
         .executableTarget(
             name: "minivmm",
@@ -31,7 +31,7 @@ let package = Package(
             path: "Examples/minivmm"
         ),
         .executableTarget(name: "tinyvmm", dependencies: ["VMMKit"], path: "Examples/tinyvmm"),
-        .testTarget(name: "VMMKitTests", dependencies: ["VMMKit", "VMMKitTesting"]),
+        .testTarget(name: "VMMKitTests", dependencies: ["VMMKit", "VMMKitTesting", "CKVM"]),
         .testTarget(name: "KVMTests", dependencies: ["VMMKit"]),
         .testTarget(name: "X86DisassemblerTests", dependencies: ["X86Disassembler", "VMMKit"], exclude: ["Corpus"]),
     ],

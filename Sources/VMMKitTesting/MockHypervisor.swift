@@ -1,4 +1,5 @@
 import VMMKit
+import CKVM
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -23,6 +24,13 @@ public final class MockHypervisor: HypervisorBackend, @unchecked Sendable {
     public var supportedCPUID: [CPUIDEntry] = [
         CPUIDEntry(function: 0, eax: 0xd, ebx: 0x6874_7541, ecx: 0x444d_4163, edx: 0x6974_6e65),
         CPUIDEntry(function: 1, eax: 0x800f12, ebx: 0, ecx: 0, edx: 0x0789_fbff),
+    ]
+    /// What `KVM_CHECK_EXTENSION` answers for a capability, read when a VM is
+    /// created; capabilities not listed answer 1 (present).
+    public var capabilities: [Int32: Int32] = [
+        KVM_CAP_NR_MEMSLOTS: 32764,
+        KVM_CAP_DISABLE_QUIRKS2: Int32(KVM_X86_QUIRK_SLOT_ZAP_ALL),
+        KVM_CAP_EXIT_ON_EMULATION_FAILURE: 1,
     ]
     private let vmsLock = Locked<[MockVM]>([])
 

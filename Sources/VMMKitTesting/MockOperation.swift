@@ -93,6 +93,13 @@ public enum MockStep: Sendable, CustomStringConvertible {
     /// Behave like a guest that never exits: block until kicked, then return ``VMExit/interrupted``
     /// (the step stays at the head of the script until a kick ends it).
     case spin
+    /// The guest stores `size` bytes (1 to 8) of `value`, little-endian, at a
+    /// guest-physical address, as KVM would run it: split at a page boundary
+    /// into per-page fragments; a fragment in a page a writable slot backs is
+    /// written to memory (and the script goes on without an exit); one in a
+    /// read-only slot or in no slot exits as an MMIO write (RIP past the store,
+    /// memory untouched), one exit per fragment.
+    case guestStore(GuestAddress, size: Int, value: UInt64)
 
     /// A short description.
     public var description: String {
@@ -100,6 +107,7 @@ public enum MockStep: Sendable, CustomStringConvertible {
         case .exit(let e, let d): d.isEmpty ? "exit \(e)" : "exit \(e) data \(d)"
         case .fail(let e): "fail \(e)"
         case .spin: "spin"
+        case .guestStore(let a, let n, let v): "guest store \(n) bytes 0x\(String(v, radix: 16)) at \(a)"
         }
     }
 }

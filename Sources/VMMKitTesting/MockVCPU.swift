@@ -10,6 +10,7 @@ public final class MockVCPU: VCPUBackend, @unchecked Sendable {
     /// The vCPU index.
     public let id: Int
     private let log: MockCallLog
+    private weak var vm: MockVM?
 
     struct State {
         var script: [MockStep] = []
@@ -31,9 +32,10 @@ public final class MockVCPU: VCPUBackend, @unchecked Sendable {
     private let immediateExit = Atomic<Bool>(false)
     private let wake = Locked<Bool>(false)
 
-    init(id: Int, log: MockCallLog) {
+    init(id: Int, log: MockCallLog, vm: MockVM? = nil) {
         self.id = id
         self.log = log
+        self.vm = vm
     }
 
     /// Appends steps to the script.
@@ -65,14 +67,26 @@ public final class MockVCPU: VCPUBackend, @unchecked Sendable {
             s.reads = [:]
         }
         if immediateExit.load(ordering: .sequentiallyConsistent) { return .interrupted }
-        let step: MockStep? = state.withLock { s in
+        var step: MockStep? = state.withLock { s in
             s.runs += 1
             guard let first = s.script.first else { return nil }
             if case .spin = first {} else { s.script.removeFirst() }
             return first
         }
+        // Guest stores that land in writable memory do not exit: the guest runs on to the next step.
+        while case .guestStore(let address, let size, let value)? = step {
+            let exits = vm?.guestStore(address, size: size, value: value) ?? [MMIOAccess(address: address, size: UInt8(clamping: size), direction: .write, value: value)]
+            step = state.withLock { s in
+                if !exits.isEmpty {
+                    s.script.insert(contentsOf: exits.map { MockStep.exit(.mmio($0)) }, at: 0)
+                }
+                guard let first = s.script.first else { return nil }
+                if case .spin = first {} else { s.script.removeFirst() }
+                return first
+            }
+        }
         switch step {
-        case nil:
+        case nil, .guestStore:
             return .halt
         case .fail(let e):
             if e == .interrupted { return .interrupted }

@@ -12,6 +12,13 @@
 #include <pthread.h>
 #include <sys/types.h>
 
+// MARK: constants newer than some installed kernel headers
+// KVM_X86_QUIRK_SLOT_ZAP_ALL (Linux 6.12, asm/kvm.h): deleting a memslot zaps
+// every shadow page; disabled through KVM_CAP_DISABLE_QUIRKS2.
+#ifndef KVM_X86_QUIRK_SLOT_ZAP_ALL
+#define KVM_X86_QUIRK_SLOT_ZAP_ALL (1 << 7)
+#endif
+
 // MARK: ioctl request codes (system fd)
 extern const unsigned long CKVM_GET_API_VERSION;
 extern const unsigned long CKVM_CREATE_VM;

@@ -41,6 +41,8 @@ public struct ELFImage: Sendable {
         public var fileSize: UInt64
         /// Bytes in memory (the rest is zeroed).
         public var memorySize: UInt64
+        /// Whether the segment is executable (`PF_X` in `p_flags`).
+        public var executable: Bool = true
     }
 
     /// `e_entry`.
@@ -85,6 +87,7 @@ public struct ELFImage: Sendable {
         for i in 0..<phnum {
             let ph = phoff + i * phentsize
             let ptype = try r.u32(ph, "p_type")
+            let pflags = try r.u32(ph + 4, "p_flags")
             let offset = try r.u64(ph + 8, "p_offset")
             let vaddr = try r.u64(ph + 16, "p_vaddr")
             let paddr = try r.u64(ph + 24, "p_paddr")
@@ -99,7 +102,8 @@ public struct ELFImage: Sendable {
                     throw .segmentOutsideMemory(index: Int(i), address: paddr, size: memsz)
                 }
                 if memsz > 0 {
-                    segs.append(Segment(physicalAddress: paddr, virtualAddress: vaddr, fileOffset: offset, fileSize: filesz, memorySize: memsz))
+                    segs.append(Segment(physicalAddress: paddr, virtualAddress: vaddr, fileOffset: offset, fileSize: filesz, memorySize: memsz,
+                                        executable: pflags & 1 != 0))
                 }
             case 4: // PT_NOTE: each distinct note range is scanned once
                 if pvh == nil, notesSeen.insert(offset).inserted, notesSeen.count <= 16,

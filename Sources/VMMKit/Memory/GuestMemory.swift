@@ -1,4 +1,5 @@
 import CKVM
+import Synchronization
 
 /// Errors from guest memory access and guest page-table walks.
 public enum GuestMemoryError: Error, Hashable, Sendable, CustomStringConvertible {
@@ -108,11 +109,17 @@ public final class GuestMemory: @unchecked Sendable {
         for (p, n) in owned { HostMemory.unmap(p, size: n) }
     }
 
-    /// The region containing `address`, if any.
+    /// The region containing `address`, if any (a binary search over the sorted regions).
     @inline(__always)
     public func region(containing address: GuestAddress) -> GuestRegion? {
-        for r in regions where r.range.contains(address) { return r }
-        return nil
+        var lo = 0, hi = regions.count
+        while lo < hi {
+            let mid = (lo + hi) >> 1
+            if regions[mid].range.start <= address { lo = mid + 1 } else { hi = mid }
+        }
+        guard lo > 0 else { return nil }
+        let r = regions[lo - 1]
+        return r.range.contains(address) ? r : nil
     }
 
     /// Whether `[address, address + length)` is wholly backed by one region.
@@ -152,10 +159,15 @@ public final class GuestMemory: @unchecked Sendable {
     }
 
     /// Writes `bytes` into guest memory at `address` (all or nothing).
+    ///
+    /// Like every host-side write, it is applied even where pages are
+    /// guarded (``MemorySlots/protect(_:)``), and then reported to the guard
+    /// observer (see ``protectedRanges``).
     public func write(_ bytes: UnsafeRawBufferPointer, at address: GuestAddress) throws(GuestMemoryError) {
         guard bytes.count > 0, let src = bytes.baseAddress else { return }
         let p = try hostPointer(address, length: bytes.count)
         p.copyMemory(from: src, byteCount: bytes.count)
+        noteHostWrite(address, bytes.count)
     }
 
     /// Writes `bytes` into guest memory at `address` (all or nothing).
@@ -165,6 +177,7 @@ public final class GuestMemory: @unchecked Sendable {
         bytes.withUnsafeBytes { src in
             if let base = src.baseAddress { p.copyMemory(from: base, byteCount: src.count) }
         }
+        noteHostWrite(address, bytes.count)
     }
 
     /// Reads a plain value (little-endian, unaligned allowed) at `address`.
@@ -179,10 +192,12 @@ public final class GuestMemory: @unchecked Sendable {
     public func write<T: FixedWidthInteger>(_ value: T, at address: GuestAddress) throws(GuestMemoryError) {
         let p = try hostPointer(address, length: MemoryLayout<T>.size)
         p.storeBytes(of: value.littleEndian, as: T.self)
+        noteHostWrite(address, MemoryLayout<T>.size)
     }
 
     /// Writes a plain value on behalf of a device (DMA): like ``write(_:at:)-(T,_)``,
-    /// but refuses read-only regions, which the guest cannot write either.
+    /// but refuses read-only regions (ROM), which the guest cannot write either.
+    /// Guarded pages are RAM: the write is applied and reported, as for any host-side write.
     public func dmaWrite<T: FixedWidthInteger>(_ value: T, at address: GuestAddress) throws(GuestMemoryError) {
         if let r = region(containing: address), r.readOnly { throw .readOnly(address) }
         try write(value, at: address)
@@ -202,6 +217,7 @@ public final class GuestMemory: @unchecked Sendable {
         guard address.rawValue % 4 == 0 else { return try write(value, at: address) }
         let p = try hostPointer(address, length: 4)
         ckvm_store_release_u32(p, value)
+        noteHostWrite(address, 4)
     }
 
     /// Fills `[address, address + count)` with `byte`.
@@ -209,5 +225,101 @@ public final class GuestMemory: @unchecked Sendable {
         guard count > 0 else { return }
         let p = try hostPointer(address, length: count)
         p.initializeMemory(as: UInt8.self, repeating: byte, count: count)
+        noteHostWrite(address, count)
+    }
+
+    // MARK: The guard view
+
+    /// The number of protected page runs (read without the lock on every host write).
+    private let protectedRunCount = Atomic<Int>(0)
+    /// Set once any page was ever protected: from then on MMIO writes into RAM are guard writes.
+    private let guardsUsed = Atomic<Bool>(false)
+    private let guardLock = ConditionLock()
+    private var protectedList: [GuestRange] = []
+    private var hostWriteObserver: (@Sendable (GuestRange) -> Void)?
+
+    /// The guarded (protected) page runs, sorted and merged: RAM the guest can
+    /// read and execute but whose writes exit (their memory slots are read-only).
+    /// Kept in sync by ``MemorySlots``.
+    public var protectedRanges: [GuestRange] { guardLock.withLock { protectedList } }
+
+    /// Whether any page is guarded now.
+    public var hasProtectedPages: Bool { protectedRunCount.load(ordering: .acquiring) != 0 }
+
+    /// Whether the page holding `address` is guarded.
+    public func isProtected(_ address: GuestAddress) -> Bool {
+        isProtected(address, length: 1)
+    }
+
+    /// Whether any byte of `[address, address + length)` lies in a guarded page.
+    public func isProtected(_ address: GuestAddress, length: UInt64) -> Bool {
+        guard length > 0, hasProtectedPages else { return false }
+        let probe = GuestRange(start: address, size: min(length, UInt64.max - address.rawValue))
+        return guardLock.withLock { GuestMemory.firstOverlap(protectedList, probe) != nil }
+    }
+
+    /// Whether the guest may write `address` without an exit: it is RAM (not a
+    /// read-only region) and its page is not guarded.
+    public func isGuestWritable(_ address: GuestAddress) -> Bool {
+        guard let r = region(containing: address), !r.readOnly else { return false }
+        return !isProtected(address)
+    }
+
+    /// Whether guards were ever used in this memory (MMIO writes into RAM are then guard writes).
+    package var guardsEverUsed: Bool { guardsUsed.load(ordering: .acquiring) }
+
+    /// Replaces the guarded page runs (sorted, merged, page aligned). ``MemorySlots`` calls it.
+    package func setProtected(_ ranges: [GuestRange]) {
+        guardLock.withLock {
+            protectedList = ranges
+            if !ranges.isEmpty { guardsUsed.store(true, ordering: .releasing) }
+            protectedRunCount.store(ranges.count, ordering: .releasing)
+        }
+    }
+
+    /// Sets the closure told about every host-side write that touches a guarded
+    /// page (after it was applied), with the bytes written.
+    package func setHostWriteObserver(_ observer: (@Sendable (GuestRange) -> Void)?) {
+        guardLock.withLock { hostWriteObserver = observer }
+    }
+
+    /// Reports a host-side write to the observer when it touched a guarded page.
+    @inline(__always)
+    private func noteHostWrite(_ address: GuestAddress, _ count: Int) {
+        guard protectedRunCount.load(ordering: .relaxed) != 0 else { return }
+        let range = GuestRange(start: address, size: UInt64(count))
+        let observer: (@Sendable (GuestRange) -> Void)? = guardLock.withLock {
+            GuestMemory.firstOverlap(protectedList, range) != nil ? hostWriteObserver : nil
+        }
+        observer?(range)
+    }
+
+    /// Applies a guest store that exited (a write into a guarded page) without
+    /// reporting it as a host write: `size` bytes of `value`, little-endian.
+    /// Bytes past the end of the region are dropped (KVM splits a store at a
+    /// page boundary into per-page fragments, so it never sends such a store).
+    /// Returns the range written.
+    package func applyGuestStore(_ value: UInt64, size: Int, at address: GuestAddress) throws(GuestMemoryError) -> GuestRange {
+        guard size >= 1, size <= 8 else { throw .partialBuffer(expected: size, completed: 0) }
+        guard let r = region(containing: address) else { throw .invalidAddress(address) }
+        let off = address.rawValue - r.range.start.rawValue
+        let n = Int(min(UInt64(size), r.range.size - off))
+        let p = r.host + Int(off)
+        for i in 0..<n { p.storeBytes(of: UInt8(truncatingIfNeeded: value >> (8 * UInt64(i))), toByteOffset: i, as: UInt8.self) }
+        return GuestRange(start: address, size: UInt64(n))
+    }
+
+    /// The index of the first range in sorted, disjoint `list` that overlaps `probe`.
+    static func firstOverlap(_ list: [GuestRange], _ probe: GuestRange) -> Int? {
+        guard probe.size > 0 else { return nil }
+        // First range whose end is past probe.start.
+        var lo = 0, hi = list.count
+        while lo < hi {
+            let mid = (lo + hi) >> 1
+            let end = list[mid].start.rawValue &+ list[mid].size
+            if end <= probe.start.rawValue { lo = mid + 1 } else { hi = mid }
+        }
+        guard lo < list.count, list[lo].overlaps(probe) else { return nil }
+        return lo
     }
 }

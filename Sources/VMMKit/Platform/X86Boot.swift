@@ -109,6 +109,7 @@ public enum X86Boot {
                     catch { throw .memory(error) }
                 }
                 ranges.append(r)
+                if s.executable { try isolate(r, vm) }
             }
             // e_entry is virtual; the platform's identity map runs it at its physical address.
             let entry: LoadedImage.EntryMode
@@ -118,6 +119,7 @@ public enum X86Boot {
             guard !bytes.isEmpty else { throw .loader(.empty) }
             let r = try place(index: 0, at: loadAddress, size: UInt64(bytes.count), memorySize: memSize)
             try write(bytes, at: loadAddress, vm)
+            try isolate(r, vm)
             let e = entry ?? loadAddress
             guard r.contains(GuestAddress(e)) else { throw .loader(.entryOutsideImage(e)) }
             loaded = LoadedImage(entry: .long64(e), segments: [r], symbols: SymbolTable())
@@ -149,6 +151,12 @@ public enum X86Boot {
             throw .loader(.segmentOutsideMemory(index: index, address: address, size: size))
         }
         return r
+    }
+
+    /// Gives the image's code memory slots of its own, so that guarding a code
+    /// page (``MemorySlots/protect(_:)``) deletes and re-creates only code slots.
+    private static func isolate(_ code: GuestRange, _ vm: VirtualMachine) throws(VMError) {
+        do { try vm.slots.isolate(code) } catch { throw VMError(error) }
     }
 
     private static func write(_ bytes: [UInt8], at address: UInt64, _ vm: VirtualMachine) throws(VMError) {
@@ -228,6 +236,37 @@ public enum X86Boot {
                 }
                 r.rflags = 2
                 try v.backend.setSpecialRegisters(s)
+                try v.backend.setRegisters(r)
+            } catch { throw .backend(error) }
+        }
+    }
+
+    /// Moves every vCPU of a loaded long-mode image to CPL3 at its entry: the
+    /// user bit is set throughout the platform's identity map, CS and the
+    /// data segments get DPL 3 (selectors 0x2b and 0x33), and IOPL is 3 so
+    /// the code can still use port I/O. For tests and benchmarks that need
+    /// guest code to run natively on every KVM host (some hosts emulate CPL0
+    /// code); there is no IDT, so any exception ends the VM.
+    package static func enterUserMode(_ vm: VirtualMachine) throws(VMError) {
+        let m = vm.memory
+        do {
+            // PML4[0], the PDPT's 4 entries, then the 4 PDs' 2048 entries: contiguous from the PML4.
+            for (first, count) in [(X86Layout.pml4, UInt64(1)), (X86Layout.pml4 + 0x1000, 4), (X86Layout.pml4 + 0x2000, 4 * 512)] {
+                for i in 0..<count {
+                    let e = GuestAddress(first + i * 8)
+                    try m.write(try m.read(UInt64.self, at: e) | 4, at: e)
+                }
+            }
+        } catch { throw .memory(error) }
+        for v in vm.vcpus {
+            do {
+                var s = try v.backend.specialRegisters()
+                s.cs = Segment(selector: 0x2b, type: 0xb, dpl: 3, l: true)
+                let data = Segment(selector: 0x33, type: 0x3, dpl: 3, db: true)
+                s.ss = data; s.ds = data; s.es = data; s.fs = data; s.gs = data
+                try v.backend.setSpecialRegisters(s)
+                var r = try v.backend.registers()
+                r.rflags = 0x3002
                 try v.backend.setRegisters(r)
             } catch { throw .backend(error) }
         }

@@ -38,6 +38,9 @@ final class Control: @unchecked Sendable {
 
     var isRunning: Bool { cond.withLock { running } }
 
+    /// Whether a vCPU thread may be inside its run loop (running, and not every vCPU has finished).
+    var hasActiveVCPUs: Bool { cond.withLock { running && active > 0 } }
+
     func reset() { cond.withLock { running = false; pauseDepth = 0; holder = nil; threads = [] } }
 
     func requestStop() {

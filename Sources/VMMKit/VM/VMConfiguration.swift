@@ -18,6 +18,14 @@ public struct VMConfiguration: Sendable {
     /// ``VMExit/msrWrite(index:value:)`` exits (`KVM_CAP_X86_USER_SPACE_MSR`); unhandled ones get #GP.
     public var userSpaceMSRExits: Bool = false
 
+    /// The size of the memory slots RAM is carved into at creation (a power of
+    /// two; coarsened for very large RAM, see ``MemorySlots``). Small slots make
+    /// guarding a page at run time cheap: on shadow-paging hosts a slot delete
+    /// drops the guest's mappings of that slot. 0 registers one slot per region.
+    public var slotGranularity: UInt64 = 2 << 20
+    /// Log the guest's writes to RAM (`KVM_MEM_LOG_DIRTY_PAGES`); read them with ``MemorySlots/dirtyPages()``.
+    public var logDirtyPages: Bool = false
+
     /// Where RAM ends below 4 GiB: `[lowMemoryLimit, 4 GiB)` is left for MMIO
     /// (the doorbell, the LAPIC and IOAPIC, the TSS pages), and RAM beyond it continues at 4 GiB.
     public static let lowMemoryLimit: UInt64 = 0xC000_0000

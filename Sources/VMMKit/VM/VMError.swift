@@ -103,3 +103,14 @@ public enum VMError: Error, Sendable, CustomStringConvertible {
         }
     }
 }
+
+extension VMError {
+    /// A memory-slot error as a VM error: backend failures keep their ioctl and errno.
+    init(_ error: MemorySlotError) {
+        switch error {
+        case .backend(let e, _): self = .backend(e)
+        case .vmStopping: self = .invalidState(error.description)
+        default: self = .invalidConfiguration(error.description)
+        }
+    }
+}

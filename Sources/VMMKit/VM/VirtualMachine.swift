@@ -20,6 +20,9 @@ public final class VirtualMachine: @unchecked Sendable {
     public let configuration: VMConfiguration
     /// The vCPUs.
     public private(set) var vcpus: [VCPU] = []
+    /// The memory slots: their layout, and page guards (``MemorySlots/protect(_:)``).
+    public let slots: MemorySlots
+    private let guardListeners = GuardListenerBox()
 
     private var handlers: [any ExitHandler] = []
     private var stopHooks: [@Sendable (VirtualMachine) -> Void] = []
@@ -46,9 +49,10 @@ public final class VirtualMachine: @unchecked Sendable {
             self.memory = try GuestMemory(ranges: layout)
         } catch { throw .memory(error) }
         do {
-            for (i, r) in memory.regions.enumerated() {
-                try backend.setUserMemoryRegion(MemorySlot(slot: UInt32(i), flags: r.readOnly ? .readOnly : [], range: r.range, host: r.host))
-            }
+            self.slots = try MemorySlots(backend: backend, memory: memory, granularity: configuration.slotGranularity,
+                                         logDirtyPages: configuration.logDirtyPages)
+        } catch { throw VMError(error) }
+        do {
             // Intel VMX needs three pages for a real-mode TSS; put them just below 4 GiB, out of RAM.
             try? backend.setTSSAddress(0xfffb_d000)
             if configuration.inKernelIRQChip { try backend.createIRQChip() }
@@ -59,6 +63,18 @@ public final class VirtualMachine: @unchecked Sendable {
                 vcpus.append(VCPU(id: i, backend: try backend.createVCPU(id: i)))
             }
         } catch { throw .backend(error) }
+        slots.gate = self
+        let listeners = guardListeners
+        memory.setHostWriteObserver { range in
+            listeners.current?.guardedWrite(GuardedWrite(range: range, source: .host), context: nil)
+        }
+    }
+
+    /// Sets (or with `nil` removes) the listener told about writes into guarded
+    /// pages and about emulation failures while pages are guarded. May be
+    /// called at any time.
+    public func setPageGuardListener(_ listener: (any PageGuardListener)?) {
+        guardListeners.set(listener)
     }
 
     /// Adds an exit handler. Handlers see exits in the order they were added,
@@ -116,8 +132,13 @@ public final class VirtualMachine: @unchecked Sendable {
 
     /// Starts the vCPU threads and returns at once; ``wait()`` for the result.
     public func start() throws(VMError) {
-        guard control.begin(vcpuCount: vcpus.count) else { throw .invalidState("the VM is already running") }
-        let chain = handlers + [BusDispatchHandler(strict: configuration.strict), DefaultExitPolicy()]
+        // Slot changes and the start exclude each other: a change made while not
+        // running must not overlap vCPUs entering the guest.
+        guard slots.withLayoutLocked({ control.begin(vcpuCount: vcpus.count) }) else {
+            throw .invalidState("the VM is already running")
+        }
+        let guards = PageGuardHandler(memory: memory, listeners: guardListeners, vcpuCount: vcpus.count)
+        let chain = [guards] + handlers + [BusDispatchHandler(strict: configuration.strict), DefaultExitPolicy()]
         var threads: [OSThread] = []
         for v in vcpus {
             let ctx = ExitContext(vcpuID: v.id, vm: self, backend: v.backend, handlers: chain,
@@ -229,4 +250,10 @@ public final class VirtualMachine: @unchecked Sendable {
     private func kickAll() {
         for v in vcpus { v.backend.kick() }
     }
+}
+
+extension VirtualMachine: MemorySlotGate {
+    package var vcpusMayRun: Bool { control.hasActiveVCPUs }
+    package func pauseForSlotChange() -> Bool { pauseAll() }
+    package func resumeAfterSlotChange() { resumeAll() }
 }
