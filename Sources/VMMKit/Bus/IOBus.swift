@@ -1,3 +1,5 @@
+import Synchronization
+
 /// What a device asks of the VM after an access.
 public enum DeviceEffect: Hashable, Sendable {
     /// Nothing: the access is complete.
@@ -7,23 +9,41 @@ public enum DeviceEffect: Hashable, Sendable {
 }
 
 /// A device on the I/O bus: a plain type that serves reads and writes of its
-/// registers. Devices know nothing about KVM; the bus serializes calls to them
-/// (one lock for the bus), so a device needs no locking of its own unless it
-/// shares state with other threads.
+/// registers. Devices know nothing about KVM or about where a platform puts them.
+///
+/// The bus takes no lock around device calls: `read`, `write` and the
+/// fast-path calls arrive concurrently from every vCPU thread, the ring
+/// consumer and the VM's timer thread. A device guards its own state with its
+/// own lock (a stateless device needs none), and does slow host work (writing
+/// to a terminal) outside that lock.
 public protocol BusDevice: AnyObject {
     /// A short name for diagnostics (`uart`, `debug-exit`).
     var name: String { get }
-    /// Reads `size` bytes (1 to 8) at `offset` from the start of the range the device was attached at.
+    /// Reads `size` bytes at `offset` from the start of the range the device
+    /// was attached at. The bus passes only sizes 1, 2, 4 and 8.
     func read(offset: UInt64, size: Int) -> UInt64
-    /// Writes `size` bytes (1 to 8) of `value` at `offset`.
+    /// Writes `size` bytes (1, 2, 4 or 8) of `value` at `offset`.
     func write(offset: UInt64, size: Int, value: UInt64) -> DeviceEffect
-    /// The fast path the device offers for one of its registers, if any (see ``FastPathDescription``).
-    func fastPath(offset: UInt64, size: Int, direction: AccessDirection) -> FastPathDescription?
+    /// Grants a fast path for one register access, or returns `nil` for none.
+    ///
+    /// Answer under the lock that guards the device's state, and in the same
+    /// critical section record `enableWord` (``FastPathGrants``) and set it
+    /// when the state makes the fast path exact now, clear it otherwise. From
+    /// then on, clear it under that lock before any access or host call that
+    /// breaks a precondition returns, and set it only once the state is exact
+    /// again. Offer no fast path for reads with side effects or for writes
+    /// whose effect the guest could observe before the entry is applied.
+    func grantFastPath(_ request: FastPathRequest, enableWord: FastPathEnableWord) -> FastPathDescription?
+    /// Forgets a grant made with `enableWord` and clears the word; the device
+    /// never writes it again. Unknown words are ignored.
+    func revokeFastPath(_ enableWord: FastPathEnableWord)
 }
 
 extension BusDevice {
     /// By default a device offers no fast path.
-    public func fastPath(offset: UInt64, size: Int, direction: AccessDirection) -> FastPathDescription? { nil }
+    public func grantFastPath(_ request: FastPathRequest, enableWord: FastPathEnableWord) -> FastPathDescription? { nil }
+    /// By default there is nothing to revoke.
+    public func revokeFastPath(_ enableWord: FastPathEnableWord) {}
 }
 
 /// The address space a bus serves.
@@ -66,6 +86,16 @@ public struct UnclaimedAccess: Hashable, Sendable {
 
 /// Dispatches port I/O and MMIO accesses to the devices attached at address ranges.
 ///
+/// Dispatch takes no lock: the range table is immutable and replaced as a
+/// whole when a device is attached (attaching while the VM runs is safe; an
+/// access sees the table before or after), and devices guard their own state.
+///
+/// Widths: devices see only 1, 2, 4 and 8 bytes. An access of 3, 5, 6 or 7
+/// bytes is split into naturally sized pieces at ascending addresses (4, 2,
+/// then 1 byte), each routed on its own, and a read's pieces are put together
+/// little-endian. An access of 0 bytes or more than 8 reaches no device: it
+/// counts as unclaimed and as refused (``refusedSizeCount``).
+///
 /// Unclaimed accesses follow the PC convention: reads return all ones and
 /// writes are dropped; each is counted per address (``unclaimedCounts``).
 public final class IOBus: @unchecked Sendable {
@@ -74,17 +104,52 @@ public final class IOBus: @unchecked Sendable {
         let device: any BusDevice
     }
 
-    @exclusivity(unchecked) private var pio: [Entry] = []
-    @exclusivity(unchecked) private var mmio: [Entry] = []
+    struct KernelRange {
+        let space: BusSpace
+        let range: GuestRange
+        let kind: KernelHandledKind
+    }
+
+    /// One immutable version of the bus's ranges.
+    final class Table {
+        let pio: [Entry]
+        let mmio: [Entry]
+        let kernel: [KernelRange]
+        init(pio: [Entry], mmio: [Entry], kernel: [KernelRange]) { self.pio = pio; self.mmio = mmio; self.kernel = kernel }
+    }
+
+    /// The current table. Tables are never freed while the bus lives (``tables``
+    /// keeps every version), so a reader needs no reference count.
+    private let current: Atomic<Unmanaged<Table>>
+    /// Every table ever published, guarded by ``attachLock``.
+    private var tables: [Table]
+    private let attachLock = ConditionLock()
+
     private var unclaimed: [UnclaimedAccess: Int] = [:]
-    /// Unclaimed accesses not counted per address because ``unclaimedAddressLimit`` distinct addresses were already tracked.
-    public private(set) var unclaimedOverflow = 0
+    private var overflow = 0
+    private var refused = 0
+    private let unclaimedLock = ConditionLock()
     /// How many distinct unclaimed addresses are counted (a guest can touch many; memory stays bounded).
     public static let unclaimedAddressLimit = 4096
-    private let lock = ConditionLock()
 
     /// Creates an empty bus.
-    public init() {}
+    public init() {
+        let t = Table(pio: [], mmio: [], kernel: [])
+        tables = [t]
+        current = Atomic(Unmanaged.passUnretained(t))
+    }
+
+    @inline(__always)
+    private func withTable<R>(_ body: (Table) -> R) -> R {
+        current.load(ordering: .acquiring)._withUnsafeGuaranteedRef(body)
+    }
+
+    /// Publishes a new table built from the current one (attach lock held).
+    private func publish(_ make: (Table) -> Table) {
+        let t = make(tables[tables.count - 1])
+        tables.append(t)
+        current.store(Unmanaged.passUnretained(t), ordering: .releasing)
+    }
 
     /// Attaches `device` at `ports` (for example `0x3f8..<0x400`).
     public func attach(_ device: any BusDevice, ports: Range<UInt16>) throws(BusError) {
@@ -97,46 +162,113 @@ public final class IOBus: @unchecked Sendable {
     }
 
     /// Attaches `device` in `space` at `range`; overlapping ranges are rejected.
+    /// Safe while the VM runs.
     public func attach(_ device: any BusDevice, space: BusSpace, range: GuestRange) throws(BusError) {
-        guard range.size > 0, range.end != nil || range.start.rawValue &+ range.size == 0 else {
-            throw .invalidRange(space: space, range)
-        }
-        lock.lock(); defer { lock.unlock() }
-        let list = space == .pio ? pio : mmio
+        try IOBus.check(range, space)
+        attachLock.lock(); defer { attachLock.unlock() }
+        let old = tables[tables.count - 1]
+        let list = space == .pio ? old.pio : old.mmio
         if let clash = list.first(where: { $0.range.overlaps(range) }) {
             throw .overlap(space: space, new: range, existing: clash.range, device: clash.device.name)
         }
         var new = list + [Entry(range: range, device: device)]
         new.sort { $0.range.start < $1.range.start }
-        if space == .pio { pio = new } else { mmio = new }
+        publish { t in
+            space == .pio ? Table(pio: new, mmio: t.mmio, kernel: t.kernel) : Table(pio: t.pio, mmio: new, kernel: t.kernel)
+        }
+    }
+
+    private static func check(_ range: GuestRange, _ space: BusSpace) throws(BusError) {
+        guard range.size > 0, range.end != nil || range.start.rawValue &+ range.size == 0 else {
+            throw .invalidRange(space: space, range)
+        }
+    }
+
+    /// Records that the kernel handles accesses in `range` without an exit (an
+    /// ioeventfd, a coalesced zone), so no fast path is granted there.
+    /// ``VirtualMachine/registerCoalescedZone(_:)`` and
+    /// ``VirtualMachine/registerIOEventFD(_:)`` call it; call it yourself for
+    /// registrations made through the backend directly.
+    public func markKernelHandled(space: BusSpace, range: GuestRange, kind: KernelHandledKind) throws(BusError) {
+        try IOBus.check(range, space)
+        attachLock.lock(); defer { attachLock.unlock() }
+        publish { t in Table(pio: t.pio, mmio: t.mmio, kernel: t.kernel + [KernelRange(space: space, range: range, kind: kind)]) }
+    }
+
+    /// How the kernel handles an access of `size` bytes at `address`, if any part of it lies in a marked range.
+    public func kernelHandling(space: BusSpace, address: UInt64, size: Int) -> KernelHandledKind? {
+        let access = GuestRange(start: GuestAddress(address), size: UInt64(max(size, 1)))
+        return withTable { t in t.kernel.first { $0.space == space && $0.range.overlaps(access) }?.kind }
     }
 
     /// The device attached at `address` in `space`, with the offset of `address` into its range.
     public func device(at address: UInt64, space: BusSpace) -> (device: any BusDevice, offset: UInt64, range: GuestRange)? {
-        lock.lock(); defer { lock.unlock() }
         guard let e = find(address, space) else { return nil }
         return (e.device, address - e.range.start.rawValue, e.range)
     }
 
     @inline(__always)
     private func find(_ address: UInt64, _ space: BusSpace) -> Entry? {
-        let list = space == .pio ? pio : mmio
-        // Binary search for the last entry starting at or below `address`.
-        var lo = 0, hi = list.count
-        while lo < hi {
-            let mid = (lo + hi) / 2
-            if list[mid].range.start.rawValue <= address { lo = mid + 1 } else { hi = mid }
+        withTable { t in
+            let list = space == .pio ? t.pio : t.mmio
+            // Binary search for the last entry starting at or below `address`.
+            var lo = 0, hi = list.count
+            while lo < hi {
+                let mid = (lo + hi) / 2
+                if list[mid].range.start.rawValue <= address { lo = mid + 1 } else { hi = mid }
+            }
+            guard lo > 0 else { return nil }
+            let e = list[lo - 1]
+            return e.range.contains(GuestAddress(address)) ? e : nil
         }
-        guard lo > 0 else { return nil }
-        let e = list[lo - 1]
-        return e.range.contains(GuestAddress(address)) ? e : nil
     }
 
-    /// Reads `size` bytes at `address`. Returns `nil` when no device claims the address
-    /// (the caller then returns all ones to the guest).
+    /// Whether devices may see an access of `size` bytes as it is.
+    @inline(__always)
+    static func isDeviceSize(_ size: Int) -> Bool { size == 1 || size == 2 || size == 4 || size == 8 }
+
+    /// The first piece of a split access of `remaining` bytes (3, 5, 6 or 7): the largest power of two below it.
+    @inline(__always)
+    static func pieceSize(_ remaining: Int) -> Int { remaining >= 4 ? 4 : remaining >= 2 ? 2 : 1 }
+
+    /// Reads `size` bytes at `address`. Returns `nil` when no device claims the
+    /// address (the caller then returns all ones to the guest); see the type's
+    /// notes for widths other than 1, 2, 4 and 8.
     @inline(__always)
     public func read(_ space: BusSpace, address: UInt64, size: Int) -> UInt64? {
-        lock.lock(); defer { lock.unlock() }
+        if IOBus.isDeviceSize(size) { return readOne(space, address, size) }
+        guard size > 0, size < 8 else { return refuse(space, address, .read) }
+        var value: UInt64 = 0, claimed = false, done = 0
+        while done < size {
+            let n = IOBus.pieceSize(size - done)
+            let piece = readOne(space, address &+ UInt64(done), n)
+            claimed = claimed || piece != nil
+            value |= ((piece ?? allOnes(size: n)) & allOnes(size: n)) << UInt64(done * 8)
+            done += n
+        }
+        return claimed ? value : nil
+    }
+
+    /// Writes `size` bytes at `address`. Returns `nil` when no device claims the
+    /// address; a split write returns the first piece's stop effect, if any.
+    @inline(__always)
+    public func write(_ space: BusSpace, address: UInt64, size: Int, value: UInt64) -> DeviceEffect? {
+        if IOBus.isDeviceSize(size) { return writeOne(space, address, size, value) }
+        guard size > 0, size < 8 else { return refuse(space, address, .write) }
+        var effect: DeviceEffect?, done = 0
+        while done < size {
+            let n = IOBus.pieceSize(size - done)
+            let piece = (value >> UInt64(done * 8)) & allOnes(size: n)
+            if let e = writeOne(space, address &+ UInt64(done), n, piece), effect == nil || effect == DeviceEffect.none {
+                effect = e
+            }
+            done += n
+        }
+        return effect
+    }
+
+    @inline(__always)
+    private func readOne(_ space: BusSpace, _ address: UInt64, _ size: Int) -> UInt64? {
         guard let e = find(address, space) else {
             countUnclaimed(UnclaimedAccess(space: space, address: address, direction: .read))
             return nil
@@ -144,10 +276,8 @@ public final class IOBus: @unchecked Sendable {
         return e.device.read(offset: address - e.range.start.rawValue, size: size)
     }
 
-    /// Writes `size` bytes at `address`. Returns `nil` when no device claims the address.
     @inline(__always)
-    public func write(_ space: BusSpace, address: UInt64, size: Int, value: UInt64) -> DeviceEffect? {
-        lock.lock(); defer { lock.unlock() }
+    private func writeOne(_ space: BusSpace, _ address: UInt64, _ size: Int, _ value: UInt64) -> DeviceEffect? {
         guard let e = find(address, space) else {
             countUnclaimed(UnclaimedAccess(space: space, address: address, direction: .write))
             return nil
@@ -155,25 +285,78 @@ public final class IOBus: @unchecked Sendable {
         return e.device.write(offset: address - e.range.start.rawValue, size: size, value: value)
     }
 
+    private func refuse<T>(_ space: BusSpace, _ address: UInt64, _ direction: AccessDirection) -> T? {
+        unclaimedLock.withLock { refused &+= 1 }
+        countUnclaimed(UnclaimedAccess(space: space, address: address, direction: direction))
+        return nil
+    }
+
     private func countUnclaimed(_ a: UnclaimedAccess) {
+        unclaimedLock.lock(); defer { unclaimedLock.unlock() }
         if let n = unclaimed[a] { unclaimed[a] = n &+ 1 }
         else if unclaimed.count < IOBus.unclaimedAddressLimit { unclaimed[a] = 1 }
-        else { unclaimedOverflow &+= 1 }
+        else { overflow &+= 1 }
     }
 
     /// How many times each unclaimed address was accessed (up to ``unclaimedAddressLimit`` addresses).
     public var unclaimedCounts: [UnclaimedAccess: Int] {
-        lock.withLock { unclaimed }
+        unclaimedLock.withLock { unclaimed }
     }
+
+    /// Unclaimed accesses not counted per address because ``unclaimedAddressLimit`` distinct addresses were already tracked.
+    public var unclaimedOverflow: Int { unclaimedLock.withLock { overflow } }
+
+    /// Accesses of 0 bytes or more than 8 bytes, which reach no device.
+    public var refusedSizeCount: Int { unclaimedLock.withLock { refused } }
 
     /// All attached devices with their ranges.
     public var attached: [(space: BusSpace, range: GuestRange, device: any BusDevice)] {
-        lock.withLock { pio.map { (.pio, $0.range, $0.device) } + mmio.map { (.mmio, $0.range, $0.device) } }
+        withTable { t in t.pio.map { (.pio, $0.range, $0.device) } + t.mmio.map { (.mmio, $0.range, $0.device) } }
+    }
+
+    /// Asks the device at `address` for a fast path for an access of `size`
+    /// bytes in `direction`, handing it `enableWord` (DESIGN.md, DMP step 3).
+    ///
+    /// The bus refuses widths other than 1, 2, 4 and 8, accesses that run past
+    /// the device's range, and registers the kernel handles
+    /// (``markKernelHandled(space:range:kind:)``); it checks that the device's
+    /// answer fits the request. `ring` is the ring whose consumer writes to
+    /// this register, if any. On success the device owns the word's value
+    /// until ``revokeFastPath(space:address:enableWord:)``.
+    public func grantFastPath(space: BusSpace, address: UInt64, size: Int, direction: AccessDirection,
+                              ring: Int? = nil, enableWord: FastPathEnableWord)
+        throws(FastPathRefusal) -> (device: any BusDevice, description: FastPathDescription) {
+        guard IOBus.isDeviceSize(size) else { throw .unsupportedSize(size) }
+        guard let e = find(address, space) else { throw .unclaimed }
+        guard e.range.contains(GuestAddress(address), length: UInt64(size)) else { throw .crossesRangeEnd }
+        if let k = kernelHandling(space: space, address: address, size: size) { throw .kernelHandled(k) }
+        let request = FastPathRequest(offset: address - e.range.start.rawValue, size: size, direction: direction, ring: ring)
+        guard let d = e.device.grantFastPath(request, enableWord: enableWord) else {
+            throw .declined(device: e.device.name)
+        }
+        guard IOBus.fits(d, request) else {
+            e.device.revokeFastPath(enableWord)
+            throw .invalidDeclaration(device: e.device.name)
+        }
+        return (e.device, d)
+    }
+
+    /// Whether a device's answer fits the request it was given.
+    static func fits(_ d: FastPathDescription, _ r: FastPathRequest) -> Bool {
+        guard d.offset == r.offset, d.size == r.size, d.direction == r.direction,
+              d.kind.servesReads == (r.direction == .read) else { return false }
+        if case .ringAppend(let ring, _) = d.kind { return ring == r.ring }
+        return true
+    }
+
+    /// Revokes the fast path granted with `enableWord` by the device at `address`.
+    public func revokeFastPath(space: BusSpace, address: UInt64, enableWord: FastPathEnableWord) {
+        find(address, space)?.device.revokeFastPath(enableWord)
     }
 }
 
 /// All ones for an access of `size` bytes (the PC convention for unclaimed reads).
 @inline(__always)
 public func allOnes(size: Int) -> UInt64 {
-    size >= 8 ? UInt64.max : (UInt64(1) << (UInt64(size) * 8)) &- 1
+    size >= 8 ? UInt64.max : size <= 0 ? 0 : (UInt64(1) << (UInt64(size) * 8)) &- 1
 }

@@ -2,7 +2,8 @@
 ///
 /// Attach it at `0xf4..<0xf8` (QEMU: `-device isa-debug-exit,iobase=0xf4,iosize=4`).
 /// Under QEMU the process exit status is `(v << 1) | 1`; ``StopReason/guestExit(status:)`` carries `v`.
-public final class DebugExitDevice: BusDevice {
+/// It has no state and offers no fast path: a write stops the VM, which only an exit can do.
+public final class DebugExitDevice: BusDevice, @unchecked Sendable {
     /// `debug-exit`.
     public let name = "debug-exit"
     /// Creates the device.

@@ -10,7 +10,13 @@
 /// be written), `0x40` DOORBELL (write a request value `v`). A completion is 8
 /// bytes: u32 `v ^ 0x5A5A5A5A`, u32 sequence number (1-based), at
 /// `queue[(seq - 1) % entries]`.
-public final class DoorbellDevice: BusDevice {
+///
+/// Every call is safe from any thread (one lock guards the registers). Fast
+/// path: a 4-byte DOORBELL write, when a ring feeds the register, is a
+/// *synchronous* ring append (the completion lands in guest RAM, which the
+/// guest reads without an exit), exact while the device is enabled with a
+/// valid queue size; the guest keeps exiting for errors.
+public final class DoorbellDevice: BusDevice, @unchecked Sendable {
     /// `doorbell`.
     public let name = "doorbell"
     /// The ID register's value.
@@ -18,34 +24,41 @@ public final class DoorbellDevice: BusDevice {
     /// The DOORBELL register's offset.
     public static let doorbellOffset: UInt64 = 0x40
     private let memory: GuestMemory
+    private let lock = ConditionLock()
     private var queueAddress: UInt64 = 0
     private var entries: UInt32 = 0
     private var enabled = false
+    private var completionCount: UInt32 = 0
+    private var errorCode: UInt32 = 0
+    private var grants = FastPathGrants()
+
     /// Completions written so far.
-    public private(set) var completions: UInt32 = 0
+    public var completions: UInt32 { lock.withLock { completionCount } }
     /// Non-zero when a completion could not be written (bad queue address or size).
-    public private(set) var error: UInt32 = 0
+    public var error: UInt32 { lock.withLock { errorCode } }
 
     /// A doorbell device that writes completions into `memory`.
     public init(memory: GuestMemory) { self.memory = memory }
 
     /// Reads a register.
     public func read(offset: UInt64, size: Int) -> UInt64 {
+        lock.lock(); defer { lock.unlock() }
         switch offset {
-        case 0x00: UInt64(DoorbellDevice.id)
-        case 0x04: UInt64(completions)
-        case 0x08: queueAddress & 0xffff_ffff
-        case 0x0c: queueAddress >> 32
-        case 0x10: UInt64(entries)
-        case 0x14: enabled ? 1 : 0
-        case 0x18: UInt64(error)
-        default: 0
+        case 0x00: return UInt64(DoorbellDevice.id)
+        case 0x04: return UInt64(completionCount)
+        case 0x08: return queueAddress & 0xffff_ffff
+        case 0x0c: return queueAddress >> 32
+        case 0x10: return UInt64(entries)
+        case 0x14: return enabled ? 1 : 0
+        case 0x18: return UInt64(errorCode)
+        default: return 0
         }
     }
 
     /// Writes a register; a DOORBELL write produces a completion.
     public func write(offset: UInt64, size: Int, value: UInt64) -> DeviceEffect {
         let v = UInt32(truncatingIfNeeded: value)
+        lock.lock(); defer { lock.unlock() }
         switch offset {
         case 0x08: queueAddress = (queueAddress & ~0xffff_ffff) | UInt64(v)
         case 0x0c: queueAddress = (queueAddress & 0xffff_ffff) | (UInt64(v) << 32)
@@ -54,26 +67,40 @@ public final class DoorbellDevice: BusDevice {
         case DoorbellDevice.doorbellOffset: complete(v)
         default: break
         }
+        if !grants.isEmpty { let exact = doorbellIsExact; grants.refresh { _ in exact } }
         return .none
     }
 
+    /// Whether the queue is usable (lock held).
+    private var queueIsValid: Bool { enabled && entries > 0 && entries <= 4096 && entries & (entries - 1) == 0 }
+    /// Whether a DOORBELL write may come from a ring (lock held).
+    private var doorbellIsExact: Bool { queueIsValid }
+
     private func complete(_ request: UInt32) {
-        guard enabled, entries > 0, entries <= 4096, entries & (entries - 1) == 0 else { error = 1; return }
-        let index = UInt64(completions & (entries - 1))
-        guard let at = GuestAddress(queueAddress).adding(index * 8) else { error = 2; return }
+        guard queueIsValid else { errorCode = 1; return }
+        let index = UInt64(completionCount & (entries - 1))
+        guard let at = GuestAddress(queueAddress).adding(index * 8), let seqAt = at.adding(4) else { errorCode = 2; return }
         do {
             try memory.dmaWrite(request ^ 0x5A5A_5A5A, at: at)
-            try memory.dmaWrite(completions &+ 1, at: GuestAddress(at.rawValue + 4))
+            try memory.dmaWrite(completionCount &+ 1, at: seqAt)
         } catch {
-            self.error = 2
+            errorCode = 2
             return
         }
-        completions &+= 1
+        completionCount &+= 1
     }
 
-    /// DOORBELL writes may go through a ring while the device is enabled.
-    public func fastPath(offset: UInt64, size: Int, direction: AccessDirection) -> FastPathDescription? {
-        guard offset == DoorbellDevice.doorbellOffset, direction == .write else { return nil }
-        return FastPathDescription(kind: .ringAppend, offset: offset, size: size, direction: .write, enabled: enabled)
+    /// Grants the DOORBELL write as a synchronous ring append when `request.ring` names a ring.
+    public func grantFastPath(_ request: FastPathRequest, enableWord: FastPathEnableWord) -> FastPathDescription? {
+        guard request.offset == DoorbellDevice.doorbellOffset, request.direction == .write, request.size == 4,
+              let ring = request.ring else { return nil }
+        let d = FastPathDescription(.ringAppend(ring: ring, mode: .synchronous), for: request)
+        lock.withLock { grants.add(d, word: enableWord, exact: doorbellIsExact) }
+        return d
+    }
+
+    /// Forgets a grant and clears its word.
+    public func revokeFastPath(_ enableWord: FastPathEnableWord) {
+        lock.withLock { grants.remove(enableWord) }
     }
 }

@@ -1,16 +1,27 @@
 /// Where a console device's output goes: a line-buffered byte sink, flushed
 /// on newline, when full, and explicitly (the VM flushes at stop).
+///
+/// Safe from any thread. The host write (a terminal, a file) happens outside
+/// the buffer's lock, so a device calling ``put(_:)`` never waits for the
+/// terminal while another thread flushes; flushed chunks keep their order.
 public final class OutputSink: @unchecked Sendable {
     private var buffer: [UInt8] = []
+    /// The buffer being written out (swapped with ``buffer`` under ``lock``).
+    private var spare: [UInt8] = []
     private let capacity: Int
     private let output: (UnsafeRawBufferPointer) -> Void
+    /// Guards ``buffer``; never held across the host write.
     private let lock = ConditionLock()
+    /// Held across the host write: one flush at a time, in order.
+    private let writerLock = ConditionLock()
 
     /// A sink that hands each flushed chunk to `output`.
     public init(capacity: Int = 4096, output: @escaping (UnsafeRawBufferPointer) -> Void) {
         self.capacity = max(1, capacity)
         self.output = output
-        buffer.reserveCapacity(self.capacity)
+        // Room for bytes that concurrent writers append while a flush runs.
+        buffer.reserveCapacity(self.capacity * 2)
+        spare.reserveCapacity(self.capacity * 2)
     }
 
     /// A sink that writes to the process's standard output.
@@ -28,21 +39,30 @@ public final class OutputSink: @unchecked Sendable {
     public func put(_ byte: UInt8) {
         lock.lock()
         buffer.append(byte)
-        if byte == 0x0a || buffer.count >= capacity { flushLocked() }
+        let full = byte == 0x0a || buffer.count >= capacity
         lock.unlock()
+        if full { flush() }
     }
 
-    /// Writes out whatever is buffered.
-    public func flush() {
+    /// Appends bytes; flushes once at the end when they hold a newline or fill the buffer.
+    public func put(contentsOf bytes: UnsafeRawBufferPointer) {
+        guard !bytes.isEmpty else { return }
         lock.lock()
-        flushLocked()
+        buffer.append(contentsOf: bytes)
+        let full = bytes.contains(0x0a) || buffer.count >= capacity
         lock.unlock()
+        if full { flush() }
     }
 
-    private func flushLocked() {
-        guard !buffer.isEmpty else { return }
-        buffer.withUnsafeBytes { output($0) }
-        buffer.removeAll(keepingCapacity: true)
+    /// Writes out whatever is buffered (outside the buffer's lock).
+    public func flush() {
+        writerLock.lock(); defer { writerLock.unlock() }
+        lock.lock()
+        swap(&buffer, &spare)
+        lock.unlock()
+        guard !spare.isEmpty else { return }
+        spare.withUnsafeBytes { output($0) }
+        spare.removeAll(keepingCapacity: true)
     }
 }
 

@@ -2,8 +2,19 @@
 /// line status, interrupt enable, line control, divisor latch, modem control
 /// (loopback) and scratch registers a polling driver expects.
 ///
-/// Attach it at 8 ports, for COM1 `0x3f8..<0x400`. It has no interrupt line yet.
-public final class UART8250: BusDevice {
+/// Attach it at 8 ports (COM1 is `0x3f8..<0x400`, see ``StandardDevices``).
+/// It has no interrupt line yet. Every call is safe from any thread: one lock
+/// guards the registers, and transmitted bytes go to the sink after it is released.
+///
+/// Fast paths (``grantFastPath(_:enableWord:)``):
+/// - LSR read (offset 5, 1 byte): the constant `0x60`, exact while the receive
+///   FIFO is empty, no overrun is pending and loopback is off. Not independent
+///   of pending THR ring entries: an entry appended just before another vCPU
+///   turns loopback on is applied after that change and lands in the FIFO.
+/// - THR write (offset 0, 1 byte), when a ring feeds the register: an
+///   asynchronous ring append, exact while DLAB is clear, loopback is off and
+///   the THRE interrupt is disabled (IER bit 1 clear).
+public final class UART8250: BusDevice, @unchecked Sendable {
     /// `uart`.
     public let name = "uart"
     private let sink: OutputSink
@@ -17,26 +28,46 @@ public final class UART8250: BusDevice {
     private var rx: [UInt8] = []
     private var overrun = false
     private var thrInterruptPending = false
-    /// Guards the registers: the bus serializes guest accesses, but the host may
-    /// call ``receive(_:)`` and ``fastPath(offset:size:direction:)`` from other threads.
+    private var grants = FastPathGrants()
+    /// Guards every register and the grants.
     private let lock = ConditionLock()
     /// The receive FIFO depth of a 16550.
     public static let fifoDepth = 16
+    /// The line status register's value while the fast path is exact: transmitter empty, nothing received.
+    public static let idleLineStatus: UInt8 = 0x60
     private var transmittedCount = 0
     /// The number of bytes transmitted (sent to the sink).
     public var transmitted: Int { lock.withLock { transmittedCount } }
 
     /// A UART transmitting into `sink`.
-    public init(sink: OutputSink) { self.sink = sink }
+    public init(sink: OutputSink) {
+        self.sink = sink
+        rx.reserveCapacity(UART8250.fifoDepth)
+    }
 
     private var dlab: Bool { lcr & 0x80 != 0 }
     private var loopback: Bool { mcr & 0x10 != 0 }
+
+    /// Whether a constant LSR read is exact now (lock held).
+    private var lineStatusIsConstant: Bool { rx.isEmpty && !overrun && !loopback }
+    /// Whether a THR write may be applied later from a ring (lock held).
+    private var transmitMayBeDeferred: Bool { !dlab && !loopback && ier & 0x02 == 0 }
+
+    /// Writes every granted enable word to match the state (lock held).
+    @inline(__always)
+    private func refreshGrants() {
+        guard !grants.isEmpty else { return }
+        let lsr = lineStatusIsConstant, thr = transmitMayBeDeferred
+        grants.refresh { $0.direction == .read ? lsr : thr }
+    }
 
     /// Queues bytes as received input (the guest reads them from RBR). Bytes
     /// beyond the 16-byte FIFO are dropped and flag an overrun, as on a 16550.
     /// Safe from any thread.
     public func receive(_ bytes: [UInt8]) {
-        lock.withLock { for b in bytes { push(b) } }
+        lock.lock(); defer { lock.unlock() }
+        for b in bytes { push(b) }
+        refreshGrants()
     }
 
     private func push(_ b: UInt8) {
@@ -49,7 +80,10 @@ public final class UART8250: BusDevice {
         switch offset {
         case 0:
             if dlab { return UInt64(dll) }
-            return rx.isEmpty ? 0 : UInt64(rx.removeFirst())
+            guard !rx.isEmpty else { return 0 }
+            let b = rx.removeFirst()
+            refreshGrants()
+            return UInt64(b)
         case 1: return UInt64(dlab ? dlm : ier)
         case 2:
             var iir: UInt8 = 0x01
@@ -61,7 +95,7 @@ public final class UART8250: BusDevice {
         case 4: return UInt64(mcr)
         case 5:
             let lsr = lineStatusLocked | (overrun ? 0x02 : 0)
-            overrun = false
+            if overrun { overrun = false; refreshGrants() }
             return UInt64(lsr)
         case 6:
             if loopback {
@@ -77,17 +111,20 @@ public final class UART8250: BusDevice {
 
     /// The line status register: transmitter always empty; data ready when input is queued.
     public var lineStatus: UInt8 { lock.withLock { lineStatusLocked } }
-    private var lineStatusLocked: UInt8 { 0x60 | (rx.isEmpty ? 0 : 0x01) }
+    private var lineStatusLocked: UInt8 { UART8250.idleLineStatus | (rx.isEmpty ? 0 : 0x01) }
 
-    /// Writes a register.
+    /// Writes a register. A transmitted byte goes to the sink after the UART's lock is released.
     public func write(offset: UInt64, size: Int, value: UInt64) -> DeviceEffect {
         let b = UInt8(truncatingIfNeeded: value)
-        lock.lock(); defer { lock.unlock() }
+        lock.lock()
+        var transmit = false
         switch offset {
         case 0:
-            if dlab { dll = b; break }
-            if loopback { push(b) } else { sink.put(b); transmittedCount += 1 }
-            thrInterruptPending = true
+            if dlab { dll = b }
+            else {
+                if loopback { push(b) } else { transmit = true; transmittedCount += 1 }
+                thrInterruptPending = true
+            }
         case 1:
             if dlab { dlm = b } else {
                 ier = b & 0x0f
@@ -95,29 +132,42 @@ public final class UART8250: BusDevice {
             }
         case 2:
             fcr = b
-            if b & 0x02 != 0 { rx.removeAll() }
+            if b & 0x02 != 0 { rx.removeAll(keepingCapacity: true) }
         case 3: lcr = b
         case 4: mcr = b & 0x1f
         case 7: scr = b
         default: break
         }
+        refreshGrants()
+        lock.unlock()
+        if transmit { sink.put(b) }
         return .none
     }
 
-    /// LSR reads can be served as a constant while no input is pending and loopback is off;
-    /// THR writes can go through a ring while DLAB is clear, loopback is off and no input is pending.
-    public func fastPath(offset: UInt64, size: Int, direction: AccessDirection) -> FastPathDescription? {
+    /// Grants the LSR constant read and, when `request.ring` names a ring, the
+    /// THR ring append (see the type's notes); nothing else: RBR, IIR and MSR
+    /// reads have side effects, and the other registers are not hot.
+    public func grantFastPath(_ request: FastPathRequest, enableWord: FastPathEnableWord) -> FastPathDescription? {
+        guard request.size == 1 else { return nil }
         lock.lock(); defer { lock.unlock() }
-        switch (offset, direction) {
-        case (5, .read):
-            return FastPathDescription(kind: .constantRead(0x60), offset: 5, size: size, direction: .read,
-                                       enabled: rx.isEmpty && !loopback)
-        case (0, .write):
-            return FastPathDescription(kind: .ringAppend, offset: 0, size: size, direction: .write,
-                                       enabled: !dlab && !loopback && rx.isEmpty)
+        switch (request.offset, request.direction, request.ring) {
+        case (5, .read, _):
+            let d = FastPathDescription(.constantRead(UInt64(UART8250.idleLineStatus)), for: request,
+                                        independentOfPendingRingEntries: false)
+            grants.add(d, word: enableWord, exact: lineStatusIsConstant)
+            return d
+        case (0, .write, let ring?):
+            let d = FastPathDescription(.ringAppend(ring: ring, mode: .asynchronous), for: request)
+            grants.add(d, word: enableWord, exact: transmitMayBeDeferred)
+            return d
         default:
             return nil
         }
+    }
+
+    /// Forgets a grant and clears its word.
+    public func revokeFastPath(_ enableWord: FastPathEnableWord) {
+        lock.withLock { grants.remove(enableWord) }
     }
 
     /// Writes out buffered output.

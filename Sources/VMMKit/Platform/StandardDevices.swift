@@ -4,6 +4,7 @@
 /// |---|---|
 /// | 8250 UART (COM1) | ports `0x3f8..<0x400` |
 /// | debug exit (QEMU `isa-debug-exit`) | ports `0xf4..<0xf8` |
+/// | POST-code / delay port | port `0x80` |
 /// | phase marker | port `0x700` |
 /// | doorbell | MMIO `0xD000_0000`, 4 KiB |
 /// | paravirtual rings | memory at ``X86Layout/paravirtualArea``: ring 0 → UART THR, ring 1 → doorbell |
@@ -12,6 +13,8 @@ public struct StandardDevices {
     public static let doorbellBase: UInt64 = 0xD000_0000
     /// The phase-marker port.
     public static let markerPort: UInt16 = 0x700
+    /// The POST-code (I/O delay) port.
+    public static let postCodePort: UInt16 = 0x80
 
     /// The UART.
     public let uart: UART8250
@@ -19,6 +22,8 @@ public struct StandardDevices {
     public let debugExit: DebugExitDevice
     /// The doorbell device.
     public let doorbell: DoorbellDevice
+    /// The POST-code port.
+    public let postCode: PostCodePort
     /// The paravirtual ring device.
     public let rings: PVRingDevice
     /// The phase marker.
@@ -31,11 +36,13 @@ public struct StandardDevices {
         let uart = UART8250(sink: console)
         let debugExit = DebugExitDevice()
         let doorbell = DoorbellDevice(memory: vm.memory)
+        let postCode = PostCodePort()
         let marker = PhaseMarker(port: markerPort)
         let rings: PVRingDevice
         do {
             try vm.bus.attach(uart, ports: 0x3f8..<0x400)
             try vm.bus.attach(debugExit, ports: 0xf4..<0xf8)
+            try vm.bus.attach(postCode, ports: postCodePort..<postCodePort + 1)
             try vm.bus.attach(doorbell, mmio: GuestRange(start: GuestAddress(doorbellBase), size: 0x1000))
         } catch { throw .bus(error) }
         do {
@@ -50,6 +57,6 @@ public struct StandardDevices {
             do throws(PVRingError) { return try rings.drain() } catch { throw .ring(error) }
         }
         vm.addStopHook { _ in console.flush() }
-        return StandardDevices(uart: uart, debugExit: debugExit, doorbell: doorbell, rings: rings, marker: marker)
+        return StandardDevices(uart: uart, debugExit: debugExit, doorbell: doorbell, postCode: postCode, rings: rings, marker: marker)
     }
 }

@@ -91,6 +91,23 @@ public final class VirtualMachine: @unchecked Sendable {
         guard !isRunning else { throw .invalidState("register coalesced zones before starting the VM") }
         do { try backend.registerCoalescedZone(zone) } catch { throw .backend(error) }
         hasCoalescedZones = true
+        do {
+            try bus.markKernelHandled(space: zone.isPIO ? .pio : .mmio,
+                                      range: GuestRange(start: GuestAddress(zone.address), size: UInt64(zone.size)),
+                                      kind: .coalescedZone)
+        } catch { throw .bus(error) }
+    }
+
+    /// Registers an ioeventfd: the guest's writes to `event.address` signal
+    /// the eventfd in the kernel instead of exiting. The bus learns of it and
+    /// grants no fast path there. The corresponding ioctl is `KVM_IOEVENTFD`.
+    public func registerIOEventFD(_ event: IOEventFD) throws(VMError) {
+        do { try backend.registerIOEventFD(event) } catch { throw .backend(error) }
+        do {
+            try bus.markKernelHandled(space: event.isPIO ? .pio : .mmio,
+                                      range: GuestRange(start: GuestAddress(event.address), size: UInt64(max(event.length, 1))),
+                                      kind: .ioeventfd)
+        } catch { throw .bus(error) }
     }
 
     /// Applies writes batched in coalesced zones to the bus.
@@ -222,8 +239,7 @@ public final class VirtualMachine: @unchecked Sendable {
     /// May be called from any thread, including a vCPU's own thread from an
     /// exit handler (that vCPU counts as paused while its handler runs, but
     /// its own access completes only after the handler returns); not from a
-    /// device (devices run under the bus lock, which the other vCPUs may be
-    /// waiting for). One thread holds the pause at a time; others wait their
+    /// device holding its own lock (other vCPUs may be waiting for it). One thread holds the pause at a time; others wait their
     /// turn. Pauses nest: each `pauseAll()` that returned `true` needs one
     /// ``resumeAll()``.
     ///
