@@ -2,6 +2,7 @@ import Testing
 import VMMKit
 #if canImport(Glibc)
 import Glibc
+import Synchronization
 #endif
 
 /// Why KVM tests cannot run here, or nil when `/dev/kvm` opens.
@@ -45,14 +46,22 @@ func resultField(_ text: String, _ key: String) -> String? {
     return nil
 }
 
+/// Records accesses; the bus calls devices from every vCPU thread at once, so the records are locked.
 final class Recorder: BusDevice, @unchecked Sendable {
     let name = "recorder"
     let value: UInt64
-    var writes: [(UInt64, Int, UInt64)] = []
-    var reads = 0
+    private let state = Mutex<(writes: [(UInt64, Int, UInt64)], reads: Int)>(([], 0))
+    var writes: [(UInt64, Int, UInt64)] { state.withLock { $0.writes } }
+    var reads: Int { state.withLock { $0.reads } }
     init(value: UInt64 = 0) { self.value = value }
-    func read(offset: UInt64, size: Int) -> UInt64 { reads += 1; return value &+ UInt64(reads - 1) }
-    func write(offset: UInt64, size: Int, value: UInt64) -> DeviceEffect { writes.append((offset, size, value)); return .none }
+    func read(offset: UInt64, size: Int) -> UInt64 {
+        let n = state.withLock { s in s.reads += 1; return s.reads }
+        return value &+ UInt64(n - 1)
+    }
+    func write(offset: UInt64, size: Int, value: UInt64) -> DeviceEffect {
+        state.withLock { $0.writes.append((offset, size, value)) }
+        return .none
+    }
 }
 
 final class StringExits: @unchecked Sendable {

@@ -1,15 +1,18 @@
+import Synchronization
 import VMMKit
 import VMMKitTesting
 
 /// A device that records accesses and answers reads with a value.
-final class RecordingDevice: BusDevice {
+/// The bus calls devices from every vCPU thread at once, so the records are locked.
+final class RecordingDevice: BusDevice, @unchecked Sendable {
     let name: String
-    var readValue: UInt64
-    var writes: [(offset: UInt64, size: Int, value: UInt64)] = []
-    var reads: [(offset: UInt64, size: Int)] = []
+    let readValue: UInt64
+    private let log = Mutex<(writes: [(offset: UInt64, size: Int, value: UInt64)], reads: [(offset: UInt64, size: Int)])>(([], []))
+    var writes: [(offset: UInt64, size: Int, value: UInt64)] { log.withLock { $0.writes } }
+    var reads: [(offset: UInt64, size: Int)] { log.withLock { $0.reads } }
     init(name: String = "recorder", readValue: UInt64 = 0) { self.name = name; self.readValue = readValue }
-    func read(offset: UInt64, size: Int) -> UInt64 { reads.append((offset, size)); return readValue &+ offset }
-    func write(offset: UInt64, size: Int, value: UInt64) -> DeviceEffect { writes.append((offset, size, value)); return .none }
+    func read(offset: UInt64, size: Int) -> UInt64 { log.withLock { $0.reads.append((offset, size)) }; return readValue &+ offset }
+    func write(offset: UInt64, size: Int, value: UInt64) -> DeviceEffect { log.withLock { $0.writes.append((offset, size, value)) }; return .none }
 }
 
 /// A handler that records the exits it sees and answers with a fixed result.
