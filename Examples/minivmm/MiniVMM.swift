@@ -125,7 +125,7 @@ struct Session {
         if !top.isEmpty {
             out += "\n== top exit sites (rip is where KVM reported it; the instruction is the one that exited) ==\n"
             out += pad("rip", 20) + pad("symbol", 24) + pad("instruction", 40) + pad("access", 22) + pad("count", 10, right: true) + "\n"
-            let profiler = SiteDescriber(vm: vm, snapshots: snapshots)
+            let profiler = SiteDescriber(vm: vm, snapshots: snapshots, symbols: loaded.symbols)
             for (site, count) in top {
                 out += pad("0x" + String(site.rip, radix: 16), 20)
                 out += pad(loaded.symbols.symbolize(site.rip) ?? "-", 24)

@@ -51,14 +51,20 @@ final class ExitSnapshots: ExitHandler, Sendable {
 /// hardware), so the instructions ending at RIP and the one starting there are
 /// decoded through the page walk, and the one whose port (imm8 or DX) or
 /// effective address, width and direction reproduce the exit wins.
+///
+/// Several decodings can end at RIP and reproduce the exit (`41 EE` and `EE`
+/// are both `out dx, al`); a forward decode from the enclosing symbol's start
+/// then says which one ran.
 struct SiteDescriber {
     let vm: VirtualMachine
     let snapshots: ExitSnapshots?
+    let symbols: SymbolTable
     let disassembler: X86Disassembler?
 
-    init(vm: VirtualMachine, snapshots: ExitSnapshots?) {
+    init(vm: VirtualMachine, snapshots: ExitSnapshots?, symbols: SymbolTable) {
         self.vm = vm
         self.snapshots = snapshots
+        self.symbols = symbols
         disassembler = try? X86Disassembler(mode: .bits64)
     }
 
@@ -73,7 +79,11 @@ struct SiteDescriber {
         guard let sregs = snap.specialRegisters ?? (try? vm.vcpus[0].specialRegisters()) else { return nil }
         let context: X86CodeContext
         do { context = try X86CodeContext(memory: vm.memory, specialRegisters: sregs) } catch { return "(\(error))" }
-        let (ending, starting) = d.candidates(reproducing: access, rip: site.rip, registers: snap.registers, context: context)
+        var (ending, starting) = d.candidates(reproducing: access, rip: site.rip, registers: snap.registers, context: context)
+        if ending.count > 1, site.rip > 0, let function = symbols.symbol(containing: site.rip - 1),
+           let confirmed = d.instruction(endingAt: site.rip, decodingFrom: function.address, in: context) {
+            ending = ending.filter { $0.address == confirmed.address }
+        }
         var found = ending.map(\.description) + (starting.map { [$0.description + " (at rip)"] } ?? [])
         guard !found.isEmpty else { return nil }
         if found.count > 1 { found[0] += " (+\(found.count - 1) more)" }

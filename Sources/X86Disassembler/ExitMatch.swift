@@ -100,7 +100,10 @@ extension X86Disassembler {
     /// The instructions that could have made `access`: those ending exactly at `rip` (RIP
     /// already past the instruction) and the one starting at `rip` (RIP still on it), each kept
     /// only if it ``X86Instruction/reproduces(_:registers:context:)`` the access. DMP's locator
-    /// takes a single survivor; none or several means "not patchable".
+    /// takes a single survivor, after confirming one that ends at RIP with
+    /// ``instruction(endingAt:decodingFrom:in:limit:)`` (the bytes before RIP can end in several
+    /// valid decodings, such as `out dx, al` with and without a REX prefix); none or several means
+    /// "not patchable".
     public func candidates(reproducing access: X86ExitAccess, rip: UInt64, registers: Registers,
                            context: X86CodeContext) -> (endingAt: [X86Instruction], startingAt: X86Instruction?) {
         let before = candidatesEnding(at: rip, in: context).filter { $0.reproduces(access, registers: registers, context: context) }

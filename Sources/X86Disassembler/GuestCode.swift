@@ -102,6 +102,24 @@ extension X86Disassembler {
         }
     }
 
+    /// The instruction that ends exactly at `end`, confirmed by decoding forward from `start`, a
+    /// known instruction boundary such as the enclosing function's first byte. `nil` when the
+    /// forward decode steps over `end`, fails before reaching it, or needs more than `limit`
+    /// instructions. This settles what the bytes before RIP leave open (`41 EE` and `EE` both
+    /// end at the same address and both are `out dx, al`).
+    public func instruction(endingAt end: UInt64, decodingFrom start: UInt64, in context: X86CodeContext,
+                            limit: Int = 4096) -> X86Instruction? {
+        var address = start
+        for _ in 0..<max(0, limit) {
+            guard address < end, let i = try? decode(at: address, in: context) else { return nil }
+            let next = i.nextAddress
+            if next == end { return i }
+            guard next > address, next < end else { return nil }
+            address = next
+        }
+        return nil
+    }
+
     /// The instructions that end exactly at `rip`, read through the page walk (see
     /// ``candidatesEnding(at:bytesBefore:mode:)``).
     public func candidatesEnding(at rip: UInt64, in context: X86CodeContext) -> [X86Instruction] {

@@ -78,6 +78,26 @@ struct GuestCodeTests {
         #expect(d.candidatesEnding(at: 0x13000, in: try g.context()).isEmpty)
     }
 
+    @Test("a forward decode from a known start settles which decoding ends at RIP")
+    func forwardDecode() throws {
+        let g = try PagedGuest()
+        let d = try X86Disassembler()
+        // mov edx, 0x3f8 ; mov al, 0x41 ; out dx, al -- across the page boundary at 0x11000
+        try g.write([0xba, 0xf8, 0x03, 0x00, 0x00, 0xb0, 0x41, 0xee], at: 0x10ffc)
+        let c = try g.context()
+        var r = Registers()
+        r.rdx = 0x3f8
+        let access = X86ExitAccess(.port(0x3f8), width: 1, direction: .write)
+        let behind = d.candidatesEnding(at: 0x11004, in: c).filter { $0.reproduces(access, registers: r, context: c) }
+        #expect(Set(behind.map(\.address)) == [0x11002, 0x11003], "`41 ee` and `ee` both read as out dx, al")
+        let confirmed = d.instruction(endingAt: 0x11004, decodingFrom: 0x10ffc, in: c)
+        #expect(confirmed?.address == 0x11003 && confirmed?.mnemonic == "out")
+        #expect(d.instruction(endingAt: 0x11003, decodingFrom: 0x10ffc, in: c)?.mnemonic == "mov")
+        #expect(d.instruction(endingAt: 0x11002, decodingFrom: 0x10ffc, in: c) == nil, "0x11002 is inside mov al, 0x41")
+        #expect(d.instruction(endingAt: 0x11004, decodingFrom: 0x11004, in: c) == nil)
+        #expect(d.instruction(endingAt: 0x12004, decodingFrom: 0x11ff0, in: c) == nil, "runs into the unmapped page")
+    }
+
     @Test("user-mode fetches respect the user bit; compatibility mode is refused; paging off is identity")
     func modes() throws {
         var g = try PagedGuest()
