@@ -12,7 +12,7 @@ public struct PhaseMark: Hashable, Sendable {
 /// port when their steady phase begins and 2 when it ends, so a VMM can
 /// report exits and time for the steady phase alone.
 public final class PhaseMarker: ExitHandler, @unchecked Sendable {
-    /// The marker port (0x700).
+    /// The marker port (``StandardDevices`` uses 0x700).
     public let port: UInt16
     private let lock = ConditionLock()
     private var recorded: [PhaseMark] = []
@@ -20,8 +20,9 @@ public final class PhaseMarker: ExitHandler, @unchecked Sendable {
     /// How many marks are kept (later ones are dropped).
     public static let markLimit = 1024
 
-    /// A marker on `port`.
-    public init(port: UInt16 = 0x700) { self.port = port }
+    /// A marker on `port`. It is an exit handler, not a bus device, and offers
+    /// no fast path: each write records the time and the vCPU's exit count.
+    public init(port: UInt16) { self.port = port }
 
     /// The marks recorded so far.
     public var marks: [PhaseMark] { lock.withLock { recorded } }
