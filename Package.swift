@@ -32,7 +32,8 @@ let package = Package(
         ),
         .executableTarget(name: "tinyvmm", dependencies: ["VMMKit"], path: "Examples/tinyvmm"),
         .testTarget(name: "VMMKitTests", dependencies: ["VMMKit", "VMMKitTesting", "CKVM"]),
-        .testTarget(name: "KVMTests", dependencies: ["VMMKit", "X86Disassembler"]),
+        .testTarget(name: "KVMTests", dependencies: ["VMMKit", "X86Disassembler", "minivmm"]),
+        .testTarget(name: "MiniVMMTests", dependencies: ["minivmm"]),
         .testTarget(name: "X86DisassemblerTests", dependencies: ["X86Disassembler", "VMMKit"], exclude: ["Corpus"]),
     ],
     swiftLanguageModes: [.v6]

@@ -7,13 +7,43 @@ import VMMKit
 ///   (decode, statistics, exit chain, UART), in-process, for uart-cpl0's exits;
 /// - start-up: wall time of whole `minivmm run` processes on the demo guest,
 ///   and of QEMU on the same image when `qemu-system-x86_64` is installed;
-/// - workloads: the guests' own cycles per iteration under minivmm, for the
-///   static-PV twins, and under QEMU.
+/// - workloads: the guests' own cycles per iteration under every variant
+///   (``BenchVariant/all``: minivmm, its static-PV twin, KVM coalesced zones,
+///   QEMU), each calibrated to a steady phase of `--seconds`, `--runs`
+///   interleaved runs; `--json` prints these records as one JSON array;
+/// - exit floor: uart-cpl3 under minivmm against a bare `KVM_RUN` loop on the
+///   same VM setup (``ExitFloor``), interleaved pairs.
 struct Bench: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Measure the exit path, start-up time and workloads (minivmm vs PV twin vs QEMU).")
+    static let configuration = CommandConfiguration(abstract: "Measure the exit path, start-up time, workloads (minivmm, static-PV twin, coalesced zones, QEMU) and the exit floor.")
+
+    /// The sections of the table view.
+    enum Section: String, CaseIterable, ExpressibleByArgument {
+        case exitPath = "exit-path", startup, workloads, floor
+    }
 
     @Option(help: "Guest directory holding the workload images.")
     var guests: String = "Guests"
+
+    @Flag(help: "Print the workload records as one JSON array on stdout (progress and notes go to stderr).")
+    var json = false
+
+    @Option(parsing: .upToNextOption, help: "Sections of the table view: \(Section.allCases.map(\.rawValue).joined(separator: ", ")).")
+    var sections: [Section] = Section.allCases
+
+    @Option(help: "Interleaved runs per workload and variant.")
+    var runs: Int = 5
+
+    @Option(help: "Shortest steady phase per run, in seconds (iteration counts are calibrated from a probe run).")
+    var seconds: Double = 1
+
+    @Option(help: "Fixed workload iterations instead of calibrating (uart; doorbell uses 16x).")
+    var iters: Int?
+
+    @Option(parsing: .upToNextOption, help: "Workloads to run (default: all).")
+    var workloads: [String] = BenchWorkload.all.map(\.name)
+
+    @Option(parsing: .upToNextOption, help: "Variants to run (default: all; qemu only when installed).")
+    var variants: [String] = BenchVariant.all.map(\.name)
 
     @Option(help: "Whole-process start-up runs per VMM.")
     var startupRuns: Int = 20
@@ -21,17 +51,41 @@ struct Bench: ParsableCommand {
     @Option(help: "QEMU start-up runs (each takes seconds).")
     var qemuRuns: Int = 3
 
+    @Option(help: "Interleaved exit-floor/minivmm pairs.")
+    var floorPairs: Int = 10
+
+    @Option(help: "uart-cpl3 iterations of each exit-floor run.")
+    var floorIters: Int = 200
+
     @Flag(help: "Skip QEMU even when it is installed.")
     var noQemu = false
 
-    @Option(help: "Workload iterations for uart-cpl0/uart-cpl3 (doorbell uses 16x).")
-    var iters: Int = 200
+    func validate() throws {
+        guard runs >= 1, runs <= 1000 else { throw ValidationError("--runs must be 1...1000") }
+        guard seconds > 0, seconds <= 3600 else { throw ValidationError("--seconds must be in (0, 3600]") }
+        if let iters, iters < 1 || iters > 100_000_000 { throw ValidationError("--iters must be 1...100000000") }
+        guard floorPairs >= 1, floorIters >= 10, floorIters <= 100_000_000 else {
+            throw ValidationError("--floor-pairs must be ≥ 1 and --floor-iters 10...100000000")
+        }
+        for w in workloads where !BenchWorkload.all.contains(where: { $0.name == w }) {
+            throw ValidationError("unknown workload '\(w)': \(BenchWorkload.all.map(\.name).joined(separator: ", "))")
+        }
+        for v in variants where !BenchVariant.all.contains(where: { $0.name == v }) {
+            throw ValidationError("unknown variant '\(v)': \(BenchVariant.all.map(\.name).joined(separator: ", "))")
+        }
+    }
 
     func run() throws {
         let qemu = noQemu ? nil : findExecutable("qemu-system-x86_64")
-        try exitPath()
-        try startup(qemu: qemu)
-        try workloads(qemu: qemu)
+        let env = BenchEnvironment(guests: guests, qemu: qemu, tscPerNanosecond: calibrateTSC())
+        if json {
+            print(Bench.json(try workloadRecords(env)))
+            return
+        }
+        if sections.contains(.exitPath) { try exitPath() }
+        if sections.contains(.startup) { try startup(qemu: qemu) }
+        if sections.contains(.workloads) { printWorkloads(try workloadRecords(env)) }
+        if sections.contains(.floor) { try floor(env) }
     }
 
     // MARK: exit path
@@ -41,7 +95,7 @@ struct Bench: ParsableCommand {
         let vm = try VirtualMachine(backend: try KVMSystem(), configuration: VMConfiguration(memorySize: 64 << 20))
         let devices = try StandardDevices.install(on: vm, console: OutputSink { _ in })
         _ = devices
-        _ = try X86Boot.load(.elf(try readFile(guests + "/uart-cpl0.elf")), commandLine: "iters=\(iters)", into: vm)
+        _ = try X86Boot.load(.elf(try readFile(guests + "/uart-cpl0.elf")), commandLine: "iters=\(iters ?? 200)", into: vm)
         guard let kvcpu = vm.vcpus[0].backend as? KVMVCPU else { throw ValidationError("not a KVM vCPU") }
         let probe = ExitPathProbe(capacity: 1 << 20)
         kvcpu.exitPathProbe = probe
@@ -69,7 +123,7 @@ struct Bench: ParsableCommand {
         guard let qemu else { print("  (qemu-system-x86_64 not installed: no QEMU figure)"); return }
         var theirs: [Double] = []
         for _ in 0..<max(1, qemuRuns) {
-            let r = try spawn([qemu] + qemuArgs(guests + "/hello.elf", append: ""))
+            let r = try spawn([qemu] + qemuArguments(guests + "/hello.elf", append: ""))
             guard r.status == 1 else { throw ValidationError("QEMU hello failed: status \(r.status)") }
             theirs.append(r.milliseconds)
         }
@@ -78,49 +132,63 @@ struct Bench: ParsableCommand {
 
     // MARK: workloads
 
-    func workloads(qemu: String?) throws {
-        print("workloads (guest-reported TSC cycles per iteration in the steady phase):")
-        print("  " + pad("workload", 16) + pad("minivmm", 12, right: true) + pad("static PV", 12, right: true)
-              + pad("QEMU", 12, right: true) + pad("exits", 10, right: true) + pad("PV exits", 10, right: true) + "  minivmm/PV  QEMU/minivmm")
-        for name in ["uart-cpl0", "uart-cpl3", "doorbell-cpl3"] {
-            let n = name.hasPrefix("doorbell") ? iters * 16 : iters
-            let args = "iters=\(n)"
-            let plain = try inProcess(name, args)
-            let pv = try inProcess(name + "-pv", args)
-            var q: Double?
-            if let qemu {
-                let r = try spawn([qemu] + qemuArgs(guests + "/" + name + ".elf", append: args))
-                q = field(r.output, "cycles_per_iter").flatMap(Double.init)
-                if q == nil { q = nil; print("  (\(name) under QEMU: \(r.output.split(separator: "\n").last ?? "no output"))") }
+    /// The plan from the options.
+    var plan: WorkloadBenchPlan {
+        WorkloadBenchPlan(workloads: BenchWorkload.all.filter { workloads.contains($0.name) },
+                          variants: BenchVariant.all.filter { variants.contains($0.name) },
+                          runs: runs, seconds: seconds, fixedIterations: iters,
+                          progress: { printError("bench: " + $0) })
+    }
+
+    /// The `--json` output: one array, one object per workload and variant.
+    static func json(_ records: [BenchRecord]) -> String {
+        JSONValue.array(records.map(\.json)).rendered(indent: 2)
+    }
+
+    func workloadRecords(_ env: BenchEnvironment) throws -> [BenchRecord] {
+        try runWorkloadBenchmark(plan, env)
+    }
+
+    func printWorkloads(_ records: [BenchRecord]) {
+        print("workloads (guest-reported TSC cycles per iteration in the steady phase, median of \(runs) interleaved runs [range];")
+        print("  host CPU: all of minivmm's threads over the steady phase; QEMU's estimated from whole-process CPU times):")
+        print("  " + pad("workload", 15) + pad("variant", 11) + pad("iterations", 11, right: true) + pad("cycles/iter", 12, right: true)
+              + "  " + pad("range", 22) + pad("exits", 9, right: true) + pad("host CPU ns/iter", 17, right: true))
+        for r in records {
+            let range = "[" + fmt(r.cyclesPerIterationRuns.min() ?? 0) + " - " + fmt(r.cyclesPerIterationRuns.max() ?? 0) + "]"
+            print("  " + pad(r.workload, 15) + pad(r.variant, 11) + pad(String(r.iterations), 11, right: true)
+                  + pad(fmt(r.cyclesPerIteration), 12, right: true) + "  " + pad(range, 22)
+                  + pad(r.steadyExits.map(String.init) ?? "-", 9, right: true)
+                  + pad(r.hostCPUNanosecondsPerIteration.map(fmt) ?? "-", 17, right: true))
+        }
+        for w in BenchWorkload.all {
+            let mine = records.filter { $0.workload == w.name }
+            guard let full = mine.first(where: { $0.variant == "full" }) else { continue }
+            let ratios = mine.filter { $0.variant != "full" }.map { r in
+                r.variant == "qemu" ? "qemu/full \(fmt(r.cyclesPerIteration / full.cyclesPerIteration))x"
+                    : "full/\(r.variant) \(fmt(full.cyclesPerIteration / r.cyclesPerIteration))x"
             }
-            guard plain.checksum == pv.checksum else {
-                throw ValidationError("\(name): checksum \(plain.checksum) differs from its PV twin's \(pv.checksum)")
-            }
-            var line = "  " + pad(name, 16) + pad(fmt(plain.cycles), 12, right: true) + pad(fmt(pv.cycles), 12, right: true)
-            line += pad(q.map(fmt) ?? "-", 12, right: true) + pad(String(plain.exits), 10, right: true) + pad(String(pv.exits), 10, right: true)
-            line += "  " + pad(fmt(plain.cycles / pv.cycles) + "x", 10) + "  " + (q.map { fmt($0 / plain.cycles) + "x" } ?? "-")
-            print(line)
+            if !ratios.isEmpty { print("  " + pad(w.name, 15) + ratios.joined(separator: "   ")) }
         }
     }
 
-    struct WorkloadResult { var cycles: Double; var checksum: String; var exits: Int }
+    // MARK: exit floor
 
-    func inProcess(_ name: String, _ args: String) throws -> WorkloadResult {
-        let out = CapturedOutput()
-        let vm = try VirtualMachine(backend: try KVMSystem(), configuration: VMConfiguration(memorySize: 64 << 20))
-        let devices = try StandardDevices.install(on: vm, console: out.sink())
-        _ = try X86Boot.load(.elf(try readFile(guests + "/" + name + ".elf")), commandLine: args, into: vm)
-        guard case .guestExit(0) = try vm.run() else { throw ValidationError("\(name) did not exit with 0") }
-        guard let c = field(out.text, "cycles_per_iter").flatMap(Double.init), let sum = field(out.text, "checksum") else {
-            throw ValidationError("\(name): no RESULT line")
+    func floor(_ env: BenchEnvironment) throws {
+        guard let w = BenchWorkload.all.first(where: { $0.name == "uart-cpl3" }) else { return }
+        let pairs = try ExitFloor.pairs(w, iterations: floorIters, pairs: floorPairs, env) { printError("bench: " + $0) }
+        guard let first = pairs.first else { return }
+        let exitsPerIteration = Double(first.full.steadyExits ?? 0) / Double(max(1, first.full.steadyIterations))
+        func perExit(_ cycles: Double) -> String {
+            exitsPerIteration > 0 ? fmt(cycles / exitsPerIteration / env.tscPerNanosecond / 1000) + " µs/exit" : "-"
         }
-        return WorkloadResult(cycles: c, checksum: sum, exits: devices.marker.steadyPhase?.exits ?? vm.statistics().total)
-    }
-
-    func qemuArgs(_ image: String, append: String) -> [String] {
-        ["-accel", "kvm", "-cpu", "EPYC", "-m", "256", "-kernel", image, "-append", append,
-         "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-serial", "stdio", "-display", "none", "-no-reboot",
-         "-monitor", "none", "-nodefaults"]
+        let floorC = pairs.map(\.floor.cyclesPerIteration), fullC = pairs.map(\.full.cyclesPerIteration)
+        let gaps = pairs.map { $0.gap * 100 }
+        print("exit floor (uart-cpl3 iters=\(floorIters), \(pairs.count) interleaved pairs, cycles per iteration, median [range]):")
+        print("  floor (bare KVM_RUN loop)  \(fmt(median(floorC))) [\(fmt(floorC.min() ?? 0)) - \(fmt(floorC.max() ?? 0))]  \(perExit(median(floorC)))")
+        print("  minivmm full               \(fmt(median(fullC))) [\(fmt(fullC.min() ?? 0)) - \(fmt(fullC.max() ?? 0))]  \(perExit(median(fullC)))")
+        print("  minivmm over the floor: median \(fmt(median(gaps)))% [\(fmt(gaps.min() ?? 0))% - \(fmt(gaps.max() ?? 0))%] per pair;"
+              + " steady exits \(first.floor.steadyExits ?? 0) vs \(first.full.steadyExits ?? 0)")
     }
 }
 

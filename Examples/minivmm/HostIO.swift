@@ -45,6 +45,13 @@ func monotonicNanoseconds() -> UInt64 {
     return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
 }
 
+/// CPU time of the whole process (every thread, running ones included), in nanoseconds.
+func processCPUNanoseconds() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
 /// TSC ticks per nanosecond, measured against the monotonic clock.
 func calibrateTSC() -> Double {
     let t0 = monotonicNanoseconds(), c0 = ExitPathProbe.timestamp()
@@ -71,8 +78,9 @@ func findExecutable(_ name: String) -> String? {
     return nil
 }
 
-/// Runs a process with stdout and stderr to a temporary file; returns its status, output and wall time.
-func spawn(_ argv: [String]) throws -> (status: Int32, output: String, milliseconds: Double) {
+/// Runs a process with stdout and stderr to a temporary file; returns its status, output, wall time
+/// and CPU time (user + system, all its threads, from `wait4`).
+func spawn(_ argv: [String]) throws -> (status: Int32, output: String, milliseconds: Double, cpuNanoseconds: Double) {
     var template = Array("/tmp/minivmm-bench-XXXXXX".utf8CString)
     let fd = mkstemp(&template)
     guard fd >= 0 else { throw ValidationError("mkstemp failed") }
@@ -91,11 +99,13 @@ func spawn(_ argv: [String]) throws -> (status: Int32, output: String, milliseco
     let rc = posix_spawn(&pid, argv[0], &actions, nil, cargs, environ)
     guard rc == 0 else { throw ValidationError("cannot run \(argv[0]): \(String(cString: strerror(rc)))") }
     var status: Int32 = 0
-    while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+    var usage = rusage()
+    while wait4(pid, &status, 0, &usage) < 0 && errno == EINTR {}
     let ms = Double(monotonicNanoseconds() - t0) / 1e6
+    func ns(_ t: timeval) -> Double { Double(t.tv_sec) * 1e9 + Double(t.tv_usec) * 1e3 }
     let output = (try? readFile(path)).map { String(decoding: $0, as: UTF8.self) } ?? ""
     let code: Int32 = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
-    return (code, output, ms)
+    return (code, output, ms, ns(usage.ru_utime) + ns(usage.ru_stime))
 }
 
 /// Turns Ctrl-C (SIGINT) and SIGTERM into `vm.stop()`, so the guest's output is

@@ -1,0 +1,325 @@
+import ArgumentParser
+import Synchronization
+import VMMKit
+
+// The workload benchmark of `minivmm bench`: every workload under every
+// variant, each variant with an iteration count calibrated to a steady phase
+// of at least `--seconds`, runs interleaved, medians reported.
+//
+// Adding a variant is one entry in `BenchVariant.all` (a DMP variant adds its
+// own keys, e.g. `patched_sites`, through `BenchRun.extra`).
+
+/// A workload guest of `Guests/`.
+struct BenchWorkload: Sendable {
+    /// The image name (`Guests/NAME.elf`); the static-PV twin is `NAME-pv.elf`.
+    let name: String
+    /// The privilege level the workload's loop runs at.
+    let cpl: Int
+    /// Iteration counts are multiples of this (the doorbell submits batches of 16).
+    let granularity: Int
+    /// The iteration count of the first (probe) run.
+    let probeIterations: Int
+    /// The device register the loop writes (UART THR, the doorbell register):
+    /// the `coalesced` variant puts a KVM coalesced zone on it.
+    let coalescedZone: CoalescedZone
+    /// Whether QEMU has the devices the workload needs.
+    let runsUnderQEMU: Bool
+
+    static let all: [BenchWorkload] = [
+        BenchWorkload(name: "uart-cpl0", cpl: 0, granularity: 1, probeIterations: 40,
+                      coalescedZone: CoalescedZone(address: 0x3f8, size: 1, isPIO: true), runsUnderQEMU: true),
+        BenchWorkload(name: "uart-cpl3", cpl: 3, granularity: 1, probeIterations: 40,
+                      coalescedZone: CoalescedZone(address: 0x3f8, size: 1, isPIO: true), runsUnderQEMU: true),
+        BenchWorkload(name: "doorbell-cpl3", cpl: 3, granularity: 16, probeIterations: 640,
+                      coalescedZone: CoalescedZone(address: StandardDevices.doorbellBase + DoorbellDevice.doorbellOffset,
+                                                   size: 4, isPIO: false),
+                      runsUnderQEMU: false),
+    ]
+
+    /// `iterations` rounded up to the granularity, at least one granule.
+    func rounded(_ iterations: Int) -> Int {
+        max(granularity, (iterations + granularity - 1) / granularity * granularity)
+    }
+}
+
+/// What the variants share: the guest directory, QEMU if found, the TSC rate.
+struct BenchEnvironment: Sendable {
+    var guests: String
+    var qemu: String?
+    /// TSC ticks per nanosecond.
+    var tscPerNanosecond: Double
+}
+
+/// One run of a workload under a variant.
+struct BenchRun: Sendable {
+    /// The guest's total iterations (warm-up included), as it reports them.
+    var iterations: Int
+    /// The guest's steady-phase iterations (total minus warm-up), as it reports them.
+    var steadyIterations: Int
+    /// Guest-reported TSC cycles per steady-phase iteration.
+    var cyclesPerIteration: Double
+    /// The guest's checksum, as printed (`0x...`).
+    var checksum: String
+    /// Exits in the steady phase (nil where the VMM cannot count them: QEMU).
+    var steadyExits: Int?
+    /// Host CPU time of all the VMM's threads per steady-phase iteration, in nanoseconds.
+    var hostCPUNanosecondsPerIteration: Double?
+    /// Variant-specific values for the JSON record.
+    var extra: [(key: String, value: JSONValue)] = []
+}
+
+/// A way to run a workload.
+struct BenchVariant: Sendable {
+    /// The variant's name in the table and the JSON (`variant`).
+    let name: String
+    /// Why the variant cannot run `workload` here, or nil when it can (said on stderr).
+    let unavailable: @Sendable (BenchWorkload, BenchEnvironment) -> String?
+    /// Runs the workload with `iterations` iterations.
+    let run: @Sendable (BenchWorkload, Int, BenchEnvironment) throws -> BenchRun
+
+    /// Every variant, in table and JSON order.
+    static let all: [BenchVariant] = [full, staticPV, coalesced, qemu]
+
+    /// minivmm, every access an exit.
+    static let full = BenchVariant(name: "full", unavailable: { _, _ in nil }) { w, n, env in
+        try runInProcess(env.guests + "/" + w.name + ".elf", iterations: n)
+    }
+
+    /// The static-PV twin: the same work through minivmm's ring device.
+    static let staticPV = BenchVariant(name: "static-pv", unavailable: { _, _ in nil }) { w, n, env in
+        try runInProcess(env.guests + "/" + w.name + "-pv.elf", iterations: n)
+    }
+
+    /// minivmm with a KVM coalesced zone on the register the loop writes: the
+    /// kernel batches those writes into a ring that minivmm drains before the
+    /// next exit (the in-kernel alternative DMP must beat).
+    static let coalesced = BenchVariant(name: "coalesced", unavailable: { _, _ in nil }) { w, n, env in
+        try runInProcess(env.guests + "/" + w.name + ".elf", iterations: n) { vm in
+            try vm.registerCoalescedZone(w.coalescedZone)
+        }
+    }
+
+    /// QEMU on the same image (`-accel kvm -cpu EPYC`, isa-debug-exit). Its
+    /// host CPU time per iteration is estimated from whole-process CPU times
+    /// (see ``QEMURunner``).
+    static let qemu = BenchVariant(name: "qemu", unavailable: { w, env in
+        if env.qemu == nil { return "qemu-system-x86_64 is not installed" }
+        if !w.runsUnderQEMU { return "QEMU has no device for \(w.name)" }
+        return nil
+    }) { w, n, env in
+        guard let q = env.qemu else { throw ValidationError("qemu-system-x86_64 is not installed") }
+        return try QEMURunner.run(q, image: env.guests + "/" + w.name + ".elf", iterations: n)
+    }
+}
+
+/// One workload/variant result: what the table and the JSON print.
+struct BenchRecord: Sendable {
+    var workload: String
+    var cpl: Int
+    var variant: String
+    /// The guest's total iterations per run.
+    var totalIterations: Int
+    /// Steady-phase iterations per run.
+    var iterations: Int
+    /// Each run's cycles per iteration, in run order.
+    var cyclesPerIterationRuns: [Double]
+    var steadyExits: Int?
+    var checksum: String
+    var hostCPUNanosecondsPerIteration: Double?
+    var extra: [(key: String, value: JSONValue)]
+
+    /// The median of the runs' cycles per iteration.
+    var cyclesPerIteration: Double { median(cyclesPerIterationRuns) }
+
+    /// The JSON object: the keys of issue 5, then the per-run values, then the variant's own.
+    var json: JSONValue {
+        var fields: [(String, JSONValue)] = [
+            ("workload", .string(workload)),
+            ("cpl", .int(cpl)),
+            ("variant", .string(variant)),
+            ("iterations", .int(iterations)),
+            ("cycles_per_iter", .number(cyclesPerIteration)),
+            ("steady_exits", steadyExits.map(JSONValue.int) ?? .null),
+            ("checksum", .string(checksum)),
+            ("runs", .int(cyclesPerIterationRuns.count)),
+            ("host_cpu_ns_per_iter", hostCPUNanosecondsPerIteration.map(JSONValue.number) ?? .null),
+            ("total_iterations", .int(totalIterations)),
+            ("cycles_per_iter_runs", .array(cyclesPerIterationRuns.map(JSONValue.number))),
+        ]
+        fields += extra.map { ($0.key, $0.value) }
+        return .object(fields)
+    }
+}
+
+/// Options of the workload benchmark.
+struct WorkloadBenchPlan: Sendable {
+    var workloads: [BenchWorkload]
+    var variants: [BenchVariant]
+    /// Runs per variant (interleaved).
+    var runs: Int
+    /// The shortest steady phase to calibrate for, in seconds.
+    var seconds: Double
+    /// A fixed iteration count instead of calibration (uart; the doorbell uses 16x).
+    var fixedIterations: Int?
+    /// Progress lines go here (stderr).
+    var progress: @Sendable (String) -> Void = { _ in }
+}
+
+/// Runs the plan: for each workload, a probe run of every variant at the same
+/// iteration count (their checksums must agree), an iteration count per
+/// variant scaled from its probe, then `runs` rounds, each running every variant once.
+func runWorkloadBenchmark(_ plan: WorkloadBenchPlan, _ env: BenchEnvironment) throws -> [BenchRecord] {
+    var records: [BenchRecord] = []
+    for w in plan.workloads {
+        let variants = plan.variants.filter { v in
+            guard let why = v.unavailable(w, env) else { return true }
+            printError("minivmm bench: no \(v.name) variant for \(w.name): \(why)")
+            return false
+        }
+        guard !variants.isEmpty else { continue }
+        var iterations: [Int] = []
+        var probes: [BenchRun] = []
+        let probeN = w.rounded(plan.fixedIterations.map { $0 * w.granularity } ?? w.probeIterations)
+        for v in variants {
+            plan.progress("\(w.name) \(v.name): probe, \(probeN) iterations")
+            let p = try v.run(w, probeN, env)
+            if let first = probes.first, first.checksum != p.checksum {
+                throw ValidationError("\(w.name): \(v.name) gives checksum \(p.checksum), \(variants[0].name) \(first.checksum)")
+            }
+            probes.append(p)
+            iterations.append(plan.fixedIterations == nil ? try calibrated(w, v, p, plan, env) : probeN)
+        }
+        var runs = Array(repeating: [BenchRun](), count: variants.count)
+        for r in 0..<max(1, plan.runs) {
+            for (i, v) in variants.enumerated() {
+                plan.progress("\(w.name) \(v.name): run \(r + 1) of \(plan.runs), \(iterations[i]) iterations")
+                let run = try v.run(w, iterations[i], env)
+                if let first = runs[i].first, first.checksum != run.checksum {
+                    throw ValidationError("\(w.name) \(v.name): checksum changed between runs (\(first.checksum), \(run.checksum))")
+                }
+                runs[i].append(run)
+            }
+        }
+        for (i, v) in variants.enumerated() {
+            let rs = runs[i]
+            guard let last = rs.last else { continue }
+            let exits = rs.compactMap(\.steadyExits)
+            let cpu = rs.compactMap(\.hostCPUNanosecondsPerIteration)
+            records.append(BenchRecord(
+                workload: w.name, cpl: w.cpl, variant: v.name, totalIterations: last.iterations,
+                iterations: last.steadyIterations, cyclesPerIterationRuns: rs.map(\.cyclesPerIteration),
+                steadyExits: exits.count == rs.count ? Int(median(exits.map(Double.init))) : nil,
+                checksum: last.checksum,
+                hostCPUNanosecondsPerIteration: cpu.count == rs.count ? median(cpu) : nil,
+                extra: last.extra))
+        }
+    }
+    return records
+}
+
+/// The iteration count that makes `variant`'s steady phase last `plan.seconds`
+/// (plus 20%), from a probe; probes again, ten times longer, while the probe's
+/// steady phase is under 50 ms (too short to scale from).
+private func calibrated(_ w: BenchWorkload, _ v: BenchVariant, _ probe: BenchRun, _ plan: WorkloadBenchPlan,
+                        _ env: BenchEnvironment) throws -> Int {
+    var p = probe
+    for _ in 0..<4 {
+        let nsPerIteration = p.cyclesPerIteration / env.tscPerNanosecond
+        if nsPerIteration * Double(p.steadyIterations) >= 50e6 || p.iterations >= 100_000_000 {
+            // The guest's warm-up is a tenth of the iterations.
+            let steadyNeeded = plan.seconds * 1.2e9 / max(nsPerIteration, 0.001)
+            return w.rounded(Int(min(steadyNeeded / 0.9 + Double(w.granularity), 2e9)))
+        }
+        let n = w.rounded(p.iterations * 10)
+        plan.progress("\(w.name) \(v.name): probe, \(n) iterations")
+        p = try v.run(w, n, env)
+    }
+    return p.iterations
+}
+
+/// Samples the process's CPU time (every thread: vCPUs, timer, ring poller)
+/// when the guest marks the steady phase. It sits before the phase marker in
+/// the chain and passes every exit on.
+final class SteadyPhaseCPUClock: ExitHandler, Sendable {
+    private let marks = Mutex<(start: UInt64?, end: UInt64?)>((nil, nil))
+
+    /// Records the CPU time at marks 1 and 2; passes every exit on.
+    func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult {
+        guard case .io(let io) = exit, io.port == StandardDevices.markerPort, io.direction == .write else { return .pass }
+        let now = processCPUNanoseconds()
+        marks.withLock { m in
+            if io.value == 1, m.start == nil { m.start = now }
+            if io.value == 2, m.start != nil, m.end == nil { m.end = now }
+        }
+        return .pass
+    }
+
+    /// CPU nanoseconds between mark 1 and mark 2, if both came.
+    var steadyNanoseconds: UInt64? {
+        marks.withLock { m in
+            guard let s = m.start, let e = m.end, e >= s else { return nil }
+            return e - s
+        }
+    }
+}
+
+/// Runs a workload image in this process with the standard devices and 64 MiB.
+func runInProcess(_ image: String, iterations: Int, prepare: (VirtualMachine) throws -> Void = { _ in }) throws -> BenchRun {
+    let out = CapturedOutput()
+    let vm = try VirtualMachine(backend: try KVMSystem(), configuration: VMConfiguration(memorySize: 64 << 20))
+    let clock = SteadyPhaseCPUClock()
+    vm.addExitHandler(clock)
+    let devices = try StandardDevices.install(on: vm, console: out.sink())
+    try prepare(vm)
+    _ = try X86Boot.load(.elf(try readFile(image)), commandLine: "iters=\(iterations)", into: vm)
+    let reason = try vm.run()
+    guard case .guestExit(0) = reason else {
+        throw ValidationError("\(image) stopped with \(reason): \(out.text.suffix(200))")
+    }
+    var run = try BenchRun(result: out.text, image)
+    run.steadyExits = devices.marker.steadyPhase?.exits
+    run.hostCPUNanosecondsPerIteration = clock.steadyNanoseconds.map { Double($0) / Double(max(1, run.steadyIterations)) }
+    return run
+}
+
+extension BenchRun {
+    /// A run as the guest's RESULT line reports it (iterations, warm-up, cycles per iteration, checksum).
+    init(result text: String, _ what: String) throws {
+        guard let c = field(text, "cycles_per_iter").flatMap(Double.init), let sum = field(text, "checksum"),
+              let n = field(text, "iters").flatMap(Int.init), let w = field(text, "warmup").flatMap(Int.init), w < n else {
+            throw ValidationError("\(what): no RESULT line in its output: \(text.suffix(200))")
+        }
+        self.init(iterations: n, steadyIterations: n - w, cyclesPerIteration: c, checksum: sum)
+    }
+}
+
+/// Runs the workloads under QEMU. The host CPU time of QEMU's steady phase
+/// cannot be sampled from outside, so it is estimated: the whole process's
+/// CPU time (`wait4`) of this run minus that of the last shorter run of the
+/// same image, divided by the difference in iterations (boot and firmware cancel out).
+enum QEMURunner {
+    private static let baseline = Mutex<[String: (iterations: Int, cpu: Double)]>([:])
+
+    static func run(_ qemu: String, image: String, iterations: Int) throws -> BenchRun {
+        let r = try spawn([qemu] + qemuArguments(image, append: "iters=\(iterations)"))
+        guard r.status == 1 else {
+            throw ValidationError("QEMU on \(image): status \(r.status): \(r.output.suffix(200))")
+        }
+        var run = try BenchRun(result: r.output, "QEMU on \(image)")
+        run.hostCPUNanosecondsPerIteration = baseline.withLock { b -> Double? in
+            if let base = b[image], base.iterations < iterations {
+                return (r.cpuNanoseconds - base.cpu) / Double(iterations - base.iterations)
+            }
+            b[image] = (iterations, r.cpuNanoseconds)
+            return nil
+        }
+        return run
+    }
+}
+
+/// QEMU's command line for a workload image (MACHINE.md: `-cpu EPYC`, isa-debug-exit on 0xf4).
+func qemuArguments(_ image: String, append: String) -> [String] {
+    ["-accel", "kvm", "-cpu", "EPYC", "-m", "256", "-kernel", image, "-append", append,
+     "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-serial", "stdio", "-display", "none", "-no-reboot",
+     "-monitor", "none", "-nodefaults"]
+}

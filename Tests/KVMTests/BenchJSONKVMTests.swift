@@ -1,0 +1,40 @@
+import Foundation
+import Testing
+import VMMKit
+@testable import minivmm
+
+extension KVMTests {
+    @Test("bench --json on real KVM: an object per workload and in-process variant, shapes and checksums right; qemu absent when not installed")
+    func benchJSON() throws {
+        let plan = WorkloadBenchPlan(
+            workloads: BenchWorkload.all.filter { $0.name != "uart-cpl0" },
+            variants: BenchVariant.all, runs: 2, seconds: 1, fixedIterations: 1)
+        let env = BenchEnvironment(guests: guestsDirectory, qemu: nil, tscPerNanosecond: 1)
+        let text = Bench.json(try runWorkloadBenchmark(plan, env))
+        let value = try JSONSerialization.jsonObject(with: Data(text.utf8))
+        let records = try #require(value as? [[String: Any]])
+        #expect(records.map { "\($0["workload"] ?? "") \($0["variant"] ?? "")" } == [
+            "uart-cpl3 full", "uart-cpl3 static-pv", "uart-cpl3 coalesced",
+            "doorbell-cpl3 full", "doorbell-cpl3 static-pv", "doorbell-cpl3 coalesced",
+        ])
+        for r in records {
+            #expect(r["cpl"] as? Int == 3)
+            #expect(r["runs"] as? Int == 2)
+            #expect(r["steady_exits"] is Int)
+            #expect(r["host_cpu_ns_per_iter"] is Double)
+            #expect((r["cycles_per_iter"] as? Double).map { $0 > 0 } == true)
+            #expect((r["cycles_per_iter_runs"] as? [Double])?.count == 2)
+        }
+        // iters=1 gives one UART line (no warm-up), iters=16 one doorbell batch.
+        for r in records where r["workload"] as? String == "uart-cpl3" {
+            #expect(r["iterations"] as? Int == 1)
+        }
+        for r in records where r["workload"] as? String == "doorbell-cpl3" {
+            #expect(r["iterations"] as? Int == 16)
+            #expect(r["checksum"] as? String == "0x187b11fc")
+        }
+        // Every variant of a workload agrees on the checksum (the plan checks it too).
+        let uart = Set(records.filter { $0["workload"] as? String == "uart-cpl3" }.compactMap { $0["checksum"] as? String })
+        #expect(uart.count == 1)
+    }
+}
