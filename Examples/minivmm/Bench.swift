@@ -57,6 +57,9 @@ struct Bench: ParsableCommand {
     @Option(help: "uart-cpl3 iterations of each exit-floor run.")
     var floorIters: Int = 200
 
+    @Option(help: "The C exit floor (built from Benchmarks/ExitFloorC/exitfloor.c) to run beside each pair.")
+    var cFloor: String?
+
     @Flag(help: "Skip QEMU even when it is installed.")
     var noQemu = false
 
@@ -176,19 +179,31 @@ struct Bench: ParsableCommand {
 
     func floor(_ env: BenchEnvironment) throws {
         guard let w = BenchWorkload.all.first(where: { $0.name == "uart-cpl3" }) else { return }
-        let pairs = try ExitFloor.pairs(w, iterations: floorIters, pairs: floorPairs, env) { printError("bench: " + $0) }
+        let pairs = try ExitFloor.pairs(w, iterations: floorIters, pairs: floorPairs, cProgram: cFloor, env) {
+            printError("bench: " + $0)
+        }
         guard let first = pairs.first else { return }
         let exitsPerIteration = Double(first.full.steadyExits ?? 0) / Double(max(1, first.full.steadyIterations))
         func perExit(_ cycles: Double) -> String {
             exitsPerIteration > 0 ? fmt(cycles / exitsPerIteration / env.tscPerNanosecond / 1000) + " µs/exit" : "-"
         }
-        let floorC = pairs.map(\.floor.cyclesPerIteration), fullC = pairs.map(\.full.cyclesPerIteration)
-        let gaps = pairs.map { $0.gap * 100 }
+        func line(_ label: String, _ c: [Double]) {
+            guard !c.isEmpty else { return }
+            print("  " + pad(label, 30) + pad(fmt(median(c)), 9, right: true)
+                  + " [\(fmt(c.min() ?? 0)) - \(fmt(c.max() ?? 0))]  \(perExit(median(c)))")
+        }
+        func gapLine(_ label: String, _ g: [Double]) {
+            guard !g.isEmpty else { return }
+            print("  \(label): median \(fmt(median(g)))% [\(fmt(g.min() ?? 0))% - \(fmt(g.max() ?? 0))%] per pair")
+        }
         print("exit floor (uart-cpl3 iters=\(floorIters), \(pairs.count) interleaved pairs, cycles per iteration, median [range]):")
-        print("  floor (bare KVM_RUN loop)  \(fmt(median(floorC))) [\(fmt(floorC.min() ?? 0)) - \(fmt(floorC.max() ?? 0))]  \(perExit(median(floorC)))")
-        print("  minivmm full               \(fmt(median(fullC))) [\(fmt(fullC.min() ?? 0)) - \(fmt(fullC.max() ?? 0))]  \(perExit(median(fullC)))")
-        print("  minivmm over the floor: median \(fmt(median(gaps)))% [\(fmt(gaps.min() ?? 0))% - \(fmt(gaps.max() ?? 0))%] per pair;"
-              + " steady exits \(first.floor.steadyExits ?? 0) vs \(first.full.steadyExits ?? 0)")
+        line("floor (bare KVM_RUN loop)", pairs.map(\.floor.cyclesPerIteration))
+        line("C floor (no VMMKit)", pairs.compactMap(\.cFloor?.cyclesPerIteration))
+        line("minivmm full", pairs.map(\.full.cyclesPerIteration))
+        gapLine("minivmm over the floor", pairs.map { $0.gap * 100 })
+        gapLine("minivmm over the C floor", pairs.compactMap { p in p.cFloor.map { (p.full.cyclesPerIteration / $0.cyclesPerIteration - 1) * 100 } })
+        print("  steady exits: floor \(first.floor.steadyExits ?? 0), minivmm \(first.full.steadyExits ?? 0)"
+              + (first.cFloor?.steadyExits.map { ", C floor \($0)" } ?? ""))
     }
 }
 

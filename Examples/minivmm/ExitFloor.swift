@@ -62,16 +62,27 @@ enum ExitFloor {
         return run
     }
 
-    /// One floor/full pair.
+    /// Runs the C exit floor (`Benchmarks/ExitFloorC`, built at `program`) on `image`.
+    static func runC(_ program: String, _ image: String, iterations: Int) throws -> BenchRun {
+        let r = try spawn([program, image, "iters=\(iterations)"])
+        guard r.status == 0 else { throw ValidationError("\(program): status \(r.status): \(r.output.suffix(200))") }
+        var run = try BenchRun(result: r.output, "\(program) on \(image)")
+        run.steadyExits = r.output.split(separator: "\n").last { $0.hasPrefix("exits=") }.flatMap { Int($0.dropFirst(6)) }
+        return run
+    }
+
+    /// One floor/full pair (and the C floor's run when it took part).
     struct Pair {
         var floor: BenchRun
         var full: BenchRun
+        var cFloor: BenchRun?
         /// How much more a steady-phase iteration costs under minivmm than at the floor.
         var gap: Double { full.cyclesPerIteration / floor.cyclesPerIteration - 1 }
     }
 
-    /// `pairs` interleaved floor/full runs of `workload` (alternating which goes first).
-    static func pairs(_ workload: BenchWorkload, iterations: Int, pairs: Int, _ env: BenchEnvironment,
+    /// `pairs` interleaved floor/full runs of `workload` (alternating which goes first),
+    /// each followed by a run of the C floor at `cProgram` when given.
+    static func pairs(_ workload: BenchWorkload, iterations: Int, pairs: Int, cProgram: String?, _ env: BenchEnvironment,
                       progress: (String) -> Void) throws -> [Pair] {
         let image = env.guests + "/" + workload.name + ".elf"
         var result: [Pair] = []
@@ -87,7 +98,11 @@ enum ExitFloor {
             guard floor.checksum == full.checksum else {
                 throw ValidationError("exit floor: checksum \(floor.checksum), minivmm's \(full.checksum)")
             }
-            result.append(Pair(floor: floor, full: full))
+            let c = try cProgram.map { try runC($0, image, iterations: iterations) }
+            if let c, c.checksum != full.checksum {
+                throw ValidationError("C exit floor: checksum \(c.checksum), minivmm's \(full.checksum)")
+            }
+            result.append(Pair(floor: floor, full: full, cFloor: c))
         }
         return result
     }
