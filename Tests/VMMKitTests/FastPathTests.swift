@@ -292,4 +292,44 @@ struct FastPathTests {
         #expect(captured.text == "hi\n.")
         #expect(box.lsr == [0x60, 0x60])
     }
+
+    @Test("batches: the UART takes a run at once outside its lock; the default stops after a stop effect; odd widths go value by value")
+    func batches() throws {
+        let bus = IOBus()
+        let captured = CapturedOutput()
+        let sink = captured.sink()
+        let uart = UART8250(sink: sink)
+        try bus.attach(uart, ports: 0x3f8..<0x400)
+        try bus.attach(DebugExitDevice(), ports: 0xf4..<0xf8)
+        let dev = RecordingDevice()
+        try bus.attach(dev, mmio: GuestRange(start: GuestAddress(0x1000), size: 0x100))
+        let text: [UInt64] = "batched\n".utf8.map(UInt64.init)
+        let r = text.withUnsafeBufferPointer { bus.writeBatch(.pio, address: 0x3f8, size: 1, values: $0) }
+        #expect(r == BatchWriteResult(applied: text.count, effect: .none))
+        #expect(captured.text == "batched\n" && uart.transmitted == text.count)
+        _ = uart.write(offset: 3, size: 1, value: 0x83)
+        let divisor: [UInt64] = [0x11, 0x22]
+        _ = divisor.withUnsafeBufferPointer { bus.writeBatch(.pio, address: 0x3f8, size: 1, values: $0) }
+        #expect(uart.read(offset: 0, size: 1) == 0x22, "DLAB set: the batch went to the divisor latch")
+        let stops: [UInt64] = [3, 4, 5]
+        #expect(stops.withUnsafeBufferPointer { bus.writeBatch(.pio, address: 0xf4, size: 4, values: $0) }
+                == BatchWriteResult(applied: 1, effect: .stopVM(status: 3)))
+        #expect(stops.withUnsafeBufferPointer { bus.writeBatch(.pio, address: 0x900, size: 1, values: $0) } == nil)
+        #expect(bus.unclaimedCounts[UnclaimedAccess(space: .pio, address: 0x900, direction: .write)] == 3)
+        #expect(stops.withUnsafeBufferPointer { bus.writeBatch(.mmio, address: 0x1000, size: 3, values: $0) }
+                == BatchWriteResult(applied: 3, effect: .none))
+        #expect(dev.writes.map(\.size) == [2, 1, 2, 1, 2, 1], "3-byte values split into 2 + 1")
+    }
+
+    @Test("a long run through the sink arrives whole and in order, in chunks of the buffer's size")
+    func longRun() {
+        final class Chunks: @unchecked Sendable { var sizes: [Int] = []; var bytes: [UInt8] = [] }
+        let chunks = Chunks()
+        let sink = OutputSink(capacity: 64) { c in chunks.sizes.append(c.count); chunks.bytes += c }
+        let values = (0..<1000).map { UInt64($0 % 26 + 0x41) }
+        values.withUnsafeBufferPointer { sink.put(lowBytesOf: $0) }
+        sink.flush()
+        #expect(chunks.bytes == values.map { UInt8($0) })
+        #expect(chunks.sizes.allSatisfy { $0 <= 64 } && chunks.sizes.count == 16)
+    }
 }

@@ -37,6 +37,23 @@ public protocol BusDevice: AnyObject {
     /// Forgets a grant made with `enableWord` and clears the word; the device
     /// never writes it again. Unknown words are ignored.
     func revokeFastPath(_ enableWord: FastPathEnableWord)
+    /// Writes each of `values`, in order, as a `size`-byte write at `offset`
+    /// (a batch of consumed ring entries), stopping right after the first
+    /// write whose effect is not ``DeviceEffect/none``: no value after one
+    /// that stops the VM is applied. The default calls ``write(offset:size:value:)``
+    /// for each value; a device overrides it to take a run at once (a UART
+    /// appends the bytes to its sink in one go).
+    func writeBatch(offset: UInt64, size: Int, values: UnsafeBufferPointer<UInt64>) -> BatchWriteResult
+}
+
+/// What a device did with a batch of writes (``BusDevice/writeBatch(offset:size:values:)``).
+public struct BatchWriteResult: Hashable, Sendable {
+    /// How many values were applied, from the first; all of them unless one stopped the batch.
+    public var applied: Int
+    /// The effect of the last applied value (``DeviceEffect/none`` when the whole batch went through).
+    public var effect: DeviceEffect
+    /// Creates a result.
+    public init(applied: Int, effect: DeviceEffect) { self.applied = applied; self.effect = effect }
 }
 
 extension BusDevice {
@@ -44,6 +61,15 @@ extension BusDevice {
     public func grantFastPath(_ request: FastPathRequest, enableWord: FastPathEnableWord) -> FastPathDescription? { nil }
     /// By default there is nothing to revoke.
     public func revokeFastPath(_ enableWord: FastPathEnableWord) {}
+
+    /// By default a batch is one ``write(offset:size:value:)`` per value, stopping after a non-``DeviceEffect/none`` effect.
+    public func writeBatch(offset: UInt64, size: Int, values: UnsafeBufferPointer<UInt64>) -> BatchWriteResult {
+        for (i, v) in values.enumerated() {
+            let e = write(offset: offset, size: size, value: v)
+            if e != .none { return BatchWriteResult(applied: i + 1, effect: e) }
+        }
+        return BatchWriteResult(applied: values.count, effect: .none)
+    }
 }
 
 /// The address space a bus serves.
@@ -265,6 +291,30 @@ public final class IOBus: @unchecked Sendable {
             done += n
         }
         return effect
+    }
+
+    /// Writes `values` in order, each as a `size`-byte write at `address`, to
+    /// the device there in one call (``BusDevice/writeBatch(offset:size:values:)``).
+    /// Returns `nil` when no device claims the address (the writes are dropped
+    /// and counted once per value). Widths other than 1, 2, 4 and 8 go
+    /// value by value through ``write(_:address:size:value:)``.
+    public func writeBatch(_ space: BusSpace, address: UInt64, size: Int, values: UnsafeBufferPointer<UInt64>) -> BatchWriteResult? {
+        guard IOBus.isDeviceSize(size) else {
+            var claimed = false
+            for (i, v) in values.enumerated() {
+                guard let e = write(space, address: address, size: size, value: v) else { continue }
+                claimed = true
+                if e != .none { return BatchWriteResult(applied: i + 1, effect: e) }
+            }
+            return claimed ? BatchWriteResult(applied: values.count, effect: .none) : nil
+        }
+        guard let e = find(address, space) else {
+            for _ in values { countUnclaimed(UnclaimedAccess(space: space, address: address, direction: .write)) }
+            return nil
+        }
+        let r = e.device.writeBatch(offset: address - e.range.start.rawValue, size: size, values: values)
+        // A device's count is not trusted past the batch it was given.
+        return BatchWriteResult(applied: min(max(r.applied, 0), values.count), effect: r.effect)
     }
 
     @inline(__always)

@@ -44,14 +44,35 @@ public final class OutputSink: @unchecked Sendable {
         if full { flush() }
     }
 
-    /// Appends bytes; flushes once at the end when they hold a newline or fill the buffer.
+    /// Appends bytes; flushes whenever the buffer fills and at the end when they held a newline.
     public func put(contentsOf bytes: UnsafeRawBufferPointer) {
-        guard !bytes.isEmpty else { return }
-        lock.lock()
-        buffer.append(contentsOf: bytes)
-        let full = bytes.contains(0x0a) || buffer.count >= capacity
-        lock.unlock()
-        if full { flush() }
+        put(count: bytes.count) { bytes[$0] }
+    }
+
+    /// Appends the low byte of each value (a run of consumed ring entries), as
+    /// ``put(contentsOf:)`` does.
+    public func put(lowBytesOf values: UnsafeBufferPointer<UInt64>) {
+        put(count: values.count) { UInt8(truncatingIfNeeded: values[$0]) }
+    }
+
+    /// Appends `count` bytes in chunks that fit the buffer, flushing (outside
+    /// the buffer's lock) after each full chunk and after a newline.
+    @inline(__always)
+    private func put(count: Int, byte: (Int) -> UInt8) {
+        var i = 0
+        while i < count {
+            lock.lock()
+            var newline = false
+            while i < count && buffer.count < capacity {
+                let b = byte(i)
+                buffer.append(b)
+                newline = newline || b == 0x0a
+                i += 1
+            }
+            let full = newline || buffer.count >= capacity
+            lock.unlock()
+            if full { flush() }
+        }
     }
 
     /// Writes out whatever is buffered (outside the buffer's lock).

@@ -144,6 +144,24 @@ public final class UART8250: BusDevice, @unchecked Sendable {
         return .none
     }
 
+    /// A run of THR writes (consumed ring entries) goes to the sink at once,
+    /// after the UART's lock is released, while DLAB is clear and loopback is
+    /// off; otherwise each value is written as by ``write(offset:size:value:)``.
+    public func writeBatch(offset: UInt64, size: Int, values: UnsafeBufferPointer<UInt64>) -> BatchWriteResult {
+        lock.lock()
+        guard offset == 0 && !dlab && !loopback else {
+            lock.unlock()
+            for v in values { _ = write(offset: offset, size: size, value: v) }
+            return BatchWriteResult(applied: values.count, effect: .none)
+        }
+        transmittedCount += values.count
+        if !values.isEmpty { thrInterruptPending = true }
+        refreshGrants()
+        lock.unlock()
+        sink.put(lowBytesOf: values)
+        return BatchWriteResult(applied: values.count, effect: .none)
+    }
+
     /// Grants the LSR constant read and, when `request.ring` names a ring, the
     /// THR ring append (see the type's notes); nothing else: RBR, IIR and MSR
     /// reads have side effects, and the other registers are not hot.
