@@ -44,7 +44,7 @@ struct GuardBench: ParsableCommand {
     }
 
     struct Sample {
-        var protect = 0.0, unprotect = 0.0, before = 0.0, withProtect = 0.0, after = 0.0, withUnprotect = 0.0
+        var pause = 0.0, protect = 0.0, unprotect = 0.0, before = 0.0, withProtect = 0.0, after = 0.0, withUnprotect = 0.0
     }
 
     func run() throws {
@@ -64,13 +64,13 @@ struct GuardBench: ParsableCommand {
             }
         }
         print("page guards: one page guarded and unguarded on a running CPL3 guest writing \(workingSet) MiB per pass (\(memory) MiB RAM), \(runs) runs per variant")
-        print("values: median [min–max]; protect/unprotect in µs (called from another thread: pause, slots, resume); passes in ms")
-        let cols = ["protect", "unprotect", "pass before", "pass w/ protect", "pass after", "pass w/ unprotect"]
-        print(pad("variant", 22) + cols.map { pad($0, 22) }.joined())
+        print("values: median [min–max]; pause+resume alone, protect and unprotect in µs (called from another thread: pause, slots, resume); passes in ms")
+        let cols = ["pause+resume", "protect", "unprotect", "pass before", "pass w/ protect", "pass after", "pass w/ unprotect"]
+        print(pad("variant", 22) + cols.map { pad($0, 20) }.joined())
         for (i, v) in variants.enumerated() {
             let s = samples[i]
-            let fields: [[Double]] = [s.map(\.protect), s.map(\.unprotect), s.map(\.before), s.map(\.withProtect), s.map(\.after), s.map(\.withUnprotect)]
-            print(pad(v.name, 22) + fields.map { pad(stat($0), 22) }.joined())
+            let fields: [[Double]] = [s.map(\.pause), s.map(\.protect), s.map(\.unprotect), s.map(\.before), s.map(\.withProtect), s.map(\.after), s.map(\.withUnprotect)]
+            print(pad(v.name, 22) + fields.map { pad(stat($0), 20) }.joined())
         }
         for n in notes { print("note: \(n)") }
     }
@@ -103,7 +103,13 @@ struct GuardBench: ParsableCommand {
         let page = GuestRange(start: v.target, size: 4096)
         try vm.start()
         defer { vm.stop(); _ = try? vm.wait() }
-        try clock.wait(until: 6)
+        try clock.wait(until: 4)
+        // The pause alone (no slot change), for comparison.
+        let p0 = monotonicNanoseconds()
+        guard vm.pauseAll() else { throw ValidationError("the VM stopped") }
+        vm.resumeAll()
+        let p1 = monotonicNanoseconds()
+        try clock.wait(until: clock.count + 3)
         let t0 = monotonicNanoseconds()
         try vm.slots.protect(page)
         let t1 = monotonicNanoseconds()
@@ -123,8 +129,8 @@ struct GuardBench: ParsableCommand {
             return Double(ticks[k + 1] - ticks[k]) / 1e6
         }
         var warm: [Double] = []
-        for k in 2..<ticks.count where ticks[k] < t0 { warm.append(Double(ticks[k] - ticks[k - 1]) / 1e6) }
-        let s = Sample(protect: Double(t1 - t0) / 1e3, unprotect: Double(t3 - t2) / 1e3, before: middle(warm),
+        for k in 2..<ticks.count where ticks[k] < t0 && ticks[k - 1] > p1 { warm.append(Double(ticks[k] - ticks[k - 1]) / 1e6) }
+        let s = Sample(pause: Double(p1 - p0) / 1e3, protect: Double(t1 - t0) / 1e3, unprotect: Double(t3 - t2) / 1e3, before: middle(warm),
                        withProtect: pass(containing: t1), after: pass(after: t1), withUnprotect: pass(containing: t3))
         return (s, note)
     }
