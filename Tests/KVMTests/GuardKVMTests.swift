@@ -131,3 +131,61 @@ extension KVMTests {
         #expect(vm.memory.protectedRanges.isEmpty)
     }
 }
+
+/// Guest stores of every x86 store width at every alignment (real KVM).
+extension KVMTests {
+    /// One store: `mov rax, value; mov rdi, address; mov [rdi], al/ax/eax/rax`.
+    static func store(_ width: Int, _ value: UInt64, at address: UInt64) -> [UInt8] {
+        var c: [UInt8] = [0x48, 0xb8] + withUnsafeBytes(of: value.littleEndian, Array.init)
+        c += [0x48, 0xc7, 0xc7] + withUnsafeBytes(of: UInt32(address).littleEndian, Array.init)
+        switch width {
+        case 1: c += [0x88, 0x07]
+        case 2: c += [0x66, 0x89, 0x07]
+        case 4: c += [0x89, 0x07]
+        default: c += [0x48, 0x89, 0x07]
+        }
+        return c
+    }
+
+    @Test("guest stores of width 1, 2, 4 and 8 at every alignment into guarded pages, also across into an unguarded and into a guarded page, land exactly and are reported per page")
+    func guardedStoreGrid() throws {
+        // 0x300000 guarded, 0x301000 not; 0x302000 and 0x303000 guarded.
+        let guarded = [GuestRange(start: GuestAddress(0x30_0000), size: 4096), GuestRange(start: GuestAddress(0x30_2000), size: 8192)]
+        var cases: [(address: UInt64, width: Int, value: UInt64)] = []
+        var n: UInt64 = 0
+        for width in [1, 2, 4, 8] {
+            for off in 0..<UInt64(8) {
+                n += 1
+                cases.append((0x30_0000 + off, width, 0x0102_0304_0506_0708 &* n))
+                cases.append((0x30_1000 - 8 + off, width, 0x1122_3344_5566_7788 &* n))
+                cases.append((0x30_3000 - 8 + off, width, 0x9988_7766_5544_3322 &* n))
+            }
+        }
+        var code: [UInt8] = [0xb0, 0x01, 0xe6, 0x80] // mov al, 1; out 0x80, al: the host guards the pages
+        for c in cases { code += KVMTests.store(c.width, c.value, at: c.address) }
+        code += [0xb0, 0x00, 0xe6, 0xf4]
+        #expect(code.count < 4096)
+        var expected = [UInt8](repeating: 0, count: 0x4000)
+        for c in cases {
+            for b in 0..<c.width { expected[Int(c.address - 0x30_0000) + b] = UInt8(truncatingIfNeeded: c.value >> (8 * UInt64(b))) }
+        }
+        let log = GuardRecorder()
+        let vm = try guardedVM(code, protectOnPort80: guarded, listener: log)
+        #expect(try vm.run() == .guestExit(status: 0))
+        #expect(try vm.memory.readBytes(at: GuestAddress(0x30_0000), count: 0x4000) == expected)
+        // Every reported range lies in one guarded page; together they are exactly the stored bytes in guarded pages.
+        var reported: [UInt64: Int] = [:]
+        for w in log.writes {
+            let s = w.range.start.rawValue
+            #expect(guarded.contains { $0.contains(w.range.start, length: w.range.size) }, "\(w.range)")
+            #expect(s >> 12 == (s + w.range.size - 1) >> 12, "one page per report: \(w.range)")
+            for a in s..<(s + w.range.size) { reported[a, default: 0] += 1 }
+        }
+        var stored: [UInt64: Int] = [:]
+        for c in cases {
+            for a in c.address..<(c.address + UInt64(c.width)) where guarded.contains(where: { $0.contains(GuestAddress(a)) }) { stored[a, default: 0] += 1 }
+        }
+        #expect(reported == stored)
+        #expect(log.writes.allSatisfy { $0.source == .guest(vcpu: 0) })
+    }
+}

@@ -320,6 +320,23 @@ extension GuardTests {
         #expect(mock.finish().isEmpty)
     }
 
+    @Test("the guard handler runs first: user handlers never see a guarded store, and see other MMIO exits")
+    func handlerIsFirst() throws {
+        let mock = MockHypervisor()
+        let vm = try guardVM(mock)
+        final class Seen: @unchecked Sendable { var mmio: [MMIOAccess] = [] }
+        let seen = Seen()
+        vm.addExitHandler(ClosureExitHandler { exit, _ in
+            if case .mmio(let m) = exit { seen.mmio.append(m); return .handled }
+            return .pass
+        })
+        try vm.slots.protect(range(0x7000, page))
+        mock.vcpu(0)?.script([.guestStore(GuestAddress(0x7004), size: 4, value: 9), .guestStore(GuestAddress(0xd000_0000), size: 1, value: 1)])
+        #expect(try vm.run() == .halted)
+        #expect(try vm.memory.read(UInt32.self, at: GuestAddress(0x7004)) == 9)
+        #expect(seen.mmio.map(\.address) == [GuestAddress(0xd000_0000)])
+    }
+
     @Test("a store crossing from a guarded page into another guarded page exits twice and both parts land")
     func crossingGuardedPages() throws {
         let mock = MockHypervisor()
