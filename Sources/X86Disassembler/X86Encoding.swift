@@ -302,10 +302,14 @@ private struct TableDecoder {
             throw .invalidOpcode
         case 0x05...0x09, 0x0b, 0x0e, 0x30...0x35, 0x37, 0x77, 0xa0...0xa2, 0xa8...0xaa, 0xc8...0xcf:
             break
+        case 0x20...0x23:
+            // mov to/from CR/DR: the mod bits are ignored, the operand is always a register.
+            e.modRM = try next()
+            e.modRMOffset = pos - 1
         case 0x70...0x73, 0xa4, 0xac, 0xba, 0xc2, 0xc4...0xc6:
             try modRM(&e); e.immediate = try field(1)
-        case 0x78 where e.legacyPrefixes.contains(0x66) || e.legacyPrefixes.contains(0xf2):
-            // SSE4a extrq / insertq with two imm8.
+        case 0x78 where (e.legacyPrefixes.contains(0x66) || e.legacyPrefixes.contains(0xf2)) && (peek() ?? 0) >> 6 == 3:
+            // SSE4a extrq / insertq with two imm8 (register forms only; with memory it reads as vmread).
             try modRM(&e); e.immediate = try field(1); e.secondImmediate = try field(1)
         case 0x80...0x8f:
             e.immediate = try field(mode == .bits64 ? 4 : z); e.isRelativeBranch = true

@@ -145,6 +145,12 @@ struct DisassemblerTests {
         // SIB without base: disp32 follows the SIB byte.
         let k = try d.decode([0x8b, 0x04, 0xdd, 0x00, 0x10, 0x00, 0x00])
         #expect(k.encoding.sibOffset == 2 && k.encoding.displacement == X86Field(offset: 3, size: 4))
+        // SSE4a insertq (register form, two imm8) vs F2 0F 78 with memory (read as vmread).
+        #expect(try X86Encoding.decode([0xf2, 0x0f, 0x78, 0xc1, 0x04, 0x08], mode: .bits64).length == 6)
+        #expect(try X86Encoding.decode([0xf2, 0x0f, 0x78, 0x35, 0, 0, 0, 0], mode: .bits64).length == 8)
+        // mov to/from CR/DR ignore the mod bits: no SIB, no displacement.
+        #expect(try d.decode([0x0f, 0x20, 0x05, 0x90]).length == 3)
+        #expect(try d.decode([0x0f, 0x22, 0x44, 0x90]).encoding.displacement == nil)
         // VEX3 with an imm8.
         let v = try d.decode([0xc4, 0xe3, 0xfd, 0x01, 0x05, 0, 0, 0, 0, 0x01])
         #expect(v.encoding.vectorPrefix == X86Field(offset: 0, size: 3) && v.encoding.map == .vex(3) && v.encoding.vexW)
@@ -217,6 +223,29 @@ struct CapstoneMistakeTests {
         let d = try X86Disassembler(mode: .bits64)
         #expect(throws: X86DecodeError.lengthDisagreement(capstone: 2, tables: 3)) { try d.decode([0x0f, 0xb9, 0x06]) }
         #expect(try d.decode([0x0f, 0x0b]).groups.contains(.undefined), "ud2 decodes")
+    }
+
+    @Test("11: 67 with REX.W on a near call is refused by the length check")
+    func addressSizeCall() throws {
+        let d = try X86Disassembler(mode: .bits64)
+        #expect(throws: X86DecodeError.lengthDisagreement(capstone: 5, tables: 7)) { try d.decode([0x67, 0x48, 0xe8, 0, 0, 0, 0]) }
+        #expect(try d.decode([0x67, 0xe8, 0, 0, 0, 0]).length == 6, "without REX.W Capstone agrees")
+    }
+
+    @Test("10: implicit registers Capstone leaves out are added")
+    func implicitRegisters() throws {
+        let d = try X86Disassembler(mode: .bits64)
+        let cmpxchg = try d.decode([0x0f, 0xb1, 0x0e])
+        #expect(cmpxchg.registersWritten.contains(.eax) && cmpxchg.registersRead.contains(.eax))
+        #expect(try d.decode([0x48, 0x0f, 0xb1, 0x0e]).registersWritten.contains(.rax))
+        #expect(Set(try d.decode([0x0f, 0x05]).registersWritten).isSuperset(of: [.rcx, .r11]), "syscall")
+        let xlat = try d.decode([0xd7])
+        #expect(xlat.registersRead.contains(.rbx) && xlat.registersRead.contains(.al) && xlat.registersWritten == [.al])
+        let enter = try d.decode([0xc8, 0x10, 0x00, 0x00])
+        #expect(Set(enter.registersWritten) == [.rsp, .rbp] && Set(enter.registersRead) == [.rsp, .rbp])
+        // Capstone's own lists are kept: rep movsb reads and writes RCX, RSI, RDI.
+        let movs = try d.decode([0xf3, 0xa4])
+        #expect(Set(movs.registersWritten).isSuperset(of: [.rcx, .rsi, .rdi]) && movs.registersRead.contains(.eflags))
     }
 
     @Test("3: enter's two immediates")
