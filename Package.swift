@@ -28,7 +28,9 @@ let package = Package(
                 "VMMKit", "X86Disassembler",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
-            path: "Examples/minivmm"
+            path: "Examples/minivmm",
+            // The demo guest, compiled into the executable (see DemoGuest.swift).
+            resources: [.embedInCode("Resources/hello.elf")]
         ),
         .executableTarget(name: "tinyvmm", dependencies: ["VMMKit"], path: "Examples/tinyvmm"),
         .testTarget(name: "VMMKitTests", dependencies: ["VMMKit", "VMMKitTesting", "CKVM"]),

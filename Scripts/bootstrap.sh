@@ -26,7 +26,13 @@ if [ ! -e /dev/kvm ]; then
     echo "bootstrap: /dev/kvm is missing: load the kvm module (kvm_intel/kvm_amd) or run on a host with virtualization." >&2
     echo "bootstrap: minivmm cannot run guests here; the KVM tests will be skipped." >&2
 elif [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
-    echo "bootstrap: /dev/kvm exists but this user cannot open it: add the user to the 'kvm' group (sudo usermod -aG kvm \$USER) or run as root." >&2
+    # Advise joining the device's group only when it has one (not root's) that exists here.
+    group=$(stat -c %G /dev/kvm 2>/dev/null || echo root)
+    if [ "$group" != root ] && getent group "$group" >/dev/null 2>&1; then
+        echo "bootstrap: /dev/kvm exists but this user cannot open it: add the user to the '$group' group (sudo usermod -aG $group \$USER) or run as root." >&2
+    else
+        echo "bootstrap: /dev/kvm exists but this user cannot open it, and it belongs to no group to join: run as root or grant this user read and write access to it." >&2
+    fi
     echo "bootstrap: minivmm cannot run guests here; the KVM tests will be skipped." >&2
 fi
 exit 0

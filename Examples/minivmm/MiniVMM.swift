@@ -33,6 +33,15 @@ struct GuestOptions: ParsableArguments {
         return v
     }
 
+    /// Bad `--memory`/`--cpus` values are usage errors (exit 64, with the usage), like every other.
+    func validate() throws {
+        let bytes = try memoryBytes()
+        guard bytes >= X86Layout.minimumMemory, bytes <= 1 << 40, bytes % 4096 == 0 else {
+            throw ValidationError("bad --memory '\(memory)': use a multiple of 4K from 32M to 1T, e.g. 256M or 1G")
+        }
+        guard (1...256).contains(cpus) else { throw ValidationError("bad --cpus \(cpus): use 1 to 256") }
+    }
+
     func image() throws -> (BootImage, String) {
         guard let path = kernel else { return (.elf(demoGuestImage), "demo guest (hello)") }
         let bytes = try readFile(path)

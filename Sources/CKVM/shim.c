@@ -1,3 +1,4 @@
+#define _GNU_SOURCE // strerrorname_np
 #include "CKVM.h"
 #include <errno.h>
 #include <signal.h>
@@ -44,10 +45,17 @@ const unsigned long CKVM_SET_VCPU_EVENTS = KVM_SET_VCPU_EVENTS;
 const unsigned long CKVM_TRANSLATE = KVM_TRANSLATE;
 const unsigned long CKVM_SET_GUEST_DEBUG = KVM_SET_GUEST_DEBUG;
 
+const unsigned int CKVM_CAP_COALESCED_MMIO = KVM_CAP_COALESCED_MMIO;
+const unsigned int CKVM_CAP_SYNC_REGS = KVM_CAP_SYNC_REGS;
+const unsigned int CKVM_CAP_X86_USER_SPACE_MSR = KVM_CAP_X86_USER_SPACE_MSR;
+const unsigned int CKVM_CAP_EXIT_ON_EMULATION_FAILURE = KVM_CAP_EXIT_ON_EMULATION_FAILURE;
+const unsigned int CKVM_MSR_EXIT_REASON_UNKNOWN = KVM_MSR_EXIT_REASON_UNKNOWN;
+
 int ckvm_ioctl_none(int fd, unsigned long request) { return ioctl(fd, request, 0); }
 int ckvm_ioctl_int(int fd, unsigned long request, unsigned long arg) { return ioctl(fd, request, arg); }
 int ckvm_ioctl_ptr(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
 int ckvm_errno(void) { return errno; }
+const char *ckvm_errno_name(int e) { return strerrorname_np(e); }
 
 void ckvm_store_immediate_exit(struct kvm_run *run, uint8_t value) {
     __atomic_store_n(&run->immediate_exit, value, __ATOMIC_SEQ_CST);

@@ -13,7 +13,9 @@ public final class MockVCPU: VCPUBackend, @unchecked Sendable {
     private weak var vm: MockVM?
 
     struct State {
+        /// The script; steps before `head` are consumed (dropped in batches, so consuming is O(1)).
         var script: [MockStep] = []
+        var head = 0
         var current: (exit: VMExit, data: [UInt64])?
         var regs = Registers()
         var sregs = SpecialRegisters()
@@ -27,6 +29,23 @@ public final class MockVCPU: VCPUBackend, @unchecked Sendable {
         var lapic = LAPICState(bytes: Array(repeating: 0, count: 1024))
         var events = VCPUEvents(bytes: Array(repeating: 0, count: 64))
         var coalesced: [CoalescedWrite] = []
+
+        /// The step at the head of the script, consumed unless it is a `.spin` (a kick ends that one).
+        mutating func nextStep() -> MockStep? {
+            guard head < script.count else { return nil }
+            let first = script[head]
+            if case .spin = first {} else { consumeHead() }
+            return first
+        }
+
+        /// Consumes the step at `head`; drops consumed steps once they are half the array.
+        mutating func consumeHead() {
+            head += 1
+            if head >= 1024 && head * 2 >= script.count {
+                script.removeFirst(head)
+                head = 0
+            }
+        }
     }
     private let state = Locked(State())
     private let immediateExit = Atomic<Bool>(false)
@@ -42,7 +61,7 @@ public final class MockVCPU: VCPUBackend, @unchecked Sendable {
     public func script(_ steps: [MockStep]) { state.withLock { $0.script.append(contentsOf: steps) } }
 
     /// Steps not yet consumed.
-    public var remainingSteps: [MockStep] { state.withLock { $0.script } }
+    public var remainingSteps: [MockStep] { state.withLock { Array($0.script[$0.head...]) } }
     /// The number of `KVM_RUN` calls that entered the "guest" (not refused by `immediate_exit`).
     public var runCount: Int { state.withLock { $0.runs } }
     /// For each exit that a later `KVM_RUN` completed, what handlers supplied through
@@ -69,20 +88,16 @@ public final class MockVCPU: VCPUBackend, @unchecked Sendable {
         if immediateExit.load(ordering: .sequentiallyConsistent) { return .interrupted }
         var step: MockStep? = state.withLock { s in
             s.runs += 1
-            guard let first = s.script.first else { return nil }
-            if case .spin = first {} else { s.script.removeFirst() }
-            return first
+            return s.nextStep()
         }
         // Guest stores that land in writable memory do not exit: the guest runs on to the next step.
         while case .guestStore(let address, let size, let value)? = step {
             let exits = vm?.guestStore(address, size: size, value: value) ?? [MMIOAccess(address: address, size: UInt8(clamping: size), direction: .write, value: value)]
             step = state.withLock { s in
                 if !exits.isEmpty {
-                    s.script.insert(contentsOf: exits.map { MockStep.exit(.mmio($0)) }, at: 0)
+                    s.script.insert(contentsOf: exits.map { MockStep.exit(.mmio($0)) }, at: s.head)
                 }
-                guard let first = s.script.first else { return nil }
-                if case .spin = first {} else { s.script.removeFirst() }
-                return first
+                return s.nextStep()
             }
         }
         switch step {
@@ -98,7 +113,7 @@ public final class MockVCPU: VCPUBackend, @unchecked Sendable {
                 if woke { break }
                 sleepBriefly()
             }
-            state.withLock { s in if case .spin? = s.script.first { s.script.removeFirst() } }
+            state.withLock { s in if s.head < s.script.count, case .spin = s.script[s.head] { s.consumeHead() } }
             return .interrupted
         case .exit(let e, let data):
             state.withLock { s in

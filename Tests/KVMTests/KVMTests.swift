@@ -215,20 +215,6 @@ struct KVMTests {
     }
 }
 
-/// Dirty logging (in the serialized KVM suite).
-extension KVMTests {
-    @Test("the dirty log of a slot reports the pages the guest wrote, sized to the whole slot")
-    func dirtyLog() throws {
-        let kvm = try KVMSystem()
-        let backend = try kvm.createVM()
-        let memory = try GuestMemory(size: 2 << 20)
-        try backend.setUserMemoryRegion(MemorySlot(slot: 0, flags: .logDirtyPages, range: memory.regions[0].range, host: memory.regions[0].host))
-        let bitmap = try backend.dirtyLog(slot: 0, pageCount: 1)
-        #expect(bitmap.count == 512 / 64, "sized to the slot's 512 pages, not to the 1 page asked for")
-        #expect(throws: BackendError.self) { _ = try backend.dirtyLog(slot: 7, pageCount: 1) }
-    }
-}
-
 final class MSRLog: @unchecked Sendable {
     var reads: [UInt32] = []
     var writes: [(UInt32, UInt64)] = []

@@ -150,9 +150,4 @@ struct ImageFileTests {
             _ = try ImageFile.read("/nonexistent/guest.elf")
         }
     }
-
-    @Test("a directory is not an image")
-    func directory() {
-        #expect(throws: LoaderError.self) { _ = try ImageFile.read("/") }
-    }
 }

@@ -62,12 +62,22 @@ extern const unsigned long CKVM_SET_VCPU_EVENTS;
 extern const unsigned long CKVM_TRANSLATE;
 extern const unsigned long CKVM_SET_GUEST_DEBUG;
 
+// MARK: capability numbers (KVM_CHECK_EXTENSION, KVM_ENABLE_CAP) and their flags
+extern const unsigned int CKVM_CAP_COALESCED_MMIO;
+extern const unsigned int CKVM_CAP_SYNC_REGS;
+extern const unsigned int CKVM_CAP_X86_USER_SPACE_MSR;
+extern const unsigned int CKVM_CAP_EXIT_ON_EMULATION_FAILURE;
+/// KVM_CAP_X86_USER_SPACE_MSR's argument: exit on accesses to MSRs KVM does not know.
+extern const unsigned int CKVM_MSR_EXIT_REASON_UNKNOWN;
+
 // MARK: fixed-arity ioctl wrappers. Each returns the ioctl result; on -1 the
 // caller reads errno through ckvm_errno().
 int ckvm_ioctl_none(int fd, unsigned long request);
 int ckvm_ioctl_int(int fd, unsigned long request, unsigned long arg);
 int ckvm_ioctl_ptr(int fd, unsigned long request, void *arg);
 int ckvm_errno(void);
+/// The symbolic name of an errno value ("EISDIR"), or NULL when the C library does not know it.
+const char *ckvm_errno_name(int e);
 
 // MARK: kvm_run helpers
 /// Atomically store `value` into `run->immediate_exit` (safe from any thread).

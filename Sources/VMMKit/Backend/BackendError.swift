@@ -60,10 +60,20 @@ public struct BackendError: Error, Hashable, Sendable, CustomStringConvertible {
         switch kind {
         case .unavailable where operation.hasPrefix("open"):
             s += "; is the kvm module loaded? (/dev/kvm is missing)"
-        case .permissionDenied where operation.hasPrefix("open"):
-            s += "; add this user to the 'kvm' group or run as root"
+        case .permissionDenied where operation.hasPrefix("open "):
+            s += "; " + BackendError.accessAdvice(path: String(operation.dropFirst(5)))
         default: break
         }
         return s
+    }
+
+    /// What to do about a device this user may not open: join the group that
+    /// owns it, when it belongs to one (not root's) that exists here; else run
+    /// as root or get access to it another way.
+    static func accessAdvice(path: String) -> String {
+        if let group = Sys.owningGroup(of: path) {
+            return "add this user to the '\(group)' group that owns \(path) (sudo usermod -aG \(group) $USER, then log in again) or run as root"
+        }
+        return "\(path) belongs to no group this user could join: run as root or grant this user read and write access to it"
     }
 }

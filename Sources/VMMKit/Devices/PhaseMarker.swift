@@ -44,7 +44,8 @@ public final class PhaseMarker: ExitHandler, @unchecked Sendable {
                                  exits: context.statistics.total)
             lock.withLock { if recorded.count < PhaseMarker.markLimit { recorded.append(mark) } }
         } else {
-            context.completeRead(allOnes(size: Int(io.size)))
+            // Every element of a string read, not just the first.
+            for i in 0..<max(1, Int(io.count)) { context.completeRead(allOnes(size: Int(io.size)), at: i) }
         }
         return .handled
     }

@@ -9,6 +9,11 @@ public final class ExitContext {
     let backend: any VCPUBackend
     private let handlers: [any ExitHandler]
     @exclusivity(unchecked) private var cursor = 0
+    /// The index of the handler running now (-1: none).
+    @exclusivity(unchecked) private var running = -1
+    /// Per handler, for the current exit: what its first ``forward(_:)`` returned.
+    @exclusivity(unchecked) private var forwarded: [ExitResult?]
+    @exclusivity(unchecked) private var anyForwarded = false
     /// This vCPU's exit statistics (only this vCPU's thread writes them).
     @exclusivity(unchecked) public internal(set) var statistics: ExitStatistics
     /// Guest memory.
@@ -23,6 +28,7 @@ public final class ExitContext {
         self.vm = vm
         self.backend = backend
         self.handlers = handlers
+        self.forwarded = Array(repeating: nil, count: handlers.count)
         self.statistics = ExitStatistics(collectSites: collectSites)
         self.memory = vm.memory
         self.bus = vm.bus
@@ -53,19 +59,54 @@ public final class ExitContext {
     public func rejectMSRAccess() { backend.rejectMSRAccess() }
 
     /// Runs the rest of the chain (the handlers after the current one) on `exit`.
+    ///
+    /// The rest of the chain runs once per exit: a handler's second `forward`
+    /// runs no handler and returns what its first one returned, so no exit is
+    /// handled twice. A handler that forwarded ends the chain with its own
+    /// result, even ``ExitResult/pass``: the handlers after it have had the exit.
     public func forward(_ exit: VMExit) throws(VMError) -> ExitResult {
+        let caller = running
+        if caller >= 0, let first = forwarded[caller] { return first }
+        let r = try runRest(exit)
+        if caller >= 0 {
+            forwarded[caller] = r
+            anyForwarded = true
+        }
+        return r
+    }
+
+    /// Runs the handlers from `cursor` on until one consumes the exit or forwarded it.
+    @inline(__always)
+    private func runRest(_ exit: VMExit) throws(VMError) -> ExitResult {
+        let caller = running
+        defer { running = caller }
         while cursor < handlers.count {
-            let h = handlers[cursor]
+            let i = cursor
             cursor += 1
-            let r = try h.handle(exit, context: self)
-            if r != .pass { return r }
+            running = i
+            let r = try handlers[i].handle(exit, context: self)
+            if r != .pass || forwarded[i] != nil { return r }
         }
         return .pass
     }
 
+    /// The most string I/O one exit carries on KVM (its one-page `pio_data` area).
+    static let maximumStringIOBytes = 4096
+
     @inline(__always)
     func dispatch(_ exit: VMExit) throws(VMError) -> ExitResult {
+        // KVM never reports more string I/O elements than fit its data page. A
+        // backend that did would keep this vCPU in handlers' per-element loops
+        // for as long as it likes, out of stop()'s reach: refuse it up front.
+        if case .io(let io) = exit, Int(io.count) * max(1, Int(io.size)) > ExitContext.maximumStringIOBytes {
+            throw .invalidState("port I/O exit with \(io.count) elements of \(io.size) bytes: more than the \(ExitContext.maximumStringIOBytes)-byte data page KVM uses")
+        }
         cursor = 0
-        return try forward(exit)
+        running = -1
+        if anyForwarded {
+            for i in forwarded.indices { forwarded[i] = nil }
+            anyForwarded = false
+        }
+        return try runRest(exit)
     }
 }

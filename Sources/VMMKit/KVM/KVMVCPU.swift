@@ -68,7 +68,7 @@ public final class KVMVCPU: VCPUBackend {
     @inline(__always)
     private func decodeExit() -> VMExit {
         let reason = kvmRun.pointee.exit_reason
-        switch Int32(reason) {
+        switch Int32(bitPattern: reason) {
         case KVM_EXIT_IO:
             let io = kvmRun.pointee.io
             let dir: AccessDirection = io.direction == UInt8(KVM_EXIT_IO_OUT) ? .write : .read
@@ -142,7 +142,7 @@ public final class KVMVCPU: VCPUBackend {
 
     /// Element `index` of the current exit's data.
     public func exitData(at index: Int) -> UInt64 {
-        switch Int32(kvmRun.pointee.exit_reason) {
+        switch Int32(bitPattern: kvmRun.pointee.exit_reason) {
         case KVM_EXIT_IO:
             guard let (p, size) = ioElement(index) else { return 0 }
             return loadLE(p, count: size)
@@ -158,7 +158,7 @@ public final class KVMVCPU: VCPUBackend {
 
     /// Supplies element `index` of the data a read returns to the guest.
     public func setExitData(_ value: UInt64, at index: Int) {
-        switch Int32(kvmRun.pointee.exit_reason) {
+        switch Int32(bitPattern: kvmRun.pointee.exit_reason) {
         case KVM_EXIT_IO:
             guard let (p, size) = ioElement(index) else { return }
             storeLE(value, p, count: size)
@@ -179,7 +179,7 @@ public final class KVMVCPU: VCPUBackend {
 
     /// Fails the current MSR exit: the guest gets #GP.
     public func rejectMSRAccess() {
-        let r = Int32(kvmRun.pointee.exit_reason)
+        let r = Int32(bitPattern: kvmRun.pointee.exit_reason)
         guard r == KVM_EXIT_X86_RDMSR || r == KVM_EXIT_X86_WRMSR else { return }
         (raw + CKVM_RUN_MSR_ERROR_OFFSET).storeBytes(of: 1, as: UInt8.self)
     }

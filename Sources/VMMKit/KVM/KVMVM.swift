@@ -8,10 +8,17 @@ public final class KVMVM: VMBackend {
     /// The system this VM belongs to.
     public let system: KVMSystem
     private var slotSizes: [UInt32: UInt64] = [:]
+    /// How often `KVM_CREATE_VM` is retried after `EINTR` before the error is reported.
+    static let createRetries = 1000
 
     init(system: KVMSystem) throws(BackendError) {
         self.system = system
-        self.fd = try Sys.ioctl(system.fd, CKVM_CREATE_VM, value: 0, "KVM_CREATE_VM")
+        // KVM_CREATE_VM fails with EINTR when a signal arrives while it sets up
+        // (mmu-notifier registration); QEMU, Cloud Hypervisor and Firecracker
+        // retry it, and so does this, a bounded number of times.
+        self.fd = try InterruptedCall.retrying(KVMVM.createRetries) { () throws(BackendError) in
+            try Sys.ioctl(system.fd, CKVM_CREATE_VM, value: 0, "KVM_CREATE_VM")
+        }
     }
 
     deinit { Sys.close(fd) }
@@ -33,8 +40,8 @@ public final class KVMVM: VMBackend {
         let vfd = try Sys.ioctl(fd, CKVM_CREATE_VCPU, value: UInt(id), "KVM_CREATE_VCPU")
         do throws(BackendError) {
             return try KVMVCPU(fd: vfd, id: id, mmapSize: system.vcpuMmapSize,
-                               syncRegs: system.checkExtension(KVM_CAP_SYNC_REGS) & Int32(KVM_SYNC_X86_REGS) != 0,
-                               coalescedPage: checkExtension(KVM_CAP_COALESCED_MMIO))
+                               syncRegs: system.checkExtension(Int32(KVMCapability.syncRegs)) & Int32(KVM_SYNC_X86_REGS) != 0,
+                               coalescedPage: checkExtension(Int32(KVMCapability.coalescedMMIO)))
         } catch {
             Sys.close(vfd)
             throw error

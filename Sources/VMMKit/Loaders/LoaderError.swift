@@ -4,6 +4,8 @@ public enum LoaderError: Error, Hashable, Sendable, CustomStringConvertible {
     case empty
     /// The image file could not be opened or read.
     case unreadable(path: String, errno: Errno)
+    /// The path names something other than a regular file (a directory, FIFO, socket or device).
+    case notRegularFile(path: String)
     /// The image ends before a structure it declares: `what` needs bytes up to `needed`, the image has `available`.
     case truncated(what: String, needed: UInt64, available: UInt64)
     /// Not an ELF file (bad magic), or not what the loader expects.
@@ -33,6 +35,7 @@ public enum LoaderError: Error, Hashable, Sendable, CustomStringConvertible {
         switch self {
         case .empty: return "the image is empty"
         case .unreadable(let p, let e): return "cannot read \(p): \(e)"
+        case .notRegularFile(let p): return "\(p) is not a regular file"
         case .truncated(let w, let n, let a): return "truncated image: \(w) needs \(n) bytes, the file has \(a)"
         case .badMagic: return "not an ELF image (bad magic)"
         case .unsupportedFormat(let s): return "unsupported ELF: \(s)"

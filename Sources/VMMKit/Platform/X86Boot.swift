@@ -113,7 +113,13 @@ public enum X86Boot {
             }
             // e_entry is virtual; the platform's identity map runs it at its physical address.
             let entry: LoadedImage.EntryMode
-            if let pvh = elf.pvhEntry { entry = .pvh(pvh) } else { entry = .long64(try physicalEntry(elf)) }
+            if let pvh = elf.pvhEntry {
+                // The PVH note's entry is physical: it must lie in what was loaded, like e_entry.
+                guard ranges.contains(where: { $0.contains(GuestAddress(UInt64(pvh))) }) else {
+                    throw .loader(.entryOutsideImage(UInt64(pvh)))
+                }
+                entry = .pvh(pvh)
+            } else { entry = .long64(try physicalEntry(elf)) }
             loaded = LoadedImage(entry: entry, segments: ranges, symbols: elf.symbols)
         case .flat(let bytes, let loadAddress, let entry):
             guard !bytes.isEmpty else { throw .loader(.empty) }

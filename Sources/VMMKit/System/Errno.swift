@@ -1,3 +1,5 @@
+import CKVM
+
 /// An `errno` value returned by a system call, with names for the values a
 /// VMM meets most often.
 public struct Errno: RawRepresentable, Error, Hashable, Sendable, CustomStringConvertible {
@@ -34,8 +36,14 @@ public struct Errno: RawRepresentable, Error, Hashable, Sendable, CustomStringCo
     public static let exists = Errno(rawValue: 17)
     /// `ENODEV`: no such device.
     public static let noDevice = Errno(rawValue: 19)
+    /// `ENOTDIR`: not a directory.
+    public static let notDirectory = Errno(rawValue: 20)
+    /// `EISDIR`: is a directory.
+    public static let isDirectory = Errno(rawValue: 21)
     /// `EINVAL`: invalid argument.
     public static let invalidArgument = Errno(rawValue: 22)
+    /// `EMFILE`: too many open files in this process.
+    public static let tooManyOpenFiles = Errno(rawValue: 24)
     /// `ENOSPC`: no space left.
     public static let noSpace = Errno(rawValue: 28)
     /// `ENOTTY`: inappropriate ioctl (the fd is not what the ioctl expects).
@@ -45,30 +53,11 @@ public struct Errno: RawRepresentable, Error, Hashable, Sendable, CustomStringCo
     /// `EOPNOTSUPP`: operation not supported.
     public static let notSupported = Errno(rawValue: 95)
 
-    /// The symbolic name (`EINTR`, ...) when known, else `errno N`.
+    /// The symbolic name (`EINTR`, `EISDIR`, ...) of every errno the C library
+    /// knows (`strerrorname_np`), else `errno N`.
     public var name: String {
-        switch rawValue {
-        case 1: "EPERM"
-        case 2: "ENOENT"
-        case 4: "EINTR"
-        case 5: "EIO"
-        case 6: "ENXIO"
-        case 7: "E2BIG"
-        case 9: "EBADF"
-        case 11: "EAGAIN"
-        case 12: "ENOMEM"
-        case 13: "EACCES"
-        case 14: "EFAULT"
-        case 16: "EBUSY"
-        case 17: "EEXIST"
-        case 19: "ENODEV"
-        case 22: "EINVAL"
-        case 25: "ENOTTY"
-        case 28: "ENOSPC"
-        case 38: "ENOSYS"
-        case 95: "EOPNOTSUPP"
-        default: "errno \(rawValue)"
-        }
+        guard let p = ckvm_errno_name(rawValue) else { return "errno \(rawValue)" }
+        return String(cString: p)
     }
 
     /// The symbolic name and number, e.g. `EINTR (4)`.

@@ -1,7 +1,9 @@
-// The one place where VMMKit calls into libc and the KVM ioctl shims.
-// Every function here is a small funnel: it calls one C function and turns
-// a failure into a typed `BackendError` naming the operation and errno.
-// No EINTR retry happens here: callers decide (KVM_RUN must see EINTR).
+// Where VMMKit calls into libc and the KVM ioctl shims (with ImageFile.swift
+// and KVM/). `open`, the `ioctl`s, `mapShared` and `installKickHandler` turn
+// a failure into a typed `BackendError` naming the operation and errno; the
+// others return a result or ignore failures they cannot act on. Only
+// `HostOutput.write` retries EINTR here; the ioctl callers decide (KVM_RUN
+// must see EINTR, KVM_CREATE_VM retries it).
 
 import Glibc
 import CKVM
@@ -17,6 +19,14 @@ enum Sys {
     }
 
     static func close(_ fd: Int32) { _ = Glibc.close(fd) }
+
+    /// The name of the group that owns `path`, when that is not root's group
+    /// and the group database (`/etc/group`, NSS) knows it.
+    static func owningGroup(of path: String) -> String? {
+        var st = stat()
+        guard stat(path, &st) == 0, st.st_gid != 0, let g = getgrgid(st.st_gid), let name = g.pointee.gr_name else { return nil }
+        return String(cString: name)
+    }
 
     @inline(__always)
     static func ioctl(_ fd: Int32, _ request: UInt, _ name: StaticString) throws(BackendError) -> Int32 {
@@ -69,11 +79,12 @@ enum Sys {
     static func threadID() -> UInt { UInt(pthread_self()) }
 
     /// Marks the calling thread as running a vCPU of `vm`.
-    static func setThreadTag(_ vm: AnyObject) { ckvm_set_thread_tag(UInt(bitPattern: ObjectIdentifier(vm).hashValue)) }
+    /// The tag is the object's address (its identity while it lives), not a hash.
+    static func setThreadTag(_ vm: AnyObject) { ckvm_set_thread_tag(UInt(bitPattern: ObjectIdentifier(vm))) }
     static func clearThreadTag() { ckvm_set_thread_tag(0) }
     /// Whether the calling thread runs a vCPU of `vm`.
     static func threadRunsVCPU(of vm: AnyObject) -> Bool {
-        ckvm_thread_tag() == UInt(bitPattern: ObjectIdentifier(vm).hashValue)
+        ckvm_thread_tag() == UInt(bitPattern: ObjectIdentifier(vm))
     }
 
     static func kick(_ thread: pthread_t) { _ = ckvm_kick_thread(thread) }
@@ -84,6 +95,22 @@ enum Sys {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)
         return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
+    }
+}
+
+/// Retrying a system call that a signal interrupted.
+package enum InterruptedCall {
+    /// Runs `body`; while it fails with `EINTR`, runs it again, at most
+    /// `retries` more times, then lets the `EINTR` through.
+    package static func retrying<R>(_ retries: Int, _ body: () throws(BackendError) -> R) throws(BackendError) -> R {
+        var attempt = 0
+        while true {
+            do throws(BackendError) {
+                return try body()
+            } catch where error.errno == .interrupted && attempt < retries {
+                attempt += 1
+            }
+        }
     }
 }
 
@@ -138,10 +165,14 @@ final class ConditionLock: @unchecked Sendable {
     }
 }
 
-/// Starts a detached-joinable OS thread running `body` (vCPU threads).
+/// Starts a joinable OS thread running `body` (vCPU threads).
+///
+/// The thread drops `body` (and what it captured) as soon as `body` returns,
+/// so a finished thread keeps nothing alive; whoever owns the `OSThread`
+/// then joins it, or ``joinOrDetach()`` reclaims it from a deinitializer.
 final class OSThread: @unchecked Sendable {
     private var handle = pthread_t()
-    private let body: () -> Void
+    private var body: (() -> Void)?
 
     private init(body: @escaping () -> Void) { self.body = body }
 
@@ -151,7 +182,7 @@ final class OSThread: @unchecked Sendable {
         let r = pthread_create(&t.handle, nil, { arg in
             guard let arg else { return nil }
             let t = Unmanaged<OSThread>.fromOpaque(arg).takeRetainedValue()
-            t.body()
+            t.runBody()
             return nil
         }, unmanaged.toOpaque())
         if r != 0 {
@@ -161,7 +192,18 @@ final class OSThread: @unchecked Sendable {
         return t
     }
 
+    private func runBody() {
+        if let b = body { b() }
+        body = nil // may release the last reference to the VM: its deinit then runs on this thread
+    }
+
     func join() { pthread_join(handle, nil) }
+
+    /// Joins the thread, or detaches it when called on the thread itself
+    /// (a deinitializer that runs there: the thread is about to end).
+    func joinOrDetach() {
+        if pthread_equal(handle, pthread_self()) != 0 { pthread_detach(handle) } else { pthread_join(handle, nil) }
+    }
 }
 
 /// Writes to a host file descriptor (UART output to the terminal).

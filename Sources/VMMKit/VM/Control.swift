@@ -36,6 +36,9 @@ final class Control: @unchecked Sendable {
 
     func setThreads(_ t: [OSThread]) { cond.withLock { threads = t } }
 
+    /// Hands over the vCPU threads not yet joined (for a VM dropped without ``VirtualMachine/wait()``).
+    func takeThreads() -> [OSThread] { cond.withLock { let t = threads; threads = []; return t } }
+
     var isRunning: Bool { cond.withLock { running } }
 
     /// Whether a vCPU thread may be inside its run loop (running, and not every vCPU has finished).

@@ -57,7 +57,7 @@ public final class VirtualMachine: @unchecked Sendable {
             try? backend.setTSSAddress(0xfffb_d000)
             if configuration.inKernelIRQChip { try backend.createIRQChip() }
             if configuration.userSpaceMSRExits {
-                try backend.enableCapability(188 /* KVM_CAP_X86_USER_SPACE_MSR */, args: [1 << 1 /* KVM_MSR_EXIT_REASON_UNKNOWN */])
+                try backend.enableCapability(KVMCapability.x86UserSpaceMSR, args: [KVMCapability.msrExitReasonUnknown])
             }
             for i in 0..<configuration.vcpuCount {
                 vcpus.append(VCPU(id: i, backend: try backend.createVCPU(id: i)))
@@ -75,6 +75,17 @@ public final class VirtualMachine: @unchecked Sendable {
     /// called at any time.
     public func setPageGuardListener(_ listener: (any PageGuardListener)?) {
         guardListeners.set(listener)
+    }
+
+    /// A VM dropped without ``wait()`` after it stopped: its threads each held
+    /// it until they finished, so all have, and are reclaimed here (this may
+    /// run on the last of them); the fds, mappings and guest RAM go with the
+    /// VM's members. A VM that still runs is not dropped: its threads hold it
+    /// until it stops. Stop hooks and ``ExitHandler/vmDidStop(_:)`` run only in ``wait()``.
+    deinit {
+        var threads = control.takeThreads()
+        if let t = timerThread { threads.append(t) }
+        for t in threads { t.joinOrDetach() }
     }
 
     /// Adds an exit handler. Handlers see exits in the order they were added,
@@ -210,7 +221,14 @@ public final class VirtualMachine: @unchecked Sendable {
 
     /// Waits until the VM has stopped, runs the stop hooks and handlers'
     /// ``ExitHandler/vmDidStop(_:)``, and returns why it stopped.
+    ///
+    /// - Throws: ``VMError/invalidState(_:)`` when the VM was not started, or
+    ///   when called from an exit handler (it would wait for its own vCPU:
+    ///   return ``ExitResult/stopVM(_:)`` or call ``stop()`` there instead).
     public func wait() throws(VMError) -> StopReason {
+        guard !Sys.threadRunsVCPU(of: self) else {
+            throw .invalidState("wait() from an exit handler would wait for its own vCPU; return .stopVM or call stop() instead")
+        }
         guard control.isRunning else { throw .invalidState("the VM was not started") }
         let outcome = control.waitForAll()
         timerThread?.join()
