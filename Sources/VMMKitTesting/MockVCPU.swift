@@ -113,6 +113,9 @@ public final class MockVCPU: VCPUBackend, @unchecked Sendable {
                 if woke { break }
                 sleepBriefly()
             }
+            // One kick ends one spin: a wake left over from a kick seen through immediate_exit
+            // would end the next spin at once (two spins per kick made spin counts racy).
+            wake.withLock { $0 = false }
             state.withLock { s in if s.head < s.script.count, case .spin = s.script[s.head] { s.consumeHead() } }
             return .interrupted
         case .exit(let e, let data):
