@@ -162,6 +162,9 @@ struct FastPathTests {
         try vm.bus.attach(DoorbellDevice(memory: vm.memory), mmio: GuestRange(start: GuestAddress(0xd000_0000), size: 0x1000))
         #expect(refusal(0xd000_0040, 4, .write, ring: 1, space: .mmio) == .kernelHandled(.ioeventfd))
         #expect(vm.bus.kernelHandling(space: .mmio, address: 0xd000_0040, size: 4) == .ioeventfd)
+        #expect(throws: VMError.self) { try vm.registerCoalescedZone(CoalescedZone(address: 0x500, size: 0, isPIO: true)) }
+        #expect(!mock.log.calls.contains { $0.operation == .registerCoalescedMMIO && $0.detail == "0x500" },
+                "an empty zone is refused before the kernel sees it")
 
         let wrong: [FastPathDescription] = [
             FastPathDescription(kind: .discardWrite, offset: 1, size: 1, direction: .write),

@@ -100,24 +100,23 @@ public final class VirtualMachine: @unchecked Sendable {
     /// The corresponding ioctl is `KVM_REGISTER_COALESCED_MMIO`.
     public func registerCoalescedZone(_ zone: CoalescedZone) throws(VMError) {
         guard !isRunning else { throw .invalidState("register coalesced zones before starting the VM") }
+        // The bus first: it checks the range, and a mark left by a failed registration only refuses fast paths.
+        try markKernelHandled(zone.isPIO, zone.address, UInt64(zone.size), .coalescedZone)
         do { try backend.registerCoalescedZone(zone) } catch { throw .backend(error) }
         hasCoalescedZones = true
-        do {
-            try bus.markKernelHandled(space: zone.isPIO ? .pio : .mmio,
-                                      range: GuestRange(start: GuestAddress(zone.address), size: UInt64(zone.size)),
-                                      kind: .coalescedZone)
-        } catch { throw .bus(error) }
     }
 
     /// Registers an ioeventfd: the guest's writes to `event.address` signal
     /// the eventfd in the kernel instead of exiting. The bus learns of it and
     /// grants no fast path there. The corresponding ioctl is `KVM_IOEVENTFD`.
     public func registerIOEventFD(_ event: IOEventFD) throws(VMError) {
+        try markKernelHandled(event.isPIO, event.address, UInt64(max(event.length, 1)), .ioeventfd)
         do { try backend.registerIOEventFD(event) } catch { throw .backend(error) }
+    }
+
+    private func markKernelHandled(_ isPIO: Bool, _ address: UInt64, _ size: UInt64, _ kind: KernelHandledKind) throws(VMError) {
         do {
-            try bus.markKernelHandled(space: event.isPIO ? .pio : .mmio,
-                                      range: GuestRange(start: GuestAddress(event.address), size: UInt64(max(event.length, 1))),
-                                      kind: .ioeventfd)
+            try bus.markKernelHandled(space: isPIO ? .pio : .mmio, range: GuestRange(start: GuestAddress(address), size: size), kind: kind)
         } catch { throw .bus(error) }
     }
 
