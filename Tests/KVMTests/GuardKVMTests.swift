@@ -1,5 +1,6 @@
 import Testing
 import VMMKit
+import X86Disassembler
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -122,13 +123,39 @@ extension KVMTests {
         }
         // At CPL3: this host emulates CPL0 code, and its emulator cannot run `movq` at all.
         let vm = try guardedVM(code, protectOnPort80: [KVMTests.dataPage], listener: log, userMode: true)
+        vm.setEmulationFailureResolver(try X86EmulationFailureResolver())
         try vm.memory.write(UInt64.max, at: KVMTests.dataPage.start)
         #expect(try vm.run() == .guestExit(status: 0))
         #expect(try vm.memory.read(UInt64.self, at: KVMTests.dataPage.start) == 0, "the store ran after the page was unguarded")
         #expect(log.failures.count == 1)
         #expect(log.failures.first?.rip == 0x10_000b, "RIP on the failing store")
         #expect(log.failures.first.map { $0.instructionBytes.starts(with: [0x66, 0x0f, 0xd6, 0x07]) } == true)
+        #expect(log.failures.first?.writes == [GuestRange(start: KVMTests.dataPage.start, size: 8)], "the resolver found the store's bytes")
         #expect(vm.memory.protectedRanges.isEmpty)
+    }
+}
+
+/// Emulation failures away from the guards (real KVM).
+extension KVMTests {
+    @Test("with the resolver, an instruction KVM cannot emulate that writes an unguarded page does not reach the listener")
+    func unguardedEmulationFailure() throws {
+        let code: [UInt8] = [
+            0x48, 0xc7, 0xc7, 0x00, 0x20, 0x30, 0x00,       // mov rdi, 0x302000 (not guarded)
+            0xb0, 0x01, 0xe6, 0x80,                         // mov al, 1; out 0x80, al   (the host guards 0x300000)
+            0x66, 0x0f, 0xd6, 0x07,                         // movq [rdi], xmm0
+            0xb0, 0x00, 0xe6, 0xf4,                         // mov al, 0; out 0xf4, al
+        ]
+        let log = GuardRecorder { _, _ in .retry }
+        let vm = try guardedVM(code, protectOnPort80: [KVMTests.dataPage], listener: log)
+        vm.setEmulationFailureResolver(try X86EmulationFailureResolver())
+        // At CPL0 this host emulates the code and cannot run `movq`: the failure is the VM's, as
+        // without guards. Where CPL0 runs natively the store simply lands.
+        do {
+            #expect(try vm.run() == .guestExit(status: 0))
+        } catch VMError.guestFault(let f) {
+            #expect(f.kind == .emulationFailure)
+        }
+        #expect(log.failures.isEmpty)
     }
 }
 

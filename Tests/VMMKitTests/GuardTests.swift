@@ -440,6 +440,33 @@ extension GuardTests {
         #expect(log.failures.first?.instructionBytes == [0x66, 0x0f, 0xd6, 0x07])
     }
 
+    /// A resolver that answers what the test says.
+    final class FixedResolver: EmulationFailureResolver {
+        let answer: [GuestRange]?
+        init(_ answer: [GuestRange]?) { self.answer = answer }
+        func writes(of failure: GuardedEmulationFailure, context: ExitContext) -> [GuestRange]? { answer }
+    }
+
+    @Test("with a resolver, only failures writing a guarded page (or unresolved) reach the listener, with the bytes", arguments: [
+        ([range(0x9ffc, 4)], true), ([range(0x8ffc, 4), range(0x9000, 4)], true), (nil, true), ([range(0xa000, 8)], false), ([], false),
+    ])
+    func emulationFailureResolved(writes: [GuestRange]?, reported: Bool) throws {
+        let mock = MockHypervisor()
+        let vm = try guardVM(mock)
+        let log = GuardLog(decision: .retry)
+        vm.setPageGuardListener(log)
+        vm.setEmulationFailureResolver(FixedResolver(writes))
+        try vm.slots.protect(range(0x9000, page))
+        mock.vcpu(0)?.script([.exit(.internalError(GuardTests.movqFailure))])
+        if reported {
+            #expect(try vm.run() == .halted)
+            #expect(log.failures.count == 1 && log.failures.first?.writes == writes)
+        } else {
+            #expect(throws: VMError.self) { try vm.run() }
+            #expect(log.failures.isEmpty)
+        }
+    }
+
     @Test("an emulation failure fails the VM without guards, when the listener says so, and after too many retries")
     func emulationFailureFails() throws {
         func run(protect: Bool, decision: GuardDecision, failures: Int) throws -> (Bool, GuardLog) {

@@ -28,13 +28,16 @@ public struct GuardedEmulationFailure: Hashable, Sendable {
     public var instructionBytes: [UInt8]
     /// The raw exit.
     public var error: InternalError
+    /// The guest-physical bytes the failing instruction writes, one range per
+    /// page, when an ``EmulationFailureResolver`` could tell; `nil` when unknown.
+    public var writes: [GuestRange]?
 
     /// How many times in a row one vCPU may re-run the same failing instruction.
     public static let retryLimit = 16
 
     /// Creates a record.
-    public init(vcpu: Int, rip: UInt64, instructionBytes: [UInt8], error: InternalError) {
-        self.vcpu = vcpu; self.rip = rip; self.instructionBytes = instructionBytes; self.error = error
+    public init(vcpu: Int, rip: UInt64, instructionBytes: [UInt8], error: InternalError, writes: [GuestRange]? = nil) {
+        self.vcpu = vcpu; self.rip = rip; self.instructionBytes = instructionBytes; self.error = error; self.writes = writes
     }
 }
 
@@ -59,10 +62,12 @@ public protocol PageGuardListener: AnyObject, Sendable {
     /// Bytes were written into a guarded page, and are already in memory.
     /// `context` is the writing vCPU's context for a guest write, `nil` for a host write.
     func guardedWrite(_ write: GuardedWrite, context: ExitContext?)
-    /// An instruction KVM could not emulate while pages were guarded. VMMKit
-    /// does not decode instructions, so it cannot tell whether the failing
-    /// access touches a guarded page: the listener (which can decode
-    /// ``GuardedEmulationFailure/instructionBytes``) decides.
+    /// An instruction KVM could not emulate while pages were guarded. With an
+    /// ``EmulationFailureResolver`` installed, only failures whose writes touch
+    /// a guarded page (or cannot be resolved) arrive here, with
+    /// ``GuardedEmulationFailure/writes`` filled in; without one (VMMKit does
+    /// not decode instructions) every failure while pages are guarded arrives
+    /// and the listener decides.
     func guardedEmulationFailure(_ failure: GuardedEmulationFailure, context: ExitContext) -> GuardDecision
 }
 
@@ -90,12 +95,27 @@ public final class ClosurePageGuardListener: PageGuardListener {
     }
 }
 
-/// Holds the VM's guard listener (set at any time, read on vCPU threads).
+/// Tells which guest-physical bytes an instruction KVM could not emulate
+/// writes, so that only failures at guarded pages reach the
+/// ``PageGuardListener``. VMMKit does not decode x86; the `X86Disassembler`
+/// module provides one (`X86EmulationFailureResolver`).
+public protocol EmulationFailureResolver: AnyObject, Sendable {
+    /// The guest-physical ranges (one per page) the instruction at
+    /// `failure.rip` writes, empty when it writes no memory, or `nil` when
+    /// that cannot be told (undecodable bytes, an unmapped page). Called on
+    /// the vCPU's thread with the VM's vCPUs running.
+    func writes(of failure: GuardedEmulationFailure, context: ExitContext) -> [GuestRange]?
+}
+
+/// Holds the VM's guard listener and resolver (set at any time, read on vCPU threads).
 final class GuardListenerBox: @unchecked Sendable {
     private let lock = ConditionLock()
     private var listener: (any PageGuardListener)?
+    private var resolver: (any EmulationFailureResolver)?
     var current: (any PageGuardListener)? { lock.withLock { listener } }
+    var currentResolver: (any EmulationFailureResolver)? { lock.withLock { resolver } }
     func set(_ l: (any PageGuardListener)?) { lock.withLock { listener = l } }
+    func set(resolver r: (any EmulationFailureResolver)?) { lock.withLock { resolver = r } }
 }
 
 /// The built-in first handler of every chain: applies guest writes into
@@ -145,7 +165,12 @@ final class PageGuardHandler: ExitHandler {
             s = (s.rip == rip && s.total == total - 1) ? (rip, total, s.count + 1) : (rip, total, 1)
             streaks[id] = s
             guard s.count <= GuardedEmulationFailure.retryLimit else { return .pass }
-            let failure = GuardedEmulationFailure(vcpu: id, rip: rip, instructionBytes: ie.instructionBytes, error: ie)
+            var failure = GuardedEmulationFailure(vcpu: id, rip: rip, instructionBytes: ie.instructionBytes, error: ie)
+            if let resolver = listeners.currentResolver {
+                failure.writes = resolver.writes(of: failure, context: context)
+                // Resolved, and no byte in a guarded page: not the guards' business.
+                if let w = failure.writes, !w.contains(where: { memory.isProtected($0.start, length: $0.size) }) { return .pass }
+            }
             return listener.guardedEmulationFailure(failure, context: context) == .retry ? .handled : .pass
         default:
             return .pass

@@ -77,6 +77,13 @@ public final class VirtualMachine: @unchecked Sendable {
         guardListeners.set(listener)
     }
 
+    /// Sets (or with `nil` removes) what tells which bytes an instruction KVM
+    /// could not emulate writes; with one set, only emulation failures that
+    /// touch a guarded page (or cannot be resolved) reach the listener.
+    public func setEmulationFailureResolver(_ resolver: (any EmulationFailureResolver)?) {
+        guardListeners.set(resolver: resolver)
+    }
+
     /// A VM dropped without ``wait()`` after it stopped: its threads each held
     /// it until they finished, so all have, and are reclaimed here (this may
     /// run on the last of them); the fds, mappings and guest RAM go with the
