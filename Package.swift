@@ -20,7 +20,7 @@ let package = Package(
             providers: [.apt(["libcapstone-dev"])]
         ),
         .target(name: "VMMKit", dependencies: ["CKVM"]),
-        .target(name: "VMMKitTesting", dependencies: ["VMMKit", "CKVM"]),
+        .target(name: "VMMKitTesting", dependencies: ["VMMKit"]),
         .target(name: "X86Disassembler", dependencies: ["CCapstone", "VMMKit"]),
         .executableTarget(
             name: "minivmm",
@@ -33,7 +33,7 @@ let package = Package(
             resources: [.embedInCode("Resources/hello.elf")]
         ),
         .executableTarget(name: "tinyvmm", dependencies: ["VMMKit"], path: "Examples/tinyvmm"),
-        .testTarget(name: "VMMKitTests", dependencies: ["VMMKit", "VMMKitTesting", "CKVM"]),
+        .testTarget(name: "VMMKitTests", dependencies: ["VMMKit", "VMMKitTesting"]),
         .testTarget(name: "KVMTests", dependencies: ["VMMKit", "X86Disassembler", "minivmm"]),
         .testTarget(name: "MiniVMMTests", dependencies: ["minivmm"]),
         .testTarget(name: "X86DisassemblerTests", dependencies: ["X86Disassembler", "VMMKit"], exclude: ["Corpus"]),

@@ -49,6 +49,9 @@ const unsigned int CKVM_CAP_COALESCED_MMIO = KVM_CAP_COALESCED_MMIO;
 const unsigned int CKVM_CAP_SYNC_REGS = KVM_CAP_SYNC_REGS;
 const unsigned int CKVM_CAP_X86_USER_SPACE_MSR = KVM_CAP_X86_USER_SPACE_MSR;
 const unsigned int CKVM_CAP_EXIT_ON_EMULATION_FAILURE = KVM_CAP_EXIT_ON_EMULATION_FAILURE;
+const unsigned int CKVM_CAP_NR_MEMSLOTS = KVM_CAP_NR_MEMSLOTS;
+const unsigned int CKVM_CAP_DISABLE_QUIRKS2 = KVM_CAP_DISABLE_QUIRKS2;
+const unsigned long long CKVM_X86_QUIRK_SLOT_ZAP_ALL = KVM_X86_QUIRK_SLOT_ZAP_ALL;
 const unsigned int CKVM_MSR_EXIT_REASON_UNKNOWN = KVM_MSR_EXIT_REASON_UNKNOWN;
 
 int ckvm_ioctl_none(int fd, unsigned long request) { return ioctl(fd, request, 0); }

@@ -1,5 +1,4 @@
 import VMMKit
-import CKVM
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -28,9 +27,9 @@ public final class MockHypervisor: HypervisorBackend, @unchecked Sendable {
     /// What `KVM_CHECK_EXTENSION` answers for a capability, read when a VM is
     /// created; capabilities not listed answer 1 (present).
     public var capabilities: [Int32: Int32] = [
-        KVM_CAP_NR_MEMSLOTS: 32764,
-        KVM_CAP_DISABLE_QUIRKS2: Int32(KVM_X86_QUIRK_SLOT_ZAP_ALL),
-        KVM_CAP_EXIT_ON_EMULATION_FAILURE: 1,
+        Int32(KVMCapability.nrMemslots): 32764,
+        Int32(KVMCapability.disableQuirks2): Int32(KVMCapability.x86QuirkSlotZapAll),
+        Int32(KVMCapability.exitOnEmulationFailure): 1,
     ]
     private let vmsLock = Locked<[MockVM]>([])
 

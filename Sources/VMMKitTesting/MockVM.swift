@@ -1,5 +1,4 @@
 import VMMKit
-import CKVM
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -69,7 +68,7 @@ public final class MockVM: VMBackend, @unchecked Sendable {
     public func setUserMemoryRegion(_ slot: MemorySlot) throws(BackendError) {
         let verb = slot.range.size == 0 ? "delete" : "set"
         try log.record(.setUserMemoryRegion, "\(verb) slot \(slot.slot) \(slot.range) flags \(slot.flags.rawValue)")
-        let limit = capabilities[KVM_CAP_NR_MEMSLOTS] ?? 32
+        let limit = capabilities[Int32(KVMCapability.nrMemslots)] ?? 32
         let refusal: Errno? = state.withLock { s in
             guard Int(slot.slot) < Int(limit) else { return .invalidArgument }
             if slot.range.size == 0 {

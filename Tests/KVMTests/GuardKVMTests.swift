@@ -75,6 +75,8 @@ extension KVMTests {
         #expect(vm.slots.slot(containing: KVMTests.codePage.start)?.range == KVMTests.codePage)
         #expect(vm.slots.slot(containing: KVMTests.codePage.start)?.readOnly == true)
         #expect(vm.statistics()[.mmio] == 2, "one exit per guarded store")
+        let quirks = UInt64(UInt32(bitPattern: vm.backend.checkExtension(Int32(KVMCapability.disableQuirks2))))
+        #expect(vm.slots.zapAllQuirkDisabled == (quirks & KVMCapability.x86QuirkSlotZapAll != 0), "disabled wherever KVM allows it")
     }
 
     @Test("protect while a guest runs: every later store into the page is reported, a host write too, and nothing is lost")

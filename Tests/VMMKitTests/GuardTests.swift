@@ -1,5 +1,4 @@
 import Testing
-import CKVM
 import VMMKit
 import VMMKitTesting
 #if canImport(Glibc)
@@ -76,7 +75,7 @@ struct GuardTests {
         #expect(Set(vm.slots.slots.map(\.number)).count == 4)
         #expect(vm.slots.zapAllQuirkDisabled)
         let caps = try #require(mock.vms.last).enabledCapabilities
-        #expect(caps.contains { $0.capability == UInt32(KVM_CAP_DISABLE_QUIRKS2) && $0.args == [UInt64(KVM_X86_QUIRK_SLOT_ZAP_ALL)] })
+        #expect(caps.contains { $0.capability == KVMCapability.disableQuirks2 && $0.args == [KVMCapability.x86QuirkSlotZapAll] })
     }
 
     @Test("granularity 0 keeps one slot per region and leaves the quirk alone; a read-only region keeps its slot")
@@ -91,7 +90,7 @@ struct GuardTests {
     @Test("granularity is coarsened so the carving stays within the slot budget")
     func coarsened() throws {
         let mock = MockHypervisor()
-        mock.capabilities[KVM_CAP_NR_MEMSLOTS] = 64
+        mock.capabilities[Int32(KVMCapability.nrMemslots)] = 64
         let vm = try guardVM(mock, memory: 64 << 20, granularity: 4096)
         #expect(vm.slots.granularity == 2 << 20, "64 MiB in at most 32 slots")
         #expect(vm.slots.slots.count == 32)
@@ -187,7 +186,7 @@ struct GuardTests {
     @Test("a change needing more slots than the hypervisor has is refused before any slot is touched")
     func outOfSlots() throws {
         let mock = MockHypervisor()
-        mock.capabilities[KVM_CAP_NR_MEMSLOTS] = 40
+        mock.capabilities[Int32(KVMCapability.nrMemslots)] = 40
         let vm = try guardVM(mock)
         let calls = mock.log.calls(.setUserMemoryRegion).count
         let every2nd = (0..<30).map { range(UInt64($0) * 2 * page, page) }
@@ -433,7 +432,7 @@ extension GuardTests {
         vm.setPageGuardListener(log)
         try vm.slots.protect(range(0x9000, page))
         let caps = try #require(mock.vms.last).enabledCapabilities
-        #expect(caps.contains { $0.capability == UInt32(KVM_CAP_EXIT_ON_EMULATION_FAILURE) && $0.args == [1] })
+        #expect(caps.contains { $0.capability == KVMCapability.exitOnEmulationFailure && $0.args == [1] })
         mock.vcpu(0)?.script([.exit(.internalError(GuardTests.movqFailure))])
         #expect(try vm.run() == .halted)
         #expect(log.failures.count == 1)

@@ -67,6 +67,10 @@ extern const unsigned int CKVM_CAP_COALESCED_MMIO;
 extern const unsigned int CKVM_CAP_SYNC_REGS;
 extern const unsigned int CKVM_CAP_X86_USER_SPACE_MSR;
 extern const unsigned int CKVM_CAP_EXIT_ON_EMULATION_FAILURE;
+extern const unsigned int CKVM_CAP_NR_MEMSLOTS;
+extern const unsigned int CKVM_CAP_DISABLE_QUIRKS2;
+/// KVM_CAP_DISABLE_QUIRKS2's bit for zap-all-shadow-pages-on-memslot-delete.
+extern const unsigned long long CKVM_X86_QUIRK_SLOT_ZAP_ALL;
 /// KVM_CAP_X86_USER_SPACE_MSR's argument: exit on accesses to MSRs KVM does not know.
 extern const unsigned int CKVM_MSR_EXIT_REASON_UNKNOWN;
 

@@ -1,5 +1,3 @@
-import CKVM
-
 /// Why a memory-slot change was refused or failed.
 public enum MemorySlotError: Error, Hashable, Sendable, CustomStringConvertible {
     /// The range is empty.
@@ -119,7 +117,7 @@ public final class MemorySlots: @unchecked Sendable {
         self.backend = backend
         self.memory = memory
         self.logsDirtyPages = logDirtyPages
-        let reported = Int(backend.checkExtension(KVM_CAP_NR_MEMSLOTS))
+        let reported = Int(backend.checkExtension(Int32(KVMCapability.nrMemslots)))
         let limit = reported >= 32 ? reported : 32 // KVM's historical minimum when the capability is absent
         self.slotLimit = limit
         var g: UInt64 = 0
@@ -133,9 +131,9 @@ public final class MemorySlots: @unchecked Sendable {
         self.granularity = g
         // Disable zap-all-on-delete only when RAM is carved: on one big slot it makes a delete slower.
         var disabled = false
-        let quirk = UInt64(KVM_X86_QUIRK_SLOT_ZAP_ALL)
-        if g > 0, UInt64(UInt32(bitPattern: backend.checkExtension(KVM_CAP_DISABLE_QUIRKS2))) & quirk != 0 {
-            disabled = (try? backend.enableCapability(UInt32(KVM_CAP_DISABLE_QUIRKS2), args: [quirk])) != nil
+        let quirk = KVMCapability.x86QuirkSlotZapAll
+        if g > 0, UInt64(UInt32(bitPattern: backend.checkExtension(Int32(KVMCapability.disableQuirks2)))) & quirk != 0 {
+            disabled = (try? backend.enableCapability(KVMCapability.disableQuirks2, args: [quirk])) != nil
         }
         self.zapAllQuirkDisabled = disabled
         if g > 0 {
@@ -222,8 +220,8 @@ public final class MemorySlots: @unchecked Sendable {
     private func enableEmulationFailureExits() {
         guard !emulationFailureExitsEnabled else { return }
         emulationFailureExitsEnabled = true
-        if backend.checkExtension(KVM_CAP_EXIT_ON_EMULATION_FAILURE) > 0 {
-            try? backend.enableCapability(UInt32(KVM_CAP_EXIT_ON_EMULATION_FAILURE), args: [1])
+        if backend.checkExtension(Int32(KVMCapability.exitOnEmulationFailure)) > 0 {
+            try? backend.enableCapability(KVMCapability.exitOnEmulationFailure, args: [1])
         }
     }
 
