@@ -38,3 +38,22 @@ extension KVMTests {
         #expect(uart.count == 1)
     }
 }
+
+extension KVMTests {
+    @Test("the exit floor runs uart-cpl3 to its reference checksum with as many steady exits as minivmm")
+    func exitFloor() throws {
+        let env = BenchEnvironment(guests: guestsDirectory, qemu: nil, tscPerNanosecond: 1)
+        let workload = try #require(BenchWorkload.all.first { $0.name == "uart-cpl3" })
+        let pairs = try ExitFloor.pairs(workload, iterations: 20, pairs: 2, cProgram: nil, env) { _ in }
+        #expect(pairs.count == 2)
+        for p in pairs {
+            #expect(p.floor.checksum == "0xa0787dcd")
+            #expect(p.full.checksum == "0xa0787dcd")
+            #expect(p.floor.steadyIterations == 18)
+            // 18 lines of 38 bytes, an LSR read and a THR write per byte, plus the closing mark.
+            #expect(p.floor.steadyExits == 18 * 38 * 2 + 1)
+            #expect(p.floor.steadyExits == p.full.steadyExits)
+            #expect(p.floor.cyclesPerIteration > 0)
+        }
+    }
+}
