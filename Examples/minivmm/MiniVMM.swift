@@ -28,6 +28,16 @@ struct GuestOptions: ParsableArguments {
     @Flag(help: "Stop with an error when the guest touches a port or address no device claims.")
     var strict = false
 
+    @Flag(inversion: .prefixedNo, help: "Consume the paravirtual rings with a polling thread while the guest runs.")
+    var ringPoll = true
+
+    @Option(help: "Microseconds the ring poller keeps polling without entries before it sleeps.")
+    var ringPollIdle: UInt64 = 2000
+
+    var ringPolling: PVRingPolling {
+        ringPoll ? .enabled(idleNanoseconds: ringPollIdle > UInt64.max / 1000 ? UInt64.max : ringPollIdle * 1000) : .disabled
+    }
+
     func memoryBytes() throws -> UInt64 {
         guard let v = parseSize(memory) else { throw ValidationError("bad --memory '\(memory)': use e.g. 256M or 1G") }
         return v
@@ -114,7 +124,7 @@ struct Session {
         // First in the chain, so it sees exits the devices' own handlers consume.
         snapshots = profile ? ExitSnapshots() : nil
         if let snapshots { vm.addExitHandler(snapshots) }
-        devices = try StandardDevices.install(on: vm, console: console)
+        devices = try StandardDevices.install(on: vm, console: console, ringPolling: options.ringPolling)
         let (image, _) = try options.image()
         loaded = try X86Boot.load(image, commandLine: options.append, into: vm)
     }

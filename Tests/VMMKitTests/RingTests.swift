@@ -5,130 +5,439 @@ import VMMKitTesting
 import Glibc
 #endif
 
-@Suite("Paravirtual ring consumer")
-struct RingTests {
-    final class Sink: BusDevice {
-        let name = "sink"
-        var values: [UInt64] = []
-        func read(offset: UInt64, size: Int) -> UInt64 { 0 }
-        func write(offset: UInt64, size: Int, value: UInt64) -> DeviceEffect { values.append(value); return .none }
+/// A device that records the batches it receives; a write of `stopValue` stops the VM.
+final class BatchSink: BusDevice, @unchecked Sendable {
+    let name = "sink"
+    var batches: [[UInt64]] = []
+    var stopValue: UInt64?
+    var values: [UInt64] { batches.flatMap { $0 } }
+    func read(offset: UInt64, size: Int) -> UInt64 { 0 }
+    func write(offset: UInt64, size: Int, value: UInt64) -> DeviceEffect {
+        batches.append([value])
+        return value == stopValue ? .stopVM(status: UInt32(truncatingIfNeeded: value)) : .none
     }
-
-    func setUp(slots: UInt32 = 8) throws -> (GuestMemory, PVRingDevice, Sink) {
-        let m = try GuestMemory(size: 32 << 20)
-        let bus = IOBus()
-        let sink = Sink()
-        try bus.attach(sink, ports: 0x3f8..<0x3f9)
-        let ring = try PVRingDevice(memory: m, bus: bus, targets: [PVRingTarget(space: .pio, address: 0x3f8)], slotCount: slots)
-        return (m, ring, sink)
-    }
-
-    /// Publishes one slot the way a guest producer does.
-    func produce(_ m: GuestMemory, _ ring: PVRingDevice, value: UInt64, width: UInt32 = 1, publish: Bool = true) throws {
-        let h = ring.header(0).rawValue
-        let p: UInt32 = try m.read(at: GuestAddress(h))
-        let slot = h + 64 + UInt64(p & (ring.slotCount - 1)) * 16
-        try m.write(value, at: GuestAddress(slot))
-        try m.write(width, at: GuestAddress(slot + 8))
-        if publish { try m.write(p &+ 1, at: GuestAddress(slot + 12)) }
-        try m.write(p &+ 1, at: GuestAddress(h))
-    }
-
-    @Test("headers are initialised; published slots are consumed in order, across wrap-around")
-    func inOrder() throws {
-        let (m, ring, sink) = try setUp()
-        #expect(try m.read(UInt32.self, at: GuestAddress(ring.header(0).rawValue + 12)) == PVRingDevice.magic)
-        #expect(try m.read(UInt32.self, at: GuestAddress(ring.header(0).rawValue + 8)) == 8)
-        for round in 0..<3 {
-            for i in 0..<6 { try produce(m, ring, value: UInt64(round * 10 + i)) }
-            _ = try ring.drain()
+    func writeBatch(offset: UInt64, size: Int, values: UnsafeBufferPointer<UInt64>) -> BatchWriteResult {
+        var run: [UInt64] = []
+        for (i, v) in values.enumerated() {
+            run.append(v)
+            if v == stopValue {
+                batches.append(run)
+                return BatchWriteResult(applied: i + 1, effect: .stopVM(status: UInt32(truncatingIfNeeded: v)))
+            }
         }
-        #expect(sink.values == (0..<3).flatMap { r in (0..<6).map { UInt64(r * 10 + $0) } })
-        #expect(try m.read(UInt32.self, at: GuestAddress(ring.header(0).rawValue + 4)) == 18, "consumer index published")
+        batches.append(run)
+        return BatchWriteResult(applied: values.count, effect: .none)
+    }
+}
+
+struct RingFixture {
+    let memory: GuestMemory
+    let ring: PVRingDevice
+    let sink: BatchSink
+    var header: GuestAddress { ring.header(0) }
+
+    init(slots: UInt32 = 8, width: Int = 1, synchronous: Bool = false) throws {
+        memory = try GuestMemory(size: 32 << 20)
+        let bus = IOBus()
+        sink = BatchSink()
+        try bus.attach(sink, ports: 0x3f8..<0x3f9)
+        ring = try PVRingDevice(memory: memory, bus: bus,
+                                targets: [PVRingTarget(space: .pio, address: 0x3f8, width: width, synchronous: synchronous)],
+                                slotCount: slots)
     }
 
-    @Test("a reserved but unpublished slot stops the drain until it is published")
-    func unpublished() throws {
-        let (m, ring, sink) = try setUp()
-        try produce(m, ring, value: 1)
-        try produce(m, ring, value: 2, publish: false)
-        try produce(m, ring, value: 3)
-        _ = try ring.drain()
-        #expect(sink.values == [1])
-        let slot = ring.header(0).rawValue + 64 + 1 * 16
-        try m.write(UInt32(2), at: GuestAddress(slot + 12))
-        _ = try ring.drain()
-        #expect(sink.values == [1, 2, 3])
+    func producer() throws -> RingProducerModel { try RingProducerModel(memory: memory, header: header) }
+    func slotAddress(_ p: UInt64) -> GuestAddress {
+        GuestAddress(header.rawValue + PVRingLayout.slotsOffset + (p & UInt64(ring.slotCount - 1)) * 8)
+    }
+    func hint() throws -> UInt64 { try memory.read(at: header) }
+    func setHint(_ v: UInt64) throws { try memory.write(v, at: header) }
+    func consumerWord() throws -> UInt64 { try memory.read(at: GuestAddress(header.rawValue + PVRingLayout.consumerOffset)) }
+    func setPollingFlag(_ on: Bool) throws {
+        let a = GuestAddress(header.rawValue + PVRingLayout.flagsOffset)
+        let f: UInt32 = try memory.read(at: a)
+        try memory.write(on ? f | PVRingLayout.pollingFlag : f & ~PVRingLayout.pollingFlag, at: a)
+    }
+}
+
+@Suite("Paravirtual ring v2")
+struct RingTests {
+    @Test("the header and the free slots are initialised; a v1 magic is gone")
+    func header() throws {
+        let f = try RingFixture(slots: 8, width: 4, synchronous: true)
+        let h = f.header.rawValue
+        #expect(try f.memory.read(UInt32.self, at: GuestAddress(h + PVRingLayout.magicOffset)) == PVRingLayout.magic)
+        #expect(try f.memory.read(UInt32.self, at: GuestAddress(h + 12)) != 0x474E_4952, "a v1 guest's magic check fails")
+        #expect(try f.memory.read(UInt32.self, at: GuestAddress(h + PVRingLayout.slotCountOffset)) == 8)
+        #expect(try f.memory.read(UInt32.self, at: GuestAddress(h + PVRingLayout.widthOffset)) == 4)
+        #expect(try f.memory.read(UInt32.self, at: GuestAddress(h + PVRingLayout.flagsOffset)) == PVRingLayout.synchronousFlag)
+        for p in 0..<8 as Range<UInt64> {
+            #expect(try f.memory.read(UInt64.self, at: f.slotAddress(p)) == p, "slot \(p) free for position \(p)")
+        }
+        #expect(try f.hint() == 0)
     }
 
-    @Test("hostile producer indices are refused with a typed error", arguments: [UInt32(9), 100, 0xffff_ffff])
-    func hostileProducer(producer: UInt32) throws {
-        let (m, ring, sink) = try setUp()
-        try m.write(producer, at: ring.header(0))
-        #expect(throws: PVRingError.indexOutOfRange(ring: 0, producer: producer, consumer: 0, slots: 8)) { _ = try ring.drain() }
-        #expect(sink.values.isEmpty)
+    @Test("published entries are applied in order, in batches, across wrap-around; slots are freed for the next lap")
+    func inOrder() throws {
+        let f = try RingFixture(slots: 8)
+        let prod = try f.producer()
+        for round in 0..<3 {
+            for i in 0..<6 { #expect(prod.push(UInt32(round * 10 + i)) == .published) }
+            #expect(f.ring.hasPending())
+            #expect(f.ring.drain() == nil)
+            #expect(!f.ring.hasPending())
+        }
+        #expect(f.sink.values == (0..<3).flatMap { r in (0..<6).map { UInt64(r * 10 + $0) } })
+        #expect(f.sink.batches.count >= 3 && f.sink.batches.count <= 6, "one or two runs per drain (wrap-around)")
+        #expect(try f.consumerWord() == 18 && f.ring.consumerIndex(ring: 0) == 18, "consumer index published")
+        #expect(try f.memory.read(UInt64.self, at: f.slotAddress(17)) == 17 + 8, "consumed slot freed as (p + count, 0)")
     }
 
-    @Test("a guest-rewritten slot count is ignored; an invalid width is refused")
-    func hostileSlots() throws {
-        let (m, ring, sink) = try setUp()
-        try m.write(UInt32(0xffff_ffff), at: GuestAddress(ring.header(0).rawValue + 8))
-        try produce(m, ring, value: 0x1ff, width: 1)
-        _ = try ring.drain()
-        #expect(sink.values == [0xff], "value masked to its width; VMM's slot count used")
-        try produce(m, ring, value: 7, width: 3)
-        #expect(throws: PVRingError.invalidWidth(ring: 0, slot: 1, width: 3)) { _ = try ring.drain() }
+    @Test("a full ring makes the producer fall back when no consumer polls; values are masked to the ring's width")
+    func fullRing() throws {
+        let f = try RingFixture(slots: 4, width: 1)
+        let prod = try f.producer()
+        for i in 0..<4 { #expect(prod.push(UInt32(0x100 + i)) == .published) }
+        #expect(prod.push(9) == .fallback)
+        #expect(prod.fullFallbacks == 1)
+        f.ring.drain()
+        #expect(f.sink.values == [0x00, 0x01, 0x02, 0x03], "masked to one byte")
+        #expect(prod.push(9) == .published)
+    }
+
+    /// The steps of one uncontended push on an asynchronous ring.
+    static let pushSteps = 5
+
+    @Test("a producer stopped between any two of its steps never blocks the ring", arguments: 0...5)
+    func stoppedProducer(stopAfter: Int) throws {
+        for drainFirst in [false, true] {
+            let f = try RingFixture(slots: 8)
+            let stuck = try f.producer(), other = try f.producer()
+            stuck.begin(0xAA)
+            for _ in 0..<stopAfter { stuck.step() }
+            let claimed = stopAfter >= 4 // readFlags, readHint, readSlot, claim: published from here on
+            if drainFirst { f.ring.drain() }
+            // Another producer fills the ring past the stuck one, several laps, with drains in between.
+            var expected: [UInt64] = claimed ? [0xAA] : []
+            for i in 0..<20 {
+                #expect(other.push(UInt32(i)) == .published, "stopAfter \(stopAfter), drainFirst \(drainFirst), push \(i)")
+                expected.append(UInt64(i))
+                if i % 5 == 4 { f.ring.drain() }
+            }
+            f.ring.drain()
+            #expect(f.sink.values == expected, "stopAfter \(stopAfter), drainFirst \(drainFirst)")
+            // The stuck producer resumes: its value lands once (now, if it had not claimed a slot).
+            let outcome = stuck.inProgress ? stuck.finish() : stuck.outcome
+            #expect(outcome == .published)
+            f.ring.drain()
+            #expect(f.sink.values.filter { $0 == 0xAA }.count == 1)
+            #expect(!f.ring.hasPending())
+        }
+    }
+
+    @Test("two producers interleaved step by step in every pattern publish each value exactly once")
+    func interleavings() throws {
+        // Every 12-bit schedule: bit i picks which producer takes step i.
+        for schedule in 0..<(1 << 12) {
+            let f = try RingFixture(slots: 4)
+            let a = try f.producer(), b = try f.producer()
+            a.begin(1); b.begin(2)
+            for i in 0..<12 { _ = (schedule >> i) & 1 == 0 ? a.step() : b.step() }
+            _ = a.inProgress ? a.finish() : a.outcome
+            _ = b.inProgress ? b.finish() : b.outcome
+            f.ring.drain()
+            #expect(f.sink.values.sorted() == [1, 2], "schedule \(schedule)")
+        }
+    }
+
+    @Test("a free slot behind the hint is a hole: skipped, counted, later entries applied in order")
+    func holes() throws {
+        let f = try RingFixture(slots: 8)
+        // A producer that moved the hint without publishing (or a stray hint write): positions 0 and 1 free.
+        try f.setHint(2)
+        let prod = try f.producer()
+        #expect(prod.push(7) == .published)
+        #expect(prod.push(8) == .published)
+        #expect(f.ring.hasPending())
+        f.ring.drain()
+        #expect(f.sink.values == [7, 8])
+        #expect(f.ring.statistics(ring: 0).holes == 2)
+        #expect(f.ring.consumerIndex(ring: 0) == 4)
+        #expect(try f.memory.read(UInt64.self, at: f.slotAddress(0)) == 8, "hole freed for the next lap")
+        // A producer holding the stale position 0 cannot claim the healed slot.
+        let stale = try f.memory.compareExchange(expected: 0, desired: PVRingLayout.slotWord(sequence: 1, value: 5), at: f.slotAddress(0))
+        #expect(!stale.exchanged)
+    }
+
+    @Test("hostile ring words never crash, hang or apply garbage out of order (fixed seed)")
+    func hostileWords() throws {
+        var rng = SplitMix(seed: 0x5EED_0001)
+        for trial in 0..<400 {
+            let f = try RingFixture(slots: 8)
+            let prod = try f.producer()
+            for _ in 0..<(rng.next() % 12) {
+                let p = rng.next() % 8
+                let word: UInt64
+                switch rng.next() % 4 {
+                case 0: word = PVRingLayout.slotWord(sequence: UInt32(truncatingIfNeeded: p + 1), value: UInt32(truncatingIfNeeded: rng.next()))
+                case 1: word = PVRingLayout.slotWord(sequence: UInt32(truncatingIfNeeded: p), value: UInt32(truncatingIfNeeded: rng.next()))
+                default: word = rng.next()
+                }
+                try f.memory.write(word, at: f.slotAddress(p))
+            }
+            let hint: UInt64 = switch rng.next() % 4 {
+            case 0: rng.next()
+            case 1: rng.next() % 16
+            case 2: UInt64.max - rng.next() % 4
+            default: 0
+            }
+            try f.setHint(hint)
+            try f.memory.write(UInt32(truncatingIfNeeded: rng.next()), at: GuestAddress(f.header.rawValue + PVRingLayout.slotCountOffset))
+            for _ in 0..<3 { f.ring.drain() }
+            let consumed = f.ring.consumerIndex(ring: 0)
+            #expect(f.sink.values.count == Int(consumed) - f.ring.statistics(ring: 0).holes, "trial \(trial)")
+            #expect(consumed <= 3 * 2 * 8, "bounded work per drain (trial \(trial))")
+            // A well-behaved producer afterwards either publishes or falls back; it never hangs.
+            _ = prod.push(1)
+            f.ring.drain()
+        }
+    }
+
+    @Test("an entry that stops the VM is the last one applied")
+    func stopEntry() throws {
+        let f = try RingFixture(slots: 8)
+        f.sink.stopValue = 3
+        let prod = try f.producer()
+        for v in 1...5 { prod.push(UInt32(v)) }
+        #expect(f.ring.drain() == .guestExit(status: 3))
+        #expect(f.sink.values == [1, 2, 3])
+        #expect(f.ring.drain() == nil)
+        #expect(f.sink.values == [1, 2, 3], "nothing after the stopping entry, even on the next drain")
+        #expect(f.ring.consumerIndex(ring: 0) == 3)
+    }
+
+    @Test("a synchronous append waits until the consumer index passes it; with no poller it falls back")
+    func synchronous() throws {
+        let f = try RingFixture(slots: 8, width: 4, synchronous: true)
+        let prod = try f.producer()
+        #expect(prod.push(1) == .fallback, "synchronous and nobody polls: the original access")
+        try f.setPollingFlag(true)
+        prod.begin(0xDEAD_BEEF)
+        while prod.nextStep != .readConsumer && prod.step() {}
+        #expect(prod.nextStep == .readConsumer)
+        for _ in 0..<10 { prod.step() }
+        #expect(prod.inProgress, "still waiting: not applied yet")
+        f.ring.drain()
+        #expect(prod.finish() == .published)
+        #expect(f.sink.values == [0xDEAD_BEEF])
+        #expect(f.ring.consumerIndex(ring: 0) == 1)
+    }
+
+    @Test("a drain in progress on another thread makes the lock-free check fire")
+    func drainInProgress() throws {
+        let memory = try GuestMemory(size: 32 << 20)
+        let bus = IOBus()
+        let gate = Gate()
+        try bus.attach(gate, ports: 0x3f8..<0x3f9)
+        let ring = try PVRingDevice(memory: memory, bus: bus, targets: [PVRingTarget(space: .pio, address: 0x3f8)], slotCount: 8)
+        let prod = try RingProducerModel(memory: memory, header: ring.header(0))
+        prod.push(1)
+        let t = TestThread { ring.drain() }
+        gate.waitEntered()
+        #expect(ring.hasPending(), "the device holds the batch: an exit now must wait for it")
+        gate.release()
+        t.join()
+        #expect(!ring.hasPending())
+        #expect(gate.values == [1])
     }
 
     @Test("a bad layout is refused")
     func layout() throws {
         let m = try GuestMemory(size: 32 << 20)
-        #expect(throws: PVRingError.self) { _ = try PVRingDevice(memory: m, bus: IOBus(), targets: [PVRingTarget(space: .pio, address: 0)], slotCount: 3) }
-        #expect(throws: PVRingError.self) { _ = try PVRingDevice(memory: m, bus: IOBus(), targets: [PVRingTarget(space: .pio, address: 0)], slotCount: 1024) }
+        let t = [PVRingTarget(space: .pio, address: 0)]
+        #expect(throws: PVRingError.self) { _ = try PVRingDevice(memory: m, bus: IOBus(), targets: t, slotCount: 3) }
+        #expect(throws: PVRingError.self) { _ = try PVRingDevice(memory: m, bus: IOBus(), targets: t, slotCount: 1) }
+        #expect(throws: PVRingError.self) { _ = try PVRingDevice(memory: m, bus: IOBus(), targets: t, slotCount: 1024) }
+        #expect(throws: PVRingError.self) { _ = try PVRingDevice(memory: m, bus: IOBus(), targets: [PVRingTarget(space: .pio, address: 0, width: 8)]) }
         let small = try GuestMemory(size: 2 << 20)
-        #expect(throws: PVRingError.self) { _ = try PVRingDevice(memory: small, bus: IOBus(), targets: [PVRingTarget(space: .pio, address: 0)]) }
+        #expect(throws: PVRingError.self) { _ = try PVRingDevice(memory: small, bus: IOBus(), targets: t) }
+    }
+
+    @Test("guest memory's atomic words: aligned only, compare-exchange semantics")
+    func sharedWords() throws {
+        let m = try GuestMemory(size: 1 << 20)
+        #expect(throws: GuestMemoryError.misaligned(GuestAddress(4), alignment: 8)) { _ = try m.sharedWord(at: GuestAddress(4)) }
+        try m.storeRelease(UInt64(5), at: GuestAddress(8))
+        let failed = try m.compareExchange(expected: 4, desired: 9, at: GuestAddress(8))
+        #expect(!failed.exchanged && failed.original == 5)
+        let done = try m.compareExchange(expected: 5, desired: 9, at: GuestAddress(8))
+        #expect(done.exchanged && done.original == 5)
+        #expect(try m.loadAcquire(UInt64.self, at: GuestAddress(8)) == 9)
     }
 }
 
-@Suite("Paravirtual ring drain timer")
-struct RingTimerTests {
-    @Test("the drain timer delivers ring entries while the vCPU never exits")
+@Suite("Batched delivery")
+struct BatchDeliveryTests {
+    @Test("the UART takes a run of THR writes at once, in order; with DLAB set each write goes to the divisor latch")
+    func uartBatch() throws {
+        let out = CapturedOutput()
+        let uart = UART8250(sink: out.sink())
+        let bytes: [UInt64] = Array("hello\nworld".utf8).map { UInt64($0) | 0x100 }
+        let r = bytes.withUnsafeBufferPointer { uart.writeBatch(offset: 0, size: 1, values: $0) }
+        #expect(r == BatchWriteResult(applied: bytes.count, effect: .none))
+        #expect(out.text == "hello\nworld", "the run held a newline: flushed whole, in order")
+        _ = [UInt64(0x21)].withUnsafeBufferPointer { uart.writeBatch(offset: 0, size: 1, values: $0) }
+        #expect(out.text == "hello\nworld", "no newline: buffered")
+        uart.flush()
+        #expect(out.text == "hello\nworld!")
+        #expect(uart.transmitted == bytes.count + 1)
+        _ = uart.write(offset: 3, size: 1, value: 0x80) // DLAB
+        let r2 = [UInt64(0x01), 0x02].withUnsafeBufferPointer { uart.writeBatch(offset: 0, size: 1, values: $0) }
+        #expect(r2.applied == 2)
+        #expect(uart.read(offset: 0, size: 1) == 0x02, "divisor latch low byte holds the last value")
+        #expect(uart.transmitted == bytes.count + 1)
+    }
+
+    @Test("the default batch stops after a write that stops the VM; the bus clamps a device's count")
+    func defaultBatch() throws {
+        let bus = IOBus()
+        try bus.attach(DebugExitDevice(), ports: 0xf4..<0xf8)
+        let r = [UInt64(7), 8, 9].withUnsafeBufferPointer { bus.writeBatch(.pio, address: 0xf4, size: 4, values: $0) }
+        #expect(r == BatchWriteResult(applied: 1, effect: .stopVM(status: 7)))
+        let none = [UInt64(1)].withUnsafeBufferPointer { bus.writeBatch(.pio, address: 0x999, size: 1, values: $0) }
+        #expect(none == nil)
+    }
+}
+
+@Suite("Paravirtual rings in a running VM")
+struct RingVMTests {
+    /// Publishes `text` into ring 0 (the UART) as a guest producer would.
+    func publish(_ text: String, _ devices: StandardDevices, _ vm: VirtualMachine) throws {
+        let prod = try RingProducerModel(memory: vm.memory, header: devices.rings.header(0))
+        for b in text.utf8 { #expect(prod.push(UInt32(b)) == .published) }
+    }
+
+    @Test("an exiting access lands after the entries published before it", arguments: [false, true])
+    func exitOrdering(polling: Bool) throws {
+        let mock = MockHypervisor()
+        let vm = try makeVM(mock, memory: 32 << 20)
+        let console = CapturedOutput()
+        let devices = try StandardDevices.install(on: vm, console: console.sink(), ringPolling: polling ? .enabled() : .disabled)
+        try publish("ab", devices, vm)
+        mock.vcpu(0)?.script([out(0x3f8, UInt64(UInt8(ascii: "Z"))), debugExit3])
+        #expect(try vm.run() == .guestExit(status: 3))
+        #expect(console.text == "abZ")
+    }
+
+    @Test("the drain timer delivers ring entries while the vCPU never exits (no poller)")
     func timerDrains() throws {
         let mock = MockHypervisor()
         let vm = try makeVM(mock, memory: 32 << 20)
         let out = CapturedOutput()
-        let devices = try StandardDevices.install(on: vm, console: out.sink())
+        let devices = try StandardDevices.install(on: vm, console: out.sink(), ringPolling: .disabled)
         mock.vcpu(0)?.script([.spin])
         try vm.start()
-        // Act as the guest: publish "hi\n" into ring 0 (the UART) without exiting.
-        let h = devices.rings.header(0).rawValue
-        for (i, b) in Array("hi\n".utf8).enumerated() {
-            let slot = h + 64 + UInt64(i) * 16
-            try vm.memory.write(UInt64(b), at: GuestAddress(slot))
-            try vm.memory.write(UInt32(1), at: GuestAddress(slot + 8))
-            try vm.memory.write(UInt32(i + 1), at: GuestAddress(slot + 12))
-            try vm.memory.write(UInt32(i + 1), at: GuestAddress(h))
-        }
+        try publish("hi\n", devices, vm)
         var waited = 0
-        while out.text != "hi\n" && waited < 200 { usleep(5_000); waited += 1 }
-        #expect(out.text == "hi\n", "drained within a second by the timer")
+        while out.text != "hi\n" && waited < 400 { usleep(5_000); waited += 1 }
+        #expect(out.text == "hi\n", "drained by the timer")
         vm.stop()
         #expect(try vm.wait() == .stopped)
     }
 
-    @Test("a hostile index seen by the timer stops the VM with the ring error")
-    func timerError() throws {
+    @Test("the poller drains while the vCPU never exits, sets the header's polling flag, and stops with the VM")
+    func poller() throws {
         let mock = MockHypervisor()
         let vm = try makeVM(mock, memory: 32 << 20)
-        let devices = try StandardDevices.install(on: vm, console: CapturedOutput().sink())
-        mock.vcpu(0)?.script([.spin, .spin])
+        let out = CapturedOutput()
+        let devices = try StandardDevices.install(on: vm, console: out.sink(), ringPolling: .enabled(idleNanoseconds: 50_000_000))
+        mock.vcpu(0)?.script([.spin])
         try vm.start()
-        try vm.memory.write(UInt32(0x8000_0000), at: devices.rings.header(1))
-        #expect {
-            _ = try vm.wait()
-        } throws: { e in
-            guard case VMError.ring(.indexOutOfRange(ring: 1, producer: 0x8000_0000, consumer: 0, slots: 256)) = e else { return false }
-            return true
-        }
+        let flags = GuestAddress(devices.rings.header(0).rawValue + PVRingLayout.flagsOffset)
+        var waited = 0
+        while !devices.rings.isPolling && waited < 400 { usleep(1_000); waited += 1 }
+        #expect(try vm.memory.read(UInt32.self, at: flags) & PVRingLayout.pollingFlag != 0)
+        try publish("poll\n", devices, vm)
+        waited = 0
+        while out.text != "poll\n" && waited < 400 { usleep(1_000); waited += 1 }
+        #expect(out.text == "poll\n")
+        vm.stop()
+        #expect(try vm.wait() == .stopped)
+        #expect(!devices.rings.isPolling)
+        #expect(try vm.memory.read(UInt32.self, at: flags) & PVRingLayout.pollingFlag == 0, "flag cleared when the poller ends")
+        #expect(devices.rings.pollerCPUNanoseconds > 0, "the poller's CPU time is accounted")
+    }
+
+    @Test("an entry that stops the VM from the poller is the last one applied, also at stop")
+    func pollerStop() throws {
+        let mock = MockHypervisor()
+        let vm = try makeVM(mock, memory: 32 << 20)
+        let sink = BatchSink()
+        sink.stopValue = 0x42
+        try vm.bus.attach(sink, ports: 0x3f8..<0x3f9)
+        let rings = try PVRingDevice(memory: vm.memory, bus: vm.bus, targets: [PVRingTarget(space: .pio, address: 0x3f8)],
+                                     polling: .enabled())
+        rings.attach(to: vm)
+        mock.vcpu(0)?.script([.spin])
+        try vm.start()
+        let prod = try RingProducerModel(memory: vm.memory, header: rings.header(0))
+        for v in [1, 0x42, 3] { prod.push(UInt32(v)) }
+        #expect(try vm.wait() == .guestExit(status: 0x42))
+        #expect(sink.values == [1, 0x42])
+    }
+}
+
+/// A device whose batch blocks until released (to hold a drain in progress).
+final class Gate: BusDevice, @unchecked Sendable {
+    let name = "gate"
+    private let lock = NSConditionLike()
+    private var entered = false, open = false
+    var values: [UInt64] = []
+    func read(offset: UInt64, size: Int) -> UInt64 { 0 }
+    func write(offset: UInt64, size: Int, value: UInt64) -> DeviceEffect { .none }
+    func writeBatch(offset: UInt64, size: Int, values v: UnsafeBufferPointer<UInt64>) -> BatchWriteResult {
+        lock.run { entered = true }
+        while !lock.run({ open }) { usleep(100) }
+        values.append(contentsOf: v)
+        return BatchWriteResult(applied: v.count, effect: .none)
+    }
+    func waitEntered() { while !lock.run({ entered }) { usleep(100) } }
+    func release() { lock.run { open = true } }
+}
+
+/// A pthread mutex for the tests' small shared flags.
+final class NSConditionLike: @unchecked Sendable {
+    private var m = pthread_mutex_t()
+    init() { pthread_mutex_init(&m, nil) }
+    func run<R>(_ body: () -> R) -> R { pthread_mutex_lock(&m); defer { pthread_mutex_unlock(&m) }; return body() }
+}
+
+/// A joinable thread for tests.
+final class TestThread: @unchecked Sendable {
+    private var handle = pthread_t()
+    private let body: () -> Void
+    init(_ body: @escaping () -> Void) {
+        self.body = body
+        let u = Unmanaged.passRetained(self)
+        pthread_create(&handle, nil, { arg in
+            guard let arg else { return nil }
+            let t = Unmanaged<TestThread>.fromOpaque(arg).takeRetainedValue()
+            t.body()
+            return nil
+        }, u.toOpaque())
+    }
+    func join() { pthread_join(handle, nil) }
+}
+
+/// A small fixed-seed generator (SplitMix64), printed seeds make failures reproducible.
+struct SplitMix {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
     }
 }

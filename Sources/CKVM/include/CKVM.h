@@ -107,6 +107,24 @@ static inline uint32_t ckvm_load_acquire_u32(const void *p) {
 static inline void ckvm_store_release_u32(void *p, uint32_t v) {
     __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELEASE);
 }
+static inline uint64_t ckvm_load_acquire_u64(const void *p) {
+    return __atomic_load_n((const uint64_t *)p, __ATOMIC_ACQUIRE);
+}
+static inline void ckvm_store_release_u64(void *p, uint64_t v) {
+    __atomic_store_n((uint64_t *)p, v, __ATOMIC_RELEASE);
+}
+/// A locked compare-and-exchange of the naturally aligned 8-byte word at `p`
+/// (`lock cmpxchg` on x86): if it holds `*expected`, store `desired` and
+/// return 1; otherwise load its value into `*expected` and return 0.
+/// Sequentially consistent.
+static inline int ckvm_compare_exchange_u64(void *p, uint64_t *expected, uint64_t desired) {
+    return __atomic_compare_exchange_n((uint64_t *)p, expected, desired, 0,
+                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+/// A full memory fence.
+static inline void ckvm_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+/// A spin-wait hint (`pause` on x86).
+static inline void ckvm_spin_hint(void) { __builtin_ia32_pause(); }
 
 // MARK: per-thread tag: which VM, if any, the calling thread runs a vCPU of
 void ckvm_set_thread_tag(uintptr_t tag);

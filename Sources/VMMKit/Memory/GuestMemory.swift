@@ -25,6 +25,8 @@ public enum GuestMemoryError: Error, Hashable, Sendable, CustomStringConvertible
     case readOnly(GuestAddress)
     /// A paging-structure entry has a reserved bit set (for example PS in a PML4E).
     case reservedBit(virtual: UInt64, level: Int)
+    /// An atomic access needs a naturally aligned address.
+    case misaligned(GuestAddress, alignment: Int)
 
     /// A one-line description.
     public var description: String {
@@ -40,6 +42,7 @@ public enum GuestMemoryError: Error, Hashable, Sendable, CustomStringConvertible
         case .unsupportedPagingMode(let m): "the page walk does not support paging mode \(m)"
         case .readOnly(let a): "guest-physical address \(a) is in a read-only region"
         case .reservedBit(let v, let l): "reserved bit set at paging level \(l) for 0x\(String(v, radix: 16))"
+        case .misaligned(let a, let n): "guest-physical address \(a) is not \(n)-byte aligned for an atomic access"
         }
     }
 }

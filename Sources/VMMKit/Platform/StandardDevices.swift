@@ -6,8 +6,9 @@
 /// | debug exit (QEMU `isa-debug-exit`) | ports `0xf4..<0xf8` |
 /// | POST-code / delay port | port `0x80` |
 /// | phase marker | port `0x700` |
+/// | ring kick | port `0x704` |
 /// | doorbell | MMIO `0xD000_0000`, 4 KiB |
-/// | paravirtual rings | memory at ``X86Layout/paravirtualArea``: ring 0 → UART THR, ring 1 → doorbell |
+/// | paravirtual rings | memory at ``X86Layout/paravirtualArea``: ring 0 → UART THR (asynchronous, 1 byte), ring 1 → doorbell (synchronous, 4 bytes) |
 public struct StandardDevices {
     /// The doorbell's MMIO page.
     public static let doorbellBase: UInt64 = 0xD000_0000
@@ -15,6 +16,8 @@ public struct StandardDevices {
     public static let markerPort: UInt16 = 0x700
     /// The POST-code (I/O delay) port.
     public static let postCodePort: UInt16 = 0x80
+    /// The rings' kick port (``PVRingKick``).
+    public static let ringKickPort: UInt16 = 0x704
 
     /// The UART.
     public let uart: UART8250
@@ -31,8 +34,11 @@ public struct StandardDevices {
 
     /// Attaches the devices to `vm` and adds their exit handlers (ring drain, phase marker).
     /// The UART writes into `console`, which is flushed when the VM stops.
+    /// `ringPolling` says whether a polling thread consumes the rings while the
+    /// VM runs (on by default; the drain timer runs either way).
     @discardableResult
-    public static func install(on vm: VirtualMachine, console: OutputSink) throws(VMError) -> StandardDevices {
+    public static func install(on vm: VirtualMachine, console: OutputSink,
+                               ringPolling: PVRingPolling = .enabled()) throws(VMError) -> StandardDevices {
         let uart = UART8250(sink: console)
         let debugExit = DebugExitDevice()
         let doorbell = DoorbellDevice(memory: vm.memory)
@@ -40,21 +46,22 @@ public struct StandardDevices {
         let marker = PhaseMarker(port: markerPort)
         let rings: PVRingDevice
         do {
+            rings = try PVRingDevice(memory: vm.memory, bus: vm.bus, targets: [
+                PVRingTarget(space: .pio, address: 0x3f8, width: 1),
+                PVRingTarget(space: .mmio, address: doorbellBase + DoorbellDevice.doorbellOffset, width: 4, synchronous: true),
+            ], polling: ringPolling)
+        } catch { throw .ring(error) }
+        do {
             try vm.bus.attach(uart, ports: 0x3f8..<0x400)
             try vm.bus.attach(debugExit, ports: 0xf4..<0xf8)
             try vm.bus.attach(postCode, ports: postCodePort..<postCodePort + 1)
             try vm.bus.attach(doorbell, mmio: GuestRange(start: GuestAddress(doorbellBase), size: 0x1000))
+            try vm.bus.attach(PVRingKick(rings: rings), ports: ringKickPort..<(ringKickPort + 1))
         } catch { throw .bus(error) }
-        do {
-            rings = try PVRingDevice(memory: vm.memory, bus: vm.bus, targets: [
-                PVRingTarget(space: .pio, address: 0x3f8),
-                PVRingTarget(space: .mmio, address: doorbellBase + DoorbellDevice.doorbellOffset),
-            ])
-        } catch { throw .ring(error) }
-        vm.addExitHandler(rings)
+        rings.attach(to: vm)
         vm.addExitHandler(marker)
         vm.addPeriodicTask(every: PVRingDevice.drainInterval) { _ throws(VMError) in
-            do throws(PVRingError) { return try rings.drain() } catch { throw .ring(error) }
+            rings.drain(wakePoller: true)
         }
         vm.addStopHook { _ in console.flush() }
         return StandardDevices(uart: uart, debugExit: debugExit, doorbell: doorbell, postCode: postCode, rings: rings, marker: marker)

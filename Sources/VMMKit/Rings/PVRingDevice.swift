@@ -1,63 +1,32 @@
-/// Errors from guest-written ring state. Every index and value the guest can
-/// write is checked before use.
-public enum PVRingError: Error, Hashable, Sendable, CustomStringConvertible {
-    /// The producer index is more than a ring's worth ahead of the consumer (or behind it).
-    case indexOutOfRange(ring: Int, producer: UInt32, consumer: UInt32, slots: UInt32)
-    /// A published slot names a width other than 1, 2, 4 or 8.
-    case invalidWidth(ring: Int, slot: UInt32, width: UInt32)
-    /// The ring's memory is not backed by guest memory.
-    case memory(GuestMemoryError)
-    /// The ring layout does not fit in the paravirtual area.
-    case layout(String)
+import Synchronization
 
-    /// A one-line description.
-    public var description: String {
-        switch self {
-        case .indexOutOfRange(let r, let p, let c, let n):
-            "paravirtual ring \(r): guest producer index \(p) is out of range (consumer \(c), \(n) slots)"
-        case .invalidWidth(let r, let s, let w): "paravirtual ring \(r): slot \(s) has invalid width \(w)"
-        case .memory(let e): "paravirtual ring memory: \(e)"
-        case .layout(let s): "paravirtual ring layout: \(s)"
-        }
-    }
-}
-
-/// The device register a ring's entries are written to.
-public struct PVRingTarget: Hashable, Sendable {
-    /// Port I/O or MMIO.
-    public var space: BusSpace
-    /// The port or guest-physical address.
-    public var address: UInt64
-    /// Creates a target.
-    public init(space: BusSpace, address: UInt64) { self.space = space; self.address = address }
-}
-
-/// The paravirtual ring device: shared-memory rings through which a guest
-/// posts device writes without exiting, consumed by the VMM. It serves the
-/// hand-paravirtualized (static-PV) guests, and DMP's stubs use the same layout.
+/// The paravirtual ring device: shared-memory rings (``PVRingLayout``) through
+/// which a guest posts device writes without exiting, consumed by the VMM. It
+/// serves the hand-paravirtualized (static-PV) guests, and DMP's stubs use the
+/// same layout. A ring is identified by its index (``ring(for:)``); ring `i`'s
+/// header is at `base + i * stride`.
 ///
-/// Layout (guest-physical, in ``X86Layout/paravirtualArea``): ring `i`'s header
-/// at `base + i * 0x2000`: `+0` u32 producer (guest-written, free-running),
-/// `+4` u32 consumer (VMM-written), `+8` u32 slot count (power of two),
-/// `+12` u32 magic `0x474E4952`. Slots of 16 bytes follow at `+64`: u64 value,
-/// u32 width, u32 sequence (= the slot's producer index + 1, written last to
-/// publish it).
+/// The consumer reads each slot with one 64-bit load, applies published slots
+/// in order, hands each run to the target device as a batch
+/// (``BusDevice/writeBatch(offset:size:values:)``), and only then frees the
+/// slots and publishes its index (release store). A free slot at the consumer
+/// index while the producer hint is already past it is a *hole* (a producer
+/// reordered its hint update, or a guest wrote the hint): the consumer skips it
+/// with a compare-and-exchange, so a producer about to claim it fails and
+/// retries, and counts it. Every guest-written word is checked before use;
+/// every loop is bounded.
 ///
-/// The consumer drains every published slot, in order, before the VM handles
-/// any port I/O, MMIO or HLT exit (so an exiting access lands behind the
-/// ring's earlier entries), at stop, and from a drain timer while the vCPUs
-/// run (``VirtualMachine/addPeriodicTask(every:_:)``; ``StandardDevices`` sets it up). A slot reserved but not yet
-/// published stops the drain for now; it is never waited for.
+/// Ordering: the VMM handles every exit only after the entries published
+/// before it. Before each exit the device runs a lock-free check (the slot at
+/// the consumer index published, the hint past the consumer, or a drain in
+/// progress) and, when it fires, takes the ring lock and drains, which waits
+/// for a drain in progress on another thread. It also drains at stop, from the
+/// drain timer (``StandardDevices`` adds it) and, with ``PVRingPolling`` on,
+/// from a polling thread. No entry is applied after one that stopped the VM.
 public final class PVRingDevice: ExitHandler, @unchecked Sendable {
-    /// The header magic, `"RING"`.
-    public static let magic: UInt32 = 0x474E_4952
     /// The distance between ring headers.
-    public static let stride: UInt64 = 0x2000
-    /// Bytes per slot.
-    public static let slotSize: UInt64 = 16
-    /// Offset of the first slot from the header.
-    public static let slotsOffset: UInt64 = 64
-    /// How often ``StandardDevices`` drains the rings while vCPUs run without exiting (10 ms).
+    public let stride: UInt64
+    /// How often ``StandardDevices`` drains the rings from the timer while vCPUs run without exiting (10 ms).
     public static let drainInterval: UInt64 = 10_000_000
 
     /// Where ring 0's header is.
@@ -66,114 +35,407 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     public let targets: [PVRingTarget]
     /// Slots per ring (the VMM's copy; the guest's copy in the header is not trusted).
     public let slotCount: UInt32
-    private let memory: GuestMemory
-    private let bus: IOBus
-    private var consumers: [UInt32]
+    /// Whether a polling consumer runs while the VM runs.
+    public let polling: PVRingPolling
+
+    private let rings: [Ring]
     private let lock = ConditionLock()
-    private var consumedCounts: [Int]
-    /// Entries consumed per ring.
-    public var consumed: [Int] { lock.withLock { consumedCounts } }
+    /// Odd while a drain is in progress (the lock-free check's seqlock).
+    private let generation = Atomic<UInt64>(0)
+    /// Set when an applied entry stopped the VM: nothing more is applied until the stop is done.
+    private var stoppedByEntry = false
+    private let poller = PollerState()
 
     /// Creates the rings and writes their headers. The rings occupy
-    /// `[base, base + targets.count * stride)`, which must lie inside `area`.
+    /// `[base, base + targets.count * stride)`, which must lie inside `area`
+    /// and in one region of `memory`.
+    ///
+    /// - Parameters:
+    ///   - slotCount: slots per ring, a power of two ≥ 2 that fits `stride`.
+    ///   - polling: whether ``attach(to:)`` starts a polling consumer.
     public init(memory: GuestMemory, bus: IOBus, base: GuestAddress = X86Layout.paravirtualArea.start,
-                area: GuestRange = X86Layout.paravirtualArea,
-                targets: [PVRingTarget], slotCount: UInt32 = 256) throws(PVRingError) {
-        let (span, o) = UInt64(targets.count).multipliedReportingOverflow(by: PVRingDevice.stride)
-        guard !o, area.contains(base, length: span) else {
-            throw .layout("\(targets.count) rings at \(base) do not fit in \(area)")
+                area: GuestRange = X86Layout.paravirtualArea, stride: UInt64 = PVRingLayout.defaultStride,
+                targets: [PVRingTarget], slotCount: UInt32 = 512,
+                polling: PVRingPolling = .disabled) throws(PVRingError) {
+        let (span, o) = UInt64(targets.count).multipliedReportingOverflow(by: stride)
+        guard !o, base.rawValue % 4096 == 0, stride % 4096 == 0, area.contains(base, length: span) else {
+            throw .layout("\(targets.count) rings of \(stride) bytes at \(base) do not fit in \(area) (page aligned)")
         }
-        guard slotCount > 0, slotCount & (slotCount - 1) == 0,
-              PVRingDevice.slotsOffset + UInt64(slotCount) * PVRingDevice.slotSize <= PVRingDevice.stride else {
-            throw .layout("slot count \(slotCount) must be a power of two that fits \(PVRingDevice.stride) bytes")
+        guard slotCount >= 2, slotCount & (slotCount - 1) == 0,
+              PVRingLayout.slotsOffset + UInt64(slotCount) * PVRingLayout.slotSize <= stride else {
+            throw .layout("slot count \(slotCount) must be a power of two ≥ 2 that fits \(stride) bytes")
         }
-        self.memory = memory
-        self.bus = bus
+        for t in targets where ![1, 2, 4].contains(t.width) {
+            throw .layout("target \(t.space) 0x\(String(t.address, radix: 16)) has width \(t.width); ring values are 1, 2 or 4 bytes")
+        }
         self.base = base
+        self.stride = stride
         self.targets = targets
         self.slotCount = slotCount
-        self.consumers = Array(repeating: 0, count: targets.count)
-        self.consumedCounts = Array(repeating: 0, count: targets.count)
-        for i in targets.indices {
-            let h = header(i)
-            do {
-                try memory.fill(0, at: h, count: Int(PVRingDevice.stride))
-                try memory.write(slotCount, at: GuestAddress(h.rawValue + 8))
-                try memory.write(PVRingDevice.magic, at: GuestAddress(h.rawValue + 12))
+        self.polling = polling
+        var rings: [Ring] = []
+        for (i, t) in targets.enumerated() {
+            let h = GuestAddress(base.rawValue + UInt64(i) * stride)
+            do throws(GuestMemoryError) {
+                try memory.fill(0, at: h, count: Int(stride))
+                // One region holds the whole ring: resolve its host address once.
+                let first = try memory.sharedWord(at: h)
+                guard memory.isValid(h, length: stride) else { throw GuestMemoryError.partialBuffer(expected: Int(stride), completed: 0) }
+                try memory.write(PVRingLayout.magic, at: GuestAddress(h.rawValue + PVRingLayout.magicOffset))
+                try memory.write(slotCount, at: GuestAddress(h.rawValue + PVRingLayout.slotCountOffset))
+                try memory.write(UInt32(t.width), at: GuestAddress(h.rawValue + PVRingLayout.widthOffset))
+                try memory.write(t.synchronous ? PVRingLayout.synchronousFlag : 0, at: GuestAddress(h.rawValue + PVRingLayout.flagsOffset))
+                rings.append(Ring(index: i, target: t, header: h, host: first.pointer, count: UInt64(slotCount)))
             } catch { throw .memory(error) }
         }
+        self.rings = rings
+        self.bus = bus
     }
+
+    private let bus: IOBus
 
     /// The guest-physical address of ring `index`'s header.
     public func header(_ index: Int) -> GuestAddress {
-        GuestAddress(base.rawValue + UInt64(index) * PVRingDevice.stride)
+        GuestAddress(base.rawValue + UInt64(index) * stride)
     }
 
-    /// Consumes every published slot of every ring, writing each to its target
-    /// device through the bus. Returns a stop reason if a device asked to stop the VM.
-    public func drain() throws(PVRingError) -> StopReason? {
-        lock.lock(); defer { lock.unlock() }
-        var stop: StopReason?
-        for i in targets.indices {
-            if let s = try drainRing(i), stop == nil { stop = s }
-        }
+    /// The index of the ring whose entries go to `space`/`address`, if any
+    /// (the identity a fast path's ring append names).
+    public func ring(for space: BusSpace, address: UInt64) -> Int? {
+        targets.firstIndex { $0.space == space && $0.address == address }
+    }
+
+    /// The consumer index of ring `index`: every position below it has been
+    /// applied. A synchronous producer that appended at position `p` waits
+    /// until this (the header's `+64` word) is greater than `p`.
+    /// (0 for an index that names no ring.)
+    public func consumerIndex(ring index: Int) -> UInt64 {
+        guard rings.indices.contains(index) else { return 0 }
+        return rings[index].shadow.load(ordering: .acquiring)
+    }
+
+    /// Counters of ring `index` (zeros for an index that names no ring).
+    public func statistics(ring index: Int) -> PVRingStatistics {
+        guard rings.indices.contains(index) else { return PVRingStatistics() }
+        return lock.withLock { rings[index].stats }
+    }
+
+    /// Entries consumed per ring.
+    public var consumed: [Int] { lock.withLock { rings.map(\.stats.consumed) } }
+
+    /// Holes healed per ring.
+    public var holes: [Int] { lock.withLock { rings.map(\.stats.holes) } }
+
+    // MARK: draining
+
+    /// Consumes every published slot of every ring, in order, writing each run
+    /// to its target device through the bus in one batch. Returns a stop
+    /// reason if an entry stopped the VM (no later entry is applied then).
+    /// Safe from any thread; drains are serialized.
+    ///
+    /// - Parameter wakePoller: when entries were found, wake a sleeping
+    ///   poller too (the drain timer does: a guest is producing again).
+    @discardableResult
+    public func drain(wakePoller: Bool = false) -> StopReason? {
+        lock.lock()
+        let (stop, n) = drainLocked()
+        lock.unlock()
+        if wakePoller && n > 0 { poller.wake() }
         return stop
+    }
+
+    /// Whether a drain could find work: lock-free, allocation-free, a few
+    /// loads per ring. False means every entry published before the call was
+    /// already applied.
+    @inline(__always)
+    public func hasPending() -> Bool {
+        let g = generation.load(ordering: .acquiring)
+        if g & 1 != 0 { return true }
+        for r in rings {
+            let c = r.shadow.load(ordering: .acquiring)
+            let w = r.slot(c).load()
+            if PVRingLayout.sequence(of: w) == UInt32(truncatingIfNeeded: c &+ 1) { return true }
+            // The hint past the consumer (by at most a ring): a hole to heal, or
+            // entries behind one. Behind it (a producer stopped before moving
+            // it) or far ahead (hostile) there is nothing a drain could take.
+            let ahead = r.hint.load() &- c
+            if ahead != 0 && ahead <= r.count { return true }
+        }
+        return generation.load(ordering: .acquiring) != g
+    }
+
+    private func drainLocked() -> (stop: StopReason?, applied: Int) {
+        if stoppedByEntry { return (nil, 0) }
+        generation.wrappingAdd(1, ordering: .sequentiallyConsistent)
+        defer { generation.wrappingAdd(1, ordering: .releasing) }
+        var total = 0
+        for r in rings {
+            let (stop, n) = drainRing(r)
+            total += n
+            if let stop {
+                stoppedByEntry = true
+                return (stop, total)
+            }
+        }
+        return (nil, total)
+    }
+
+    /// Drains one ring, lock held: up to two rings' worth of positions, so a
+    /// producer that keeps producing cannot keep it here.
+    private func drainRing(_ r: Ring) -> (StopReason?, Int) {
+        var budget = 2 * r.count
+        var applied = 0
+        while budget > 0 {
+            let c = r.consumer
+            // Collect the run of published slots at c, c+1, ...
+            var n: UInt64 = 0
+            let limit = min(budget, r.count)
+            while n < limit {
+                let w = r.slot(c &+ n).load()
+                guard PVRingLayout.sequence(of: w) == UInt32(truncatingIfNeeded: c &+ n &+ 1) else { break }
+                r.values[Int(n)] = UInt64(PVRingLayout.value(of: w)) & r.valueMask
+                n += 1
+            }
+            if n > 0 {
+                let t = r.target
+                let result = bus.writeBatch(t.space, address: t.address, size: t.width,
+                                            values: UnsafeBufferPointer(start: r.values, count: Int(n)))
+                // Unclaimed writes are dropped (the PC convention): the whole run is done.
+                let done = UInt64(result?.applied ?? Int(n))
+                r.release(from: c, count: done)
+                r.stats.consumed += Int(done)
+                r.stats.batches += 1
+                applied += Int(done)
+                budget -= done
+                if case .stopVM(let s)? = result?.effect { return (.guestExit(status: s), applied) }
+                if done < n { break } // a device that took less than it was given: the rest waits
+                continue
+            }
+            // Nothing published at c: a hole if the slot is free and the hint is past it.
+            let w = r.slot(c).load()
+            guard PVRingLayout.sequence(of: w) == UInt32(truncatingIfNeeded: c) else { break }
+            let ahead = r.hint.load() &- c
+            if ahead == 0 || Int64(bitPattern: ahead) < 0 { break } // caught up, or a stale hint behind
+            guard ahead <= r.count else { r.stats.invalidHints += 1; break }
+            let freed = PVRingLayout.slotWord(sequence: UInt32(truncatingIfNeeded: c &+ r.count), value: 0)
+            if r.slot(c).compareExchange(expected: w, desired: freed).exchanged {
+                r.stats.holes += 1
+                r.advance(to: c &+ 1)
+            }
+            // Otherwise a producer claimed it just now: look again.
+            budget -= 1
+        }
+        return (nil, applied)
+    }
+
+    // MARK: exit chain
+
+    /// Drains the rings before any exit is handled (when the lock-free check
+    /// says there may be entries), then passes the exit on. A write exit to a
+    /// ring's target register (a producer's fallback) wakes a sleeping poller.
+    public func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult {
+        if hasPending() {
+            if let stop = drain() { return .stopVM(stop) }
+            poller.wake()
+        } else if poller.isSleeping, isRingTargetWrite(exit) {
+            poller.wake()
+        }
+        return .pass
     }
 
     @inline(__always)
-    private func drainRing(_ i: Int) throws(PVRingError) -> StopReason? {
-        let h = header(i).rawValue
-        let producer: UInt32
-        do { producer = try memory.loadAcquire(at: GuestAddress(h)) } catch { throw .memory(error) }
-        var consumer = consumers[i]
-        if producer == consumer { return nil }
-        guard producer &- consumer <= slotCount else {
-            throw .indexOutOfRange(ring: i, producer: producer, consumer: consumer, slots: slotCount)
-        }
-        var stop: StopReason?
-        let target = targets[i]
-        // Record progress even when a later slot is refused, so nothing is written twice.
-        defer {
-            consumers[i] = consumer
-            try? memory.storeRelease(consumer, at: GuestAddress(h + 4))
-        }
-        while consumer != producer {
-            let slot = h + PVRingDevice.slotsOffset + UInt64(consumer & (slotCount - 1)) * PVRingDevice.slotSize
-            let value: UInt64, width: UInt32, seq: UInt32
-            do {
-                seq = try memory.loadAcquire(at: GuestAddress(slot + 12))
-                guard seq == consumer &+ 1 else { break } // reserved, not yet published
-                value = try memory.read(at: GuestAddress(slot))
-                width = try memory.read(at: GuestAddress(slot + 8))
-            } catch { throw .memory(error) }
-            guard width == 1 || width == 2 || width == 4 || width == 8 else {
-                throw .invalidWidth(ring: i, slot: consumer, width: width)
-            }
-            let masked = width == 8 ? value : value & ((1 << (UInt64(width) * 8)) - 1)
-            if case .stopVM(let s)? = bus.write(target.space, address: target.address, size: Int(width), value: masked), stop == nil {
-                stop = .guestExit(status: s)
-            }
-            consumer &+= 1
-            consumedCounts[i] += 1
-        }
-        return stop
-    }
-
-    /// Drains the rings before port I/O, MMIO and HLT exits are handled, then passes the exit on.
-    public func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult {
+    private func isRingTargetWrite(_ exit: VMExit) -> Bool {
         switch exit {
-        case .io, .mmio, .halt:
-            do {
-                if let stop = try drain() { return .stopVM(stop) }
-            } catch { throw .ring(error) }
-            return .pass
+        case .io(let io) where io.direction == .write:
+            return targets.contains { $0.space == .pio && $0.address == UInt64(io.port) }
+        case .mmio(let m) where m.direction == .write:
+            return targets.contains { $0.space == .mmio && $0.address == m.address.rawValue }
         default:
-            return .pass
+            return false
         }
     }
 
-    /// Drains what the guest published before it stopped.
+    /// Drains what the guest published before it stopped, unless an entry
+    /// stopped the VM (then the entries after it stay unapplied).
     public func vmDidStop(_ vm: VirtualMachine) throws(VMError) {
-        do { _ = try drain() } catch { throw .ring(error) }
+        lock.lock(); defer { lock.unlock() }
+        if stoppedByEntry { stoppedByEntry = false; return }
+        _ = drainLocked()
+        stoppedByEntry = false
+    }
+
+    /// Adds the device to `vm`: its exit handler and, when ``polling`` is on,
+    /// the polling thread (started and stopped with the VM).
+    public func attach(to vm: VirtualMachine) {
+        vm.addExitHandler(self)
+        guard polling.enabled else { return }
+        vm.addServiceThread(run: { [self] vm, stop in pollLoop(vm, stop) }, wake: { [poller] in poller.wake() })
+    }
+
+    // MARK: polling consumer
+
+    /// Host CPU time the polling thread has used, in nanoseconds, summed over
+    /// the VM's runs (updated each time it goes to sleep and when it ends, so
+    /// exact once the VM has stopped).
+    public var pollerCPUNanoseconds: UInt64 { poller.cpu.load(ordering: .acquiring) }
+
+    /// Whether the poller is polling now (the header's polling flag).
+    public var isPolling: Bool { poller.polling.load(ordering: .acquiring) }
+
+    /// Wakes a sleeping poller (the ring's kick register does this).
+    public func wakePoller() { poller.wake() }
+
+    private func setPollingFlag(_ on: Bool) {
+        poller.polling.store(on, ordering: .sequentiallyConsistent)
+        for r in rings { r.setFlag(PVRingLayout.pollingFlag, on) }
+    }
+
+    private func pollLoop(_ vm: VirtualMachine, _ stop: ServiceStop) {
+        var cpuMark = Sys.threadCPUNanoseconds()
+        defer { poller.cpu.wrappingAdd(Sys.threadCPUNanoseconds() &- cpuMark, ordering: .releasing) }
+        let idle = polling.idleNanoseconds
+        var idleSince: UInt64 = 0
+        var spins = 0
+        setPollingFlag(true)
+        defer { setPollingFlag(false) }
+        while !stop.requested && !vm.isStopping {
+            if vm.isPauseRequested {
+                // A pause holder owns the devices' state: sleep it out, polling off.
+                setPollingFlag(false)
+                poller.sleep(nanoseconds: 100_000, stop: stop)
+                setPollingFlag(true)
+                continue
+            }
+            if hasPending() {
+                lock.lock()
+                let (s, n) = drainLocked()
+                lock.unlock()
+                if let s { vm.finishFromService(.success(s)); return }
+                if n > 0 { idleSince = 0; spins = 0; continue }
+            }
+            Sys.spinHint()
+            spins &+= 1
+            if spins & 63 != 0 { continue }
+            if spins & 0xffff == 0 && !vm.hasRunningVCPUs { break } // every vCPU halted: the VM is done
+            let now = Sys.monotonicNanoseconds()
+            if idleSince == 0 { idleSince = now; continue }
+            if now &- idleSince < idle { continue }
+            // Idle: clear the flag, then look once more (a producer that saw it set may just have published).
+            setPollingFlag(false)
+            if let s = drain() { vm.finishFromService(.success(s)); return }
+            let cpu = Sys.threadCPUNanoseconds()
+            poller.cpu.wrappingAdd(cpu &- cpuMark, ordering: .releasing)
+            cpuMark = cpu
+            poller.sleepUntilWoken(stop: stop, vm: vm, pending: { [self] in hasPending() })
+            setPollingFlag(true)
+            idleSince = 0
+            spins = 0
+        }
+    }
+}
+
+/// One ring's consumer state (guarded by the device's lock, except the atomics).
+private final class Ring {
+    let index: Int
+    let target: PVRingTarget
+    let header: GuestAddress
+    let host: UnsafeMutableRawPointer
+    let count: UInt64
+    let mask: UInt64
+    let valueMask: UInt64
+    let hint: SharedGuestWord
+    let consumerWord: SharedGuestWord
+    /// The consumer index, for the lock-free check (the header's copy is guest-writable).
+    let shadow = Atomic<UInt64>(0)
+    /// The consumer index (lock held).
+    var consumer: UInt64 = 0
+    /// The batch buffer: one run of values handed to the device.
+    let values: UnsafeMutablePointer<UInt64>
+    var stats = PVRingStatistics()
+
+    init(index: Int, target: PVRingTarget, header: GuestAddress, host: UnsafeMutableRawPointer, count: UInt64) {
+        self.index = index
+        self.target = target
+        self.header = header
+        self.host = host
+        self.count = count
+        self.mask = count - 1
+        self.valueMask = target.width >= 4 ? 0xffff_ffff : (1 << (UInt64(target.width) * 8)) - 1
+        self.hint = SharedGuestWord(pointer: host + Int(PVRingLayout.hintOffset))
+        self.consumerWord = SharedGuestWord(pointer: host + Int(PVRingLayout.consumerOffset))
+        self.values = .allocate(capacity: Int(count))
+        // Every slot starts free for its first lap: sequence = its position.
+        for i in 0..<count { slot(i).store(PVRingLayout.slotWord(sequence: UInt32(i), value: 0)) }
+    }
+
+    deinit { values.deallocate() }
+
+    /// The slot word of position `p`.
+    @inline(__always)
+    func slot(_ p: UInt64) -> SharedGuestWord {
+        SharedGuestWord(pointer: host + Int(PVRingLayout.slotsOffset + (p & mask) * PVRingLayout.slotSize))
+    }
+
+    /// Frees the `n` consumed slots from position `c` for their next lap, then publishes the new index.
+    @inline(__always)
+    func release(from c: UInt64, count n: UInt64) {
+        var p = c
+        for _ in 0..<n {
+            slot(p).store(PVRingLayout.slotWord(sequence: UInt32(truncatingIfNeeded: p &+ count), value: 0))
+            p &+= 1
+        }
+        advance(to: p)
+    }
+
+    /// Publishes the consumer index.
+    @inline(__always)
+    func advance(to c: UInt64) {
+        consumer = c
+        consumerWord.store(c)
+        shadow.store(c, ordering: .releasing)
+    }
+
+    /// Sets or clears a header flag (the VMM's copy of the flags is the truth; the guest may have scribbled).
+    func setFlag(_ flag: UInt32, _ on: Bool) {
+        let p = host + Int(PVRingLayout.flagsOffset)
+        var f = (target.synchronous ? PVRingLayout.synchronousFlag : 0)
+        if on { f |= flag }
+        SharedGuestWord32(pointer: p).store(f)
+    }
+}
+
+/// The poller's sleep/wake state.
+private final class PollerState: @unchecked Sendable {
+    let polling = Atomic<Bool>(false)
+    let sleeping = Atomic<Bool>(false)
+    let cpu = Atomic<UInt64>(0)
+    private let cond = ConditionLock()
+    private var woken = false
+
+    var isSleeping: Bool { sleeping.load(ordering: .relaxed) }
+
+    func wake() {
+        guard sleeping.load(ordering: .acquiring) else { return }
+        cond.withLock { woken = true; cond.broadcast() }
+    }
+
+    /// Sleeps until woken, stopped, or (checked every drain interval) entries are pending.
+    func sleepUntilWoken(stop: ServiceStop, vm: VirtualMachine, pending: () -> Bool) {
+        cond.lock()
+        sleeping.store(true, ordering: .sequentiallyConsistent)
+        while !woken && !stop.requested && !vm.isStopping {
+            cond.wait(timeoutNanoseconds: PVRingDevice.drainInterval)
+            if pending() || !vm.hasRunningVCPUs { break }
+        }
+        woken = false
+        sleeping.store(false, ordering: .sequentiallyConsistent)
+        cond.unlock()
+    }
+
+    /// Sleeps for a while unless woken or stopped.
+    func sleep(nanoseconds: UInt64, stop: ServiceStop) {
+        cond.lock()
+        if !stop.requested { cond.wait(timeoutNanoseconds: nanoseconds) }
+        cond.unlock()
     }
 }

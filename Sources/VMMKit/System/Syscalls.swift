@@ -114,6 +114,19 @@ package enum InterruptedCall {
     }
 }
 
+extension Sys {
+    /// A spin-wait hint to the CPU (`pause`), for polling loops.
+    @inline(__always)
+    static func spinHint() { ckvm_spin_hint() }
+
+    /// CPU time the calling thread has used, in nanoseconds.
+    static func threadCPUNanoseconds() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts)
+        return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
+    }
+}
+
 /// Anonymous host memory for guest RAM.
 enum HostMemory {
     static func mapAnonymous(size: Int) -> Result<UnsafeMutableRawPointer, Errno> {

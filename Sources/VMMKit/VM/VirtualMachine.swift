@@ -28,6 +28,8 @@ public final class VirtualMachine: @unchecked Sendable {
     private var stopHooks: [@Sendable (VirtualMachine) -> Void] = []
     private var periodicTasks: [(interval: UInt64, body: @Sendable (VirtualMachine) throws(VMError) -> StopReason?)] = []
     private var timerThread: OSThread?
+    private var services: [(run: @Sendable (VirtualMachine, ServiceStop) -> Void, wake: @Sendable () -> Void)] = []
+    private var serviceThreads: [(thread: OSThread, stop: ServiceStop, wake: @Sendable () -> Void)] = []
     let control = Control()
 
     /// Creates the VM, its memory slots and its vCPUs.
@@ -92,6 +94,7 @@ public final class VirtualMachine: @unchecked Sendable {
     deinit {
         var threads = control.takeThreads()
         if let t = timerThread { threads.append(t) }
+        threads += serviceThreads.map(\.thread)
         for t in threads { t.joinOrDetach() }
     }
 
@@ -147,6 +150,31 @@ public final class VirtualMachine: @unchecked Sendable {
         periodicTasks.append((max(nanoseconds, 100_000), body))
     }
 
+    /// Adds a thread that runs `run` beside the vCPUs each time the VM starts
+    /// (the polling ring consumer). `run` returns soon once ``isStopping`` or
+    /// its ``ServiceStop`` is set; ``wait()`` sets the latter (then calls
+    /// `wake`) after every vCPU has finished, and joins the thread before the
+    /// handlers' ``ExitHandler/vmDidStop(_:)`` and the stop hooks run. Call before ``start()``.
+    func addServiceThread(run: @escaping @Sendable (VirtualMachine, ServiceStop) -> Void, wake: @escaping @Sendable () -> Void) {
+        services.append((run, wake))
+    }
+
+    /// Whether a stop was requested or a vCPU stopped the VM (service threads poll this; lock-free).
+    var isStopping: Bool { control.stopRequested }
+
+    /// Whether any vCPU may still run (false once every vCPU has finished,
+    /// halted ones included). Takes the control lock: poll it sparingly.
+    var hasRunningVCPUs: Bool { control.hasActiveVCPUs }
+
+    /// Whether a pause is requested or in force (service threads leave the devices alone then; lock-free).
+    var isPauseRequested: Bool { control.requests.load(ordering: .acquiring) & Control.pauseBit != 0 }
+
+    /// Stops the VM from a service thread: the first result wins.
+    func finishFromService(_ result: Result<StopReason, VMError>) {
+        control.finishExternally(result)
+        kickAll()
+    }
+
     /// Adds a closure run once each time the VM stops, after all vCPUs left `KVM_RUN`.
     public func addStopHook(_ hook: @escaping @Sendable (VirtualMachine) -> Void) {
         stopHooks.append(hook)
@@ -197,6 +225,13 @@ public final class VirtualMachine: @unchecked Sendable {
                 kickAll()
             }
         }
+        for s in services {
+            let stop = ServiceStop()
+            do { serviceThreads.append((try OSThread.start { [self] in s.run(self, stop) }, stop, s.wake)) } catch {
+                control.finishExternally(.failure(.backend(error)))
+                kickAll()
+            }
+        }
     }
 
     private func startTimer() throws(BackendError) {
@@ -239,6 +274,9 @@ public final class VirtualMachine: @unchecked Sendable {
         let outcome = control.waitForAll()
         timerThread?.join()
         timerThread = nil
+        for t in serviceThreads { t.stop.request(); t.wake() }
+        for t in serviceThreads { t.thread.join() }
+        serviceThreads = []
         if hasCoalescedZones, let v = vcpus.first { drainCoalesced(v.backend) }
         var result = outcome
         for h in handlers {
@@ -296,4 +334,13 @@ extension VirtualMachine: MemorySlotGate {
     package var vcpusMayRun: Bool { control.hasActiveVCPUs }
     package func pauseForSlotChange() -> Bool { pauseAll() }
     package func resumeAfterSlotChange() { resumeAll() }
+}
+
+/// Tells a service thread (``VirtualMachine/addServiceThread(run:wake:)``) to return.
+final class ServiceStop: Sendable {
+    private let flag = Atomic<Bool>(false)
+    /// Whether the thread should return.
+    var requested: Bool { flag.load(ordering: .acquiring) }
+    /// Asks the thread to return.
+    func request() { flag.store(true, ordering: .releasing) }
 }
