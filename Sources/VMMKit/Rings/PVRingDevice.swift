@@ -269,7 +269,8 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     public func attach(to vm: VirtualMachine) {
         vm.addExitHandler(self)
         guard polling.enabled else { return }
-        vm.addServiceThread(run: { [self] vm, stop in pollLoop(vm, stop) }, wake: { [poller] in poller.wake() })
+        vm.addServiceThread(prepare: { [self] in setPollingFlag(true) },
+                            run: { [self] vm, stop in pollLoop(vm, stop) }, wake: { [poller] in poller.wake() })
     }
 
     // MARK: polling consumer

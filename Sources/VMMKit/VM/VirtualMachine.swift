@@ -28,7 +28,7 @@ public final class VirtualMachine: @unchecked Sendable {
     private var stopHooks: [@Sendable (VirtualMachine) -> Void] = []
     private var periodicTasks: [(interval: UInt64, body: @Sendable (VirtualMachine) throws(VMError) -> StopReason?)] = []
     private var timerThread: OSThread?
-    private var services: [(run: @Sendable (VirtualMachine, ServiceStop) -> Void, wake: @Sendable () -> Void)] = []
+    private var services: [(prepare: @Sendable () -> Void, run: @Sendable (VirtualMachine, ServiceStop) -> Void, wake: @Sendable () -> Void)] = []
     private var serviceThreads: [(thread: OSThread, stop: ServiceStop, wake: @Sendable () -> Void)] = []
     let control = Control()
 
@@ -151,12 +151,15 @@ public final class VirtualMachine: @unchecked Sendable {
     }
 
     /// Adds a thread that runs `run` beside the vCPUs each time the VM starts
-    /// (the polling ring consumer). `run` returns soon once ``isStopping`` or
+    /// (the polling ring consumer). `prepare` runs in ``start()`` before any
+    /// vCPU thread does (the poller raises its flag there, so the guest's first
+    /// entries already see it). `run` returns soon once ``isStopping`` or
     /// its ``ServiceStop`` is set; ``wait()`` sets the latter (then calls
     /// `wake`) after every vCPU has finished, and joins the thread before the
     /// handlers' ``ExitHandler/vmDidStop(_:)`` and the stop hooks run. Call before ``start()``.
-    func addServiceThread(run: @escaping @Sendable (VirtualMachine, ServiceStop) -> Void, wake: @escaping @Sendable () -> Void) {
-        services.append((run, wake))
+    func addServiceThread(prepare: @escaping @Sendable () -> Void, run: @escaping @Sendable (VirtualMachine, ServiceStop) -> Void,
+                          wake: @escaping @Sendable () -> Void) {
+        services.append((prepare, run, wake))
     }
 
     /// Whether a stop was requested or a vCPU stopped the VM (service threads poll this; lock-free).
@@ -199,6 +202,7 @@ public final class VirtualMachine: @unchecked Sendable {
         guard slots.withLayoutLocked({ control.begin(vcpuCount: vcpus.count) }) else {
             throw .invalidState("the VM is already running")
         }
+        for s in services { s.prepare() }
         let guards = PageGuardHandler(memory: memory, listeners: guardListeners, vcpuCount: vcpus.count)
         let chain = [guards] + handlers + [BusDispatchHandler(strict: configuration.strict), DefaultExitPolicy()]
         var threads: [OSThread] = []
