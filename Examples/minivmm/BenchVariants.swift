@@ -125,6 +125,8 @@ struct BenchRecord: Sendable {
     var cyclesPerIterationRuns: [Double]
     var steadyExits: Int?
     var checksum: String
+    /// The median steady phase, in seconds (guest TSC cycles over the host's TSC rate).
+    var steadySeconds: Double
     var hostCPUNanosecondsPerIteration: Double?
     var extra: [(key: String, value: JSONValue)]
 
@@ -144,6 +146,7 @@ struct BenchRecord: Sendable {
             ("runs", .int(cyclesPerIterationRuns.count)),
             ("host_cpu_ns_per_iter", hostCPUNanosecondsPerIteration.map(JSONValue.number) ?? .null),
             ("total_iterations", .int(totalIterations)),
+            ("steady_seconds", .number(steadySeconds)),
             ("cycles_per_iter_runs", .array(cyclesPerIterationRuns.map(JSONValue.number))),
         ]
         fields += extra.map { ($0.key, $0.value) }
@@ -203,13 +206,18 @@ func runWorkloadBenchmark(_ plan: WorkloadBenchPlan, _ env: BenchEnvironment) th
         for (i, v) in variants.enumerated() {
             let rs = runs[i]
             guard let last = rs.last else { continue }
+            // The guest's TSC runs at the host's rate (KVM, no TSC scaling here).
+            let seconds = rs.map { $0.cyclesPerIteration * Double($0.steadyIterations) / env.tscPerNanosecond / 1e9 }
+            if plan.fixedIterations == nil, let shortest = seconds.min(), shortest < plan.seconds {
+                printError("minivmm bench: \(w.name) \(v.name): a steady phase lasted \(fmt(shortest)) s, under \(fmt(plan.seconds)) s")
+            }
             let exits = rs.compactMap(\.steadyExits)
             let cpu = rs.compactMap(\.hostCPUNanosecondsPerIteration)
             records.append(BenchRecord(
                 workload: w.name, cpl: w.cpl, variant: v.name, totalIterations: last.iterations,
                 iterations: last.steadyIterations, cyclesPerIterationRuns: rs.map(\.cyclesPerIteration),
                 steadyExits: exits.count == rs.count ? Int(median(exits.map(Double.init))) : nil,
-                checksum: last.checksum,
+                checksum: last.checksum, steadySeconds: median(seconds),
                 hostCPUNanosecondsPerIteration: cpu.count == rs.count ? median(cpu) : nil,
                 extra: last.extra))
         }

@@ -25,13 +25,14 @@ func checkBenchRecord(_ r: [String: Any], runs: Int) {
     #expect(r["runs"] as? Int == runs)
     #expect(r["host_cpu_ns_per_iter"] is Double || r["host_cpu_ns_per_iter"] is NSNull)
     #expect((r["cycles_per_iter_runs"] as? [Double])?.count == runs)
+    #expect(r["steady_seconds"] is Double)
 }
 
 @Suite("minivmm bench --json")
 struct BenchJSONTests {
     let record = BenchRecord(workload: "uart-cpl3", cpl: 3, variant: "qemu", totalIterations: 200, iterations: 180,
                              cyclesPerIterationRuns: [5_022_001, 4_999_999.5, 5_100_000], steadyExits: nil,
-                             checksum: "0x1472f3a9", hostCPUNanosecondsPerIteration: nil,
+                             checksum: "0x1472f3a9", steadySeconds: 0.35, hostCPUNanosecondsPerIteration: nil,
                              extra: [(key: "note", value: .string("a \"quoted\"\n\\ line\u{1}"))])
 
     @Test("records render as an array of objects with the documented keys and types")
