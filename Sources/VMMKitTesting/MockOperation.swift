@@ -100,6 +100,16 @@ public enum MockStep: Sendable, CustomStringConvertible {
     /// read-only slot or in no slot exits as an MMIO write (RIP past the store,
     /// memory untouched), one exit per fragment.
     case guestStore(GuestAddress, size: Int, value: UInt64)
+    /// Return this exit for an instruction of `length` bytes at the current RIP, and model where
+    /// RIP is (the vCPU's ``MockVCPU/ripModel``): RIP stays on the instruction or moves past it at
+    /// the exit; the run that completes the access moves it past and, for a read, writes the value
+    /// supplied into its register: `destination` for MMIO loads, RAX for `in` and hypercalls,
+    /// EDX:EAX for `rdmsr`.
+    case access(VMExit, length: UInt8, destination: MockRegister = .rax, data: [UInt64] = [])
+    /// A further exit of the instruction of the access before it (the next element of string
+    /// I/O, the second half of a split MMIO access): the run that completes the previous part
+    /// returns it, even with `immediate_exit` set, and RIP moves only when the last part completes.
+    case continuation(VMExit, data: [UInt64] = [])
 
     /// A short description.
     public var description: String {
@@ -108,6 +118,84 @@ public enum MockStep: Sendable, CustomStringConvertible {
         case .fail(let e): "fail \(e)"
         case .spin: "spin"
         case .guestStore(let a, let n, let v): "guest store \(n) bytes 0x\(String(v, radix: 16)) at \(a)"
+        case .access(let e, let n, let r, let d): "access \(e) length \(n) into \(r)" + (d.isEmpty ? "" : " data \(d)")
+        case .continuation(let e, let d): "continuation \(e)" + (d.isEmpty ? "" : " data \(d)")
+        }
+    }
+}
+
+/// Where the mock puts RIP at an access exit.
+public enum MockRIPModel: Hashable, Sendable {
+    /// This project's development machines (KVM's PVM flavour): after `in` and
+    /// MMIO loads RIP is on the instruction until the next `KVM_RUN` completes
+    /// it; after `out` and MMIO stores it is already past. A register
+    /// write-back before the completion drops the loaded value (RIP still moves).
+    case pvm
+    /// Hardware KVM (VT-x/SVM, Linux 5.2 and later): `in`, `out` and MMIO loads
+    /// are completed, and RIP moved, by the next `KVM_RUN`; MMIO stores are
+    /// emulated whole before the exit (RIP past). A register write-back before
+    /// the completion keeps the loaded value but RIP moves from the new value.
+    case hardware
+}
+
+/// A general register a scripted access loads into.
+public enum MockRegister: String, Hashable, Sendable, CaseIterable {
+    /// RAX (and the target of `in`).
+    case rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp, r8, r9, r10, r11, r12, r13, r14, r15
+
+    /// The register's value in `r`.
+    public func value(in r: Registers) -> UInt64 {
+        switch self {
+        case .rax: r.rax
+        case .rbx: r.rbx
+        case .rcx: r.rcx
+        case .rdx: r.rdx
+        case .rsi: r.rsi
+        case .rdi: r.rdi
+        case .rsp: r.rsp
+        case .rbp: r.rbp
+        case .r8: r.r8
+        case .r9: r.r9
+        case .r10: r.r10
+        case .r11: r.r11
+        case .r12: r.r12
+        case .r13: r.r13
+        case .r14: r.r14
+        case .r15: r.r15
+        }
+    }
+
+    /// Stores `value` into the register in `r`.
+    public func set(_ value: UInt64, in r: inout Registers) {
+        switch self {
+        case .rax: r.rax = value
+        case .rbx: r.rbx = value
+        case .rcx: r.rcx = value
+        case .rdx: r.rdx = value
+        case .rsi: r.rsi = value
+        case .rdi: r.rdi = value
+        case .rsp: r.rsp = value
+        case .rbp: r.rbp = value
+        case .r8: r.r8 = value
+        case .r9: r.r9 = value
+        case .r10: r.r10 = value
+        case .r11: r.r11 = value
+        case .r12: r.r12 = value
+        case .r13: r.r13 = value
+        case .r14: r.r14 = value
+        case .r15: r.r15 = value
+        }
+    }
+
+    /// Writes a load of `size` bytes into the register in `r` as x86-64 does:
+    /// 1 and 2 bytes merge into the low bytes, 4 bytes zero-extend, 8 replace.
+    public func load(_ value: UInt64, size: Int, in r: inout Registers) {
+        let old = self.value(in: r)
+        switch size {
+        case 1: set(old & ~0xff | value & 0xff, in: &r)
+        case 2: set(old & ~0xffff | value & 0xffff, in: &r)
+        case 4: set(value & 0xffff_ffff, in: &r)
+        default: set(value, in: &r)
         }
     }
 }

@@ -29,6 +29,8 @@ public final class MockVCPU: VCPUBackend, @unchecked Sendable {
         var lapic = LAPICState(bytes: Array(repeating: 0, count: 1024))
         var events = VCPUEvents(bytes: Array(repeating: 0, count: 64))
         var coalesced: [CoalescedWrite] = []
+        var pending: PendingInstruction?
+        var ripModel = MockRIPModel.pvm
 
         /// The step at the head of the script, consumed unless it is a `.spin` (a kick ends that one).
         mutating func nextStep() -> MockStep? {
@@ -46,6 +48,16 @@ public final class MockVCPU: VCPUBackend, @unchecked Sendable {
                 head = 0
             }
         }
+    }
+    /// The instruction of a scripted ``MockStep/access(_:length:destination:data:)`` not yet completed.
+    struct PendingInstruction {
+        var exit: VMExit
+        var length: UInt64
+        var destination: MockRegister
+        /// RIP stays on the instruction until completion (else it moved past at the exit).
+        var onInstruction: Bool
+        /// A register write-back under the PVM model dropped the loaded value.
+        var dropped = false
     }
     private let state = Locked(State())
     private let immediateExit = Atomic<Bool>(false)
@@ -70,6 +82,13 @@ public final class MockVCPU: VCPUBackend, @unchecked Sendable {
     public var completedReads: [[Int: UInt64]] { state.withLock { $0.completed } }
     /// The CPUID set by ``setCPUID(_:)``.
     public var cpuid: [CPUIDEntry] { state.withLock { $0.cpuid } }
+    /// Where RIP is at scripted accesses (default ``MockRIPModel/pvm``, this project's machines).
+    public var ripModel: MockRIPModel {
+        get { state.withLock { $0.ripModel } }
+        set { state.withLock { $0.ripModel = newValue } }
+    }
+    /// Whether a scripted access waits for the next `KVM_RUN` to complete it.
+    public var hasPendingAccess: Bool { state.withLock { $0.pending != nil } }
     /// The register file.
     public var currentRegisters: Registers {
         get { state.withLock { $0.regs } }
@@ -80,10 +99,22 @@ public final class MockVCPU: VCPUBackend, @unchecked Sendable {
     /// ``VMExit/interrupted`` at once, as KVM does. With the script empty it returns ``VMExit/halt``.
     public func run() throws(BackendError) -> VMExit {
         try log.record(.run, vcpu: id)
-        state.withLock { s in
+        // Completing the previous exit: a scripted continuation of its
+        // instruction comes back at once, even with immediate_exit set.
+        if let further: VMExit = state.withLock({ s in
             if s.current != nil { s.completed.append(s.reads) }
             s.current = nil
             s.reads = [:]
+            if s.pending != nil, s.head < s.script.count, case .continuation(let e, let data) = s.script[s.head] {
+                s.consumeHead()
+                s.pending?.exit = e
+                s.current = MockVCPU.current(e, data)
+                return e
+            }
+            MockVCPU.finish(&s)
+            return nil
+        }) {
+            return further
         }
         if immediateExit.load(ordering: .sequentiallyConsistent) { return .interrupted }
         var step: MockStep? = state.withLock { s in
@@ -118,15 +149,64 @@ public final class MockVCPU: VCPUBackend, @unchecked Sendable {
             wake.withLock { $0 = false }
             state.withLock { s in if s.head < s.script.count, case .spin = s.script[s.head] { s.consumeHead() } }
             return .interrupted
-        case .exit(let e, let data):
+        case .exit(let e, let data), .continuation(let e, let data):
+            state.withLock { s in s.current = MockVCPU.current(e, data) }
+            return e
+        case .access(let e, let length, let destination, let data):
             state.withLock { s in
-                s.current = (e, data)
-                if case .io(let io) = e, io.direction == .write, io.count == 1, data.isEmpty { s.current = (e, [io.value]) }
-                if case .mmio(let m) = e, m.direction == .write, data.isEmpty { s.current = (e, [m.value]) }
-                if case .msrWrite(_, let v) = e, data.isEmpty { s.current = (e, [v]) }
+                s.current = MockVCPU.current(e, data)
+                let on = MockVCPU.staysOnInstruction(e, s.ripModel)
+                if !on { s.regs.rip &+= UInt64(length) }
+                s.pending = PendingInstruction(exit: e, length: UInt64(length), destination: destination, onInstruction: on)
             }
             return e
         }
+    }
+
+    /// The current-exit record of a scripted exit: writes carry their value as element 0.
+    private static func current(_ e: VMExit, _ data: [UInt64]) -> (exit: VMExit, data: [UInt64]) {
+        guard data.isEmpty else { return (e, data) }
+        switch e {
+        case .io(let io) where io.direction == .write && io.count == 1: return (e, [io.value])
+        case .mmio(let m) where m.direction == .write: return (e, [m.value])
+        case .msrWrite(_, let v): return (e, [v])
+        default: return (e, data)
+        }
+    }
+
+    /// Whether RIP stays on the instruction of `exit` until completion under `model`.
+    static func staysOnInstruction(_ exit: VMExit, _ model: MockRIPModel) -> Bool {
+        switch exit {
+        case .io(let io): io.direction == .read || io.count > 1 || model == .hardware
+        case .mmio(let m): m.direction == .read
+        default: true
+        }
+    }
+
+    /// Completes the pending scripted instruction: loads the value supplied
+    /// (all ones when none was, as KVM's buffer holds) and moves RIP past it.
+    private static func finish(_ s: inout State) {
+        guard let p = s.pending else { return }
+        s.pending = nil
+        let supplied = s.completed.last?[0]
+        if !p.dropped {
+            switch p.exit {
+            case .io(let io) where io.direction == .read && io.count == 1:
+                MockRegister.rax.load(supplied ?? allOnes(size: Int(io.size)), size: Int(io.size), in: &s.regs)
+            case .mmio(let m) where m.direction == .read:
+                p.destination.load(supplied ?? allOnes(size: Int(m.size)), size: Int(m.size), in: &s.regs)
+            case .msrRead:
+                if let v = supplied, s.completed.last?[-1] == nil {
+                    s.regs.rax = v & 0xffff_ffff
+                    s.regs.rdx = v >> 32
+                }
+            case .hypercall:
+                if let v = supplied { s.regs.rax = v }
+            default:
+                break
+            }
+        }
+        if p.onInstruction { s.regs.rip &+= p.length }
     }
 
     private func sleepBriefly() {
@@ -181,10 +261,14 @@ public final class MockVCPU: VCPUBackend, @unchecked Sendable {
         try log.record(.getRegisters, vcpu: id)
         return state.withLock { $0.regs }
     }
-    /// Sets the register file.
+    /// Sets the register file. Under ``MockRIPModel/pvm``, doing so while a scripted load waits for
+    /// completion drops the loaded value, as a register write-back does on this project's machines.
     public func setRegisters(_ regs: Registers) throws(BackendError) {
         try log.record(.setRegisters, vcpu: id, "rip=0x" + String(regs.rip, radix: 16))
-        state.withLock { $0.regs = regs }
+        state.withLock { s in
+            s.regs = regs
+            if s.ripModel == .pvm, s.pending?.onInstruction == true { s.pending?.dropped = true }
+        }
     }
     /// The special registers.
     public func specialRegisters() throws(BackendError) -> SpecialRegisters {

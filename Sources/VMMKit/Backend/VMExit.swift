@@ -48,22 +48,93 @@ public struct MMIOAccess: Hashable, Sendable {
 }
 
 /// Why the hypervisor could not run or emulate guest code (`KVM_EXIT_INTERNAL_ERROR`).
+///
+/// The data words are stored inline (up to ``capacity``), so the exit carries
+/// no reference-counted payload and decoding it allocates nothing.
 public struct InternalError: Hashable, Sendable {
     /// `KVM_INTERNAL_ERROR_*`: 1 = emulation failure, 2 = simultaneous exceptions, 3 = delivery event, 4 = unexpected exit.
     public var suberror: UInt32
-    /// The extra words the kernel reported (for emulation failures, may include instruction bytes).
-    public var data: [UInt64]
+    /// The extra words the kernel reported, inline (at most ``capacity``).
+    public var words: ExitWords
 
-    /// Creates an internal-error description.
-    public init(suberror: UInt32, data: [UInt64] = []) { self.suberror = suberror; self.data = data }
+    /// How many data words an internal error keeps (`kvm_run.internal.data` holds 16).
+    public static let capacity = ExitWords.capacity
+
+    /// Creates an internal-error description; words beyond ``capacity`` are dropped.
+    public init(suberror: UInt32, data: [UInt64] = []) { self.suberror = suberror; self.words = ExitWords(data) }
+
+    /// Creates an internal-error description from inline words.
+    public init(suberror: UInt32, words: ExitWords) { self.suberror = suberror; self.words = words }
+
+    /// The extra words as an array (allocates: for diagnostics, not the exit path).
+    public var data: [UInt64] { Array(words) }
 
     /// Whether this is an instruction emulation failure.
     public var isEmulationFailure: Bool { suberror == 1 }
 }
 
+/// Up to 16 64-bit words stored inline: the data of an exit (hypercall
+/// arguments, internal-error words) without a heap allocation.
+public struct ExitWords: RandomAccessCollection, Hashable, Sendable, CustomStringConvertible {
+    /// The most words a value holds.
+    public static let capacity = 16
+    private var storage: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64,
+                          UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) =
+        (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    /// The number of words held.
+    public private(set) var count: Int = 0
+
+    /// No words.
+    public init() {}
+
+    /// The first ``capacity`` words of `words`.
+    public init<S: Sequence<UInt64>>(_ words: S) {
+        for w in words where count < ExitWords.capacity { append(w) }
+    }
+
+    /// The first `count` 8-byte words of `bytes` (at most ``capacity``, at most what `bytes` holds).
+    @inline(__always)
+    init(loading bytes: UnsafeRawBufferPointer, count n: Int) {
+        let n = Swift.min(Swift.max(n, 0), ExitWords.capacity, bytes.count / 8)
+        withUnsafeMutableBytes(of: &storage) { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: bytes[0..<(n * 8)])) }
+        count = n
+    }
+
+    /// Appends a word (ignored when full).
+    public mutating func append(_ word: UInt64) {
+        guard count < ExitWords.capacity else { return }
+        let i = count
+        withUnsafeMutableBytes(of: &storage) { $0.storeBytes(of: word, toByteOffset: i * 8, as: UInt64.self) }
+        count += 1
+    }
+
+    /// 0.
+    public var startIndex: Int { 0 }
+    /// ``count``.
+    public var endIndex: Int { count }
+    /// Word `i` (`0..<count`; other indices read as 0).
+    public subscript(i: Int) -> UInt64 {
+        guard i >= 0, i < count else { return 0 }
+        return withUnsafeBytes(of: storage) { $0.load(fromByteOffset: i * 8, as: UInt64.self) }
+    }
+
+    /// Equal when the held words are equal.
+    public static func == (a: ExitWords, b: ExitWords) -> Bool { a.elementsEqual(b) }
+    /// Hashes the held words.
+    public func hash(into h: inout Hasher) {
+        h.combine(count)
+        for w in self { h.combine(w) }
+    }
+    /// `[w0, w1, ...]` in hex.
+    public var description: String { "[" + map { "0x" + String($0, radix: 16) }.joined(separator: ", ") + "]" }
+}
+
 /// A VM exit: why `KVM_RUN` returned, with the exit's data.
 ///
-/// Unknown exit reasons arrive as ``unsupported(_:)`` and never crash.
+/// Unknown exit reasons arrive as ``unsupported(reason:)`` and never crash.
+///
+/// Every payload is a plain value (no arrays, strings or classes): passing an
+/// exit down the chain copies bytes and touches no reference count.
 public enum VMExit: Hashable, Sendable {
     /// Port I/O (`in`, `out`, `ins`, `outs`).
     case io(PortIO)
@@ -79,8 +150,9 @@ public enum VMExit: Hashable, Sendable {
     case internalError(InternalError)
     /// A system event: `type` is `KVM_SYSTEM_EVENT_*` (1 shutdown, 2 reset, 3 crash).
     case systemEvent(type: UInt32, flags: UInt64)
-    /// A hypercall (`KVM_EXIT_HYPERCALL`).
-    case hypercall(nr: UInt64, args: [UInt64])
+    /// A hypercall (`KVM_EXIT_HYPERCALL`): its number and its six argument words, inline.
+    /// Supply the return value with ``ExitContext/completeRead(_:at:)``.
+    case hypercall(nr: UInt64, args: ExitWords)
     /// A user-space MSR read (`KVM_EXIT_X86_RDMSR`); complete with ``ExitContext/completeRead(_:at:)``.
     case msrRead(index: UInt32)
     /// A user-space MSR write (`KVM_EXIT_X86_WRMSR`).
@@ -91,8 +163,8 @@ public enum VMExit: Hashable, Sendable {
     case interrupted
     /// The interrupt window is open (requested with `request_interrupt_window`).
     case irqWindowOpen
-    /// An exit this library does not model; `reason` names it.
-    case unsupported(reason: UInt32, name: String)
+    /// An exit this library does not model: `reason` is the raw `KVM_EXIT_*` number.
+    case unsupported(reason: UInt32)
 
     /// The kind of exit, for statistics.
     public var kind: ExitKind {
@@ -140,7 +212,7 @@ public enum ExitKind: Int, CaseIterable, Hashable, Sendable, CustomStringConvert
     case interrupted
     /// ``VMExit/irqWindowOpen``.
     case irqWindowOpen
-    /// ``VMExit/unsupported(reason:name:)``.
+    /// ``VMExit/unsupported(reason:)``.
     case unsupported
 
     /// A short lowercase name (`io`, `mmio`, ...).

@@ -41,7 +41,7 @@ public final class PhaseMarker: ExitHandler, @unchecked Sendable {
         guard case .io(let io) = exit, io.port == port else { return .pass }
         if io.direction == .write {
             let mark = PhaseMark(value: UInt32(truncatingIfNeeded: io.value), nanoseconds: Sys.monotonicNanoseconds(),
-                                 exits: context.statistics.total)
+                                 exits: context.totalExits)
             lock.withLock { if recorded.count < PhaseMarker.markLimit { recorded.append(mark) } }
         } else {
             // Every element of a string read, not just the first.

@@ -18,7 +18,12 @@ public struct ExitSite: Hashable, Sendable {
     }
 }
 
-/// Exit counts per exit kind and, optionally, per site.
+/// Exit counts per exit kind and, optionally, per site: a snapshot.
+///
+/// The exit path does not update this value: each vCPU counts into plain
+/// counters and an ``ExitSiteTable`` (no hashing through `Hasher`, no
+/// allocation per exit), and ``ExitContext/statistics`` and
+/// ``VirtualMachine/statistics()`` build a snapshot from them on request.
 public struct ExitStatistics: Sendable {
     /// Counts indexed by ``ExitKind/rawValue``.
     public private(set) var counts: [Int]
@@ -43,23 +48,31 @@ public struct ExitStatistics: Sendable {
     @inline(__always)
     public mutating func record(_ kind: ExitKind) { counts[kind.rawValue] &+= 1 }
 
+    /// Adds `count` exits of `kind`.
+    public mutating func add(_ kind: ExitKind, count: Int) { counts[kind.rawValue] &+= count }
+
+    /// Adds `count` exits at `site` (sites beyond ``siteLimit`` go to ``untrackedSiteExits``).
+    public mutating func add(site: ExitSite, count: Int) {
+        if let n = sites[site] { sites[site] = n &+ count }
+        else if sites.count < ExitStatistics.siteLimit { sites[site] = count }
+        else { untrackedSiteExits &+= count }
+    }
+
+    /// Adds `count` exits that were not counted per site.
+    public mutating func addUntracked(_ count: Int) { untrackedSiteExits &+= count }
+
     /// Exits not counted per site because ``siteLimit`` distinct sites were already tracked.
     public private(set) var untrackedSiteExits = 0
     /// How many distinct sites are counted (memory stays bounded whatever the guest does).
     public static let siteLimit = 65536
 
     /// Counts one exit at a site.
-    @inline(__always)
-    public mutating func record(site: ExitSite) {
-        if let n = sites[site] { sites[site] = n &+ 1 }
-        else if sites.count < ExitStatistics.siteLimit { sites[site] = 1 }
-        else { untrackedSiteExits &+= 1 }
-    }
+    public mutating func record(site: ExitSite) { add(site: site, count: 1) }
 
     /// Adds another vCPU's statistics into these.
     public mutating func merge(_ other: ExitStatistics) {
         for i in counts.indices { counts[i] &+= other.counts[i] }
-        for (k, v) in other.sites { sites[k, default: 0] &+= v }
+        for (k, v) in other.sites { add(site: k, count: v) }
         untrackedSiteExits &+= other.untrackedSiteExits
     }
 

@@ -19,7 +19,7 @@ public final class KVMVCPU: VCPUBackend {
     private let mmapSize: Int
     /// Whether the general registers travel through the sync-regs area.
     public let usesSyncRegs: Bool
-    private var syncRegsValid = false
+    @exclusivity(unchecked) private var syncRegsValid = false
     private var thread: pthread_t?
     private let threadLock = ConditionLock()
     private let coalescedRing: UnsafeMutableRawPointer?
@@ -47,13 +47,17 @@ public final class KVMVCPU: VCPUBackend {
 
     /// An optional probe timing the VMM's side of each exit (benchmarks only).
     /// Set it before the VM starts.
-    @exclusivity(unchecked) public var exitPathProbe: ExitPathProbe?
+    @exclusivity(unchecked) public var exitPathProbe: ExitPathProbe? {
+        didSet { probe = exitPathProbe.map { Unmanaged.passUnretained($0) } }
+    }
+    /// The probe without reference counting on the exit path (``exitPathProbe`` keeps it alive).
+    @exclusivity(unchecked) private var probe: Unmanaged<ExitPathProbe>?
 
     /// Runs until the next exit. The corresponding ioctl is `KVM_RUN`.
     public func run() throws(BackendError) -> VMExit {
-        if let p = exitPathProbe { p.enter() }
+        if let p = probe { p._withUnsafeGuaranteedRef { $0.enter() } }
         let (r, err) = Sys.ioctlRaw(fd, CKVM_RUN)
-        if let p = exitPathProbe { p.leave() }
+        if let p = probe { p._withUnsafeGuaranteedRef { $0.leave() } }
         if r < 0 {
             syncRegsValid = false
             if err == .interrupted { return .interrupted }
@@ -73,9 +77,18 @@ public final class KVMVCPU: VCPUBackend {
             let io = kvmRun.pointee.io
             let dir: AccessDirection = io.direction == UInt8(KVM_EXIT_IO_OUT) ? .write : .read
             var value: UInt64 = 0
-            if dir == .write && io.count == 1 { value = exitData(at: 0) }
-            // A read nobody completes returns all ones (the PC convention), never stale data.
-            if dir == .read { for i in 0..<Int(io.count) { guard let (p, n) = ioElement(i) else { break }; storeLE(.max, p, count: n) } }
+            // The elements, checked against the mapping once.
+            let size = Int(io.size), offset = Int(io.data_offset)
+            let bytes = size * Int(io.count)
+            if size >= 1, size <= 8, offset >= 0, bytes <= mmapSize - offset {
+                if dir == .write {
+                    if io.count == 1 { value = loadLE(raw + offset, count: size) }
+                } else {
+                    // A read nobody completes returns all ones (the PC convention), never stale data.
+                    if io.count == 1 { storeLE(.max, raw + offset, count: size) }
+                    else { (raw + offset).initializeMemory(as: UInt8.self, repeating: 0xff, count: bytes) }
+                }
+            }
             return .io(PortIO(port: io.port, size: io.size, count: io.count, direction: dir, value: value))
         case KVM_EXIT_MMIO:
             let m = kvmRun.pointee.mmio
@@ -93,15 +106,13 @@ public final class KVMVCPU: VCPUBackend {
         case KVM_EXIT_INTERNAL_ERROR:
             let ie = kvmRun.pointee.internal
             let n = min(Int(ie.ndata), 16)
-            let data = withUnsafeBytes(of: ie.data) { b in (0..<n).map { b.load(fromByteOffset: $0 * 8, as: UInt64.self) } }
-            return .internalError(InternalError(suberror: ie.suberror, data: data))
+            return .internalError(InternalError(suberror: ie.suberror, words: withUnsafeBytes(of: ie.data) { ExitWords(loading: $0, count: n) }))
         case KVM_EXIT_SYSTEM_EVENT:
             let e = kvmRun.pointee.system_event
             return .systemEvent(type: e.type, flags: e.flags)
         case KVM_EXIT_HYPERCALL:
             let h = kvmRun.pointee.hypercall
-            let args = withUnsafeBytes(of: h.args) { b in (0..<6).map { b.load(fromByteOffset: $0 * 8, as: UInt64.self) } }
-            return .hypercall(nr: h.nr, args: args)
+            return .hypercall(nr: h.nr, args: withUnsafeBytes(of: h.args) { ExitWords(loading: $0, count: 6) })
         case KVM_EXIT_X86_RDMSR:
             return .msrRead(index: kvmRun.pointee.msr.index)
         case KVM_EXIT_X86_WRMSR:
@@ -112,21 +123,35 @@ public final class KVMVCPU: VCPUBackend {
         case KVM_EXIT_INTR: return .interrupted
         case KVM_EXIT_IRQ_WINDOW_OPEN: return .irqWindowOpen
         default:
-            return .unsupported(reason: reason, name: "KVM exit reason \(reason)")
+            return .unsupported(reason: reason)
         }
     }
 
 
     @inline(__always)
     private func loadLE(_ p: UnsafeRawPointer, count: Int) -> UInt64 {
-        var v: UInt64 = 0
-        for i in 0..<count { v |= UInt64(p.load(fromByteOffset: i, as: UInt8.self)) << (8 * UInt64(i)) }
-        return v
+        switch count {
+        case 1: return UInt64(p.load(as: UInt8.self))
+        case 2: return UInt64(UInt16(littleEndian: p.loadUnaligned(as: UInt16.self)))
+        case 4: return UInt64(UInt32(littleEndian: p.loadUnaligned(as: UInt32.self)))
+        case 8: return UInt64(littleEndian: p.loadUnaligned(as: UInt64.self))
+        default:
+            var v: UInt64 = 0
+            for i in 0..<min(count, 8) { v |= UInt64(p.load(fromByteOffset: i, as: UInt8.self)) << (8 * UInt64(i)) }
+            return v
+        }
     }
 
     @inline(__always)
     private func storeLE(_ value: UInt64, _ p: UnsafeMutableRawPointer, count: Int) {
-        for i in 0..<count { p.storeBytes(of: UInt8(truncatingIfNeeded: value >> (8 * UInt64(i))), toByteOffset: i, as: UInt8.self) }
+        switch count {
+        case 1: p.storeBytes(of: UInt8(truncatingIfNeeded: value), as: UInt8.self)
+        case 2: p.storeBytes(of: UInt16(truncatingIfNeeded: value).littleEndian, as: UInt16.self)
+        case 4: p.storeBytes(of: UInt32(truncatingIfNeeded: value).littleEndian, as: UInt32.self)
+        case 8: p.storeBytes(of: value.littleEndian, as: UInt64.self)
+        default:
+            for i in 0..<min(count, 8) { p.storeBytes(of: UInt8(truncatingIfNeeded: value >> (8 * UInt64(i))), toByteOffset: i, as: UInt8.self) }
+        }
     }
 
     /// The location of port I/O element `index`, checked against the mapping.

@@ -30,24 +30,13 @@ public final class VCPU: @unchecked Sendable {
         Sys.setThreadTag(vm)
         defer { Sys.clearThreadTag() }
         let control = vm.control
-        let collectSites = ctx.statistics.collectSites
         while true {
             if control.requests.load(ordering: .acquiring) != 0 {
-                if control.stopRequested { return completed(.stop(.stopped)) }
-                // Pause: complete any pending access (KVM_RUN with immediate_exit
-                // returns EINTR after finishing it), then park.
-                backend.setImmediateExit(true)
-                do {
-                    let e = try backend.run()
-                    if e != .interrupted {
-                        // A backend that returned a real exit instead: handle it, then try again.
-                        if let out = dispatch(e, ctx, collectSites) {
-                            if case .error = out { return out }
-                            return completed(out)
-                        }
-                        continue
-                    }
-                } catch { return .error(.backend(error)) }
+                if control.stopRequested { return completed(.stop(.stopped), ctx) }
+                // Pause: complete any pending access first (further exits are
+                // dispatched like any other), then park.
+                do { try ctx.runCompletion() } catch { return .error(error) }
+                if let out = ctx.takeDeferredOutcome() { return out.isError ? out : completed(out, ctx) }
                 control.park()
                 backend.setImmediateExit(false)
                 continue
@@ -55,53 +44,31 @@ public final class VCPU: @unchecked Sendable {
             let exit: VMExit
             do { exit = try backend.run() } catch { return .error(.backend(error)) }
             if case .interrupted = exit {
-                ctx.statistics.record(.interrupted)
+                ctx.countInterrupted()
                 backend.setImmediateExit(false)
                 continue
             }
-            if let out = dispatch(exit, ctx, collectSites) {
-                if case .error = out { return out }
-                return completed(out)
+            ctx.begin(exit)
+            let out = ctx.dispatchCounted(exit)
+            if let deferred = ctx.takeDeferredOutcome() {
+                // A further exit of a completion asked to stop: errors first, then stops.
+                if deferred.isError || !(out?.isError ?? false) { return deferred.isError ? deferred : completed(deferred, ctx) }
+            }
+            if let out {
+                if out.isError { return out }
+                return completed(out, ctx)
             }
         }
     }
 
-    /// Before the vCPU leaves after a handled exit: let KVM finish the access
-    /// (write an `in`/MMIO-load result into the register, advance RIP) with a
-    /// `KVM_RUN` that has `immediate_exit` set, so the state read after the
-    /// stop is final and a later run does not replay the old access.
-    private func completed(_ outcome: Control.Outcome) -> Control.Outcome {
-        guard let ctx = context else { return outcome }
-        backend.setImmediateExit(true)
-        // Completing can need more user-space work (the second half of a split
-        // MMIO access, the next chunk of string I/O): KVM then returns another
-        // exit even with immediate_exit set. Serve those, up to a bound.
-        for _ in 0..<64 {
-            guard let e = try? backend.run(), e != .interrupted else { break }
-            if case .error = dispatch(e, ctx, ctx.statistics.collectSites) { break }
-        }
+    /// Before the vCPU leaves after a handled exit: let KVM finish the pending
+    /// access (write an `in`/MMIO-load result into the register, advance RIP)
+    /// with the completion loop of ``ExitContext/completePendingAccess()``, so
+    /// the state read after the stop is final and a later run does not replay
+    /// the old access. A failure to complete becomes the vCPU's outcome.
+    private func completed(_ outcome: Control.Outcome, _ ctx: ExitContext) -> Control.Outcome {
+        do { try ctx.runCompletion() } catch { return .error(error) }
+        if let later = ctx.takeDeferredOutcome(), later.isError { return later }
         return outcome
-    }
-
-    /// Counts and dispatches one exit; returns an outcome when the vCPU must stop.
-    @inline(__always)
-    private func dispatch(_ exit: VMExit, _ ctx: ExitContext, _ collectSites: Bool) -> Control.Outcome? {
-        if ctx.drainsCoalesced { ctx.vm.drainCoalesced(backend) }
-        ctx.statistics.record(exit.kind)
-        if collectSites, let rip = try? backend.registers().rip {
-            ctx.statistics.record(site: ExitStatistics.site(for: exit, rip: rip))
-        }
-        do {
-            switch try ctx.dispatch(exit) {
-            case .handled: return nil
-            case .pass:
-                let rip = try? backend.registers().rip
-                return .error(.unhandledExit(vcpu: id, exit: exit, rip: rip))
-            case .stopVCPU: return .halted
-            case .stopVM(let reason): return .stop(reason)
-            }
-        } catch {
-            return .error(error)
-        }
     }
 }

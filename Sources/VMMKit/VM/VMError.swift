@@ -80,6 +80,9 @@ public enum VMError: Error, Sendable, CustomStringConvertible {
     case unclaimedAccess(space: BusSpace, address: UInt64, direction: AccessDirection, vcpu: Int, rip: UInt64?)
     /// The paravirtual ring held guest-written data that is out of range.
     case ring(PVRingError)
+    /// A handler tried to set registers while the exit's access was still
+    /// pending: complete it first with ``ExitContext/completePendingAccess()``.
+    case accessPending(vcpu: Int, exit: VMExit)
     /// The configuration is invalid.
     case invalidConfiguration(String)
     /// The operation is not valid in the VM's current state.
@@ -98,6 +101,8 @@ public enum VMError: Error, Sendable, CustomStringConvertible {
         case .unclaimedAccess(let s, let a, let d, let v, let rip):
             return "unclaimed \(s) \(d) at 0x\(String(a, radix: 16)) by vCPU \(v) at rip \(hex(rip)) (strict mode)"
         case .ring(let e): return e.description
+        case .accessPending(let v, let exit):
+            return "vCPU \(v): registers set while the access of \(exit) is pending; call completePendingAccess() first"
         case .invalidConfiguration(let s): return "invalid configuration: \(s)"
         case .invalidState(let s): return "invalid state: \(s)"
         }
