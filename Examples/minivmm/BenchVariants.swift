@@ -231,18 +231,16 @@ func runWorkloadBenchmark(_ plan: WorkloadBenchPlan, _ env: BenchEnvironment) th
 private func calibrated(_ w: BenchWorkload, _ v: BenchVariant, _ probe: BenchRun, _ plan: WorkloadBenchPlan,
                         _ env: BenchEnvironment) throws -> Int {
     var p = probe
-    for _ in 0..<4 {
-        let nsPerIteration = p.cyclesPerIteration / env.tscPerNanosecond
-        if nsPerIteration * Double(p.steadyIterations) >= 50e6 || p.iterations >= 100_000_000 {
-            // The guest's warm-up is a tenth of the iterations.
-            let steadyNeeded = plan.seconds * 1.2e9 / max(nsPerIteration, 0.001)
-            return w.rounded(Int(min(steadyNeeded / 0.9 + Double(w.granularity), 2e9)))
-        }
+    for _ in 0..<6 {
+        let steadyNs = p.cyclesPerIteration / env.tscPerNanosecond * Double(p.steadyIterations)
+        if steadyNs >= 50e6 || p.iterations >= 100_000_000 { break }
         let n = w.rounded(p.iterations * 10)
         plan.progress("\(w.name) \(v.name): probe, \(n) iterations")
         p = try v.run(w, n, env)
     }
-    return p.iterations
+    // The guest's warm-up is a tenth of the iterations.
+    let steadyNeeded = plan.seconds * 1.2e9 / max(p.cyclesPerIteration / env.tscPerNanosecond, 0.001)
+    return w.rounded(Int(min(steadyNeeded / 0.9 + Double(w.granularity), 2e9)))
 }
 
 /// Samples the process's CPU time (every thread: vCPUs, timer, ring poller)

@@ -44,6 +44,11 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     private let generation = Atomic<UInt64>(0)
     /// Set when an applied entry stopped the VM: nothing more is applied until the stop is done.
     private var stoppedByEntry = false
+    /// Whether any ring has carried an entry: until one has, a write to a
+    /// target register is the guest using the device directly, not a
+    /// producer's fallback, and does not wake the poller (a guest without
+    /// rings would otherwise keep it polling on every such write).
+    private let carriedEntries = Atomic<Bool>(false)
     private let poller = PollerState()
 
     /// Creates the rings and writes their headers. The rings occupy
@@ -172,6 +177,7 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
         for r in rings {
             let (stop, n) = drainRing(r)
             total += n
+            if n > 0 && !carriedEntries.load(ordering: .relaxed) { carriedEntries.store(true, ordering: .relaxed) }
             if let stop {
                 stoppedByEntry = true
                 return (stop, total)
@@ -232,12 +238,13 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
 
     /// Drains the rings before any exit is handled (when the lock-free check
     /// says there may be entries), then passes the exit on. A write exit to a
-    /// ring's target register (a producer's fallback) wakes a sleeping poller.
+    /// ring's target register (a producer's fallback) wakes a sleeping poller,
+    /// once the rings have carried entries.
     public func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult {
         if hasPending() {
             if let stop = drain() { return .stopVM(stop) }
             poller.wake()
-        } else if poller.isSleeping, isRingTargetWrite(exit) {
+        } else if poller.isSleeping, carriedEntries.load(ordering: .relaxed), isRingTargetWrite(exit) {
             poller.wake()
         }
         return .pass
