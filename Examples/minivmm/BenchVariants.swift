@@ -226,8 +226,9 @@ func runWorkloadBenchmark(_ plan: WorkloadBenchPlan, _ env: BenchEnvironment) th
 }
 
 /// The iteration count that makes `variant`'s steady phase last `plan.seconds`
-/// (plus 20%), from a probe; probes again, ten times longer, while the probe's
-/// steady phase is under 50 ms (too short to scale from).
+/// (plus 40%), from a probe; probes again, ten times longer, while the probe's
+/// steady phase is under 50 ms (too short to scale from), then once more at
+/// the final count (the faster of the two counts).
 private func calibrated(_ w: BenchWorkload, _ v: BenchVariant, _ probe: BenchRun, _ plan: WorkloadBenchPlan,
                         _ env: BenchEnvironment) throws -> Int {
     var p = probe
@@ -238,8 +239,11 @@ private func calibrated(_ w: BenchWorkload, _ v: BenchVariant, _ probe: BenchRun
         plan.progress("\(w.name) \(v.name): probe, \(n) iterations")
         p = try v.run(w, n, env)
     }
-    // The guest's warm-up is a tenth of the iterations.
-    let steadyNeeded = plan.seconds * 1.2e9 / max(p.cyclesPerIteration / env.tscPerNanosecond, 0.001)
+    // A second probe at the final count: a probe slowed by the machine would give too few iterations.
+    plan.progress("\(w.name) \(v.name): probe, \(p.iterations) iterations")
+    let cycles = min(p.cyclesPerIteration, try v.run(w, p.iterations, env).cyclesPerIteration)
+    // The guest's warm-up is a tenth of the iterations; 40% margin for a slower run.
+    let steadyNeeded = plan.seconds * 1.4e9 / max(cycles / env.tscPerNanosecond, 0.001)
     return w.rounded(Int(min(steadyNeeded / 0.9 + Double(w.granularity), 2e9)))
 }
 
