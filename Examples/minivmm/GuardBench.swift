@@ -14,7 +14,8 @@ import Glibc
 /// resume), lets a few passes go, and unguards it. Reported per layout
 /// (RAM carved into small slots, or one big slot) and per page guarded (a
 /// code page, which the loader gives slots of its own, or a data page in
-/// the working set's slot when RAM is one slot): the latency of one protect
+/// the working set's slot when RAM is one slot, or the first page the guest
+/// writes each pass, so each pass makes one guarded store): the latency of one protect
 /// and one unprotect, and the guest's pass time before, for the pass the
 /// protect fell in, and the pass after. Runs alternate the variants.
 struct GuardBench: ParsableCommand {
@@ -51,6 +52,7 @@ struct GuardBench: ParsableCommand {
         let variants = [
             Variant(name: "carved 2M, code page", granularity: 2 << 20, target: GuestAddress(0x10_0000)),
             Variant(name: "carved 2M, data page", granularity: 2 << 20, target: GuestAddress(0x20_0000)),
+            Variant(name: "carved 2M, written page", granularity: 2 << 20, target: GuestAddress(0x100_0000)),
             Variant(name: "one slot, code page", granularity: 0, target: GuestAddress(0x10_0000)),
             Variant(name: "one slot, data page", granularity: 0, target: GuestAddress(0x20_0000)),
         ]
@@ -66,11 +68,11 @@ struct GuardBench: ParsableCommand {
         print("page guards: one page guarded and unguarded on a running CPL3 guest writing \(workingSet) MiB per pass (\(memory) MiB RAM), \(runs) runs per variant")
         print("values: median [min–max]; pause+resume alone, protect and unprotect in µs (called from another thread: pause, slots, resume); passes in ms")
         let cols = ["pause+resume", "protect", "unprotect", "pass before", "pass w/ protect", "pass after", "pass w/ unprotect"]
-        print(pad("variant", 22) + cols.map { pad($0, 20) }.joined())
+        print(pad("variant", 25) + cols.map { pad($0, 20) }.joined())
         for (i, v) in variants.enumerated() {
             let s = samples[i]
             let fields: [[Double]] = [s.map(\.pause), s.map(\.protect), s.map(\.unprotect), s.map(\.before), s.map(\.withProtect), s.map(\.after), s.map(\.withUnprotect)]
-            print(pad(v.name, 22) + fields.map { pad(stat($0), 20) }.joined())
+            print(pad(v.name, 25) + fields.map { pad(stat($0), 20) }.joined())
         }
         for n in notes { print("note: \(n)") }
     }
