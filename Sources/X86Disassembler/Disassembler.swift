@@ -38,6 +38,13 @@ import VMMKit
 ///     reads nor writes RSP/RBP: added (``missingRegisters(_:)``).
 /// 11. A near `call`/`jmp` with both `67` and REX.W (`67 48 E8 rel32`) decodes with
 ///     a rel16 (5 bytes instead of 7): refused by the length check.
+/// 12. Memory operands are misreported further: `setcc` (all but `sete`/`setne`),
+///     `movbe` stores, `kmov` stores, `vmaskmov`/`vpmaskmov` stores, `vextract{f,i}128`
+///     and their EVEX forms, the EVEX down-converting `vpmov*`, compress and scatter
+///     stores are reported as reads; `fxsave`/`xsave` say 8 bytes and `fnsave` 4:
+///     access corrected from the opcode (``X86Disassembler/correctedMemoryAccess(_:)``), sizes
+///     from ``X86Disassembler/correctedMemorySize(_:)`` (0 for the XSAVE family, whose area
+///     XCR0 sizes).
 ///
 /// Mistakes 8 and 11, and `mov` to/from CR/DR (whose mod bits the tables once
 /// honoured), were found by decoding 200,000 random 15-byte strings with both
@@ -160,6 +167,7 @@ public final class X86Disassembler {
             if enc.imm_offset != 0 { csImm = X86Field(offset: Int(enc.imm_offset), size: Int(enc.imm_size)) }
             capstoneGroups = withUnsafeBytes(of: d.pointee.groups) { Array($0.prefix(Int(min(d.pointee.groups_count, 8)))) }
             let memoryFix = X86Disassembler.correctedMemoryAccess(e)
+            let memorySizeFix = X86Disassembler.correctedMemorySize(e)
             withUnsafeBytes(of: x.operands) { raw in
                 let ops = raw.bindMemory(to: cs_x86_op.self)
                 for k in 0..<Int(min(x.op_count, 8)) {
@@ -180,6 +188,7 @@ public final class X86Disassembler {
                             base: X86Register(capstone: op.mem.base.rawValue), index: index,
                             scale: Int(op.mem.scale), displacement: op.mem.disp))
                         if let fix = memoryFix { access = fix }
+                        if let size = memorySizeFix { operands.append(DecodedOperand(operand: operand, size: size, access: access)); continue }
                     default:
                         continue
                     }
@@ -377,7 +386,9 @@ public final class X86Disassembler {
             }
         case .map0F, .vex(1), .evex(1):
             switch op {
-            case 0xb0, 0xb1 where e.map == .map0F: return rw
+            case 0x90...0x9f where e.map == .map0F: return .write // setcc (Capstone: read for all but sete/setne)
+            case 0x91 where e.map == .vex(1): return .write // kmov m, k
+            case 0xb0 where e.map == .map0F, 0xb1 where e.map == .map0F: return rw
             case 0xc7 where e.map == .map0F && reg == 1: return rw
             case 0xc3 where e.map == .map0F: return .write
             case 0x11, 0x13, 0x17, 0x29, 0x2b, 0x7f, 0xe7: return .write
@@ -391,10 +402,42 @@ public final class X86Disassembler {
                 }
             default: return nil
             }
+        case .map0F38:
+            // movbe m, r; with F2 the opcode is crc32, which reads.
+            return op == 0xf1 && !e.hasRepne ? .write : nil
+        case .vex(2):
+            return [0x2e, 0x2f, 0x8e].contains(op) ? .write : nil // vmaskmovps/pd, vpmaskmovd/q stores
+        case .evex(2):
+            // vpmov* down-converting stores (F3), compress stores (66), scatters.
+            if pp == 2 && (0x10...0x15 ~= op || 0x20...0x25 ~= op || 0x30...0x35 ~= op) { return .write }
+            if pp == 1 && [0x63, 0x8a, 0x8b].contains(op) { return .write }
+            return (0xa0...0xa3).contains(op) ? .write : nil
         case .map0F3A, .vex(3), .evex(3):
-            return [0x14, 0x15, 0x16, 0x17, 0x1d].contains(op) ? .write : nil
+            // pextr*, extractps, vextract{f,i}{128,32x4,64x2,32x8,64x4}, vcvtps2ph.
+            return [0x14, 0x15, 0x16, 0x17, 0x19, 0x1b, 0x1d, 0x39, 0x3b].contains(op) ? .write : nil
         default:
             return nil
+        }
+    }
+
+    /// The size of an instruction's memory operand where Capstone 4.0.2 gets it wrong (mistake 12):
+    /// 512 for `fxsave`/`fxrstor`, 108 (94 with a 16-bit operand size) for `fnsave`/`frstor`, 28
+    /// (14) for `fnstenv`/`fldenv`, and 0, "set by XCR0", for the XSAVE family (`xsave`,
+    /// `xsaveopt`, `xsavec`, `xsaves`, `xrstor`, `xrstors`); `nil` to keep Capstone's.
+    static func correctedMemorySize(_ e: X86Encoding) -> Int? {
+        guard e.modRMOffset != nil, e.modRM >> 6 != 3 else { return nil }
+        let reg = (e.modRM >> 3) & 7
+        switch (e.map, e.opcode) {
+        case (.primary, 0xdd) where reg == 4 || reg == 6: return e.operandSize == 16 ? 94 : 108
+        case (.primary, 0xd9) where reg == 4 || reg == 6: return e.operandSize == 16 ? 14 : 28
+        case (.map0F, 0xae) where !e.hasOperandSizePrefix && !e.hasRep && !e.hasRepne:
+            switch reg {
+            case 0, 1: return 512
+            case 4, 5, 6: return 0
+            default: return nil
+            }
+        case (.map0F, 0xc7) where reg == 3 || reg == 4 || reg == 5: return 0
+        default: return nil
         }
     }
 }

@@ -25,7 +25,8 @@ public final class X86EmulationFailureResolver: EmulationFailureResolver, @unche
 
     /// The ranges (one per page) the failing instruction writes; empty when it
     /// writes no memory; `nil` when the instruction, a register or a page
-    /// cannot be resolved.
+    /// cannot be resolved, and for stores whose size the decoder cannot tell
+    /// (the XSAVE family: XCR0 sets it) or that name no memory operand (`maskmovdqu`).
     public func writes(of failure: GuardedEmulationFailure, context: ExitContext) -> [GuestRange]? {
         guard let sregs = try? context.specialRegisters(), let regs = try? context.registers(),
               let code = try? X86CodeContext(memory: context.memory, specialRegisters: sregs) else { return nil }
@@ -34,10 +35,12 @@ public final class X86EmulationFailureResolver: EmulationFailureResolver, @unche
         let decoded = try? disassembler.decode(bytes, address: failure.rip, mode: code.mode)
         pthread_mutex_unlock(&mutex)
         guard let insn = decoded else { return nil }
+        // maskmovq / maskmovdqu / vmaskmovdqu store to [rdi] through no operand Capstone names.
+        if insn.encoding.opcode == 0xf7, insn.encoding.map == .map0F || insn.encoding.map == .vex(1) { return nil }
         let access: PageAccess = sregs.cpl == 3 ? [.write, .user] : [.write]
         var out: [GuestRange] = []
         for op in insn.memoryOperands where op.access.contains(.write) {
-            guard let m = op.memory, op.size > 0, op.size <= 64,
+            guard let m = op.memory, op.size > 0, op.size <= 512,
                   let linear = insn.effectiveAddress(of: m, registers: regs, segments: code.segments) else { return nil }
             var done = 0
             while done < op.size {

@@ -59,7 +59,8 @@ public struct OperandAccess: OptionSet, Hashable, Sendable {
 public struct DecodedOperand: Hashable, Sendable {
     /// The operand.
     public var operand: X86Operand
-    /// Its size in bytes.
+    /// Its size in bytes; 0 for the memory operand of the XSAVE family (`xsave`, `xrstor`...),
+    /// whose area size depends on XCR0.
     public var size: Int
     /// Read, write or both (memory operands corrected where Capstone 4.0.2 is wrong; see ``X86Disassembler``).
     public var access: OperandAccess

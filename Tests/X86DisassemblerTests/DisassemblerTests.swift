@@ -277,4 +277,43 @@ struct CapstoneMistakeTests {
         #expect(try access([0x66, 0x0f, 0x3a, 0x16, 0x06, 0x01]) == .write, "pextrd [rsi], xmm0, 1")
         #expect(try access([0x01, 0x06]) == [.read, .write], "add [rsi], eax keeps Capstone's (right) answer")
     }
+
+    @Test("12: stores Capstone reports as reads, and save areas it sizes wrongly")
+    func moreStores() throws {
+        let d = try X86Disassembler(mode: .bits64)
+        func operand(_ b: [UInt8]) throws -> DecodedOperand? { try d.decode(b).memoryOperands.first }
+        let stores: [([UInt8], String)] = [
+            ([0x0f, 0x90, 0x06], "seto byte ptr [rsi]"), ([0x0f, 0x97, 0x06], "seta byte ptr [rsi]"),
+            ([0x0f, 0x9f, 0x06], "setg byte ptr [rsi]"), ([0x0f, 0x94, 0x06], "sete byte ptr [rsi]"),
+            ([0x0f, 0x38, 0xf1, 0x06], "movbe dword ptr [rsi], eax"),
+            ([0xc4, 0xe3, 0x7d, 0x19, 0x0e, 0x01], "vextractf128 [rsi], ymm1, 1"),
+            ([0xc4, 0xe3, 0x7d, 0x39, 0x0e, 0x01], "vextracti128 [rsi], ymm1, 1"),
+            ([0xc4, 0xe2, 0x75, 0x2e, 0x16], "vmaskmovps [rsi], ymm1, ymm2"),
+            ([0xc4, 0xe2, 0x75, 0x2f, 0x16], "vmaskmovpd [rsi], ymm1, ymm2"),
+            ([0xc4, 0xe2, 0x75, 0x8e, 0x16], "vpmaskmovd [rsi], ymm1, ymm2"),
+            ([0xc5, 0xf8, 0x91, 0x0e], "kmovw word ptr [rsi], k1"),
+            ([0x62, 0xf2, 0x7e, 0x48, 0x35, 0x0e], "vpmovqd ymmword ptr [rsi], zmm1"),
+            ([0x62, 0xf2, 0x7d, 0x49, 0xa0, 0x0c, 0x96], "vpscatterdd [rsi + zmm2*4]{k1}, zmm1"),
+        ]
+        for (bytes, text) in stores { #expect(try operand(bytes)?.access == .write, "\(text)") }
+        let reads: [([UInt8], String)] = [
+            ([0x0f, 0x38, 0xf0, 0x06], "movbe eax, dword ptr [rsi]"), ([0xf2, 0x0f, 0x38, 0xf1, 0x06], "crc32 eax, dword ptr [rsi]"),
+            ([0xc4, 0xe2, 0x6d, 0x2c, 0x0e], "vmaskmovps ymm1, ymm2, [rsi]"),
+            ([0xc4, 0xe3, 0x6d, 0x38, 0x0e, 0x01], "vinserti128 ymm1, ymm2, [rsi], 1"),
+        ]
+        for (bytes, text) in reads { #expect(try operand(bytes)?.access == .read, "\(text)") }
+        // Save areas: fxsave 512 bytes, fnsave 108, the XSAVE family 0 (XCR0 sizes it).
+        let fxsave = try #require(try operand([0x0f, 0xae, 0x06]))
+        #expect(fxsave.access == .write && fxsave.size == 512, "fxsave [rsi]")
+        #expect(try operand([0x0f, 0xae, 0x0e])?.size == 512, "fxrstor [rsi]")
+        let fnsave = try #require(try operand([0xdd, 0x36]))
+        #expect(fnsave.access == .write && fnsave.size == 108, "fnsave [rsi]")
+        #expect(try operand([0x66, 0xdd, 0x36])?.size == 94, "fnsave with a 16-bit operand size")
+        for (bytes, text) in [([0x0f, 0xae, 0x26], "xsave"), ([0x0f, 0xae, 0x36], "xsaveopt"), ([0x0f, 0xc7, 0x26], "xsavec"),
+                              ([0x0f, 0xc7, 0x2e], "xsaves"), ([0x48, 0x0f, 0xae, 0x26], "xsave64")] as [([UInt8], String)] {
+            let o = try #require(try operand(bytes), "\(text)")
+            #expect(o.access == .write && o.size == 0, "\(text) [rsi]")
+        }
+        #expect(try operand([0x0f, 0xae, 0x1e])?.size == 4, "stmxcsr keeps its size")
+    }
 }
