@@ -251,6 +251,20 @@ struct GuardTests {
         #expect(try vm.slots.dirtyPages().isEmpty, "reading clears")
     }
 
+    @Test("guest stores into guarded pages, applied by the guard handler, count as dirty pages")
+    func dirtyGuardedStores() throws {
+        let mock = MockHypervisor()
+        let vm = try guardVM(mock) { c in c.logDirtyPages = true }
+        try vm.slots.protect([range(0x8000, page), range(0x1ff000, 2 * page)])
+        #expect(try vm.slots.dirtyPages().isEmpty)
+        mock.vcpu(0)?.script([.guestStore(GuestAddress(0x8010), size: 4, value: 1),
+                              .guestStore(GuestAddress(0x1ffffc), size: 8, value: 2), // across two guarded pages
+                              .guestStore(GuestAddress(0x9000), size: 1, value: 3)])  // unguarded: KVM's log
+        #expect(try vm.run() == .halted)
+        #expect(try vm.slots.dirtyPages() == [GuestAddress(0x8000), GuestAddress(0x9000), GuestAddress(0x1ff000), GuestAddress(0x200000)])
+        #expect(try vm.slots.dirtyPages().isEmpty, "reading clears")
+    }
+
     @Test("the loader gives a flat image's code slots of its own")
     func loaderIsolates() throws {
         let mock = MockHypervisor()

@@ -202,7 +202,8 @@ public final class MemorySlots: @unchecked Sendable {
     }
 
     /// Returns the pages written since the last call (by the guest, through
-    /// dirty logging) and clears the logs, including pages whose slots were
+    /// dirty logging, and guest stores into guarded pages, which the guard
+    /// handler applied) and clears the logs, including pages whose slots were
     /// re-created in between. Empty unless ``logsDirtyPages``.
     public func dirtyPages() throws(MemorySlotError) -> [GuestAddress] {
         guard logsDirtyPages else { return [] }
@@ -212,6 +213,21 @@ public final class MemorySlots: @unchecked Sendable {
         let pages = savedDirty.sorted().map { GuestAddress($0) }
         savedDirty = []
         return pages
+    }
+
+    /// Records a guest store into a guarded page, which the guard handler
+    /// applied from user space, as dirty: KVM's log never sees it (the slot is
+    /// read-only), so without this ``dirtyPages()`` would miss the page.
+    package func noteGuestWrite(_ range: GuestRange) {
+        guard logsDirtyPages, range.size > 0, let end = range.end else { return }
+        lock.lock()
+        defer { lock.unlock() }
+        var page = range.start.rawValue & ~(MemorySlots.pageSize - 1)
+        while page < end {
+            savedDirty.insert(page)
+            page &+= MemorySlots.pageSize
+            if page == 0 { break }
+        }
     }
 
     /// Enables `KVM_CAP_EXIT_ON_EMULATION_FAILURE` once, where KVM has it, so

@@ -131,12 +131,14 @@ final class GuardListenerBox: @unchecked Sendable {
 /// so each exit covers bytes of one page.
 final class PageGuardHandler: ExitHandler {
     private let memory: GuestMemory
+    private let slots: MemorySlots
     private let listeners: GuardListenerBox
     /// Per vCPU: (RIP, exit count) of the last failure handed to the listener, and the streak.
     private let streaks: UnsafeMutableBufferPointer<(rip: UInt64, total: Int, count: Int)>
 
-    init(memory: GuestMemory, listeners: GuardListenerBox, vcpuCount: Int) {
+    init(memory: GuestMemory, slots: MemorySlots, listeners: GuardListenerBox, vcpuCount: Int) {
         self.memory = memory
+        self.slots = slots
         self.listeners = listeners
         streaks = .allocate(capacity: max(1, vcpuCount))
         streaks.initialize(repeating: (0, -2, 0))
@@ -153,6 +155,7 @@ final class PageGuardHandler: ExitHandler {
             let written: GuestRange
             do { written = try memory.applyGuestStore(m.value, size: Int(m.size), at: m.address) }
             catch { return .pass }
+            slots.noteGuestWrite(written)
             listeners.current?.guardedWrite(GuardedWrite(range: written, source: .guest(vcpu: context.vcpuID)), context: context)
             return .handled
         case .internalError(let ie):

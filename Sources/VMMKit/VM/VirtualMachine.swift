@@ -203,7 +203,7 @@ public final class VirtualMachine: @unchecked Sendable {
             throw .invalidState("the VM is already running")
         }
         for s in services { s.prepare() }
-        let guards = PageGuardHandler(memory: memory, listeners: guardListeners, vcpuCount: vcpus.count)
+        let guards = PageGuardHandler(memory: memory, slots: slots, listeners: guardListeners, vcpuCount: vcpus.count)
         let chain = [guards] + handlers + [BusDispatchHandler(strict: configuration.strict), DefaultExitPolicy()]
         var threads: [OSThread] = []
         for v in vcpus {
