@@ -156,7 +156,7 @@ public protocol VCPUBackend: AnyObject {
     /// Sets pending events. The corresponding ioctl is `KVM_SET_VCPU_EVENTS`.
     func setVCPUEvents(_ events: VCPUEvents) throws(BackendError)
 
-    /// Element `index` of the current exit's data: a port I/O element, the
+    /// Element `index` of the current exit's data: a port I/O element, an internal-error word, the
     /// MMIO store value (index 0). Out-of-range indices read as 0.
     func exitData(at index: Int) -> UInt64
     /// Supplies element `index` of the data an `in`, MMIO load or MSR read

@@ -49,15 +49,18 @@ public struct MMIOAccess: Hashable, Sendable {
 
 /// Why the hypervisor could not run or emulate guest code (`KVM_EXIT_INTERNAL_ERROR`).
 ///
-/// The data words are stored inline (up to ``capacity``), so the exit carries
-/// no reference-counted payload and decoding it allocates nothing.
+/// The first data words are stored inline (up to ``capacity``), so the exit
+/// carries no reference-counted payload and decoding it allocates nothing. All
+/// of them (up to 16) can be read with ``ExitContext/ioData(at:)``.
 public struct InternalError: Hashable, Sendable {
     /// `KVM_INTERNAL_ERROR_*`: 1 = emulation failure, 2 = simultaneous exceptions, 3 = delivery event, 4 = unexpected exit.
     public var suberror: UInt32
     /// The extra words the kernel reported, inline (at most ``capacity``).
     public var words: ExitWords
 
-    /// How many data words an internal error keeps (`kvm_run.internal.data` holds 16).
+    /// How many data words an internal error keeps inline (`kvm_run.internal.data` holds
+    /// up to 16: read the rest with ``ExitContext/ioData(at:)``). An emulation failure's flags,
+    /// instruction length and instruction bytes are its first four.
     public static let capacity = ExitWords.capacity
 
     /// Creates an internal-error description; words beyond ``capacity`` are dropped.
@@ -73,16 +76,16 @@ public struct InternalError: Hashable, Sendable {
     public var isEmulationFailure: Bool { suberror == 1 }
 }
 
-/// Up to 16 64-bit words stored inline: the data of an exit (hypercall
-/// arguments, internal-error words) without a heap allocation.
+/// Up to 6 64-bit words stored inline: the data of an exit (hypercall
+/// arguments, the first internal-error words) without a heap allocation, and
+/// small enough that an exit is copied with a few moves.
 public struct ExitWords: RandomAccessCollection, Hashable, Sendable, CustomStringConvertible {
     /// The most words a value holds.
-    public static let capacity = 16
-    private var storage: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64,
-                          UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) =
-        (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    public static let capacity = 6
+    private var storage: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0)
+    private var held: UInt8 = 0
     /// The number of words held.
-    public private(set) var count: Int = 0
+    public var count: Int { Int(held) }
 
     /// No words.
     public init() {}
@@ -97,7 +100,7 @@ public struct ExitWords: RandomAccessCollection, Hashable, Sendable, CustomStrin
     init(loading bytes: UnsafeRawBufferPointer, count n: Int) {
         let n = Swift.min(Swift.max(n, 0), ExitWords.capacity, bytes.count / 8)
         withUnsafeMutableBytes(of: &storage) { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: bytes[0..<(n * 8)])) }
-        count = n
+        held = UInt8(n)
     }
 
     /// Appends a word (ignored when full).
@@ -105,7 +108,7 @@ public struct ExitWords: RandomAccessCollection, Hashable, Sendable, CustomStrin
         guard count < ExitWords.capacity else { return }
         let i = count
         withUnsafeMutableBytes(of: &storage) { $0.storeBytes(of: word, toByteOffset: i * 8, as: UInt64.self) }
-        count += 1
+        held += 1
     }
 
     /// 0.

@@ -56,7 +56,11 @@ public final class ExitContext {
     @exclusivity(unchecked) var ripAfterCompletion: UInt64?
     /// A stop or error raised by a further exit during a completion: it ends the
     /// vCPU once the handler that asked for the completion returns.
-    @exclusivity(unchecked) var deferredOutcome: Control.Outcome?
+    @exclusivity(unchecked) var deferredOutcome: Control.Outcome? {
+        didSet { hasDeferredOutcome = deferredOutcome != nil }
+    }
+    /// Whether ``deferredOutcome`` is set (a cheap check for the exit path).
+    @exclusivity(unchecked) private(set) var hasDeferredOutcome = false
     /// Translations of instruction pages, per CR3 and page (see ``resolveSite()``).
     var siteCache = SiteTranslationCache()
 
@@ -300,7 +304,9 @@ public final class ExitContext {
             if case .interrupted = e { return }
             // KVM entered no guest code: this exit belongs to the pending instruction.
             begin(e)
-            if let out = dispatchCounted(e) {
+            let out: Control.Outcome?
+            do { out = ExitContext.outcome(try dispatchCounted(e)) } catch { out = .error(error) }
+            if let out {
                 if deferredOutcome == nil || out.isError && !(deferredOutcome?.isError ?? false) { deferredOutcome = out }
                 if out.isError { return }
             }
@@ -336,32 +342,36 @@ public final class ExitContext {
         hasPendingAccess = ExitContext.needsCompletion(exit)
     }
 
-    /// Counts `exit`, dispatches it through the chain and says how the vCPU
-    /// must stop, if it must.
+    /// Counts `exit` and dispatches it through the chain. An exit every
+    /// handler passed throws ``VMError/unhandledExit(vcpu:exit:rip:)``, so the
+    /// result is never ``ExitResult/pass``. (A small result and typed throws keep
+    /// the common case, `.handled`, free of the large `Control.Outcome`.)
     @inline(__always)
-    func dispatchCounted(_ exit: VMExit) -> Control.Outcome? {
+    func dispatchCounted(_ exit: VMExit) throws(VMError) -> ExitResult {
         if drainsCoalesced { vm.drainCoalesced(backend) }
         count(exit.kind)
         if let t = siteTable, let rip = try? backend.registers().rip {
             ripAtExit = rip
             t.record(ExitStatistics.site(for: exit, rip: rip))
         }
-        do {
-            switch try dispatch(exit) {
-            case .handled: return nil
-            case .pass: return .error(.unhandledExit(vcpu: vcpuID, exit: exit, rip: try? backend.registers().rip))
-            case .stopVCPU: return .halted
-            case .stopVM(let reason): return .stop(reason)
-            }
-        } catch {
-            return .error(error)
+        let r = try dispatch(exit)
+        if case .pass = r { throw .unhandledExit(vcpu: vcpuID, exit: exit, rip: try? backend.registers().rip) }
+        return r
+    }
+
+    /// How the vCPU must stop after `result`, if it must.
+    static func outcome(_ result: ExitResult) -> Control.Outcome? {
+        switch result {
+        case .handled, .pass: nil
+        case .stopVCPU: .halted
+        case .stopVM(let reason): .stop(reason)
         }
     }
 
     /// Takes the outcome a further exit recorded during a completion, if any.
     @inline(__always)
     func takeDeferredOutcome() -> Control.Outcome? {
-        guard let o = deferredOutcome else { return nil }
+        guard hasDeferredOutcome, let o = deferredOutcome else { return nil }
         deferredOutcome = nil
         return o
     }

@@ -176,6 +176,10 @@ public final class KVMVCPU: VCPUBackend {
             return loadLE(raw + CKVM_RUN_MMIO_DATA_OFFSET, count: Int(min(kvmRun.pointee.mmio.len, 8)))
         case KVM_EXIT_X86_WRMSR:
             return index == 0 ? kvmRun.pointee.msr.data : 0
+        case KVM_EXIT_INTERNAL_ERROR:
+            let ie = kvmRun.pointee.internal
+            guard index >= 0, index < min(Int(ie.ndata), 16) else { return 0 }
+            return withUnsafeBytes(of: ie.data) { $0.load(fromByteOffset: index * 8, as: UInt64.self) }
         default:
             return 0
         }

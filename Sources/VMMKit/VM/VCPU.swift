@@ -49,14 +49,20 @@ public final class VCPU: @unchecked Sendable {
                 continue
             }
             ctx.begin(exit)
-            let out = ctx.dispatchCounted(exit)
-            if let deferred = ctx.takeDeferredOutcome() {
-                // A further exit of a completion asked to stop: errors first, then stops.
-                if deferred.isError || !(out?.isError ?? false) { return deferred.isError ? deferred : completed(deferred, ctx) }
+            let result: ExitResult
+            do { result = try ctx.dispatchCounted(exit) } catch {
+                // A further exit of a completion that failed first wins.
+                if let deferred = ctx.takeDeferredOutcome(), deferred.isError { return deferred }
+                return .error(error)
             }
-            if let out {
-                if out.isError { return out }
-                return completed(out, ctx)
+            if ctx.hasDeferredOutcome, let deferred = ctx.takeDeferredOutcome() {
+                // A further exit of a completion asked to stop (or failed).
+                return deferred.isError ? deferred : completed(deferred, ctx)
+            }
+            switch result {
+            case .handled, .pass: continue
+            case .stopVCPU: return completed(.halted, ctx)
+            case .stopVM(let reason): return completed(.stop(reason), ctx)
             }
         }
     }
