@@ -213,6 +213,22 @@ struct GuardTests {
         #expect(mock.finish().isEmpty)
     }
 
+    @Test("a change that failed and was rolled back hands its slot numbers out again")
+    func rollBackKeepsNumbersDense() throws {
+        let mock = MockHypervisor()
+        let vm = try guardVM(mock)
+        let backend = try #require(mock.vms.last)
+        // A slot number the manager will hand out next, taken behind its back: creating there fails.
+        let foreign = try GuestMemory(size: page)
+        try backend.setUserMemoryRegion(MemorySlot(slot: 2, range: range(0x4000_0000, page), host: foreign.regions[0].host))
+        #expect(throws: MemorySlotError.self) { try vm.slots.protect(range(0x3000, page)) }
+        #expect(layout(vm) == ["0+200000", "200000+200000"])
+        try backend.setUserMemoryRegion(MemorySlot(slot: 2, range: range(0x4000_0000, 0), host: nil))
+        try vm.slots.protect(range(0x3000, page))
+        let numbers = vm.slots.slots.map(\.number).sorted()
+        #expect(numbers == Array(0..<UInt32(numbers.count)), "no number was lost to the failed change: \(numbers)")
+    }
+
     @Test("the mock refuses overlapping slots (EEXIST), in-place changes and deletes of absent slots (EINVAL), and records deletes")
     func mockSlotRules() throws {
         let mock = MockHypervisor()

@@ -349,6 +349,7 @@ public final class MemorySlots: @unchecked Sendable {
         // 2. Delete, 3. create; undo what was done when a call fails.
         var deleted: [Slot] = [], created: [Slot] = []
         var numbers = freeNumbers
+        let firstUnused = nextNumber
         func number() -> UInt32 {
             if let n = numbers.popLast() { return n }
             defer { nextNumber += 1 }
@@ -368,11 +369,15 @@ public final class MemorySlots: @unchecked Sendable {
             }
         } catch {
             let rolledBack = rollBack(deleted: deleted, created: created)
-            if !rolledBack {
-                // Record what the hypervisor has now.
+            if rolledBack {
+                // The numbers handed out for this change are free again.
+                nextNumber = firstUnused
+            } else {
+                // Record what the hypervisor has now; every number below nextNumber not in use is free.
                 let gone = Set(deleted.map(\.number))
                 current = (current.filter { !gone.contains($0.number) } + created).sorted { $0.range.start < $1.range.start }
-                freeNumbers = numbers.filter { n in !current.contains { $0.number == n } }
+                let used = Set(current.map(\.number))
+                freeNumbers = (0..<nextNumber).filter { !used.contains($0) }.sorted(by: >)
                 protectedRuns = MemorySlots.union([], current.filter { $0.readOnly && memory.region(containing: $0.range.start)?.readOnly == false }.map(\.range))
                 memory.setProtected(protectedRuns)
             }
