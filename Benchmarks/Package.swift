@@ -20,5 +20,15 @@ let package = Package(
             path: "Benchmarks/ExitPath",
             plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]
         ),
+        .executableTarget(
+            name: "Ring",
+            dependencies: [
+                .product(name: "VMMKit", package: "VMMKit"),
+                .product(name: "VMMKitTesting", package: "VMMKit"),
+                .product(name: "Benchmark", package: "benchmark"),
+            ],
+            path: "Benchmarks/Ring",
+            plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]
+        ),
     ]
 )

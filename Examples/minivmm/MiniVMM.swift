@@ -34,8 +34,13 @@ struct GuestOptions: ParsableArguments {
     @Option(help: "Microseconds the ring poller keeps polling without entries before it sleeps.")
     var ringPollIdle: UInt64 = 2000
 
+    @Option(help: "Spin-wait hints between two looks of the ring poller at the rings (latency against cache traffic).")
+    var ringPollSpins: Int = 16
+
     var ringPolling: PVRingPolling {
-        ringPoll ? .enabled(idleNanoseconds: ringPollIdle > UInt64.max / 1000 ? UInt64.max : ringPollIdle * 1000) : .disabled
+        guard ringPoll else { return .disabled }
+        return .enabled(idleNanoseconds: ringPollIdle > UInt64.max / 1000 ? UInt64.max : ringPollIdle * 1000,
+                        spinsBetweenChecks: min(max(ringPollSpins, 1), 1 << 20))
     }
 
     func memoryBytes() throws -> UInt64 {

@@ -287,6 +287,9 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     /// exact once the VM has stopped).
     public var pollerCPUNanoseconds: UInt64 { poller.cpu.load(ordering: .acquiring) }
 
+    /// How many times the poller went to sleep after an idle period (summed over the VM's runs).
+    public var pollerSleeps: Int { poller.sleeps.load(ordering: .relaxed) }
+
     /// Whether the poller is polling now (the header's polling flag).
     public var isPolling: Bool { poller.polling.load(ordering: .acquiring) }
 
@@ -302,6 +305,7 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
         var cpuMark = Sys.threadCPUNanoseconds()
         defer { poller.cpu.wrappingAdd(Sys.threadCPUNanoseconds() &- cpuMark, ordering: .releasing) }
         let idle = polling.idleNanoseconds
+        let spacing = max(1, polling.spinsBetweenChecks)
         var idleSince: UInt64 = 0
         var spins = 0
         setPollingFlag(true)
@@ -319,18 +323,33 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
                 let (s, n) = drainLocked()
                 lock.unlock()
                 if let s { vm.finishFromService(.success(s)); return }
-                if n > 0 { idleSince = 0; spins = 0; continue }
+                if n > 0 {
+                    idleSince = 0; spins = 0
+                    for _ in 0..<spacing { Sys.spinHint() }
+                    continue
+                }
             }
-            Sys.spinHint()
+            // Looking at the ring pulls its cache lines away from the producers:
+            // look every few spins, so entries arrive in runs and lines move once per run.
+            for _ in 0..<spacing { Sys.spinHint() }
             spins &+= 1
             if spins & 63 != 0 { continue }
             if spins & 0xffff == 0 && !vm.hasRunningVCPUs { break } // every vCPU halted: the VM is done
             let now = Sys.monotonicNanoseconds()
             if idleSince == 0 { idleSince = now; continue }
             if now &- idleSince < idle { continue }
-            // Idle: clear the flag, then look once more (a producer that saw it set may just have published).
+            // Idle: clear the flag, then look once more (a producer that saw it set
+            // may just have published, or this thread was off its CPU for a while).
             setPollingFlag(false)
-            if let s = drain() { vm.finishFromService(.success(s)); return }
+            lock.lock()
+            let (s, n) = drainLocked()
+            lock.unlock()
+            if let s { vm.finishFromService(.success(s)); return }
+            if n > 0 {
+                setPollingFlag(true)
+                idleSince = 0; spins = 0
+                continue
+            }
             let cpu = Sys.threadCPUNanoseconds()
             poller.cpu.wrappingAdd(cpu &- cpuMark, ordering: .releasing)
             cpuMark = cpu
@@ -417,6 +436,7 @@ private final class PollerState: @unchecked Sendable {
     let polling = Atomic<Bool>(false)
     let sleeping = Atomic<Bool>(false)
     let cpu = Atomic<UInt64>(0)
+    let sleeps = Atomic<Int>(0)
     private let cond = ConditionLock()
     private var woken = false
 
@@ -429,6 +449,7 @@ private final class PollerState: @unchecked Sendable {
 
     /// Sleeps until woken, stopped, or (checked every drain interval) entries are pending.
     func sleepUntilWoken(stop: ServiceStop, vm: VirtualMachine, pending: () -> Bool) {
+        sleeps.wrappingAdd(1, ordering: .relaxed)
         cond.lock()
         sleeping.store(true, ordering: .sequentiallyConsistent)
         while !woken && !stop.requested && !vm.isStopping {

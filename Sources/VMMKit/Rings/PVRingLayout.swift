@@ -108,17 +108,22 @@ public struct PVRingPolling: Hashable, Sendable {
     public var enabled: Bool
     /// How long the poller keeps polling after it last found an entry before it sleeps.
     public var idleNanoseconds: UInt64
+    /// Spin-wait hints (`pause`) between two looks at the rings (at least 1):
+    /// larger values let entries arrive in longer runs (fewer cache-line
+    /// transfers between producer and poller) and add that much latency to a
+    /// synchronous append.
+    public var spinsBetweenChecks: Int
 
     /// No polling thread: rings drain before exits, at stop and from the drain timer.
     public static let disabled = PVRingPolling(enabled: false, idleNanoseconds: 0)
     /// A polling thread that sleeps after `idleNanoseconds` without entries (default 2 ms).
-    public static func enabled(idleNanoseconds: UInt64 = 2_000_000) -> PVRingPolling {
-        PVRingPolling(enabled: true, idleNanoseconds: idleNanoseconds)
+    public static func enabled(idleNanoseconds: UInt64 = 2_000_000, spinsBetweenChecks: Int = 16) -> PVRingPolling {
+        PVRingPolling(enabled: true, idleNanoseconds: idleNanoseconds, spinsBetweenChecks: spinsBetweenChecks)
     }
 
     /// Creates a configuration.
-    public init(enabled: Bool, idleNanoseconds: UInt64) {
-        self.enabled = enabled; self.idleNanoseconds = idleNanoseconds
+    public init(enabled: Bool, idleNanoseconds: UInt64, spinsBetweenChecks: Int = 16) {
+        self.enabled = enabled; self.idleNanoseconds = idleNanoseconds; self.spinsBetweenChecks = spinsBetweenChecks
     }
 }
 
