@@ -344,8 +344,17 @@ public final class MemorySlots: @unchecked Sendable {
             memory.setProtected(protected)
             return
         }
+        // While slots change, host writes to pages guarded before or after
+        // the change are reported (a page becomes read-only for the guest the
+        // moment its slot is created, before the final view is set).
+        memory.setProtected(MemorySlots.union(protectedRuns, protected))
         // 1. Dirty logs first: a deleted slot's log is gone.
-        for s in toDelete where !s.readOnly { try harvest(s) }
+        for s in toDelete where !s.readOnly {
+            do throws(MemorySlotError) { try harvest(s) } catch {
+                memory.setProtected(protectedRuns)
+                throw error
+            }
+        }
         // 2. Delete, 3. create; undo what was done when a call fails.
         var deleted: [Slot] = [], created: [Slot] = []
         var numbers = freeNumbers
@@ -372,6 +381,7 @@ public final class MemorySlots: @unchecked Sendable {
             if rolledBack {
                 // The numbers handed out for this change are free again.
                 nextNumber = firstUnused
+                memory.setProtected(protectedRuns)
             } else {
                 // Record what the hypervisor has now; every number below nextNumber not in use is free.
                 let gone = Set(deleted.map(\.number))
