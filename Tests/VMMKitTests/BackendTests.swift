@@ -1,3 +1,4 @@
+import Dispatch
 import Testing
 import VMMKit
 import VMMKitTesting
@@ -179,6 +180,27 @@ struct ReviewRegressionTests {
         var waited = 0
         while mock.vcpu(0)!.runCount == runs && waited < 1000 { usleep(1000); waited += 1 }
         #expect(mock.vcpu(0)!.runCount > runs)
+        vm.stop()
+        #expect(try vm.wait() == .stopped)
+    }
+
+    @Test("resumeAll() from a thread that does not hold the pause does nothing")
+    func strayResume() throws {
+        let mock = MockHypervisor()
+        let vm = try makeVM(mock)
+        mock.vcpu(0)?.script(Array(repeating: .spin, count: 10))
+        try vm.start()
+        #expect(vm.pauseAll())
+        let runs = mock.vcpu(0)!.runCount
+        let done = DispatchSemaphore(value: 0)
+        DispatchQueue.global().async { vm.resumeAll(); done.signal() }
+        done.wait()
+        usleep(30_000)
+        #expect(mock.vcpu(0)!.runCount == runs, "still paused after another thread's resume")
+        vm.resumeAll()
+        var waited = 0
+        while mock.vcpu(0)!.runCount == runs && waited < 1000 { usleep(1000); waited += 1 }
+        #expect(mock.vcpu(0)!.runCount > runs, "the holder's resume lets it run")
         vm.stop()
         #expect(try vm.wait() == .stopped)
     }

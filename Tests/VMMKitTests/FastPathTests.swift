@@ -180,6 +180,23 @@ struct FastPathTests {
         }
     }
 
+    @Test("a range the kernel takes over later revokes the fast paths granted there, and only those")
+    func kernelTakeoverRevokes() throws {
+        let mock = MockHypervisor()
+        let vm = try makeVM(mock)
+        try vm.bus.attach(UART8250(sink: CapturedOutput().sink()), ports: 0x3f8..<0x400)
+        let words = FastPathEnableWordStorage(count: 2)
+        let thr = words[0], lsr = words[1]
+        _ = try vm.bus.grantFastPath(space: .pio, address: 0x3f8, size: 1, direction: .write, ring: 0, enableWord: thr)
+        _ = try vm.bus.grantFastPath(space: .pio, address: 0x3fd, size: 1, direction: .read, enableWord: lsr)
+        #expect(thr.isSet && lsr.isSet)
+        try vm.registerIOEventFD(IOEventFD(address: 0x3f8, length: 1, fd: -1, isPIO: true))
+        #expect(!thr.isSet, "the kernel now handles THR writes: the stub must exit")
+        #expect(lsr.isSet, "LSR is outside the new range")
+        _ = vm.bus.write(.pio, address: 0x3fb, size: 1, value: 0x03)
+        #expect(!thr.isSet, "a revoked word stays clear when the device refreshes its words")
+    }
+
     @Test("TSC counters: offset and wrap mask, product at 128 bits")
     func tscCounter() {
         // A 24-bit PM timer (3.579545 MHz) from a 2 GHz TSC: multiplier = 3579545 << 32 / 2e9.

@@ -219,7 +219,24 @@ public final class IOBus: @unchecked Sendable {
         try IOBus.check(range, space)
         attachLock.lock(); defer { attachLock.unlock() }
         publish { t in Table(pio: t.pio, mmio: t.mmio, kernel: t.kernel + [KernelRange(space: space, range: range, kind: kind)]) }
+        // Fast paths granted there before the kernel took the range over are
+        // no longer exact (the kernel now sees those accesses first): revoke them.
+        grants.removeAll { g in
+            guard g.space == space, g.range.overlaps(range) else { return false }
+            g.device.revokeFastPath(g.enableWord)
+            return true
+        }
     }
+
+    /// A fast path the bus granted, kept so that a range the kernel takes over later revokes it.
+    private struct Grant {
+        var space: BusSpace
+        var range: GuestRange
+        var device: any BusDevice
+        var enableWord: FastPathEnableWord
+    }
+    /// Granted fast paths, guarded by ``attachLock`` (grants are rare, never on the exit path).
+    private var grants: [Grant] = []
 
     /// How the kernel handles an access of `size` bytes at `address`, if any part of it lies in a marked range.
     public func kernelHandling(space: BusSpace, address: UInt64, size: Int) -> KernelHandledKind? {
@@ -377,6 +394,8 @@ public final class IOBus: @unchecked Sendable {
                               ring: Int? = nil, enableWord: FastPathEnableWord)
         throws(FastPathRefusal) -> (device: any BusDevice, description: FastPathDescription) {
         guard IOBus.isDeviceSize(size) else { throw .unsupportedSize(size) }
+        // Under the attach lock, so a range the kernel takes over meanwhile cannot slip between check and grant.
+        attachLock.lock(); defer { attachLock.unlock() }
         guard let e = find(address, space) else { throw .unclaimed }
         guard e.range.contains(GuestAddress(address), length: UInt64(size)) else { throw .crossesRangeEnd }
         if let k = kernelHandling(space: space, address: address, size: size) { throw .kernelHandled(k) }
@@ -388,6 +407,8 @@ public final class IOBus: @unchecked Sendable {
             e.device.revokeFastPath(enableWord)
             throw .invalidDeclaration(device: e.device.name)
         }
+        grants.append(Grant(space: space, range: GuestRange(start: GuestAddress(address), size: UInt64(size)),
+                            device: e.device, enableWord: enableWord))
         return (e.device, d)
     }
 
@@ -401,6 +422,8 @@ public final class IOBus: @unchecked Sendable {
 
     /// Revokes the fast path granted with `enableWord` by the device at `address`.
     public func revokeFastPath(space: BusSpace, address: UInt64, enableWord: FastPathEnableWord) {
+        attachLock.lock(); defer { attachLock.unlock() }
+        grants.removeAll { $0.enableWord == enableWord }
         find(address, space)?.device.revokeFastPath(enableWord)
     }
 }

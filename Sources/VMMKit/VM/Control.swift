@@ -127,8 +127,13 @@ final class Control: @unchecked Sendable {
     }
 
     /// Gives back one level of the pause; the last one lets the vCPUs go on.
+    /// Only the holder's thread can release the pause: a stray resume from
+    /// another thread must not let the vCPUs run during the holder's work.
     func resume() {
-        cond.withLock { releaseLocked(all: false) }
+        cond.withLock {
+            guard holder == Sys.threadID() else { return }
+            releaseLocked(all: false)
+        }
     }
 
     private func releaseLocked(all: Bool) {

@@ -316,7 +316,10 @@ public final class VirtualMachine: @unchecked Sendable {
         control.acquirePause(selfIsVCPU: Sys.threadRunsVCPU(of: self)) { kickAll() }
     }
 
-    /// Resumes the vCPUs once every ``pauseAll()`` has been matched.
+    /// Resumes the vCPUs once every ``pauseAll()`` has been matched. Only the
+    /// thread that holds the pause can resume it; a call from any other thread
+    /// does nothing (the holder's work, a slot change for example, must not
+    /// see the vCPUs running).
     public func resumeAll() {
         control.resume()
     }
