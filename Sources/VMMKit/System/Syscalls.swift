@@ -1,5 +1,5 @@
-// Where VMMKit calls into libc and the KVM ioctl shims (with ImageFile.swift
-// and KVM/). `open`, the `ioctl`s, `mapShared` and `installKickHandler` turn
+// Where VMMKit calls into libc and the KVM ioctl shims (with ImageFile.swift,
+// ConditionLock.swift, OSThread.swift and KVM/). `open`, the `ioctl`s, `mapShared` and `installKickHandler` turn
 // a failure into a typed `BackendError` naming the operation and errno; the
 // others return a result or ignore failures they cannot act on. Only
 // `HostOutput.write` retries EINTR here; the ioctl callers decide (KVM_RUN
@@ -97,7 +97,6 @@ enum Sys {
         return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
     }
 }
-
 /// Retrying a system call that a signal interrupted.
 package enum InterruptedCall {
     /// Runs `body`; while it fails with `EINTR`, runs it again, at most
@@ -113,7 +112,6 @@ package enum InterruptedCall {
         }
     }
 }
-
 extension Sys {
     /// A spin-wait hint to the CPU (`pause`), for polling loops.
     @inline(__always)
@@ -126,7 +124,6 @@ extension Sys {
         return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
     }
 }
-
 /// Anonymous host memory for guest RAM.
 enum HostMemory {
     static func mapAnonymous(size: Int) -> Result<UnsafeMutableRawPointer, Errno> {
@@ -139,86 +136,6 @@ enum HostMemory {
 
     static func unmap(_ p: UnsafeMutableRawPointer, size: Int) { _ = munmap(p, size) }
 }
-
-/// A mutex with a condition variable (pthread), for pausing and joining vCPU threads.
-final class ConditionLock: @unchecked Sendable {
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-    private let cond = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
-
-    init() {
-        pthread_mutex_init(mutex, nil)
-        var attr = pthread_condattr_t()
-        pthread_condattr_init(&attr)
-        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
-        pthread_cond_init(cond, &attr)
-        pthread_condattr_destroy(&attr)
-    }
-
-    deinit {
-        pthread_cond_destroy(cond)
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
-        cond.deallocate()
-    }
-
-    func lock() { pthread_mutex_lock(mutex) }
-    func unlock() { pthread_mutex_unlock(mutex) }
-    func broadcast() { pthread_cond_broadcast(cond) }
-    /// Waits (lock held) until signalled or `timeoutNanoseconds` elapse.
-    func wait(timeoutNanoseconds: UInt64? = nil) {
-        guard let t = timeoutNanoseconds else { pthread_cond_wait(cond, mutex); return }
-        let deadline = Sys.monotonicNanoseconds() &+ t
-        var ts = timespec(tv_sec: Int(deadline / 1_000_000_000), tv_nsec: Int(deadline % 1_000_000_000))
-        pthread_cond_timedwait(cond, mutex, &ts)
-    }
-
-    func withLock<R>(_ body: () throws -> R) rethrows -> R {
-        lock(); defer { unlock() }
-        return try body()
-    }
-}
-
-/// Starts a joinable OS thread running `body` (vCPU threads).
-///
-/// The thread drops `body` (and what it captured) as soon as `body` returns,
-/// so a finished thread keeps nothing alive; whoever owns the `OSThread`
-/// then joins it, or ``joinOrDetach()`` reclaims it from a deinitializer.
-final class OSThread: @unchecked Sendable {
-    private var handle = pthread_t()
-    private var body: (() -> Void)?
-
-    private init(body: @escaping () -> Void) { self.body = body }
-
-    static func start(_ body: @escaping () -> Void) throws(BackendError) -> OSThread {
-        let t = OSThread(body: body)
-        let unmanaged = Unmanaged.passRetained(t)
-        let r = pthread_create(&t.handle, nil, { arg in
-            guard let arg else { return nil }
-            let t = Unmanaged<OSThread>.fromOpaque(arg).takeRetainedValue()
-            t.runBody()
-            return nil
-        }, unmanaged.toOpaque())
-        if r != 0 {
-            unmanaged.release()
-            throw BackendError("pthread_create", errno: Errno(rawValue: r))
-        }
-        return t
-    }
-
-    private func runBody() {
-        if let b = body { b() }
-        body = nil // may release the last reference to the VM: its deinit then runs on this thread
-    }
-
-    func join() { pthread_join(handle, nil) }
-
-    /// Joins the thread, or detaches it when called on the thread itself
-    /// (a deinitializer that runs there: the thread is about to end).
-    func joinOrDetach() {
-        if pthread_equal(handle, pthread_self()) != 0 { pthread_detach(handle) } else { pthread_join(handle, nil) }
-    }
-}
-
 /// Writes to a host file descriptor (UART output to the terminal).
 enum HostOutput {
     static func write(fd: Int32, _ bytes: UnsafeRawBufferPointer) {
