@@ -41,6 +41,7 @@ public struct X86Flags: OptionSet, Hashable, Sendable, CustomStringConvertible {
         return names.filter { contains($0.0) }.map(\.1).joined(separator: " ")
     }
 }
+
 /// What kind of instruction this is, for the decisions DMP's planner makes.
 public struct X86InstructionGroups: OptionSet, Hashable, Sendable {
     /// The raw bits.
@@ -86,6 +87,7 @@ public struct X86InstructionGroups: OptionSet, Hashable, Sendable {
     /// `hlt`.
     public static let halt = X86InstructionGroups(rawValue: 1 << 18)
 }
+
 /// A relative branch: where it goes and where its offset is.
 public struct X86RelativeBranch: Hashable, Sendable {
     /// The target address (next instruction + offset, truncated to the operand size).

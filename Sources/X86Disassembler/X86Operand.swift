@@ -22,6 +22,7 @@ public struct X86MemoryOperand: Hashable, Sendable {
     /// Whether the address is relative to the next instruction.
     public var isRIPRelative: Bool { base == .rip || base == .eip }
 }
+
 /// A decoded operand.
 public enum X86Operand: Hashable, Sendable {
     /// A register.
@@ -31,6 +32,7 @@ public enum X86Operand: Hashable, Sendable {
     /// A memory operand.
     case memory(X86MemoryOperand)
 }
+
 /// How an operand is accessed.
 public struct OperandAccess: OptionSet, Hashable, Sendable {
     /// The raw bits (Capstone's `CS_AC_*`).
@@ -42,6 +44,7 @@ public struct OperandAccess: OptionSet, Hashable, Sendable {
     /// Written.
     public static let write = OperandAccess(rawValue: 2)
 }
+
 /// A decoded operand with its size and access.
 public struct DecodedOperand: Hashable, Sendable {
     /// The operand.

@@ -10,6 +10,7 @@ public struct CoalescedZone: Hashable, Sendable {
     /// Creates a zone.
     public init(address: UInt64, size: UInt32, isPIO: Bool) { self.address = address; self.size = size; self.isPIO = isPIO }
 }
+
 /// One write the kernel batched in a coalesced zone instead of exiting.
 public struct CoalescedWrite: Hashable, Sendable {
     /// Port I/O or MMIO.

@@ -5,6 +5,7 @@ public enum AccessDirection: UInt8, Hashable, Sendable {
     /// The guest writes to the device (`out`, an MMIO store).
     case write
 }
+
 /// A port I/O exit (`KVM_EXIT_IO`).
 ///
 /// For `count > 1` (string I/O: `rep insb`/`rep outsw`...) the data holds
@@ -27,6 +28,7 @@ public struct PortIO: Hashable, Sendable {
         self.port = port; self.size = size; self.count = count; self.direction = direction; self.value = value
     }
 }
+
 /// An MMIO exit (`KVM_EXIT_MMIO`): a guest load or store to guest-physical
 /// memory that no writable memory slot backs.
 public struct MMIOAccess: Hashable, Sendable {
@@ -44,6 +46,7 @@ public struct MMIOAccess: Hashable, Sendable {
         self.address = address; self.size = size; self.direction = direction; self.value = value
     }
 }
+
 /// Why the hypervisor could not run or emulate guest code (`KVM_EXIT_INTERNAL_ERROR`).
 ///
 /// The first data words are stored inline (up to ``capacity``), so the exit
@@ -56,8 +59,8 @@ public struct InternalError: Hashable, Sendable {
     public var words: ExitWords
 
     /// How many data words an internal error keeps inline (`kvm_run.internal.data` holds
-    /// up to 16: read the rest with ``ExitContext/ioData(at:)``). An emulation failure's flags,
-    /// instruction length and instruction bytes are its first four.
+    /// up to 16: read the rest with ``ExitContext/ioData(at:)``). An emulation failure's first three
+    /// words hold its flags, then its instruction length and up to 15 instruction bytes (16 bytes).
     public static let capacity = ExitWords.capacity
 
     /// Creates an internal-error description; words beyond ``capacity`` are dropped.
@@ -72,6 +75,7 @@ public struct InternalError: Hashable, Sendable {
     /// Whether this is an instruction emulation failure.
     public var isEmulationFailure: Bool { suberror == 1 }
 }
+
 /// Up to 6 64-bit words stored inline: the data of an exit (hypercall
 /// arguments, the first internal-error words) without a heap allocation, and
 /// small enough that an exit is copied with a few moves.

@@ -9,6 +9,7 @@ public struct MemorySlotFlags: OptionSet, Hashable, Sendable {
     /// `KVM_MEM_READONLY`: guest writes exit as MMIO writes; reads are served from memory.
     public static let readOnly = MemorySlotFlags(rawValue: 2)
 }
+
 /// A guest memory slot: guest-physical range → host memory.
 public struct MemorySlot: Hashable, @unchecked Sendable {
     /// The slot number.

@@ -35,6 +35,7 @@ public struct Segment: Hashable, Sendable {
         self.present = true; self.dpl = dpl; self.db = db; self.s = s; self.l = l; self.g = g
     }
 }
+
 /// A descriptor-table register (GDTR/IDTR).
 public struct DescriptorTable: Hashable, Sendable {
     /// The table's linear base address.
@@ -46,6 +47,7 @@ public struct DescriptorTable: Hashable, Sendable {
     /// A table register with the given base and limit.
     public init(base: UInt64, limit: UInt16) { self.base = base; self.limit = limit }
 }
+
 /// The special registers of an x86-64 vCPU (`struct kvm_sregs`).
 public struct SpecialRegisters: Hashable, Sendable {
     /// The segment registers.

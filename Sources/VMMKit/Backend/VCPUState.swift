@@ -16,6 +16,7 @@ public struct CPUIDEntry: Hashable, Sendable {
         self.eax = eax; self.ebx = ebx; self.ecx = ecx; self.edx = edx
     }
 }
+
 /// One model-specific register and its value.
 public struct MSREntry: Hashable, Sendable {
     /// The MSR number.
@@ -25,6 +26,7 @@ public struct MSREntry: Hashable, Sendable {
     /// Creates an entry.
     public init(index: UInt32, value: UInt64) { self.index = index; self.value = value }
 }
+
 /// The legacy FPU/SSE state (`struct kvm_fpu`), kept as its raw bytes.
 public struct FPUState: Hashable, Sendable {
     /// The 416 bytes of `struct kvm_fpu`.
@@ -32,6 +34,7 @@ public struct FPUState: Hashable, Sendable {
     /// Wraps raw bytes.
     public init(bytes: [UInt8]) { self.bytes = bytes }
 }
+
 /// The XSAVE area (`struct kvm_xsave`), kept as its raw bytes.
 public struct XSAVEState: Hashable, Sendable {
     /// The 4096 bytes of `struct kvm_xsave`.
@@ -39,6 +42,7 @@ public struct XSAVEState: Hashable, Sendable {
     /// Wraps raw bytes.
     public init(bytes: [UInt8]) { self.bytes = bytes }
 }
+
 /// The local APIC register page (`struct kvm_lapic_state`), kept as its raw bytes.
 public struct LAPICState: Hashable, Sendable {
     /// The 1024 bytes of `struct kvm_lapic_state`.
@@ -46,6 +50,7 @@ public struct LAPICState: Hashable, Sendable {
     /// Wraps raw bytes.
     public init(bytes: [UInt8]) { self.bytes = bytes }
 }
+
 /// Pending exceptions, interrupts, NMIs and SMIs (`struct kvm_vcpu_events`), kept as raw bytes.
 public struct VCPUEvents: Hashable, Sendable {
     /// The 64 bytes of `struct kvm_vcpu_events`.

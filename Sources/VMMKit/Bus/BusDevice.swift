@@ -7,6 +7,7 @@ public enum DeviceEffect: Hashable, Sendable {
     /// Stop the VM with this guest exit status (the debug-exit port).
     case stopVM(status: UInt32)
 }
+
 /// A device on the I/O bus: a plain type that serves reads and writes of its
 /// registers. Devices know nothing about KVM or about where a platform puts them.
 ///
@@ -44,6 +45,7 @@ public protocol BusDevice: AnyObject {
     /// appends the bytes to its sink in one go).
     func writeBatch(offset: UInt64, size: Int, values: UnsafeBufferPointer<UInt64>) -> BatchWriteResult
 }
+
 /// What a device did with a batch of writes (``BusDevice/writeBatch(offset:size:values:)``).
 public struct BatchWriteResult: Hashable, Sendable {
     /// How many values were applied, from the first; all of them unless one stopped the batch.
@@ -53,6 +55,7 @@ public struct BatchWriteResult: Hashable, Sendable {
     /// Creates a result.
     public init(applied: Int, effect: DeviceEffect) { self.applied = applied; self.effect = effect }
 }
+
 extension BusDevice {
     /// By default a device offers no fast path.
     public func grantFastPath(_ request: FastPathRequest, enableWord: FastPathEnableWord) -> FastPathDescription? { nil }

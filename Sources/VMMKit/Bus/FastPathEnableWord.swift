@@ -52,6 +52,7 @@ public struct FastPathEnableWord: Hashable, @unchecked Sendable {
     /// Hashes the word's address.
     public func hash(into h: inout Hasher) { h.combine(pointer) }
 }
+
 /// Host memory for enable words (tests; VMMs that serve fast paths from host code).
 public final class FastPathEnableWordStorage: @unchecked Sendable {
     fileprivate let base: UnsafeMutableRawPointer

@@ -11,6 +11,7 @@ public enum RingAppendMode: Hashable, Sendable {
     /// instruction when no consumer polls.
     case synchronous
 }
+
 /// A counter derived from the TSC (a PM timer, an HPET main counter):
 /// `value = ((((tsc × multiplier) >> shift) + offset) & wrapMask`, the
 /// product taken at 128 bits.
@@ -41,6 +42,7 @@ public struct TSCCounter: Hashable, Sendable {
         return (shifted &+ offset) & wrapMask
     }
 }
+
 /// How the guest may serve one access to a device register itself, from
 /// shared memory, instead of exiting (DESIGN.md, DMP step 3).
 ///

@@ -19,6 +19,7 @@ public struct FastPathRequest: Hashable, Sendable {
         self.offset = offset; self.size = size; self.direction = direction; self.ring = ring
     }
 }
+
 /// A fast path a device granted for one register access.
 public struct FastPathDescription: Hashable, Sendable {
     /// What the guest may do instead of exiting.
@@ -48,6 +49,7 @@ public struct FastPathDescription: Hashable, Sendable {
                   independentOfPendingRingEntries: independentOfPendingRingEntries)
     }
 }
+
 /// Why the bus did not grant a fast path (``IOBus/grantFastPath(space:address:size:direction:ring:enableWord:)``).
 public enum FastPathRefusal: Error, Hashable, Sendable, CustomStringConvertible {
     /// The width is not 1, 2, 4 or 8.
@@ -76,6 +78,7 @@ public enum FastPathRefusal: Error, Hashable, Sendable, CustomStringConvertible 
         }
     }
 }
+
 /// An address range whose accesses the kernel handles without an exit.
 public enum KernelHandledKind: String, Hashable, Sendable {
     /// `KVM_IOEVENTFD`: writes signal an eventfd.

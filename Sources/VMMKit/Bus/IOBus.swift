@@ -7,6 +7,7 @@ public enum BusSpace: String, Hashable, Sendable {
     /// Guest-physical memory not backed by RAM.
     case mmio
 }
+
 /// Errors when attaching devices to a bus.
 public enum BusError: Error, Hashable, Sendable, CustomStringConvertible {
     /// The range overlaps one already attached.
@@ -22,6 +23,7 @@ public enum BusError: Error, Hashable, Sendable, CustomStringConvertible {
         }
     }
 }
+
 /// One unclaimed access, for diagnostics.
 public struct UnclaimedAccess: Hashable, Sendable {
     /// Port or MMIO.
@@ -35,6 +37,7 @@ public struct UnclaimedAccess: Hashable, Sendable {
         self.space = space; self.address = address; self.direction = direction
     }
 }
+
 /// Dispatches port I/O and MMIO accesses to the devices attached at address ranges.
 ///
 /// Dispatch takes no lock: the range table is immutable and replaced as a
@@ -352,6 +355,7 @@ public final class IOBus: @unchecked Sendable {
         find(address, space)?.device.revokeFastPath(enableWord)
     }
 }
+
 /// All ones for an access of `size` bytes (the PC convention for unclaimed reads).
 @inline(__always)
 public func allOnes(size: Int) -> UInt64 {

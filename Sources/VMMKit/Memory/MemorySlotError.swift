@@ -27,6 +27,7 @@ public enum MemorySlotError: Error, Hashable, Sendable, CustomStringConvertible 
         }
     }
 }
+
 /// How the VM lets the slot manager change slots: with every vCPU out of
 /// `KVM_RUN` (paused) or not running at all. ``VirtualMachine`` implements it.
 package protocol MemorySlotGate: AnyObject {

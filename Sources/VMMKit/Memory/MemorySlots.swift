@@ -439,6 +439,7 @@ public final class MemorySlots: @unchecked Sendable {
         return out
     }
 }
+
 extension Array {
     /// The index of the first element for which `belongs` is true, assuming
     /// the elements for which it is true come last (a binary search).

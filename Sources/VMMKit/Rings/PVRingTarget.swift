@@ -16,6 +16,7 @@ public struct PVRingTarget: Hashable, Sendable {
         self.space = space; self.address = address; self.width = width; self.synchronous = synchronous
     }
 }
+
 /// Whether the ring consumer polls, and for how long it keeps polling after
 /// the last entry (the model is io_uring's SQPOLL thread and its `sq_thread_idle`).
 public struct PVRingPolling: Hashable, Sendable {
@@ -41,6 +42,7 @@ public struct PVRingPolling: Hashable, Sendable {
         self.enabled = enabled; self.idleNanoseconds = idleNanoseconds; self.spinsBetweenChecks = spinsBetweenChecks
     }
 }
+
 /// Counters of one ring (``PVRingDevice/statistics(ring:)``).
 public struct PVRingStatistics: Hashable, Sendable {
     /// Entries applied to the target device.

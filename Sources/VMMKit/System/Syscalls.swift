@@ -97,6 +97,7 @@ enum Sys {
         return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
     }
 }
+
 /// Retrying a system call that a signal interrupted.
 package enum InterruptedCall {
     /// Runs `body`; while it fails with `EINTR`, runs it again, at most
@@ -112,6 +113,7 @@ package enum InterruptedCall {
         }
     }
 }
+
 extension Sys {
     /// A spin-wait hint to the CPU (`pause`), for polling loops.
     @inline(__always)
@@ -124,6 +126,7 @@ extension Sys {
         return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
     }
 }
+
 /// Anonymous host memory for guest RAM.
 enum HostMemory {
     static func mapAnonymous(size: Int) -> Result<UnsafeMutableRawPointer, Errno> {
@@ -136,6 +139,7 @@ enum HostMemory {
 
     static func unmap(_ p: UnsafeMutableRawPointer, size: Int) { _ = munmap(p, size) }
 }
+
 /// Writes to a host file descriptor (UART output to the terminal).
 enum HostOutput {
     static func write(fd: Int32, _ bytes: UnsafeRawBufferPointer) {

@@ -8,6 +8,7 @@ final class GuardListenerBox: @unchecked Sendable {
     func set(_ l: (any PageGuardListener)?) { lock.withLock { listener = l } }
     func set(resolver r: (any EmulationFailureResolver)?) { lock.withLock { resolver = r } }
 }
+
 /// The built-in first handler of every chain: applies guest writes into
 /// guarded pages and reports them, and hands emulation failures to the
 /// listener while pages are guarded.
@@ -70,6 +71,7 @@ final class PageGuardHandler: ExitHandler {
         }
     }
 }
+
 extension InternalError {
     /// For an emulation failure that carries them (`KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES`),
     /// the instruction bytes KVM could not emulate; empty otherwise.

@@ -15,6 +15,7 @@ public struct GuardedWrite: Hashable, Sendable {
     /// Creates a record.
     public init(range: GuestRange, source: Source) { self.range = range; self.source = source }
 }
+
 /// An instruction KVM could not emulate (`KVM_EXIT_INTERNAL_ERROR`, suberror 1)
 /// while pages were guarded: typically a store KVM cannot emulate (a VEX or
 /// `movq` store, `xsave`) into a guarded page, with RIP on the instruction.
@@ -39,6 +40,7 @@ public struct GuardedEmulationFailure: Hashable, Sendable {
         self.vcpu = vcpu; self.rip = rip; self.instructionBytes = instructionBytes; self.error = error; self.writes = writes
     }
 }
+
 /// What to do after a ``GuardedEmulationFailure``.
 public enum GuardDecision: Hashable, Sendable {
     /// Run the vCPU again (after the listener unguarded the page or otherwise
@@ -48,6 +50,7 @@ public enum GuardDecision: Hashable, Sendable {
     /// Fail the VM with the emulation failure, as without guards.
     case fail
 }
+
 /// Hears about writes into guarded pages (DMP unpatches from here).
 ///
 /// Calls arrive on the writing thread. For a guest write that is the vCPU's
@@ -67,10 +70,12 @@ public protocol PageGuardListener: AnyObject, Sendable {
     /// and the listener decides.
     func guardedEmulationFailure(_ failure: GuardedEmulationFailure, context: ExitContext) -> GuardDecision
 }
+
 extension PageGuardListener {
     /// Fails the VM, as without guards.
     public func guardedEmulationFailure(_ failure: GuardedEmulationFailure, context: ExitContext) -> GuardDecision { .fail }
 }
+
 /// A ``PageGuardListener`` made from closures, for small VMMs and tests.
 public final class ClosurePageGuardListener: PageGuardListener {
     private let onWrite: @Sendable (GuardedWrite, ExitContext?) -> Void
@@ -89,6 +94,7 @@ public final class ClosurePageGuardListener: PageGuardListener {
         onFailure(failure, context)
     }
 }
+
 /// Tells which guest-physical bytes an instruction KVM could not emulate
 /// writes, so that only failures at guarded pages reach the
 /// ``PageGuardListener``. VMMKit does not decode x86; the `X86Disassembler`
