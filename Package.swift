@@ -7,10 +7,12 @@ let package = Package(
         .library(name: "VMMKit", targets: ["VMMKit"]),
         .library(name: "VMMKitTesting", targets: ["VMMKitTesting"]),
         .library(name: "X86Disassembler", targets: ["X86Disassembler"]),
+        .library(name: "DMP", targets: ["DMP"]),
         .executable(name: "minivmm", targets: ["minivmm"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
     ],
     targets: [
         .target(name: "CKVM"),
@@ -22,10 +24,15 @@ let package = Package(
         .target(name: "VMMKit", dependencies: ["CKVM"]),
         .target(name: "VMMKitTesting", dependencies: ["VMMKit"]),
         .target(name: "X86Disassembler", dependencies: ["CCapstone", "VMMKit"]),
+        // Dynamic Memory Paravirtualization: opt-in middleware over the core (the core never imports it).
+        .target(
+            name: "DMP",
+            dependencies: ["VMMKit", "X86Disassembler", .product(name: "Logging", package: "swift-log")]
+        ),
         .executableTarget(
             name: "minivmm",
             dependencies: [
-                "VMMKit", "X86Disassembler",
+                "VMMKit", "X86Disassembler", "DMP",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             path: "Examples/minivmm",
@@ -34,7 +41,8 @@ let package = Package(
         ),
         .executableTarget(name: "tinyvmm", dependencies: ["VMMKit"], path: "Examples/tinyvmm"),
         .testTarget(name: "VMMKitTests", dependencies: ["VMMKit", "VMMKitTesting"]),
-        .testTarget(name: "KVMTests", dependencies: ["VMMKit", "X86Disassembler", "minivmm"]),
+        .testTarget(name: "KVMTests", dependencies: ["VMMKit", "X86Disassembler", "DMP", "minivmm"]),
+        .testTarget(name: "DMPTests", dependencies: ["DMP", "VMMKit", "VMMKitTesting", "X86Disassembler"]),
         .testTarget(name: "MiniVMMTests", dependencies: ["minivmm"]),
         .testTarget(name: "X86DisassemblerTests", dependencies: ["X86Disassembler", "VMMKit"], exclude: ["Corpus"]),
     ],

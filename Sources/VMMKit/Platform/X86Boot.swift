@@ -6,7 +6,7 @@
 ///           (identity map of 4 GiB)  0x008000  command line (≤ 28 KiB)
 /// 0x080000  initial stack top (long-mode entries)
 /// 0x100000  kernel image (RAM up to 0xE00000)
-/// 0xE00000  paravirtual area: rings, DMP implant (reserved, 2 MiB)
+/// 0xE00000  paravirtual area (reserved, 2 MiB): rings 0xE00000, DMP implant 0xF00000
 /// 0x1000000 RAM up to the memory size
 /// ```
 public enum X86Layout {
@@ -30,6 +30,10 @@ public enum X86Layout {
     public static let kernelMinimum: UInt64 = 0x100000
     /// The reserved paravirtual area (ring device, DMP implant): never RAM in the memory map.
     public static let paravirtualArea = GuestRange(start: GuestAddress(0xE0_0000), size: 0x20_0000)
+    /// The part of ``paravirtualArea`` the paravirtual rings live in (its lower 1 MiB).
+    public static let ringArea = GuestRange(start: GuestAddress(0xE0_0000), size: 0x10_0000)
+    /// The part of ``paravirtualArea`` left to a DMP implant (its upper 1 MiB).
+    public static let implantArea = GuestRange(start: GuestAddress(0xF0_0000), size: 0x10_0000)
     /// The smallest guest memory the platform accepts.
     public static let minimumMemory: UInt64 = 32 << 20
 

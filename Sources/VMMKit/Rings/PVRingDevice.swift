@@ -58,8 +58,8 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     /// - Parameters:
     ///   - slotCount: slots per ring, a power of two ≥ 2 that fits `stride`.
     ///   - polling: whether ``attach(to:)`` starts a polling consumer.
-    public init(memory: GuestMemory, bus: IOBus, base: GuestAddress = X86Layout.paravirtualArea.start,
-                area: GuestRange = X86Layout.paravirtualArea, stride: UInt64 = PVRingLayout.defaultStride,
+    public init(memory: GuestMemory, bus: IOBus, base: GuestAddress = X86Layout.ringArea.start,
+                area: GuestRange = X86Layout.ringArea, stride: UInt64 = PVRingLayout.defaultStride,
                 targets: [PVRingTarget], slotCount: UInt32 = 512,
                 polling: PVRingPolling = .disabled) throws(PVRingError) {
         let (span, o) = UInt64(targets.count).multipliedReportingOverflow(by: stride)

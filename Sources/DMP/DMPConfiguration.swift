@@ -1,0 +1,47 @@
+import VMMKit
+
+/// How DMP decides, patches and checks (``DMPMiddleware``).
+public struct DMPConfiguration: Sendable {
+    /// The patch shapes DMP may use (DESIGN.md, DMP step 4).
+    public struct Strategies: OptionSet, Hashable, Sendable {
+        /// The raw bits.
+        public let rawValue: UInt8
+        /// Creates a set from raw bits.
+        public init(rawValue: UInt8) { self.rawValue = rawValue }
+        /// A hot instruction of five bytes or more jumps to a stub that does the fast path.
+        public static let instructionStub = Strategies(rawValue: 1 << 0)
+        /// The enclosing (sized) function is copied into the implant with its hot instructions rewritten.
+        public static let functionCopy = Strategies(rawValue: 1 << 1)
+        /// Both.
+        public static let all: Strategies = [.instructionStub, .functionCopy]
+    }
+
+    /// Exits a site must cause within ``window`` to become a candidate.
+    public var threshold: Int = 64
+    /// The sliding window, in exits of the vCPU (all sites) over which ``threshold`` is counted.
+    public var window: Int = 4096
+    /// Which patch shapes to use.
+    public var strategies: Strategies = .all
+    /// Whether fast paths may serve code running at CPL3. A user-mode stub bypasses
+    /// the guest's I/O permission checks (IOPL, the TSS bitmap) and cannot tell
+    /// address spaces apart: turn this on only for trusted guests. The report names such sites.
+    public var userModeFastPaths = false
+    /// Whether to measure every patch and undo those that do not pay.
+    public var verify = true
+    /// Exits of the site after a patch before it is judged (hits served in the guest count too).
+    public var verifyAfterAccesses: Int = 4096
+    /// The first back-off, in exits of the site, before an undone site may be patched again; it doubles on every undo.
+    public var initialBackoff: Int = 1 << 14
+    /// Undos after which a site is never patched again.
+    public var maximumUndos: Int = 4
+    /// Report what would be patched and patch nothing (no guest byte changes).
+    public var dryRun = false
+    /// The guest-physical memory DMP places its code and data in: reserved in the
+    /// guest's memory map, backed by RAM, not used by anything else.
+    public var implantArea: GuestRange = X86Layout.implantArea
+    /// The image's symbols (a function copy needs the enclosing function's sized symbol; the report symbolizes sites).
+    public var symbols: SymbolTable = SymbolTable()
+
+    /// The defaults: threshold 64 in a window of 4,096 exits, both strategies, verification on, user-mode fast paths off.
+    public init() {}
+}

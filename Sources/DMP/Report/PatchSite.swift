@@ -1,0 +1,63 @@
+import VMMKit
+
+/// One site DMP looked at: where it is, what was decided and what it achieved
+/// (DESIGN.md, DMP step 8). A value snapshot, taken by ``DMPMiddleware/report()``.
+public struct PatchSite: Hashable, Sendable {
+    /// What became of the site.
+    public enum State: String, Hashable, Sendable {
+        /// Hot, not yet decided.
+        case candidate
+        /// A patch is in place and serving.
+        case patched
+        /// `dryRun`: would be patched.
+        case wouldPatch = "would patch"
+        /// Not patchable (see ``PatchSite/refusal``).
+        case refused
+        /// Patched, then undone (did not pay, invalidated by a guest write); may be retried after back-off.
+        case undone
+    }
+
+    /// The exit site (RIP as the exit reported it, and the access).
+    public var site: ExitSite
+    /// The instruction's guest-virtual start, once located.
+    public var instructionAddress: UInt64?
+    /// The instruction's guest-physical start under its address space, once located.
+    public var physicalAddress: GuestAddress?
+    /// `symbol+offset`, when the image has symbols.
+    public var location: String
+    /// The instruction's text (`out dx, al`), once located.
+    public var instruction: String
+    /// The shape used or planned (`instruction stub`, `function copy of f via entry`), empty when none.
+    public var strategy: String
+    /// The fast path the device granted (its description), empty when none.
+    public var fastPath: String
+    /// Whether the fast path serves code at CPL3 (a privilege change the guest did not grant: see ``DMPConfiguration/userModeFastPaths``).
+    public var userMode: Bool
+    /// The state.
+    public var state: State
+    /// Exits the site caused before it was patched.
+    public var exitsBefore: Int
+    /// Accesses served in the guest by the implant (its hit counter, clamped to what is plausible).
+    public var hitsServed: UInt64
+    /// Exits the site caused while patched (fallbacks).
+    public var exitsWhilePatched: Int
+    /// Nanoseconds from the site becoming hot to every vCPU resuming with the patch in place.
+    public var hotToPatchedNanoseconds: UInt64?
+    /// Why it was refused or undone.
+    public var refusal: DMPRefusal?
+
+    /// Exits avoided: hits served in the guest (each would have been an exit).
+    public var exitsAvoided: UInt64 { hitsServed }
+
+    /// Creates a record.
+    public init(site: ExitSite, instructionAddress: UInt64? = nil, physicalAddress: GuestAddress? = nil,
+                location: String = "", instruction: String = "", strategy: String = "", fastPath: String = "",
+                userMode: Bool = false, state: State = .candidate, exitsBefore: Int = 0, hitsServed: UInt64 = 0,
+                exitsWhilePatched: Int = 0, hotToPatchedNanoseconds: UInt64? = nil, refusal: DMPRefusal? = nil) {
+        self.site = site; self.instructionAddress = instructionAddress; self.physicalAddress = physicalAddress
+        self.location = location; self.instruction = instruction; self.strategy = strategy; self.fastPath = fastPath
+        self.userMode = userMode; self.state = state; self.exitsBefore = exitsBefore; self.hitsServed = hitsServed
+        self.exitsWhilePatched = exitsWhilePatched; self.hotToPatchedNanoseconds = hotToPatchedNanoseconds
+        self.refusal = refusal
+    }
+}
