@@ -125,6 +125,13 @@ static inline int ckvm_compare_exchange_u64(void *p, uint64_t *expected, uint64_
 static inline void ckvm_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 /// A spin-wait hint (`pause` on x86).
 static inline void ckvm_spin_hint(void) { __builtin_ia32_pause(); }
+/// A serializing instruction (`cpuid`): the calling CPU discards anything it
+/// prefetched, so guest code another thread rewrote is fetched anew
+/// (cross-modifying code, Intel SDM vol. 3, 9.1.3).
+static inline void ckvm_serialize(void) {
+    uint32_t a = 0, b, c = 0, d;
+    __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d) : : "memory");
+}
 
 // MARK: per-thread tag: which VM, if any, the calling thread runs a vCPU of
 void ckvm_set_thread_tag(uintptr_t tag);

@@ -175,12 +175,19 @@ public final class GuestMemory: @unchecked Sendable {
 
     /// Writes `bytes` into guest memory at `address` (all or nothing).
     public func write(_ bytes: [UInt8], at address: GuestAddress) throws(GuestMemoryError) {
+        try writeAsGuardOwner(bytes, at: address)
+        noteHostWrite(address, bytes.count)
+    }
+
+    /// Writes `bytes` at `address` without reporting it to the guard observer:
+    /// for the owner of the guards (DMP writing or restoring its own patch
+    /// bytes in a page it guarded), which must not hear its own writes.
+    package func writeAsGuardOwner(_ bytes: [UInt8], at address: GuestAddress) throws(GuestMemoryError) {
         guard !bytes.isEmpty else { return }
         let p = try hostPointer(address, length: bytes.count)
         bytes.withUnsafeBytes { src in
             if let base = src.baseAddress { p.copyMemory(from: base, byteCount: src.count) }
         }
-        noteHostWrite(address, bytes.count)
     }
 
     /// Reads a plain value (little-endian, unaligned allowed) at `address`.

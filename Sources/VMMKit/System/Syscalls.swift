@@ -118,6 +118,8 @@ extension Sys {
     /// A spin-wait hint to the CPU (`pause`), for polling loops.
     @inline(__always)
     static func spinHint() { ckvm_spin_hint() }
+    /// Executes a serializing instruction on the calling thread's CPU (after guest code was rewritten).
+    static func serialize() { ckvm_serialize() }
 
     /// CPU time the calling thread has used, in nanoseconds.
     static func threadCPUNanoseconds() -> UInt64 {

@@ -38,6 +38,9 @@ public final class VCPU: @unchecked Sendable {
                 do { try ctx.runCompletion() } catch { return .error(error) }
                 if let out = ctx.takeDeferredOutcome() { return out.isError ? out : completed(out, ctx) }
                 control.park()
+                // Whoever held the pause may have rewritten guest code (DMP):
+                // serialize before re-entering the guest (cross-modifying code).
+                Sys.serialize()
                 backend.setImmediateExit(false)
                 continue
             }

@@ -351,3 +351,10 @@ final class ServiceStop: Sendable {
     /// Asks the thread to return.
     func request() { flag.store(true, ordering: .releasing) }
 }
+
+extension VirtualMachine {
+    /// Executes a serializing instruction on the calling thread's CPU. A thread
+    /// that rewrote guest code calls it before its own vCPU re-enters the guest;
+    /// paused vCPUs serialize on their own when they resume (cross-modifying code).
+    package static func serializeCallingThread() { Sys.serialize() }
+}
