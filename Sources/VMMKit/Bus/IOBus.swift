@@ -69,7 +69,46 @@ public final class IOBus: @unchecked Sendable {
         let pio: [Entry]
         let mmio: [Entry]
         let kernel: [KernelRange]
-        init(pio: [Entry], mmio: [Entry], kernel: [KernelRange]) { self.pio = pio; self.mmio = mmio; self.kernel = kernel }
+        /// ``pio`` and ``mmio`` for the exit path: sorted routes whose devices
+        /// are boxed, so a dispatch borrows the device instead of retaining it.
+        let pioRoutes: UnsafeMutableBufferPointer<Route>
+        let mmioRoutes: UnsafeMutableBufferPointer<Route>
+        init(pio: [Entry], mmio: [Entry], kernel: [KernelRange]) {
+            self.pio = pio; self.mmio = mmio; self.kernel = kernel
+            pioRoutes = Table.routes(pio)
+            mmioRoutes = Table.routes(mmio)
+        }
+
+        deinit {
+            for r in pioRoutes { r.box.release() }
+            for r in mmioRoutes { r.box.release() }
+            pioRoutes.deallocate()
+            mmioRoutes.deallocate()
+        }
+
+        private static func routes(_ entries: [Entry]) -> UnsafeMutableBufferPointer<Route> {
+            let b = UnsafeMutableBufferPointer<Route>.allocate(capacity: entries.count)
+            _ = b.initialize(from: entries.map {
+                Route(start: $0.range.start.rawValue, size: $0.range.size, box: .passRetained(DeviceBox($0.device)))
+            })
+            return b
+        }
+
+        @inline(__always)
+        func routes(_ space: BusSpace) -> UnsafeMutableBufferPointer<Route> { space == .pio ? pioRoutes : mmioRoutes }
+    }
+
+    /// A device's range, for the exit path.
+    struct Route {
+        let start: UInt64
+        let size: UInt64
+        let box: Unmanaged<DeviceBox>
+    }
+
+    /// A device, boxed so the exit path can borrow it.
+    final class DeviceBox {
+        let device: any BusDevice
+        init(_ device: any BusDevice) { self.device = device }
     }
 
     /// The current table. Tables are never freed while the bus lives (``tables``
@@ -194,6 +233,27 @@ public final class IOBus: @unchecked Sendable {
         }
     }
 
+    /// Calls `body` with the device claiming `address` and the offset into its
+    /// range, the device borrowed (no reference counting); `nil` when no
+    /// device claims the address.
+    @inline(__always)
+    private func route<R>(_ address: UInt64, _ space: BusSpace, _ body: (borrowing any BusDevice, UInt64) -> R) -> R? {
+        withTable { t in
+            let list = t.routes(space)
+            // Binary search for the last route starting at or below `address`.
+            var lo = 0, hi = list.count
+            while lo < hi {
+                let mid = (lo + hi) / 2
+                if list[mid].start <= address { lo = mid + 1 } else { hi = mid }
+            }
+            guard lo > 0 else { return nil }
+            let r = list[lo - 1]
+            let offset = address &- r.start
+            guard offset < r.size else { return nil }
+            return r.box._withUnsafeGuaranteedRef { body($0.device, offset) }
+        }
+    }
+
     /// Whether devices may see an access of `size` bytes as it is.
     @inline(__always)
     static func isDeviceSize(_ size: Int) -> Bool { size == 1 || size == 2 || size == 4 || size == 8 }
@@ -253,31 +313,30 @@ public final class IOBus: @unchecked Sendable {
             }
             return claimed ? BatchWriteResult(applied: values.count, effect: .none) : nil
         }
-        guard let e = find(address, space) else {
+        guard let r = route(address, space, { d, offset in d.writeBatch(offset: offset, size: size, values: values) }) else {
             for _ in values { countUnclaimed(UnclaimedAccess(space: space, address: address, direction: .write)) }
             return nil
         }
-        let r = e.device.writeBatch(offset: address - e.range.start.rawValue, size: size, values: values)
         // A device's count is not trusted past the batch it was given.
         return BatchWriteResult(applied: min(max(r.applied, 0), values.count), effect: r.effect)
     }
 
     @inline(__always)
     private func readOne(_ space: BusSpace, _ address: UInt64, _ size: Int) -> UInt64? {
-        guard let e = find(address, space) else {
+        guard let v = route(address, space, { d, offset in d.read(offset: offset, size: size) }) else {
             countUnclaimed(UnclaimedAccess(space: space, address: address, direction: .read))
             return nil
         }
-        return e.device.read(offset: address - e.range.start.rawValue, size: size)
+        return v
     }
 
     @inline(__always)
     private func writeOne(_ space: BusSpace, _ address: UInt64, _ size: Int, _ value: UInt64) -> DeviceEffect? {
-        guard let e = find(address, space) else {
+        guard let e = route(address, space, { d, offset in d.write(offset: offset, size: size, value: value) }) else {
             countUnclaimed(UnclaimedAccess(space: space, address: address, direction: .write))
             return nil
         }
-        return e.device.write(offset: address - e.range.start.rawValue, size: size, value: value)
+        return e
     }
 
     private func refuse<T>(_ space: BusSpace, _ address: UInt64, _ direction: AccessDirection) -> T? {

@@ -5,9 +5,10 @@
 /// the buffer's lock, so a device calling ``put(_:)`` never waits for the
 /// terminal while another thread flushes; flushed chunks keep their order.
 public final class OutputSink: @unchecked Sendable {
-    private var buffer: [UInt8] = []
+    /// Guarded by ``lock`` (no run-time exclusivity check: the lock does that).
+    @exclusivity(unchecked) private var buffer: [UInt8] = []
     /// The buffer being written out (swapped with ``buffer`` under ``lock``).
-    private var spare: [UInt8] = []
+    @exclusivity(unchecked) private var spare: [UInt8] = []
     private let capacity: Int
     private let output: (UnsafeRawBufferPointer) -> Void
     /// Guards ``buffer``; never held across the host write.

@@ -20,12 +20,16 @@ public final class ExitContext {
     /// The VM (memory, bus, devices).
     public unowned let vm: VirtualMachine
     let backend: any VCPUBackend
-    /// The chain, in a buffer the context owns: calling a handler through it
-    /// borrows the reference instead of retaining it.
-    private let handlers: UnsafeMutableBufferPointer<any ExitHandler>
+    /// The chain, one retained box per handler in a buffer the context owns:
+    /// a handler is called through its box's `let` with the box borrowed
+    /// (`_withUnsafeGuaranteedRef`), so no call retains or releases it (a
+    /// reference loaded from a buffer would be retained around the call).
+    private let handlers: UnsafeMutableBufferPointer<Unmanaged<HandlerBox>>
     @exclusivity(unchecked) private var cursor = 0
     /// The index of the handler running now (-1: none).
     @exclusivity(unchecked) private var running = -1
+    /// The error a handler just threw, on its way out of ``runRest(_:)``.
+    @exclusivity(unchecked) private var handlerError: VMError?
     /// Per handler, for the current exit: what its first ``forward(_:)`` returned.
     private let forwarded: UnsafeMutableBufferPointer<ExitResult?>
     @exclusivity(unchecked) private var anyForwarded = false
@@ -69,7 +73,7 @@ public final class ExitContext {
         self.vm = vm
         self.backend = backend
         self.handlers = .allocate(capacity: handlers.count)
-        _ = self.handlers.initialize(from: handlers)
+        _ = self.handlers.initialize(from: handlers.map { Unmanaged.passRetained(HandlerBox($0)) })
         self.forwarded = .allocate(capacity: handlers.count)
         self.forwarded.initialize(repeating: nil)
         self.memory = vm.memory
@@ -83,6 +87,7 @@ public final class ExitContext {
 
     deinit {
         kindCounts.deallocate()
+        for h in handlers { h.release() }
         handlers.deinitialize().deallocate()
         forwarded.deinitialize().deallocate()
     }
@@ -180,8 +185,22 @@ public final class ExitContext {
             let i = cursor
             cursor += 1
             running = i
-            // Called through the buffer: the handler is borrowed, not retained.
-            let r = try base[i].handle(exit, context: self)
+            // Called through the borrowed box: the handler is not retained.
+            // `_withUnsafeGuaranteedRef` rethrows untyped errors, and a Result of
+            // the large VMError costs copies on every call: the error goes out
+            // through `handlerError` instead.
+            var failed = false
+            let r = base[i]._withUnsafeGuaranteedRef { box -> ExitResult in
+                do throws(VMError) { return try box.handler.handle(exit, context: self) } catch {
+                    handlerError = error
+                    failed = true
+                    return .pass
+                }
+            }
+            if failed, let e = handlerError {
+                handlerError = nil
+                throw e
+            }
             if r != .pass || forwarded[i] != nil { return r }
         }
         return .pass
@@ -375,6 +394,12 @@ public final class ExitContext {
         deferredOutcome = nil
         return o
     }
+}
+
+/// One handler of a chain, boxed so the exit path can borrow it (see ``ExitContext``).
+final class HandlerBox {
+    let handler: any ExitHandler
+    init(_ handler: any ExitHandler) { self.handler = handler }
 }
 
 extension Control.Outcome {

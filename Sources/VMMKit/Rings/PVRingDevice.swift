@@ -39,6 +39,8 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     public let polling: PVRingPolling
 
     private let rings: [Ring]
+    /// ``rings`` unretained (``rings`` keeps them alive), for the lock-free check.
+    private let ringRefs: UnsafeMutableBufferPointer<Unmanaged<Ring>>
     private let lock = ConditionLock()
     /// Odd while a drain is in progress (the lock-free check's seqlock).
     private let generation = Atomic<UInt64>(0)
@@ -94,8 +96,12 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
             } catch { throw .memory(error) }
         }
         self.rings = rings
+        ringRefs = .allocate(capacity: rings.count)
+        _ = ringRefs.initialize(from: rings.map { Unmanaged.passUnretained($0) })
         self.bus = bus
     }
+
+    deinit { ringRefs.deallocate() }
 
     private let bus: IOBus
 
@@ -156,16 +162,8 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     public func hasPending() -> Bool {
         let g = generation.load(ordering: .acquiring)
         if g & 1 != 0 { return true }
-        for r in rings {
-            let c = r.shadow.load(ordering: .acquiring)
-            let w = r.slot(c).load()
-            if PVRingLayout.sequence(of: w) == UInt32(truncatingIfNeeded: c &+ 1) { return true }
-            // The hint past the consumer (by at most a ring): a hole to heal, or
-            // entries behind one. Behind it (a producer stopped before moving
-            // it) or far ahead (hostile) there is nothing a drain could take.
-            let ahead = r.hint.load() &- c
-            if ahead != 0 && ahead <= r.count { return true }
-        }
+        // Through the unretained buffer: no reference counting on the exit path.
+        for i in 0..<ringRefs.count where ringRefs[i]._withUnsafeGuaranteedRef({ $0.mayHaveEntries }) { return true }
         return generation.load(ordering: .acquiring) != g
     }
 
@@ -401,6 +399,20 @@ private final class Ring {
     @inline(__always)
     func slot(_ p: UInt64) -> SharedGuestWord {
         SharedGuestWord(pointer: host + Int(PVRingLayout.slotsOffset + (p & mask) * PVRingLayout.slotSize))
+    }
+
+    /// Whether a drain could find entries (lock-free): the slot at the
+    /// consumer index published, or the hint past the consumer by at most a
+    /// ring (a hole to heal, or entries behind one). Behind it (a producer
+    /// stopped before moving it) or far ahead (hostile) there is nothing a
+    /// drain could take.
+    @inline(__always)
+    var mayHaveEntries: Bool {
+        let c = shadow.load(ordering: .acquiring)
+        let w = slot(c).load()
+        if PVRingLayout.sequence(of: w) == UInt32(truncatingIfNeeded: c &+ 1) { return true }
+        let ahead = hint.load() &- c
+        return ahead != 0 && ahead <= count
     }
 
     /// Frees the `n` consumed slots from position `c` for their next lap, then publishes the new index.
