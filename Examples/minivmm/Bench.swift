@@ -36,7 +36,7 @@ struct Bench: ParsableCommand {
     @Option(help: "Shortest steady phase per run, in seconds (iteration counts are calibrated from a probe run).")
     var seconds: Double = 1
 
-    @Option(help: "Fixed workload iterations instead of calibrating (uart; doorbell uses 16x).")
+    @Option(help: "Fixed workload iterations instead of calibrating (times the granularity: doorbell-cpl3 uses 16x).")
     var iters: Int?
 
     @Option(parsing: .upToNextOption, help: "Workloads to run (default: all).")

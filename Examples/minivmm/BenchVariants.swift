@@ -24,6 +24,9 @@ struct BenchWorkload: Sendable {
     let coalescedZone: CoalescedZone
     /// Whether QEMU has the devices the workload needs.
     let runsUnderQEMU: Bool
+    /// Whether `Guests/NAME-pv.elf` exists. The guests written in C have no
+    /// static-PV twin: they are ordinary C programs, not rewritten by hand.
+    var hasStaticPVTwin = true
 
     static let all: [BenchWorkload] = [
         BenchWorkload(name: "uart-cpl0", cpl: 0, granularity: 1, probeIterations: 40,
@@ -34,6 +37,17 @@ struct BenchWorkload: Sendable {
                       coalescedZone: CoalescedZone(address: StandardDevices.doorbellBase + DoorbellDevice.doorbellOffset,
                                                    size: 4, isPIO: false),
                       runsUnderQEMU: false),
+        // The guests written in C (gcc -O2, Guests/c-*.c): no static-PV twin.
+        BenchWorkload(name: "c-uart-cpl3", cpl: 3, granularity: 1, probeIterations: 40,
+                      coalescedZone: CoalescedZone(address: 0x3f8, size: 1, isPIO: true), runsUnderQEMU: true,
+                      hasStaticPVTwin: false),
+        BenchWorkload(name: "c-doorbell-cpl3", cpl: 3, granularity: 1, probeIterations: 640,
+                      coalescedZone: CoalescedZone(address: StandardDevices.doorbellBase + DoorbellDevice.doorbellOffset,
+                                                   size: 4, isPIO: false),
+                      runsUnderQEMU: false, hasStaticPVTwin: false),
+        BenchWorkload(name: "c-selfmod-cpl3", cpl: 3, granularity: 1, probeIterations: 40,
+                      coalescedZone: CoalescedZone(address: 0x3f8, size: 1, isPIO: true), runsUnderQEMU: true,
+                      hasStaticPVTwin: false),
     ]
 
     /// `iterations` rounded up to the granularity, at least one granule.
@@ -86,7 +100,9 @@ struct BenchVariant: Sendable {
     }
 
     /// The static-PV twin: the same work through minivmm's ring device.
-    static let staticPV = BenchVariant(name: "static-pv", unavailable: { _, _ in nil }) { w, n, env in
+    static let staticPV = BenchVariant(name: "static-pv", unavailable: { w, _ in
+        w.hasStaticPVTwin ? nil : "\(w.name) has no static-PV twin"
+    }) { w, n, env in
         try runInProcess(env.guests + "/" + w.name + "-pv.elf", iterations: n)
     }
 

@@ -2,8 +2,9 @@ import Testing
 import VMMKit
 @testable import X86Disassembler
 
-/// The committed guest images (`Guests/*.elf`, assembled by GNU as).
-let guestImageNames = ["hello", "selftest", "uart-cpl0", "uart-cpl3", "uart-cpl0-pv", "uart-cpl3-pv", "doorbell-cpl3", "doorbell-cpl3-pv"]
+/// The committed guest images (`Guests/*.elf`: assembled by GNU as, or compiled by gcc for `c-*`).
+let guestImageNames = ["hello", "selftest", "uart-cpl0", "uart-cpl3", "uart-cpl0-pv", "uart-cpl3-pv", "doorbell-cpl3", "doorbell-cpl3-pv",
+                       "c-uart-cpl3", "c-doorbell-cpl3", "c-selfmod-cpl3"]
 
 @Suite("Decoding the committed guest images whole")
 struct GuestImageTests {
