@@ -155,11 +155,11 @@ struct Bench: ParsableCommand {
     func printWorkloads(_ records: [BenchRecord]) {
         print("workloads (guest-reported TSC cycles per iteration in the steady phase, median of \(runs) interleaved runs [range];")
         print("  host CPU: all of minivmm's threads over the steady phase; QEMU's estimated from whole-process CPU times):")
-        print("  " + pad("workload", 15) + pad("variant", 11) + pad("iterations", 11, right: true) + pad("cycles/iter", 12, right: true)
+        print("  " + pad("workload", 17) + pad("variant", 11) + pad("iterations", 11, right: true) + pad("cycles/iter", 12, right: true)
               + "  " + pad("range", 22) + pad("exits", 9, right: true) + pad("host CPU ns/iter", 17, right: true))
         for r in records {
             let range = "[" + fmt(r.cyclesPerIterationRuns.min() ?? 0) + " - " + fmt(r.cyclesPerIterationRuns.max() ?? 0) + "]"
-            print("  " + pad(r.workload, 15) + pad(r.variant, 11) + pad(String(r.iterations), 11, right: true)
+            print("  " + pad(r.workload, 17) + pad(r.variant, 11) + pad(String(r.iterations), 11, right: true)
                   + pad(fmt(r.cyclesPerIteration), 12, right: true) + "  " + pad(range, 22)
                   + pad(r.steadyExits.map(String.init) ?? "-", 9, right: true)
                   + pad(r.hostCPUNanosecondsPerIteration.map(fmt) ?? "-", 17, right: true))
@@ -171,7 +171,7 @@ struct Bench: ParsableCommand {
                 r.variant == "qemu" ? "qemu/full \(fmt(r.cyclesPerIteration / full.cyclesPerIteration))x"
                     : "full/\(r.variant) \(fmt(full.cyclesPerIteration / r.cyclesPerIteration))x"
             }
-            if !ratios.isEmpty { print("  " + pad(w.name, 15) + ratios.joined(separator: "   ")) }
+            if !ratios.isEmpty { print("  " + pad(w.name, 17) + ratios.joined(separator: "   ")) }
         }
     }
 

@@ -1,0 +1,62 @@
+import Testing
+import VMMKit
+@testable import X86Disassembler
+
+/// The guests written in C (`Guests/c-*.c`, gcc -O2). Issue 6 wants them
+/// committed before DMP works on them and never reshaped afterwards: these
+/// tests pin the images and the hot I/O instructions Guests/README.md lists.
+@Suite("The committed guests written in C")
+struct CGuestImageTests {
+    /// FNV-1a 64 of each image as first committed (19838f1).
+    static let frozen: [(String, UInt64)] = [
+        ("c-uart-cpl3", 0x5f2d_db24_f463_e184), ("c-doorbell-cpl3", 0x4f1f_d24a_e435_686d),
+        ("c-selfmod-cpl3", 0xfa72_a8fe_9504_e40a),
+    ]
+
+    static func image(_ name: String) throws -> (file: [UInt8], elf: ELFImage) {
+        let file = try ImageFile.read(GuestImageTests.guests + "/" + name + ".elf")
+        return (file, try ELFImage(bytes: file))
+    }
+
+    /// The instructions of function `symbol` of image `name`, decoded whole.
+    static func function(_ name: String, _ symbol: String) throws -> [X86Instruction] {
+        let (file, elf) = try image(name)
+        let sym = try #require(elf.symbols.symbols.first { $0.name == symbol && $0.isFunction && $0.size > 0 })
+        let seg = try #require(elf.segments.first { $0.executable && sym.address >= $0.virtualAddress
+                                                   && sym.address + sym.size <= $0.virtualAddress + $0.fileSize })
+        let start = Int(seg.fileOffset + (sym.address - seg.virtualAddress))
+        return try X86Disassembler(mode: .bits64).decodeAll(Array(file[start..<start + Int(sym.size)]), address: sym.address, mode: .bits64)
+    }
+
+    @Test("the C guests are the images committed before DMP work on them began (issue 6: do not reshape them)", arguments: frozen)
+    func imagesAreFrozen(name: String, hash: UInt64) throws {
+        let (file, _) = try CGuestImageTests.image(name)
+        let h = file.reduce(0xcbf2_9ce4_8422_2325 as UInt64) { ($0 ^ UInt64($1)) &* 0x0000_0100_0000_01b3 }
+        #expect(h == hash, "Guests/\(name).elf changed (FNV-1a 64 0x\(String(h, radix: 16))): the C guests are not to be reshaped")
+    }
+
+    @Test("gcc's hot I/O instructions are where Guests/README.md says, in the forms it says", arguments: [
+        ("c-uart-cpl3", "io_serial_in_slow", ["in al, dx [1]", "out 0x80, al [2]"]),
+        ("c-uart-cpl3", "io_serial_out_slow", ["out dx, al [1]", "out 0x80, al [2]"]),
+        ("c-doorbell-cpl3", "db_run", ["mov dword ptr [rcx + 0x40], edx [3]", "mov eax, dword ptr [rcx + 4] [3]"]),
+        ("c-selfmod-cpl3", "early_serial_write", ["in al, dx [1]", "in al, dx [1]", "out dx, al [1]"]),
+        // A leaf with its digits in the red zone (below RSP) while it polls the UART.
+        ("c-selfmod-cpl3", "early_puthex", ["lea rdx, [rsp - 9] [5]", "in al, dx [1]", "in al, dx [1]", "out dx, al [1]"]),
+        // The instruction whose immediate the guest rewrites.
+        ("c-selfmod-cpl3", "line_key", ["xor eax, 0x5bd1e995 [5]"]),
+    ])
+    func hotInstructions(name: String, symbol: String, expected: [String]) throws {
+        let code = try CGuestImageTests.function(name, symbol).map { "\($0.description) [\($0.length)]" }
+        // `expected` appears in order within the function.
+        var rest = code[...]
+        for e in expected {
+            guard let i = rest.firstIndex(of: e) else {
+                Issue.record("\(name) \(symbol): no \(e) (in order) in \(code)")
+                return
+            }
+            rest = rest[(i + 1)...]
+        }
+        let io = code.filter { $0.hasPrefix("in ") || $0.hasPrefix("out ") }
+        #expect(io == expected.filter { $0.hasPrefix("in ") || $0.hasPrefix("out ") }, "every I/O instruction is listed")
+    }
+}
