@@ -34,6 +34,7 @@ let package = Package(
             dependencies: [
                 "VMMKit", "X86Disassembler", "DMP",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
             ],
             path: "Examples/minivmm",
             // The demo guest, compiled into the executable (see DemoGuest.swift).

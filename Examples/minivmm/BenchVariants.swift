@@ -1,4 +1,6 @@
 import ArgumentParser
+import DMP
+import Logging
 import Synchronization
 import VMMKit
 
@@ -92,7 +94,7 @@ struct BenchVariant: Sendable {
     let run: @Sendable (BenchWorkload, Int, BenchEnvironment) throws -> BenchRun
 
     /// Every variant, in table and JSON order.
-    static let all: [BenchVariant] = [full, staticPV, coalesced, qemu]
+    static let all: [BenchVariant] = [full, staticPV, coalesced, dmp, qemu]
 
     /// minivmm, every access an exit.
     static let full = BenchVariant(name: "full", unavailable: { _, _ in nil }) { w, n, env in
@@ -113,6 +115,30 @@ struct BenchVariant: Sendable {
         try runInProcess(env.guests + "/" + w.name + ".elf", iterations: n) { vm in
             try vm.registerCoalescedZone(w.coalescedZone)
         }
+    }
+
+    /// minivmm with DMP on (user-mode fast paths enabled, as `minivmm run --dmp`):
+    /// the same image as `full`, patched while it runs. Adds `patched_sites`
+    /// (sites patched at the end of the run) and `warmup_exits` (exits before
+    /// the guest's steady phase began: hotness threshold, locating, patching).
+    static let dmp = BenchVariant(name: "dmp", unavailable: { _, _ in nil }) { w, n, env in
+        var middleware: DMPMiddleware?
+        var devices: StandardDevices?
+        var run = try runInProcess(env.guests + "/" + w.name + ".elf", iterations: n) { vm, d, loaded in
+            var c = DMPConfiguration()
+            c.symbols = loaded.symbols
+            c.userModeFastPaths = true
+            var logger = Logger(label: "minivmm.bench.dmp")
+            logger.logLevel = DMPOptions.logLevel
+            middleware = DMPMiddleware.install(on: vm, rings: d.rings, configuration: c, logger: logger)
+            devices = d
+        }
+        let report = middleware?.report() ?? []
+        run.extra = [
+            ("patched_sites", .int(report.filter { $0.state == .patched }.count)),
+            ("warmup_exits", devices?.marker.marks.first { $0.value == 1 }.map { .int($0.exits) } ?? .null),
+        ]
+        return run
     }
 
     /// QEMU on the same image (`-accel kvm -cpu EPYC`, isa-debug-exit). Its
@@ -290,14 +316,16 @@ final class SteadyPhaseCPUClock: ExitHandler, Sendable {
 }
 
 /// Runs a workload image in this process with the standard devices and 64 MiB.
-func runInProcess(_ image: String, iterations: Int, prepare: (VirtualMachine) throws -> Void = { _ in }) throws -> BenchRun {
+func runInProcess(_ image: String, iterations: Int, prepare: (VirtualMachine) throws -> Void = { _ in },
+                  afterLoad: (VirtualMachine, StandardDevices, LoadedImage) throws -> Void = { _, _, _ in }) throws -> BenchRun {
     let out = CapturedOutput()
     let vm = try VirtualMachine(backend: try KVMSystem(), configuration: VMConfiguration(memorySize: 64 << 20))
     let clock = SteadyPhaseCPUClock()
     vm.addExitHandler(clock)
     let devices = try StandardDevices.install(on: vm, console: out.sink())
     try prepare(vm)
-    _ = try X86Boot.load(.elf(try readFile(image)), commandLine: "iters=\(iterations)", into: vm)
+    let loaded = try X86Boot.load(.elf(try readFile(image)), commandLine: "iters=\(iterations)", into: vm)
+    try afterLoad(vm, devices, loaded)
     let reason = try vm.run()
     guard case .guestExit(0) = reason else {
         throw ValidationError("\(image) stopped with \(reason): \(out.text.suffix(200))")

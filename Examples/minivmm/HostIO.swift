@@ -143,3 +143,8 @@ func stopOnInterrupt(_ vm: VirtualMachine) -> InterruptFlag {
     pthread_detach(thread)
     return flag
 }
+
+/// The environment variable `name`, if set.
+func environment(_ name: String) -> String? {
+    getenv(name).map { String(cString: $0) }
+}

@@ -1,4 +1,6 @@
 import ArgumentParser
+import DMP
+import Logging
 import VMMKit
 import X86Disassembler
 
@@ -76,10 +78,12 @@ struct Run: ParsableCommand {
     @Flag(help: "Exit with QEMU's isa-debug-exit status (v << 1) | 1 instead of v.")
     var qemuExitStatus = false
 
+    @OptionGroup var dmp: DMPOptions
+
     func run() throws {
         let session: Session
         do {
-            session = try Session(options: guest, profile: profile)
+            session = try Session(options: guest, profile: profile, dmp: dmp.configuration())
         } catch {
             printError("minivmm: \(error)")
             throw ExitCode(125)
@@ -92,9 +96,11 @@ struct Run: ParsableCommand {
             session.console.flush()
             printError("minivmm: \(error)")
             if profile { session.printProfile() }
+            session.printDMPReport()
             throw ExitCode(125)
         }
         if profile { session.printProfile() }
+        session.printDMPReport()
         switch reason {
         case .guestExit(let v):
             let code = qemuExitStatus ? Int32(truncatingIfNeeded: (v << 1) | 1) : Int32(truncatingIfNeeded: v)
@@ -118,8 +124,10 @@ struct Session {
     let loaded: LoadedImage
     /// The registers at each site's first exit, for matching instructions by operands (profile only).
     let snapshots: ExitSnapshots?
+    /// DMP, when `--dmp` or `--dmp-dry-run` turned it on.
+    let dmp: DMPMiddleware?
 
-    init(options: GuestOptions, profile: Bool, console: OutputSink = .standardOutput()) throws {
+    init(options: GuestOptions, profile: Bool, dmp: DMPConfiguration? = nil, console: OutputSink = .standardOutput()) throws {
         var config = VMConfiguration(memorySize: try options.memoryBytes(), vcpuCount: options.cpus)
         config.strict = options.strict
         config.collectSiteStatistics = profile
@@ -132,6 +140,20 @@ struct Session {
         devices = try StandardDevices.install(on: vm, console: console, ringPolling: options.ringPolling)
         let (image, _) = try options.image()
         loaded = try X86Boot.load(image, commandLine: options.append, into: vm)
+        if var c = dmp {
+            c.symbols = loaded.symbols
+            var logger = Logger(label: "minivmm.dmp")
+            logger.logLevel = DMPOptions.logLevel
+            self.dmp = DMPMiddleware.install(on: vm, rings: devices.rings, configuration: c, logger: logger)
+        } else {
+            self.dmp = nil
+        }
+    }
+
+    /// Prints DMP's report on stderr (when DMP is on).
+    func printDMPReport() {
+        guard let dmp else { return }
+        printError(DMPReport.text(dmp.report()))
     }
 
     func printProfile() {
@@ -176,6 +198,39 @@ struct Session {
         case .msr: return "msr 0x\(String(s.address, radix: 16)) \(dir)"
         default: return s.kind.description
         }
+    }
+}
+
+/// `--dmp` and its options.
+struct DMPOptions: ParsableArguments {
+    @Flag(help: "Turn DMP on: patch the guest's hot device accesses into implanted fast paths; print DMP's report on stderr at exit. Enables user-mode fast paths (minivmm runs trusted guests).")
+    var dmp = false
+
+    @Flag(help: "Report what DMP would patch; change no guest byte.")
+    var dmpDryRun = false
+
+    @Option(help: "Exits a site must cause within the window to become hot.")
+    var dmpThreshold: Int = 64
+
+    /// The log level of DMP's decisions on stderr (`MINIVMM_DMP_LOG=info` shows every decision).
+    static var logLevel: Logger.Level {
+        if let v = environment("MINIVMM_DMP_LOG"), let l = Logger.Level(rawValue: v) { return l }
+        return .warning
+    }
+
+    func validate() throws {
+        guard (1...1_000_000).contains(dmpThreshold) else { throw ValidationError("bad --dmp-threshold \(dmpThreshold): use 1 to 1000000") }
+    }
+
+    /// The configuration, or nil when DMP is off.
+    func configuration() -> DMPConfiguration? {
+        guard dmp || dmpDryRun else { return nil }
+        var c = DMPConfiguration()
+        c.threshold = dmpThreshold
+        c.dryRun = dmpDryRun
+        c.userModeFastPaths = true
+        printError("minivmm: DMP on\(dmpDryRun ? " (dry run: no guest byte changes)" : ""); user-mode fast paths enabled (they bypass the guest's I/O permission checks)")
+        return c
     }
 }
 

@@ -1,31 +1,313 @@
 import Logging
+import Synchronization
 import VMMKit
 
-/// Dynamic Memory Paravirtualization as exit-chain middleware: add it to a VM
-/// (`vm.addExitHandler(DMPMiddleware(configuration))`) and it watches exits,
-/// finds the guest instructions that cause most of them and patches them into
-/// implanted fast paths (DESIGN.md, "The DMP pipeline").
+/// Dynamic Memory Paravirtualization as exit-chain middleware: it watches
+/// exits, finds the guest instructions that cause most of them and patches
+/// them into implanted fast paths served from shared memory
+/// (DESIGN.md, "The DMP pipeline").
 ///
-/// The pipeline is being built (see README's status table); today the
-/// middleware passes every exit on unchanged.
-public final class DMPMiddleware: ExitHandler, @unchecked Sendable {
+/// Install it with ``install(on:rings:configuration:logger:)`` after the
+/// devices and before the guest runs; read ``report()`` at any time and call
+/// ``unpatchAll()`` to take every patch out.
+public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sendable {
     /// The configuration it was created with.
     public let configuration: DMPConfiguration
     /// Where DMP tells its decisions (hot, patched, refused and why, undone and why).
     public let logger: Logger
 
-    /// Creates the middleware.
-    /// - Parameters:
-    ///   - configuration: thresholds, strategies, verification, dry run.
-    ///   - logger: where decisions are logged; the VMM's own logger, so they appear in its logs.
-    public init(_ configuration: DMPConfiguration = DMPConfiguration(), logger: Logger = Logger(label: "vmmkit.dmp")) {
-        self.configuration = configuration
-        self.logger = logger
+    private weak var vm: VirtualMachine?
+    private let rings: PVRingDevice?
+    private let detectors: [HotspotDetector]
+    private let clocks: [WindowClock]
+    private let patcher: Patcher
+    /// Sites, patches and pending host writes (never held across a pause).
+    private let state = Mutex(State())
+    /// Held while one vCPU plans and writes a patch; others skip planning meanwhile (taken with try-lock only: a vCPU
+    /// blocked in its handler would never let the patching vCPU pause it).
+    private let planning = Mutex(())
+
+    package struct State: Sendable {
+        var sites: [ExitSite: SiteRecord] = [:]
+        var order: [ExitSite] = []
+        var patches: [Int: AppliedPatch] = [:]
+        var nextPatchID = 1
+        /// Guarded pages written by host-side writes (devices, loaders), acted on by the periodic task.
+        var hostWrites: [GuestRange] = []
     }
 
-    /// Passes the exit on (the pipeline is not wired yet).
-    public func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult { .pass }
+    /// Creates the middleware for `vm`; ``install(on:rings:configuration:logger:)`` also adds it to the VM.
+    /// - Parameters:
+    ///   - vm: the VM whose exits it sees.
+    ///   - rings: the paravirtual ring device whose rings ring-append fast paths use (nil: no such fast paths).
+    ///   - configuration: thresholds, strategies, verification, dry run.
+    ///   - logger: where decisions are logged; the VMM's own logger, so they appear in its logs.
+    public init(vm: VirtualMachine, rings: PVRingDevice?, configuration: DMPConfiguration = DMPConfiguration(),
+                logger: Logger = Logger(label: "vmmkit.dmp")) {
+        self.vm = vm
+        self.rings = rings
+        self.configuration = configuration
+        self.logger = logger
+        self.detectors = vm.vcpus.map { _ in HotspotDetector(configuration) }
+        self.clocks = vm.vcpus.map { _ in WindowClock() }
+        self.patcher = Patcher(vm: vm)
+    }
 
-    /// Every site DMP has looked at, in the order they became hot.
-    public func report() -> [PatchSite] { [] }
+    /// Creates the middleware, adds it to `vm`'s exit chain, makes it the VM's
+    /// page-guard listener and starts its periodic verification. Call before the VM runs.
+    @discardableResult
+    public static func install(on vm: VirtualMachine, rings: PVRingDevice?,
+                               configuration: DMPConfiguration = DMPConfiguration(),
+                               logger: Logger = Logger(label: "vmmkit.dmp")) -> DMPMiddleware {
+        let dmp = DMPMiddleware(vm: vm, rings: rings, configuration: configuration, logger: logger)
+        vm.addExitHandler(dmp)
+        vm.setPageGuardListener(dmp)
+        vm.addPeriodicTask(every: 20_000_000) { [weak dmp] _ throws(VMError) in
+            dmp?.periodic()
+            return nil
+        }
+        return dmp
+    }
+
+    // MARK: The exit path
+
+    /// Counts the exit; a site that just became hot is located and, if it qualifies, patched.
+    public func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult {
+        switch exit {
+        case .io, .mmio: break
+        default: return .pass
+        }
+        let id = context.vcpuID
+        guard id >= 0, id < detectors.count, let rip = try? context.registers().rip else { return .pass }
+        let site = ExitStatistics.site(for: exit, rip: rip)
+        clocks[id].tick()
+        guard detectors[id].record(site) else { return .pass }
+        return try candidate(site, exit, context)
+    }
+
+    /// A site passed the threshold: let the chain handle the exit, then locate, plan and patch.
+    private func candidate(_ site: ExitSite, _ exit: VMExit, _ context: ExitContext) throws(VMError) -> ExitResult {
+        let registersAtExit = try? context.registers()
+        let result = try context.forward(exit)
+        guard result == .handled else { return result }
+        let known = state.withLock { $0.sites[site] != nil }
+        if known { return result }
+        let hotAt = ContinuousClock.now
+        let window = detectors[context.vcpuID].counts(of: site)
+        let seconds = clocks[context.vcpuID].secondsForLast(configuration.window)
+        var record = SiteRecord(report: PatchSite(site: site, location: symbolize(site.rip), exitsBefore: window?.total ?? 0))
+        record.hotAt = hotAt
+        if let w = window, let s = seconds, s > 0 { record.baselineRate = Double(w.inWindow) / s }
+        state.withLock {
+            $0.sites[site] = record
+            $0.order.append(site)
+        }
+        logger.info("hot", metadata: ["site": "\(describe(site))", "exits": "\(window?.total ?? 0)"])
+        let planned: Bool? = planning.withLockIfAvailable { _ in
+            do {
+                try plan(site, exit, context, registersAtExit: registersAtExit, hotAt: hotAt)
+            } catch {
+                refuse(site, error)
+            }
+            return true
+        }
+        if planned == nil {
+            // Another vCPU is patching: forget the site for now and let it become hot again.
+            state.withLock {
+                $0.sites[site] = nil
+                $0.order.removeAll { $0 == site }
+            }
+            _ = detectors[context.vcpuID].rearm(site)
+        }
+        return result
+    }
+
+    /// Locates the instruction of `site`, asks the device, chooses a shape, encodes it and patches it in.
+    private func plan(_ site: ExitSite, _ exit: VMExit, _ context: ExitContext, registersAtExit: Registers?,
+                      hotAt: ContinuousClock.Instant) throws(DMPRefusal) {
+        throw DMPRefusal(.plan, "the planner is not wired yet")
+    }
+
+    /// Records and logs a refusal.
+    private func refuse(_ site: ExitSite, _ refusal: DMPRefusal) {
+        state.withLock {
+            $0.sites[site]?.report.state = .refused
+            $0.sites[site]?.report.refusal = refusal
+        }
+        logger.notice("refused", metadata: ["site": "\(describe(site))", "reason": "\(refusal)"])
+    }
+
+    // MARK: Guards
+
+    /// A write into a guarded page: unpatch what depends on the page (the guest's bytes stand where it overwrote ours).
+    public func guardedWrite(_ write: GuardedWrite, context: ExitContext?) {
+        guard context != nil else {
+            // A host write, possibly from a device holding its lock: act later.
+            state.withLock { $0.hostWrites.append(write.range) }
+            return
+        }
+        invalidate(pagesOf: write.range, reason: "the guest wrote into a guarded page at \(write.range.start)")
+    }
+
+    /// An instruction KVM could not emulate at a guarded page: unpatch what depends on it and run it again.
+    public func guardedEmulationFailure(_ failure: GuardedEmulationFailure, context: ExitContext) -> GuardDecision {
+        guard let writes = failure.writes, !writes.isEmpty else { return .fail }
+        for w in writes { invalidate(pagesOf: w, reason: "an emulation failure wrote into a guarded page at \(w.start)") }
+        let stillGuarded = Set(patcher.guardedPages)
+        let cleared = writes.allSatisfy { !stillGuarded.contains($0.start.rawValue & ~0xfff) }
+        return cleared ? .retry : .fail
+    }
+
+    /// Undoes every patch that guards a page of `range`.
+    private func invalidate(pagesOf range: GuestRange, reason: String) {
+        let first = range.start.rawValue & ~0xfff
+        let last = (range.start.rawValue &+ max(range.size, 1) &- 1) & ~0xfff
+        let ids: [Int] = state.withLock { s in
+            s.patches.filter { _, p in p.guardedPages.contains { $0 >= first && $0 <= last } }.map(\.key).sorted()
+        }
+        for id in ids { undo(id, reason: DMPRefusal(.verify, reason), backOff: false) }
+    }
+
+    // MARK: Verify and undo
+
+    /// Runs on the VM's timer thread: acts on host writes into guarded pages and verifies patches.
+    private func periodic() {
+        let writes = state.withLock { s -> [GuestRange] in
+            defer { s.hostWrites = [] }
+            return s.hostWrites
+        }
+        for w in writes { invalidate(pagesOf: w, reason: "a host-side write into a guarded page at \(w.start)") }
+        guard configuration.verify else { return }
+        verifyPatches()
+    }
+
+    /// Compares each patched site's rate of accesses with its rate before the patch; undoes patches that did not pay.
+    private func verifyPatches() {
+        guard let vm else { return }
+        let now = ContinuousClock.now
+        var verdicts: [(Int, DMPRefusal)] = []
+        state.withLock { s in
+            for (id, p) in s.patches {
+                let age = Double(nanoseconds(since: p.appliedAt)) / 1e9
+                guard age >= 0.05 else { continue }
+                var accesses = 0.0, exits = 0
+                var baseline = 0.0
+                for site in p.sites {
+                    guard let r = s.sites[site] else { continue }
+                    accesses += Double(hits(r, memory: vm.memory, age: age) + UInt64(r.report.exitsWhilePatched))
+                    exits += r.report.exitsWhilePatched
+                    baseline += r.baselineRate ?? 0
+                }
+                guard accesses >= Double(configuration.verifyAfterAccesses) || age >= 1 else { continue }
+                let rate = accesses / age
+                if baseline > 0 && rate < baseline * 0.9 {
+                    verdicts.append((id, DMPRefusal(.verify, "slower with the patch: \(fixed(rate, 0)) accesses/s against \(fixed(baseline, 0)) before")))
+                } else if accesses > 0 && Double(exits) > accesses * 0.5 {
+                    verdicts.append((id, DMPRefusal(.verify, "\(exits) of \(Int(accesses)) accesses still exited")))
+                }
+                for site in p.sites { s.sites[site]?.report.hitsServed = s.sites[site].map { hits($0, memory: vm.memory, age: age) } ?? 0 }
+            }
+            _ = now
+        }
+        for (id, why) in verdicts { undo(id, reason: why, backOff: true) }
+    }
+
+    /// Hits served in the guest since the patch, clamped to one per nanosecond of its age (the counter is guest-writable).
+    private func hits(_ r: SiteRecord, memory: GuestMemory, age: Double) -> UInt64 {
+        guard let c = r.hitCounter, let v = try? memory.read(UInt64.self, at: c) else { return 0 }
+        let n = v &- r.hitBase
+        return min(n, UInt64(max(0, age) * 1e9))
+    }
+
+    /// Takes patch `id` out and records why; with `backOff` the site waits before it may be patched again.
+    private func undo(_ id: Int, reason: DMPRefusal, backOff: Bool) {
+        guard let vm else { return }
+        guard let p = state.withLock({ $0.patches.removeValue(forKey: id) }) else { return }
+        do {
+            try patcher.revert(p.writes, unguarding: p.guardedPages)
+        } catch {
+            logger.error("undo failed", metadata: ["patch": "\(p.strategy)", "error": "\(error)"])
+        }
+        state.withLock { s in
+            for site in p.sites {
+                guard var r = s.sites[site] else { continue }
+                if let w = r.enableWord, let g = r.grant {
+                    w.store(false)
+                    vm.bus.revokeFastPath(space: g.space, address: g.address, enableWord: w)
+                }
+                r.report.hitsServed = hits(r, memory: vm.memory, age: Double(nanoseconds(since: p.appliedAt)) / 1e9)
+                r.patchID = nil
+                r.report.state = .undone
+                r.report.refusal = reason
+                if backOff {
+                    r.undos += 1
+                    let total = detectors.lazy.compactMap { $0.counts(of: site)?.total }.reduce(0, +)
+                    r.retryAtExits = r.undos >= configuration.maximumUndos ? nil
+                        : total + configuration.initialBackoff << min(r.undos - 1, 20)
+                }
+                s.sites[site] = r
+            }
+        }
+        logger.notice("undone", metadata: ["patch": "\(p.strategy)", "reason": "\(reason)"])
+    }
+
+    /// Takes every patch out, restoring each original byte that is still ours. Returns how many patches were undone.
+    @discardableResult
+    public func unpatchAll() -> Int {
+        let ids = state.withLock { $0.patches.keys.sorted() }
+        for id in ids { undo(id, reason: DMPRefusal(.verify, "unpatchAll"), backOff: false) }
+        return ids.count
+    }
+
+    // MARK: Report
+
+    /// Every site DMP has looked at, in the order they became hot, with current counts.
+    public func report() -> [PatchSite] {
+        let memory = vm?.memory
+        return state.withLock { s in
+            s.order.compactMap { site -> PatchSite? in
+                guard let r = s.sites[site] else { return nil }
+                var row = r.report
+                if let memory, let id = r.patchID, let p = s.patches[id] {
+                    row.hitsServed = hits(r, memory: memory, age: Double(nanoseconds(since: p.appliedAt)) / 1e9)
+                }
+                return row
+            }
+        }
+    }
+
+    /// `symbol+0x…` for a guest-virtual address, or the address.
+    private func symbolize(_ address: UInt64) -> String {
+        configuration.symbols.symbolize(address) ?? hex(address)
+    }
+
+    /// A site for log lines.
+    private func describe(_ site: ExitSite) -> String {
+        let dir = site.direction == .read ? "read" : "write"
+        return "\(symbolize(site.rip)) \(site.kind) 0x\(String(site.address, radix: 16)) \(dir)\(site.size)"
+    }
+}
+
+/// Samples the time every 256 exits of one vCPU, so the time the last N exits took is known without a clock read per exit.
+final class WindowClock: @unchecked Sendable {
+    private var exits = 0
+    private var samples = [ContinuousClock.Instant](repeating: .now, count: 64)
+
+    /// Counts one exit.
+    @inline(__always)
+    func tick() {
+        exits &+= 1
+        if exits & 255 == 0 { samples[(exits >> 8) & 63] = .now }
+    }
+
+    /// Seconds the last `n` exits took (rounded to 256), or nil when fewer exits were seen.
+    func secondsForLast(_ n: Int) -> Double? {
+        let back = min(max(1, (n + 255) >> 8), 63)
+        let newest = exits >> 8
+        guard newest > back else { return nil }
+        let then = samples[(newest - back) & 63]
+        let d = ContinuousClock.now - then
+        let (s, a) = d.components
+        return Double(s) + Double(a) / 1e18
+    }
 }

@@ -1,0 +1,24 @@
+import VMMKit
+
+/// A patch in place: what was written, what it guards, how it counts.
+package struct AppliedPatch: Sendable {
+    /// The one-instruction writes into guest code (entries, retargeted calls).
+    package var writes: [CodeWrite]
+    /// The guest-physical pages guarded for this patch (patched bytes, a copied function's pages).
+    package var guardedPages: [UInt64]
+    /// The implanted code's guest-physical range (never freed).
+    package var implantCode: GuestRange
+    /// The shape, for the report (`instruction stub`, `function copy of f`).
+    package var strategy: String
+    /// The sites it serves (one for a stub; a function copy may serve several).
+    package var sites: [ExitSite]
+    /// When the vCPUs resumed with it in place.
+    package var appliedAt: ContinuousClock.Instant
+
+    /// Creates a record.
+    package init(writes: [CodeWrite], guardedPages: [UInt64], implantCode: GuestRange, strategy: String,
+                 sites: [ExitSite], appliedAt: ContinuousClock.Instant) {
+        self.writes = writes; self.guardedPages = guardedPages; self.implantCode = implantCode; self.strategy = strategy
+        self.sites = sites; self.appliedAt = appliedAt
+    }
+}

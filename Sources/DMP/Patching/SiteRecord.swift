@@ -1,0 +1,28 @@
+import VMMKit
+
+/// What DMP keeps about one site between exits (behind the middleware's state lock).
+package struct SiteRecord: Sendable {
+    /// The report row, kept current.
+    package var report: PatchSite
+    /// The patch serving the site, if one is in place.
+    package var patchID: Int?
+    /// The enable word the device was granted for the site (revoked on undo).
+    package var enableWord: FastPathEnableWord?
+    /// The device's fast path, for revoking it.
+    package var grant: (space: BusSpace, address: UInt64)?
+    /// The site's 64-bit hit counter in the implant data page.
+    package var hitCounter: GuestAddress?
+    /// The hit counter's value when the patch was applied (the guest may write any value there).
+    package var hitBase: UInt64 = 0
+    /// Accesses per second before the patch (the site's exits in the detector's window over the window's time).
+    package var baselineRate: Double?
+    /// Exits charged to the site while patched, at the last verification.
+    package var undos = 0
+    /// The site's total exit count (detector) at which it may be tried again after an undo.
+    package var retryAtExits: Int?
+    /// When the site became hot (for hot-to-patched time).
+    package var hotAt: ContinuousClock.Instant?
+
+    /// A new record for a site that became hot.
+    package init(report: PatchSite) { self.report = report }
+}

@@ -1,0 +1,60 @@
+import VMMKit
+
+/// The DMP report as text (the layout of `minivmm --profile`): one row per
+/// site, then every refusal and undo with its reason, and the user-mode note.
+public enum DMPReport {
+    /// Renders `sites` (``DMPMiddleware/report()``) as a table.
+    public static func text(_ sites: [PatchSite]) -> String {
+        var out = "\n== DMP report ==\n"
+        guard !sites.isEmpty else { return out + "no site became hot\n" }
+        out += cell("site", 28) + cell("instruction", 26) + cell("access", 20) + cell("strategy", 30)
+            + cell("state", 12) + cell("exits before", 14, right: true) + cell("served in guest", 16, right: true)
+            + cell("fallbacks", 10, right: true) + cell("hot→patched", 12, right: true) + "\n"
+        for s in sites {
+            out += cell(s.location, 28) + cell(s.instruction.isEmpty ? "?" : s.instruction, 26) + cell(access(s.site), 20)
+            out += cell(s.strategy.isEmpty ? "-" : s.strategy, 30) + cell(s.state.rawValue, 12)
+            out += cell(String(s.exitsBefore), 14, right: true) + cell(String(s.hitsServed), 16, right: true)
+            out += cell(String(s.exitsWhilePatched), 10, right: true)
+            out += cell(s.hotToPatchedNanoseconds.map { fixed(Double($0) / 1e6, 2) + " ms" } ?? "-", 12, right: true) + "\n"
+        }
+        let notes = sites.filter { $0.refusal != nil }
+        if !notes.isEmpty {
+            out += "\nrefused or undone:\n"
+            for s in notes { out += "  \(s.location) (\(access(s.site))): \(s.state.rawValue): \(s.refusal?.description ?? "")\n" }
+        }
+        let user = sites.filter { $0.userMode && ($0.state == .patched || $0.state == .wouldPatch) }
+        if !user.isEmpty {
+            out += "\nuser-mode fast paths (they bypass the guest's I/O permission checks and cannot tell address spaces apart): "
+            out += user.map(\.location).joined(separator: ", ") + "\n"
+        }
+        let patched = sites.filter { $0.state == .patched }
+        out += "\n\(patched.count) of \(sites.count) hot sites patched; \(patched.reduce(0) { $0 + $1.exitsAvoided }) exits avoided\n"
+        return out
+    }
+
+    /// `port 0x3f8 write1`, `mmio 0xd0000000 read4`.
+    static func access(_ s: ExitSite) -> String {
+        let dir = s.direction == .write ? "write" : "read"
+        let space = s.kind == .io ? "port" : "mmio"
+        return "\(space) 0x\(String(s.address, radix: 16)) \(dir)\(s.size)"
+    }
+
+    private static func cell(_ s: String, _ n: Int, right: Bool = false) -> String {
+        let p = String(repeating: " ", count: max(0, n - s.count))
+        return right ? p + s + " " : s + p
+    }
+}
+
+/// `value` with `digits` decimals (no Foundation).
+func fixed(_ value: Double, _ digits: Int) -> String {
+    guard value.isFinite else { return "\(value)" }
+    var scale = 1.0
+    for _ in 0..<max(0, digits) { scale *= 10 }
+    let n = (abs(value) * scale).rounded()
+    guard n < 9e18 else { return "\(value)" }
+    let i = Int64(n)
+    let whole = String(i / Int64(scale))
+    var frac = String(i % Int64(scale))
+    while frac.count < digits { frac = "0" + frac }
+    return (value < 0 && i != 0 ? "-" : "") + whole + (digits > 0 ? "." + frac : "")
+}
