@@ -124,7 +124,7 @@ struct BenchVariant: Sendable {
     static let dmp = BenchVariant(name: "dmp", unavailable: { _, _ in nil }) { w, n, env in
         var middleware: DMPMiddleware?
         var devices: StandardDevices?
-        var run = try runInProcess(env.guests + "/" + w.name + ".elf", iterations: n) { vm, d, loaded in
+        var run = try runInProcess(env.guests + "/" + w.name + ".elf", iterations: n, afterLoad: { vm, d, loaded in
             var c = DMPConfiguration()
             c.symbols = loaded.symbols
             c.userModeFastPaths = true
@@ -132,7 +132,7 @@ struct BenchVariant: Sendable {
             logger.logLevel = DMPOptions.logLevel
             middleware = DMPMiddleware.install(on: vm, rings: d.rings, configuration: c, logger: logger)
             devices = d
-        }
+        })
         let report = middleware?.report() ?? []
         run.extra = [
             ("patched_sites", .int(report.filter { $0.state == .patched }.count)),

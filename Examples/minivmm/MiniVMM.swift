@@ -222,9 +222,13 @@ struct DMPOptions: ParsableArguments {
         guard (1...1_000_000).contains(dmpThreshold) else { throw ValidationError("bad --dmp-threshold \(dmpThreshold): use 1 to 1000000") }
     }
 
+    /// swift-log's handler for the process: DMP's decisions go to stderr, beside minivmm's own messages.
+    private static let bootstrapLogging: Void = LoggingSystem.bootstrap(StreamLogHandler.standardError)
+
     /// The configuration, or nil when DMP is off.
     func configuration() -> DMPConfiguration? {
         guard dmp || dmpDryRun else { return nil }
+        DMPOptions.bootstrapLogging
         var c = DMPConfiguration()
         c.threshold = dmpThreshold
         c.dryRun = dmpDryRun

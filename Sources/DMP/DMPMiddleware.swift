@@ -104,7 +104,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         }
         logger.info("hot", metadata: ["site": "\(describe(site))", "exits": "\(window?.total ?? 0)"])
         let planned: Bool? = planning.withLockIfAvailable { _ in
-            do {
+            do throws(DMPRefusal) {
                 try plan(site, exit, context, registersAtExit: registersAtExit, hotAt: hotAt)
             } catch {
                 refuse(site, error)
@@ -184,7 +184,6 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     /// Compares each patched site's rate of accesses with its rate before the patch; undoes patches that did not pay.
     private func verifyPatches() {
         guard let vm else { return }
-        let now = ContinuousClock.now
         var verdicts: [(Int, DMPRefusal)] = []
         state.withLock { s in
             for (id, p) in s.patches {
@@ -205,9 +204,12 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                 } else if accesses > 0 && Double(exits) > accesses * 0.5 {
                     verdicts.append((id, DMPRefusal(.verify, "\(exits) of \(Int(accesses)) accesses still exited")))
                 }
-                for site in p.sites { s.sites[site]?.report.hitsServed = s.sites[site].map { hits($0, memory: vm.memory, age: age) } ?? 0 }
+                for site in p.sites {
+                    guard let r = s.sites[site] else { continue }
+                    let n = hits(r, memory: vm.memory, age: age)
+                    s.sites[site]?.report.hitsServed = n
+                }
             }
-            _ = now
         }
         for (id, why) in verdicts { undo(id, reason: why, backOff: true) }
     }
