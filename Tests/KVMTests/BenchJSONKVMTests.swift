@@ -14,9 +14,13 @@ extension KVMTests {
         let value = try JSONSerialization.jsonObject(with: Data(text.utf8))
         let records = try #require(value as? [[String: Any]])
         #expect(records.map { "\($0["workload"] ?? "") \($0["variant"] ?? "")" } == [
-            "uart-cpl3 full", "uart-cpl3 static-pv", "uart-cpl3 coalesced",
-            "doorbell-cpl3 full", "doorbell-cpl3 static-pv", "doorbell-cpl3 coalesced",
+            "uart-cpl3 full", "uart-cpl3 static-pv", "uart-cpl3 coalesced", "uart-cpl3 dmp",
+            "doorbell-cpl3 full", "doorbell-cpl3 static-pv", "doorbell-cpl3 coalesced", "doorbell-cpl3 dmp",
         ])
+        for r in records where r["variant"] as? String == "dmp" {
+            #expect(r["patched_sites"] is Int)
+            #expect(r["warmup_exits"] is Int || r["warmup_exits"] is NSNull)
+        }
         for r in records {
             #expect(r["cpl"] as? Int == 3)
             #expect(r["runs"] as? Int == 2)

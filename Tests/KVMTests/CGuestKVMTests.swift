@@ -96,13 +96,13 @@ extension KVMTests {
 }
 
 extension KVMTests {
-    @Test("bench: the C guests run as full and coalesced workloads with agreeing checksums; static-pv is left out (no twin)")
+    @Test("bench: the C guests run as full, coalesced and dmp workloads with agreeing checksums; static-pv is left out (no twin)")
     func cGuestBench() throws {
         let names = ["c-uart-cpl3", "c-doorbell-cpl3", "c-selfmod-cpl3"]
         let plan = WorkloadBenchPlan(workloads: BenchWorkload.all.filter { names.contains($0.name) },
                                      variants: BenchVariant.all, runs: 1, seconds: 1, fixedIterations: 2)
         let records = try runWorkloadBenchmark(plan, BenchEnvironment(guests: guestsDirectory, qemu: nil, tscPerNanosecond: 1))
-        #expect(records.map { "\($0.workload) \($0.variant)" } == names.flatMap { ["\($0) full", "\($0) coalesced"] })
+        #expect(records.map { "\($0.workload) \($0.variant)" } == names.flatMap { ["\($0) full", "\($0) coalesced", "\($0) dmp"] })
         for r in records {
             #expect(r.cpl == 3 && r.totalIterations == 2 && r.iterations == 2, "iters=2 has no warm-up")
             #expect(r.steadyExits.map { $0 > 0 } == true)
