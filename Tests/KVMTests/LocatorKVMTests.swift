@@ -84,6 +84,14 @@ extension KVMTests {
             #expect(l.addressSpace == l.specialRegisters.cr3 & ExitContext.addressSpaceMask)
         }
         #expect(resultField(g.console.text, "checksum") != nil, "the guest ran to its RESULT line with every access located")
+
+        // The guest's own page tables map the implant identically, user-accessible and executable (USER_LOW).
+        let implant = try Implant(area: X86Layout.implantArea)
+        let code = try implant.allocateCode(64), data = try implant.allocateData(16)
+        for l in ins + outs {
+            let p = try implant.placement(for: ImplantSite(l), code: code, data: [data], memory: g.vm.memory)
+            #expect(p.kind == .identity)
+        }
     }
 
     @Test("doorbell-cpl3: the locator finds db_batch's MMIO store (RIP past) and load (RIP on) at CPL3, and doorbell_probe's load into its own address register")
@@ -110,5 +118,21 @@ extension KVMTests {
         #expect(id.first?.instruction.description == "mov eax, dword ptr [rax]")
         for l in stores + status + id { #expect(l.physicalAddress == GuestAddress(l.virtualAddress)) }
         #expect(resultField(g.console.text, "checksum") != nil)
+
+        // Identity placement serves the CPL3 sites and the CPL0 one (no SMEP/SMAP in these guests);
+        // a CPL3 site is refused an implant page the guest maps supervisor-only (the 2 MiB page at 16 MiB).
+        let implant = try Implant(area: X86Layout.implantArea)
+        let code = try implant.allocateCode(64), data = try implant.allocateData(16)
+        for l in stores + status + id {
+            #expect(try implant.placement(for: ImplantSite(l), code: code, data: [data], memory: g.vm.memory).kind == .identity)
+        }
+        let high = try Implant(area: GuestRange(start: GuestAddress(0x100_0000), size: 0x10_0000))
+        let highCode = try high.allocateCode(64)
+        if let site = stores.first {
+            let r = #expect(throws: DMPRefusal.self) {
+                _ = try high.placement(for: ImplantSite(site), code: highCode, data: [], memory: g.vm.memory)
+            }
+            #expect(r?.reason.contains("does not allow user execute") == true, "\(r?.reason ?? "")")
+        }
     }
 }
