@@ -32,12 +32,20 @@ package struct FastPathRoute: Hashable, Sendable {
     package var ring: RingMapping?
     /// For ``FastPathKind/sharedSlotRead(slot:)``: the slot's address (`width` bytes).
     package var slot: UInt64?
+    /// For a read the device did not declare independent of its pending ring
+    /// entries (``FastPathDescription/independentOfPendingRingEntries``): the
+    /// device's rings. The body serves the read only while every one of them is
+    /// empty (hint equal to the consumer index, the slot there not published)
+    /// and executes the original instruction otherwise.
+    package var pendingRings: [RingMapping]
 
     /// Creates a route.
     package init(target: Target, width: Int, direction: AccessDirection, kind: FastPathKind,
-                 enableWord: UInt64, hitCounter: UInt64, ring: RingMapping? = nil, slot: UInt64? = nil) {
+                 enableWord: UInt64, hitCounter: UInt64, ring: RingMapping? = nil, slot: UInt64? = nil,
+                 pendingRings: [RingMapping] = []) {
         self.target = target; self.width = width; self.direction = direction; self.kind = kind
         self.enableWord = enableWord; self.hitCounter = hitCounter; self.ring = ring; self.slot = slot
+        self.pendingRings = pendingRings
     }
 }
 
@@ -49,11 +57,21 @@ package struct RingMapping: Hashable, Sendable {
     package var slotCount: UInt32
     /// Whether the producer waits, bounded, until its entry is applied (``RingAppendMode/synchronous``).
     package var synchronous: Bool
-    /// The bound on every producer loop (claim retries, the synchronous wait); past it the original instruction runs.
+    /// The bound on the producer's claim loop (retries, waits on a full ring while a consumer polls);
+    /// past it the original instruction runs.
     package var spinLimit: UInt32
+    /// The bound on a synchronous producer's wait for the consumer index to pass its entry;
+    /// past it the producer writes ``kick`` (its entry is already published).
+    package var synchronousWaitLimit: UInt32
+    /// The rings' kick register (``PVRingKick``): a port or a guest-virtual MMIO address whose
+    /// write exits and makes the VMM drain the rings. `nil`: a synchronous producer whose wait
+    /// ran out just goes on (the entry is applied at the next exit, drain or timer).
+    package var kick: FastPathRoute.Target?
 
     /// Creates a mapping.
-    package init(base: UInt64, slotCount: UInt32, synchronous: Bool, spinLimit: UInt32 = 4096) {
+    package init(base: UInt64, slotCount: UInt32, synchronous: Bool, spinLimit: UInt32 = 4096,
+                 synchronousWaitLimit: UInt32 = 1 << 16, kick: FastPathRoute.Target? = nil) {
         self.base = base; self.slotCount = slotCount; self.synchronous = synchronous; self.spinLimit = spinLimit
+        self.synchronousWaitLimit = synchronousWaitLimit; self.kick = kick
     }
 }

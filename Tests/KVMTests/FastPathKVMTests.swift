@@ -1,0 +1,226 @@
+import DMP
+import Synchronization
+import Testing
+import VMMKit
+import X86Disassembler
+
+/// A tiny CPL0 long-mode guest built with DMP's own assembler: it loads known
+/// values into every general-purpose register and RFLAGS, runs fast-path bodies,
+/// stores every register and RFLAGS to ``FastPathGuest/results`` and exits
+/// through the debug-exit port. CPL0 is emulated on our machines (~1 µs per
+/// instruction), so the guests stay short.
+struct FastPathGuest {
+    static let code: UInt64 = 0x10_0000
+    static let data: UInt64 = 0x20_0000
+    static let results: UInt64 = 0x21_0000
+    static let ring: UInt64 = 0x22_0000
+    /// The implant: stubs and their data (reserved in the memory map, ordinary RAM).
+    static let implantCode: UInt64 = X86Layout.implantArea.start.rawValue
+    static let implantData: UInt64 = X86Layout.implantArea.start.rawValue + 0x1000
+    /// The registers the guest sets, in ``X86Register/gpr64`` order (rsp is left to the platform).
+    static let initial: [UInt64] = (0..<16).map { 0x0101_0101_0101_0101 &* UInt64($0 + 1) ^ 0x8000_0000_0000_0000 }
+    /// Status flags the guest sets before the bodies run: CF, PF, ZF, SF, OF (and the reserved bit 1).
+    static let flags: UInt64 = 0x8c7
+    static let statusMask: UInt64 = 0x8d5
+
+    var a = X86Assembler(origin: code)
+
+    /// Loads ``initial`` into every register but rsp, `overrides` replacing some, then the flags.
+    mutating func prologue(_ overrides: [X86Register: UInt64] = [:]) throws {
+        for (n, r) in X86Register.gpr64.enumerated() where r != .rsp {
+            try a.mov(r, immediate: overrides[r] ?? FastPathGuest.initial[n])
+        }
+        try a.mov(.rax, immediate: FastPathGuest.flags)
+        try a.push(.rax)
+        a.popfq()
+        try a.mov(.rax, immediate: overrides[.rax] ?? FastPathGuest.initial[0]) // mov leaves the flags
+    }
+
+    /// Stores every register, then RFLAGS, at ``results`` and exits with status 0.
+    mutating func epilogue() throws {
+        for (n, r) in X86Register.gpr64.enumerated() { try a.mov(.at(FastPathGuest.results + 8 * UInt64(n)), r) }
+        a.pushfq()
+        try a.pop(.rax)
+        try a.mov(.at(FastPathGuest.results + 128), .rax)
+        try a.mov(.al, immediate: 0)
+        try a.outPort(width: 1, port: 0xf4)
+    }
+
+    /// The body for `bytes` (decoded as if at the current position) serving `routes`.
+    mutating func body(_ bytes: [UInt8], _ routes: [FastPathRoute]) throws {
+        let i = try X86Disassembler().decode(bytes, address: a.position)
+        try FastPathEmitter.emitBody(for: i, routes: routes, into: &a)
+    }
+
+    /// Runs the guest on a VM that `setup` prepares once the code is loaded; returns the VM after the guest's exit.
+    /// `debugExit: false` when `setup` installs the standard devices (which have it).
+    func run(debugExit: Bool = true, setup: (VirtualMachine) throws -> Void = { _ in }) throws -> VirtualMachine {
+        let vm = try VirtualMachine(backend: try KVMSystem(), configuration: VMConfiguration(memorySize: 64 << 20))
+        if debugExit { try vm.bus.attach(DebugExitDevice(), ports: 0xf4..<0xf8) }
+        _ = try X86Boot.load(.flat(try a.finish(), loadAddress: FastPathGuest.code), into: vm)
+        try setup(vm)
+        #expect(try vm.run() == .guestExit(status: 0))
+        return vm
+    }
+
+    static func register(_ vm: VirtualMachine, _ r: X86Register) throws -> UInt64 {
+        let n = X86Register.gpr64.firstIndex(of: r.architectural) ?? 0
+        return try vm.memory.read(UInt64.self, at: GuestAddress(results + 8 * UInt64(n)))
+    }
+
+    static func flags(_ vm: VirtualMachine) throws -> UInt64 { try vm.memory.read(UInt64.self, at: GuestAddress(results + 128)) }
+
+    /// Every register but `except` and rsp holds its initial value (or its override), and the status flags are the ones set.
+    static func untouched(_ vm: VirtualMachine, except: Set<X86Register>, overrides: [X86Register: UInt64] = [:]) throws -> Bool {
+        var ok = try flags(vm) & statusMask == FastPathGuest.flags & statusMask
+        for (n, r) in X86Register.gpr64.enumerated() where r != .rsp && !except.contains(r) {
+            ok = try ok && register(vm, r) == overrides[r] ?? initial[n]
+        }
+        return ok
+    }
+
+    /// A guest that writes `text` with `out dx, al` (dx = `rdx`), each through a body serving a UART ring append on `ring`.
+    static func uartWriter(_ text: String, rdx: UInt64, ring: RingMapping, data: UInt64 = data) throws -> (FastPathGuest, FastPathRoute) {
+        let route = FastPathGuest.route(.port(0x3f8), width: 1, .write, .ringAppend(ring: 0, mode: .asynchronous), ring: ring, in: data)
+        var g = FastPathGuest()
+        try g.prologue([.rdx: rdx])
+        for c in text.utf8 {
+            try g.a.mov(.al, immediate: UInt64(c))
+            try g.body([0xee], [route])
+        }
+        try g.epilogue()
+        return (g, route)
+    }
+
+    static func route(_ target: FastPathRoute.Target, width: Int, _ direction: AccessDirection, _ kind: FastPathKind,
+                      ring: RingMapping? = nil, in base: UInt64 = data) -> FastPathRoute {
+        FastPathRoute(target: target, width: width, direction: direction, kind: kind,
+                      enableWord: base + 0x100, hitCounter: base + 0x108, ring: ring, slot: base + 0x110)
+    }
+}
+
+/// Executing DMP's fast-path bodies in a real guest (in the serialized KVM suite).
+extension KVMTests {
+    @Test("a constant read (in al, dx) sets al only, leaves every other register and the flags; a clear enable word or another port exits", arguments: [
+        (UInt32(1), UInt16(0x3fd), UInt64(0x60), 1, 0),   // served: al = the constant
+        (UInt32(0), UInt16(0x3fd), UInt64(0x42), 0, 1),   // enable clear: the device answers
+        (UInt32(1), UInt16(0x3fe), UInt64(0x42), 0, 1),   // another port: the device answers
+    ] as [(UInt32, UInt16, UInt64, Int, Int)])
+    func constantReadRuns(enable: UInt32, port: UInt16, al: UInt64, hits: Int, deviceReads: Int) throws {
+        var g = FastPathGuest()
+        let rdx: UInt64 = 0xaaaa_0000_0000_0000 | UInt64(port)
+        try g.prologue([.rdx: rdx])
+        try g.body([0xec], [FastPathGuest.route(.port(0x3fd), width: 1, .read, .constantRead(0x1_0060))])
+        try g.epilogue()
+        let device = Recorder(value: 0x42)
+        let vm = try g.run { vm in
+            try vm.bus.attach(device, ports: 0x3fd..<0x3ff)
+            try vm.memory.write(enable, at: GuestAddress(FastPathGuest.data + 0x100))
+        }
+        #expect(try FastPathGuest.register(vm, .rax) == FastPathGuest.initial[0] & ~0xff | al)
+        #expect(try FastPathGuest.untouched(vm, except: [.rax], overrides: [.rdx: rdx]))
+        #expect(try vm.memory.read(UInt64.self, at: GuestAddress(FastPathGuest.data + 0x108)) == UInt64(hits))
+        #expect(device.reads == deviceReads)
+        #expect(try vm.memory.read(UInt32.self, at: GuestAddress(FastPathGuest.data + 0x100)) == enable, "the body never writes its enable word")
+    }
+
+    @Test("ring appends land in the ring with their values and sequences; on a full ring nobody polls, the original out exits")
+    func ringAppendRuns() throws {
+        let ring = RingMapping(base: FastPathGuest.ring, slotCount: 4, synchronous: false)
+        let (g, _) = try FastPathGuest.uartWriter("ABCDE", rdx: 0x5555_0000_0000_03f8, ring: ring)
+        let device = Recorder()
+        let vm = try g.run { vm in
+            try vm.bus.attach(device, ports: 0x3f8..<0x3f9)
+            try vm.memory.write(UInt32(1), at: GuestAddress(FastPathGuest.data + 0x100))
+            try vm.memory.write(PVRingLayout.magic, at: GuestAddress(ring.base + PVRingLayout.magicOffset))
+            try vm.memory.write(UInt32(4), at: GuestAddress(ring.base + PVRingLayout.slotCountOffset))
+            try vm.memory.write(UInt32(1), at: GuestAddress(ring.base + PVRingLayout.widthOffset))
+            for k in 0..<UInt64(4) {
+                try vm.memory.write(PVRingLayout.slotWord(sequence: UInt32(k), value: 0), at: GuestAddress(ring.base + PVRingLayout.slotsOffset + 8 * k))
+            }
+        }
+        let words = try (0..<UInt64(4)).map { k in try vm.memory.read(UInt64.self, at: GuestAddress(ring.base + PVRingLayout.slotsOffset + 8 * k)) }
+        #expect(words == zip(1...4, "ABCD".utf8).map { PVRingLayout.slotWord(sequence: UInt32($0), value: UInt32($1)) })
+        #expect(try vm.memory.read(UInt64.self, at: GuestAddress(ring.base + PVRingLayout.hintOffset)) == 4)
+        #expect(try vm.memory.read(UInt64.self, at: GuestAddress(FastPathGuest.data + 0x108)) == 4)
+        #expect(device.writes.map(\.2) == [UInt64(UInt8(ascii: "E"))], "the fifth append found the ring full and exited")
+        #expect(try FastPathGuest.register(vm, .rax) == FastPathGuest.initial[0] & ~0xff | UInt64(UInt8(ascii: "E")))
+        #expect(try FastPathGuest.untouched(vm, except: [.rax], overrides: [.rdx: 0x5555_0000_0000_03f8]))
+    }
+
+    @Test("bodies appending to the platform's UART ring reach the console through VMMKit's consumer, in order")
+    func ringToConsole() throws {
+        let ring = RingMapping(base: X86Layout.ringArea.start.rawValue, slotCount: 512, synchronous: false)
+        let (g, route) = try FastPathGuest.uartWriter("DMP\n", rdx: 0x3f8, ring: ring, data: FastPathGuest.implantData)
+        let console = CapturedOutput()
+        var rings: PVRingDevice?
+        let vm = try g.run(debugExit: false) { vm in
+            rings = try StandardDevices.install(on: vm, console: console.sink(), ringPolling: .disabled).rings
+            try vm.memory.write(UInt32(1), at: GuestAddress(route.enableWord))
+        }
+        #expect(console.text == "DMP\n")
+        #expect(rings?.consumed[0] == 4)
+        #expect(try vm.memory.read(UInt64.self, at: GuestAddress(route.hitCounter)) == 4)
+        #expect(try FastPathGuest.untouched(vm, except: [.rax], overrides: [.rdx: 0x3f8]))
+    }
+
+    @Test("an instruction stub in the implant serves an MMIO load at a register-based address and jumps back; disabled, the load exits", arguments: [true, false])
+    func instructionStubRuns(enabled: Bool) throws {
+        let mmio: UInt64 = 0xc000_0000
+        var g = FastPathGuest()
+        try g.prologue([.rsi: mmio - 0x100])
+        let site = g.a.position
+        let load: [UInt8] = [0x8b, 0x86, 0x04, 0x01, 0x00, 0x00] // mov eax, [rsi + 0x104]
+        g.a.raw(load)
+        try g.epilogue()
+        let i = try X86Disassembler().decode(load, address: site)
+        let route = FastPathGuest.route(.memory(mmio + 4), width: 4, .read, .constantRead(0xdead_beef), in: FastPathGuest.implantData)
+        let (stub, _) = try FastPathEmitter.instructionStub(for: i, routes: [route], at: FastPathGuest.implantCode)
+        let patch = try FastPathEmitter.siteJump(replacing: i, to: FastPathGuest.implantCode)
+        let device = Recorder(value: 7)
+        let vm = try g.run { vm in
+            try vm.bus.attach(device, mmio: GuestRange(start: GuestAddress(mmio), size: 0x1000))
+            try vm.memory.write(stub, at: GuestAddress(FastPathGuest.implantCode))
+            try vm.memory.write(patch, at: GuestAddress(site))
+            try vm.memory.write(UInt32(enabled ? 1 : 0), at: GuestAddress(route.enableWord))
+        }
+        #expect(try FastPathGuest.register(vm, .rax) == (enabled ? 0xdead_beef : 7), "a 32-bit load clears bits 63:32")
+        #expect(try FastPathGuest.untouched(vm, except: [.rax], overrides: [.rsi: mmio - 0x100]))
+        #expect(device.reads == (enabled ? 0 : 1))
+        #expect(try vm.memory.read(UInt64.self, at: GuestAddress(route.hitCounter)) == (enabled ? 1 : 0))
+    }
+
+    @Test("synchronous ring appends (doorbell) make their completion visible before the body returns; with nobody polling the store exits instead",
+          arguments: [true, false])
+    func synchronousRingRuns(polling: Bool) throws {
+        let doorbell = StandardDevices.doorbellBase, queue: UInt64 = 0x23_0000
+        let ring = RingMapping(base: X86Layout.ringArea.start.rawValue + PVRingLayout.defaultStride, slotCount: 512,
+                               synchronous: true, kick: .port(StandardDevices.ringKickPort))
+        let route = FastPathGuest.route(.memory(doorbell + DoorbellDevice.doorbellOffset), width: 4, .write,
+                                        .ringAppend(ring: 1, mode: .synchronous), ring: ring, in: FastPathGuest.implantData)
+        var g = FastPathGuest()
+        try g.prologue([.rsi: doorbell])
+        try g.a.mov(.init(base: .rsi, displacement: 0x08), width: 4, immediate: Int64(queue))
+        try g.a.mov(.init(base: .rsi, displacement: 0x10), width: 4, immediate: 4)
+        try g.a.mov(.init(base: .rsi, displacement: 0x14), width: 4, immediate: 1)
+        for k in 0..<UInt64(3) {
+            try g.a.mov(.eax, immediate: 0x100 + k)
+            try g.body([0x89, 0x46, 0x40], [route])                  // mov [rsi + 0x40], eax
+            try g.a.mov(.ecx, .at(queue + 8 * k))                    // the completion, read at once
+            try g.a.mov(.at(FastPathGuest.results + 0x200 + 4 * k), .ecx)
+        }
+        try g.epilogue()
+        var devices: StandardDevices?
+        let vm = try g.run(debugExit: false) { vm in
+            devices = try StandardDevices.install(on: vm, console: CapturedOutput().sink(),
+                                                  ringPolling: polling ? .enabled(idleNanoseconds: 60_000_000_000) : .disabled)
+            try vm.memory.write(UInt32(1), at: GuestAddress(route.enableWord))
+        }
+        let seen = try (0..<UInt64(3)).map { k in try vm.memory.read(UInt32.self, at: GuestAddress(FastPathGuest.results + 0x200 + 4 * k)) }
+        #expect(seen == (0..<UInt32(3)).map { (0x100 + $0) ^ 0x5a5a_5a5a })
+        #expect(devices?.doorbell.completions == 3)
+        let served = try vm.memory.read(UInt64.self, at: GuestAddress(route.hitCounter))
+        if polling { #expect(served > 0 && devices?.rings.consumed[1] == Int(served)) } else { #expect(served == 0 && devices?.rings.consumed[1] == 0) }
+        #expect(try FastPathGuest.untouched(vm, except: [.rax, .rcx], overrides: [.rsi: doorbell]))
+    }
+}
