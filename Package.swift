@@ -43,7 +43,7 @@ let package = Package(
         .executableTarget(name: "tinyvmm", dependencies: ["VMMKit"], path: "Examples/tinyvmm"),
         .testTarget(name: "VMMKitTests", dependencies: ["VMMKit", "VMMKitTesting"]),
         .testTarget(name: "KVMTests", dependencies: ["VMMKit", "X86Disassembler", "DMP", "minivmm"]),
-        .testTarget(name: "DMPTests", dependencies: ["DMP", "VMMKit", "VMMKitTesting", "X86Disassembler"]),
+        .testTarget(name: "DMPTests", dependencies: ["DMP", "VMMKit", "VMMKitTesting", "X86Disassembler"], exclude: ["Fixtures"]),
         .testTarget(name: "MiniVMMTests", dependencies: ["minivmm"]),
         .testTarget(name: "X86DisassemblerTests", dependencies: ["X86Disassembler", "VMMKit"], exclude: ["Corpus"]),
     ],

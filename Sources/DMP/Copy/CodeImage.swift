@@ -1,0 +1,76 @@
+import VMMKit
+import X86Disassembler
+
+/// The guest image's code as the function-copy planner sees it: its executable
+/// bytes by guest-virtual address, its symbols, and the code-address tables it is
+/// known to hold. Used to find the function around a hot instruction, the direct
+/// `call rel32` sites that target it, and provably dead padding.
+package struct CodeImage: Sendable {
+    /// Bytes of the image at a guest-virtual address (a text segment).
+    package struct Region: Hashable, Sendable {
+        /// The first byte's guest-virtual address.
+        package var address: UInt64
+        /// The bytes.
+        package var bytes: [UInt8]
+
+        /// Creates a region.
+        package init(address: UInt64, bytes: [UInt8]) { self.address = address; self.bytes = bytes }
+    }
+
+    /// The image's code.
+    package let regions: [Region]
+    /// The image's symbols.
+    package let symbols: SymbolTable
+    /// Code-address tables the guest holds (functions they name are not copied, padding they name is not dead).
+    package let tables: [CodeAddressTable]
+    /// Function symbols with a size.
+    private let functions: SymbolTable
+
+    /// Creates an image.
+    package init(regions: [Region], symbols: SymbolTable, tables: [CodeAddressTable] = []) {
+        self.regions = regions; self.symbols = symbols; self.tables = tables
+        functions = SymbolTable(symbols.symbols.filter { $0.isFunction && $0.size > 0 })
+    }
+
+    /// `count` bytes at `address`, or `nil` unless one region holds them all.
+    package func bytes(at address: UInt64, count: Int) -> [UInt8]? {
+        for r in regions where address >= r.address && address &- r.address <= UInt64(r.bytes.count) {
+            let start = Int(address &- r.address)
+            guard count >= 0, start + count <= r.bytes.count else { return nil }
+            return Array(r.bytes[start..<start + count])
+        }
+        return nil
+    }
+
+    /// The sized function symbol whose bytes hold `address`.
+    package func function(containing address: UInt64) -> GuestSymbol? { functions.symbol(containing: address) }
+
+    /// Decodes the function `symbol` whole (``DecodedFunction/decode(_:bytes:disassembler:)``).
+    package func decode(_ symbol: GuestSymbol, disassembler: X86Disassembler) throws(DMPRefusal) -> DecodedFunction {
+        guard symbol.size <= DecodedFunction.maximumSize, let b = bytes(at: symbol.address, count: Int(symbol.size)) else {
+            throw DMPRefusal(.plan, "the bytes of \(symbol.name) are not in the image's code")
+        }
+        return try DecodedFunction.decode(symbol, bytes: b, disassembler: disassembler)
+    }
+
+    /// The direct `call rel32` and `jmp rel32` (tail call) instructions in the image that target `target`,
+    /// trusting only sites whose instruction boundaries a whole, symbol-bounded decode of their own function
+    /// confirms (a byte pattern inside another instruction, in data or in an unsized function is skipped).
+    package func callSites(to target: UInt64, disassembler: X86Disassembler) -> [X86Instruction] {
+        var decoded: [UInt64: DecodedFunction?] = [:]
+        var out: [X86Instruction] = []
+        for r in regions where r.bytes.count >= 5 {
+            for k in 0...(r.bytes.count - 5) where r.bytes[k] == 0xe8 || r.bytes[k] == 0xe9 {
+                let site = r.address &+ UInt64(k)
+                let rel = Int32(bitPattern: UInt32(r.bytes[k + 1]) | UInt32(r.bytes[k + 2]) << 8
+                                | UInt32(r.bytes[k + 3]) << 16 | UInt32(r.bytes[k + 4]) << 24)
+                guard site &+ 5 &+ UInt64(bitPattern: Int64(rel)) == target, let s = function(containing: site) else { continue }
+                if decoded[s.address] == nil { decoded[s.address] = .some(try? decode(s, disassembler: disassembler)) }
+                guard let f = decoded[s.address] ?? nil, let i = f.index(at: site) else { continue }
+                let insn = f.instructions[i]
+                if insn.length == 5, insn.branch?.target == target { out.append(insn) }
+            }
+        }
+        return out
+    }
+}

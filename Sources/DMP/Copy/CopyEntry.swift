@@ -1,0 +1,200 @@
+import VMMKit
+import X86Disassembler
+
+/// One way into a function copy (DESIGN.md, DMP step 4, "Entering the copy"): the
+/// writes that make it, each changing one instruction of the running code, apart
+/// from a `jmp rel32` put into provably dead padding.
+package struct CopyEntry: Hashable, Sendable {
+    /// How the entry leads into the copy.
+    package enum Kind: String, Hashable, Sendable {
+        /// The function's first instruction of at least 5 bytes (or the one after `endbr64`).
+        case functionEntry = "entry instruction"
+        /// Any instruction of at least 5 bytes inside the function (a loop's back-edge), redirected to the
+        /// same point of the copy: same frame, same registers.
+        case redirect = "instruction redirect"
+        /// A direct `call rel32` elsewhere in the image, retargeted to the copy.
+        case callSite = "call site"
+        /// A direct `jmp rel32` (a tail call) elsewhere in the image, retargeted to the copy.
+        case tailCallSite = "tail call site"
+        /// A 2–4-byte hot instruction turned into `jmp rel8` to a `jmp rel32` in dead padding.
+        case deadPadding = "short jump through dead padding"
+    }
+
+    /// How it enters.
+    package var kind: Kind
+    /// The original instruction whose bytes change (the call site for call and tail-call sites).
+    package var site: UInt64
+    /// Where in the copy it leads.
+    package var target: UInt64
+    /// The writes, in the order to apply them: the padding's `jmp rel32` first, the instruction last.
+    /// Each replaces one instruction's bytes only: the branch plus NOP padding to the instruction's length.
+    package var writes: [PatchWrite]
+    /// For ``Kind/deadPadding``: the padding bytes used (their page must be guarded too; never hand them out twice).
+    package var deadPadding: Range<UInt64>?
+}
+
+extension FunctionCopy {
+    /// Redirects the instruction at `original` (at least 5 bytes) to the same point of the copy:
+    /// `jmp rel32` plus NOP padding to its length.
+    package func redirect(at original: UInt64, kind: CopyEntry.Kind = .redirect) throws(DMPRefusal) -> CopyEntry {
+        guard let k = function.index(at: original), let target = copyAddress(of: original) else {
+            throw DMPRefusal(.plan, "0x\(String(original, radix: 16)) is not an instruction start of \(function.symbol.name)")
+        }
+        let i = function.instructions[k]
+        guard i.length >= 5 else {
+            throw DMPRefusal(.plan, "\(i) at \(function.location(original)) is \(i.length) bytes (a jmp rel32 needs 5)")
+        }
+        guard let jmp = CopyEncoding.branch32(0xe9, at: original, to: target) else {
+            throw DMPRefusal(.plan, "the copy is beyond ±2 GiB of \(function.location(original))")
+        }
+        let write = PatchWrite(address: original, original: i.bytes, replacement: jmp + CopyEncoding.nops(i.length - 5))
+        return CopyEntry(kind: kind, site: original, target: target, writes: [write], deadPadding: nil)
+    }
+
+    /// The entry instruction: the function's first instruction if it has at least 5 bytes, or the one after
+    /// a leading `endbr64` (which stays, so indirect calls still land on it).
+    package func functionEntry() throws(DMPRefusal) -> CopyEntry {
+        guard let first = function.instructions.first else { throw DMPRefusal(.plan, "\(function.symbol.name) is empty") }
+        let endbr64: [UInt8] = [0xf3, 0x0f, 0x1e, 0xfa]
+        let entry = first.bytes == endbr64 && function.instructions.count > 1 ? function.instructions[1] : first
+        guard entry.length >= 5 else {
+            throw DMPRefusal(.plan, "the entry instruction of \(function.symbol.name) (\(entry)) is \(entry.length) bytes (a jmp rel32 needs 5)")
+        }
+        return try redirect(at: entry.address, kind: .functionEntry)
+    }
+
+    /// Redirects of the instructions of at least 5 bytes in every loop that holds `hot` (a loop: a backward
+    /// relative branch and its target): the back-edge itself first, then the loop's other instructions in
+    /// address order. Entering through one catches a hot loop in a function that never returns.
+    package func loopEntries(for hot: UInt64) -> [CopyEntry] {
+        var seen: Set<UInt64> = []
+        var out: [CopyEntry] = []
+        for b in function.instructions {
+            guard let br = b.branch, !b.groups.contains(.call), function.contains(br.target), br.target <= hot, hot <= b.address else { continue }
+            let body = function.instructions.filter { $0.address >= br.target && $0.address < b.address && $0.length >= 5 }
+            for i in [b] + body where i.length >= 5 && seen.insert(i.address).inserted {
+                if let e = try? redirect(at: i.address) { out.append(e) }
+            }
+        }
+        return out
+    }
+
+    /// Retargets a direct `call rel32` or `jmp rel32` (from ``CodeImage/callSites(to:disassembler:)``) that
+    /// targets the function's start to the copy's start.
+    package func callSiteEntry(_ site: X86Instruction) throws(DMPRefusal) -> CopyEntry {
+        let opcode = site.bytes.first ?? 0
+        guard site.length == 5, opcode == 0xe8 || opcode == 0xe9, site.branch?.target == function.start,
+              let target = copyAddress(of: function.start) else {
+            throw DMPRefusal(.plan, "\(site) at 0x\(String(site.address, radix: 16)) is not a direct call of \(function.symbol.name)")
+        }
+        guard let bytes = CopyEncoding.branch32(opcode, at: site.address, to: target) else {
+            throw DMPRefusal(.plan, "the copy is beyond ±2 GiB of the call site at 0x\(String(site.address, radix: 16))")
+        }
+        return CopyEntry(kind: opcode == 0xe8 ? .callSite : .tailCallSite, site: site.address, target: target,
+                         writes: [PatchWrite(address: site.address, original: site.bytes, replacement: bytes)], deadPadding: nil)
+    }
+
+    /// Turns the 2–4-byte hot instruction at `hot` into `jmp rel8` to a `jmp rel32` (to the copy's point for
+    /// `hot`) placed in provably dead padding within reach (the nearest first), only where DESIGN.md allows it: the padding lies
+    /// between two symbols with nonzero sizes, holds only fill bytes (NOPs, `int3` or zeros), the instruction
+    /// before it (the last of the symbol below, decoded whole) is `ret`, `jmp` or `ud2`, no symbol starts inside
+    /// it and no code-address table (patchable entries, CFI) names it. `avoiding`: padding already used.
+    package func deadPaddingEntry(hot: UInt64, in image: CodeImage, disassembler: X86Disassembler,
+                                  avoiding used: [Range<UInt64>] = []) throws(DMPRefusal) -> CopyEntry {
+        guard let k = function.index(at: hot), let target = copyAddress(of: hot) else {
+            throw DMPRefusal(.plan, "0x\(String(hot, radix: 16)) is not an instruction start of \(function.symbol.name)")
+        }
+        let i = function.instructions[k]
+        guard (2...4).contains(i.length) else {
+            throw DMPRefusal(.plan, "\(i) at \(function.location(hot)) is \(i.length) bytes (a jmp rel8 entry takes 2 to 4)")
+        }
+        let next = hot &+ 2
+        let reach = (next &- 128)...(next &+ 127)
+        var reasons: [String] = []
+        // The nearest padding first (after the function's end, usually: the same page, one guard fewer).
+        let gaps = image.paddingGaps(overlapping: reach.lowerBound..<reach.upperBound &+ 5).sorted { a, b in
+            func distance(_ g: Range<UInt64>) -> UInt64 { g.lowerBound > hot ? g.lowerBound &- hot : hot &- g.upperBound }
+            return distance(a) < distance(b)
+        }
+        for gap in gaps {
+            if let why = image.deadness(of: gap, disassembler: disassembler) { reasons.append(why); continue }
+            // The lowest 5-byte slot in reach that no other patch uses.
+            var p = max(gap.lowerBound, reach.lowerBound)
+            while p &+ 5 <= gap.upperBound, p <= reach.upperBound {
+                let slot = p..<p &+ 5
+                if !used.contains(where: { $0.overlaps(slot) }), let original = image.bytes(at: p, count: 5),
+                   let jmp = CopyEncoding.branch32(0xe9, at: p, to: target) {
+                    let rel8 = UInt8(bitPattern: Int8(truncatingIfNeeded: Int64(bitPattern: p &- next)))
+                    return CopyEntry(kind: .deadPadding, site: hot, target: target, writes: [
+                        PatchWrite(address: p, original: original, replacement: jmp),
+                        PatchWrite(address: hot, original: i.bytes, replacement: [0xeb, rel8] + CopyEncoding.nops(i.length - 2)),
+                    ], deadPadding: slot)
+                }
+                p &+= 1
+            }
+            reasons.append("padding at 0x\(String(gap.lowerBound, radix: 16)) has no free 5-byte slot in reach")
+        }
+        throw DMPRefusal(.plan, "no dead padding within jmp rel8 reach of \(function.location(hot))"
+                         + (reasons.isEmpty ? "" : " (" + reasons.joined(separator: "; ") + ")"))
+    }
+}
+
+extension CodeImage {
+    /// Gaps between consecutive symbols (no symbol covering or starting inside them) of at least 5 bytes that
+    /// overlap `range`.
+    package func paddingGaps(overlapping range: Range<UInt64>) -> [Range<UInt64>] {
+        var out: [Range<UInt64>] = []
+        var coverEnd: UInt64?
+        for s in symbols.symbols {
+            if let c = coverEnd, s.address > c, s.address &- c >= 5 {
+                let gap = c..<s.address
+                if gap.overlaps(range) { out.append(gap) }
+            }
+            let end = s.address &+ s.size
+            coverEnd = max(coverEnd ?? end, end)
+            if s.address > range.upperBound { break }
+        }
+        return out
+    }
+
+    /// Why `gap` is not provably dead padding, or `nil` when it is (see
+    /// ``FunctionCopy/deadPaddingEntry(hot:in:disassembler:avoiding:)``).
+    package func deadness(of gap: Range<UInt64>, disassembler: X86Disassembler) -> String? {
+        let at = "padding at 0x\(String(gap.lowerBound, radix: 16))"
+        let below = symbols.symbols.filter { $0.address &+ $0.size == gap.lowerBound }
+        guard let a = below.first(where: { $0.size > 0 && $0.isFunction }) else { return "\(at): the symbol below it is not a sized function" }
+        guard let b = symbols.symbols.first(where: { $0.address == gap.upperBound }), b.size > 0 else {
+            return "\(at): the symbol above it has no size"
+        }
+        if b.name.hasPrefix("__cfi_") || b.name.hasPrefix("__pfx_") { return "\(at): \(b.name) (a CFI or patchable-entry preamble) covers it" }
+        for t in tables where t.addresses.contains(where: { $0 >= gap.lowerBound && $0 <= gap.upperBound }) {
+            return "\(at): named in \(t.name)"
+        }
+        guard gap.count <= 4096, let fill = bytes(at: gap.lowerBound, count: gap.count) else { return "\(at): bytes not in the image's code" }
+        guard CodeImage.isFill(fill, at: gap.lowerBound, disassembler: disassembler) else { return "\(at): not all fill bytes" }
+        guard let f = try? decode(a, disassembler: disassembler), let last = f.instructions.last else {
+            return "\(at): \(a.name) below it does not decode whole"
+        }
+        let g = last.groups
+        guard g.contains(.return) || g.contains(.undefined) || (g.contains(.jump) && !g.contains(.conditionalBranch)) else {
+            return "\(at): \(a.name) can fall through into it (\(last))"
+        }
+        return nil
+    }
+
+    /// Whether `bytes` are alignment fill: all `int3`, all zeros, or NOPs (`90`, `0F 1F /0`, with `66`/`2E` prefixes) to the end.
+    package static func isFill(_ bytes: [UInt8], at address: UInt64, disassembler: X86Disassembler) -> Bool {
+        if bytes.allSatisfy({ $0 == 0xcc }) || bytes.allSatisfy({ $0 == 0 }) { return true }
+        var offset = 0
+        while offset < bytes.count {
+            guard let i = try? disassembler.decode(Array(bytes[offset...].prefix(15)), address: address &+ UInt64(offset), mode: .bits64),
+                  offset + i.length <= bytes.count else { return false }
+            let e = i.encoding
+            let nop = (e.map == .primary && e.opcode == 0x90 && (e.rex ?? 0) & 1 == 0 && !e.hasRep && !e.hasRepne)
+                || (e.map == .map0F && e.opcode == 0x1f && (e.modRM >> 3) & 7 == 0)
+            guard nop, e.legacyPrefixes.allSatisfy({ $0 == 0x66 || $0 == 0x2e }) else { return false }
+            offset += i.length
+        }
+        return true
+    }
+}

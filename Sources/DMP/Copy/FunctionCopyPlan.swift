@@ -1,0 +1,58 @@
+import VMMKit
+import X86Disassembler
+
+/// A function copy with every way into it that the rules allow (DESIGN.md, DMP step 4):
+/// what the lead's patcher writes, in one record per entry.
+package struct FunctionCopyPlan: Sendable {
+    /// The copy (its bytes go into the implant at `copy.address`; its eviction writes undo its reach).
+    package var copy: FunctionCopy
+    /// The entries, best first: the entry instruction, loop redirects around the hot instructions,
+    /// call and tail-call sites, then short jumps through dead padding.
+    package var entries: [CopyEntry]
+    /// Why the kinds of entry that are missing could not be used (for the report).
+    package var entryRefusals: [DMPRefusal]
+
+    /// Plans the copy of the function holding the `hot` instructions, placed at the guest-virtual `placement`.
+    ///
+    /// Call it once with any placement to learn the copy's size (`copy.bytes.count`), then again at the place
+    /// allocated for it (bodies and relocations depend on the address; the size does only through the bodies).
+    /// Refuses when no sized function covers the hot instructions, they lie in different functions, the copy
+    /// is refused (``FunctionCopy/init(_:at:rewrites:tables:)``) or no entry into it exists.
+    package static func make(hot: [HotRewrite], in image: CodeImage, at placement: UInt64,
+                             disassembler: X86Disassembler, usedPadding: [Range<UInt64>] = []) throws(DMPRefusal) -> FunctionCopyPlan {
+        guard let first = hot.first else { throw DMPRefusal(.plan, "no hot instruction to copy a function for") }
+        guard let symbol = image.function(containing: first.address) else {
+            throw DMPRefusal(.plan, "no sized function symbol covers 0x\(String(first.address, radix: 16))")
+        }
+        let function = try image.decode(symbol, disassembler: disassembler)
+        if let stray = hot.first(where: { !function.contains($0.address) }) {
+            throw DMPRefusal(.plan, "hot instructions in more than one function (0x\(String(stray.address, radix: 16)) is outside \(symbol.name))")
+        }
+        let copy = try FunctionCopy(function, at: placement, rewrites: hot, tables: image.tables)
+        var entries: [CopyEntry] = []
+        var refusals: [DMPRefusal] = []
+        func attempt(_ make: () throws(DMPRefusal) -> CopyEntry) {
+            do throws(DMPRefusal) { entries.append(try make()) } catch { refusals.append(error) }
+        }
+        attempt { () throws(DMPRefusal) in try copy.functionEntry() }
+        for h in hot { entries += copy.loopEntries(for: h.address) }
+        for site in image.callSites(to: function.start, disassembler: disassembler) {
+            attempt { () throws(DMPRefusal) in try copy.callSiteEntry(site) }
+        }
+        var padding = usedPadding
+        for h in hot {
+            guard let k = function.index(at: h.address), (2...4).contains(function.instructions[k].length) else { continue }
+            attempt { () throws(DMPRefusal) in
+                let e = try copy.deadPaddingEntry(hot: h.address, in: image, disassembler: disassembler, avoiding: padding)
+                if let p = e.deadPadding { padding.append(p) }
+                return e
+            }
+        }
+        var sites: Set<UInt64> = []
+        entries = entries.filter { sites.insert($0.site).inserted }
+        guard !entries.isEmpty else {
+            throw DMPRefusal(.plan, "no way into the copy of \(symbol.name): " + refusals.map(\.reason).joined(separator: "; "))
+        }
+        return FunctionCopyPlan(copy: copy, entries: entries, entryRefusals: refusals)
+    }
+}

@@ -1,0 +1,196 @@
+@testable import DMP
+import Testing
+import VMMKit
+import X86Disassembler
+
+/// Checks that an entry's writes are one instruction each: the replacement decodes as one branch to `target`
+/// followed by NOPs filling the original instruction's length exactly.
+func expectBranchWrite(_ w: PatchWrite, to target: UInt64, _ d: X86Disassembler, mnemonic: String = "jmp",
+                       sourceLocation: SourceLocation = #_sourceLocation) throws {
+    #expect(w.replacement.count == w.original.count, sourceLocation: sourceLocation)
+    let all = d.decodeAll(w.replacement, address: w.address)
+    #expect(all.first?.mnemonic == mnemonic && all.first?.branch?.target == target, "\(all.first.map { "\($0)" } ?? "nothing")", sourceLocation: sourceLocation)
+    #expect(all.dropFirst().allSatisfy { $0.mnemonic == "nop" }, sourceLocation: sourceLocation)
+    #expect(all.reduce(0) { $0 + $1.length } == w.replacement.count, sourceLocation: sourceLocation)
+}
+
+@Suite("Function copy: entries")
+struct CopyEntryTests {
+    @Test("the entry instruction: the first of 5 bytes or more, or the one after endbr64")
+    func functionEntry() throws {
+        let d = try X86Disassembler()
+        let copy = try FunctionCopy(try decodeFixture("rip_data", d), at: copyPlacement)
+        let e = try copy.functionEntry()
+        #expect(e.kind == .functionEntry && e.site == 0x401230 && e.target == copyPlacement && e.writes.count == 1)
+        #expect(e.writes[0].original == Array(CopyFixtures.text.bytes[0x230..<0x236]))
+        try expectBranchWrite(e.writes[0], to: copyPlacement, d)
+
+        let cet = try FunctionCopy(try decodeFixture("cet_load", d), at: copyPlacement)
+        let ce = try cet.functionEntry()
+        #expect(ce.site == 0x4013e4, "endbr64 stays; the mov after it becomes the jump")
+        #expect(ce.target == copyPlacement + 4)
+        try expectBranchWrite(ce.writes[0], to: copyPlacement + 4, d)
+
+        let uart = try FunctionCopy(try decodeFixture("uart_puts", d), at: copyPlacement)
+        #expect(try #require(throws: DMPRefusal.self) { try uart.functionEntry() }.reason.contains("is 3 bytes"))
+    }
+
+    @Test("a loop in a function that never returns is entered through a 5-byte instruction in it, at the same point")
+    func loopRedirect() throws {
+        let d = try X86Disassembler()
+        let f = try decodeFixture("run_forever", d)
+        let hot: UInt64 = 0x40130a // out dx, al
+        let copy = try FunctionCopy(f, at: copyPlacement, rewrites: [HotRewrite(address: hot) { _ in [0x90] }])
+        let entries = copy.loopEntries(for: hot)
+        #expect(entries.map(\.site) == [0x401303], "the call to helper inside the loop (the back-edge is a 2-byte jmp)")
+        let e = try #require(entries.first)
+        #expect(e.kind == .redirect && e.target == copy.copyAddress(of: 0x401303))
+        try expectBranchWrite(e.writes[0], to: e.target, d)
+        #expect(copy.loopEntries(for: 0x4012f0).isEmpty, "the push before the loop is in none")
+        #expect(try #require(throws: DMPRefusal.self) { try copy.redirect(at: 0x401300) }.reason.contains("is 3 bytes"))
+        #expect(try #require(throws: DMPRefusal.self) { try copy.redirect(at: 0x401301) }.reason.contains("not an instruction start"))
+    }
+
+    @Test("direct call and tail-call sites to a function are found and retargeted to the copy")
+    func callSites() throws {
+        let d = try X86Disassembler()
+        let helper = try decodeFixture("helper", d)
+        let sites = fixtureImage.callSites(to: helper.start, disassembler: d)
+        // calls (2), classify, run_forever, cet_switch (a call and a jmp rel32 tail call), tail (jmp rel32);
+        // classify's `jmp helper` is a rel8 and cannot be retargeted.
+        #expect(sites.map(\.address) == [0x4011b2, 0x4011f8, 0x401202, 0x401223, 0x401303, 0x401359, 0x401385])
+        let copy = try FunctionCopy(helper, at: copyPlacement)
+        for s in sites {
+            let e = try copy.callSiteEntry(s)
+            #expect(e.kind == (s.bytes[0] == 0xe8 ? .callSite : .tailCallSite) && e.target == copyPlacement)
+            try expectBranchWrite(e.writes[0], to: copyPlacement, d, mnemonic: s.mnemonic)
+            #expect(e.writes[0].original == s.bytes)
+        }
+        let notACall = try #require(try decodeFixture("calls", d).instructions.first { !$0.groups.contains(.call) })
+        #expect(throws: DMPRefusal.self) { try copy.callSiteEntry(notACall) }
+    }
+
+    @Test("a call-site byte pattern inside another instruction, or in a function without a size, is not trusted")
+    func callSiteDecoys() throws {
+        let d = try X86Disassembler()
+        let target: UInt64 = 0x50_0000
+        func rel(_ site: UInt64) -> [UInt8] { CopyEncoding.le32(Int32(Int64(target) - Int64(site + 5))) }
+        var code = [UInt8](repeating: 0xcc, count: 0x40)
+        code[0] = 0xc3                                                                   // T: ret
+        let decoy = [0x48, 0xb8, 0xe8] + rel(0x50_0012) + [0x00, 0x00, 0x00, 0xc3]      // D: mov rax, imm64 holding e8 rel32; ret
+        code.replaceSubrange(0x10..<0x10 + decoy.count, with: decoy)
+        code.replaceSubrange(0x20..<0x26, with: [0xe8] + rel(0x50_0020) + [0xc3])        // C: call T; ret
+        code.replaceSubrange(0x30..<0x36, with: [0xe8] + rel(0x50_0030) + [0xc3])        // U (no size): call T; ret
+        let image = CodeImage(regions: [.init(address: target, bytes: code)], symbols: SymbolTable([
+            GuestSymbol(name: "T", address: target, size: 1, isFunction: true),
+            GuestSymbol(name: "D", address: target + 0x10, size: UInt64(decoy.count), isFunction: true),
+            GuestSymbol(name: "C", address: target + 0x20, size: 6, isFunction: true),
+            GuestSymbol(name: "U", address: target + 0x30, size: 0, isFunction: true),
+        ]))
+        #expect(image.callSites(to: target, disassembler: d).map(\.address) == [target + 0x20])
+    }
+
+    @Test("post_delay: out 0x80 (2 bytes) becomes jmp rel8 to a jmp rel32 in the dead padding after the function")
+    func deadPadding() throws {
+        let d = try X86Disassembler()
+        let hot: UInt64 = 0x4012a0
+        let copy = try FunctionCopy(try decodeFixture("post_delay", d), at: copyPlacement, rewrites: [HotRewrite(address: hot) { _ in [0x90] }])
+        let e = try copy.deadPaddingEntry(hot: hot, in: fixtureImage, disassembler: d)
+        #expect(e.kind == .deadPadding && e.site == hot && e.deadPadding == 0x4012aa..<0x4012af)
+        #expect(e.target == copy.copyAddress(of: hot))
+        #expect(e.writes.map(\.address) == [0x4012aa, hot], "the padding first, the instruction last")
+        try expectBranchWrite(e.writes[1], to: 0x4012aa, d)
+        #expect(e.writes[0].original == [0x66, 0x0f, 0x1f, 0x44, 0x00], "fill bytes")
+        let pad = try d.decode(e.writes[0].replacement, address: 0x4012aa)
+        #expect(pad.mnemonic == "jmp" && pad.length == 5 && pad.branch?.target == e.target)
+        // Used padding is not handed out twice: the next slot, then padding further away, then none.
+        let next = try copy.deadPaddingEntry(hot: hot, in: fixtureImage, disassembler: d, avoiding: [0x4012aa..<0x4012ab])
+        #expect(next.deadPadding == 0x4012ab..<0x4012b0)
+        let further = try copy.deadPaddingEntry(hot: hot, in: fixtureImage, disassembler: d, avoiding: [0x4012aa..<0x4012af])
+        #expect(further.deadPadding == 0x4012e2..<0x4012e7, "after greet, the next function")
+        let again = try #require(throws: DMPRefusal.self) {
+            try copy.deadPaddingEntry(hot: hot, in: fixtureImage, disassembler: d, avoiding: [0x401000..<0x402000])  // every slot
+        }
+        #expect(again.reason.contains("no free 5-byte slot"))
+        // Padding a patchable-entry table names is not dead.
+        let named = CodeImage(regions: fixtureImage.regions, symbols: fixtureImage.symbols,
+                              tables: [CodeAddressTable(name: "__patchable_function_entries", addresses: [0x4012ae])])
+        #expect(try copy.deadPaddingEntry(hot: hot, in: named, disassembler: d).deadPadding == 0x4012e2..<0x4012e7)
+        let elsewhere: [Range<UInt64>] = [0x401000..<0x4012aa, 0x4012b0..<0x402000]
+        #expect(try #require(throws: DMPRefusal.self) { try copy.deadPaddingEntry(hot: hot, in: named, disassembler: d, avoiding: elsewhere) }
+            .reason.contains("padding at 0x4012aa: named in __patchable_function_entries"))
+        // A 1-byte hot instruction has no room for jmp rel8.
+        let uart = try FunctionCopy(try decodeFixture("uart_puts", d), at: copyPlacement)
+        #expect(try #require(throws: DMPRefusal.self) { try uart.deadPaddingEntry(hot: 0x4010d8, in: fixtureImage, disassembler: d) }
+            .reason.contains("is 1 bytes"))
+    }
+
+    /// A function `f` at 0x500000 (`out 0x80, al` then `tail`), a gap of `gap`, then `g` of `gSize` bytes.
+    static func paddingImage(tail: [UInt8], gap: [UInt8], gName: String = "g", gSize: UInt64 = 1) -> (CodeImage, FunctionCopy, X86Disassembler)? {
+        let base: UInt64 = 0x50_0000
+        let f = [0xe6, 0x80] + tail
+        let code = f + gap + [0xc3]
+        let image = CodeImage(regions: [.init(address: base, bytes: code)], symbols: SymbolTable([
+            GuestSymbol(name: "f", address: base, size: UInt64(f.count), isFunction: true),
+            GuestSymbol(name: gName, address: base + UInt64(f.count + gap.count), size: gSize, isFunction: true),
+        ]))
+        guard let d = try? X86Disassembler(), let sym = image.function(containing: base),
+              let fn = try? image.decode(sym, disassembler: d), let copy = try? FunctionCopy(fn, at: copyPlacement) else { return nil }
+        return (image, copy, d)
+    }
+
+    @Test("dead padding: fill bytes only, after ret/jmp/ud2, between two sized symbols, no CFI or patchable-entry preamble",
+          arguments: [
+              ([0xc3], [UInt8](repeating: 0xcc, count: 8), "g", 1, nil),
+              ([0xc3], [UInt8](repeating: 0x00, count: 8), "g", 1, nil),
+              ([0xeb, 0xfc], CopyEncoding.nops(7), "g", 1, nil),
+              ([0xc3], [0xb8, 0x01, 0x00, 0x00, 0x00, 0x90, 0x90], "g", 1, "not all fill bytes"),
+              ([0x90], CopyEncoding.nops(8), "g", 1, "can fall through"),
+              ([0xc3], CopyEncoding.nops(8), "g", 0, "has no size"),
+              ([0xc3], CopyEncoding.nops(8), "__pfx_g", 16, "preamble"),
+              ([0xc3], CopyEncoding.nops(4), "g", 1, "no dead padding"),
+          ] as [([UInt8], [UInt8], String, UInt64, String?)])
+    func paddingRules(_ tail: [UInt8], _ gap: [UInt8], _ gName: String, _ gSize: UInt64, _ refusal: String?) throws {
+        let (image, copy, d) = try #require(Self.paddingImage(tail: tail, gap: gap, gName: gName, gSize: gSize))
+        if let refusal {
+            let r = try #require(throws: DMPRefusal.self) { try copy.deadPaddingEntry(hot: 0x50_0000, in: image, disassembler: d) }
+            #expect(r.reason.contains(refusal), "\(r.reason)")
+        } else {
+            let e = try copy.deadPaddingEntry(hot: 0x50_0000, in: image, disassembler: d)
+            #expect(e.deadPadding?.lowerBound == 0x50_0002 + UInt64(tail.count))
+        }
+    }
+
+    @Test("the plan gathers every entry the rules allow and refuses a copy nothing can enter")
+    func plans() throws {
+        let d = try X86Disassembler()
+        let nop: @Sendable (UInt64) throws(DMPRefusal) -> [UInt8] = { _ in [0x90] }
+        let post = try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x4012a0, emit: nop)], in: fixtureImage, at: copyPlacement, disassembler: d)
+        #expect(post.entries.map(\.kind) == [.deadPadding])
+        #expect(post.entryRefusals.contains { $0.reason.contains("entry instruction of post_delay") })
+
+        let forever = try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x40130a, emit: nop)], in: fixtureImage, at: copyPlacement, disassembler: d)
+        #expect(forever.entries.map(\.kind) == [.redirect])
+
+        let greet = try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x4012d8, emit: nop)], in: fixtureImage, at: copyPlacement, disassembler: d)
+        #expect(greet.entries.first?.kind == .functionEntry && greet.entries.first?.site == 0x4012b0)
+
+        let helper = try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x401130, emit: nop)], in: fixtureImage, at: copyPlacement, disassembler: d)
+        #expect(Set(helper.entries.map(\.kind)) == [.functionEntry, .callSite, .tailCallSite])
+        #expect(helper.entries.count == 8)
+
+        let uart = try #require(throws: DMPRefusal.self) {
+            try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x4010d8, emit: nop)], in: fixtureImage, at: copyPlacement, disassembler: d)
+        }
+        #expect(uart.reason.hasPrefix("no way into the copy of uart_puts"))
+        let two = try #require(throws: DMPRefusal.self) {
+            try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x4010d8, emit: nop), HotRewrite(address: 0x4012a0, emit: nop)],
+                                      in: fixtureImage, at: copyPlacement, disassembler: d)
+        }
+        #expect(two.reason.contains("more than one function"))
+        let none = try #require(throws: DMPRefusal.self) {
+            try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x30_0000, emit: nop)], in: fixtureImage, at: copyPlacement, disassembler: d)
+        }
+        #expect(none.reason.contains("no sized function symbol"))
+    }
+}
