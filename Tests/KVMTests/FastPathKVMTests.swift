@@ -4,11 +4,13 @@ import Testing
 import VMMKit
 import X86Disassembler
 
-/// A tiny CPL0 long-mode guest built with DMP's own assembler: it loads known
-/// values into every general-purpose register and RFLAGS, runs fast-path bodies,
-/// stores every register and RFLAGS to ``FastPathGuest/results`` and exits
-/// through the debug-exit port. CPL0 is emulated on our machines (~1 µs per
-/// instruction), so the guests stay short.
+/// A tiny long-mode guest built with DMP's own assembler: it loads known values
+/// into every general-purpose register, RFLAGS and the red zone, runs fast-path
+/// bodies, stores every register, RFLAGS and the red zone's ends at
+/// ``FastPathGuest/results`` and exits through the debug-exit port. At CPL0 it
+/// runs emulated on our machines (~1 µs per instruction), so the guests stay
+/// short; with `userMode` a small kernel preamble drops to CPL3 (IOPL 3, its own
+/// GDT and user-accessible identity tables), where the bodies run natively.
 struct FastPathGuest {
     static let code: UInt64 = 0x10_0000
     static let data: UInt64 = 0x20_0000
@@ -23,7 +25,40 @@ struct FastPathGuest {
     static let flags: UInt64 = 0x8c7
     static let statusMask: UInt64 = 0x8d5
 
+    /// Where user-mode code starts (after the kernel preamble) and its stack.
+    static let userEntry: UInt64 = code + 0x100
+    static let userStack: UInt64 = 0x28_0000
+    /// Identity tables with the user bit (4 GiB of 2 MiB pages), a GDT with user segments, its pseudo-descriptor.
+    static let userTables: UInt64 = 0x30_0000
+    static let userGDT: UInt64 = 0x30_6000
+    static let userGDTR: UInt64 = 0x30_6100
+    /// A TSS whose I/O bitmap allows every port: KVM PVM checks it when it emulates IN/OUT at CPL3
+    /// (it does not keep the guest's user IOPL), as Guests/include/boot.inc notes.
+    static let userTSS: UInt64 = 0x30_8000
+    /// Red-zone sentinels the guest writes at [rsp - 8] and [rsp - 128] before the bodies.
+    static let redZone: [UInt64] = [0x5ed2_0e00_0000_0008, 0x5ed2_0e00_0000_0080]
+
     var a = X86Assembler(origin: code)
+    /// Whether the bodies run at CPL3.
+    let userMode: Bool
+
+    /// A guest whose bodies run at CPL0, or at CPL3 after a kernel preamble.
+    init(userMode: Bool = false) throws {
+        self.userMode = userMode
+        guard userMode else { return }
+        let lgdt = FastPathGuest.userGDTR &- (a.position + 7)
+        a.raw([0x0f, 0x01, 0x15] + withUnsafeBytes(of: UInt32(truncatingIfNeeded: lgdt).littleEndian, Array.init)) // lgdt [rip -> gdtr]
+        try a.mov(.rax, immediate: FastPathGuest.userTables)
+        a.raw([0x0f, 0x22, 0xd8])                                                     // mov cr3, rax
+        try a.mov(.eax, immediate: 0x28)
+        a.raw([0x0f, 0x00, 0xd8])                                                     // ltr ax
+        for v in [0x1b, FastPathGuest.userStack, 0x3002, 0x23, FastPathGuest.userEntry] as [UInt64] {
+            try a.mov(.rax, immediate: v)                                             // ss, rsp, rflags (IOPL 3), cs, rip
+            try a.push(.rax)
+        }
+        a.raw([0x48, 0xcf])                                                           // iretq
+        a.nop(Int(FastPathGuest.userEntry - a.position))
+    }
 
     /// Loads ``initial`` into every register but rsp, `overrides` replacing some, then the flags.
     mutating func prologue(_ overrides: [X86Register: UInt64] = [:]) throws {
@@ -32,13 +67,22 @@ struct FastPathGuest {
         }
         try a.mov(.rax, immediate: FastPathGuest.flags)
         try a.push(.rax)
-        a.popfq()
-        try a.mov(.rax, immediate: overrides[.rax] ?? FastPathGuest.initial[0]) // mov leaves the flags
+        a.popfq()                                             // from here on only mov: the flags stay
+        try a.mov(.rax, immediate: FastPathGuest.redZone[0])
+        try a.mov(.init(base: .rsp, displacement: -8), .rax)
+        try a.mov(.rax, immediate: FastPathGuest.redZone[1])
+        try a.mov(.init(base: .rsp, displacement: -128), .rax)
+        try a.mov(.at(FastPathGuest.results + 160), .rsp)
+        try a.mov(.rax, immediate: overrides[.rax] ?? FastPathGuest.initial[0])
     }
 
     /// Stores every register, then RFLAGS, at ``results`` and exits with status 0.
     mutating func epilogue() throws {
         for (n, r) in X86Register.gpr64.enumerated() { try a.mov(.at(FastPathGuest.results + 8 * UInt64(n)), r) }
+        try a.mov(.rax, .init(base: .rsp, displacement: -8))  // the red zone, before pushfq writes it
+        try a.mov(.at(FastPathGuest.results + 136), .rax)
+        try a.mov(.rax, .init(base: .rsp, displacement: -128))
+        try a.mov(.at(FastPathGuest.results + 144), .rax)
         a.pushfq()
         try a.pop(.rax)
         try a.mov(.at(FastPathGuest.results + 128), .rax)
@@ -58,9 +102,31 @@ struct FastPathGuest {
         let vm = try VirtualMachine(backend: try KVMSystem(), configuration: VMConfiguration(memorySize: 64 << 20))
         if debugExit { try vm.bus.attach(DebugExitDevice(), ports: 0xf4..<0xf8) }
         _ = try X86Boot.load(.flat(try a.finish(), loadAddress: FastPathGuest.code), into: vm)
+        if userMode { try FastPathGuest.writeUserTables(vm.memory) }
         try setup(vm)
         #expect(try vm.run() == .guestExit(status: 0))
         return vm
+    }
+
+    /// The user-mode page tables, TSS and GDT (null, kernel code 0x08, kernel data 0x10, user data 0x1b, user code 0x23, TSS 0x28).
+    static func writeUserTables(_ m: GuestMemory) throws {
+        let pdpt = userTables + 0x1000
+        try m.write(pdpt | 7, at: GuestAddress(userTables))
+        for g in 0..<UInt64(4) {
+            let pd = pdpt + 0x1000 * (g + 1)
+            try m.write(pd | 7, at: GuestAddress(pdpt + 8 * g))
+            for j in 0..<UInt64(512) { try m.write((g << 30 | j << 21) | 0x87, at: GuestAddress(pd + 8 * j)) }
+        }
+        let limit: UInt64 = 104 + 8192                           // the header, the bitmap, the all-ones byte
+        try m.fill(0, at: GuestAddress(userTSS), count: Int(limit))
+        try m.write(UInt16(104), at: GuestAddress(userTSS + 102))
+        try m.write(UInt8(0xff), at: GuestAddress(userTSS + limit))
+        let tss = (limit & 0xffff) | (userTSS & 0xff_ffff) << 16 | 0x89 << 40 | (limit >> 16) << 48 | (userTSS >> 24 & 0xff) << 56
+        let gdt: [UInt64] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x00cf_f300_0000_ffff, 0x00af_fb00_0000_ffff,
+                             tss, userTSS >> 32]
+        for (k, e) in gdt.enumerated() { try m.write(e, at: GuestAddress(userGDT + 8 * UInt64(k))) }
+        try m.write(UInt16(8 * gdt.count - 1), at: GuestAddress(userGDTR))
+        try m.write(userGDT, at: GuestAddress(userGDTR + 2))
     }
 
     static func register(_ vm: VirtualMachine, _ r: X86Register) throws -> UInt64 {
@@ -73,6 +139,10 @@ struct FastPathGuest {
     /// Every register but `except` and rsp holds its initial value (or its override), and the status flags are the ones set.
     static func untouched(_ vm: VirtualMachine, except: Set<X86Register>, overrides: [X86Register: UInt64] = [:]) throws -> Bool {
         var ok = try flags(vm) & statusMask == FastPathGuest.flags & statusMask
+        // The red zone and RSP are as they were.
+        ok = try ok && vm.memory.read(UInt64.self, at: GuestAddress(results + 136)) == redZone[0]
+        ok = try ok && vm.memory.read(UInt64.self, at: GuestAddress(results + 144)) == redZone[1]
+        ok = try ok && register(vm, .rsp) == vm.memory.read(UInt64.self, at: GuestAddress(results + 160))
         for (n, r) in X86Register.gpr64.enumerated() where r != .rsp && !except.contains(r) {
             ok = try ok && register(vm, r) == overrides[r] ?? initial[n]
         }
@@ -80,9 +150,10 @@ struct FastPathGuest {
     }
 
     /// A guest that writes `text` with `out dx, al` (dx = `rdx`), each through a body serving a UART ring append on `ring`.
-    static func uartWriter(_ text: String, rdx: UInt64, ring: RingMapping, data: UInt64 = data) throws -> (FastPathGuest, FastPathRoute) {
+    static func uartWriter(_ text: String, rdx: UInt64, ring: RingMapping, data: UInt64 = data,
+                           userMode: Bool = false) throws -> (FastPathGuest, FastPathRoute) {
         let route = FastPathGuest.route(.port(0x3f8), width: 1, .write, .ringAppend(ring: 0, mode: .asynchronous), ring: ring, in: data)
-        var g = FastPathGuest()
+        var g = try FastPathGuest(userMode: userMode)
         try g.prologue([.rdx: rdx])
         for c in text.utf8 {
             try g.a.mov(.al, immediate: UInt64(c))
@@ -101,13 +172,14 @@ struct FastPathGuest {
 
 /// Executing DMP's fast-path bodies in a real guest (in the serialized KVM suite).
 extension KVMTests {
-    @Test("a constant read (in al, dx) sets al only, leaves every other register and the flags; a clear enable word or another port exits", arguments: [
+    @Test("a constant read (in al, dx) sets al only, leaves every other register, the flags and the red zone; a clear enable word or another port exits, at CPL0 and CPL3", arguments: [
         (UInt32(1), UInt16(0x3fd), UInt64(0x60), 1, 0),   // served: al = the constant
         (UInt32(0), UInt16(0x3fd), UInt64(0x42), 0, 1),   // enable clear: the device answers
         (UInt32(1), UInt16(0x3fe), UInt64(0x42), 0, 1),   // another port: the device answers
-    ] as [(UInt32, UInt16, UInt64, Int, Int)])
-    func constantReadRuns(enable: UInt32, port: UInt16, al: UInt64, hits: Int, deviceReads: Int) throws {
-        var g = FastPathGuest()
+    ] as [(UInt32, UInt16, UInt64, Int, Int)], [false, true])
+    func constantReadRuns(c: (UInt32, UInt16, UInt64, Int, Int), userMode: Bool) throws {
+        let (enable, port, al, hits, deviceReads) = c
+        var g = try FastPathGuest(userMode: userMode)
         let rdx: UInt64 = 0xaaaa_0000_0000_0000 | UInt64(port)
         try g.prologue([.rdx: rdx])
         try g.body([0xec], [FastPathGuest.route(.port(0x3fd), width: 1, .read, .constantRead(0x1_0060))])
@@ -124,10 +196,11 @@ extension KVMTests {
         #expect(try vm.memory.read(UInt32.self, at: GuestAddress(FastPathGuest.data + 0x100)) == enable, "the body never writes its enable word")
     }
 
-    @Test("ring appends land in the ring with their values and sequences; on a full ring nobody polls, the original out exits")
-    func ringAppendRuns() throws {
+    @Test("ring appends land in the ring with their values and sequences; on a full ring nobody polls, the original out exits (CPL0 and CPL3)",
+          arguments: [false, true])
+    func ringAppendRuns(userMode: Bool) throws {
         let ring = RingMapping(base: FastPathGuest.ring, slotCount: 4, synchronous: false)
-        let (g, _) = try FastPathGuest.uartWriter("ABCDE", rdx: 0x5555_0000_0000_03f8, ring: ring)
+        let (g, _) = try FastPathGuest.uartWriter("ABCDE", rdx: 0x5555_0000_0000_03f8, ring: ring, userMode: userMode)
         let device = Recorder()
         let vm = try g.run { vm in
             try vm.bus.attach(device, ports: 0x3f8..<0x3f9)
@@ -148,10 +221,11 @@ extension KVMTests {
         #expect(try FastPathGuest.untouched(vm, except: [.rax], overrides: [.rdx: 0x5555_0000_0000_03f8]))
     }
 
-    @Test("bodies appending to the platform's UART ring reach the console through VMMKit's consumer, in order")
-    func ringToConsole() throws {
+    @Test("bodies appending to the platform's UART ring reach the console through VMMKit's consumer, in order (CPL0 and CPL3)",
+          arguments: [false, true])
+    func ringToConsole(userMode: Bool) throws {
         let ring = RingMapping(base: X86Layout.ringArea.start.rawValue, slotCount: 512, synchronous: false)
-        let (g, route) = try FastPathGuest.uartWriter("DMP\n", rdx: 0x3f8, ring: ring, data: FastPathGuest.implantData)
+        let (g, route) = try FastPathGuest.uartWriter("DMP\n", rdx: 0x3f8, ring: ring, data: FastPathGuest.implantData, userMode: userMode)
         let console = CapturedOutput()
         var rings: PVRingDevice?
         let vm = try g.run(debugExit: false) { vm in
@@ -164,10 +238,11 @@ extension KVMTests {
         #expect(try FastPathGuest.untouched(vm, except: [.rax], overrides: [.rdx: 0x3f8]))
     }
 
-    @Test("an instruction stub in the implant serves an MMIO load at a register-based address and jumps back; disabled, the load exits", arguments: [true, false])
-    func instructionStubRuns(enabled: Bool) throws {
+    @Test("an instruction stub in the implant serves an MMIO load at a register-based address and jumps back; disabled, the load exits",
+          arguments: [true, false], [false, true])
+    func instructionStubRuns(enabled: Bool, userMode: Bool) throws {
         let mmio: UInt64 = 0xc000_0000
-        var g = FastPathGuest()
+        var g = try FastPathGuest(userMode: userMode)
         try g.prologue([.rsi: mmio - 0x100])
         let site = g.a.position
         let load: [UInt8] = [0x8b, 0x86, 0x04, 0x01, 0x00, 0x00] // mov eax, [rsi + 0x104]
@@ -191,14 +266,14 @@ extension KVMTests {
     }
 
     @Test("synchronous ring appends (doorbell) make their completion visible before the body returns; with nobody polling the store exits instead",
-          arguments: [true, false])
-    func synchronousRingRuns(polling: Bool) throws {
+          arguments: [true, false], [false, true])
+    func synchronousRingRuns(polling: Bool, userMode: Bool) throws {
         let doorbell = StandardDevices.doorbellBase, queue: UInt64 = 0x23_0000
         let ring = RingMapping(base: X86Layout.ringArea.start.rawValue + PVRingLayout.defaultStride, slotCount: 512,
                                synchronous: true, kick: .port(StandardDevices.ringKickPort))
         let route = FastPathGuest.route(.memory(doorbell + DoorbellDevice.doorbellOffset), width: 4, .write,
                                         .ringAppend(ring: 1, mode: .synchronous), ring: ring, in: FastPathGuest.implantData)
-        var g = FastPathGuest()
+        var g = try FastPathGuest(userMode: userMode)
         try g.prologue([.rsi: doorbell])
         try g.a.mov(.init(base: .rsi, displacement: 0x08), width: 4, immediate: Int64(queue))
         try g.a.mov(.init(base: .rsi, displacement: 0x10), width: 4, immediate: 4)
