@@ -40,7 +40,7 @@ struct CopyEntryTests {
         let d = try X86Disassembler()
         let f = try decodeFixture("run_forever", d)
         let hot: UInt64 = 0x40130a // out dx, al
-        let copy = try FunctionCopy(f, at: copyPlacement, rewrites: [HotRewrite(address: hot) { _ in [0x90] }])
+        let copy = try FunctionCopy(f, at: copyPlacement, rewrites: [HotRewrite(address: hot, bytes: [0x90])])
         let entries = copy.loopEntries(for: hot)
         #expect(entries.map(\.site) == [0x401303], "the call to helper inside the loop (the back-edge is a 2-byte jmp)")
         let e = try #require(entries.first)
@@ -74,7 +74,7 @@ struct CopyEntryTests {
     func callSiteDecoys() throws {
         let d = try X86Disassembler()
         let target: UInt64 = 0x50_0000
-        func rel(_ site: UInt64) -> [UInt8] { CopyEncoding.le32(Int32(Int64(target) - Int64(site + 5))) }
+        func rel(_ site: UInt64) -> [UInt8] { Array(CopyEncoding.branch32(call: true, at: site, to: target)?.dropFirst() ?? []) }
         var code = [UInt8](repeating: 0xcc, count: 0x40)
         code[0] = 0xc3                                                                   // T: ret
         let decoy = [0x48, 0xb8, 0xe8] + rel(0x50_0012) + [0x00, 0x00, 0x00, 0xc3]      // D: mov rax, imm64 holding e8 rel32; ret
@@ -94,7 +94,7 @@ struct CopyEntryTests {
     func deadPadding() throws {
         let d = try X86Disassembler()
         let hot: UInt64 = 0x4012a0
-        let copy = try FunctionCopy(try decodeFixture("post_delay", d), at: copyPlacement, rewrites: [HotRewrite(address: hot) { _ in [0x90] }])
+        let copy = try FunctionCopy(try decodeFixture("post_delay", d), at: copyPlacement, rewrites: [HotRewrite(address: hot, bytes: [0x90])])
         let e = try copy.deadPaddingEntry(hot: hot, in: fixtureImage, disassembler: d)
         #expect(e.kind == .deadPadding && e.site == hot && e.deadPadding == 0x4012aa..<0x4012af)
         #expect(e.target == copy.copyAddress(of: hot))
@@ -164,32 +164,31 @@ struct CopyEntryTests {
     @Test("the plan gathers every entry the rules allow and refuses a copy nothing can enter")
     func plans() throws {
         let d = try X86Disassembler()
-        let nop: @Sendable (UInt64) throws(DMPRefusal) -> [UInt8] = { _ in [0x90] }
-        let post = try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x4012a0, emit: nop)], in: fixtureImage, at: copyPlacement, disassembler: d)
+        let post = try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x4012a0, bytes: [0x90])], in: fixtureImage, at: copyPlacement, disassembler: d)
         #expect(post.entries.map(\.kind) == [.deadPadding])
         #expect(post.entryRefusals.contains { $0.reason.contains("entry instruction of post_delay") })
 
-        let forever = try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x40130a, emit: nop)], in: fixtureImage, at: copyPlacement, disassembler: d)
+        let forever = try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x40130a, bytes: [0x90])], in: fixtureImage, at: copyPlacement, disassembler: d)
         #expect(forever.entries.map(\.kind) == [.redirect])
 
-        let greet = try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x4012d8, emit: nop)], in: fixtureImage, at: copyPlacement, disassembler: d)
+        let greet = try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x4012d8, bytes: [0x90])], in: fixtureImage, at: copyPlacement, disassembler: d)
         #expect(greet.entries.first?.kind == .functionEntry && greet.entries.first?.site == 0x4012b0)
 
-        let helper = try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x401130, emit: nop)], in: fixtureImage, at: copyPlacement, disassembler: d)
+        let helper = try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x401130, bytes: [0x90])], in: fixtureImage, at: copyPlacement, disassembler: d)
         #expect(Set(helper.entries.map(\.kind)) == [.functionEntry, .callSite, .tailCallSite])
         #expect(helper.entries.count == 8)
 
         let uart = try #require(throws: DMPRefusal.self) {
-            try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x4010d8, emit: nop)], in: fixtureImage, at: copyPlacement, disassembler: d)
+            try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x4010d8, bytes: [0x90])], in: fixtureImage, at: copyPlacement, disassembler: d)
         }
         #expect(uart.reason.hasPrefix("no way into the copy of uart_puts"))
         let two = try #require(throws: DMPRefusal.self) {
-            try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x4010d8, emit: nop), HotRewrite(address: 0x4012a0, emit: nop)],
+            try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x4010d8, bytes: [0x90]), HotRewrite(address: 0x4012a0, bytes: [0x90])],
                                       in: fixtureImage, at: copyPlacement, disassembler: d)
         }
         #expect(two.reason.contains("more than one function"))
         let none = try #require(throws: DMPRefusal.self) {
-            try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x30_0000, emit: nop)], in: fixtureImage, at: copyPlacement, disassembler: d)
+            try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x30_0000, bytes: [0x90])], in: fixtureImage, at: copyPlacement, disassembler: d)
         }
         #expect(none.reason.contains("no sized function symbol"))
     }

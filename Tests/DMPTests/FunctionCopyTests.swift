@@ -191,13 +191,13 @@ struct FunctionCopyRefusalTests {
     func hotAddresses() throws {
         let d = try X86Disassembler()
         let f = try decodeFixture("uart_puts", d)
-        let body = HotRewrite(address: f.start + 1) { _ in [0x90] }
+        let body = HotRewrite(address: f.start + 1, bytes: [0x90])
         #expect(try #require(throws: DMPRefusal.self) { try FunctionCopy(f, at: copyPlacement, rewrites: [body]) }
             .reason.contains("not an instruction start"))
-        let branch = HotRewrite(address: 0x4010df) { _ in [0x90] } // jne
+        let branch = HotRewrite(address: 0x4010df, bytes: [0x90]) // jne
         #expect(try #require(throws: DMPRefusal.self) { try FunctionCopy(f, at: copyPlacement, rewrites: [branch]) }
             .reason.contains("is a branch"))
-        let empty = HotRewrite(address: 0x4010d8) { _ in [] }
+        let empty = HotRewrite(address: 0x4010d8) { _ in }
         #expect(try #require(throws: DMPRefusal.self) { try FunctionCopy(f, at: copyPlacement, rewrites: [empty]) }
             .reason.contains("0 bytes"))
         let refusing = HotRewrite(address: 0x4010d8) { _ throws(DMPRefusal) in throw DMPRefusal(.encode, "no body") }
@@ -221,8 +221,8 @@ struct FunctionCopyRelocationTests {
         let d = try X86Disassembler()
         let f = try decodeFixture("uart_puts", d)
         // Bodies that record where they were emitted: `mov al, imm8` stands for a fast path's read, `nop` for a write.
-        let inBody = HotRewrite(address: 0x4010ca) { at in [0xb0, 0x20] + (at == copyPlacement + 35 ? [] : [0xcc]) }
-        let outBody = HotRewrite(address: 0x4010d8) { _ in [0x90, 0x90, 0x90] }
+        let inBody = HotRewrite(address: 0x4010ca) { a in a.raw([0xb0, 0x20] + (a.position == copyPlacement + 35 ? [] : [0xcc])) }
+        let outBody = HotRewrite(address: 0x4010d8, bytes: [0x90, 0x90, 0x90])
         let copy = try FunctionCopy(f, at: copyPlacement, rewrites: [inBody, outBody])
         try expectRoundTrip(copy, d)
         // Layout: movzx(3) test(3) je→jcc32(6) mov(5) mov(6) nop(5) | pad(5) at the loop head 0x4010c8 | mov edx,ecx(2) body(2)...

@@ -44,7 +44,7 @@ extension FunctionCopy {
         guard i.length >= 5 else {
             throw DMPRefusal(.plan, "\(i) at \(function.location(original)) is \(i.length) bytes (a jmp rel32 needs 5)")
         }
-        guard let jmp = CopyEncoding.branch32(0xe9, at: original, to: target) else {
+        guard let jmp = CopyEncoding.branch32(at: original, to: target) else {
             throw DMPRefusal(.plan, "the copy is beyond ±2 GiB of \(function.location(original))")
         }
         let write = PatchWrite(address: original, original: i.bytes, replacement: jmp + CopyEncoding.nops(i.length - 5))
@@ -87,7 +87,7 @@ extension FunctionCopy {
               let target = copyAddress(of: function.start) else {
             throw DMPRefusal(.plan, "\(site) at 0x\(String(site.address, radix: 16)) is not a direct call of \(function.symbol.name)")
         }
-        guard let bytes = CopyEncoding.branch32(opcode, at: site.address, to: target) else {
+        guard let bytes = CopyEncoding.branch32(call: opcode == 0xe8, at: site.address, to: target) else {
             throw DMPRefusal(.plan, "the copy is beyond ±2 GiB of the call site at 0x\(String(site.address, radix: 16))")
         }
         return CopyEntry(kind: opcode == 0xe8 ? .callSite : .tailCallSite, site: site.address, target: target,
@@ -123,7 +123,7 @@ extension FunctionCopy {
             while p &+ 5 <= gap.upperBound, p <= reach.upperBound {
                 let slot = p..<p &+ 5
                 if !used.contains(where: { $0.overlaps(slot) }), let original = image.bytes(at: p, count: 5),
-                   let jmp = CopyEncoding.branch32(0xe9, at: p, to: target) {
+                   let jmp = CopyEncoding.branch32(at: p, to: target) {
                     let rel8 = UInt8(bitPattern: Int8(truncatingIfNeeded: Int64(bitPattern: p &- next)))
                     return CopyEntry(kind: .deadPadding, site: hot, target: target, writes: [
                         PatchWrite(address: p, original: original, replacement: jmp),

@@ -3,19 +3,24 @@ import X86Disassembler
 
 /// A hot instruction of the function to copy and the body that replaces it in the copy.
 ///
-/// `emit` returns the body's bytes for the guest-virtual address it will run at
-/// (bodies address their data RIP-relatively). The body falls through at its end to
-/// the copy of the next instruction; when its fast path does not apply it executes
+/// `emit` emits the body into the copy's assembler at its final place (typically
+/// ``FastPathEmitter/emitBody(for:routes:into:)``). The body falls through at its end
+/// to the copy of the next instruction; when its fast path does not apply it executes
 /// the original instruction itself (which exits from inside the copy).
 package struct HotRewrite: Sendable {
     /// The hot instruction's guest-virtual address in the original function.
     package var address: UInt64
-    /// The body's bytes at a given guest-virtual address (at least one byte, at most 4 KiB).
-    package var emit: @Sendable (_ at: UInt64) throws(DMPRefusal) -> [UInt8]
+    /// Emits the body (at least one byte, at most 4 KiB) at the assembler's position.
+    package var emit: @Sendable (_ assembler: inout X86Assembler) throws(DMPRefusal) -> Void
 
     /// Creates a rewrite.
-    package init(address: UInt64, emit: @escaping @Sendable (_ at: UInt64) throws(DMPRefusal) -> [UInt8]) {
+    package init(address: UInt64, emit: @escaping @Sendable (_ assembler: inout X86Assembler) throws(DMPRefusal) -> Void) {
         self.address = address; self.emit = emit
+    }
+
+    /// A rewrite whose body is fixed bytes (tests, and bodies that need no address).
+    package init(address: UInt64, bytes: [UInt8]) {
+        self.init(address: address) { a in a.raw(bytes) }
     }
 }
 
@@ -93,7 +98,7 @@ package struct FunctionCopy: Sendable {
     /// corresponding point, so a thread returning into the copy or going round one of its loops leaves it.
     package var evictionWrites: [PatchWrite] {
         pieces.compactMap { p -> PatchWrite? in
-            guard p.kind == .pad, let jmp = CopyEncoding.branch32(0xe9, at: p.copy.lowerBound, to: p.original) else { return nil }
+            guard p.kind == .pad, let jmp = CopyEncoding.branch32(at: p.copy.lowerBound, to: p.original) else { return nil }
             return PatchWrite(address: p.copy.lowerBound, original: CopyEncoding.nop5, replacement: jmp)
         }
     }
@@ -126,113 +131,57 @@ package struct FunctionCopy: Sendable {
         self.function = function
         self.address = address
 
-        // Pass 1: the layout. Every size is fixed except the bodies, which are emitted at their final
-        // addresses because everything before them is already laid out.
-        let heads = function.loopHeads
-        var layout: [(piece: Piece, instruction: Int?, body: [UInt8]?)] = []
-        var map: [UInt64: UInt64] = [:]
-        var offset: UInt64 = 0
-        func add(_ kind: PieceKind, _ original: UInt64, _ length: Int, _ instruction: Int?, _ body: [UInt8]? = nil) {
-            let start = address &+ offset
-            layout.append((Piece(kind: kind, original: original, copy: start..<start &+ UInt64(length)), instruction, body))
-            offset &+= UInt64(length)
-        }
+        // One pass through the assembler: a label at every instruction's point (the pad in front of it,
+        // if any), bodies emitted at their final addresses, branches inside the function to labels.
         let instructions = function.instructions
-        for (k, i) in instructions.enumerated() {
-            map[i.address] = address &+ offset
-            if heads.contains(i.address) || (k > 0 && instructions[k - 1].groups.contains(.call)) {
-                add(.pad, i.address, 5, nil)
+        let heads = function.loopHeads
+        var a = X86Assembler(origin: address)
+        var labels: [UInt64: X86Assembler.Label] = [:]
+        for i in instructions { labels[i.address] = a.newLabel() }
+        var pieces: [Piece] = []
+        func piece(_ kind: PieceKind, _ original: UInt64, from start: UInt64) {
+            pieces.append(Piece(kind: kind, original: original, copy: start..<a.position))
+        }
+        func pad(_ original: UInt64) throws(DMPRefusal) {
+            guard X86Assembler.rel32(to: original, from: a.position &+ 5) != nil else {
+                throw DMPRefusal(.plan, "the copy at 0x\(String(a.position, radix: 16)) is beyond ±2 GiB of \(function.symbol.name)")
             }
+            let start = a.position
+            a.raw(CopyEncoding.nop5)
+            piece(.pad, original, from: start)
+        }
+        for (k, i) in instructions.enumerated() {
+            if let l = labels[i.address] { try a.bind(l) }
+            if heads.contains(i.address) || (k > 0 && instructions[k - 1].groups.contains(.call)) { try pad(i.address) }
+            let start = a.position
             if let r = hot[i.address] {
-                let body = try r.emit(address &+ offset)
-                guard (1...4096).contains(body.count) else {
-                    throw DMPRefusal(.plan, "the body for \(function.location(i.address)) is \(body.count) bytes (1 to 4096 fit)")
+                try r.emit(&a)
+                let size = a.position &- start
+                guard (1...4096).contains(size) else {
+                    throw DMPRefusal(.plan, "the body for \(function.location(i.address)) is \(size) bytes (1 to 4096 fit)")
                 }
-                add(.rewritten, i.address, body.count, k, body)
-            } else if i.branch != nil {
-                add(.relocated, i.address, try FunctionCopy.relocatedLength(i, in: function), k)
+                piece(.rewritten, i.address, from: start)
+            } else if let b = i.branch {
+                try a.relocate(i, branchTarget: function.contains(b.target) ? labels[b.target].map { .label($0) } : nil)
+                piece(.relocated, i.address, from: start)
             } else {
-                add(i.encoding.isRIPRelative ? .relocated : .copied, i.address, i.length, k)
+                try a.relocate(i)
+                piece(i.encoding.isRIPRelative ? .relocated : .copied, i.address, from: start)
             }
         }
         if let last = instructions.last {
-            if last.groups.contains(.call) { add(.pad, function.end, 5, nil) }
+            if last.groups.contains(.call) { try pad(function.end) }
             let g = last.groups
-            let fallsThrough = hot[last.address] != nil || !(g.contains(.return) || (g.contains(.jump) && !g.contains(.conditionalBranch)))
-            if fallsThrough { add(.exit, function.end, 5, nil) }
-        }
-
-        // Pass 2: the bytes.
-        var bytes: [UInt8] = []
-        bytes.reserveCapacity(Int(offset))
-        for (piece, k, body) in layout {
-            let at = piece.copy.lowerBound
-            switch piece.kind {
-            case .pad:
-                guard CopyEncoding.rel32(from: at, length: 5, to: piece.original) != nil else {
-                    throw DMPRefusal(.plan, "the copy at 0x\(String(at, radix: 16)) is beyond ±2 GiB of \(function.symbol.name)")
-                }
-                bytes += CopyEncoding.nop5
-            case .exit:
-                guard let jmp = CopyEncoding.branch32(0xe9, at: at, to: piece.original) else {
-                    throw DMPRefusal(.plan, "the copy at 0x\(String(at, radix: 16)) is beyond ±2 GiB of \(function.symbol.name)")
-                }
-                bytes += jmp
-            case .rewritten:
-                bytes += body ?? []
-            case .copied:
-                if let k { bytes += instructions[k].bytes }
-            case .relocated:
-                guard let k else { continue }
-                bytes += try FunctionCopy.relocate(instructions[k], to: at, in: function, map: map)
+            if hot[last.address] != nil || !(g.contains(.return) || (g.contains(.jump) && !g.contains(.conditionalBranch))) {
+                let start = a.position
+                try a.jmp(.absolute(function.end))
+                piece(.exit, function.end, from: start)
             }
         }
-        self.bytes = bytes
-        self.pieces = layout.map(\.piece)
+        self.bytes = try a.finish()
+        self.pieces = pieces
+        var map: [UInt64: UInt64] = [:]
+        for i in instructions { if let l = labels[i.address], let at = a.address(of: l) { map[i.address] = at } }
         self.map = map
-    }
-
-    /// The length of a relative branch once relocated: `jmp`/`call rel32` 5, `jcc rel32` 6,
-    /// `loop`/`loope`/`loopne`/`jrcxz` expanded to 9 (10 with an address-size prefix).
-    static func relocatedLength(_ i: X86Instruction, in function: DecodedFunction) throws(DMPRefusal) -> Int {
-        let e = i.encoding
-        switch (e.map, e.opcode) {
-        case (.primary, 0xe8), (.primary, 0xe9), (.primary, 0xeb): return 5
-        case (.primary, 0x70...0x7f), (.map0F, 0x80...0x8f): return 6
-        case (.primary, 0xe0...0xe3): return e.hasAddressSizePrefix ? 10 : 9
-        default: throw DMPRefusal(.plan, "relative branch \(i) at \(function.location(i.address)) has no relocation")
-        }
-    }
-
-    /// `i` re-encoded at `at`: relative branches refitted (targets inside the function mapped through `map`),
-    /// RIP-relative displacements refitted to the same data.
-    static func relocate(_ i: X86Instruction, to at: UInt64, in function: DecodedFunction,
-                         map: [UInt64: UInt64]) throws(DMPRefusal) -> [UInt8] {
-        let e = i.encoding
-        func beyond(_ target: UInt64) -> DMPRefusal {
-            DMPRefusal(.plan, "target 0x\(String(target, radix: 16)) of \(function.location(i.address)) is beyond ±2 GiB of the copy at 0x\(String(at, radix: 16))")
-        }
-        if let b = i.branch {
-            let target = function.contains(b.target) ? (map[b.target] ?? b.target) : b.target
-            let length = try relocatedLength(i, in: function)
-            guard let rel = CopyEncoding.rel32(from: at, length: length, to: target) else { throw beyond(target) }
-            switch (e.map, e.opcode) {
-            case (.primary, 0xe8): return [0xe8] + CopyEncoding.le32(rel)
-            case (.primary, 0xe9), (.primary, 0xeb): return [0xe9] + CopyEncoding.le32(rel)
-            case (.primary, 0x70...0x7f), (.map0F, 0x80...0x8f): return [0x0f, 0x80 | (e.opcode & 0x0f)] + CopyEncoding.le32(rel)
-            default:
-                // loop/loope/loopne/jrcxz rel8 → `op +2; jmp +5; jmp rel32 target` (no flags touched).
-                let prefix: [UInt8] = e.hasAddressSizePrefix ? [0x67] : []
-                return prefix + [e.opcode, 0x02, 0xeb, 0x05, 0xe9] + CopyEncoding.le32(rel)
-            }
-        }
-        guard e.isRIPRelative, let field = e.displacement, field.size == 4, let disp = field.signedValue(in: i.bytes) else {
-            return i.bytes
-        }
-        let target = i.nextAddress &+ UInt64(bitPattern: disp)
-        guard let rel = CopyEncoding.rel32(from: at, length: i.length, to: target) else { throw beyond(target) }
-        var out = i.bytes
-        out.replaceSubrange(field.range, with: CopyEncoding.le32(rel))
-        return out
     }
 }

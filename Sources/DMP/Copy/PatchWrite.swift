@@ -18,43 +18,26 @@ package struct PatchWrite: Hashable, Sendable {
     package var range: Range<UInt64> { address..<address &+ UInt64(replacement.count) }
 }
 
-/// Small x86-64 encodings the function copy needs: NOP fill and `jmp`/`call rel32`.
+/// The few encodings the function copy writes outside a body, over ``X86Assembler``.
 package enum CopyEncoding {
     /// The 5-byte NOP (`nop dword [rax+rax*1+0]`) the copy holds after calls and at loop heads.
-    package static let nop5: [UInt8] = [0x0f, 0x1f, 0x44, 0x00, 0x00]
+    package static let nop5: [UInt8] = X86Assembler.nops[4]
 
-    /// NOP fill of `count` bytes: the recommended multi-byte NOPs (Intel SDM, `NOP`), longest first.
+    /// NOP fill of `count` bytes (the fewest recommended multi-byte NOPs).
     package static func nops(_ count: Int) -> [UInt8] {
-        let forms: [[UInt8]] = [
-            [0x90], [0x66, 0x90], [0x0f, 0x1f, 0x00], [0x0f, 0x1f, 0x40, 0x00], nop5,
-            [0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00], [0x0f, 0x1f, 0x80, 0x00, 0x00, 0x00, 0x00],
-            [0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00], [0x66, 0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00],
-        ]
-        var out: [UInt8] = []
-        var left = max(0, count)
-        while left > 0 {
-            let n = min(left, forms.count)
-            out += forms[n - 1]
-            left -= n
+        var a = X86Assembler(origin: 0)
+        a.nop(count)
+        return a.bytes
+    }
+
+    /// `jmp rel32` (or `call rel32`) at `address` to `target`, or `nil` beyond ±2 GiB.
+    package static func branch32(call: Bool = false, at address: UInt64, to target: UInt64) -> [UInt8]? {
+        var a = X86Assembler(origin: address)
+        do throws(DMPRefusal) {
+            if call { try a.call(.absolute(target)) } else { try a.jmp(.absolute(target)) }
+            return try a.finish()
+        } catch {
+            return nil
         }
-        return out
-    }
-
-    /// The rel32 from the end of an instruction at `address` of `length` bytes to `target`, or `nil` beyond ±2 GiB.
-    package static func rel32(from address: UInt64, length: Int, to target: UInt64) -> Int32? {
-        let next = address &+ UInt64(length)
-        return Int32(exactly: Int64(bitPattern: target &- next))
-    }
-
-    /// `opcode rel32` (`E9` jmp, `E8` call) at `address` to `target`, or `nil` beyond ±2 GiB.
-    package static func branch32(_ opcode: UInt8, at address: UInt64, to target: UInt64) -> [UInt8]? {
-        guard let rel = rel32(from: address, length: 5, to: target) else { return nil }
-        return [opcode] + le32(rel)
-    }
-
-    /// The little-endian bytes of a 32-bit value.
-    package static func le32(_ v: Int32) -> [UInt8] {
-        let u = UInt32(bitPattern: v)
-        return [UInt8(u & 0xff), UInt8(u >> 8 & 0xff), UInt8(u >> 16 & 0xff), UInt8(u >> 24)]
     }
 }
