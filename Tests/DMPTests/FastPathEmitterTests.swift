@@ -246,3 +246,42 @@ func stub(_ c: BodyCase) throws -> (instruction: X86Instruction, bytes: [UInt8],
     }
 }
 
+
+@Suite struct FlagLivenessTests {
+    @Test("without pushfq/popfq a body is the same but for those three bytes, and uses 8 bytes less stack", arguments: bodyCases)
+    func withoutFlags(c: BodyCase) throws {
+        let i = try X86Disassembler().decode(c.bytes, address: StubLayout.site)
+        let (with, bodyWith) = try FastPathEmitter.instructionStub(for: i, routes: c.routes, at: StubLayout.stub)
+        let (without, bodyWithout) = try FastPathEmitter.instructionStub(for: i, routes: c.routes, preserveFlags: false, at: StubLayout.stub)
+        let d = try X86Disassembler().decodeAll(without, address: StubLayout.stub)
+        #expect(d.map(\.length).reduce(0, +) == without.count)
+        #expect(!d.contains { $0.mnemonic == "pushfq" || $0.mnemonic == "popfq" })
+        #expect(without.count == with.count - 3 && bodyWithout.stackBytes == bodyWith.stackBytes - 8)
+        #expect(d.last?.branch?.target == i.nextAddress)
+    }
+
+    @Test("the arithmetic flags are dead before an instruction that writes all six and reads none", arguments: [
+        ([0x83, 0xf8, 0x01], true),         // cmp eax, 1
+        ([0x01, 0xd8], true),               // add eax, ebx
+        ([0x85, 0xc0], true),               // test eax, eax
+        ([0xff, 0xc0], false),              // inc eax: CF kept
+        ([0x11, 0xd8], false),              // adc eax, ebx: reads CF
+        ([0x75, 0x02], false),              // jne: reads ZF
+        ([0x89, 0xd8], false),              // mov eax, ebx: writes none
+        ([0xd3, 0xe0], false),              // shl eax, cl: a zero count keeps them
+        ([0x9c], false),                    // pushfq: reads them all
+    ] as [([UInt8], Bool)])
+    func dead(bytes: [UInt8], dead: Bool) throws {
+        let next = try X86Disassembler().decode(bytes, address: StubLayout.site + 1)
+        #expect(FastPathEmitter.arithmeticFlagsDead(before: next) == dead, "\(next)")
+    }
+
+    @Test("bodyBytes is the body alone, as emitBody writes it at the same origin")
+    func bodyBytes() throws {
+        let c = bodyCases[4]
+        let i = try X86Disassembler().decode(c.bytes, address: StubLayout.site)
+        var a = X86Assembler(origin: StubLayout.stub)
+        try FastPathEmitter.emitBody(for: i, routes: c.routes, into: &a)
+        #expect(try FastPathEmitter.bodyBytes(for: i, routes: c.routes, at: StubLayout.stub) == a.finish())
+    }
+}

@@ -91,9 +91,9 @@ struct FastPathGuest {
     }
 
     /// The body for `bytes` (decoded as if at the current position) serving `routes`.
-    mutating func body(_ bytes: [UInt8], _ routes: [FastPathRoute]) throws {
+    mutating func body(_ bytes: [UInt8], _ routes: [FastPathRoute], preserveFlags: Bool = true) throws {
         let i = try X86Disassembler().decode(bytes, address: a.position)
-        try FastPathEmitter.emitBody(for: i, routes: routes, into: &a)
+        try FastPathEmitter.emitBody(for: i, routes: routes, preserveFlags: preserveFlags, into: &a)
     }
 
     /// Runs the guest on a VM that `setup` prepares once the code is loaded; returns the VM after the guest's exit.
@@ -137,8 +137,9 @@ struct FastPathGuest {
     static func flags(_ vm: VirtualMachine) throws -> UInt64 { try vm.memory.read(UInt64.self, at: GuestAddress(results + 128)) }
 
     /// Every register but `except` and rsp holds its initial value (or its override), and the status flags are the ones set.
-    static func untouched(_ vm: VirtualMachine, except: Set<X86Register>, overrides: [X86Register: UInt64] = [:]) throws -> Bool {
-        var ok = try flags(vm) & statusMask == FastPathGuest.flags & statusMask
+    static func untouched(_ vm: VirtualMachine, except: Set<X86Register>, overrides: [X86Register: UInt64] = [:],
+                          flags checkFlags: Bool = true) throws -> Bool {
+        var ok = try !checkFlags || flags(vm) & statusMask == FastPathGuest.flags & statusMask
         // The red zone and RSP are as they were.
         ok = try ok && vm.memory.read(UInt64.self, at: GuestAddress(results + 136)) == redZone[0]
         ok = try ok && vm.memory.read(UInt64.self, at: GuestAddress(results + 144)) == redZone[1]
@@ -297,5 +298,28 @@ extension KVMTests {
         let served = try vm.memory.read(UInt64.self, at: GuestAddress(route.hitCounter))
         if polling { #expect(served > 0 && devices?.rings.consumed[1] == Int(served)) } else { #expect(served == 0 && devices?.rings.consumed[1] == 0) }
         #expect(try FastPathGuest.untouched(vm, except: [.rax, .rcx], overrides: [.rsi: doorbell]))
+    }
+
+    @Test("rsp-based loads (the address computed below the pushes): a 64-bit constant and a sign-extended shared slot; with and without pushfq/popfq",
+          arguments: [true, false], [false, true])
+    func stackOperandRuns(preserveFlags: Bool, userMode: Bool) throws {
+        let rsp = userMode ? FastPathGuest.userStack : X86Layout.initialStack
+        let constant = FastPathGuest.route(.memory(rsp + 8), width: 8, .read, .constantRead(0x1122_3344_5566_7788))
+        let slot = FastPathGuest.route(.memory(rsp + 16), width: 2, .read, .sharedSlotRead(slot: 0), in: FastPathGuest.data + 0x200)
+        var g = try FastPathGuest(userMode: userMode)
+        try g.prologue()
+        try g.body([0x48, 0x8b, 0x44, 0x24, 0x08], [constant], preserveFlags: preserveFlags)       // mov rax, [rsp + 8]
+        try g.body([0x48, 0x0f, 0xbf, 0x4c, 0x24, 0x10], [slot], preserveFlags: preserveFlags)   // movsx rcx, word [rsp + 16]
+        try g.epilogue()
+        let vm = try g.run { vm in
+            for r in [constant, slot] { try vm.memory.write(UInt32(1), at: GuestAddress(r.enableWord)) }
+            try vm.memory.write(UInt16(0x8001), at: GuestAddress(slot.slot ?? 0))
+            try vm.memory.write(UInt64(0xaaaa), at: GuestAddress(rsp + 8))      // what the original loads would see
+            try vm.memory.write(UInt64(0xbbbb), at: GuestAddress(rsp + 16))
+        }
+        #expect(try FastPathGuest.register(vm, .rax) == 0x1122_3344_5566_7788)
+        #expect(try FastPathGuest.register(vm, .rcx) == 0xffff_ffff_ffff_8001)
+        #expect(try FastPathGuest.untouched(vm, except: [.rax, .rcx], flags: preserveFlags))
+        for r in [constant, slot] { #expect(try vm.memory.read(UInt64.self, at: GuestAddress(r.hitCounter)) == 1) }
     }
 }

@@ -24,7 +24,7 @@ package struct FastPathBody: Hashable, Sendable {
 ///
 /// ```
 ///         lea rsp, [rsp - 128]        ; below the red zone (at CPL0 too)
-///         pushfq
+///         pushfq                      ; skipped where the arithmetic flags are dead
 ///         push <scratch>...           ; at most 64 bytes with the flags
 ///         lea A, [<the operand>]      ; a register-based memory operand: its runtime address
 ///         movzx V, <source>; shl V, 32 ; a store to a ring: the value, captured first
@@ -62,24 +62,42 @@ package enum FastPathEmitter {
     ///   instruction or a route does not qualify, ``DMPRefusal/Stage/encode`` when
     ///   an address is beyond ±2 GiB of the body or the original cannot be relocated.
     ///   On a refusal nothing is emitted.
+    ///
+    /// - Parameter preserveFlags: `false` skips `pushfq`/`popfq` where the arithmetic flags are
+    ///   dead after the instruction (``arithmeticFlagsDead(before:)``); the body changes no other flag.
     @discardableResult
-    package static func emitBody(for instruction: X86Instruction, routes: [FastPathRoute],
+    package static func emitBody(for instruction: X86Instruction, routes: [FastPathRoute], preserveFlags: Bool = true,
                                  into assembler: inout X86Assembler) throws(DMPRefusal) -> FastPathBody {
         var a = assembler
-        var e = try BodyEmitter(instruction: instruction, routes: routes)
+        var e = try BodyEmitter(instruction: instruction, routes: routes, preserveFlags: preserveFlags)
         let body = try e.emit(into: &a)
         assembler = a
         return body
     }
 
+    /// The body alone, emitted at `origin` (a function copy's inline rewrite: it falls through).
+    package static func bodyBytes(for instruction: X86Instruction, routes: [FastPathRoute], preserveFlags: Bool = true,
+                                  at origin: UInt64) throws(DMPRefusal) -> [UInt8] {
+        var a = X86Assembler(origin: origin)
+        try emitBody(for: instruction, routes: routes, preserveFlags: preserveFlags, into: &a)
+        return try a.finish()
+    }
+
     /// An instruction stub: the body, then `jmp` to the end of the instruction (never `ret`).
     /// Returns the stub's bytes (for `origin`) and where its parts are.
-    package static func instructionStub(for instruction: X86Instruction, routes: [FastPathRoute],
+    package static func instructionStub(for instruction: X86Instruction, routes: [FastPathRoute], preserveFlags: Bool = true,
                                         at origin: UInt64) throws(DMPRefusal) -> (bytes: [UInt8], body: FastPathBody) {
         var a = X86Assembler(origin: origin)
-        let body = try emitBody(for: instruction, routes: routes, into: &a)
+        let body = try emitBody(for: instruction, routes: routes, preserveFlags: preserveFlags, into: &a)
         try a.jmp(.absolute(instruction.nextAddress))
         return (try a.finish(), body)
+    }
+
+    /// Whether the arithmetic flags (CF, PF, AF, ZF, SF, OF) are dead at the start of `next`,
+    /// the instruction that always follows the hot one: it writes all six (or leaves them
+    /// undefined) and reads none. Then a body may skip `pushfq`/`popfq` (DESIGN.md step 4).
+    package static func arithmeticFlagsDead(before next: X86Instruction) -> Bool {
+        next.flagsWritten.isSuperset(of: .arithmetic) && next.flagsRead.isDisjoint(with: .arithmetic)
     }
 
     /// The bytes that replace a patched instruction of at least 5 bytes: `jmp rel32` to
@@ -123,6 +141,7 @@ private struct BodyEmitter {
     let direction: AccessDirection
     let address: AccessAddress
     let value: AccessValue
+    let preserveFlags: Bool
 
     /// The runtime address register (dynamic memory operands).
     var addressRegister: X86Register?
@@ -133,9 +152,10 @@ private struct BodyEmitter {
     /// Every register pushed, in push order.
     var saved: [X86Register] = []
 
-    init(instruction i: X86Instruction, routes: [FastPathRoute]) throws(DMPRefusal) {
+    init(instruction i: X86Instruction, routes: [FastPathRoute], preserveFlags: Bool) throws(DMPRefusal) {
         instruction = i
         self.routes = routes
+        self.preserveFlags = preserveFlags
         guard i.mode == .bits64 else { throw DMPRefusal(.fastPath, "\(i): only 64-bit code gets fast paths") }
         guard !routes.isEmpty else { throw DMPRefusal(.fastPath, "\(i): no fast path to serve") }
         let shape: X86AccessShape
@@ -273,10 +293,13 @@ private struct BodyEmitter {
         saved = [valueRegister].compactMap { $0 } + temps
         if hasRing && !saved.contains(.rax) { saved.append(.rax) }
         if portKick && !saved.contains(.rdx) { saved.append(.rdx) }
-        guard 8 * (saved.count + 1) <= FastPathEmitter.stackLimit else {
-            throw DMPRefusal(.encode, "\(instruction): the body would need \(8 * (saved.count + 1)) bytes of stack")
+        guard stackBytes <= FastPathEmitter.stackLimit else {
+            throw DMPRefusal(.encode, "\(instruction): the body would need \(stackBytes) bytes of stack")
         }
     }
+
+    /// The stack the body pushes below the red zone: the saved registers and, unless skipped, the flags.
+    var stackBytes: Int { 8 * (saved.count + (preserveFlags ? 1 : 0)) }
 
     /// The scratch register for a 64-bit address compare (never the address register).
     var compareTemp: X86Register { temps.first { $0 != addressRegister } ?? temps[0] }
@@ -287,9 +310,9 @@ private struct BodyEmitter {
         let start = a.position
         let fallback = a.newLabel(), done = a.newLabel(), end = a.newLabel()
         try a.lea(.rsp, .init(base: .rsp, displacement: -FastPathEmitter.redZone))
-        a.pushfq()
+        if preserveFlags { a.pushfq() }
         for r in saved { try a.push(r) }
-        let depth = FastPathEmitter.redZone + Int64(8 * (saved.count + 1))
+        let depth = FastPathEmitter.redZone + Int64(stackBytes)
         if case .dynamic(let m, let disp) = address, let ar = addressRegister {
             let base = m.base?.architectural
             let adjusted = disp + (base == .rsp ? depth : 0)
@@ -316,12 +339,12 @@ private struct BodyEmitter {
         try a.bind(done)
         try restore(&a)
         try a.bind(end)
-        return FastPathBody(range: start..<a.position, fallback: fallbackStart..<fallbackEnd, stackBytes: 8 * (saved.count + 1))
+        return FastPathBody(range: start..<a.position, fallback: fallbackStart..<fallbackEnd, stackBytes: stackBytes)
     }
 
     func restore(_ a: inout X86Assembler) throws(DMPRefusal) {
         for r in saved.reversed() { try a.pop(r) }
-        a.popfq()
+        if preserveFlags { a.popfq() }
         try a.lea(.rsp, .init(base: .rsp, displacement: FastPathEmitter.redZone))
     }
 
