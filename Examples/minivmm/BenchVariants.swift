@@ -126,7 +126,7 @@ struct BenchVariant: Sendable {
         var devices: StandardDevices?
         var run = try runInProcess(env.guests + "/" + w.name + ".elf", iterations: n, afterLoad: { vm, d, loaded in
             var c = DMPConfiguration()
-            c.symbols = loaded.symbols
+            c.use(loaded)
             c.userModeFastPaths = true
             var logger = Logger(label: "minivmm.bench.dmp")
             logger.logLevel = DMPOptions.logLevel

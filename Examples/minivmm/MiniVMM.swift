@@ -141,7 +141,7 @@ struct Session {
         let (image, _) = try options.image()
         loaded = try X86Boot.load(image, commandLine: options.append, into: vm)
         if var c = dmp {
-            c.symbols = loaded.symbols
+            c.use(loaded)
             var logger = Logger(label: "minivmm.dmp")
             logger.logLevel = DMPOptions.logLevel
             self.dmp = DMPMiddleware.install(on: vm, rings: devices.rings, configuration: c, logger: logger)

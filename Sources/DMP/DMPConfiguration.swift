@@ -41,6 +41,15 @@ public struct DMPConfiguration: Sendable {
     public var implantArea: GuestRange = X86Layout.implantArea
     /// The image's symbols (a function copy needs the enclosing function's sized symbol; the report symbolizes sites).
     public var symbols: SymbolTable = SymbolTable()
+    /// The guest-physical ranges of the image's code (its loaded segments), which the guest maps at the same
+    /// virtual addresses: where a function copy looks for its function and for direct calls into it.
+    public var codeRanges: [GuestRange] = []
+
+    /// Takes the symbols and code ranges of a loaded image.
+    public mutating func use(_ image: LoadedImage) {
+        symbols = image.symbols
+        codeRanges = image.segments
+    }
 
     /// The defaults: threshold 64 in a window of 4,096 exits, both strategies, verification on, user-mode fast paths off.
     public init() {}

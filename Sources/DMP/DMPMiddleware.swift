@@ -21,6 +21,11 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     private let detectors: [HotspotDetector]
     private let clocks: [WindowClock]
     private let patcher: Patcher
+    private let implant: Implant?
+    private let locator: SiteLocator?
+    private let planner: PatchPlanner?
+    /// Why DMP cannot patch at all (no disassembler, a bad implant area), if so.
+    private let disabledReason: DMPRefusal?
     /// Sites, patches and pending host writes (never held across a pause).
     private let state = Mutex(State())
     /// Held while one vCPU plans and writes a patch; others skip planning meanwhile (taken with try-lock only: a vCPU
@@ -50,7 +55,22 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         self.logger = logger
         self.detectors = vm.vcpus.map { _ in HotspotDetector(configuration) }
         self.clocks = vm.vcpus.map { _ in WindowClock() }
-        self.patcher = Patcher(vm: vm)
+        let patcher = Patcher(vm: vm)
+        self.patcher = patcher
+        var implant: Implant?, locator: SiteLocator?, planner: PatchPlanner?, why: DMPRefusal?
+        do throws(DMPRefusal) {
+            let i = try Implant(area: configuration.implantArea)
+            implant = i
+            locator = try SiteLocator(symbols: configuration.symbols)
+            planner = try PatchPlanner(vm: vm, rings: rings, configuration: configuration, implant: i, patcher: patcher)
+        } catch {
+            why = error
+            logger.error("DMP cannot patch", metadata: ["reason": "\(error)"])
+        }
+        self.implant = implant
+        self.locator = locator
+        self.planner = planner
+        self.disabledReason = why
     }
 
     /// Creates the middleware, adds it to `vm`'s exit chain, makes it the VM's
@@ -79,8 +99,14 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         }
         let id = context.vcpuID
         guard id >= 0, id < detectors.count, let rip = try? context.registers().rip else { return .pass }
-        let site = ExitStatistics.site(for: exit, rip: rip)
+        var site = ExitStatistics.site(for: exit, rip: rip)
         clocks[id].tick()
+        if let implant, let owner = implant.owner(ofInstructionPointer: rip) {
+            // An exit from implanted code: a fallback is charged to its site; an instruction of a
+            // function copy that no fast path serves counts as the original instruction.
+            guard let original = chargeImplantExit(owner: owner, rip: rip, site: site) else { return .pass }
+            site = original
+        }
         guard detectors[id].record(site) else { return .pass }
         return try candidate(site, exit, context)
     }
@@ -122,10 +148,80 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         return result
     }
 
+    /// Charges an exit taken from implanted code: returns nil when it was a fallback of a site the patch
+    /// serves (counted there), or the site as the original instruction would have caused it.
+    private func chargeImplantExit(owner: Int, rip: UInt64, site: ExitSite) -> ExitSite? {
+        state.withLock { s -> ExitSite? in
+            guard let p = s.patches[owner] else { return nil }
+            guard let copy = p.copy else {
+                // A stub: every exit from it is its site's fallback.
+                if let served = p.sites.first { s.sites[served]?.report.exitsWhilePatched += 1 }
+                return nil
+            }
+            guard let original = copy.originalAddress(of: rip) else { return nil }
+            if let served = p.sites.first(where: { s.sites[$0]?.report.instructionAddress == original }) {
+                s.sites[served]?.report.exitsWhilePatched += 1
+                return nil
+            }
+            return ExitSite(rip: original, kind: site.kind, address: site.address, size: site.size, direction: site.direction)
+        }
+    }
+
     /// Locates the instruction of `site`, asks the device, chooses a shape, encodes it and patches it in.
     private func plan(_ site: ExitSite, _ exit: VMExit, _ context: ExitContext, registersAtExit: Registers?,
                       hotAt: ContinuousClock.Instant) throws(DMPRefusal) {
-        throw DMPRefusal(.plan, "the planner is not wired yet")
+        guard let locator, let planner, let implant else {
+            throw disabledReason ?? DMPRefusal(.plan, "DMP could not start")
+        }
+        let located = try locator.locate(exit, context: context)
+        state.withLock {
+            $0.sites[site]?.report.instructionAddress = located.virtualAddress
+            $0.sites[site]?.report.physicalAddress = located.physicalAddress
+            $0.sites[site]?.report.instruction = located.instruction.description
+            $0.sites[site]?.report.userMode = located.cpl == 3
+        }
+        if implant.owner(ofInstructionPointer: located.virtualAddress) != nil {
+            throw DMPRefusal(.plan, "the instruction runs inside a function copy (rebuilding a copy for a new site is not supported yet)")
+        }
+        let id = state.withLock { s -> Int in
+            defer { s.nextPatchID += 1 }
+            return s.nextPatchID
+        }
+        let minimum = max(1, configuration.threshold / 4)
+        let siblings = detectors[context.vcpuID].entries
+            .filter { $0.site != site && ($0.site.kind == .io || $0.site.kind == .mmio) && $0.total >= minimum }
+            .filter { e in state.withLock { $0.sites[e.site] == nil } }
+            .map(\.site)
+        let outcome = try planner.plan(site, located: located, registersAtExit: registersAtExit, siblings: siblings,
+                                       hotAt: hotAt, owner: id)
+        let elapsed = nanoseconds(since: hotAt)
+        state.withLock { s in
+            if let applied = outcome.applied { s.patches[id] = applied }
+            for sp in outcome.sites {
+                var r = s.sites[sp.site] ?? SiteRecord(report: PatchSite(site: sp.site, location: symbolize(sp.site.rip)))
+                if s.sites[sp.site] == nil { s.order.append(sp.site) }
+                r.report.instructionAddress = sp.virtualAddress
+                r.report.physicalAddress = sp.physicalAddress
+                r.report.instruction = sp.instruction
+                r.report.strategy = outcome.strategy
+                r.report.fastPath = sp.fastPath
+                r.report.userMode = sp.userMode
+                r.report.state = outcome.applied == nil ? .wouldPatch : .patched
+                r.report.refusal = nil
+                r.report.hotToPatchedNanoseconds = elapsed
+                r.enableWord = sp.enableWord
+                r.grant = sp.grant
+                r.hitCounter = sp.hitCounter
+                r.hitBase = 0
+                r.patchID = outcome.applied == nil ? nil : id
+                if r.baselineRate == nil, sp.site != site { r.baselineRate = s.sites[site]?.baselineRate }
+                s.sites[sp.site] = r
+            }
+        }
+        logger.info(outcome.applied == nil ? "would patch" : "patched",
+                    metadata: ["site": "\(describe(site))", "strategy": "\(outcome.strategy)",
+                               "sites": "\(outcome.sites.count)", "paused_ns": "\(outcome.pausedNanoseconds)",
+                               "hot_to_patched_ns": "\(elapsed)"])
     }
 
     /// Records and logs a refusal.

@@ -14,11 +14,15 @@ package struct AppliedPatch: Sendable {
     package var sites: [ExitSite]
     /// When the vCPUs resumed with it in place.
     package var appliedAt: ContinuousClock.Instant
+    /// For a function copy: the copy (to map exits inside it back to the original's addresses).
+    package var copy: FunctionCopy?
+    /// The implanted code's guest-virtual start.
+    package var codeVirtualStart: UInt64
 
     /// Creates a record.
     package init(writes: [CodeWrite], guardedPages: [UInt64], implantCode: GuestRange, strategy: String,
-                 sites: [ExitSite], appliedAt: ContinuousClock.Instant) {
+                 sites: [ExitSite], appliedAt: ContinuousClock.Instant, copy: FunctionCopy? = nil, codeVirtualStart: UInt64) {
         self.writes = writes; self.guardedPages = guardedPages; self.implantCode = implantCode; self.strategy = strategy
-        self.sites = sites; self.appliedAt = appliedAt
+        self.sites = sites; self.appliedAt = appliedAt; self.copy = copy; self.codeVirtualStart = codeVirtualStart
     }
 }

@@ -1,0 +1,360 @@
+import VMMKit
+import X86Disassembler
+
+/// What the planner decided for one site it serves.
+package struct SitePlan: Sendable {
+    /// The site.
+    package var site: ExitSite
+    /// The instruction's guest-virtual start and guest-physical address.
+    package var virtualAddress: UInt64
+    package var physicalAddress: GuestAddress
+    /// The instruction's text.
+    package var instruction: String
+    /// The device's fast path, described.
+    package var fastPath: String
+    /// Whether the code runs at CPL3.
+    package var userMode: Bool
+    /// The enable word the device was granted, and where (revoked on undo).
+    package var enableWord: FastPathEnableWord?
+    package var grant: (space: BusSpace, address: UInt64)?
+    /// The hit counter's guest-physical address.
+    package var hitCounter: GuestAddress?
+}
+
+/// A planned (and, unless a dry run, applied) patch.
+package struct PlanOutcome: Sendable {
+    /// The patch in place, or nil for a dry run.
+    package var applied: AppliedPatch?
+    /// The shape (`instruction stub`, `function copy of f via entry instruction`).
+    package var strategy: String
+    /// The sites it serves, the candidate first.
+    package var sites: [SitePlan]
+    /// Nanoseconds the vCPUs were paused for the write.
+    package var pausedNanoseconds: UInt64
+}
+
+/// Turns a located hot instruction into a patch (DESIGN.md, DMP steps 3–6):
+/// asks the device, chooses the shape, encodes it into the implant, checks the
+/// guest's mappings and the guard rules, and writes it with the patcher.
+///
+/// Not thread-safe: the middleware calls it under its planning lock.
+package final class PatchPlanner {
+    let vm: VirtualMachine
+    let rings: PVRingDevice?
+    let configuration: DMPConfiguration
+    let implant: Implant
+    let patcher: Patcher
+    let disassembler: X86Disassembler
+
+    /// Creates a planner.
+    package init(vm: VirtualMachine, rings: PVRingDevice?, configuration: DMPConfiguration,
+                 implant: Implant, patcher: Patcher) throws(DMPRefusal) {
+        self.vm = vm; self.rings = rings; self.configuration = configuration
+        self.implant = implant; self.patcher = patcher
+        do { disassembler = try X86Disassembler() } catch {
+            throw DMPRefusal(.plan, "cannot open the disassembler: \(error)")
+        }
+    }
+
+    // MARK: Fast paths
+
+    /// A granted fast path and the route the implanted code serves.
+    struct Grant {
+        var route: FastPathRoute
+        var plan: SitePlan
+    }
+
+    /// Asks the device that owns `site`'s access for a fast path; builds the route.
+    /// `memoryTarget` is the linear address the instruction accesses (MMIO).
+    func grant(for site: ExitSite, instruction: X86Instruction, virtualAddress: UInt64, physicalAddress: GuestAddress,
+               memoryTarget: UInt64?, cpl: Int, placement: ImplantPlacement, paging: PagingContext) throws(DMPRefusal) -> Grant {
+        if cpl == 3 && !configuration.userModeFastPaths {
+            throw DMPRefusal(.fastPath, "the code runs at CPL3 and user-mode fast paths are off (DMPConfiguration.userModeFastPaths)")
+        }
+        let space: BusSpace = site.kind == .io ? .pio : .mmio
+        let size = Int(site.size)
+        let ringIndex = rings?.targets.firstIndex { $0.space == space && $0.address == site.address && $0.width == size }
+        let data = try implant.allocateData(16, alignment: 16)
+        let enableGPA = data.start
+        let hitsGPA = GuestAddress(data.start.rawValue + 8)
+        let word: FastPathEnableWord
+        if configuration.dryRun {
+            word = FastPathEnableWordStorage(count: 1)[0]
+        } else {
+            do { word = try FastPathEnableWord(memory: vm.memory, at: enableGPA) } catch {
+                throw DMPRefusal(.implant, "cannot place an enable word at \(enableGPA): \(error)")
+            }
+        }
+        let granted: FastPathDescription
+        do {
+            granted = try vm.bus.grantFastPath(space: space, address: site.address, size: size, direction: site.direction,
+                                               ring: ringIndex, enableWord: word).description
+        } catch {
+            throw DMPRefusal(.fastPath, "\(error)")
+        }
+        var ring: RingMapping?
+        if case .ringAppend(let index, let mode) = granted.kind {
+            guard let rings, index >= 0, index < rings.targets.count else {
+                vm.bus.revokeFastPath(space: space, address: site.address, enableWord: word)
+                throw DMPRefusal(.fastPath, "the device named ring \(index), which does not exist")
+            }
+            let base = rings.base.rawValue + UInt64(index) * rings.stride
+            let va = base &+ placement.offset
+            do {
+                let t = try vm.memory.translate(va, paging: paging, access: cpl == 3 ? [.write, .user] : [.write])
+                guard t.physical.rawValue == base else {
+                    throw DMPRefusal(.implant, "ring \(index) is not mapped at \(hex(va)) (that address maps \(t.physical))")
+                }
+            } catch let e as DMPRefusal {
+                vm.bus.revokeFastPath(space: space, address: site.address, enableWord: word)
+                throw e
+            } catch {
+                vm.bus.revokeFastPath(space: space, address: site.address, enableWord: word)
+                throw DMPRefusal(.implant, "ring \(index) is not mapped writable at \(hex(va)): \(error)")
+            }
+            ring = RingMapping(base: va, slotCount: rings.slotCount, synchronous: mode == .synchronous)
+        }
+        if case .sharedSlotRead = granted.kind {
+            vm.bus.revokeFastPath(space: space, address: site.address, enableWord: word)
+            throw DMPRefusal(.fastPath, "shared-slot reads are not served by DMP yet")
+        }
+        let target: FastPathRoute.Target
+        if site.kind == .io {
+            target = .port(UInt16(truncatingIfNeeded: site.address))
+        } else {
+            guard let m = memoryTarget else {
+                vm.bus.revokeFastPath(space: space, address: site.address, enableWord: word)
+                throw DMPRefusal(.fastPath, "the instruction's memory operand could not be evaluated")
+            }
+            target = .memory(m)
+        }
+        let route = FastPathRoute(target: target, width: size, direction: site.direction, kind: granted.kind,
+                                  enableWord: placement.virtualAddress(of: enableGPA),
+                                  hitCounter: placement.virtualAddress(of: hitsGPA), ring: ring)
+        if configuration.dryRun { vm.bus.revokeFastPath(space: space, address: site.address, enableWord: word) }
+        let plan = SitePlan(site: site, virtualAddress: virtualAddress, physicalAddress: physicalAddress,
+                            instruction: instruction.description, fastPath: PatchPlanner.describe(granted.kind),
+                            userMode: cpl == 3, enableWord: configuration.dryRun ? nil : word,
+                            grant: configuration.dryRun ? nil : (space, site.address), hitCounter: hitsGPA)
+        return Grant(route: route, plan: plan)
+    }
+
+    /// Revokes what `grants` were given (a plan that failed after asking the devices).
+    func revoke(_ grants: [Grant]) {
+        for g in grants {
+            guard let w = g.plan.enableWord, let at = g.plan.grant else { continue }
+            w.store(false)
+            vm.bus.revokeFastPath(space: at.space, address: at.address, enableWord: w)
+        }
+    }
+
+    /// A fast path for the report.
+    static func describe(_ k: FastPathKind) -> String {
+        switch k {
+        case .constantRead(let v): "constant 0x\(String(v, radix: 16))"
+        case .sharedSlotRead(let s): "shared slot \(s)"
+        case .discardWrite: "discard"
+        case .ringAppend(let r, let m): "ring \(r) (\(m == .synchronous ? "synchronous" : "asynchronous"))"
+        case .tscCounter: "TSC counter"
+        }
+    }
+}
+
+extension PatchPlanner {
+    /// Plans the patch for the candidate `located` (with `siblings`: other hot-enough sites that
+    /// may share a function copy), and applies it unless this is a dry run.
+    package func plan(_ site: ExitSite, located: LocatedInstruction, registersAtExit: Registers?,
+                      siblings: [ExitSite] = [], hotAt: ContinuousClock.Instant, owner: Int) throws(DMPRefusal) -> PlanOutcome {
+        let implantSite = ImplantSite(located)
+        // Where the guest maps the implant for this site (identity first), checked on the first code page and a data page.
+        let probeCode = GuestRange(start: implant.area.start, size: Implant.pageSize)
+        let probeData = try implant.allocateData(16, alignment: 16)
+        let placement = try implant.placement(for: implantSite, code: probeCode, data: [probeData], memory: vm.memory)
+        let memoryTarget = located.instruction.memoryOperands.first?.memory.flatMap { m in
+            registersAtExit.flatMap {
+                located.instruction.effectiveAddress(of: m, registers: $0, segments: X86SegmentBases(located.specialRegisters))
+            }
+        }
+        var grants: [Grant] = []
+        grants.append(try grant(for: site, instruction: located.instruction, virtualAddress: located.virtualAddress,
+                                physicalAddress: located.physicalAddress, memoryTarget: memoryTarget, cpl: located.cpl,
+                                placement: placement, paging: located.paging))
+        do {
+            let outcome: PlanOutcome
+            if located.instruction.length >= 5 && configuration.strategies.contains(.instructionStub) {
+                outcome = try stub(located, grants[0], placement: placement, owner: owner)
+            } else if configuration.strategies.contains(.functionCopy) {
+                grants += siblingGrants(siblings, of: located, placement: placement)
+                outcome = try functionCopy(located, grants, placement: placement, owner: owner)
+            } else {
+                throw DMPRefusal(.plan, "\(located.instruction) is \(located.instruction.length) bytes and function copies are off")
+            }
+            return outcome
+        } catch {
+            revoke(grants)
+            throw error
+        }
+    }
+
+    /// The instruction stub: the hot instruction (≥ 5 bytes) becomes `jmp stub`; the stub serves the fast path and jumps back.
+    private func stub(_ located: LocatedInstruction, _ g: Grant, placement: ImplantPlacement, owner: Int) throws(DMPRefusal) -> PlanOutcome {
+        let trial = try FastPathEmitter.instructionStub(for: located.instruction, routes: [g.route], at: placement.virtualAddress(of: implant.area.start))
+        let code = try implant.allocateCode(trial.bytes.count + 64)
+        let va = placement.virtualAddress(of: code.start)
+        let stub = try FastPathEmitter.instructionStub(for: located.instruction, routes: [g.route], at: va)
+        guard stub.bytes.count <= Int(code.size) else { throw DMPRefusal(.encode, "the stub grew from \(trial.bytes.count) to \(stub.bytes.count) bytes") }
+        _ = try implant.placement(for: ImplantSite(located), code: code, data: [], memory: vm.memory)
+        let jump = try FastPathEmitter.siteJump(replacing: located.instruction, to: va)
+        let write = CodeWrite(virtual: located.virtualAddress, physical: located.physicalAddress,
+                              original: located.instruction.bytes, replacement: jump)
+        let pages = try guardPages(for: [write], extra: [], located: located)
+        return try finish(strategy: "instruction stub", writes: [write], pages: pages, code: code, bytes: stub.bytes,
+                          placement: placement, owner: owner, sites: [g.plan], copy: nil)
+    }
+
+    /// The function copy: the enclosing sized function copied with the hot instructions rewritten, entered as the plan allows.
+    private func functionCopy(_ located: LocatedInstruction, _ grants: [Grant], placement: ImplantPlacement,
+                              owner: Int) throws(DMPRefusal) -> PlanOutcome {
+        let image = codeImage(paging: located.paging)
+        let rewrites = grants.map { g in
+            let route = g.route
+            let insn = instruction(at: g.plan.virtualAddress, located: located)
+            return HotRewrite(address: g.plan.virtualAddress) { at throws(DMPRefusal) in
+                guard let insn else { throw DMPRefusal(.plan, "the hot instruction at \(hex(g.plan.virtualAddress)) is gone") }
+                var a = X86Assembler(origin: at)
+                try FastPathEmitter.emitBody(for: insn, routes: [route], into: &a)
+                return try a.finish()
+            }
+        }
+        let trial = try FunctionCopyPlan.make(hot: rewrites, in: image, at: placement.virtualAddress(of: implant.area.start),
+                                              disassembler: disassembler)
+        let code = try implant.allocateCode(trial.copy.bytes.count + 256)
+        let va = placement.virtualAddress(of: code.start)
+        let plan = try FunctionCopyPlan.make(hot: rewrites, in: image, at: va, disassembler: disassembler)
+        guard plan.copy.bytes.count <= Int(code.size) else {
+            throw DMPRefusal(.encode, "the copy grew from \(trial.copy.bytes.count) to \(plan.copy.bytes.count) bytes")
+        }
+        _ = try implant.placement(for: ImplantSite(located), code: code, data: [], memory: vm.memory)
+        // One entry, the best: DESIGN.md's preference order is the plan's.
+        guard let entry = plan.entries.first else { throw DMPRefusal(.plan, "no entry into the copy") }
+        var writes: [CodeWrite] = []
+        for w in entry.writes {
+            let t: Translation
+            do { t = try vm.memory.translate(w.address, paging: located.paging, access: [.execute]) } catch {
+                throw DMPRefusal(.patch, "the entry at \(hex(w.address)) does not translate: \(error)")
+            }
+            writes.append(CodeWrite(virtual: w.address, physical: t.physical, original: w.original, replacement: w.replacement))
+        }
+        // The copied function's pages are guarded too: a write there invalidates the copy.
+        var functionPages: [UInt64] = []
+        var v = plan.copy.function.start & ~0xfff
+        while v < plan.copy.function.end {
+            if let t = try? vm.memory.translate(v, paging: located.paging) { functionPages.append(t.physical.rawValue & ~0xfff) }
+            v &+= 0x1000
+        }
+        let pages = try guardPages(for: writes, extra: functionPages, located: located)
+        let name = plan.copy.function.symbol.name
+        return try finish(strategy: "function copy of \(name) via \(entry.kind.rawValue)", writes: writes, pages: pages,
+                          code: code, bytes: plan.copy.bytes, placement: placement, owner: owner,
+                          sites: grants.map(\.plan), copy: plan.copy)
+    }
+
+    /// Grants for sibling sites that a static reading of the function locates exactly (best effort: a sibling
+    /// that cannot be located or granted is left out and may become hot on its own later).
+    private func siblingGrants(_ siblings: [ExitSite], of located: LocatedInstruction, placement: ImplantPlacement) -> [Grant] {
+        let image = codeImage(paging: located.paging)
+        guard let symbol = image.function(containing: located.virtualAddress),
+              let function = try? image.decode(symbol, disassembler: disassembler) else { return [] }
+        var out: [Grant] = []
+        for s in siblings {
+            let matches = function.instructions.filter { i in
+                (i.address == s.rip || i.nextAddress == s.rip) && i.address != located.virtualAddress && PatchPlanner.plausible(i, for: s)
+            }
+            guard matches.count == 1, let i = matches.first,
+                  let t = try? vm.memory.translate(i.address, paging: located.paging, access: [.execute]) else { continue }
+            // Memory operands of siblings cannot be evaluated without their registers: only port I/O siblings.
+            guard s.kind == .io else { continue }
+            if let g = try? grant(for: s, instruction: i, virtualAddress: i.address, physicalAddress: t.physical, memoryTarget: nil,
+                                  cpl: located.cpl, placement: placement, paging: located.paging) {
+                out.append(g)
+            }
+        }
+        return out
+    }
+
+    /// Whether `i` could make `site`'s access: port I/O of the right direction and width (and port, for an immediate).
+    static func plausible(_ i: X86Instruction, for site: ExitSite) -> Bool {
+        guard i.groups.contains(.portIO), !i.groups.contains(.string) else { return false }
+        let isIn = i.mnemonic.hasPrefix("in")
+        guard isIn == (site.direction == .read) else { return false }
+        var width = 0
+        var port: Int64?
+        for o in i.operands {
+            switch o.operand {
+            case .register(.al): width = 1
+            case .register(.ax): width = 2
+            case .register(.eax): width = 4
+            case .immediate(let v): port = v
+            default: break
+            }
+        }
+        guard width == Int(site.size) else { return false }
+        if let port { return UInt64(bitPattern: port) & 0xffff == site.address }
+        return true
+    }
+
+    /// The instruction at `address` in the located instruction's address space, decoded from guest memory.
+    private func instruction(at address: UInt64, located: LocatedInstruction) -> X86Instruction? {
+        if address == located.virtualAddress { return located.instruction }
+        let image = codeImage(paging: located.paging)
+        guard let symbol = image.function(containing: address), let f = try? image.decode(symbol, disassembler: disassembler),
+              let k = f.index(at: address) else { return nil }
+        return f.instructions[k]
+    }
+
+    /// The image's code as it is in guest memory now (segments the guest identity-maps).
+    private func codeImage(paging: PagingContext) -> CodeImage {
+        var regions: [CodeImage.Region] = []
+        for r in configuration.codeRanges {
+            guard let t = try? vm.memory.translate(r.start.rawValue, paging: paging), t.physical == r.start,
+                  let bytes = try? vm.memory.readBytes(at: r.start, count: Int(min(r.size, 64 << 20))) else { continue }
+            regions.append(CodeImage.Region(address: r.start.rawValue, bytes: bytes))
+        }
+        return CodeImage(regions: regions, symbols: configuration.symbols)
+    }
+
+    /// The guest-physical pages to guard for `writes` and `extra`, checked against the guard rules.
+    private func guardPages(for writes: [CodeWrite], extra: [UInt64], located: LocatedInstruction) throws(DMPRefusal) -> [UInt64] {
+        var pages = Set(extra)
+        for w in writes {
+            pages.insert(w.physical.rawValue & ~0xfff)
+            let last = w.physical.rawValue &+ UInt64(max(w.original.count, 1)) &- 1
+            if last & ~0xfff != w.physical.rawValue & ~0xfff {
+                guard let t = try? vm.memory.translate((w.virtual &+ UInt64(w.original.count) &- 1), paging: located.paging) else {
+                    throw DMPRefusal(.guard, "the second page of the instruction at \(hex(w.virtual)) does not translate")
+                }
+                pages.insert(t.physical.rawValue & ~0xfff)
+            }
+        }
+        let sorted = pages.sorted()
+        let offset = located.virtualAddress &- located.physicalAddress.rawValue
+        try GuardPolicy.check(sorted, memory: vm.memory, sregs: located.specialRegisters, symbols: configuration.symbols,
+                              virtualOf: { $0 &+ offset })
+        return sorted
+    }
+
+    /// Writes the implant and the patch (or, for a dry run, nothing) and records the outcome.
+    private func finish(strategy: String, writes: [CodeWrite], pages: [UInt64], code: GuestRange, bytes: [UInt8],
+                        placement: ImplantPlacement, owner: Int, sites: [SitePlan], copy: FunctionCopy?) throws(DMPRefusal) -> PlanOutcome {
+        guard !configuration.dryRun else {
+            return PlanOutcome(applied: nil, strategy: strategy, sites: sites, pausedNanoseconds: 0)
+        }
+        for s in sites { if let h = s.hitCounter { try? vm.memory.writeAsGuardOwner([UInt8](repeating: 0, count: 8), at: h) } }
+        implant.registerOwner(owner, code: code, placement: placement)
+        let paused = try patcher.apply(writes, guarding: pages, implant: [(code.start, bytes)])
+        let applied = AppliedPatch(writes: writes, guardedPages: pages, implantCode: code, strategy: strategy,
+                                   sites: sites.map(\.site), appliedAt: .now, copy: copy,
+                                   codeVirtualStart: placement.virtualAddress(of: code.start))
+        return PlanOutcome(applied: applied, strategy: strategy, sites: sites, pausedNanoseconds: paused)
+    }
+}
