@@ -200,6 +200,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             for sp in outcome.sites {
                 var r = s.sites[sp.site] ?? SiteRecord(report: PatchSite(site: sp.site, location: symbolize(sp.site.rip)))
                 if s.sites[sp.site] == nil { s.order.append(sp.site) }
+                if sp.site != site { r.report.exitsBefore = detectors[context.vcpuID].counts(of: sp.site)?.total ?? 0 }
                 r.report.instructionAddress = sp.virtualAddress
                 r.report.physicalAddress = sp.physicalAddress
                 r.report.instruction = sp.instruction

@@ -179,7 +179,7 @@ extension PatchPlanner {
         grants.append(try grant(for: site, instruction: located.instruction, virtualAddress: located.virtualAddress,
                                 physicalAddress: located.physicalAddress, memoryTarget: memoryTarget, cpl: located.cpl,
                                 placement: placement, paging: located.paging))
-        do {
+        do throws(DMPRefusal) {
             let outcome: PlanOutcome
             if located.instruction.length >= 5 && configuration.strategies.contains(.instructionStub) {
                 outcome = try stub(located, grants[0], placement: placement, owner: owner)
