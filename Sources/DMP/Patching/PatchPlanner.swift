@@ -219,11 +219,9 @@ extension PatchPlanner {
         let rewrites = grants.map { g in
             let route = g.route
             let insn = instruction(at: g.plan.virtualAddress, located: located)
-            return HotRewrite(address: g.plan.virtualAddress) { at throws(DMPRefusal) in
+            return HotRewrite(address: g.plan.virtualAddress) { (a: inout X86Assembler) throws(DMPRefusal) in
                 guard let insn else { throw DMPRefusal(.plan, "the hot instruction at \(hex(g.plan.virtualAddress)) is gone") }
-                var a = X86Assembler(origin: at)
                 try FastPathEmitter.emitBody(for: insn, routes: [route], into: &a)
-                return try a.finish()
             }
         }
         let trial = try FunctionCopyPlan.make(hot: rewrites, in: image, at: placement.virtualAddress(of: implant.area.start),
