@@ -136,3 +136,70 @@ extension KVMTests {
         }
     }
 }
+
+/// The interrupt shadow on real KVM (in the serialized KVM suite).
+extension KVMTests {
+    @Test("an in right after sti is refused (the vCPU events report the shadow at the exit); the in after it is located")
+    func locateInInterruptShadow() throws {
+        let code: [UInt8] = [
+            0xba, 0x04, 0x07, 0x00, 0x00, // +0  mov edx, 0x704
+            0xfb,                         // +5  sti
+            0xec,                         // +6  in al, dx        (in sti's shadow)
+            0xec,                         // +7  in al, dx        (not)
+            0xfa,                         // +8  cli
+            0xb0, 0x05, 0xe6, 0xf4,       // +9  mov al, 5; out 0xf4, al
+        ]
+        let base: UInt64 = 0x10_0000
+        for symbols in [SymbolTable(), SymbolTable([GuestSymbol(name: "f", address: base, size: UInt64(code.count), isFunction: true)])] {
+            let handler = try LocatingHandler(symbols: symbols)
+            let vm = try VirtualMachine(backend: try KVMSystem(), configuration: VMConfiguration(memorySize: 64 << 20))
+            vm.addExitHandler(handler)
+            try vm.bus.attach(DebugExitDevice(), ports: 0xf4..<0xf8)
+            try vm.bus.attach(Recorder(), ports: 0x704..<0x705)
+            _ = try X86Boot.load(.flat(code, loadAddress: base), into: vm)
+            #expect(try vm.run() == .guestExit(status: 5))
+            let results = handler.sites.map(\.result)
+            #expect(results.count == 2)
+            // KVM reports the shadow in the vCPU events at the exit (RIP still on the in): refused with or without symbols.
+            if case .failure(let r)? = results.first {
+                #expect(r.reason == "instruction at 0x100006 in an interrupt shadow (after sti)", "\(r)")
+            } else {
+                Issue.record("the in after sti was located: \(results.first.map { "\($0)" } ?? "none")")
+            }
+            if case .success(let l)? = results.last { #expect(l.virtualAddress == base + 7) } else { Issue.record("the second in: \(results.last.map { "\($0)" } ?? "none")") }
+        }
+    }
+}
+
+extension KVMTests {
+    @Test("an out right after sti (RIP already past it here) is refused: from the bytes before it, or from a symbol's forward decode")
+    func locateOutAfterSti() throws {
+        let code: [UInt8] = [
+            0xba, 0x04, 0x07, 0x00, 0x00, // +0  mov edx, 0x704
+            0xfb,                         // +5  sti
+            0xee,                         // +6  out dx, al       (in sti's shadow)
+            0xfa,                         // +7  cli
+            0xb0, 0x05, 0xe6, 0xf4,       // +8  mov al, 5; out 0xf4, al
+        ]
+        let base: UInt64 = 0x10_0000
+        var reasons: [String] = []
+        for symbols in [SymbolTable(), SymbolTable([GuestSymbol(name: "f", address: base, size: UInt64(code.count), isFunction: true)])] {
+            let handler = try LocatingHandler(symbols: symbols)
+            let vm = try VirtualMachine(backend: try KVMSystem(), configuration: VMConfiguration(memorySize: 64 << 20))
+            vm.addExitHandler(handler)
+            try vm.bus.attach(DebugExitDevice(), ports: 0xf4..<0xf8)
+            try vm.bus.attach(Recorder(), ports: 0x704..<0x705)
+            _ = try X86Boot.load(.flat(code, loadAddress: base), into: vm)
+            #expect(try vm.run() == .guestExit(status: 5))
+            let r = try #require(handler.sites.first?.result)
+            switch r {
+            case .success(let l): reasons.append("located \(l.confirmation)")
+            case .failure(let e): reasons.append(e.reason)
+            }
+        }
+        // The events no longer show the shadow (the out completed at the exit): without a symbol the
+        // bytes before it are enough to refuse, with one the forward decode finds the sti.
+        #expect(reasons == ["out dx, al at 0x100006 may follow sti (no symbol to decode from): possibly in an interrupt shadow",
+                            "out dx, al at 0x100006 follows sti: in an interrupt shadow"])
+    }
+}

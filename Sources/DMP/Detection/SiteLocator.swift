@@ -60,7 +60,8 @@ package struct LocatedInstruction: Sendable {
 /// Code is decoded in the mode CS says, through the vCPU's page walk.
 /// Refused: compatibility-mode code, an instruction in an interrupt shadow
 /// (the vCPU events say so, or the instruction before it is `sti`,
-/// `mov ss` or `pop ss`), none or several survivors, and everything that
+/// `mov ss` or `pop ss`; without a symbol, where RIP is already past and the
+/// events can no longer tell, any decoding of the bytes before it that is), none or several survivors, and everything that
 /// cannot be read (unmapped code, an unsupported paging mode).
 ///
 /// Each call reads the special registers and the vCPU events (an ioctl each
@@ -155,6 +156,11 @@ package final class SiteLocator {
                 guard survivors.count == 1 else {
                     let list = survivors.map { "\($0) at \(hex($0.address))" }.joined(separator: ", ")
                     throw DMPRefusal(.locate, "ambiguous: \(survivors.count) instructions ending at RIP \(hex(before)) reproduce the exit (\(list)) and no function symbol covers it")
+                }
+                // RIP already past: the events no longer show a shadow, and without a symbol the
+                // instruction before is unknown. Refuse if any decoding of the bytes before it sets one.
+                if let p = disassembler.candidatesEnding(at: only.address, in: code).first(where: SiteLocator.setsInterruptShadow) {
+                    throw DMPRefusal(.locate, "\(only) at \(hex(only.address)) may follow \(p) (no symbol to decode from): possibly in an interrupt shadow")
                 }
                 instruction = only
                 confirmation = .unconfirmed
