@@ -97,6 +97,20 @@ struct FunctionDecodeTests {
         }
     }
 
+    @Test("the committed ELF (the real-KVM test loads it) holds the same text and symbols as CopyFixtures.swift")
+    func fixtureELF() throws {
+        var parts = #filePath.split(separator: "/", omittingEmptySubsequences: false)
+        parts.removeLast() // FunctionCopyTests.swift
+        let bytes = try ImageFile.read(parts.joined(separator: "/") + "/Fixtures/copyfixtures.elf")
+        let elf = try ELFImage(bytes: bytes)
+        let text = try #require(elf.segments.first { $0.executable })
+        #expect(text.virtualAddress == CopyFixtures.text.address)
+        #expect(Array(bytes[Int(text.fileOffset)..<Int(text.fileOffset + text.fileSize)]) == CopyFixtures.text.bytes)
+        let sized = elf.symbols.symbols.filter { $0.size > 0 }
+        #expect(Set(sized.map(\.name)) == Set(CopyFixtures.symbols.map(\.name)))
+        #expect(sized == fixtureImage.symbols.symbols)
+    }
+
     @Test("a symbol size that cuts an instruction, a size of 0, a data symbol and invalid bytes are refused")
     func boundaries() throws {
         let d = try X86Disassembler()

@@ -1,13 +1,14 @@
 #!/bin/sh
-# Regenerates ../CopyFixtures.swift from copyfixtures.c and copycet.c with gcc -O2 and GNU ld.
-# The tests never need gcc: they read the committed bytes and symbol sizes.
+# Regenerates ../CopyFixtures.swift and copyfixtures.elf from copyfixtures.c and copycet.c with
+# gcc -O2 and GNU ld. The tests never need gcc: DMPTests read the committed bytes and symbol sizes,
+# the real-KVM test (Tests/KVMTests/FunctionCopyKVMTests.swift) loads the ELF through VMMKit's loader.
 set -e
 cd "$(dirname "$0")"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 gcc -O2 -fno-pic -fno-asynchronous-unwind-tables -c copyfixtures.c -o "$tmp/a.o"
 gcc -O2 -fpie -fcf-protection=full -fno-asynchronous-unwind-tables -c copycet.c -o "$tmp/b.o"
-ld -m elf_x86_64 -e 0 -Ttext 0x401000 -o "$tmp/f.elf" "$tmp/a.o" "$tmp/b.o"
+ld -m elf_x86_64 -e helper -Ttext 0x401000 -o "$tmp/f.elf" "$tmp/a.o" "$tmp/b.o"
 section() { # name -> "address bytes"
   addr=$(objdump -h "$tmp/f.elf" | awk -v s="$1" '$2 == s { print $4 }')
   objcopy -O binary -j "$1" "$tmp/f.elf" "$tmp/sec.bin"
@@ -29,4 +30,5 @@ out=../CopyFixtures.swift
   echo "    ]"
   echo "}"
 } > $out
-echo "wrote $out"
+cp "$tmp/f.elf" copyfixtures.elf
+echo "wrote $out and copyfixtures.elf"
