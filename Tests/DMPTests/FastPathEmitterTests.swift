@@ -66,6 +66,12 @@ let bodyCases: [BodyCase] = {
                  routes: [L.route(.memory(0x1000), width: 2, .read, .sharedSlotRead(slot: 0))]),
         BodyCase(name: "movsxd rdx, [rbp-4]: constant", bytes: [0x48, 0x63, 0x55, 0xfc],
                  routes: [L.route(.memory(0x1000), width: 4, .read, .constantRead(0x8000_0000))]),
+        BodyCase(name: "in eax, dx: TSC counter (PM timer)", bytes: [0xed],
+                 routes: [L.route(.port(0x608), width: 4, .read, .tscCounter(TSCCounter(multiplier: 0x2_5a1c_0000, shift: 36, wrapMask: 0xff_ffff)))]),
+        BodyCase(name: "mov rax, [rsi+0xf0]: TSC counter (HPET), shift past 64", bytes: [0x48, 0x8b, 0x86, 0xf0, 0x00, 0x00, 0x00],
+                 routes: [L.route(.memory(0xfed0_00f0), width: 8, .read, .tscCounter(TSCCounter(multiplier: 1 << 63, shift: 70, offset: 1 << 40)))]),
+        BodyCase(name: "movsx ecx, word [rdi]: TSC counter", bytes: [0x0f, 0xbf, 0x0f],
+                 routes: [L.route(.memory(0x1000), width: 2, .read, .tscCounter(TSCCounter(multiplier: 1, shift: 0)))]),
         BodyCase(name: "mov [0xd0000040], eax (moffs): discard", bytes: [0xa3, 0x40, 0x00, 0x00, 0xd0, 0x00, 0x00, 0x00, 0x00],
                  routes: [L.route(.memory(L.wideTarget), width: 4, .write, .discardWrite)]),
         BodyCase(name: "mov word [rip+0x20], 0x41: discard", bytes: [0x66, 0xc7, 0x05, 0x20, 0x00, 0x00, 0x00, 0x41, 0x00],
@@ -142,9 +148,12 @@ func stub(_ c: BodyCase) throws -> (instruction: X86Instruction, bytes: [UInt8],
             if case .register(let r) = x.operands.first?.operand { r } else { nil }
         }
         for r in pushed where named.contains(r) { #expect(r == .rax || r == .rdx, "\(r) is named by \(i)") }
-        // A read's destination is never pushed (its new value must survive the restore).
-        if case .success(.load(_, let dst, _, _)) = i.accessShape { #expect(!pushed.contains(dst.architectural)) }
-        if case .success(.portIn(_, let dst, _)) = i.accessShape { #expect(!pushed.contains(dst.architectural)) }
+        // A read's destination is never pushed (its new value must survive the restore), except rax/rdx
+        // around rdtsc and mul: then the value is written into the destination's stack slot.
+        let tsc = c.routes.contains { if case .tscCounter = $0.kind { true } else { false } }
+        if !tsc, case .success(.load(_, let dst, _, _)) = i.accessShape { #expect(!pushed.contains(dst.architectural)) }
+        if !tsc, case .success(.portIn(_, let dst, _)) = i.accessShape { #expect(!pushed.contains(dst.architectural)) }
+        if tsc { #expect(d.contains { $0.mnemonic == "rdtsc" } && d.contains { $0.mnemonic == "mul" }) }
         _ = body
     }
 
@@ -191,7 +200,7 @@ func stub(_ c: BodyCase) throws -> (instruction: X86Instruction, bytes: [UInt8],
         ([0xec], StubLayout.route(.port(0x3fd), width: 1, .read, .discardWrite), "write fast path"),
         ([0xec], StubLayout.route(.memory(0x3fd), width: 1, .read, .constantRead(0)), "never matches"),
         ([0xe4, 0x60], StubLayout.route(.port(0x64), width: 1, .read, .constantRead(0)), "never matches"),
-        ([0xec], StubLayout.route(.port(0x40), width: 1, .read, .tscCounter(TSCCounter(multiplier: 1, shift: 0, offset: 0, wrapMask: 0xffffff))), "TSC"),
+        ([0x8a, 0x26], StubLayout.route(.memory(0x1000), width: 1, .read, .tscCounter(TSCCounter(multiplier: 1, shift: 0))), "high-byte"),
         ([0x48, 0x89, 0x06], StubLayout.route(.memory(0x1000), width: 8, .write, .ringAppend(ring: 0, mode: .asynchronous), ring: StubLayout.asyncRing), "32 bits"),
         ([0xee], StubLayout.route(.port(0x3f8), width: 1, .write, .ringAppend(ring: 0, mode: .asynchronous)), "without a ring"),
         ([0xee], StubLayout.route(.port(0x3f8), width: 1, .write, .ringAppend(ring: 0, mode: .asynchronous),

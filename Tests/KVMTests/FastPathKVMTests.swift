@@ -322,4 +322,44 @@ extension KVMTests {
         #expect(try FastPathGuest.untouched(vm, except: [.rax, .rcx], flags: preserveFlags))
         for r in [constant, slot] { #expect(try vm.memory.read(UInt64.self, at: GuestAddress(r.hitCounter)) == 1) }
     }
+
+    @Test("TSC counters: a 24-bit PM timer by in eax, dx and a 64-bit counter by mov rax, [rsi] with a shift past 64, between two rdtsc",
+          arguments: [false, true])
+    func tscCounterRuns(userMode: Bool) throws {
+        let pm = TSCCounter(multiplier: 3, shift: 1, offset: 1000, wrapMask: 0xffff_ffff_ffff)   // 1.5 × tsc + 1000
+        let wide = TSCCounter(multiplier: 0xc000_0000_0000_0000, shift: 66, offset: 1 << 40)    // (tsc × 3/16) + 2^40
+        let mmio: UInt64 = 0xfed0_0000
+        let timer = FastPathGuest.route(.port(0x608), width: 4, .read, .tscCounter(pm))
+        let counter = FastPathGuest.route(.memory(mmio + 0xf0), width: 8, .read, .tscCounter(wide), in: FastPathGuest.data + 0x200)
+        var g = try FastPathGuest(userMode: userMode)
+        try g.prologue([.rdx: 0x608, .rsi: mmio])
+        let stamps = FastPathGuest.data + 0x400, keep = FastPathGuest.data + 0x480
+        func stamp(_ k: UInt64) throws {                             // rdtsc without the stack (the red zone is checked)
+            try g.a.mov(.at(keep), .rax)
+            try g.a.mov(.at(keep + 8), .rdx)
+            g.a.rdtsc()
+            try g.a.mov(.at(stamps + 8 * k), .eax)
+            try g.a.mov(.at(stamps + 8 * k + 4), .edx)
+            try g.a.mov(.rax, .at(keep))
+            try g.a.mov(.rdx, .at(keep + 8))
+        }
+        try stamp(0)
+        try g.body([0xed], [timer])                                  // in eax, dx
+        try g.a.mov(.at(stamps + 0x20), .rax)
+        try g.body([0x48, 0x8b, 0x86, 0xf0, 0x00, 0x00, 0x00], [counter]) // mov rax, [rsi + 0xf0]
+        try stamp(1)
+        try g.epilogue()
+        let vm = try g.run { vm in
+            for r in [timer, counter] { try vm.memory.write(UInt32(1), at: GuestAddress(r.enableWord)) }
+        }
+        let before = try vm.memory.read(UInt64.self, at: GuestAddress(stamps))
+        let after = try vm.memory.read(UInt64.self, at: GuestAddress(stamps + 8))
+        let timerValue = try vm.memory.read(UInt64.self, at: GuestAddress(stamps + 0x20))
+        #expect(before < after)
+        #expect(timerValue >> 32 == 0, "in eax clears bits 63:32")
+        #expect((pm.value(tsc: before) & 0xffff_ffff...pm.value(tsc: after) & 0xffff_ffff).contains(timerValue), "\(before) \(after) \(timerValue)")
+        #expect((wide.value(tsc: before)...wide.value(tsc: after)).contains(try FastPathGuest.register(vm, .rax)))
+        #expect(try FastPathGuest.untouched(vm, except: [.rax], overrides: [.rdx: 0x608, .rsi: mmio]))
+        for r in [timer, counter] { #expect(try vm.memory.read(UInt64.self, at: GuestAddress(r.hitCounter)) == 1) }
+    }
 }

@@ -149,6 +149,8 @@ private struct BodyEmitter {
     var valueRegister: X86Register?
     /// General scratch registers (compare temps, ring and pending-check temps; the first may be `addressRegister`).
     var temps: [X86Register] = []
+    /// The TSC counter's scratch register (never `rax` or `rdx`, which `rdtsc` and `mul` take).
+    var counterRegister: X86Register?
     /// Every register pushed, in push order.
     var saved: [X86Register] = []
 
@@ -229,7 +231,9 @@ private struct BodyEmitter {
                 guard width <= 4 else { throw DMPRefusal(.fastPath, "\(what): ring values are at most 32 bits") }
                 try BodyEmitter.check(ring, what)
             case .tscCounter:
-                throw DMPRefusal(.fastPath, "\(what): TSC counter fast paths are not encoded yet")
+                if case .read(let dst, _) = value, dst.generalPurpose?.highByte == true {
+                    throw DMPRefusal(.fastPath, "\(what): a TSC counter into a high-byte register")
+                }
             }
             for ring in r.pendingRings { try BodyEmitter.check(ring, what) }
         }
@@ -253,6 +257,9 @@ private struct BodyEmitter {
 
     /// Whether a route appends to a ring.
     var hasRing: Bool { routes.contains { if case .ringAppend = $0.kind { true } else { false } } }
+    /// Whether a route reads a TSC-derived counter (`rdtsc` and `mul` clobber `rax` and `rdx`).
+    var hasTSC: Bool { routes.contains { if case .tscCounter = $0.kind { true } else { false } } }
+
     /// Whether a synchronous ring's kick is a port (`out dx, al` clobbers `rdx` and `rax`).
     var portKick: Bool {
         routes.contains { r in if case .port = r.ring?.kick, r.ring?.synchronous == true { true } else { false } }
@@ -290,9 +297,10 @@ private struct BodyEmitter {
             if wide { needed = max(needed, 2) }
         }
         while temps.count < needed { temps.append(try take()) }
-        saved = [valueRegister].compactMap { $0 } + temps
-        if hasRing && !saved.contains(.rax) { saved.append(.rax) }
-        if portKick && !saved.contains(.rdx) { saved.append(.rdx) }
+        if hasTSC { counterRegister = try take { $0 != .rdx } }
+        saved = [valueRegister].compactMap { $0 } + temps + [counterRegister].compactMap { $0 }
+        if (hasRing || hasTSC) && !saved.contains(.rax) { saved.append(.rax) }
+        if (portKick || hasTSC) && !saved.contains(.rdx) { saved.append(.rdx) }
         guard stackBytes <= FastPathEmitter.stackLimit else {
             throw DMPRefusal(.encode, "\(instruction): the body would need \(stackBytes) bytes of stack")
         }
@@ -421,8 +429,63 @@ private struct BodyEmitter {
         case .ringAppend:
             guard let ring = r.ring else { return }
             try ringAppend(ring, fallback: fallback, &a)
-        case .tscCounter:
-            throw DMPRefusal(.fastPath, "TSC counter fast paths are not encoded yet")
+        case .tscCounter(let counter):
+            try tscCounter(counter, &a)
+        }
+    }
+
+    /// `rdtsc`, then `((tsc × multiplier) >> shift) + offset) & wrapMask` at 128 bits
+    /// (``TSCCounter/value(tsc:)``), into the destination with the load's width semantics.
+    /// At CPL3 `rdtsc` faults when the guest set CR4.TSD: the planner must check it.
+    func tscCounter(_ c: TSCCounter, _ a: inout X86Assembler) throws(DMPRefusal) {
+        guard let r = counterRegister else { return }
+        a.rdtsc()
+        try a.shl(.rdx, 32)
+        try a.or(.rax, .rdx)                                         // rax = tsc
+        try a.mov(r, immediate: c.multiplier)
+        try a.mul(r)                                                 // rdx:rax = tsc × multiplier
+        let shift = min(c.shift, 127)
+        if shift >= 64 {
+            try a.mov(.rax, .rdx)
+            if shift > 64 { try a.shr(.rax, shift - 64) }
+        } else if shift > 0 {
+            try a.shrd(.rax, .rdx, shift)
+        }
+        if c.offset != 0 {
+            try a.mov(r, immediate: c.offset)
+            try a.add(.rax, r)
+        }
+        if c.wrapMask != .max {
+            try a.mov(r, immediate: c.wrapMask)
+            try a.arithmetic(.and, .rax, r)
+        }
+        try a.mov(r, .rax)
+        try writeDestination(from: r, &a)
+    }
+
+    /// The read's destination from `r` (which holds the value in its low access-width bytes), with the
+    /// load's extension and the destination's write semantics (8/16 bits keep the rest, 32 clear it).
+    /// A destination the body saved (`rax`, `rdx`) is written in its stack slot, so the restore loads it.
+    func writeDestination(from r: X86Register, _ a: inout X86Assembler) throws(DMPRefusal) {
+        guard case .read(let dst, let ext) = value, let n = r.generalPurpose?.number, let dw = dst.generalPurpose?.width else { return }
+        func alias(_ w: Int) -> X86Register {
+            switch w { case 1: X86Register.gpr8[n]; case 2: X86Register.gpr16[n]; case 4: X86Register.gpr32[n]; default: r }
+        }
+        switch (ext, width) {
+        case (.zero, 1), (.zero, 2): try a.movzx(alias(4), alias(width))
+        case (.sign, 1), (.sign, 2), (.sign, 4): try a.movsx(r, alias(width))
+        default: break
+        }
+        guard let k = saved.firstIndex(of: dst.architectural) else {
+            try a.mov(dst, alias(dw))
+            return
+        }
+        let slot = X86Assembler.Memory(base: .rsp, displacement: Int64(8 * (saved.count - 1 - k)))
+        try a.mov(slot, alias(dw))
+        if dw == 4 {                                                 // a 32-bit write clears bits 63:32
+            var upper = slot
+            upper.displacement += 4
+            try a.mov(upper, width: 4, immediate: 0)
         }
     }
 

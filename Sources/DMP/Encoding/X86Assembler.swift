@@ -367,6 +367,23 @@ package struct X86Assembler: Sendable {
                    immediate: [count])
     }
 
+    /// `shrd dst, src, count`: `dst` shifted right, its top bits filled from `src` (registers of one width, 16 to 64 bits).
+    package mutating func shrd(_ dst: X86Register, _ src: X86Register, _ count: UInt8) throws(DMPRefusal) {
+        let (d, s) = try (gpr(dst), gpr(src))
+        guard d.width == s.width, d.width >= 2 else { throw mismatch("shrd", dst, src) }
+        try encode(width: d.width, opcode: [0x0f, 0xac], reg: s.number, rm: .register(d.number), immediate: [count])
+    }
+
+    /// `mul r64`: `rdx:rax = rax × r` (unsigned, 128 bits).
+    package mutating func mul(_ r: X86Register) throws(DMPRefusal) {
+        let g = try gpr(r)
+        guard g.width == 8 else { throw DMPRefusal(.encode, "mul \(r): only the 64-bit form") }
+        try encode(width: 8, opcode: [0xf7], reg: 4, rm: .register(g.number))
+    }
+
+    /// `rdtsc` (`0f 31`): `edx:eax` = the time-stamp counter.
+    package mutating func rdtsc() { bytes += [0x0f, 0x31] }
+
     /// `lock cmpxchg [m], r64`: 8 bytes, compared with `rax` (the only compare-and-exchange implanted code uses).
     package mutating func lockCmpxchg(_ m: Memory, _ r: X86Register) throws(DMPRefusal) {
         let g = try gpr(r)
