@@ -40,6 +40,8 @@ let locatorCode: [UInt8] = [
     0xfb,                         // +16 sti
     0xec,                         // +17 in al, dx    (in sti's shadow)
     0xf4,                         // +18 hlt
+    0xfb,                         // +19 sti
+    0xee,                         // +20 out dx, al   (in sti's shadow, RIP past it on PVM)
 ]
 let locatorSymbols = SymbolTable([GuestSymbol(name: "f", address: codeBase, size: UInt64(locatorCode.count), isFunction: true)])
 
@@ -179,6 +181,15 @@ struct SiteLocatorTests {
         v2.script([.access(.io(portIn), length: 1)])
         #expect(try vm2.run() == .halted)
         #expect(log2.refusals.first?.reason.contains("follows sti") == true, "\(log2.refusals)")
+
+        // RIP past the out: the events show no shadow any more; the bytes before it (or the symbol) still refuse it.
+        for symbols in [SymbolTable(), locatorSymbols] {
+            let (vm3, v3, log3) = try locatorVM(.pvm, symbols: symbols, rip: codeBase + 20)
+            v3.script([.access(.io(portOut), length: 1)])
+            #expect(try vm3.run() == .halted)
+            let reason = log3.refusals.first?.reason ?? "located"
+            #expect(reason.contains(symbols.symbols.isEmpty ? "may follow sti (no symbol to decode from)" : "follows sti: in an interrupt shadow"), "\(reason)")
+        }
     }
 
     @Test("compatibility-mode code and exits that are not accesses are refused")

@@ -103,7 +103,7 @@ package final class SiteLocator {
             throw DMPRefusal(.locate, "cannot bracket the access: \(error)")
         }
         guard let after = context.instructionPointerAfterCompletion else {
-            throw DMPRefusal(.locate, "cannot bracket the access: it was not completed here (completed earlier by another handler, or a stop cut it short)")
+            throw DMPRefusal(.locate, "cannot bracket the access: its completion was cut short (the VM is stopping)")
         }
         let code: X86CodeContext
         do { code = try X86CodeContext(memory: context.memory, specialRegisters: sregs) } catch {
