@@ -31,6 +31,9 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     /// Held while one vCPU plans and writes a patch; others skip planning meanwhile (taken with try-lock only: a vCPU
     /// blocked in its handler would never let the patching vCPU pause it).
     private let planning = Mutex(())
+    /// Sites undone since DMP started, in order: each vCPU re-arms them in its own detector (``rearmCount`` tells it to look).
+    private let rearmRequests = Mutex<[ExitSite]>([])
+    private let rearmCount = Atomic<Int>(0)
 
     package struct State: Sendable {
         var sites: [ExitSite: SiteRecord] = [:]
@@ -101,6 +104,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         guard id >= 0, id < detectors.count, let rip = try? context.registers().rip else { return .pass }
         var site = ExitStatistics.site(for: exit, rip: rip)
         clocks[id].tick()
+        if rearmCount.load(ordering: .relaxed) != clocks[id].rearmed { applyRearms(id) }
         if let implant, let owner = implant.owner(ofInstructionPointer: rip) {
             // An exit from implanted code: a fallback is charged to its site; an instruction of a
             // function copy that no fast path serves counts as the original instruction.
@@ -116,17 +120,35 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         let registersAtExit = try? context.registers()
         let result = try context.forward(exit)
         guard result == .handled else { return result }
-        let known = state.withLock { $0.sites[site] != nil }
-        if known { return result }
+        let known = state.withLock { s -> (undone: Bool, retryAt: Int?)? in
+            guard let r = s.sites[site] else { return nil }
+            return (r.report.state == .undone, r.retryAtExits)
+        }
+        if let known {
+            // Refused and patched sites stay as they are; an undone one waits out its back-off.
+            guard known.undone, var retryAt = known.retryAt else { return result }
+            let total = detectors[context.vcpuID].counts(of: site)?.total ?? 0
+            if retryAt < 0 {
+                // The back-off starts now, in this vCPU's count of the site.
+                retryAt = total - retryAt
+                state.withLock { $0.sites[site]?.retryAtExits = retryAt }
+            }
+            if total < retryAt {
+                _ = detectors[context.vcpuID].rearm(site)
+                return result
+            }
+        }
         let hotAt = ContinuousClock.now
         let window = detectors[context.vcpuID].counts(of: site)
         let seconds = clocks[context.vcpuID].secondsForLast(configuration.window)
-        var record = SiteRecord(report: PatchSite(site: site, location: symbolize(site.rip), exitsBefore: window?.total ?? 0))
-        record.hotAt = hotAt
-        if let w = window, let s = seconds, s > 0 { record.baselineRate = Double(w.inWindow) / s }
-        state.withLock {
-            $0.sites[site] = record
-            $0.order.append(site)
+        state.withLock { s in
+            var record = s.sites[site] ?? SiteRecord(report: PatchSite(site: site, location: symbolize(site.rip)))
+            if s.sites[site] == nil { s.order.append(site) }
+            record.report.exitsBefore = window?.total ?? 0
+            record.report.state = .candidate
+            record.hotAt = hotAt
+            if let w = window, let sec = seconds, sec > 0 { record.baselineRate = Double(w.inWindow) / sec }
+            s.sites[site] = record
         }
         logger.info("hot", metadata: ["site": "\(describe(site))", "exits": "\(window?.total ?? 0)"])
         let planned: Bool? = planning.withLockIfAvailable { _ in
@@ -140,8 +162,12 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         if planned == nil {
             // Another vCPU is patching: forget the site for now and let it become hot again.
             state.withLock {
-                $0.sites[site] = nil
-                $0.order.removeAll { $0 == site }
+                if $0.sites[site]?.undos == 0 {
+                    $0.sites[site] = nil
+                    $0.order.removeAll { $0 == site }
+                } else {
+                    $0.sites[site]?.report.state = .undone
+                }
             }
             _ = detectors[context.vcpuID].rearm(site)
         }
@@ -181,6 +207,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             $0.sites[site]?.report.userMode = located.cpl == 3
         }
         if implant.owner(ofInstructionPointer: located.virtualAddress) != nil {
+            try planner.probeFastPath(site)
             throw DMPRefusal(.plan, "the instruction runs inside a function copy (rebuilding a copy for a new site is not supported yet)")
         }
         let id = state.withLock { s -> Int in
@@ -190,7 +217,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         let minimum = max(1, configuration.threshold / 4)
         let siblings = detectors[context.vcpuID].entries
             .filter { $0.site != site && ($0.site.kind == .io || $0.site.kind == .mmio) && $0.total >= minimum }
-            .filter { e in state.withLock { $0.sites[e.site] == nil } }
+            .filter { e in state.withLock { $0.sites[e.site] == nil || $0.sites[e.site]?.report.state == .undone } }
             .map(\.site)
         let outcome = try planner.plan(site, located: located, registersAtExit: registersAtExit, siblings: siblings,
                                        hotAt: hotAt, owner: id)
@@ -223,6 +250,15 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                     metadata: ["site": "\(describe(site))", "strategy": "\(outcome.strategy)",
                                "sites": "\(outcome.sites.count)", "paused_ns": "\(outcome.pausedNanoseconds)",
                                "hot_to_patched_ns": "\(elapsed)"])
+    }
+
+    /// Re-arms, in vCPU `id`'s detector, the sites undone since it last looked (on its own thread).
+    private func applyRearms(_ id: Int) {
+        let seen = clocks[id].rearmed
+        let (sites, count) = rearmRequests.withLock { ($0, rearmCount.load(ordering: .acquiring)) }
+        for site in sites { _ = detectors[id].rearm(site) }
+        clocks[id].rearmed = count
+        _ = seen
     }
 
     /// Records and logs a refusal.
@@ -262,7 +298,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         let ids: [Int] = state.withLock { s in
             s.patches.filter { _, p in p.guardedPages.contains { $0 >= first && $0 <= last } }.map(\.key).sorted()
         }
-        for id in ids { undo(id, reason: DMPRefusal(.verify, reason), backOff: false) }
+        for id in ids { undo(id, reason: DMPRefusal(.verify, reason), backOff: true) }
     }
 
     // MARK: Verify and undo
@@ -340,12 +376,18 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                 r.report.refusal = reason
                 if backOff {
                     r.undos += 1
-                    let total = detectors.lazy.compactMap { $0.counts(of: site)?.total }.reduce(0, +)
-                    r.retryAtExits = r.undos >= configuration.maximumUndos ? nil
-                        : total + configuration.initialBackoff << min(r.undos - 1, 20)
+                    // In exits of the site counted by a vCPU's detector from now: its total then is unknown
+                    // here (detectors belong to their vCPUs), so the first candidate after re-arming sets it.
+                    r.retryAtExits = r.undos >= configuration.maximumUndos ? nil : -(configuration.initialBackoff << min(r.undos - 1, 20))
+                } else {
+                    r.retryAtExits = nil
                 }
                 s.sites[site] = r
             }
+        }
+        if backOff {
+            rearmRequests.withLock { $0 += p.sites }
+            rearmCount.add(1, ordering: .releasing)
         }
         logger.notice("undone", metadata: ["patch": "\(p.strategy)", "reason": "\(reason)"])
     }
@@ -389,6 +431,8 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
 
 /// Samples the time every 256 exits of one vCPU, so the time the last N exits took is known without a clock read per exit.
 final class WindowClock: @unchecked Sendable {
+    /// How many re-arm requests this vCPU has applied.
+    var rearmed = 0
     private var exits = 0
     private var samples = [ContinuousClock.Instant](repeating: .now, count: 64)
 

@@ -17,9 +17,11 @@ package struct FunctionCopyPlan: Sendable {
     /// Call it once with any placement to learn the copy's size (`copy.bytes.count`), then again at the place
     /// allocated for it (bodies and relocations depend on the address; the size does only through the bodies).
     /// Refuses when no sized function covers the hot instructions, they lie in different functions, the copy
-    /// is refused (``FunctionCopy/init(_:at:rewrites:tables:)``) or no entry into it exists.
+    /// is refused (``FunctionCopy/init(_:at:rewrites:tables:)``) or no entry into it exists (unless `allowNoEntry`:
+    /// then a plan without entries is returned, with the reasons in ``entryRefusals``, for a caller that adds its own).
     package static func make(hot: [HotRewrite], in image: CodeImage, at placement: UInt64,
-                             disassembler: X86Disassembler, usedPadding: [Range<UInt64>] = []) throws(DMPRefusal) -> FunctionCopyPlan {
+                             disassembler: X86Disassembler, usedPadding: [Range<UInt64>] = [],
+                             allowNoEntry: Bool = false) throws(DMPRefusal) -> FunctionCopyPlan {
         guard let first = hot.first else { throw DMPRefusal(.plan, "no hot instruction to copy a function for") }
         guard let symbol = image.function(containing: first.address) else {
             throw DMPRefusal(.plan, "no sized function symbol covers 0x\(String(first.address, radix: 16))")
@@ -50,7 +52,7 @@ package struct FunctionCopyPlan: Sendable {
         }
         var sites: Set<UInt64> = []
         entries = entries.filter { sites.insert($0.site).inserted }
-        guard !entries.isEmpty else {
+        guard !entries.isEmpty || allowNoEntry else {
             throw DMPRefusal(.plan, "no way into the copy of \(symbol.name): " + refusals.map(\.reason).joined(separator: "; "))
         }
         return FunctionCopyPlan(copy: copy, entries: entries, entryRefusals: refusals)

@@ -45,6 +45,8 @@ package final class PatchPlanner {
     let implant: Implant
     let patcher: Patcher
     let disassembler: X86Disassembler
+    /// Dead padding already holding an entry's `jmp rel32` (never handed out twice).
+    var usedPadding: [Range<UInt64>] = []
 
     /// Creates a planner.
     package init(vm: VirtualMachine, rings: PVRingDevice?, configuration: DMPConfiguration,
@@ -113,6 +115,7 @@ package final class PatchPlanner {
                 throw DMPRefusal(.implant, "ring \(index) is not mapped writable at \(hex(va)): \(error)")
             }
             ring = RingMapping(base: va, slotCount: rings.slotCount, synchronous: mode == .synchronous)
+            if !configuration.dryRun { rings.producerAttached() }
         }
         if case .sharedSlotRead = granted.kind {
             vm.bus.revokeFastPath(space: space, address: site.address, enableWord: word)
@@ -137,6 +140,20 @@ package final class PatchPlanner {
                             userMode: cpl == 3, enableWord: configuration.dryRun ? nil : word,
                             grant: configuration.dryRun ? nil : (space, site.address), hitCounter: hitsGPA)
         return Grant(route: route, plan: plan)
+    }
+
+    /// Asks the device whether it would grant `site` a fast path (with a host-side enable word, revoked at once).
+    package func probeFastPath(_ site: ExitSite) throws(DMPRefusal) {
+        let space: BusSpace = site.kind == .io ? .pio : .mmio
+        let ring = rings?.targets.firstIndex { $0.space == space && $0.address == site.address && $0.width == Int(site.size) }
+        let word = FastPathEnableWordStorage(count: 1)[0]
+        do {
+            _ = try vm.bus.grantFastPath(space: space, address: site.address, size: Int(site.size), direction: site.direction,
+                                         ring: ring, enableWord: word)
+        } catch {
+            throw DMPRefusal(.fastPath, "\(error)")
+        }
+        vm.bus.revokeFastPath(space: space, address: site.address, enableWord: word)
     }
 
     /// Revokes what `grants` were given (a plan that failed after asking the devices).
@@ -225,24 +242,51 @@ extension PatchPlanner {
             }
         }
         let trial = try FunctionCopyPlan.make(hot: rewrites, in: image, at: placement.virtualAddress(of: implant.area.start),
-                                              disassembler: disassembler)
+                                              disassembler: disassembler, usedPadding: usedPadding, allowNoEntry: true)
         let code = try implant.allocateCode(trial.copy.bytes.count + 256)
         let va = placement.virtualAddress(of: code.start)
-        let plan = try FunctionCopyPlan.make(hot: rewrites, in: image, at: va, disassembler: disassembler)
+        let plan = try FunctionCopyPlan.make(hot: rewrites, in: image, at: va, disassembler: disassembler,
+                                             usedPadding: usedPadding, allowNoEntry: true)
         guard plan.copy.bytes.count <= Int(code.size) else {
             throw DMPRefusal(.encode, "the copy grew from \(trial.copy.bytes.count) to \(plan.copy.bytes.count) bytes")
         }
         _ = try implant.placement(for: ImplantSite(located), code: code, data: [], memory: vm.memory)
-        // One entry, the best: DESIGN.md's preference order is the plan's.
-        guard let entry = plan.entries.first else { throw DMPRefusal(.plan, "no entry into the copy") }
-        var writes: [CodeWrite] = []
-        for w in entry.writes {
-            let t: Translation
-            do { t = try vm.memory.translate(w.address, paging: located.paging, access: [.execute]) } catch {
-                throw DMPRefusal(.patch, "the entry at \(hex(w.address)) does not translate: \(error)")
+        // Every entry the plan allows (each a one-instruction write), plus the entry instruction through dead
+        // padding when it is 2–4 bytes and nothing enters at the function's start (functions reached only through
+        // pointers). A site counts as served only if some entry reaches it in the copy.
+        var entries = plan.entries.filter { e in !usedPadding.contains { u in e.deadPadding.map { $0.overlaps(u) } ?? false } }
+        let function = plan.copy.function
+        if !entries.contains(where: { $0.kind == .functionEntry || $0.kind == .callSite || $0.kind == .tailCallSite }),
+           let first = function.instructions.first, !entries.contains(where: { $0.site == first.address }) {
+            let taken = usedPadding + entries.compactMap(\.deadPadding)
+            if let e = try? plan.copy.deadPaddingEntry(hot: first.address, in: image, disassembler: disassembler, avoiding: taken) {
+                entries.append(e)
             }
-            writes.append(CodeWrite(virtual: w.address, physical: t.physical, original: w.original, replacement: w.replacement))
         }
+        let reached = PatchPlanner.reachable(in: function, from: entries.map { e in
+            e.kind == .callSite || e.kind == .tailCallSite ? function.start : e.site
+        })
+        guard reached.contains(located.virtualAddress) else {
+            throw DMPRefusal(.plan, "no entry into the copy of \(function.symbol.name) reaches \(located.instruction) ("
+                             + (plan.entryRefusals.map(\.reason) + entries.map { "\($0.kind.rawValue) at \(function.location($0.site)) does not lead to it" })
+                                .joined(separator: "; ") + ")")
+        }
+        var writes: [CodeWrite] = []
+        for entry in entries {
+            for w in entry.writes {
+                let t: Translation
+                do { t = try vm.memory.translate(w.address, paging: located.paging, access: [.execute]) } catch {
+                    throw DMPRefusal(.patch, "the entry at \(hex(w.address)) does not translate: \(error)")
+                }
+                writes.append(CodeWrite(virtual: w.address, physical: t.physical, original: w.original, replacement: w.replacement,
+                                        guardsItsStart: entry.deadPadding.map { $0.lowerBound == w.address } ?? false))
+            }
+        }
+        // Sites no entry reaches keep exiting: not served, their grants given back.
+        var served: [Grant] = []
+        var unreached: [Grant] = []
+        for g in grants { if reached.contains(g.plan.virtualAddress) { served.append(g) } else { unreached.append(g) } }
+        revoke(unreached)
         // The copied function's pages are guarded too: a write there invalidates the copy.
         var functionPages: [UInt64] = []
         var v = plan.copy.function.start & ~0xfff
@@ -252,9 +296,29 @@ extension PatchPlanner {
         }
         let pages = try guardPages(for: writes, extra: functionPages, located: located)
         let name = plan.copy.function.symbol.name
-        return try finish(strategy: "function copy of \(name) via \(entry.kind.rawValue)", writes: writes, pages: pages,
-                          code: code, bytes: plan.copy.bytes, placement: placement, owner: owner,
-                          sites: grants.map(\.plan), copy: plan.copy)
+        let kinds = Array(Set(entries.map(\.kind.rawValue))).sorted().joined(separator: ", ")
+        let outcome = try finish(strategy: "function copy of \(name) via \(kinds)", writes: writes, pages: pages,
+                                 code: code, bytes: plan.copy.bytes, placement: placement, owner: owner,
+                                 sites: served.map(\.plan), copy: plan.copy)
+        if !configuration.dryRun { usedPadding += entries.compactMap(\.deadPadding) }
+        return outcome
+    }
+
+    /// The original instruction addresses control can reach in `function` from `starts`, following
+    /// fall-through and direct branches inside the function (calls return; indirect jumps and returns end a path).
+    static func reachable(in function: DecodedFunction, from starts: [UInt64]) -> Set<UInt64> {
+        var seen: Set<UInt64> = []
+        var work = starts.filter { function.index(at: $0) != nil }
+        while let a = work.popLast() {
+            guard seen.insert(a).inserted, let k = function.index(at: a) else { continue }
+            let i = function.instructions[k]
+            let g = i.groups
+            if let b = i.branch, !g.contains(.call), function.contains(b.target) { work.append(b.target) }
+            let ends = g.contains(.return) || g.contains(.interruptReturn) || (g.contains(.jump) && !g.contains(.conditionalBranch))
+                || i.mnemonic.hasPrefix("ud") || i.mnemonic == "hlt"
+            if !ends, k + 1 < function.instructions.count { work.append(function.instructions[k + 1].address) }
+        }
+        return seen
     }
 
     /// Grants for sibling sites that a static reading of the function locates exactly (best effort: a sibling

@@ -11,15 +11,14 @@ package struct CodeWrite: Hashable, Sendable {
     package var original: [UInt8]
     /// The bytes written by the patch (`jmp rel32` and NOP padding; the same length as `original`).
     package var replacement: [UInt8]
+    /// Whether a vCPU whose RIP is at the first byte also blocks the write: true for a `jmp rel32` placed in
+    /// dead padding (a thread between the `jmp rel8` and it would resume in restored fill bytes).
+    package var guardsItsStart: Bool
 
     /// Creates a write.
-    package init(virtual: UInt64, physical: GuestAddress, original: [UInt8], replacement: [UInt8]) {
+    package init(virtual: UInt64, physical: GuestAddress, original: [UInt8], replacement: [UInt8], guardsItsStart: Bool = false) {
         self.virtual = virtual; self.physical = physical; self.original = original; self.replacement = replacement
-    }
-
-    /// The same write in the other direction (an undo).
-    package var reversed: CodeWrite {
-        CodeWrite(virtual: virtual, physical: physical, original: replacement, replacement: original)
+        self.guardsItsStart = guardsItsStart
     }
 }
 
@@ -127,7 +126,7 @@ package final class Patcher: @unchecked Sendable {
     private func checkRIPs(outside writes: [CodeWrite]) throws(DMPRefusal) {
         for v in vm.vcpus {
             guard let r = try? v.registers() else { continue }
-            for w in writes where r.rip > w.virtual && r.rip < w.virtual &+ UInt64(w.original.count) {
+            for w in writes where (r.rip > w.virtual || (w.guardsItsStart && r.rip == w.virtual)) && r.rip < w.virtual &+ UInt64(w.original.count) {
                 throw DMPRefusal(.patch, "vCPU \(v.id) is inside the instruction at \(hex(w.virtual))")
             }
         }

@@ -294,6 +294,16 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     /// Wakes a sleeping poller (the ring's kick register does this).
     public func wakePoller() { poller.wake() }
 
+    /// Tells the device that a producer now appends to its rings (DMP granted a
+    /// ring fast path): from now on a write to a target register is a producer's
+    /// fallback and wakes a sleeping poller, as after the first carried entry.
+    /// A synchronous producer falls back while no consumer polls; without this
+    /// its fallbacks would never wake one.
+    public func producerAttached() {
+        carriedEntries.store(true, ordering: .relaxed)
+        poller.wake()
+    }
+
     private func setPollingFlag(_ on: Bool) {
         poller.polling.store(on, ordering: .sequentiallyConsistent)
         for r in rings { r.setFlag(PVRingLayout.pollingFlag, on) }
