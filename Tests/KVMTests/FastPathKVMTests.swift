@@ -129,6 +129,16 @@ struct FastPathGuest {
         try m.write(userGDT, at: GuestAddress(userGDTR + 2))
     }
 
+    /// Writes an empty ring's header and free slots at `ring.base` (no consumer: the test reads the words).
+    static func writeEmptyRing(_ ring: RingMapping, width: UInt32, _ m: GuestMemory) throws {
+        try m.write(PVRingLayout.magic, at: GuestAddress(ring.base + PVRingLayout.magicOffset))
+        try m.write(ring.slotCount, at: GuestAddress(ring.base + PVRingLayout.slotCountOffset))
+        try m.write(width, at: GuestAddress(ring.base + PVRingLayout.widthOffset))
+        for k in 0..<UInt64(ring.slotCount) {
+            try m.write(PVRingLayout.slotWord(sequence: UInt32(k), value: 0), at: GuestAddress(ring.base + PVRingLayout.slotsOffset + 8 * k))
+        }
+    }
+
     static func register(_ vm: VirtualMachine, _ r: X86Register) throws -> UInt64 {
         let n = X86Register.gpr64.firstIndex(of: r.architectural) ?? 0
         return try vm.memory.read(UInt64.self, at: GuestAddress(results + 8 * UInt64(n)))
@@ -206,12 +216,7 @@ extension KVMTests {
         let vm = try g.run { vm in
             try vm.bus.attach(device, ports: 0x3f8..<0x3f9)
             try vm.memory.write(UInt32(1), at: GuestAddress(FastPathGuest.data + 0x100))
-            try vm.memory.write(PVRingLayout.magic, at: GuestAddress(ring.base + PVRingLayout.magicOffset))
-            try vm.memory.write(UInt32(4), at: GuestAddress(ring.base + PVRingLayout.slotCountOffset))
-            try vm.memory.write(UInt32(1), at: GuestAddress(ring.base + PVRingLayout.widthOffset))
-            for k in 0..<UInt64(4) {
-                try vm.memory.write(PVRingLayout.slotWord(sequence: UInt32(k), value: 0), at: GuestAddress(ring.base + PVRingLayout.slotsOffset + 8 * k))
-            }
+            try FastPathGuest.writeEmptyRing(ring, width: 1, vm.memory)
         }
         let words = try (0..<UInt64(4)).map { k in try vm.memory.read(UInt64.self, at: GuestAddress(ring.base + PVRingLayout.slotsOffset + 8 * k)) }
         #expect(words == zip(1...4, "ABCD".utf8).map { PVRingLayout.slotWord(sequence: UInt32($0), value: UInt32($1)) })
@@ -220,6 +225,39 @@ extension KVMTests {
         #expect(device.writes.map(\.2) == [UInt64(UInt8(ascii: "E"))], "the fifth append found the ring full and exited")
         #expect(try FastPathGuest.register(vm, .rax) == FastPathGuest.initial[0] & ~0xff | UInt64(UInt8(ascii: "E")))
         #expect(try FastPathGuest.untouched(vm, except: [.rax], overrides: [.rdx: 0x5555_0000_0000_03f8]))
+    }
+
+    @Test("a read not independent of pending ring entries is served while the ring is empty and exits once an entry is pending",
+          arguments: [false, true])
+    func pendingRingRuns(userMode: Bool) throws {
+        let ring = RingMapping(base: FastPathGuest.ring, slotCount: 4, synchronous: false)
+        let lsr = FastPathGuest.route(.port(0x3fd), width: 1, .read, .constantRead(0x60))
+        var gated = lsr
+        gated.pendingRings = [ring]
+        let thr = FastPathGuest.route(.port(0x3f8), width: 1, .write, .ringAppend(ring: 0, mode: .asynchronous), ring: ring,
+                                      in: FastPathGuest.data + 0x200)
+        var g = try FastPathGuest(userMode: userMode)
+        try g.prologue([.rdx: 0x3fd])
+        try g.body([0xec], [gated])                                  // empty ring: served
+        try g.a.mov(.at(FastPathGuest.data + 0x500), .al)
+        try g.a.mov(.edx, immediate: 0x3f8)
+        try g.a.mov(.al, immediate: 0x41)
+        try g.body([0xee], [thr])                                    // one entry pending (nobody consumes this ring)
+        try g.a.mov(.edx, immediate: 0x3fd)
+        try g.body([0xec], [gated])                                  // pending: the original in exits
+        try g.epilogue()
+        let device = Recorder(value: 0x42)
+        let vm = try g.run { vm in
+            try vm.bus.attach(device, ports: 0x3fd..<0x3fe)
+            for r in [lsr, thr] { try vm.memory.write(UInt32(1), at: GuestAddress(r.enableWord)) }
+            try FastPathGuest.writeEmptyRing(ring, width: 1, vm.memory)
+        }
+        #expect(try vm.memory.read(UInt8.self, at: GuestAddress(FastPathGuest.data + 0x500)) == 0x60)
+        #expect(try FastPathGuest.register(vm, .rax) & 0xff == 0x42 && device.reads == 1)
+        #expect(try vm.memory.read(UInt64.self, at: GuestAddress(lsr.hitCounter)) == 1)
+        #expect(try vm.memory.read(UInt64.self, at: GuestAddress(ring.base + PVRingLayout.slotsOffset))
+                == PVRingLayout.slotWord(sequence: 1, value: 0x41))
+        #expect(try FastPathGuest.untouched(vm, except: [.rax, .rdx]))
     }
 
     @Test("bodies appending to the platform's UART ring reach the console through VMMKit's consumer, in order (CPL0 and CPL3)",
