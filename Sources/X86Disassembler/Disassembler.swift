@@ -60,9 +60,28 @@ public final class X86Disassembler {
 
     /// Opens Capstone for x86 in `mode` (other modes open on first use) with operand details on.
     public init(mode: X86Mode = .bits64) throws(X86DecodeError) {
+        _ = X86Disassembler.capstoneWarmedUp
         self.mode = mode
         _ = try handle(for: mode)
     }
+
+    /// Capstone 4 sorts a global table (the registers instructions embed, `X86_insn_reg_intel`)
+    /// on its first use without a lock: two threads decoding for the first time at once can read
+    /// it half sorted, and an instruction such as `in eax, imm8` then lacks its `eax` operand
+    /// (seen as a flaky test here). Every disassembler runs this first; Swift runs a static
+    /// initializer exactly once and makes other threads wait for it.
+    private static let capstoneWarmedUp: Bool = {
+        var h: csh = 0
+        guard cs_open(CS_ARCH_X86, CS_MODE_64, &h) == CS_ERR_OK else { return false }
+        defer { cs_close(&h) }
+        cs_option(h, CS_OPT_DETAIL, Int(CS_OPT_ON.rawValue))
+        // in eax, 0x60 (an accumulator embedded in the instruction); out dx, al (two embedded registers).
+        let code: [UInt8] = [0xe5, 0x60, 0xee]
+        var insn: UnsafeMutablePointer<cs_insn>?
+        let n = code.withUnsafeBufferPointer { cs_disasm(h, $0.baseAddress, $0.count, 0, 0, &insn) }
+        if let insn { cs_free(insn, n) }
+        return n > 0
+    }()
 
     deinit {
         for i in 0..<3 where handles[i] != 0 {
