@@ -147,7 +147,11 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             record.report.exitsBefore = window?.total ?? 0
             record.report.state = .candidate
             record.hotAt = hotAt
-            if let w = window, let sec = seconds, sec > 0 { record.baselineRate = Double(w.inWindow) / sec }
+            // The site's share of the exits of that span, over the span's time.
+            if let w = window, let span = seconds, span.seconds > 0, span.exits > 0 {
+                let share = Double(w.inWindow) / Double(min(configuration.window, max(span.exits, w.inWindow)))
+                record.baselineRate = share * Double(span.exits) / span.seconds
+            }
             s.sites[site] = record
         }
         logger.info("hot", metadata: ["site": "\(describe(site))", "exits": "\(window?.total ?? 0)"])
@@ -298,7 +302,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         let ids: [Int] = state.withLock { s in
             s.patches.filter { _, p in p.guardedPages.contains { $0 >= first && $0 <= last } }.map(\.key).sorted()
         }
-        for id in ids { undo(id, reason: DMPRefusal(.verify, reason), backOff: true) }
+        for id in ids { undo(id, reason: DMPRefusal(.verify, reason), backOff: true, backOffBase: configuration.threshold) }
     }
 
     // MARK: Verify and undo
@@ -355,7 +359,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     }
 
     /// Takes patch `id` out and records why; with `backOff` the site waits before it may be patched again.
-    private func undo(_ id: Int, reason: DMPRefusal, backOff: Bool) {
+    private func undo(_ id: Int, reason: DMPRefusal, backOff: Bool, backOffBase: Int? = nil) {
         guard let vm else { return }
         guard let p = state.withLock({ $0.patches.removeValue(forKey: id) }) else { return }
         do {
@@ -378,7 +382,8 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                     r.undos += 1
                     // In exits of the site counted by a vCPU's detector from now: its total then is unknown
                     // here (detectors belong to their vCPUs), so the first candidate after re-arming sets it.
-                    r.retryAtExits = r.undos >= configuration.maximumUndos ? nil : -(configuration.initialBackoff << min(r.undos - 1, 20))
+                    let base = backOffBase ?? configuration.initialBackoff
+                    r.retryAtExits = r.undos >= configuration.maximumUndos ? nil : -(max(1, base) << min(r.undos - 1, 20))
                 } else {
                     r.retryAtExits = nil
                 }
@@ -440,17 +445,21 @@ final class WindowClock: @unchecked Sendable {
     @inline(__always)
     func tick() {
         exits &+= 1
-        if exits & 255 == 0 { samples[(exits >> 8) & 63] = .now }
+        if exits & (WindowClock.stride - 1) == 0 { samples[(exits / WindowClock.stride) & 63] = .now }
     }
 
-    /// Seconds the last `n` exits took (rounded to 256), or nil when fewer exits were seen.
-    func secondsForLast(_ n: Int) -> Double? {
-        let back = min(max(1, (n + 255) >> 8), 63)
-        let newest = exits >> 8
-        guard newest > back else { return nil }
+    /// Exits between two samples.
+    static let stride = 64
+
+    /// Seconds the last `n` exits took (fewer when fewer were seen; rounded to ``stride``), and how many
+    /// exits that was; nil before the first sample.
+    func secondsForLast(_ n: Int) -> (seconds: Double, exits: Int)? {
+        let newest = exits / WindowClock.stride
+        let back = min(max(1, n / WindowClock.stride), 63, newest - 1)
+        guard back >= 1 else { return nil }
         let then = samples[(newest - back) & 63]
         let d = ContinuousClock.now - then
         let (s, a) = d.components
-        return Double(s) + Double(a) / 1e18
+        return (Double(s) + Double(a) / 1e18, back * WindowClock.stride + exits % WindowClock.stride)
     }
 }

@@ -215,10 +215,13 @@ extension PatchPlanner {
 
     /// The instruction stub: the hot instruction (≥ 5 bytes) becomes `jmp stub`; the stub serves the fast path and jumps back.
     private func stub(_ located: LocatedInstruction, _ g: Grant, placement: ImplantPlacement, owner: Int) throws(DMPRefusal) -> PlanOutcome {
-        let trial = try FastPathEmitter.instructionStub(for: located.instruction, routes: [g.route], at: placement.virtualAddress(of: implant.area.start))
+        let preserveFlags = instruction(at: located.endAddress, located: located)
+            .map { !FastPathEmitter.arithmeticFlagsDead(before: $0) } ?? true
+        let trial = try FastPathEmitter.instructionStub(for: located.instruction, routes: [g.route], preserveFlags: preserveFlags,
+                                                        at: placement.virtualAddress(of: implant.area.start))
         let code = try implant.allocateCode(trial.bytes.count + 64)
         let va = placement.virtualAddress(of: code.start)
-        let stub = try FastPathEmitter.instructionStub(for: located.instruction, routes: [g.route], at: va)
+        let stub = try FastPathEmitter.instructionStub(for: located.instruction, routes: [g.route], preserveFlags: preserveFlags, at: va)
         guard stub.bytes.count <= Int(code.size) else { throw DMPRefusal(.encode, "the stub grew from \(trial.bytes.count) to \(stub.bytes.count) bytes") }
         _ = try implant.placement(for: ImplantSite(located), code: code, data: [], memory: vm.memory)
         let jump = try FastPathEmitter.siteJump(replacing: located.instruction, to: va)
@@ -236,9 +239,11 @@ extension PatchPlanner {
         let rewrites = grants.map { g in
             let route = g.route
             let insn = instruction(at: g.plan.virtualAddress, located: located)
+            let preserveFlags = insn.flatMap { instruction(at: $0.nextAddress, located: located) }
+                .map { !FastPathEmitter.arithmeticFlagsDead(before: $0) } ?? true
             return HotRewrite(address: g.plan.virtualAddress) { (a: inout X86Assembler) throws(DMPRefusal) in
                 guard let insn else { throw DMPRefusal(.plan, "the hot instruction at \(hex(g.plan.virtualAddress)) is gone") }
-                try FastPathEmitter.emitBody(for: insn, routes: [route], into: &a)
+                try FastPathEmitter.emitBody(for: insn, routes: [route], preserveFlags: preserveFlags, into: &a)
             }
         }
         let trial = try FunctionCopyPlan.make(hot: rewrites, in: image, at: placement.virtualAddress(of: implant.area.start),
