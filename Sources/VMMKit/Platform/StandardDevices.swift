@@ -36,9 +36,12 @@ public struct StandardDevices {
     /// The UART writes into `console`, which is flushed when the VM stops.
     /// `ringPolling` says whether a polling thread consumes the rings while the
     /// VM runs (on by default; the drain timer runs either way).
+    /// `ringSlotCount` is each ring's slot count (a power of two from 2 to
+    /// 512; small rings fill often, which tests of ordering want).
     @discardableResult
     public static func install(on vm: VirtualMachine, console: OutputSink,
-                               ringPolling: PVRingPolling = .enabled()) throws(VMError) -> StandardDevices {
+                               ringPolling: PVRingPolling = .enabled(),
+                               ringSlotCount: UInt32 = 512) throws(VMError) -> StandardDevices {
         let uart = UART8250(sink: console)
         let debugExit = DebugExitDevice()
         let doorbell = DoorbellDevice(memory: vm.memory)
@@ -49,7 +52,7 @@ public struct StandardDevices {
             rings = try PVRingDevice(memory: vm.memory, bus: vm.bus, targets: [
                 PVRingTarget(space: .pio, address: 0x3f8, width: 1),
                 PVRingTarget(space: .mmio, address: doorbellBase + DoorbellDevice.doorbellOffset, width: 4, synchronous: true),
-            ], polling: ringPolling)
+            ], slotCount: ringSlotCount, polling: ringPolling)
         } catch { throw .ring(error) }
         do {
             try vm.bus.attach(uart, ports: 0x3f8..<0x400)

@@ -1,0 +1,290 @@
+import DMP
+import Logging
+import Testing
+import VMMKit
+#if canImport(Glibc)
+import Synchronization
+#endif
+
+// DMP's transparency contract (issue 6, "Transparency" and "Bad input";
+// DESIGN.md, "The DMP pipeline"): a guest run with DMP and without shows the
+// same serial output and exit status, and after `unpatchAll()` the same
+// memory outside the implant, the rings and the live stacks.
+
+/// A guest run with the standard devices and, when a configuration is given, DMP.
+final class DMPGuestRun {
+    let vm: VirtualMachine
+    let devices: StandardDevices
+    let console = CapturedOutput()
+    let loaded: LoadedImage
+    let dmp: DMPMiddleware?
+
+    /// DMP as minivmm's `--dmp` sets it up, with a low threshold so short runs patch.
+    static func configuration(threshold: Int = 16, dryRun: Bool = false) -> DMPConfiguration {
+        var c = DMPConfiguration()
+        c.threshold = threshold
+        c.userModeFastPaths = true
+        c.dryRun = dryRun
+        return c
+    }
+
+    /// DMP's decisions (`patched`, `undone`, ...), as logged.
+    let decisions = DecisionLog()
+
+    init(_ image: String, commandLine: String, dmp: DMPConfiguration?, memory: UInt64 = 32 << 20,
+         ringPolling: PVRingPolling = .enabled(), ringSlotCount: UInt32 = 512,
+         setup: (VirtualMachine) throws -> Void = { _ in }) throws {
+        vm = try VirtualMachine(backend: try KVMSystem(), configuration: VMConfiguration(memorySize: memory))
+        devices = try StandardDevices.install(on: vm, console: console.sink(), ringPolling: ringPolling,
+                                              ringSlotCount: ringSlotCount)
+        try setup(vm)
+        loaded = try X86Boot.load(.elf(try guestImage(image)), commandLine: commandLine, into: vm)
+        if var c = dmp {
+            c.use(loaded)
+            let log = decisions
+            var logger = Logger(label: "kvmtests.dmp") { _ in log }
+            logger.logLevel = .info
+            self.dmp = DMPMiddleware.install(on: vm, rings: devices.rings, configuration: c, logger: logger)
+        } else {
+            self.dmp = nil
+        }
+    }
+
+    func run() throws -> StopReason { try vm.run() }
+
+    /// The console output with the guest's own timing figure masked: `cycles_per_iter` is TSC cycles
+    /// the guest measured, which no two runs share (DMP or not). Every other byte must match.
+    var output: String { DMPGuestRun.maskTiming(console.text) }
+
+    static func maskTiming(_ text: String) -> String {
+        text.split(separator: "\n", omittingEmptySubsequences: false).map { line -> String in
+            guard line.hasPrefix("RESULT ") else { return String(line) }
+            return line.split(separator: " ", omittingEmptySubsequences: false).map { w in
+                w.hasPrefix("cycles_per_iter=") ? "cycles_per_iter=*" : String(w)
+            }.joined(separator: " ")
+        }.joined(separator: "\n")
+    }
+
+    /// The report rows at `symbol+offset` locations starting with `function`.
+    func sites(in function: String) -> [PatchSite] {
+        (dmp?.report() ?? []).filter { $0.location.hasPrefix(function + "+") }
+    }
+
+    /// Guest-physical ranges whose contents legitimately differ between two runs of the same
+    /// guest at the same point: the live stacks (return addresses into implanted copies and
+    /// TSC values in dead frames), the TSC readings, the buffer the RESULT line (with its
+    /// cycle count) was formatted in, and the C guests' count of transmitted bytes (the
+    /// cycle count's digits vary; ``checkTransmittedCount(against:)`` checks that field exactly).
+    var timingAndStacks: [Range<UInt64>] {
+        let names: Set<String> = ["stacks", "user_stack", "tsc_start", "tsc_end", "printk_buf.0"]
+        var out = loaded.symbols.symbols.filter { names.contains($0.name) }.map { $0.address..<($0.address + $0.size) }
+        if let t = transmittedCountAddress { out.append(t..<(t + 8)) }
+        return out
+    }
+
+    /// The C guests' `com1.tx_chars` (`struct uart_port`, Guests/c/serial.h: offset 32).
+    var transmittedCountAddress: UInt64? {
+        loaded.symbols.symbols.first { $0.name == "com1" && $0.size >= 40 }.map { $0.address + 32 }
+    }
+
+    /// The C guests' transmitted-byte counts differ by exactly the difference in output length (the cycle count's digits).
+    func checkTransmittedCount(against other: DMPGuestRun) throws {
+        guard let a = transmittedCountAddress else { return }
+        let mine = try vm.memory.read(UInt64.self, at: GuestAddress(a))
+        let theirs = try other.vm.memory.read(UInt64.self, at: GuestAddress(a))
+        #expect(Int64(bitPattern: mine &- theirs) == Int64(console.data.count - other.console.data.count))
+        #expect(mine == UInt64(console.data.count))
+    }
+}
+
+/// A swift-log handler that keeps every message and its `reason`, for assertions on DMP's decisions.
+final class DecisionLog: LogHandler, @unchecked Sendable {
+    private let entries = Mutex<[(message: String, reason: String)]>([])
+    var metadata: Logger.Metadata = [:]
+    var logLevel: Logger.Level = .info
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+    func log(level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?, source: String,
+             file: String, function: String, line: UInt) {
+        let reason = metadata?["reason"].map { "\($0)" } ?? ""
+        entries.withLock { $0.append((message.description, reason)) }
+    }
+    /// The reasons of every message `message`.
+    func reasons(_ message: String) -> [String] { entries.withLock { $0.filter { $0.message == message }.map(\.reason) } }
+}
+
+/// `[a, b)` as `0x…-0x… (symbol)`.
+private func describe(_ r: Range<UInt64>, _ symbols: SymbolTable) -> String {
+    "0x" + String(r.lowerBound, radix: 16) + "-0x" + String(r.upperBound, radix: 16)
+        + " (" + (symbols.symbolize(r.lowerBound) ?? "no symbol") + ")"
+}
+
+/// The byte ranges (merged, at most 16) where `a` and `b` differ in `[0, size)` outside `excluded`.
+func differingRanges(_ a: GuestMemory, _ b: GuestMemory, size: UInt64, excluding excluded: [Range<UInt64>]) throws -> [Range<UInt64>] {
+    var out: [Range<UInt64>] = []
+    let chunk: UInt64 = 1 << 20
+    var base: UInt64 = 0
+    while base < size, out.count < 16 {
+        let n = Int(min(chunk, size - base))
+        let x = try a.readBytes(at: GuestAddress(base), count: n), y = try b.readBytes(at: GuestAddress(base), count: n)
+        if x != y {
+            for i in 0..<n where x[i] != y[i] {
+                let at = base + UInt64(i)
+                if excluded.contains(where: { $0.contains(at) }) { continue }
+                if let last = out.last, last.upperBound + 16 >= at { out[out.count - 1] = last.lowerBound..<(at + 1) }
+                else if out.count < 16 { out.append(at..<(at + 1)) } else { break }
+            }
+        }
+        base += UInt64(n)
+    }
+    return out
+}
+
+/// The ranges of `range`, as a Swift range.
+private func span(_ r: GuestRange) -> Range<UInt64> { r.start.rawValue..<(r.start.rawValue + r.size) }
+
+/// Every guest image and a command line that keeps its run short.
+let transparencyGuests: [(String, String)] = [
+    ("hello", "exit=3"), ("selftest", ""), ("selftest", "test=strio"), ("selftest", "test=mmioread"),
+    ("uart-cpl0", "iters=40"), ("uart-cpl3", "iters=40"), ("doorbell-cpl3", "iters=64"),
+    ("uart-cpl0-pv", "iters=40"), ("uart-cpl3-pv", "iters=40"), ("doorbell-cpl3-pv", "iters=64"),
+    ("c-uart-cpl3", "iters=40"), ("c-doorbell-cpl3", "iters=64"), ("c-selfmod-cpl3", "iters=40"),
+]
+
+extension KVMTests {
+    @Test("DMP on and off: byte-identical UART output (cycle counts masked) and the same exit status, for every guest",
+          arguments: transparencyGuests)
+    func dmpTransparentOutput(image: String, commandLine: String) throws {
+        let off = try DMPGuestRun(image, commandLine: commandLine, dmp: nil)
+        let offStop = try off.run()
+        let on = try DMPGuestRun(image, commandLine: commandLine, dmp: DMPGuestRun.configuration())
+        let onStop = try on.run()
+        #expect(onStop == offStop)
+        #expect(on.output == off.output, "\(image): \(on.output.suffix(300)) vs \(off.output.suffix(300))")
+        #expect(!off.output.isEmpty)
+        // Not vacuous: where the guest's UART loop runs long enough, DMP patched it and served accesses in the guest.
+        let report = on.dmp?.report() ?? []
+        switch image {
+        case "uart-cpl3", "uart-cpl0", "uart-cpl3-pv", "uart-cpl0-pv", "hello", "doorbell-cpl3":
+            let putc = on.sites(in: "uart_putc")
+            #expect(Set(putc.map(\.site.address)) == [0x3f8, 0x3fd], "\(DMPReport.text(report))")
+            #expect(putc.allSatisfy { $0.state == .patched || $0.state == .undone }, "\(DMPReport.text(report))")
+            #expect(putc.allSatisfy { $0.hitsServed > 0 }, "\(DMPReport.text(report))")
+        case "c-uart-cpl3":
+            #expect(report.contains { $0.state == .patched && $0.hitsServed > 0 }, "\(DMPReport.text(report))")
+        default:
+            break
+        }
+        if image == "uart-cpl3" {
+            // The CPL3 UART loop stays patched (no undo) and most of its accesses never exit.
+            let putc = on.sites(in: "uart_putc")
+            #expect(putc.count == 2 && putc.allSatisfy { $0.state == .patched && $0.hitsServed > 100 }, "\(DMPReport.text(report))")
+        }
+    }
+
+    @Test("after unpatchAll() at guest exit, memory outside the implant, the rings and the live stacks equals a run that never patched",
+          arguments: transparencyGuests.filter { !$0.0.hasPrefix("selftest") })
+    func dmpUnpatchRestoresMemory(image: String, commandLine: String) throws {
+        let off = try DMPGuestRun(image, commandLine: commandLine, dmp: nil)
+        let offStop = try off.run()
+        let on = try DMPGuestRun(image, commandLine: commandLine, dmp: DMPGuestRun.configuration())
+        #expect(try on.run() == offStop)
+        let patched = (on.dmp?.report() ?? []).filter { $0.state == .patched }
+        on.dmp?.unpatchAll()
+        let after = on.dmp?.report() ?? []
+        #expect(!after.contains { $0.state == .patched })
+        #expect(patched.allSatisfy { p in after.contains { $0.site == p.site && $0.state == .undone } })
+        let excluded = [span(X86Layout.implantArea), span(X86Layout.ringArea)] + off.timingAndStacks
+        let diff = try differingRanges(off.vm.memory, on.vm.memory, size: off.vm.configuration.memorySize, excluding: excluded)
+        #expect(diff.isEmpty, "\(image): differs at \(diff.map { describe($0, off.loaded.symbols) })")
+        try on.checkTransmittedCount(against: off)
+        // The comparison covers the image's code: every code byte DMP patched is back.
+        for s in patched {
+            guard let a = s.physicalAddress?.rawValue else { continue }
+            #expect(try on.vm.memory.readBytes(at: GuestAddress(a), count: 1) == off.vm.memory.readBytes(at: GuestAddress(a), count: 1))
+        }
+    }
+
+    @Test("--dmp-dry-run changes no guest byte: memory after a dry run equals a DMP-off run, implant and rings included",
+          arguments: [("uart-cpl3", "iters=40"), ("uart-cpl0", "iters=40"), ("doorbell-cpl3", "iters=64"),
+                      ("c-uart-cpl3", "iters=40"), ("c-doorbell-cpl3", "iters=64")])
+    func dmpDryRunChangesNothing(image: String, commandLine: String) throws {
+        let off = try DMPGuestRun(image, commandLine: commandLine, dmp: nil)
+        let offStop = try off.run()
+        let dry = try DMPGuestRun(image, commandLine: commandLine, dmp: DMPGuestRun.configuration(dryRun: true))
+        #expect(try dry.run() == offStop)
+        #expect(dry.output == off.output)
+        let report = dry.dmp?.report() ?? []
+        #expect(report.contains { $0.state == .wouldPatch }, "the dry run found something to patch: \(DMPReport.text(report))")
+        #expect(!report.contains { $0.state == .patched })
+        #expect(report.allSatisfy { $0.hitsServed == 0 })
+        let diff = try differingRanges(off.vm.memory, dry.vm.memory, size: off.vm.configuration.memorySize,
+                                       excluding: off.timingAndStacks)
+        #expect(diff.isEmpty, "\(image): differs at \(diff.map { describe($0, off.loaded.symbols) })")
+        try dry.checkTransmittedCount(against: off)
+        // Not one implant byte was written either.
+        #expect(try dry.vm.memory.readBytes(at: X86Layout.implantArea.start, count: Int(X86Layout.implantArea.size))
+                .allSatisfy { $0 == 0 })
+    }
+}
+
+extension KVMTests {
+    @Test("a ring of four slots keeps the output in order: DMP's ring appends and the static-PV twin, with and without the polling consumer",
+          arguments: ["uart-cpl3", "uart-cpl0", "uart-cpl3-pv"], [true, false])
+    func dmpFourSlotRingKeepsOrder(image: String, polling: Bool) throws {
+        let commandLine = "iters=60"
+        let off = try DMPGuestRun(image, commandLine: commandLine, dmp: nil)
+        let offStop = try off.run()
+        let pv = image.hasSuffix("-pv")
+        let on = try DMPGuestRun(image, commandLine: commandLine, dmp: pv ? nil : DMPGuestRun.configuration(),
+                                 ringPolling: polling ? .enabled() : .disabled, ringSlotCount: 4)
+        #expect(on.devices.rings.slotCount == 4)
+        #expect(try on.run() == offStop)
+        #expect(on.output == off.output, "\(image): \(on.output.suffix(300))")
+        let stats = on.devices.rings.statistics(ring: 0)
+        // The ring carried the bytes (so four slots were reused many times over) and nothing was skipped.
+        #expect(stats.consumed > 16, "\(image): \(stats)")
+        #expect(stats.holes == 0 && stats.invalidHints == 0)
+        if !pv {
+            let report = on.dmp?.report() ?? []
+            #expect(report.contains { $0.fastPath.hasPrefix("ring 0") && $0.hitsServed > 16 }, "\(DMPReport.text(report))")
+        }
+    }
+
+    @Test("c-selfmod-cpl3 rewrites its own patched code: output identical to DMP off; each rewrite undoes the patches on that page, with the reason")
+    func dmpSelfModifyingGuest() throws {
+        let commandLine = "iters=40"
+        let off = try DMPGuestRun("c-selfmod-cpl3", commandLine: commandLine, dmp: nil)
+        let offStop = try off.run()
+        #expect(offStop == .guestExit(status: 0))
+        let on = try DMPGuestRun("c-selfmod-cpl3", commandLine: commandLine, dmp: DMPGuestRun.configuration())
+        #expect(try on.run() == offStop)
+        #expect(on.output == off.output)
+        #expect(resultField(on.console.text, "checksum") == "0x15d62744")
+        let report = on.dmp?.report() ?? []
+        // Patched (function copies that served accesses in the guest) ...
+        #expect(report.contains { $0.strategy.hasPrefix("function copy") && $0.hitsServed > 0 }, "\(DMPReport.text(report))")
+        // ... and undone by the guest's own write into the guarded code page: once per rewrite (at each
+        // quarter of the run) for each of the two copies.
+        let undone = on.decisions.reasons("undone")
+        let byGuest = undone.filter { $0.contains("the guest wrote into a guarded page") }
+        #expect(byGuest.count >= 2 && byGuest.count == undone.count, "\(undone)")
+        #expect(on.decisions.reasons("patched").count >= byGuest.count, "patched again after each rewrite")
+    }
+}
+
+extension KVMTests {
+    @Test("c-uart-cpl3: every site the report calls patched serves its accesses in the guest (the THR write and LSR read too, not only the port-0x80 delays)")
+    func dmpCUartPatchedSitesServe() throws {
+        let on = try DMPGuestRun("c-uart-cpl3", commandLine: "iters=60", dmp: DMPGuestRun.configuration())
+        #expect(try on.run() == .guestExit(status: 0))
+        let report = on.dmp?.report() ?? []
+        let patched = report.filter { $0.state == .patched }
+        #expect(Set(patched.map(\.site.address)) == [0x80, 0x3f8, 0x3fd], "\(DMPReport.text(report))")
+        // The copies are entered before the device access, not only at the hot `out 0x80, al` after it.
+        for s in patched { #expect(s.hitsServed > 100, "\(s.location): \(DMPReport.text(report))") }
+        #expect(on.vm.statistics()[.io] < 600, "most of the 60 lines' ~2,600 bytes never exit")
+    }
+}
