@@ -2,7 +2,7 @@ import VMMKit
 
 /// One site DMP looked at: where it is, what was decided and what it achieved
 /// (DESIGN.md, DMP step 8). A value snapshot, taken by ``DMPMiddleware/report()``.
-public struct PatchSite: Hashable, Sendable {
+public struct PatchSite: Hashable, Sendable, CustomStringConvertible {
     /// What became of the site.
     public enum State: String, Hashable, Sendable {
         /// Hot, not yet decided.
@@ -45,6 +45,12 @@ public struct PatchSite: Hashable, Sendable {
     public var hotToPatchedNanoseconds: UInt64?
     /// Why it was refused or undone.
     public var refusal: DMPRefusal?
+
+    /// One line: location, instruction, state, strategy and the reason, if any.
+    public var description: String {
+        "\(location) \(instruction.isEmpty ? "?" : instruction) \(state.rawValue)"
+            + (strategy.isEmpty ? "" : " (\(strategy))") + (refusal.map { ": \($0)" } ?? "")
+    }
 
     /// Exits avoided: hits served in the guest (each would have been an exit).
     public var exitsAvoided: UInt64 { hitsServed }

@@ -1,0 +1,99 @@
+import DMP
+import Logging
+import Testing
+import VMMKit
+
+/// One guest run with DMP on (or off), through the library's public API as a VMM would use it.
+struct DMPGuestRun {
+    let text: String
+    let stop: StopReason
+    let report: [PatchSite]
+    let steadyExits: Int?
+
+    init(_ image: String, commandLine: String, dmp: Bool = true, configure: (inout DMPConfiguration) -> Void = { _ in }) throws {
+        let vm = try VirtualMachine(backend: try KVMSystem(), configuration: VMConfiguration(memorySize: 64 << 20))
+        let console = CapturedOutput()
+        let devices = try StandardDevices.install(on: vm, console: console.sink())
+        let loaded = try X86Boot.load(.elf(try guestImage(image)), commandLine: commandLine, into: vm)
+        var middleware: DMPMiddleware?
+        if dmp {
+            var c = DMPConfiguration()
+            c.use(loaded)
+            c.userModeFastPaths = true
+            configure(&c)
+            var logger = Logger(label: "test.dmp")
+            logger.logLevel = .critical
+            middleware = DMPMiddleware.install(on: vm, rings: devices.rings, configuration: c, logger: logger)
+        }
+        stop = try vm.run()
+        text = console.text
+        report = middleware?.report() ?? []
+        steadyExits = devices.marker.steadyPhase?.exits
+    }
+
+    func site(_ location: String) -> PatchSite? { report.first { $0.location == location } }
+}
+
+extension KVMTests {
+    @Test("DMP on uart-cpl3: both uart_putc sites served by one function copy, output identical to DMP off, steady phase nearly exit-free")
+    func dmpUartCPL3() throws {
+        let off = try DMPGuestRun("uart-cpl3", commandLine: "iters=400", dmp: false)
+        let on = try DMPGuestRun("uart-cpl3", commandLine: "iters=400")
+        #expect(on.stop == off.stop)
+        #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
+        #expect(on.text.split(separator: "\n").filter { !$0.hasPrefix("RESULT") } == off.text.split(separator: "\n").filter { !$0.hasPrefix("RESULT") })
+        for location in ["uart_putc+0x5", "uart_putc+0x12"] {
+            let s = try #require(on.site(location), "\(on.report)")
+            #expect(s.state == .patched, "\(s)")
+            #expect(s.strategy.hasPrefix("function copy of uart_putc"))
+            #expect(s.hitsServed > 1000)
+            #expect(s.userMode)
+        }
+        let offExits = try #require(off.steadyExits), onExits = try #require(on.steadyExits)
+        #expect(onExits * 20 < offExits, "steady exits \(onExits) with DMP, \(offExits) without")
+    }
+
+    @Test("DMP on c-uart-cpl3 (gcc -O2, accessors through function pointers): every port site served, over 90% of the steady exits gone, same output")
+    func dmpCUart() throws {
+        let off = try DMPGuestRun("c-uart-cpl3", commandLine: "iters=120", dmp: false)
+        let on = try DMPGuestRun("c-uart-cpl3", commandLine: "iters=120")
+        #expect(on.stop == .guestExit(status: 0))
+        #expect(on.text.split(separator: "\n").filter { !$0.hasPrefix("RESULT") } == off.text.split(separator: "\n").filter { !$0.hasPrefix("RESULT") })
+        #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
+        let patched = on.report.filter { $0.state == .patched }
+        #expect(Set(patched.map(\.site.address)) == [0x80, 0x3f8, 0x3fd], "\(on.report.map(\.description))")
+        let offExits = try #require(off.steadyExits), onExits = try #require(on.steadyExits)
+        #expect(onExits * 10 < offExits, "steady exits \(onExits) with DMP, \(offExits) without")
+    }
+
+    @Test("DMP at CPL0 (uart-cpl0, emulated here): the copy is measured and undone as slower, the output stays the same")
+    func dmpUartCPL0Undone() throws {
+        let off = try DMPGuestRun("uart-cpl0", commandLine: "iters=300", dmp: false)
+        let on = try DMPGuestRun("uart-cpl0", commandLine: "iters=300")
+        #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
+        let s = try #require(on.site("uart_putc+0x5"), "\(on.report)")
+        // On hardware virtualization CPL0 runs natively and the copy may well pay; here it is emulated.
+        #expect(s.state == .undone || s.state == .patched)
+        if s.state == .undone { #expect(s.refusal?.stage == .verify, "\(String(describing: s.refusal))") } else { #expect(s.hitsServed > 0) }
+    }
+
+    @Test("--dmp-dry-run: sites reported as would patch, nothing patched, same output")
+    func dmpDryRun() throws {
+        let off = try DMPGuestRun("uart-cpl3", commandLine: "iters=60", dmp: false)
+        let dry = try DMPGuestRun("uart-cpl3", commandLine: "iters=60") { $0.dryRun = true }
+        #expect(resultField(dry.text, "checksum") == resultField(off.text, "checksum"))
+        #expect(!dry.report.isEmpty)
+        #expect(dry.report.allSatisfy { $0.state == .wouldPatch && $0.hitsServed == 0 }, "\(dry.report)")
+        #expect(dry.steadyExits == off.steadyExits)
+    }
+
+    @Test("DMP with user-mode fast paths off refuses CPL3 sites with the reason")
+    func dmpUserModeOff() throws {
+        let on = try DMPGuestRun("uart-cpl3", commandLine: "iters=60") { $0.userModeFastPaths = false }
+        #expect(!on.report.isEmpty)
+        for s in on.report {
+            #expect(s.state == .refused)
+            #expect(s.refusal?.reason.contains("user-mode fast paths are off") == true, "\(String(describing: s.refusal))")
+        }
+    }
+}
