@@ -4,7 +4,7 @@ import Testing
 import VMMKit
 
 /// One guest run with DMP on (or off), through the library's public API as a VMM would use it.
-struct DMPGuestRun {
+struct DMPLibraryRun {
     let text: String
     let stop: StopReason
     let report: [PatchSite]
@@ -37,8 +37,8 @@ struct DMPGuestRun {
 extension KVMTests {
     @Test("DMP on uart-cpl3: both uart_putc sites served by one function copy, output identical to DMP off, steady phase nearly exit-free")
     func dmpUartCPL3() throws {
-        let off = try DMPGuestRun("uart-cpl3", commandLine: "iters=400", dmp: false)
-        let on = try DMPGuestRun("uart-cpl3", commandLine: "iters=400")
+        let off = try DMPLibraryRun("uart-cpl3", commandLine: "iters=400", dmp: false)
+        let on = try DMPLibraryRun("uart-cpl3", commandLine: "iters=400")
         #expect(on.stop == off.stop)
         #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
         #expect(on.text.split(separator: "\n").filter { !$0.hasPrefix("RESULT") } == off.text.split(separator: "\n").filter { !$0.hasPrefix("RESULT") })
@@ -55,8 +55,8 @@ extension KVMTests {
 
     @Test("DMP on c-uart-cpl3 (gcc -O2, accessors through function pointers): every port site served, over 90% of the steady exits gone, same output")
     func dmpCUart() throws {
-        let off = try DMPGuestRun("c-uart-cpl3", commandLine: "iters=120", dmp: false)
-        let on = try DMPGuestRun("c-uart-cpl3", commandLine: "iters=120")
+        let off = try DMPLibraryRun("c-uart-cpl3", commandLine: "iters=120", dmp: false)
+        let on = try DMPLibraryRun("c-uart-cpl3", commandLine: "iters=120")
         #expect(on.stop == .guestExit(status: 0))
         #expect(on.text.split(separator: "\n").filter { !$0.hasPrefix("RESULT") } == off.text.split(separator: "\n").filter { !$0.hasPrefix("RESULT") })
         #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
@@ -68,8 +68,8 @@ extension KVMTests {
 
     @Test("DMP at CPL0 (uart-cpl0, emulated here): the copy is measured and undone as slower, the output stays the same")
     func dmpUartCPL0Undone() throws {
-        let off = try DMPGuestRun("uart-cpl0", commandLine: "iters=300", dmp: false)
-        let on = try DMPGuestRun("uart-cpl0", commandLine: "iters=300")
+        let off = try DMPLibraryRun("uart-cpl0", commandLine: "iters=300", dmp: false)
+        let on = try DMPLibraryRun("uart-cpl0", commandLine: "iters=300")
         #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
         let s = try #require(on.site("uart_putc+0x5"), "\(on.report)")
         // On hardware virtualization CPL0 runs natively and the copy may well pay; here it is emulated.
@@ -79,8 +79,8 @@ extension KVMTests {
 
     @Test("--dmp-dry-run: sites reported as would patch, nothing patched, same output")
     func dmpDryRun() throws {
-        let off = try DMPGuestRun("uart-cpl3", commandLine: "iters=60", dmp: false)
-        let dry = try DMPGuestRun("uart-cpl3", commandLine: "iters=60") { $0.dryRun = true }
+        let off = try DMPLibraryRun("uart-cpl3", commandLine: "iters=60", dmp: false)
+        let dry = try DMPLibraryRun("uart-cpl3", commandLine: "iters=60") { $0.dryRun = true }
         #expect(resultField(dry.text, "checksum") == resultField(off.text, "checksum"))
         #expect(!dry.report.isEmpty)
         #expect(dry.report.allSatisfy { $0.state == .wouldPatch && $0.hitsServed == 0 }, "\(dry.report)")
@@ -89,7 +89,7 @@ extension KVMTests {
 
     @Test("DMP with user-mode fast paths off refuses CPL3 sites with the reason")
     func dmpUserModeOff() throws {
-        let on = try DMPGuestRun("uart-cpl3", commandLine: "iters=60") { $0.userModeFastPaths = false }
+        let on = try DMPLibraryRun("uart-cpl3", commandLine: "iters=60") { $0.userModeFastPaths = false }
         #expect(!on.report.isEmpty)
         for s in on.report {
             #expect(s.state == .refused)
