@@ -41,12 +41,13 @@ struct CopyEntryTests {
         let f = try decodeFixture("run_forever", d)
         let hot: UInt64 = 0x40130a // out dx, al
         let copy = try FunctionCopy(f, at: copyPlacement, rewrites: [HotRewrite(address: hot, bytes: [0x90])])
-        let entries = copy.loopEntries(for: hot)
-        #expect(entries.map(\.site) == [0x401303], "the call to helper inside the loop (the back-edge is a 2-byte jmp)")
+        let entries = copy.pathEntries(for: hot)
+        #expect(entries.map(\.site) == [0x401303], "the call to helper before it in its block (the back-edge is a 2-byte jmp)")
         let e = try #require(entries.first)
         #expect(e.kind == .redirect && e.target == copy.copyAddress(of: 0x401303))
         try expectBranchWrite(e.writes[0], to: e.target, d)
-        #expect(copy.loopEntries(for: 0x4012f0).isEmpty, "the push before the loop is in none")
+        #expect(copy.pathEntries(for: 0x4012f0).map(\.site) == [0x4012f1, 0x4012fb, 0x401303], "after the push, down to the loop's jmp")
+        #expect(copy.pathEntries(for: 0x4012f0, limit: 1).count == 1)
         #expect(try #require(throws: DMPRefusal.self) { try copy.redirect(at: 0x401300) }.reason.contains("is 3 bytes"))
         #expect(try #require(throws: DMPRefusal.self) { try copy.redirect(at: 0x401301) }.reason.contains("not an instruction start"))
     }
@@ -165,8 +166,15 @@ struct CopyEntryTests {
     func plans() throws {
         let d = try X86Disassembler()
         let post = try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x4012a0, bytes: [0x90])], in: fixtureImage, at: copyPlacement, disassembler: d)
-        #expect(post.entries.map(\.kind) == [.deadPadding])
+        #expect(post.entries.map(\.kind) == [.entryThroughPadding, .deadPadding], "post_delay returns: its start first")
+        #expect(post.entries[0].site == 0x401290 && post.entries[1].site == 0x4012a0)
+        #expect(post.entries[0].deadPadding == 0x4012aa..<0x4012af && post.entries[1].deadPadding == 0x4012e2..<0x4012e7,
+                "the second takes other padding")
+        #expect(post.compatibleEntries.count == 2)
         #expect(post.entryRefusals.contains { $0.reason.contains("entry instruction of post_delay") })
+        let postOnly = try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x4012a0, bytes: [0x90])], in: fixtureImage, at: copyPlacement,
+                                                 disassembler: d, entryThroughPadding: false)
+        #expect(postOnly.entries.map(\.kind) == [.deadPadding] && postOnly.entries[0].deadPadding == 0x4012aa..<0x4012af)
 
         let forever = try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x40130a, bytes: [0x90])], in: fixtureImage, at: copyPlacement, disassembler: d)
         #expect(forever.entries.map(\.kind) == [.redirect])
@@ -177,11 +185,26 @@ struct CopyEntryTests {
         let helper = try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x401130, bytes: [0x90])], in: fixtureImage, at: copyPlacement, disassembler: d)
         #expect(Set(helper.entries.map(\.kind)) == [.functionEntry, .callSite, .tailCallSite])
         #expect(helper.entries.count == 8)
+        #expect(helper.compatibleEntries == helper.entries, "every entry changes bytes of its own")
+        var overlapping = helper
+        let first = try #require(helper.entries.first)
+        var clash = first
+        clash.site += 2
+        clash.writes = [PatchWrite(address: first.site + 2, original: [0, 0, 0, 0, 0], replacement: [0x90, 0x90, 0x90, 0x90, 0x90])]
+        overlapping.entries.insert(clash, at: 1)
+        #expect(overlapping.compatibleEntries == helper.entries, "an entry over bytes an earlier one writes is left out")
 
-        let uart = try #require(throws: DMPRefusal.self) {
-            try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x4010d8, bytes: [0x90])], in: fixtureImage, at: copyPlacement, disassembler: d)
+        // uart_puts: a 3-byte entry instruction, a 1-byte hot out, no direct caller: only the entry through
+        // the padding after its own ret; without that tactic, no way in.
+        let uart = try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x4010d8, bytes: [0x90])], in: fixtureImage, at: copyPlacement, disassembler: d)
+        #expect(uart.entries.map(\.kind) == [.entryThroughPadding] && uart.entries[0].site == 0x4010b0)
+        #expect(uart.entries[0].target == uart.copy.address)
+        let noWay = try #require(throws: DMPRefusal.self) {
+            try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x4010d8, bytes: [0x90])], in: fixtureImage, at: copyPlacement,
+                                      disassembler: d, entryThroughPadding: false)
         }
-        #expect(uart.reason.hasPrefix("no way into the copy of uart_puts"))
+        #expect(noWay.reason.hasPrefix("no way into the copy of uart_puts"))
+        #expect(noWay.reason.contains("no direct call or tail call of uart_puts"))
         let two = try #require(throws: DMPRefusal.self) {
             try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x4010d8, bytes: [0x90]), HotRewrite(address: 0x4012a0, bytes: [0x90])],
                                       in: fixtureImage, at: copyPlacement, disassembler: d)

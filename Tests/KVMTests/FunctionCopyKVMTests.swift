@@ -90,20 +90,23 @@ enum CopyGuest {
                 writes += copy.evictionWrites
             case .enteredCopies:
                 var entries: [CopyEntry] = []
+                var used = writes.map(\.range)
+                for h in copy.pieces where h.kind == .rewritten {
+                    if let e = try? copy.deadPaddingEntry(hot: h.original, in: image, disassembler: d, avoiding: used) {
+                        entries.append(e)
+                        used += e.writes.map(\.range)
+                    }
+                }
                 if let e = try? copy.functionEntry() { entries.append(e) }
+                else if let e = try? copy.entryThroughPadding(in: image, disassembler: d, avoiding: used) { entries.append(e) }
                 for site in image.callSites(to: copy.function.start, disassembler: d) {
                     if let e = try? copy.callSiteEntry(site) { entries.append(e) }
-                }
-                for h in copy.pieces where h.kind == .rewritten {
-                    if let e = try? copy.deadPaddingEntry(hot: h.original, in: image, disassembler: d, avoiding: writes.map(\.range)) {
-                        entries.append(e)
-                    }
                 }
                 var enteredAtStart = false
                 for e in entries where !e.writes.contains(where: { w in writes.contains { $0.range.overlaps(w.range) } }) {
                     writes += e.writes
                     kinds[e.kind, default: 0] += 1
-                    if e.kind == .functionEntry || e.kind == .deadPadding { enteredAtStart = true }
+                    if [.functionEntry, .entryThroughPadding, .deadPadding].contains(e.kind) { enteredAtStart = true }
                 }
                 // Called at the original when an entry there leads into the copy, else at the copy itself.
                 callTarget[name] = enteredAtStart ? copy.function.start : copy.address
@@ -160,6 +163,7 @@ extension KVMTests {
         #expect(entered.hits == 10)
         #expect(entered.entries[.functionEntry, default: 0] >= 3 && entered.entries[.callSite, default: 0] >= 3)
         #expect(entered.entries[.tailCallSite, default: 0] >= 1 && entered.entries[.deadPadding] == 1)
+        #expect(entered.entries[.entryThroughPadding, default: 0] >= 4, "\(entered.entries)")
 
         let evicted = try CopyGuest.run(.evictedCopies)
         #expect(evicted.results == original.results)

@@ -18,6 +18,10 @@ package struct CopyEntry: Hashable, Sendable {
         case tailCallSite = "tail call site"
         /// A 2–4-byte hot instruction turned into `jmp rel8` to a `jmp rel32` in dead padding.
         case deadPadding = "short jump through dead padding"
+        /// A 2–4-byte entry instruction (or the one after `endbr64`) turned into `jmp rel8` to a `jmp rel32` in
+        /// dead padding: the same tactic at the function's start, for functions reached only indirectly
+        /// (function pointers) whose hot instruction is a single byte.
+        case entryThroughPadding = "entry instruction through dead padding"
     }
 
     /// How it enters.
@@ -54,27 +58,60 @@ extension FunctionCopy {
     /// The entry instruction: the function's first instruction if it has at least 5 bytes, or the one after
     /// a leading `endbr64` (which stays, so indirect calls still land on it).
     package func functionEntry() throws(DMPRefusal) -> CopyEntry {
-        guard let first = function.instructions.first else { throw DMPRefusal(.plan, "\(function.symbol.name) is empty") }
-        let endbr64: [UInt8] = [0xf3, 0x0f, 0x1e, 0xfa]
-        let entry = first.bytes == endbr64 && function.instructions.count > 1 ? function.instructions[1] : first
+        let entry = try entryInstruction()
         guard entry.length >= 5 else {
             throw DMPRefusal(.plan, "the entry instruction of \(function.symbol.name) (\(entry)) is \(entry.length) bytes (a jmp rel32 needs 5)")
         }
         return try redirect(at: entry.address, kind: .functionEntry)
     }
 
-    /// Redirects of the instructions of at least 5 bytes in every loop that holds `hot` (a loop: a backward
-    /// relative branch and its target): the back-edge itself first, then the loop's other instructions in
-    /// address order. Entering through one catches a hot loop in a function that never returns.
-    package func loopEntries(for hot: UInt64) -> [CopyEntry] {
+    /// The function's first instruction, or the one after a leading `endbr64`.
+    private func entryInstruction() throws(DMPRefusal) -> X86Instruction {
+        guard let first = function.instructions.first else { throw DMPRefusal(.plan, "\(function.symbol.name) is empty") }
+        let endbr64: [UInt8] = [0xf3, 0x0f, 0x1e, 0xfa]
+        return first.bytes == endbr64 && function.instructions.count > 1 ? function.instructions[1] : first
+    }
+
+    /// The entry instruction (or the one after `endbr64`) of 2 to 4 bytes turned into `jmp rel8` to a
+    /// `jmp rel32` to the copy in provably dead padding, under the rules of
+    /// ``deadPaddingEntry(hot:in:disassembler:avoiding:)``: a thread can only be at that instruction's start or
+    /// end, as for a hot instruction, and the padding is never executed.
+    package func entryThroughPadding(in image: CodeImage, disassembler: X86Disassembler,
+                                     avoiding used: [Range<UInt64>] = []) throws(DMPRefusal) -> CopyEntry {
+        try shortJump(at: try entryInstruction().address, kind: .entryThroughPadding, in: image, disassembler: disassembler, avoiding: used)
+    }
+
+    /// Redirects that lie on `hot`'s path, at most `limit`: the instructions of at least 5 bytes of the
+    /// straight-line block around `hot` (before it back to the nearest branch target, nearest first, which run
+    /// before every execution of `hot`; then after it up to the block's closing jump, which run after it), then
+    /// the back-edge of the innermost loop holding `hot`. Entering through one catches a hot loop in a function
+    /// that never returns, at the same point of the copy (same frame, same registers).
+    package func pathEntries(for hot: UInt64, limit: Int = 4) -> [CopyEntry] {
+        let instructions = function.instructions
+        guard let k = function.index(at: hot) else { return [] }
+        var targets: Set<UInt64> = []
+        for i in instructions { if let b = i.branch, function.contains(b.target) { targets.insert(b.target) } }
+        func transfers(_ i: X86Instruction) -> Bool { i.groups.contains(.jump) || i.groups.contains(.return) }
+        var candidates: [X86Instruction] = [instructions[k]]
+        var j = k
+        while j > 0, !targets.contains(instructions[j].address), !transfers(instructions[j - 1]) {
+            j -= 1
+            candidates.append(instructions[j])
+        }
+        var m = k
+        while !transfers(instructions[m]), m + 1 < instructions.count {
+            m += 1
+            candidates.append(instructions[m])
+        }
+        let innermost = instructions.filter { i in
+            guard let b = i.branch, !i.groups.contains(.call), function.contains(b.target) else { return false }
+            return b.target <= hot && hot <= i.address
+        }.min { ($0.address &- $0.branch!.target) < ($1.address &- $1.branch!.target) }
+        if let back = innermost { candidates.append(back) }
         var seen: Set<UInt64> = []
         var out: [CopyEntry] = []
-        for b in function.instructions {
-            guard let br = b.branch, !b.groups.contains(.call), function.contains(br.target), br.target <= hot, hot <= b.address else { continue }
-            let body = function.instructions.filter { $0.address >= br.target && $0.address < b.address && $0.length >= 5 }
-            for i in [b] + body where i.length >= 5 && seen.insert(i.address).inserted {
-                if let e = try? redirect(at: i.address) { out.append(e) }
-            }
+        for i in candidates where i.length >= 5 && out.count < limit && seen.insert(i.address).inserted {
+            if let e = try? redirect(at: i.address) { out.append(e) }
         }
         return out
     }
@@ -101,6 +138,12 @@ extension FunctionCopy {
     /// it and no code-address table (patchable entries, CFI) names it. `avoiding`: padding already used.
     package func deadPaddingEntry(hot: UInt64, in image: CodeImage, disassembler: X86Disassembler,
                                   avoiding used: [Range<UInt64>] = []) throws(DMPRefusal) -> CopyEntry {
+        try shortJump(at: hot, kind: .deadPadding, in: image, disassembler: disassembler, avoiding: used)
+    }
+
+    /// `jmp rel8` at the 2–4-byte instruction at `hot` to a `jmp rel32` to its point in the copy, in dead padding.
+    private func shortJump(at hot: UInt64, kind: CopyEntry.Kind, in image: CodeImage, disassembler: X86Disassembler,
+                           avoiding used: [Range<UInt64>]) throws(DMPRefusal) -> CopyEntry {
         guard let k = function.index(at: hot), let target = copyAddress(of: hot) else {
             throw DMPRefusal(.plan, "0x\(String(hot, radix: 16)) is not an instruction start of \(function.symbol.name)")
         }
@@ -125,7 +168,7 @@ extension FunctionCopy {
                 if !used.contains(where: { $0.overlaps(slot) }), let original = image.bytes(at: p, count: 5),
                    let jmp = CopyEncoding.branch32(at: p, to: target) {
                     let rel8 = UInt8(bitPattern: Int8(truncatingIfNeeded: Int64(bitPattern: p &- next)))
-                    return CopyEntry(kind: .deadPadding, site: hot, target: target, writes: [
+                    return CopyEntry(kind: kind, site: hot, target: target, writes: [
                         PatchWrite(address: p, original: original, replacement: jmp),
                         PatchWrite(address: hot, original: i.bytes, replacement: [0xeb, rel8] + CopyEncoding.nops(i.length - 2)),
                     ], deadPadding: slot)

@@ -6,9 +6,23 @@ import X86Disassembler
 package struct FunctionCopyPlan: Sendable {
     /// The copy (its bytes go into the implant at `copy.address`; its eviction writes undo its reach).
     package var copy: FunctionCopy
-    /// The entries, best first: the entry instruction, loop redirects around the hot instructions,
-    /// call and tail-call sites, then short jumps through dead padding.
+    /// The entries, best first: for a function that returns, its start (the entry instruction, else the entry
+    /// instruction through dead padding), then redirects on the hot instructions' paths, short jumps through
+    /// dead padding at them, then call and tail-call sites; for a function that never returns, the hot paths
+    /// come before its start. One entry catches the common case; every entry of
+    /// ``compatibleEntries`` may be applied together (each is its own one-instruction patch).
     package var entries: [CopyEntry]
+
+    /// The entries whose writes do not overlap an earlier entry's, in ``entries`` order.
+    package var compatibleEntries: [CopyEntry] {
+        var taken: [Range<UInt64>] = []
+        return entries.filter { e in
+            let ranges = e.writes.map(\.range)
+            guard !ranges.contains(where: { r in taken.contains { $0.overlaps(r) } }) else { return false }
+            taken += ranges
+            return true
+        }
+    }
     /// Why the kinds of entry that are missing could not be used (for the report).
     package var entryRefusals: [DMPRefusal]
 
@@ -16,12 +30,15 @@ package struct FunctionCopyPlan: Sendable {
     ///
     /// Call it once with any placement to learn the copy's size (`copy.bytes.count`), then again at the place
     /// allocated for it (bodies and relocations depend on the address; the size does only through the bodies).
+    /// `entryThroughPadding`: also try the entry instruction of 2 to 4 bytes through dead padding
+    /// (``FunctionCopy/entryThroughPadding(in:disassembler:avoiding:)``) when no 5-byte entry instruction exists;
+    /// DESIGN.md names the tactic for hot instructions, and its safety argument is the same at the entry.
     /// Refuses when no sized function covers the hot instructions, they lie in different functions, the copy
     /// is refused (``FunctionCopy/init(_:at:rewrites:tables:)``) or no entry into it exists (unless `allowNoEntry`:
     /// then a plan without entries is returned, with the reasons in ``entryRefusals``, for a caller that adds its own).
     package static func make(hot: [HotRewrite], in image: CodeImage, at placement: UInt64,
                              disassembler: X86Disassembler, usedPadding: [Range<UInt64>] = [],
-                             allowNoEntry: Bool = false) throws(DMPRefusal) -> FunctionCopyPlan {
+                             allowNoEntry: Bool = false, entryThroughPadding: Bool = true) throws(DMPRefusal) -> FunctionCopyPlan {
         guard let first = hot.first else { throw DMPRefusal(.plan, "no hot instruction to copy a function for") }
         guard let symbol = image.function(containing: first.address) else {
             throw DMPRefusal(.plan, "no sized function symbol covers 0x\(String(first.address, radix: 16))")
@@ -36,12 +53,22 @@ package struct FunctionCopyPlan: Sendable {
         func attempt(_ make: () throws(DMPRefusal) -> CopyEntry) {
             do throws(DMPRefusal) { entries.append(try make()) } catch { refusals.append(error) }
         }
-        attempt { () throws(DMPRefusal) in try copy.functionEntry() }
-        for h in hot { entries += copy.loopEntries(for: h.address) }
-        for site in image.callSites(to: function.start, disassembler: disassembler) {
-            attempt { () throws(DMPRefusal) in try copy.callSiteEntry(site) }
-        }
+        // Order: for a function that returns, its start first (its next call runs wholly in the copy, every
+        // hot instruction served); for one that never returns, the hot paths first (the thread is in them now).
         var padding = usedPadding
+        func start() {
+            attempt { () throws(DMPRefusal) in try copy.functionEntry() }
+            if entryThroughPadding, !entries.contains(where: { $0.kind == .functionEntry }) {
+                attempt { () throws(DMPRefusal) in
+                    let e = try copy.entryThroughPadding(in: image, disassembler: disassembler, avoiding: padding)
+                    if let p = e.deadPadding { padding.append(p) }
+                    return e
+                }
+            }
+        }
+        let returns = function.instructions.contains { $0.groups.contains(.return) }
+        if returns { start() }
+        for h in hot { entries += copy.pathEntries(for: h.address) }
         for h in hot {
             guard let k = function.index(at: h.address), (2...4).contains(function.instructions[k].length) else { continue }
             attempt { () throws(DMPRefusal) in
@@ -50,6 +77,12 @@ package struct FunctionCopyPlan: Sendable {
                 return e
             }
         }
+        if !returns { start() }
+        let callers = image.callSites(to: function.start, disassembler: disassembler)
+        for site in callers {
+            attempt { () throws(DMPRefusal) in try copy.callSiteEntry(site) }
+        }
+        if callers.isEmpty { refusals.append(DMPRefusal(.plan, "no direct call or tail call of \(symbol.name) in the image")) }
         var sites: Set<UInt64> = []
         entries = entries.filter { sites.insert($0.site).inserted }
         guard !entries.isEmpty || allowNoEntry else {

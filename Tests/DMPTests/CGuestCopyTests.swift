@@ -1,0 +1,46 @@
+@testable import DMP
+import Testing
+import VMMKit
+import X86Disassembler
+
+/// The function-copy planner on the C guests (`Guests/c-*.c`, gcc -O2, committed images): what each port
+/// I/O instruction's copy would be entered through. No KVM: the images' text and symbols only.
+@Suite("Function copy on the C guests")
+struct CGuestCopyTests {
+    static func image(_ name: String) throws -> CodeImage {
+        var parts = #filePath.split(separator: "/", omittingEmptySubsequences: false)
+        parts.removeLast(3) // Tests/DMPTests/CGuestCopyTests.swift
+        let bytes = try ImageFile.read(parts.joined(separator: "/") + "/Guests/\(name).elf")
+        let elf = try ELFImage(bytes: bytes)
+        let regions = elf.segments.filter(\.executable).map { s in
+            CodeImage.Region(address: s.virtualAddress, bytes: Array(bytes[Int(s.fileOffset)..<Int(s.fileOffset + s.fileSize)]))
+        }
+        return CodeImage(regions: regions, symbols: elf.symbols)
+    }
+
+    @Test("every port I/O instruction in a 64-bit function gets a copy and a way into it",
+          arguments: ["c-uart-cpl3", "c-doorbell-cpl3", "c-selfmod-cpl3"])
+    func portIO(_ name: String) throws {
+        let image = try Self.image(name)
+        let d = try X86Disassembler()
+        var planned: [String: CopyEntry.Kind] = [:]
+        for s in image.symbols.symbols where s.isFunction && s.size > 0 {
+            guard let f = try? image.decode(s, disassembler: d) else {
+                #expect(s.name == "pvh_start32", "only the 32-bit PVH entry does not decode as 64-bit code")
+                continue
+            }
+            for i in f.instructions where i.groups.contains(.portIO) && !i.groups.contains(.string) {
+                let plan = try FunctionCopyPlan.make(hot: [HotRewrite(address: i.address, bytes: [0x90])], in: image,
+                                                     at: 0xf0_0000, disassembler: d)
+                planned[f.location(i.address)] = try #require(plan.entries.first).kind
+            }
+        }
+        // The UART's port accessors are reached only through function pointers, start with 2- or 3-byte
+        // instructions and hold 1-byte `in`/`out`: only the entry through dead padding leads into their copies.
+        for accessor in ["io_serial_in+0x5", "io_serial_out+0x7"] {
+            #expect(planned[accessor] == .entryThroughPadding, "\(accessor): \(planned[accessor].map(\.rawValue) ?? "none")")
+        }
+        #expect(planned["uart_putc+0x11"] == .functionEntry)
+        #expect(planned.count >= 10)
+    }
+}
