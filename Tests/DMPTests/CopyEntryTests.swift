@@ -120,6 +120,10 @@ struct CopyEntryTests {
         let elsewhere: [Range<UInt64>] = [0x401000..<0x4012aa, 0x4012b0..<0x402000]
         #expect(try #require(throws: DMPRefusal.self) { try copy.deadPaddingEntry(hot: hot, in: named, disassembler: d, avoiding: elsewhere) }
             .reason.contains("padding at 0x4012aa: named in __patchable_function_entries"))
+        // endbr64 is never replaced (indirect branches must land on it).
+        let cet = try FunctionCopy(try decodeFixture("cet_loop", d), at: copyPlacement)
+        #expect(try #require(throws: DMPRefusal.self) { try cet.deadPaddingEntry(hot: cet.function.start, in: fixtureImage, disassembler: d) }
+            .reason.contains("endbr64"))
         // A 1-byte hot instruction has no room for jmp rel8.
         let uart = try FunctionCopy(try decodeFixture("uart_puts", d), at: copyPlacement)
         #expect(try #require(throws: DMPRefusal.self) { try uart.deadPaddingEntry(hot: 0x4010d8, in: fixtureImage, disassembler: d) }

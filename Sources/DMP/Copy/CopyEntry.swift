@@ -151,6 +151,9 @@ extension FunctionCopy {
         guard (2...4).contains(i.length) else {
             throw DMPRefusal(.plan, "\(i) at \(function.location(hot)) is \(i.length) bytes (a jmp rel8 entry takes 2 to 4)")
         }
+        guard i.bytes != [0xf3, 0x0f, 0x1e, 0xfa] else {
+            throw DMPRefusal(.plan, "endbr64 at \(function.location(hot)) stays (indirect branches must land on it)")
+        }
         let next = hot &+ 2
         let reach = (next &- 128)...(next &+ 127)
         var reasons: [String] = []
