@@ -14,14 +14,16 @@ public final class RingProducerModel: @unchecked Sendable {
         /// The caller must perform the original device access (ring full with no
         /// consumer polling, bound reached, or synchronous with no consumer polling).
         case fallback
-        /// Published on a synchronous ring, but the consumer did not apply it
-        /// within the bound: the caller kicks (an exit) instead of repeating the access.
+        /// Published, and the caller kicks (writes the kick register: an exit)
+        /// instead of repeating the access: the ring's polling consumer sleeps
+        /// (``PVRingLayout/wakeFlag``), or on a synchronous ring the consumer
+        /// did not apply the entry within the bound.
         case kick
     }
 
     /// The producer's steps, in the order of `ring.inc`; each touches shared memory at most once.
     public enum Step: Hashable, Sendable {
-        case readFlags, readHint, readSlot, claim, moveHint, helpHint, readConsumer
+        case readFlags, readHint, readSlot, claim, moveHint, readWakeFlag, helpHint, readConsumer
     }
 
     /// Attempts per push (and full-ring waits while a consumer polls), as `RING_TRIES`.
@@ -113,6 +115,9 @@ public final class RingProducerModel: @unchecked Sendable {
             current = .moveHint
         case .moveHint:
             _ = hint.compareExchange(expected: p, desired: p &+ 1)
+            current = .readWakeFlag
+        case .readWakeFlag:
+            if flags & PVRingLayout.wakeFlag != 0 { return finish(.kick) }
             guard synchronous else { return finish(.published) }
             left = RingProducerModel.syncWait
             current = .readConsumer

@@ -99,13 +99,19 @@ struct KVMTests {
         #expect(pv.vm.statistics().total < plain.vm.statistics().total)
     }
 
-    @Test("the static-PV twins give the reference checksums of Guests/README.md, with and without the polling consumer", arguments: [
+    @Test("the static-PV twins give the reference checksums of Guests/README.md, with and without the polling consumer, and with one that sleeps after 1 µs idle (the guests kick it awake)", arguments: [
         ("uart-cpl0-pv", "iters=20", "0xa0787dcd"), ("uart-cpl3-pv", "iters=200", "0x1472f3a9"),
         ("doorbell-cpl3-pv", "iters=160", "0xce81ef52"),
-    ], [true, false])
-    func pvTwinChecksums(twin: (String, String, String), polling: Bool) throws {
+    ], ["poller", "none", "sleepy poller"])
+    func pvTwinChecksums(twin: (String, String, String), poller: String) throws {
         let (name, args, checksum) = twin
-        let g = try GuestRun(name, commandLine: args, ringPolling: polling ? .enabled(idleNanoseconds: 60_000_000_000) : .disabled)
+        let polling = poller != "none"
+        let mode: PVRingPolling = switch poller {
+        case "poller": .enabled(idleNanoseconds: 60_000_000_000)
+        case "sleepy poller": .enabled(idleNanoseconds: 1_000)
+        default: .disabled
+        }
+        let g = try GuestRun(name, commandLine: args, ringPolling: mode)
         #expect(try g.run() == .guestExit(status: 0))
         #expect(resultField(g.console.text, "checksum") == checksum, "\(g.console.text.suffix(200))")
         let doorbell = name.hasPrefix("doorbell")

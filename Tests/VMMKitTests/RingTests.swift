@@ -106,9 +106,9 @@ struct RingTests {
     }
 
     /// The steps of one uncontended push on an asynchronous ring.
-    static let pushSteps = 5
+    static let pushSteps = 6
 
-    @Test("a producer stopped between any two of its steps never blocks the ring", arguments: 0...5)
+    @Test("a producer stopped between any two of its steps never blocks the ring", arguments: 0...6)
     func stoppedProducer(stopAfter: Int) throws {
         for drainFirst in [false, true] {
             let f = try RingFixture(slots: 8)
@@ -366,6 +366,45 @@ struct RingVMTests {
         #expect(!devices.rings.isPolling)
         #expect(try vm.memory.read(UInt32.self, at: flags) & PVRingLayout.pollingFlag == 0, "flag cleared when the poller ends")
         #expect(devices.rings.pollerCPUNanoseconds > 0, "the poller's CPU time is accounted")
+    }
+
+    @Test("an idle poller sleeps with the wake flag raised; a producer then kicks, the kick clears the flag and the poller polls again")
+    func pollerWakeFlag() throws {
+        let mock = MockHypervisor()
+        let vm = try makeVM(mock, memory: 32 << 20)
+        let sink = BatchSink()
+        try vm.bus.attach(sink, ports: 0x3f8..<0x3f9)
+        let rings = try PVRingDevice(memory: vm.memory, bus: vm.bus, targets: [PVRingTarget(space: .pio, address: 0x3f8)],
+                                     polling: .enabled(idleNanoseconds: 1_000_000))
+        rings.attach(to: vm)
+        mock.vcpu(0)?.script([.spin])
+        try vm.start()
+        let flags = GuestAddress(rings.header(0).rawValue + PVRingLayout.flagsOffset)
+        func current() throws -> UInt32 { try vm.memory.read(UInt32.self, at: flags) }
+        var waited = 0
+        while ((try current()) & PVRingLayout.wakeFlag == 0 || rings.pollerSleeps == 0) && waited < 2_000 { usleep(1_000); waited += 1 }
+        #expect(try current() == PVRingLayout.wakeFlag, "idle: not polling, wake flag raised")
+        let sleeps = rings.pollerSleeps
+        #expect(sleeps >= 1)
+        let prod = try RingProducerModel(memory: vm.memory, header: rings.header(0))
+        #expect(prod.push(7) == .kick, "the consumer sleeps: the producer kicks")
+        // The kick (the kick register's write, after the exit drained the ring).
+        rings.drain()
+        rings.wakePoller()
+        // The wake clears the flag under the poller's lock while it sleeps (at
+        // once); if its 10 ms check found the entry first, it clears it itself.
+        waited = 0
+        while (try current()) & PVRingLayout.wakeFlag != 0 && waited < 2_000 { usleep(1_000); waited += 1 }
+        #expect(try current() & PVRingLayout.wakeFlag == 0, "one kick is enough")
+        #expect(sink.values == [7])
+        // Nothing is pending any more, so only the kick can have woken it: it
+        // polls again, and after its 1 ms idle period goes back to sleep.
+        waited = 0
+        while rings.pollerSleeps == sleeps && waited < 2_000 { usleep(1_000); waited += 1 }
+        #expect(rings.pollerSleeps > sleeps, "the kick woke the poller")
+        vm.stop()
+        #expect(try vm.wait() == .stopped)
+        #expect(try current() == 0, "no flags once the poller ends")
     }
 
     @Test("an entry that stops the VM from the poller is the last one applied, also at stop")

@@ -151,7 +151,7 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
         lock.lock()
         let (stop, n) = drainLocked()
         lock.unlock()
-        if wakePoller && n > 0 { poller.wake() }
+        if wakePoller && n > 0 { wakeSleepingPoller() }
         return stop
     }
 
@@ -241,9 +241,9 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     public func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult {
         if hasPending() {
             if let stop = drain() { return .stopVM(stop) }
-            poller.wake()
+            wakeSleepingPoller()
         } else if poller.isSleeping, carriedEntries.load(ordering: .relaxed), isRingTargetWrite(exit) {
-            poller.wake()
+            wakeSleepingPoller()
         }
         return .pass
     }
@@ -274,8 +274,8 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     public func attach(to vm: VirtualMachine) {
         vm.addExitHandler(self)
         guard polling.enabled else { return }
-        vm.addServiceThread(prepare: { [self] in setPollingFlag(true) },
-                            run: { [self] vm, stop in pollLoop(vm, stop) }, wake: { [poller] in poller.wake() })
+        vm.addServiceThread(prepare: { [self] in setPollingFlags(polling: true) },
+                            run: { [self] vm, stop in pollLoop(vm, stop) }, wake: { [self] in wakeSleepingPoller() })
     }
 
     // MARK: polling consumer
@@ -292,7 +292,7 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     public var isPolling: Bool { poller.polling.load(ordering: .acquiring) }
 
     /// Wakes a sleeping poller (the ring's kick register does this).
-    public func wakePoller() { poller.wake() }
+    public func wakePoller() { wakeSleepingPoller() }
 
     /// Tells the device that a producer now appends to its rings (DMP granted a
     /// ring fast path): from now on a write to a target register is a producer's
@@ -301,12 +301,22 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     /// its fallbacks would never wake one.
     public func producerAttached() {
         carriedEntries.store(true, ordering: .relaxed)
-        poller.wake()
+        wakeSleepingPoller()
     }
 
-    private func setPollingFlag(_ on: Bool) {
-        poller.polling.store(on, ordering: .sequentiallyConsistent)
-        for r in rings { r.setFlag(PVRingLayout.pollingFlag, on) }
+    /// Writes every ring's polling and wake flags. Only the polling thread
+    /// writes them, except ``wakeSleepingPoller()``, which clears the wake
+    /// flag while the poller sleeps (under the poller's lock: the poller
+    /// writes them again only after it has woken).
+    private func setPollingFlags(polling: Bool, wake: Bool = false) {
+        poller.polling.store(polling, ordering: .sequentiallyConsistent)
+        for r in rings { r.setFlags(polling: polling, wake: wake) }
+    }
+
+    /// Wakes a sleeping poller and clears the rings' wake flag at once, so
+    /// producers stop kicking before the poller thread has even run.
+    private func wakeSleepingPoller() {
+        poller.wake { [rings] in for r in rings { r.setFlags(polling: false, wake: false) } }
     }
 
     private func pollLoop(_ vm: VirtualMachine, _ stop: ServiceStop) {
@@ -316,14 +326,14 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
         let spacing = max(1, polling.spinsBetweenChecks)
         var idleSince: UInt64 = 0
         var spins = 0
-        setPollingFlag(true)
-        defer { setPollingFlag(false) }
+        setPollingFlags(polling: true)
+        defer { setPollingFlags(polling: false) }
         while !stop.requested && !vm.isStopping {
             if vm.isPauseRequested {
                 // A pause holder owns the devices' state: sleep it out, polling off.
-                setPollingFlag(false)
+                setPollingFlags(polling: false)
                 poller.sleep(nanoseconds: 100_000, stop: stop)
-                setPollingFlag(true)
+                setPollingFlags(polling: true)
                 continue
             }
             if hasPending() {
@@ -346,15 +356,22 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
             let now = Sys.monotonicNanoseconds()
             if idleSince == 0 { idleSince = now; continue }
             if now &- idleSince < idle { continue }
-            // Idle: clear the flag, then look once more (a producer that saw it set
-            // may just have published, or this thread was off its CPU for a while).
-            setPollingFlag(false)
+            // Idle: clear the polling flag and raise the wake flag, then look once
+            // more. A producer publishes with a locked instruction and then reads
+            // the flags; this drain's seq-cst increment comes after the flag
+            // store: either the drain sees the entry, or the producer sees the
+            // wake flag and kicks. (A producer that saw the polling flag may
+            // also just have published, or this thread was off its CPU a while.)
+            // From here a kick (or any wake) is remembered, so the poller does
+            // not go to sleep after one that came before it reached its sleep.
+            poller.beginIdle { setPollingFlags(polling: false, wake: true) }
             lock.lock()
             let (s, n) = drainLocked()
             lock.unlock()
             if let s { vm.finishFromService(.success(s)); return }
             if n > 0 {
-                setPollingFlag(true)
+                poller.endIdle()
+                setPollingFlags(polling: true)
                 idleSince = 0; spins = 0
                 continue
             }
@@ -362,7 +379,7 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
             poller.cpu.wrappingAdd(cpu &- cpuMark, ordering: .releasing)
             cpuMark = cpu
             poller.sleepUntilWoken(stop: stop, vm: vm, pending: { [self] in hasPending() })
-            setPollingFlag(true)
+            setPollingFlags(polling: true)
             idleSince = 0
             spins = 0
         }
@@ -444,11 +461,14 @@ private final class Ring {
         shadow.store(c, ordering: .releasing)
     }
 
-    /// Sets or clears a header flag (the VMM's copy of the flags is the truth; the guest may have scribbled).
-    func setFlag(_ flag: UInt32, _ on: Bool) {
+    /// Writes the header's flags: the synchronous flag as declared, plus the
+    /// polling and wake flags as given (the VMM's copy of the flags is the
+    /// truth; the guest may have scribbled).
+    func setFlags(polling: Bool, wake: Bool) {
         let p = host + Int(PVRingLayout.flagsOffset)
         var f = (target.synchronous ? PVRingLayout.synchronousFlag : 0)
-        if on { f |= flag }
+        if polling { f |= PVRingLayout.pollingFlag }
+        if wake { f |= PVRingLayout.wakeFlag }
         SharedGuestWord32(pointer: p).store(f)
     }
 }
@@ -456,6 +476,8 @@ private final class Ring {
 /// The poller's sleep/wake state.
 private final class PollerState: @unchecked Sendable {
     let polling = Atomic<Bool>(false)
+    /// Set from the moment the poller goes idle (``beginIdle(_:)``, the wake
+    /// flag raised) until it polls again: wakes are accepted then.
     let sleeping = Atomic<Bool>(false)
     let cpu = Atomic<UInt64>(0)
     let sleeps = Atomic<Int>(0)
@@ -464,16 +486,41 @@ private final class PollerState: @unchecked Sendable {
 
     var isSleeping: Bool { sleeping.load(ordering: .relaxed) }
 
-    func wake() {
+    /// Going idle: `raiseFlags` runs under the lock, then wakes are accepted
+    /// (and remembered until the poller sleeps, so none is lost).
+    func beginIdle(_ raiseFlags: () -> Void) {
+        cond.lock()
+        raiseFlags()
+        woken = false
+        sleeping.store(true, ordering: .sequentiallyConsistent)
+        cond.unlock()
+    }
+
+    /// Back to polling without sleeping (the last look found entries).
+    func endIdle() {
+        cond.lock()
+        woken = false
+        sleeping.store(false, ordering: .sequentiallyConsistent)
+        cond.unlock()
+    }
+
+    /// Wakes the poller if it is idle (asleep or about to sleep); `whileSleeping`
+    /// runs first, under the lock, only then (the poller is not writing the
+    /// flags then), and only for the first wake.
+    func wake(_ whileSleeping: () -> Void = {}) {
         guard sleeping.load(ordering: .acquiring) else { return }
-        cond.withLock { woken = true; cond.broadcast() }
+        cond.withLock {
+            guard sleeping.load(ordering: .relaxed), !woken else { return }
+            whileSleeping()
+            woken = true
+            cond.broadcast()
+        }
     }
 
     /// Sleeps until woken, stopped, or (checked every drain interval) entries are pending.
     func sleepUntilWoken(stop: ServiceStop, vm: VirtualMachine, pending: () -> Bool) {
         sleeps.wrappingAdd(1, ordering: .relaxed)
         cond.lock()
-        sleeping.store(true, ordering: .sequentiallyConsistent)
         while !woken && !stop.requested && !vm.isStopping {
             cond.wait(timeoutNanoseconds: PVRingDevice.drainInterval)
             if pending() || !vm.hasRunningVCPUs { break }

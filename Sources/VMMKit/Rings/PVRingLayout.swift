@@ -10,7 +10,7 @@
 /// | `+8` | 4 | magic ``magic`` (`"RNG2"`) | VMM |
 /// | `+12` | 4 | slot count (a power of two, ≥ 2) | VMM |
 /// | `+16` | 4 | value width in bytes (1, 2 or 4) | VMM |
-/// | `+20` | 4 | flags: ``pollingFlag``, ``synchronousFlag`` | VMM |
+/// | `+20` | 4 | flags: ``pollingFlag``, ``synchronousFlag``, ``wakeFlag`` | VMM |
 /// | `+64` | 8 | consumer index: every position below it is applied (free-running) | VMM only |
 ///
 /// Slots follow at ``slotsOffset``: one 8-byte-aligned word per slot, the
@@ -49,6 +49,15 @@ public enum PVRingLayout {
     /// consumer index passes its position, because the device's work is
     /// visible to the guest without an exit (completions written to RAM).
     public static let synchronousFlag: UInt32 = 2
+    /// Flag: the ring's polling consumer sleeps (it went idle). A producer
+    /// that published an entry while it is set writes the kick register (an
+    /// exit: the VMM applies the entry and wakes the consumer), so a producer
+    /// that starts again after a pause never fills the ring waiting for the
+    /// consumer's timer (io_uring's `IORING_SQ_NEED_WAKEUP`). Clear when no
+    /// consumer polls at all (then entries wait for the next exit or the drain
+    /// timer) and while it polls (``pollingFlag``). The VMM clears it when it
+    /// wakes the consumer, so one kick is enough.
+    public static let wakeFlag: UInt32 = 4
 
     /// The slot word holding `sequence` and `value`.
     @inline(__always)
