@@ -22,12 +22,16 @@ public struct ResolvedSite: Hashable, Sendable {
     public var addressSpace: UInt64
     /// The guest-physical address of the RIP reported at the exit: the
     /// instruction's first byte when ``position`` is on the instruction, the
-    /// byte after its last when past it.
+    /// byte after its last when past it, and either when unknown. (RIP's page
+    /// is translated; a past-RIP instruction that crosses a page boundary
+    /// starts on the previous virtual page, which may map anywhere.)
     public var physicalRIP: GuestAddress
     /// Where RIP was relative to the instruction.
     public var position: RIPPosition
 
-    /// The guest-physical address of the instruction's first byte, when bracketing found it.
+    /// The guest-physical address of the instruction's first byte, when
+    /// bracketing found RIP on the instruction; `nil` otherwise (past it: a
+    /// decoder finds the start; unknown: nothing tells).
     public var instructionStart: GuestAddress? {
         if case .onInstruction = position { physicalRIP } else { nil }
     }
@@ -54,9 +58,18 @@ extension ExitContext {
     /// CR3 bits that hold the address of the top-level page table (PCID, PWT, PCD masked out).
     public static let addressSpaceMask: UInt64 = 0x000f_ffff_ffff_f000
 
-    /// Resolves the current exit's site to the guest-physical address of its
-    /// instruction under its CR3, and finds by bracketing whether RIP was on
-    /// or past the instruction.
+    /// Resolves the current exit's site to the guest-physical address of the
+    /// RIP reported at the exit, under its CR3, and finds by bracketing whether
+    /// RIP was on or past the instruction.
+    ///
+    /// The address is the instruction's start only when RIP was on it
+    /// (``ResolvedSite/instructionStart``, ``RIPPosition/onInstruction(length:)``).
+    /// When RIP was already past it (``RIPPosition/pastInstruction``), it is
+    /// the address of the byte after the instruction's last, and the
+    /// instruction's start is not found here: a decoder finds it (the
+    /// instruction ends there; DMP's locator finds it by decoding). Only
+    /// RIP's page is translated, so an instruction that crosses a page
+    /// boundary may begin on a page mapped elsewhere.
     ///
     /// Call it from a handler, after the access has its read data
     /// (``completeRead(_:at:)``, or ``forward(_:)`` to let the bus serve it):
