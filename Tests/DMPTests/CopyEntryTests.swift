@@ -166,6 +166,24 @@ struct CopyEntryTests {
         }
     }
 
+    @Test("code at the bottom of the address space and a symbol size that wraps: refusals, no trap")
+    func addressSpaceEnds() throws {
+        let d = try X86Disassembler()
+        // f at 0x10: out 0x80, al; ret; 8 bytes of int3; g, whose size runs past the top of the address space.
+        let code: [UInt8] = [0xe6, 0x80, 0xc3] + [UInt8](repeating: 0xcc, count: 8) + [0xc3]
+        let image = CodeImage(regions: [.init(address: 0x10, bytes: code)], symbols: SymbolTable([
+            GuestSymbol(name: "f", address: 0x10, size: 3, isFunction: true),
+            GuestSymbol(name: "g", address: 0x1b, size: UInt64.max - 4, isFunction: true),
+            GuestSymbol(name: "h", address: UInt64.max - 8, size: 8, isFunction: true),
+        ]))
+        let f = try image.decode(try #require(image.function(containing: 0x10)), disassembler: d)
+        let copy = try FunctionCopy(f, at: 0x1000, rewrites: [HotRewrite(address: 0x10, bytes: [0x90])])
+        let e = try copy.deadPaddingEntry(hot: 0x10, in: image, disassembler: d)
+        #expect(e.deadPadding == 0x13..<0x18)
+        #expect(throws: DMPRefusal.self) { try copy.deadPaddingEntry(hot: 0x10, in: image, disassembler: d, avoiding: [0..<0x100]) }
+        _ = try? FunctionCopyPlan.make(hot: [HotRewrite(address: 0x10, bytes: [0x90])], in: image, at: 0x1000, disassembler: d)
+    }
+
     @Test("the plan gathers every entry the rules allow and refuses a copy nothing can enter")
     func plans() throws {
         let d = try X86Disassembler()

@@ -103,11 +103,11 @@ extension FunctionCopy {
             m += 1
             candidates.append(instructions[m])
         }
-        let innermost = instructions.filter { i in
-            guard let b = i.branch, !i.groups.contains(.call), function.contains(b.target) else { return false }
-            return b.target <= hot && hot <= i.address
-        }.min { ($0.address &- $0.branch!.target) < ($1.address &- $1.branch!.target) }
-        if let back = innermost { candidates.append(back) }
+        let loops = instructions.compactMap { i -> (X86Instruction, UInt64)? in
+            guard let b = i.branch, !i.groups.contains(.call), function.contains(b.target), b.target <= hot, hot <= i.address else { return nil }
+            return (i, i.address &- b.target)
+        }
+        if let back = loops.min(by: { $0.1 < $1.1 }) { candidates.append(back.0) }
         var seen: Set<UInt64> = []
         var out: [CopyEntry] = []
         for i in candidates where i.length >= 5 && out.count < limit && seen.insert(i.address).inserted {
@@ -154,19 +154,22 @@ extension FunctionCopy {
         guard i.bytes != [0xf3, 0x0f, 0x1e, 0xfa] else {
             throw DMPRefusal(.plan, "endbr64 at \(function.location(hot)) stays (indirect branches must land on it)")
         }
+        // Slot starts within rel8 of the jump's end, saturated at the ends of the address space.
         let next = hot &+ 2
-        let reach = (next &- 128)...(next &+ 127)
+        let low = next >= 128 ? next - 128 : 0
+        let high = next > UInt64.max - 127 ? UInt64.max : next + 127
+        let window = low..<(high > UInt64.max - 5 ? UInt64.max : high + 5)
         var reasons: [String] = []
         // The nearest padding first (after the function's end, usually: the same page, one guard fewer).
-        let gaps = image.paddingGaps(overlapping: reach.lowerBound..<reach.upperBound &+ 5).sorted { a, b in
+        let gaps = image.paddingGaps(overlapping: window).sorted { a, b in
             func distance(_ g: Range<UInt64>) -> UInt64 { g.lowerBound > hot ? g.lowerBound &- hot : hot &- g.upperBound }
             return distance(a) < distance(b)
         }
         for gap in gaps {
             if let why = image.deadness(of: gap, disassembler: disassembler) { reasons.append(why); continue }
             // The lowest 5-byte slot in reach that no other patch uses.
-            var p = max(gap.lowerBound, reach.lowerBound)
-            while p &+ 5 <= gap.upperBound, p <= reach.upperBound {
+            var p = max(gap.lowerBound, low)
+            while p <= gap.upperBound &- 5, p <= high { // gaps hold at least 5 bytes: no underflow
                 let slot = p..<p &+ 5
                 if !used.contains(where: { $0.overlaps(slot) }), let original = image.bytes(at: p, count: 5),
                    let jmp = CopyEncoding.branch32(at: p, to: target) {
@@ -176,7 +179,8 @@ extension FunctionCopy {
                         PatchWrite(address: hot, original: i.bytes, replacement: [0xeb, rel8] + CopyEncoding.nops(i.length - 2)),
                     ], deadPadding: slot)
                 }
-                p &+= 1
+                if p == UInt64.max { break }
+                p += 1
             }
             reasons.append("padding at 0x\(String(gap.lowerBound, radix: 16)) has no free 5-byte slot in reach")
         }
@@ -196,7 +200,7 @@ extension CodeImage {
                 let gap = c..<s.address
                 if gap.overlaps(range) { out.append(gap) }
             }
-            let end = s.address &+ s.size
+            let end = s.address > UInt64.max - s.size ? UInt64.max : s.address + s.size
             coverEnd = max(coverEnd ?? end, end)
             if s.address > range.upperBound { break }
         }
@@ -216,7 +220,8 @@ extension CodeImage {
         for t in tables where t.addresses.contains(where: { $0 >= gap.lowerBound && $0 <= gap.upperBound }) {
             return "\(at): named in \(t.name)"
         }
-        guard gap.count <= 4096, let fill = bytes(at: gap.lowerBound, count: gap.count) else { return "\(at): bytes not in the image's code" }
+        let size = gap.upperBound &- gap.lowerBound
+        guard size <= 4096, let fill = bytes(at: gap.lowerBound, count: Int(size)) else { return "\(at): bytes not in the image's code" }
         guard CodeImage.isFill(fill, at: gap.lowerBound, disassembler: disassembler) else { return "\(at): not all fill bytes" }
         guard let f = try? decode(a, disassembler: disassembler), let last = f.instructions.last else {
             return "\(at): \(a.name) below it does not decode whole"
