@@ -142,6 +142,17 @@ func differingRanges(_ a: GuestMemory, _ b: GuestMemory, size: UInt64, excluding
     return out
 }
 
+/// Runs `image` without DMP and then with DMP's test configuration; expects the same stop reason and
+/// the same output (timing masked). Returns both runs and the stop reason.
+func offAndOn(_ image: String, _ commandLine: String) throws -> (off: DMPGuestRun, on: DMPGuestRun, stop: StopReason) {
+    let off = try DMPGuestRun(image, commandLine: commandLine, dmp: nil)
+    let stop = try off.run()
+    let on = try DMPGuestRun(image, commandLine: commandLine, dmp: DMPGuestRun.configuration())
+    #expect(try on.run() == stop)
+    #expect(on.output == off.output, "\(image): \(on.output.suffix(300)) vs \(off.output.suffix(300))")
+    return (off, on, stop)
+}
+
 /// The ranges of `range`, as a Swift range.
 private func span(_ r: GuestRange) -> Range<UInt64> { r.start.rawValue..<(r.start.rawValue + r.size) }
 
@@ -151,6 +162,7 @@ let transparencyGuests: [(String, String)] = [
     ("uart-cpl0", "iters=40"), ("uart-cpl3", "iters=40"), ("doorbell-cpl3", "iters=64"),
     ("uart-cpl0-pv", "iters=40"), ("uart-cpl3-pv", "iters=40"), ("doorbell-cpl3-pv", "iters=64"),
     ("c-uart-cpl3", "iters=40"), ("c-doorbell-cpl3", "iters=64"), ("c-selfmod-cpl3", "iters=40"),
+    ("uart-modes-cpl3", "lines=20 rounds=2"),
 ]
 
 extension KVMTests {
@@ -167,7 +179,7 @@ extension KVMTests {
         // Not vacuous: where the guest's UART loop runs long enough, DMP patched it and served accesses in the guest.
         let report = on.dmp?.report() ?? []
         switch image {
-        case "uart-cpl3", "uart-cpl0", "uart-cpl3-pv", "uart-cpl0-pv", "hello", "doorbell-cpl3":
+        case "uart-cpl3", "uart-cpl0", "uart-cpl3-pv", "uart-cpl0-pv", "hello", "doorbell-cpl3", "uart-modes-cpl3":
             let putc = on.sites(in: "uart_putc")
             #expect(Set(putc.map(\.site.address)) == [0x3f8, 0x3fd], "\(DMPReport.text(report))")
             #expect(putc.allSatisfy { $0.state == .patched || $0.state == .undone }, "\(DMPReport.text(report))")
@@ -255,13 +267,8 @@ extension KVMTests {
 
     @Test("c-selfmod-cpl3 rewrites its own patched code: output identical to DMP off; each rewrite undoes the patches on that page, with the reason")
     func dmpSelfModifyingGuest() throws {
-        let commandLine = "iters=40"
-        let off = try DMPGuestRun("c-selfmod-cpl3", commandLine: commandLine, dmp: nil)
-        let offStop = try off.run()
-        #expect(offStop == .guestExit(status: 0))
-        let on = try DMPGuestRun("c-selfmod-cpl3", commandLine: commandLine, dmp: DMPGuestRun.configuration())
-        #expect(try on.run() == offStop)
-        #expect(on.output == off.output)
+        let (_, on, stop) = try offAndOn("c-selfmod-cpl3", "iters=40")
+        #expect(stop == .guestExit(status: 0))
         #expect(resultField(on.console.text, "checksum") == "0x15d62744")
         let report = on.dmp?.report() ?? []
         // Patched (function copies that served accesses in the guest) ...
@@ -286,5 +293,122 @@ extension KVMTests {
         // The copies are entered before the device access, not only at the hot `out 0x80, al` after it.
         for s in patched { #expect(s.hitsServed > 100, "\(s.location): \(DMPReport.text(report))") }
         #expect(on.vm.statistics()[.io] < 600, "most of the 60 lines' ~2,600 bytes never exit")
+    }
+}
+
+/// What the host scribbles on while the guest runs.
+enum Scribble: String, CaseIterable, Sendable, CustomStringConvertible {
+    /// The implant's data pages (the top 16 KiB: enable words and hit counters).
+    case implantData
+    /// Ring 0's producer hint (guest-written, untrusted).
+    case ringHint
+    /// Ring 0's slot words.
+    case ringSlots
+
+    var description: String { rawValue }
+
+    /// Writes pseudo-random words over the target, from `seed`.
+    func write(_ memory: GuestMemory, seed: UInt64) {
+        var x = seed | 1
+        func next() -> UInt64 { x ^= x << 13; x ^= x >> 7; x ^= x << 17; return x }
+        let ring = X86Layout.ringArea.start.rawValue
+        switch self {
+        case .implantData:
+            let top = X86Layout.implantArea.start.rawValue + X86Layout.implantArea.size
+            var a = top - 0x4000
+            while a < top { try? memory.write(next(), at: GuestAddress(a)); a += 8 }
+        case .ringHint:
+            try? memory.write(next(), at: GuestAddress(ring + PVRingLayout.hintOffset))
+        case .ringSlots:
+            for i in 0..<UInt64(512) {
+                try? memory.write(next(), at: GuestAddress(ring + PVRingLayout.slotsOffset + i * PVRingLayout.slotSize))
+            }
+        }
+    }
+}
+
+extension KVMTests {
+    @Test("a guest whose UART leaves the fast paths' preconditions mid-stream (DLAB set, loopback on) sees exactly what it would without DMP")
+    func dmpUARTModeChanges() throws {
+        let (_, on, stop) = try offAndOn("uart-modes-cpl3", "lines=20 rounds=3")
+        #expect(stop == .guestExit(status: 0))
+        // What the guest read back: the bytes written through uart_putc landed in the divisor latch and the receive FIFO.
+        let lines = on.output.split(separator: "\n")
+        #expect(lines.filter { $0 == "dlab: dll=4c dlm=5a lsr=60" }.count == 3, "\(on.output.suffix(400))")
+        #expect(lines.filter { $0 == "loop: lsr=61 rx=414243 lsr=60 msr=b0" }.count == 3, "\(on.output.suffix(400))")
+        #expect(lines.last == "done" && lines.count == 3 * (20 + 2) + 1)
+        // uart_putc was patched before the first excursion and stayed patched; during the excursions its
+        // implanted code fell back to the original instructions (exits charged to the sites).
+        let putc = on.sites(in: "uart_putc")
+        let report = DMPReport.text(on.dmp?.report() ?? [])
+        #expect(putc.count == 2 && putc.allSatisfy { $0.state == .patched && $0.hitsServed > 100 }, "\(report)")
+        #expect(putc.first { $0.site.address == 0x3f8 }.map { $0.exitsWhilePatched >= 5 * 2 } == true, "\(report)")
+    }
+
+    @Test("a guest that scribbles over the implant's data (enable words, hit counters) before every mode change: output and status as without DMP")
+    func dmpGuestScribblesImplantData() throws {
+        let (_, on, stop) = try offAndOn("uart-modes-cpl3", "lines=20 rounds=3 scribble=1")
+        #expect(stop == .guestExit(status: 0))
+        let putc = on.sites(in: "uart_putc")
+        #expect(putc.count == 2)
+        withKnownIssue("""
+            A hit counter the guest wrote is believed up to one hit per nanosecond of the patch's age: \
+            the report (and verification) count millions of accesses served for a run of ~3,500 bytes
+            """) {
+            for s in putc { #expect(s.hitsServed <= UInt64(on.console.data.count), "\(DMPReport.text(on.dmp?.report() ?? []))") }
+        }
+    }
+
+    @Test("a guest that overwrites the implant's code: the VMM does not crash and the output it gave is a prefix of the DMP-off run's (known issue: not transparent)")
+    func dmpGuestOverwritesImplantCode() throws {
+        let commandLine = "lines=20 rounds=3 scribble=2"
+        let off = try DMPGuestRun("uart-modes-cpl3", commandLine: commandLine, dmp: nil)
+        let offStop = try off.run()
+        #expect(offStop == .guestExit(status: 0))
+        let on = try DMPGuestRun("uart-modes-cpl3", commandLine: commandLine, dmp: DMPGuestRun.configuration())
+        var stop: StopReason?
+        withKnownIssue("""
+            Implanted code pages are neither guarded nor re-checked: a guest that fills the reserved implant \
+            area's code with ud2 keeps entering it through the patched uart_putc (its #UD handler prints \
+            through uart_putc too), and the VM stops with a triple fault instead of DMP unpatching
+            """) {
+            stop = try on.run()
+            #expect(stop == offStop)
+            #expect(on.output == off.output)
+        }
+        // The VMM is intact and nothing was reordered: the output so far is the start of the DMP-off output.
+        #expect(off.output.hasPrefix(on.console.text))
+        #expect(on.console.text.contains("loop: lsr=61 rx=414243 lsr=60 msr=b0"))
+        _ = stop
+    }
+
+    @Test("the host scribbles on DMP's shared words while the guest runs: the VMM stays up, output and status as without DMP",
+          arguments: Scribble.allCases)
+    func dmpHostScribbles(_ target: Scribble) throws {
+        let commandLine = "lines=60 rounds=3"
+        let off = try DMPGuestRun("uart-modes-cpl3", commandLine: commandLine, dmp: nil)
+        let offStop = try off.run()
+        let on = try DMPGuestRun("uart-modes-cpl3", commandLine: commandLine, dmp: DMPGuestRun.configuration()) { vm in
+            let tick = Atomic<UInt64>(0)
+            vm.addPeriodicTask(every: 100_000) { vm throws(VMError) in
+                target.write(vm.memory, seed: 0x9e37_79b9_7f4a_7c15 &* (tick.add(1, ordering: .relaxed).newValue))
+                return nil
+            }
+        }
+        let stop = try on.run()
+        let report = DMPReport.text(on.dmp?.report() ?? [])
+        #expect(on.sites(in: "uart_putc").contains { $0.hitsServed > 0 }, "the scribbles hit a live patch: \(report)")
+        switch target {
+        case .implantData, .ringHint:
+            #expect(stop == offStop)
+            #expect(on.output == off.output, "\(report)")
+        case .ringSlots:
+            // Intermittent: only a write that lands between a stub's publish and the consumer's read loses anything.
+            withKnownIssue("ring slot words are guest memory: a write over a published slot loses or replaces the byte DMP put there",
+                           isIntermittent: true) {
+                #expect(stop == offStop)
+                #expect(on.output == off.output)
+            }
+        }
     }
 }

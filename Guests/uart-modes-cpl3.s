@@ -1,0 +1,280 @@
+# uart-modes-cpl3 - a CPL3 UART loop that leaves the fast paths' preconditions
+# mid-stream (DMP transparency tests). Each of R rounds prints N lines through
+# uart_putc (hot: DMP patches it), then, with no exit of its own in between:
+#   - DLAB: sets LCR.DLAB, writes two bytes through uart_putc (they land in
+#     the divisor latch, DLL, not on the wire), writes DLM, reads DLL, DLM and
+#     LSR back, restores the divisor and clears DLAB;
+#   - loopback: sets MCR.LOOP, writes three bytes through uart_putc (they land
+#     in the receive FIFO), reads LSR, the three bytes from RBR, LSR and MSR
+#     back, clears loopback;
+# and prints what it read: `dlab: dll=XX dlm=XX lsr=XX` and
+# `loop: lsr=XX rx=XXXXXX lsr=XX msr=XX`. Ends with `done` and exit 0.
+# With scribble=1 the guest writes a different pattern over the top 16 KiB of
+# the reserved implant area (DMP's data: enable words, hit counters) before
+# every mode change; with scribble=2 it fills the first 16 KiB (DMP's code)
+# with ud2 after the first round: bad input for DMP (the area is reserved in the
+# memory map; a guest has no business there).
+# Command line: lines=N (default 20) rounds=R (default 3) scribble=S (0).
+
+        .set USER_LOW, 1
+        .include "macros.inc"
+        .include "boot.inc"
+        .include "console.inc"
+        .include "cmdline.inc"
+
+        .set IMPLANT_BASE, 0xF00000
+        .set IMPLANT_END,  0x1000000
+        .set SCRIBBLE_SIZE, 0x4000
+
+        .text
+FUNC kmain
+        call uart_init
+        lea key_lines(%rip), %rdi
+        mov $20, %esi
+        call cmdline_num
+        mov %eax, cfg_lines(%rip)
+        lea key_rounds(%rip), %rdi
+        mov $3, %esi
+        call cmdline_num
+        mov %eax, cfg_rounds(%rip)
+        lea key_scribble(%rip), %rdi
+        xor %esi, %esi
+        call cmdline_num
+        mov %eax, cfg_scribble(%rip)
+        lea user_main(%rip), %rdi
+        jmp enter_user
+ENDF kmain
+
+# uart_out(edi = port, esi = value)
+FUNC uart_out
+        mov %edi, %edx
+        mov %esi, %eax
+        out %al, %dx
+        ret
+ENDF uart_out
+
+# uart_in(edi = port) -> eax = value
+FUNC uart_in
+        mov %edi, %edx
+        xor %eax, %eax
+        in %dx, %al
+        ret
+ENDF uart_in
+
+# scribble_data(edi = seed): writes seed * 0x9e3779b9 + i * 0x01000193 to
+# every dword of the implant's top SCRIBBLE_SIZE bytes (scribble=1 only).
+FUNC scribble_data
+        cmpl $1, cfg_scribble(%rip)
+        jne 2f
+        imul $0x9e3779b9, %edi, %eax
+        mov $IMPLANT_END - SCRIBBLE_SIZE, %ecx
+1:      mov %eax, (%rcx)
+        add $0x01000193, %eax
+        add $4, %ecx
+        cmp $IMPLANT_END, %ecx
+        jb 1b
+2:      ret
+ENDF scribble_data
+
+# print_fields(rdi = fields: (label, digits) quads, rsi = dword values, edx = count):
+# each label then its value in hex, then a newline.
+FUNC print_fields
+        push %rbx
+        push %r12
+        push %r13
+        mov %rdi, %rbx
+        mov %rsi, %r12
+        mov %edx, %r13d
+1:      mov (%rbx), %rdi
+        call puts
+        mov (%r12), %edi
+        mov 8(%rbx), %esi
+        call put_hex
+        add $16, %rbx
+        add $4, %r12
+        dec %r13d
+        jnz 1b
+        mov $'\n', %edi
+        call uart_putc
+        pop %r13
+        pop %r12
+        pop %rbx
+        ret
+ENDF print_fields
+
+# The DLAB excursion; prints what it read back.
+FUNC dlab_phase
+        mov $UART_BASE + 3, %edi        # LCR: DLAB | 8N1
+        mov $0x83, %esi
+        call uart_out
+        mov $'D', %edi                  # through the hot path: DLL = 'D', then 'L'
+        call uart_putc
+        mov $'L', %edi
+        call uart_putc
+        mov $UART_BASE + 1, %edi        # DLM
+        mov $0x5a, %esi
+        call uart_out
+        mov $UART_BASE, %edi
+        call uart_in
+        mov %eax, readback(%rip)        # DLL
+        mov $UART_BASE + 1, %edi
+        call uart_in
+        mov %eax, readback + 4(%rip)    # DLM
+        mov $UART_LSR, %edi
+        call uart_in
+        mov %eax, readback + 8(%rip)    # LSR
+        mov $UART_BASE, %edi            # restore the divisor (9600 baud)
+        mov $0x0c, %esi
+        call uart_out
+        mov $UART_BASE + 1, %edi
+        xor %esi, %esi
+        call uart_out
+        mov $UART_BASE + 3, %edi        # DLAB off
+        mov $0x03, %esi
+        call uart_out
+        lea dlab_fields(%rip), %rdi
+        lea readback(%rip), %rsi
+        mov $3, %edx
+        jmp print_fields
+ENDF dlab_phase
+
+# The loopback excursion; prints what it read back.
+FUNC loop_phase
+        push %rbx
+        push %r12
+        mov $UART_BASE + 4, %edi        # MCR: LOOP | OUT2 | RTS | DTR
+        mov $0x1b, %esi
+        call uart_out
+        mov $'A', %edi                  # through the hot path: into the receive FIFO
+        call uart_putc
+        mov $'B', %edi
+        call uart_putc
+        mov $'C', %edi
+        call uart_putc
+        mov $UART_LSR, %edi
+        call uart_in
+        mov %eax, readback(%rip)        # LSR with data ready
+        xor %ebx, %ebx                  # the three received bytes
+        mov $3, %r12d
+1:      mov $UART_BASE, %edi
+        call uart_in
+        shl $8, %ebx
+        or %eax, %ebx
+        dec %r12d
+        jnz 1b
+        mov %ebx, readback + 4(%rip)
+        mov $UART_LSR, %edi
+        call uart_in
+        mov %eax, readback + 8(%rip)    # LSR, FIFO empty
+        mov $UART_BASE + 6, %edi
+        call uart_in
+        mov %eax, readback + 12(%rip)   # MSR (loopback: from MCR)
+        mov $UART_BASE + 4, %edi        # loopback off
+        mov $0x03, %esi
+        call uart_out
+        lea loop_fields(%rip), %rdi
+        lea readback(%rip), %rsi
+        mov $4, %edx
+        pop %r12
+        pop %rbx
+        jmp print_fields
+ENDF loop_phase
+
+# CPL3.
+FUNC user_main
+        xor %r12d, %r12d                # round
+1:      xor %ebx, %ebx                  # line
+2:      lea str_line(%rip), %rdi
+        call puts
+        mov %r12d, %edi
+        call put_dec
+        mov $'.', %edi
+        call uart_putc
+        mov %ebx, %edi
+        call put_dec
+        lea str_text(%rip), %rdi
+        call puts
+        inc %ebx
+        cmp cfg_lines(%rip), %ebx
+        jb 2b
+        lea 1(%r12), %edi
+        call scribble_data
+        call dlab_phase
+        lea 0x100(%r12), %edi
+        call scribble_data
+        call loop_phase
+        cmpl $2, cfg_scribble(%rip)     # scribble=2: ud2 over the implant's code, once
+        jne 3f
+        test %r12d, %r12d
+        jnz 3f
+        mov $IMPLANT_BASE, %edi
+        mov $0x0b0f0b0f, %eax           # ud2, ud2
+        mov $SCRIBBLE_SIZE / 4, %ecx
+        rep stosl
+3:      inc %r12d
+        cmp cfg_rounds(%rip), %r12d
+        jb 1b
+        lea str_done(%rip), %rdi
+        call puts
+        xor %edi, %edi
+        jmp guest_exit
+ENDF user_main
+
+        .section .rodata, "a", @progbits
+OBJ key_lines
+        .asciz "lines="
+ENDO key_lines
+OBJ key_rounds
+        .asciz "rounds="
+ENDO key_rounds
+OBJ key_scribble
+        .asciz "scribble="
+ENDO key_scribble
+OBJ str_line
+        .asciz "line "
+ENDO str_line
+OBJ str_text
+        .asciz ": the quick brown fox jumps over the lazy dog\n"
+ENDO str_text
+OBJ str_dlab
+        .asciz "dlab: dll="
+ENDO str_dlab
+OBJ str_dlm
+        .asciz " dlm="
+ENDO str_dlm
+OBJ str_lsr
+        .asciz " lsr="
+ENDO str_lsr
+OBJ str_loop
+        .asciz "loop: lsr="
+ENDO str_loop
+OBJ str_rx
+        .asciz " rx="
+ENDO str_rx
+OBJ str_msr
+        .asciz " msr="
+ENDO str_msr
+OBJ dlab_fields
+        .quad str_dlab, 2, str_dlm, 2, str_lsr, 2
+ENDO dlab_fields
+OBJ loop_fields
+        .quad str_loop, 2, str_rx, 6, str_lsr, 2, str_msr, 2
+ENDO loop_fields
+OBJ str_done
+        .asciz "done\n"
+ENDO str_done
+
+        .bss
+        .balign 4
+OBJ cfg_lines
+        .skip 4
+ENDO cfg_lines
+OBJ cfg_rounds
+        .skip 4
+ENDO cfg_rounds
+OBJ cfg_scribble
+        .skip 4
+ENDO cfg_scribble
+OBJ readback
+        .skip 16
+ENDO readback
