@@ -60,6 +60,7 @@ public final class KVMVCPU: VCPUBackend {
         if let p = probe { p._withUnsafeGuaranteedRef { $0.leave() } }
         if r < 0 {
             syncRegsValid = false
+            readTarget = nil
             if err == .interrupted { return .interrupted }
             throw BackendError("KVM_RUN", errno: err)
         }
@@ -69,8 +70,15 @@ public final class KVMVCPU: VCPUBackend {
 
     private var raw: UnsafeMutableRawPointer { UnsafeMutableRawPointer(kvmRun) }
 
+    /// Where the current exit's single read value goes (a one-element `in` or
+    /// an MMIO load), checked against the mapping at decode: ``setExitData(_:at:)``
+    /// stores element 0 there without decoding `kvm_run` again. `nil` otherwise.
+    @exclusivity(unchecked) private var readTarget: UnsafeMutableRawPointer?
+    @exclusivity(unchecked) private var readTargetSize = 0
+
     @inline(__always)
     private func decodeExit() -> VMExit {
+        readTarget = nil
         let reason = kvmRun.pointee.exit_reason
         switch Int32(bitPattern: reason) {
         case KVM_EXIT_IO:
@@ -85,7 +93,11 @@ public final class KVMVCPU: VCPUBackend {
                     if io.count == 1 { value = loadLE(raw + offset, count: size) }
                 } else {
                     // A read nobody completes returns all ones (the PC convention), never stale data.
-                    if io.count == 1 { storeLE(.max, raw + offset, count: size) }
+                    if io.count == 1 {
+                        storeLE(.max, raw + offset, count: size)
+                        readTarget = raw + offset
+                        readTargetSize = size
+                    }
                     else { (raw + offset).initializeMemory(as: UInt8.self, repeating: 0xff, count: bytes) }
                 }
             }
@@ -96,7 +108,11 @@ public final class KVMVCPU: VCPUBackend {
             let dir: AccessDirection = m.is_write != 0 ? .write : .read
             var value: UInt64 = 0
             if dir == .write { value = loadLE(raw + CKVM_RUN_MMIO_DATA_OFFSET, count: Int(len)) }
-            else { storeLE(.max, raw + CKVM_RUN_MMIO_DATA_OFFSET, count: 8) }
+            else {
+                storeLE(.max, raw + CKVM_RUN_MMIO_DATA_OFFSET, count: 8)
+                readTarget = raw + CKVM_RUN_MMIO_DATA_OFFSET
+                readTargetSize = Int(len)
+            }
             return .mmio(MMIOAccess(address: GuestAddress(m.phys_addr), size: len, direction: dir, value: value))
         case KVM_EXIT_HLT: return .halt
         case KVM_EXIT_SHUTDOWN: return .shutdown
@@ -187,6 +203,10 @@ public final class KVMVCPU: VCPUBackend {
 
     /// Supplies element `index` of the data a read returns to the guest.
     public func setExitData(_ value: UInt64, at index: Int) {
+        if index == 0, let p = readTarget {
+            storeLE(value, p, count: readTargetSize)
+            return
+        }
         switch Int32(bitPattern: kvmRun.pointee.exit_reason) {
         case KVM_EXIT_IO:
             guard let (p, size) = ioElement(index) else { return }
