@@ -57,7 +57,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         self.configuration = configuration
         self.logger = logger
         self.detectors = vm.vcpus.map { _ in HotspotDetector(configuration) }
-        self.clocks = vm.vcpus.map { _ in WindowClock() }
+        self.clocks = detectors.map { WindowClock(detector: $0) }
         let patcher = Patcher(vm: vm)
         self.patcher = patcher
         var implant: Implant?, locator: SiteLocator?, planner: PatchPlanner?, why: DMPRefusal?
@@ -101,17 +101,18 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         default: return .pass
         }
         let id = context.vcpuID
-        guard id >= 0, id < detectors.count, let rip = try? context.registers().rip else { return .pass }
+        guard id >= 0, id < detectors.count, let rip = try? context.instructionPointerAtExit() else { return .pass }
         var site = ExitStatistics.site(for: exit, rip: rip)
-        clocks[id].tick()
-        if rearmCount.load(ordering: .relaxed) != clocks[id].rearmed { applyRearms(id) }
+        let vcpu = clocks[id]
+        vcpu.tick()
+        if rearmCount.load(ordering: .relaxed) != vcpu.rearmed { applyRearms(id) }
         if let implant, let owner = implant.owner(ofInstructionPointer: rip) {
             // An exit from implanted code: a fallback is charged to its site; an instruction of a
             // function copy that no fast path serves counts as the original instruction.
             guard let original = chargeImplantExit(owner: owner, rip: rip, site: site) else { return .pass }
             site = original
         }
-        guard detectors[id].record(site) else { return .pass }
+        guard vcpu.detector.record(site) else { return .pass }
         return try candidate(site, exit, context)
     }
 
@@ -436,8 +437,12 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
 
 /// Samples the time every 256 exits of one vCPU, so the time the last N exits took is known without a clock read per exit.
 final class WindowClock: @unchecked Sendable {
+    /// The vCPU's detector (here too, so the exit path touches one per-vCPU object).
+    let detector: HotspotDetector
     /// How many re-arm requests this vCPU has applied.
     var rearmed = 0
+
+    init(detector: HotspotDetector) { self.detector = detector }
     private var exits = 0
     private var samples = [ContinuousClock.Instant](repeating: .now, count: 64)
 

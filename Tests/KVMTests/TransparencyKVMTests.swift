@@ -359,27 +359,17 @@ extension KVMTests {
         }
     }
 
-    @Test("a guest that overwrites the implant's code: the VMM does not crash and the output it gave is a prefix of the DMP-off run's (known issue: not transparent)")
+    @Test("a guest that overwrites the implant's code: DMP guards it, the write undoes the patches that enter it, the output is that of the DMP-off run")
     func dmpGuestOverwritesImplantCode() throws {
         let commandLine = "lines=20 rounds=3 scribble=2"
         let off = try DMPGuestRun("uart-modes-cpl3", commandLine: commandLine, dmp: nil)
         let offStop = try off.run()
         #expect(offStop == .guestExit(status: 0))
         let on = try DMPGuestRun("uart-modes-cpl3", commandLine: commandLine, dmp: DMPGuestRun.configuration())
-        var stop: StopReason?
-        withKnownIssue("""
-            Implanted code pages are neither guarded nor re-checked: a guest that fills the reserved implant \
-            area's code with ud2 keeps entering it through the patched uart_putc (its #UD handler prints \
-            through uart_putc too), and the VM stops with a triple fault instead of DMP unpatching
-            """) {
-            stop = try on.run()
-            #expect(stop == offStop)
-            #expect(on.output == off.output)
-        }
-        // The VMM is intact and nothing was reordered: the output so far is the start of the DMP-off output.
-        #expect(off.output.hasPrefix(on.console.text))
+        let stop = try on.run()
+        #expect(stop == offStop)
+        #expect(on.output == off.output)
         #expect(on.console.text.contains("loop: lsr=61 rx=414243 lsr=60 msr=b0"))
-        _ = stop
     }
 
     @Test("the host scribbles on DMP's shared words while the guest runs: the VMM stays up, output and status as without DMP",

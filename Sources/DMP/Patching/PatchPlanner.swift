@@ -418,6 +418,11 @@ extension PatchPlanner {
         }
         for s in sites { if let h = s.hitCounter { try? vm.memory.writeAsGuardOwner([UInt8](repeating: 0, count: 8), at: h) } }
         implant.registerOwner(owner, code: code, placement: placement)
+        // The implanted code is guarded too: a guest that overwrites it undoes the patches that enter it.
+        var codePages: [UInt64] = []
+        var p = code.start.rawValue & ~0xfff
+        while p < code.start.rawValue &+ code.size { codePages.append(p); p &+= 0x1000 }
+        let pages = Array(Set(pages + codePages)).sorted()
         let paused = try patcher.apply(writes, guarding: pages, implant: [(code.start, bytes)])
         let applied = AppliedPatch(writes: writes, guardedPages: pages, implantCode: code, strategy: strategy,
                                    sites: sites.map(\.site), appliedAt: .now, copy: copy,

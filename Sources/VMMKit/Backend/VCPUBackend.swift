@@ -12,6 +12,8 @@ public protocol VCPUBackend: AnyObject {
     /// The general registers (from the sync-regs area after an exit when
     /// available, else `KVM_GET_REGS`).
     func registers() throws(BackendError) -> Registers
+    /// RIP alone (cheaper than ``registers()`` where the backend can read just it).
+    func instructionPointer() throws(BackendError) -> UInt64
     /// Sets the general registers (through the sync-regs area when available, else `KVM_SET_REGS`).
     func setRegisters(_ regs: Registers) throws(BackendError)
     /// The special registers. The corresponding ioctl is `KVM_GET_SREGS`.
@@ -66,4 +68,9 @@ public protocol VCPUBackend: AnyObject {
     /// Forgets the thread recorded by ``bindToCurrentThread()`` (the thread is about to end);
     /// later kicks only set `immediate_exit`.
     func unbindThread()
+}
+
+extension VCPUBackend {
+    /// RIP from ``registers()``.
+    public func instructionPointer() throws(BackendError) -> UInt64 { try registers().rip }
 }

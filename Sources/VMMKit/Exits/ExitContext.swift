@@ -296,7 +296,8 @@ public final class ExitContext {
     /// RIP as reported at the current exit (read once, then remembered).
     func exitRIP() throws(VMError) -> UInt64 {
         if let r = ripAtExit { return r }
-        let r = try registers().rip
+        let r: UInt64
+        do { r = try backend.instructionPointer() } catch { throw .backend(error) }
         ripAtExit = r
         return r
     }
