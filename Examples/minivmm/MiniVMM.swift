@@ -153,7 +153,7 @@ struct Session {
     /// Prints DMP's report on stderr (when DMP is on).
     func printDMPReport() {
         guard let dmp else { return }
-        printError(DMPReport.text(dmp.report()))
+        printError(DMPReport.text(dmp.report(), latencies: dmp.hotToPatchedNanoseconds))
     }
 
     func printProfile() {

@@ -34,6 +34,11 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     /// Sites undone since DMP started, in order: each vCPU re-arms them in its own detector (``rearmCount`` tells it to look).
     private let rearmRequests = Mutex<[ExitSite]>([])
     private let rearmCount = Atomic<Int>(0)
+    private let latencies = Mutex<[UInt64]>([])
+
+    /// Nanoseconds from a site becoming hot to every vCPU resuming with its patch in place, for every patch
+    /// applied so far (re-patches after an undo included), in order.
+    public var hotToPatchedNanoseconds: [UInt64] { latencies.withLock { $0 } }
 
     package struct State: Sendable {
         var sites: [ExitSite: SiteRecord] = [:]
@@ -227,6 +232,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         let outcome = try planner.plan(site, located: located, registersAtExit: registersAtExit, siblings: siblings,
                                        hotAt: hotAt, owner: id)
         let elapsed = nanoseconds(since: hotAt)
+        if outcome.applied != nil { latencies.withLock { $0.append(elapsed) } }
         state.withLock { s in
             if let applied = outcome.applied { s.patches[id] = applied }
             for sp in outcome.sites {
@@ -432,39 +438,5 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     private func describe(_ site: ExitSite) -> String {
         let dir = site.direction == .read ? "read" : "write"
         return "\(symbolize(site.rip)) \(site.kind) 0x\(String(site.address, radix: 16)) \(dir)\(site.size)"
-    }
-}
-
-/// Samples the time every 256 exits of one vCPU, so the time the last N exits took is known without a clock read per exit.
-final class WindowClock: @unchecked Sendable {
-    /// The vCPU's detector (here too, so the exit path touches one per-vCPU object).
-    let detector: HotspotDetector
-    /// How many re-arm requests this vCPU has applied.
-    var rearmed = 0
-
-    init(detector: HotspotDetector) { self.detector = detector }
-    private var exits = 0
-    private var samples = [ContinuousClock.Instant](repeating: .now, count: 64)
-
-    /// Counts one exit.
-    @inline(__always)
-    func tick() {
-        exits &+= 1
-        if exits & (WindowClock.stride - 1) == 0 { samples[(exits / WindowClock.stride) & 63] = .now }
-    }
-
-    /// Exits between two samples.
-    static let stride = 64
-
-    /// Seconds the last `n` exits took (fewer when fewer were seen; rounded to ``stride``), and how many
-    /// exits that was; nil before the first sample.
-    func secondsForLast(_ n: Int) -> (seconds: Double, exits: Int)? {
-        let newest = exits / WindowClock.stride
-        let back = min(max(1, n / WindowClock.stride), 63, newest - 1)
-        guard back >= 1 else { return nil }
-        let then = samples[(newest - back) & 63]
-        let d = ContinuousClock.now - then
-        let (s, a) = d.components
-        return (Double(s) + Double(a) / 1e18, back * WindowClock.stride + exits % WindowClock.stride)
     }
 }

@@ -3,8 +3,9 @@ import VMMKit
 /// The DMP report as text (the layout of `minivmm --profile`): one row per
 /// site, then every refusal and undo with its reason, and the user-mode note.
 public enum DMPReport {
-    /// Renders `sites` (``DMPMiddleware/report()``) as a table.
-    public static func text(_ sites: [PatchSite]) -> String {
+    /// Renders `sites` (``DMPMiddleware/report()``) as a table; with `latencies`
+    /// (``DMPMiddleware/hotToPatchedNanoseconds``) also the hot-to-patched times.
+    public static func text(_ sites: [PatchSite], latencies: [UInt64] = []) -> String {
         var out = "\n== DMP report ==\n"
         guard !sites.isEmpty else { return out + "no site became hot\n" }
         out += cell("site", 28) + cell("instruction", 26) + cell("access", 20) + cell("strategy", 50)
@@ -29,6 +30,11 @@ public enum DMPReport {
         }
         let patched = sites.filter { $0.state == .patched }
         out += "\n\(patched.count) of \(sites.count) hot sites patched; \(patched.reduce(0) { $0 + $1.exitsAvoided }) exits avoided\n"
+        if !latencies.isEmpty {
+            let l = latencies.sorted()
+            func ms(_ q: Double) -> String { fixed(Double(l[min(l.count - 1, Int(Double(l.count) * q))]) / 1e6, 2) }
+            out += "\(l.count) patches applied; hot to patched: p50 \(ms(0.5)) ms, p90 \(ms(0.9)) ms, max \(ms(1)) ms\n"
+        }
         return out
     }
 
