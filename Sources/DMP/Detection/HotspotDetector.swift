@@ -120,16 +120,11 @@ public final class HotspotDetector: @unchecked Sendable {
     }
 
     @inline(__always)
-    private static func tag(_ site: ExitSite) -> UInt64 {
-        1 << 63 | UInt64(truncatingIfNeeded: site.kind.rawValue) << 16 | UInt64(site.size) << 8 | UInt64(site.direction.rawValue)
-    }
+    private static func tag(_ site: ExitSite) -> UInt64 { ExitSiteHash.tag(site) }
 
     @inline(__always)
     private func start(_ rip: UInt64, _ address: UInt64, _ tag: UInt64) -> Int {
-        var h = (rip ^ seed) &* 0x9e37_79b9_7f4a_7c15
-        h ^= (address &+ tag) &* 0xc2b2_ae3d_27d4_eb4f
-        h ^= h >> 31
-        return Int(truncatingIfNeeded: h) & mask
+        ExitSiteHash.start(rip: rip, address: address, tag: tag, seed: seed, mask: mask)
     }
 
     /// The slot of `site`, inserting it when `insert` is set and there is room; -1 when none.
