@@ -1,38 +1,6 @@
 import VMMKit
 import X86Disassembler
 
-/// What the planner decided for one site it serves.
-package struct SitePlan: Sendable {
-    /// The site.
-    package var site: ExitSite
-    /// The instruction's guest-virtual start and guest-physical address.
-    package var virtualAddress: UInt64
-    package var physicalAddress: GuestAddress
-    /// The instruction's text.
-    package var instruction: String
-    /// The device's fast path, described.
-    package var fastPath: String
-    /// Whether the code runs at CPL3.
-    package var userMode: Bool
-    /// The enable word the device was granted, and where (revoked on undo).
-    package var enableWord: FastPathEnableWord?
-    package var grant: (space: BusSpace, address: UInt64)?
-    /// The hit counter's guest-physical address.
-    package var hitCounter: GuestAddress?
-}
-
-/// A planned (and, unless a dry run, applied) patch.
-package struct PlanOutcome: Sendable {
-    /// The patch in place, or nil for a dry run.
-    package var applied: AppliedPatch?
-    /// The shape (`instruction stub`, `function copy of f via entry instruction`).
-    package var strategy: String
-    /// The sites it serves, the candidate first.
-    package var sites: [SitePlan]
-    /// Nanoseconds the vCPUs were paused for the write.
-    package var pausedNanoseconds: UInt64
-}
-
 /// Turns a located hot instruction into a patch (DESIGN.md, DMP steps 3–6):
 /// asks the device, chooses the shape, encodes it into the implant, checks the
 /// guest's mappings and the guard rules, and writes it with the patcher.

@@ -1,27 +1,6 @@
 import Synchronization
 import VMMKit
 
-/// One instruction's worth of bytes to change in running guest code (or to restore).
-package struct CodeWrite: Hashable, Sendable {
-    /// The instruction's guest-virtual address in the address space it was located in.
-    package var virtual: UInt64
-    /// The instruction's guest-physical address.
-    package var physical: GuestAddress
-    /// The bytes there when the patch was planned (restored by an undo).
-    package var original: [UInt8]
-    /// The bytes written by the patch (`jmp rel32` and NOP padding; the same length as `original`).
-    package var replacement: [UInt8]
-    /// Whether a vCPU whose RIP is at the first byte also blocks the write: true for a `jmp rel32` placed in
-    /// dead padding (a thread between the `jmp rel8` and it would resume in restored fill bytes).
-    package var guardsItsStart: Bool
-
-    /// Creates a write.
-    package init(virtual: UInt64, physical: GuestAddress, original: [UInt8], replacement: [UInt8], guardsItsStart: Bool = false) {
-        self.virtual = virtual; self.physical = physical; self.original = original; self.replacement = replacement
-        self.guardsItsStart = guardsItsStart
-    }
-}
-
 /// Writes patches into a running guest and takes them out again, with every
 /// vCPU paused (DESIGN.md, DMP step 4 "Writing" and step 6).
 ///

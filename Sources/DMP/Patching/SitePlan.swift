@@ -1,0 +1,21 @@
+import VMMKit
+
+/// What the planner decided for one site it serves.
+package struct SitePlan: Sendable {
+    /// The site.
+    package var site: ExitSite
+    /// The instruction's guest-virtual start and guest-physical address.
+    package var virtualAddress: UInt64
+    package var physicalAddress: GuestAddress
+    /// The instruction's text.
+    package var instruction: String
+    /// The device's fast path, described.
+    package var fastPath: String
+    /// Whether the code runs at CPL3.
+    package var userMode: Bool
+    /// The enable word the device was granted, and where (revoked on undo).
+    package var enableWord: FastPathEnableWord?
+    package var grant: (space: BusSpace, address: UInt64)?
+    /// The hit counter's guest-physical address.
+    package var hitCounter: GuestAddress?
+}
