@@ -14,6 +14,7 @@ extension KVMTests {
         ("c-uart-cpl3", 20, "0x4c6f97e4"), ("c-doorbell-cpl3", 16, "0x187b11fc"),
         ("c-doorbell-cpl3", 20, "0x01babf12"), ("c-doorbell-cpl3", 160, "0xce81ef52"),
         ("c-selfmod-cpl3", 20, "0x6fbbbc68"), ("c-selfmod-cpl3", 40, "0x15d62744"),
+        ("c-poll-cpl3", 20, "0xeb4b3bf7"), ("c-poll-cpl3", 200, "0x0c6d19aa"),
     ])
     func cGuestChecksums(name: String, iters: Int, checksum: String) throws {
         let g = try GuestRun(name, commandLine: "iters=\(iters)")
