@@ -50,6 +50,9 @@ struct BenchWorkload: Sendable {
         BenchWorkload(name: "c-selfmod-cpl3", cpl: 3, granularity: 1, probeIterations: 40,
                       coalescedZone: CoalescedZone(address: 0x3f8, size: 1, isPIO: true), runsUnderQEMU: true,
                       hasStaticPVTwin: false),
+        BenchWorkload(name: "c-poll-cpl3", cpl: 3, granularity: 1, probeIterations: 40,
+                      coalescedZone: CoalescedZone(address: 0x3f8, size: 1, isPIO: true), runsUnderQEMU: true,
+                      hasStaticPVTwin: false),
     ]
 
     /// `iterations` rounded up to the granularity, at least one granule.

@@ -43,4 +43,30 @@ struct CGuestCopyTests {
         #expect(planned["uart_putc+0x11"] == .functionEntry)
         #expect(planned.count >= 10)
     }
+
+    @Test("c-poll-cpl3: the print loop written out in main (only short instructions in it) is entered through 5-byte instructions of the enclosing line loop")
+    func pollLoopInMain() throws {
+        let image = try Self.image("c-poll-cpl3")
+        let d = try X86Disassembler()
+        let symbol = try #require(image.symbols.symbols.first { $0.name == "main" })
+        let main = try image.decode(symbol, disassembler: d)
+        let hot = try #require(main.instructions.first { $0.groups.contains(.portIO) && $0.mnemonic == "in" })
+        // The loops holding the `in`: backward branches over it; the innermost ones hold no 5-byte instruction.
+        let loops = main.instructions.compactMap { i -> ClosedRange<UInt64>? in
+            guard let t = i.branch?.target, !i.groups.contains(.call), main.contains(t), t <= hot.address, hot.address <= i.address else { return nil }
+            return t...i.address
+        }.sorted { $0.count < $1.count }
+        let inner = try #require(loops.first), outer = try #require(loops.last)
+        #expect(loops.count >= 2)
+        #expect(!main.instructions.contains { inner.contains($0.address) && $0.length >= 5 }, "the poll/print loop holds only short instructions")
+        let plan = try FunctionCopyPlan.make(hot: [HotRewrite(address: hot.address, bytes: [0x90])], in: image,
+                                             at: 0xf0_0000, disassembler: d)
+        let redirects = plan.entries.filter { $0.kind == .redirect }
+        #expect(!redirects.isEmpty, "\(plan.entries.map(\.kind.rawValue)) \(plan.entryRefusals)")
+        for e in redirects {
+            #expect(outer.contains(e.site) && !inner.contains(e.site), "0x\(String(e.site, radix: 16)) lies in the line loop, outside the print loop")
+            #expect(e.target == plan.copy.copyAddress(of: e.site))
+            try expectBranchWrite(e.writes[0], to: e.target, d)
+        }
+    }
 }

@@ -66,6 +66,19 @@ extension KVMTests {
         #expect(onExits * 10 < offExits, "steady exits \(onExits) with DMP, \(offExits) without")
     }
 
+    @Test("DMP on c-poll-cpl3 (gcc -O2, the print loop written out in main, which never returns): entered through the enclosing loop, over 90% of the steady exits gone, same output")
+    func dmpCPoll() throws {
+        let off = try DMPLibraryRun("c-poll-cpl3", commandLine: "iters=300", dmp: false)
+        let on = try DMPLibraryRun("c-poll-cpl3", commandLine: "iters=300")
+        #expect(on.stop == .guestExit(status: 0))
+        #expect(on.text.split(separator: "\n").filter { !$0.hasPrefix("RESULT") } == off.text.split(separator: "\n").filter { !$0.hasPrefix("RESULT") })
+        #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
+        let inMain = on.report.filter { $0.location.hasPrefix("main+") }
+        #expect(inMain.count == 2 && inMain.allSatisfy { $0.state == .patched && $0.hitsServed > 0 }, "\(on.report.map(\.description))")
+        let offExits = try #require(off.steadyExits), onExits = try #require(on.steadyExits)
+        #expect(onExits * 10 < offExits, "steady exits \(onExits) with DMP, \(offExits) without")
+    }
+
     @Test("DMP at CPL0 (uart-cpl0, emulated here): the copy is measured and undone as slower, the output stays the same")
     func dmpUartCPL0Undone() throws {
         let off = try DMPLibraryRun("uart-cpl0", commandLine: "iters=300", dmp: false)

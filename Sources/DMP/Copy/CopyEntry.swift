@@ -84,8 +84,13 @@ extension FunctionCopy {
     /// Redirects that lie on `hot`'s path, at most `limit`: the instructions of at least 5 bytes of the
     /// straight-line block around `hot` (before it back to the nearest branch target, nearest first, which run
     /// before every execution of `hot`; then after it up to the block's closing jump, which run after it), then
-    /// the back-edge of the innermost loop holding `hot`. Entering through one catches a hot loop in a function
-    /// that never returns, at the same point of the copy (same frame, same registers).
+    /// the back-edge of the innermost loop holding `hot`, then, loop by loop outwards, the back-edge and the
+    /// instructions of at least 5 bytes of every loop enclosing `hot` (nearest to `hot` first). Entering through
+    /// one catches a hot loop in a function that never returns, at the same point of the copy (same frame, same
+    /// registers): gcc's inner loops are often all short instructions (a 2-byte status poll, a 4-byte `add`),
+    /// and then the way in is the next pass through an enclosing loop. Any instruction start of the function is
+    /// a correct entry (the copy holds the same code at the same point); the order only decides which ones are
+    /// likely to run soon.
     package func pathEntries(for hot: UInt64, limit: Int = 4) -> [CopyEntry] {
         let instructions = function.instructions
         guard let k = function.index(at: hot) else { return [] }
@@ -107,7 +112,14 @@ extension FunctionCopy {
             guard let b = i.branch, !i.groups.contains(.call), function.contains(b.target), b.target <= hot, hot <= i.address else { return nil }
             return (i, i.address &- b.target)
         }
-        if let back = loops.min(by: { $0.1 < $1.1 }) { candidates.append(back.0) }
+        // Innermost loop first, then the loops enclosing it.
+        for (back, _) in loops.sorted(by: { $0.1 < $1.1 }) {
+            candidates.append(back)
+            guard let head = back.branch?.target else { continue }
+            func distance(_ i: X86Instruction) -> UInt64 { i.address < hot ? hot &- i.address : i.address &- hot }
+            candidates += instructions.filter { $0.address >= head && $0.address <= back.address && $0.length >= 5 }
+                .sorted { distance($0) < distance($1) }
+        }
         var seen: Set<UInt64> = []
         var out: [CopyEntry] = []
         for i in candidates where i.length >= 5 && out.count < limit && seen.insert(i.address).inserted {
