@@ -229,6 +229,9 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             .filter { $0.site != site && ($0.site.kind == .io || $0.site.kind == .mmio) && $0.total >= minimum }
             .filter { e in state.withLock { $0.sites[e.site] == nil || $0.sites[e.site]?.report.state == .undone } }
             .map(\.site)
+        // Read before the patch goes live: ring-append hit counters are bounded by what the consumer applies after it.
+        let consumedBefore = rings?.consumed ?? []
+        let beforePatch = ContinuousClock.now
         let outcome = try planner.plan(site, located: located, registersAtExit: registersAtExit, siblings: siblings,
                                        hotAt: hotAt, owner: id)
         let elapsed = nanoseconds(since: hotAt)
@@ -250,8 +253,12 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                 r.report.hotToPatchedNanoseconds = elapsed
                 r.enableWord = sp.enableWord
                 r.grant = sp.grant
-                r.hitCounter = sp.hitCounter
-                r.hitBase = 0
+                r.hits = sp.hitCounter.map { c in
+                    HitCount(counter: c, ring: sp.ring.flatMap { i in
+                        consumedBefore.indices.contains(i) ? (i, rings?.slotCount ?? 0, consumedBefore[i]) : nil
+                    }, now: beforePatch)
+                }
+                r.report.hitCounterDistrust = nil
                 r.patchID = outcome.applied == nil ? nil : id
                 if r.baselineRate == nil, sp.site != site { r.baselineRate = s.sites[site]?.baselineRate }
                 s.sites[sp.site] = r
@@ -335,34 +342,47 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                 guard age >= 0.05 else { continue }
                 var accesses = 0.0, exits = 0
                 var baseline = 0.0
+                var trusted = true
                 for site in p.sites {
-                    guard let r = s.sites[site] else { continue }
-                    accesses += Double(hits(r, memory: vm.memory, age: age) + UInt64(r.report.exitsWhilePatched))
+                    guard var r = s.sites[site] else { continue }
+                    let n = observeHits(&r, memory: vm.memory)
+                    s.sites[site] = r
+                    accesses += Double(n + UInt64(r.report.exitsWhilePatched))
                     exits += r.report.exitsWhilePatched
                     baseline += r.baselineRate ?? 0
+                    trusted = trusted && r.report.hitCounterDistrust == nil
                 }
                 guard accesses >= Double(configuration.verifyAfterAccesses) || age >= 1 else { continue }
                 let rate = accesses / age
-                if baseline > 0 && rate < baseline * 0.9 {
+                if !trusted {
+                    // A counter the guest wrote counts for nothing: judge by the exits alone.
+                    if baseline > 0 && Double(exits) / age > baseline * 0.5 {
+                        verdicts.append((id, DMPRefusal(.verify, "a hit counter was written by the guest and \(exits) exits in \(fixed(age, 2)) s are more than half the rate before the patch")))
+                    }
+                } else if baseline > 0 && rate < baseline * 0.9 {
                     verdicts.append((id, DMPRefusal(.verify, "slower with the patch: \(fixed(rate, 0)) accesses/s against \(fixed(baseline, 0)) before")))
                 } else if accesses > 0 && Double(exits) > accesses * 0.5 {
                     verdicts.append((id, DMPRefusal(.verify, "\(exits) of \(Int(accesses)) accesses still exited")))
-                }
-                for site in p.sites {
-                    guard let r = s.sites[site] else { continue }
-                    let n = hits(r, memory: vm.memory, age: age)
-                    s.sites[site]?.report.hitsServed = n
                 }
             }
         }
         for (id, why) in verdicts { undo(id, reason: why, backOff: true) }
     }
 
-    /// Hits served in the guest since the patch, clamped to one per nanosecond of its age (the counter is guest-writable).
-    private func hits(_ r: SiteRecord, memory: GuestMemory, age: Double) -> UInt64 {
-        guard let c = r.hitCounter, let v = try? memory.read(UInt64.self, at: c) else { return 0 }
-        let n = v &- r.hitBase
-        return min(n, UInt64(max(0, age) * 1e9))
+    /// Reads the site's hit counter (``HitCount``: changes accepted only while plausible) into its report row;
+    /// returns the hits served in the guest since the patch. Called under the state lock.
+    @discardableResult
+    private func observeHits(_ r: inout SiteRecord, memory: GuestMemory) -> UInt64 {
+        guard var h = r.hits else { return 0 }
+        let rings = self.rings
+        let n = h.observe(memory) { i in rings.map { $0.statistics(ring: i).consumed } }
+        r.hits = h
+        r.report.hitsServed = n
+        if let why = h.distrust, r.report.hitCounterDistrust == nil {
+            r.report.hitCounterDistrust = why
+            logger.notice("hit counter untrusted", metadata: ["site": "\(describe(r.report.site))", "reason": "\(why)"])
+        }
+        return n
     }
 
     /// Takes patch `id` out and records why; with `backOff` the site waits before it may be patched again.
@@ -381,7 +401,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                     w.store(false)
                     vm.bus.revokeFastPath(space: g.space, address: g.address, enableWord: w)
                 }
-                r.report.hitsServed = hits(r, memory: vm.memory, age: Double(nanoseconds(since: p.appliedAt)) / 1e9)
+                observeHits(&r, memory: vm.memory)
                 r.patchID = nil
                 r.report.state = .undone
                 r.report.refusal = reason
@@ -419,12 +439,12 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         let memory = vm?.memory
         return state.withLock { s in
             s.order.compactMap { site -> PatchSite? in
-                guard let r = s.sites[site] else { return nil }
-                var row = r.report
-                if let memory, let id = r.patchID, let p = s.patches[id] {
-                    row.hitsServed = hits(r, memory: memory, age: Double(nanoseconds(since: p.appliedAt)) / 1e9)
+                guard var r = s.sites[site] else { return nil }
+                if let memory, let id = r.patchID, s.patches[id] != nil {
+                    observeHits(&r, memory: memory)
+                    s.sites[site] = r
                 }
-                return row
+                return r.report
             }
         }
     }

@@ -103,10 +103,11 @@ package final class PatchPlanner {
                                   enableWord: placement.virtualAddress(of: enableGPA),
                                   hitCounter: placement.virtualAddress(of: hitsGPA), ring: ring)
         if configuration.dryRun { vm.bus.revokeFastPath(space: space, address: site.address, enableWord: word) }
-        let plan = SitePlan(site: site, virtualAddress: virtualAddress, physicalAddress: physicalAddress,
+        var plan = SitePlan(site: site, virtualAddress: virtualAddress, physicalAddress: physicalAddress,
                             instruction: instruction.description, fastPath: PatchPlanner.describe(granted.kind),
                             userMode: cpl == 3, enableWord: configuration.dryRun ? nil : word,
                             grant: configuration.dryRun ? nil : (space, site.address), hitCounter: hitsGPA)
+        if case .ringAppend(let index, _) = granted.kind { plan.ring = index }
         return Grant(route: route, plan: plan)
     }
 

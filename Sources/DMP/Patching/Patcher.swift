@@ -141,8 +141,4 @@ package final class Patcher: @unchecked Sendable {
 func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
 
 /// Nanoseconds elapsed since `start`.
-func nanoseconds(since start: ContinuousClock.Instant) -> UInt64 {
-    let d = ContinuousClock.now - start
-    let (s, a) = d.components
-    return UInt64(max(0, s)) &* 1_000_000_000 &+ UInt64(max(0, a / 1_000_000_000))
-}
+func nanoseconds(since start: ContinuousClock.Instant) -> UInt64 { nanoseconds(from: start, to: .now) }

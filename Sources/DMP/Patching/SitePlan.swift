@@ -18,4 +18,6 @@ package struct SitePlan: Sendable {
     package var grant: (space: BusSpace, address: UInt64)?
     /// The hit counter's guest-physical address.
     package var hitCounter: GuestAddress?
+    /// For a ring-append fast path, the ring it appends to (its consumed count bounds the hit counter).
+    package var ring: Int?
 }

@@ -10,10 +10,8 @@ package struct SiteRecord: Sendable {
     package var enableWord: FastPathEnableWord?
     /// The device's fast path, for revoking it.
     package var grant: (space: BusSpace, address: UInt64)?
-    /// The site's 64-bit hit counter in the implant data page.
-    package var hitCounter: GuestAddress?
-    /// The hit counter's value when the patch was applied (the guest may write any value there).
-    package var hitBase: UInt64 = 0
+    /// The site's hit counter in the implant data page, as far as it is believed (the guest may write any value there).
+    package var hits: HitCount?
     /// Accesses per second before the patch (the site's exits in the detector's window over the window's time).
     package var baselineRate: Double?
     /// Exits charged to the site while patched, at the last verification.

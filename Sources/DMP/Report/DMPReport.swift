@@ -23,6 +23,11 @@ public enum DMPReport {
             out += "\nrefused or undone:\n"
             for s in notes { out += "  \(s.location) (\(access(s.site))): \(s.state.rawValue): \(s.refusal?.description ?? "")\n" }
         }
+        let distrusted = sites.filter { $0.hitCounterDistrust != nil }
+        if !distrusted.isEmpty {
+            out += "\nhit counters written by the guest (served counts kept at their last plausible value):\n"
+            for s in distrusted { out += "  \(s.location) (\(access(s.site))): \(s.hitCounterDistrust ?? "")\n" }
+        }
         let user = sites.filter { $0.userMode && ($0.state == .patched || $0.state == .wouldPatch) }
         if !user.isEmpty {
             out += "\nuser-mode fast paths (they bypass the guest's I/O permission checks and cannot tell address spaces apart): "

@@ -37,7 +37,7 @@ public struct PatchSite: Hashable, Sendable, CustomStringConvertible {
     public var state: State
     /// Exits the site caused before it was patched.
     public var exitsBefore: Int
-    /// Accesses served in the guest by the implant (its hit counter, clamped to what is plausible).
+    /// Accesses served in the guest by the implant: its hit counter, believed only while its changes are plausible (see ``hitCounterDistrust``).
     public var hitsServed: UInt64
     /// Exits the site caused while patched (fallbacks).
     public var exitsWhilePatched: Int
@@ -45,6 +45,10 @@ public struct PatchSite: Hashable, Sendable, CustomStringConvertible {
     public var hotToPatchedNanoseconds: UInt64?
     /// Why it was refused or undone.
     public var refusal: DMPRefusal?
+    /// Why the site's hit counter stopped being believed, if it did: the guest wrote it (it went down, rose
+    /// faster than one hit per nanosecond, or past what the site's ring consumed). ``hitsServed`` then stays
+    /// at its last plausible value and verification judges the patch by its exits alone.
+    public var hitCounterDistrust: String?
 
     /// One line: location, instruction, state, strategy and the reason, if any.
     public var description: String {
