@@ -20,6 +20,15 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     private let rings: PVRingDevice?
     private let detectors: [HotspotDetector]
     private let clocks: [WindowClock]
+    /// One vCPU's exit-path objects, unretained: ``clocks``, ``detectors`` and ``implant`` keep them alive.
+    private struct Lane {
+        let clock: Unmanaged<WindowClock>
+        let detector: Unmanaged<HotspotDetector>
+    }
+    /// Per vCPU, its ``Lane``: the exit path reaches its state without reference counting.
+    private let lanes: UnsafeMutableBufferPointer<Lane>
+    /// ``implant`` without reference counting, for the exit path.
+    private let implantOnExitPath: Unmanaged<Implant>?
     private let patcher: Patcher
     private let implant: Implant?
     private let locator: SiteLocator?
@@ -63,6 +72,8 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         self.logger = logger
         self.detectors = vm.vcpus.map { _ in HotspotDetector(configuration) }
         self.clocks = detectors.map { WindowClock(detector: $0) }
+        lanes = .allocate(capacity: clocks.count)
+        _ = lanes.initialize(from: clocks.map { Lane(clock: .passUnretained($0), detector: .passUnretained($0.detector)) })
         let patcher = Patcher(vm: vm)
         self.patcher = patcher
         var implant: Implant?, locator: SiteLocator?, planner: PatchPlanner?, why: DMPRefusal?
@@ -76,10 +87,13 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             logger.error("DMP cannot patch", metadata: ["reason": "\(error)"])
         }
         self.implant = implant
+        self.implantOnExitPath = implant.map { .passUnretained($0) }
         self.locator = locator
         self.planner = planner
         self.disabledReason = why
     }
+
+    deinit { lanes.deallocate() }
 
     /// Creates the middleware, adds it to `vm`'s exit chain, makes it the VM's
     /// page-guard listener and starts its periodic verification. Call before the VM runs.
@@ -100,28 +114,40 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     // MARK: The exit path
 
     /// Counts the exit; a site that just became hot is located and, if it qualifies, patched.
+    ///
+    /// An exit that is not a candidate costs a RIP read from the sync registers, one detector update
+    /// and a few loads: no lock, no reference counting, no allocation (`minivmm exit-path --compare-dmp`).
     public func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult {
+        var site: ExitSite
         switch exit {
-        case .io, .mmio: break
+        case .io(let io): site = ExitSite(rip: 0, kind: .io, address: UInt64(io.port), size: io.size, direction: io.direction)
+        case .mmio(let m): site = ExitSite(rip: 0, kind: .mmio, address: m.address.rawValue, size: m.size, direction: m.direction)
         default: return .pass
         }
         let id = context.vcpuID
-        guard id >= 0, id < detectors.count, let rip = try? context.instructionPointerAtExit() else { return .pass }
-        var site = ExitStatistics.site(for: exit, rip: rip)
-        let vcpu = clocks[id]
-        vcpu.tick()
-        if rearmCount.load(ordering: .relaxed) != vcpu.rearmed { applyRearms(id) }
-        if let implant, let owner = implant.owner(ofInstructionPointer: rip) {
+        guard id >= 0, id < lanes.count, let rip = try? context.instructionPointerAtExit() else { return .pass }
+        site.rip = rip
+        // The vCPU's clock and detector, borrowed: nothing is retained or released per exit.
+        let lane = lanes[id]
+        let rearmed = lane.clock._withUnsafeGuaranteedRef { clock in
+            clock.tick()
+            return clock.rearmed
+        }
+        if rearmCount.load(ordering: .relaxed) != rearmed { applyRearms(id) }
+        if let implant = implantOnExitPath,
+           let owner = implant._withUnsafeGuaranteedRef({ $0.owner(ofInstructionPointer: rip) }) {
             // An exit from implanted code: a fallback is charged to its site; an instruction of a
             // function copy that no fast path serves counts as the original instruction.
             guard let original = chargeImplantExit(owner: owner, rip: rip, site: site) else { return .pass }
             site = original
         }
-        guard vcpu.detector.record(site) else { return .pass }
+        let hot = lane.detector._withUnsafeGuaranteedRef { $0.record(site) }
+        guard hot else { return .pass }
         return try candidate(site, exit, context)
     }
 
     /// A site passed the threshold: let the chain handle the exit, then locate, plan and patch.
+    @inline(never)
     private func candidate(_ site: ExitSite, _ exit: VMExit, _ context: ExitContext) throws(VMError) -> ExitResult {
         let registersAtExit = try? context.registers()
         let result = try context.forward(exit)
@@ -186,6 +212,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
 
     /// Charges an exit taken from implanted code: returns nil when it was a fallback of a site the patch
     /// serves (counted there), or the site as the original instruction would have caused it.
+    @inline(never)
     private func chargeImplantExit(owner: Int, rip: UInt64, site: ExitSite) -> ExitSite? {
         state.withLock { s -> ExitSite? in
             guard let p = s.patches[owner] else { return nil }
@@ -271,6 +298,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     }
 
     /// Re-arms, in vCPU `id`'s detector, the sites undone since it last looked (on its own thread).
+    @inline(never)
     private func applyRearms(_ id: Int) {
         let seen = clocks[id].rearmed
         let (sites, count) = rearmRequests.withLock { ($0, rearmCount.load(ordering: .acquiring)) }

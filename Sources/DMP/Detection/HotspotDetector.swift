@@ -73,20 +73,20 @@ public final class HotspotDetector: @unchecked Sendable {
     public static let probeLimit = 32
 
     /// The number of distinct sites held.
-    public private(set) var siteCount = 0
+    @exclusivity(unchecked) public private(set) var siteCount = 0
     /// Exits recorded (tracked or not).
-    public private(set) var recorded = 0
+    @exclusivity(unchecked) public private(set) var recorded = 0
     /// Exits at sites the table could not place (full, or the probe limit reached).
-    public private(set) var untracked = 0
+    @exclusivity(unchecked) public private(set) var untracked = 0
     /// Candidates reported so far (first reports and reports after re-arming).
-    public private(set) var candidatesReported = 0
+    @exclusivity(unchecked) public private(set) var candidatesReported = 0
 
     private let slots: UnsafeMutablePointer<Slot>
     private let mask: Int
     private let seed: UInt64
     /// The slot index of each of the last `window` exits (`noSlot` for an untracked exit or an unused entry).
     private let ring: UnsafeMutablePointer<UInt32>
-    private var ringPosition = 0
+    @exclusivity(unchecked) private var ringPosition = 0
     private static let noSlot = UInt32.max
 
     /// Creates a detector.

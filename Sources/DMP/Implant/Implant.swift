@@ -284,9 +284,16 @@ package final class Implant: Sendable {
 
     /// The owner of the implanted code holding `rip` (guest-virtual), or `nil`.
     /// Allocation-free; RIPs outside every registered range cost two atomic loads.
+    @inline(__always)
     package func owner(ofInstructionPointer rip: UInt64) -> Int? {
         guard rip >= lowestOwned.load(ordering: .acquiring), rip < highestOwned.load(ordering: .acquiring) else { return nil }
-        return state.withLock { s in
+        return lookUpOwner(rip)
+    }
+
+    /// ``owner(ofInstructionPointer:)`` for a RIP within the registered span: the ranges, under the lock.
+    @inline(never)
+    private func lookUpOwner(_ rip: UInt64) -> Int? {
+        state.withLock { s in
             // The last range starting at or below rip.
             var lo = 0, hi = s.owners.count
             while lo < hi {

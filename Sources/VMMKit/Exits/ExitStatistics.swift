@@ -13,6 +13,7 @@ public struct ExitSite: Hashable, Sendable {
     public var direction: AccessDirection
 
     /// Creates a site.
+    @inlinable
     public init(rip: UInt64, kind: ExitKind, address: UInt64, size: UInt8, direction: AccessDirection) {
         self.rip = rip; self.kind = kind; self.address = address; self.size = size; self.direction = direction
     }
