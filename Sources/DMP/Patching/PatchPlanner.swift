@@ -13,6 +13,8 @@ package final class PatchPlanner {
     let implant: Implant
     let patcher: Patcher
     let disassembler: X86Disassembler
+    /// The cache-line size the implant's shared words are kept apart by.
+    static let cacheLine = 64
     /// Dead padding already holding an entry's `jmp rel32` (never handed out twice).
     var usedPadding: [Range<UInt64>] = []
 
@@ -44,9 +46,12 @@ package final class PatchPlanner {
         let space: BusSpace = site.kind == .io ? .pio : .mmio
         let size = Int(site.size)
         let ringIndex = rings?.targets.firstIndex { $0.space == space && $0.address == site.address && $0.width == size }
-        let data = try implant.allocateData(16, alignment: 16)
+        // The enable word and the hit counter in cache lines of their own: the device reads the enable
+        // word whenever it refreshes its grants (every ring batch, from the poller's CPU), and a hit
+        // counter in that line would move it back and forth between that CPU and the vCPU's on every batch.
+        let data = try implant.allocateData(2 * PatchPlanner.cacheLine, alignment: PatchPlanner.cacheLine)
         let enableGPA = data.start
-        let hitsGPA = GuestAddress(data.start.rawValue + 8)
+        let hitsGPA = GuestAddress(data.start.rawValue + UInt64(PatchPlanner.cacheLine))
         let word: FastPathEnableWord
         if configuration.dryRun {
             word = FastPathEnableWordStorage(count: 1)[0]
