@@ -44,6 +44,8 @@ public struct DMPConfiguration: Sendable {
     /// The guest-physical ranges of the image's code (its loaded segments), which the guest maps at the same
     /// virtual addresses: where a function copy looks for its function and for direct calls into it.
     public var codeRanges: [GuestRange] = []
+    /// For tests: only these kinds of function-copy entries are used (nil: every kind the rules allow).
+    package var copyEntryKinds: Set<CopyEntry.Kind>?
 
     /// Takes the symbols and code ranges of a loaded image.
     public mutating func use(_ image: LoadedImage) {

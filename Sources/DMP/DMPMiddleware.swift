@@ -56,6 +56,9 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         var nextPatchID = 1
         /// Guarded pages written by host-side writes (devices, loaders), acted on by the periodic task.
         var hostWrites: [GuestRange] = []
+        /// Patches that had served nothing at their first verification: their sites were re-armed in every
+        /// detector, so that the original instruction becoming hot again shows the patch is never entered.
+        var entryChecks: Set<Int> = []
     }
 
     /// Creates the middleware for `vm`; ``install(on:rings:configuration:logger:)`` also adds it to the VM.
@@ -156,6 +159,12 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             guard let r = s.sites[site] else { return nil }
             return (r.report.state == .undone, r.retryAtExits)
         }
+        if let id = notEntered(site, context.vcpuID) {
+            // The original instruction exited `threshold` times again after the patch, which served nothing.
+            let n = detectors[context.vcpuID].counts(of: site)?.inWindow ?? 0
+            undo(id, reason: DMPRefusal(.verify, "never entered: the original instruction still exits (\(n) of the last \(configuration.window) exits) and no access was served in the guest"), backOff: true)
+            return result
+        }
         if let known {
             // Refused and patched sites stay as they are; an undone one waits out its back-off.
             guard known.undone, var retryAt = known.retryAt else { return result }
@@ -208,6 +217,19 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             _ = detectors[context.vcpuID].rearm(site)
         }
         return result
+    }
+
+    /// The patch serving `site` when it is under an entry check (it served nothing at its first verification) and
+    /// still has served nothing: the site became hot again at its original instruction, so nothing enters the patch.
+    private func notEntered(_ site: ExitSite, _ vcpu: Int) -> Int? {
+        guard let vm else { return nil }
+        return state.withLock { s -> Int? in
+            guard let r = s.sites[site], r.report.state == .patched, let id = r.patchID, s.entryChecks.contains(id),
+                  let p = s.patches[id] else { return nil }
+            let age = Double(nanoseconds(since: p.appliedAt)) / 1e9
+            let served = p.sites.reduce(UInt64(0)) { n, x in n &+ (s.sites[x].map { hits($0, memory: vm.memory, age: age) } ?? 0) }
+            return served == 0 ? id : nil
+        }
     }
 
     /// Charges an exit taken from implanted code: returns nil when it was a fallback of a site the patch
@@ -364,10 +386,17 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     private func verifyPatches() {
         guard let vm else { return }
         var verdicts: [(Int, DMPRefusal)] = []
+        var rearm: [ExitSite] = []
         state.withLock { s in
             for (id, p) in s.patches {
                 let age = Double(nanoseconds(since: p.appliedAt)) / 1e9
                 guard age >= 0.05 else { continue }
+                if !s.entryChecks.contains(id),
+                   p.sites.allSatisfy({ x in s.sites[x].map { hits($0, memory: vm.memory, age: age) == 0 } ?? true }) {
+                    // Nothing served yet: watch the original instructions (undone in `candidate` if they get hot again).
+                    s.entryChecks.insert(id)
+                    rearm += p.sites
+                }
                 var accesses = 0.0, exits = 0
                 var baseline = 0.0
                 var trusted = true
@@ -394,6 +423,10 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                 }
             }
         }
+        if !rearm.isEmpty {
+            rearmRequests.withLock { $0 += rearm }
+            rearmCount.add(1, ordering: .releasing)
+        }
         for (id, why) in verdicts { undo(id, reason: why, backOff: true) }
     }
 
@@ -416,7 +449,10 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     /// Takes patch `id` out and records why; with `backOff` the site waits before it may be patched again.
     private func undo(_ id: Int, reason: DMPRefusal, backOff: Bool, backOffBase: Int? = nil) {
         guard let vm else { return }
-        guard let p = state.withLock({ $0.patches.removeValue(forKey: id) }) else { return }
+        guard let p = state.withLock({ s -> AppliedPatch? in
+            s.entryChecks.remove(id)
+            return s.patches.removeValue(forKey: id)
+        }) else { return }
         do {
             try patcher.revert(p.writes, unguarding: p.guardedPages)
         } catch {

@@ -79,6 +79,23 @@ extension KVMTests {
         #expect(onExits * 10 < offExits, "steady exits \(onExits) with DMP, \(offExits) without")
     }
 
+    @Test("a copy that is never entered (c-poll-cpl3 with only its call-site and start entries, main never returns): undone as never entered, with back-off, same output")
+    func dmpCopyNeverEntered() throws {
+        let off = try DMPLibraryRun("c-poll-cpl3", commandLine: "iters=300", dmp: false)
+        let on = try DMPLibraryRun("c-poll-cpl3", commandLine: "iters=300") {
+            $0.copyEntryKinds = [.functionEntry, .entryThroughPadding, .callSite, .tailCallSite]
+            $0.initialBackoff = 1 << 20
+        }
+        #expect(on.stop == .guestExit(status: 0))
+        #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
+        let inMain = on.report.filter { $0.location.hasPrefix("main+") }
+        #expect(!inMain.isEmpty)
+        for s in inMain {
+            #expect(s.state == .undone && s.hitsServed == 0, "\(s)")
+            #expect(s.refusal?.stage == .verify && s.refusal?.reason.contains("never entered") == true, "\(String(describing: s.refusal))")
+        }
+    }
+
     @Test("DMP at CPL0 (uart-cpl0, emulated here): the copy is measured and undone as slower, the output stays the same")
     func dmpUartCPL0Undone() throws {
         let off = try DMPLibraryRun("uart-cpl0", commandLine: "iters=300", dmp: false)

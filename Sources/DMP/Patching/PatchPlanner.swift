@@ -242,6 +242,7 @@ extension PatchPlanner {
                 entries.append(e)
             }
         }
+        if let kinds = configuration.copyEntryKinds { entries = entries.filter { kinds.contains($0.kind) } }
         let reached = PatchPlanner.reachable(in: function, from: entries.map { e in
             e.kind == .callSite || e.kind == .tailCallSite ? function.start : e.site
         })
