@@ -159,7 +159,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             guard let r = s.sites[site] else { return nil }
             return (r.report.state == .undone, r.retryAtExits)
         }
-        if let id = notEntered(site, context.vcpuID) {
+        if let id = notEntered(site) {
             // The original instruction exited `threshold` times again after the patch, which served nothing.
             let n = detectors[context.vcpuID].counts(of: site)?.inWindow ?? 0
             undo(id, reason: DMPRefusal(.verify, "never entered: the original instruction still exits (\(n) of the last \(configuration.window) exits) and no access was served in the guest"), backOff: true)
@@ -221,13 +221,17 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
 
     /// The patch serving `site` when it is under an entry check (it served nothing at its first verification) and
     /// still has served nothing: the site became hot again at its original instruction, so nothing enters the patch.
-    private func notEntered(_ site: ExitSite, _ vcpu: Int) -> Int? {
+    private func notEntered(_ site: ExitSite) -> Int? {
         guard let vm else { return nil }
         return state.withLock { s -> Int? in
             guard let r = s.sites[site], r.report.state == .patched, let id = r.patchID, s.entryChecks.contains(id),
                   let p = s.patches[id] else { return nil }
-            let age = Double(nanoseconds(since: p.appliedAt)) / 1e9
-            let served = p.sites.reduce(UInt64(0)) { n, x in n &+ (s.sites[x].map { hits($0, memory: vm.memory, age: age) } ?? 0) }
+            var served: UInt64 = 0
+            for x in p.sites {
+                guard var r = s.sites[x] else { continue }
+                served &+= observeHits(&r, memory: vm.memory)
+                s.sites[x] = r
+            }
             return served == 0 ? id : nil
         }
     }
@@ -391,12 +395,6 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             for (id, p) in s.patches {
                 let age = Double(nanoseconds(since: p.appliedAt)) / 1e9
                 guard age >= 0.05 else { continue }
-                if !s.entryChecks.contains(id),
-                   p.sites.allSatisfy({ x in s.sites[x].map { hits($0, memory: vm.memory, age: age) == 0 } ?? true }) {
-                    // Nothing served yet: watch the original instructions (undone in `candidate` if they get hot again).
-                    s.entryChecks.insert(id)
-                    rearm += p.sites
-                }
                 var accesses = 0.0, exits = 0
                 var baseline = 0.0
                 var trusted = true
@@ -408,6 +406,11 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                     exits += r.report.exitsWhilePatched
                     baseline += r.baselineRate ?? 0
                     trusted = trusted && r.report.hitCounterDistrust == nil
+                }
+                if accesses == Double(exits), !s.entryChecks.contains(id) {
+                    // Nothing served yet: watch the original instructions (undone in `candidate` if they get hot again).
+                    s.entryChecks.insert(id)
+                    rearm += p.sites
                 }
                 guard accesses >= Double(configuration.verifyAfterAccesses) || age >= 1 else { continue }
                 let rate = accesses / age
