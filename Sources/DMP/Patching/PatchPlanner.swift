@@ -68,27 +68,22 @@ package final class PatchPlanner {
             throw DMPRefusal(.fastPath, "\(error)")
         }
         var ring: RingMapping?
-        if case .ringAppend(let index, let mode) = granted.kind {
-            guard let rings, index >= 0, index < rings.targets.count else {
-                vm.bus.revokeFastPath(space: space, address: site.address, enableWord: word)
-                throw DMPRefusal(.fastPath, "the device named ring \(index), which does not exist")
+        var pendingRings: [RingMapping] = []
+        do throws(DMPRefusal) {
+            if case .ringAppend(let index, let mode) = granted.kind {
+                ring = try mappedRing(index, synchronous: mode == .synchronous, cpl: cpl, placement: placement, paging: paging)
+                if !configuration.dryRun { rings?.producerAttached() }
             }
-            let base = rings.base.rawValue + UInt64(index) * rings.stride
-            let va = base &+ placement.offset
-            do {
-                let t = try vm.memory.translate(va, paging: paging, access: cpl == 3 ? [.write, .user] : [.write])
-                guard t.physical.rawValue == base else {
-                    throw DMPRefusal(.implant, "ring \(index) is not mapped at \(hex(va)) (that address maps \(t.physical))")
+            // A read the device did not declare independent of its pending ring entries is served
+            // only while the device's rings are empty (DESIGN.md step 3); the body checks them.
+            if site.direction == .read && !granted.independentOfPendingRingEntries {
+                for index in ringsOfDevice(at: site.address, space: space) {
+                    pendingRings.append(try mappedRing(index, synchronous: false, cpl: cpl, placement: placement, paging: paging))
                 }
-            } catch let e as DMPRefusal {
-                vm.bus.revokeFastPath(space: space, address: site.address, enableWord: word)
-                throw e
-            } catch {
-                vm.bus.revokeFastPath(space: space, address: site.address, enableWord: word)
-                throw DMPRefusal(.implant, "ring \(index) is not mapped writable at \(hex(va)): \(error)")
             }
-            ring = RingMapping(base: va, slotCount: rings.slotCount, synchronous: mode == .synchronous)
-            if !configuration.dryRun { rings.producerAttached() }
+        } catch {
+            vm.bus.revokeFastPath(space: space, address: site.address, enableWord: word)
+            throw error
         }
         if case .sharedSlotRead = granted.kind {
             vm.bus.revokeFastPath(space: space, address: site.address, enableWord: word)
@@ -106,7 +101,7 @@ package final class PatchPlanner {
         }
         let route = FastPathRoute(target: target, width: size, direction: site.direction, kind: granted.kind,
                                   enableWord: placement.virtualAddress(of: enableGPA),
-                                  hitCounter: placement.virtualAddress(of: hitsGPA), ring: ring)
+                                  hitCounter: placement.virtualAddress(of: hitsGPA), ring: ring, pendingRings: pendingRings)
         if configuration.dryRun { vm.bus.revokeFastPath(space: space, address: site.address, enableWord: word) }
         var plan = SitePlan(site: site, virtualAddress: virtualAddress, physicalAddress: physicalAddress,
                             instruction: instruction.description, fastPath: PatchPlanner.describe(granted.kind),
@@ -114,6 +109,39 @@ package final class PatchPlanner {
                             grant: configuration.dryRun ? nil : (space, site.address), hitCounter: hitsGPA)
         if case .ringAppend(let index, _) = granted.kind { plan.ring = index }
         return Grant(route: route, plan: plan)
+    }
+
+    /// Ring `index` as implanted code sees it: at the placement's offset, mapped writable for `cpl`
+    /// (checked by a walk). A synchronous ring at CPL0 kicks ``StandardDevices/ringKickPort`` when its
+    /// bounded wait runs out, if a ``PVRingKick`` is there (at CPL3 an `out` may not be permitted: no kick).
+    func mappedRing(_ index: Int, synchronous: Bool, cpl: Int, placement: ImplantPlacement,
+                    paging: PagingContext) throws(DMPRefusal) -> RingMapping {
+        guard let rings, index >= 0, index < rings.targets.count else {
+            throw DMPRefusal(.fastPath, "the device named ring \(index), which does not exist")
+        }
+        let base = rings.base.rawValue + UInt64(index) * rings.stride
+        let va = base &+ placement.offset
+        let physical: GuestAddress
+        do { physical = try vm.memory.translate(va, paging: paging, access: cpl == 3 ? [.write, .user] : [.write]).physical } catch {
+            throw DMPRefusal(.implant, "ring \(index) is not mapped writable at \(hex(va)): \(error)")
+        }
+        guard physical.rawValue == base else {
+            throw DMPRefusal(.implant, "ring \(index) is not mapped at \(hex(va)) (that address maps \(physical))")
+        }
+        var kick: FastPathRoute.Target?
+        if synchronous && cpl == 0, vm.bus.device(at: UInt64(StandardDevices.ringKickPort), space: .pio)?.device is PVRingKick {
+            kick = .port(StandardDevices.ringKickPort)
+        }
+        return RingMapping(base: va, slotCount: rings.slotCount, synchronous: synchronous, kick: kick)
+    }
+
+    /// The indices of the rings whose entries go to the device that owns `address`.
+    func ringsOfDevice(at address: UInt64, space: BusSpace) -> [Int] {
+        guard let rings, let owner = vm.bus.device(at: address, space: space) else { return [] }
+        return rings.targets.indices.filter { i in
+            let t = rings.targets[i]
+            return t.space == space && vm.bus.device(at: t.address, space: t.space)?.range == owner.range
+        }
     }
 
     /// Asks the device whether it would grant `site` a fast path (with a host-side enable word, revoked at once).
