@@ -13,7 +13,7 @@ struct FastPathTests {
         let lsr = words[0]
         let d = u.grantFastPath(FastPathRequest(offset: 5, size: 1, direction: .read), enableWord: lsr)
         #expect(d == FastPathDescription(kind: .constantRead(0x60), offset: 5, size: 1, direction: .read))
-        #expect(d?.independentOfPendingRingEntries == false)
+        #expect(d?.independentOfPendingRingEntries == false, "without a ring drain on loopback, pending THR entries may change LSR")
         #expect(lsr.isSet, "idle UART: LSR is 0x60")
         u.receive([0x41])
         #expect(!lsr.isSet, "input queued")
@@ -31,6 +31,31 @@ struct FastPathTests {
         u.revokeFastPath(lsr)
         u.receive([1]); _ = u.read(offset: 0, size: 1)
         #expect(!lsr.isSet, "a revoked word is cleared and never set again")
+    }
+
+    @Test("UART with a ring drain: LSR independent of pending THR entries; loopback goes on only after a drain that runs with every word clear")
+    func uartLoopbackDrainsFirst() {
+        let u = UART8250(sink: CapturedOutput().sink())
+        let words = FastPathEnableWordStorage(count: 2)
+        let seen = Mutex<[[Bool]]>([])
+        u.setRingDrain {
+            // What a ring consumer does: apply the pending THR entry (loopback is still off: it transmits).
+            seen.withLock { $0.append([words[0].isSet, words[1].isSet]) }
+            _ = u.write(offset: 0, size: 1, value: 0x41)
+        }
+        let lsr = u.grantFastPath(FastPathRequest(offset: 5, size: 1, direction: .read), enableWord: words[0])
+        _ = u.grantFastPath(FastPathRequest(offset: 0, size: 1, direction: .write, ring: 0), enableWord: words[1])
+        #expect(lsr?.independentOfPendingRingEntries == true)
+        #expect(words[0].isSet && words[1].isSet)
+        _ = u.write(offset: 4, size: 1, value: 0x10)
+        #expect(seen.withLock { $0 } == [[false, false]], "the drain ran once, with both words clear")
+        #expect(u.transmitted == 1, "the pending entry transmitted before loopback went on")
+        #expect(u.read(offset: 5, size: 1) == 0x60, "nothing landed in the receive FIFO")
+        #expect(!words[0].isSet && !words[1].isSet, "loopback on")
+        _ = u.write(offset: 4, size: 1, value: 0x10)
+        #expect(seen.withLock { $0.count } == 1, "loopback already on: no drain")
+        _ = u.write(offset: 4, size: 1, value: 0)
+        #expect(words[0].isSet && words[1].isSet)
     }
 
     @Test("UART THR: a ring append only with a ring, while DLAB is clear, loopback off and the THRE interrupt disabled")

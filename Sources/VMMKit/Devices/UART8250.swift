@@ -1,3 +1,5 @@
+import Synchronization
+
 /// An 8250/16550-compatible UART: transmit into an ``OutputSink``, with the
 /// line status, interrupt enable, line control, divisor latch, modem control
 /// (loopback) and scratch registers a polling driver expects.
@@ -8,9 +10,17 @@
 ///
 /// Fast paths (``grantFastPath(_:enableWord:)``):
 /// - LSR read (offset 5, 1 byte): the constant `0x60`, exact while the receive
-///   FIFO is empty, no overrun is pending and loopback is off. Not independent
-///   of pending THR ring entries: an entry appended just before another vCPU
-///   turns loopback on is applied after that change and lands in the FIFO.
+///   FIFO is empty, no overrun is pending and loopback is off. Independent of
+///   pending THR ring entries once ``setRingDrain(_:)`` is set (``StandardDevices``
+///   sets it): an MCR write that turns loopback on first clears every fast-path
+///   word, then drains the rings with the UART's lock released, and only then
+///   turns loopback on. An entry published before the words went clear is so
+///   applied with loopback off (it transmits and leaves LSR at `0x60`); one
+///   published after (a stub that looked at its word just before) lands in the
+///   FIFO, but that stub's next LSR read finds its word clear and exits.
+///   Without the drain the read is not independent: an entry appended just
+///   before another vCPU turns loopback on would be applied after that change
+///   and land in the FIFO behind an LSR read already served as `0x60`.
 /// - THR write (offset 0, 1 byte), when a ring feeds the register: an
 ///   asynchronous ring append, exact while DLAB is clear, loopback is off and
 ///   the THRE interrupt is disabled (IER bit 1 clear).
@@ -38,6 +48,10 @@ public final class UART8250: BusDevice, @unchecked Sendable {
     /// The line status register's value while the fast path is exact: transmitter empty, nothing received.
     public static let idleLineStatus: UInt8 = 0x60
     @exclusivity(unchecked) private var transmittedCount = 0
+    /// MCR writes between clearing the words and turning loopback on (their drain runs unlocked): words stay clear.
+    @exclusivity(unchecked) private var grantsSuspended = 0
+    /// Applies every ring entry published so far (``setRingDrain(_:)``).
+    @exclusivity(unchecked) private var ringDrain: (@Sendable () -> Void)?
     /// The number of bytes transmitted (sent to the sink).
     public var transmitted: Int { lock.withLock { transmittedCount } }
 
@@ -59,8 +73,17 @@ public final class UART8250: BusDevice, @unchecked Sendable {
     @inline(__always)
     private func refreshGrants() {
         guard !grants.isEmpty else { return }
+        guard grantsSuspended == 0 else { grants.refresh { _ in false }; return }
         let lsr = lineStatusIsConstant, thr = transmitMayBeDeferred
         grants.refresh { $0.direction == .read ? lsr : thr }
+    }
+
+    /// Sets what applies every ring entry published so far (the ring consumer's drain; it must not
+    /// return before they are applied, and must not be called with a ring feeding MCR). With it the
+    /// LSR fast path is independent of pending THR entries (see the type's notes). Set it before the
+    /// guest runs.
+    public func setRingDrain(_ drain: @escaping @Sendable () -> Void) {
+        lock.withLock { ringDrain = drain }
     }
 
     /// Queues bytes as received input (the guest reads them from RBR). Bytes
@@ -119,6 +142,16 @@ public final class UART8250: BusDevice, @unchecked Sendable {
     public func write(offset: UInt64, size: Int, value: UInt64) -> DeviceEffect {
         let b = UInt8(truncatingIfNeeded: value)
         lock.lock()
+        if offset == 4, b & 0x10 != 0, !loopback, !grants.isEmpty, let drain = ringDrain {
+            // Loopback goes on: clear the words, apply what producers published while they were set, then change.
+            grantsSuspended += 1
+            refreshGrants()
+            lock.unlock()
+            atomicMemoryFence(ordering: .sequentiallyConsistent)
+            drain()
+            lock.lock()
+            grantsSuspended -= 1
+        }
         var transmit = false
         switch offset {
         case 0:
@@ -173,7 +206,7 @@ public final class UART8250: BusDevice, @unchecked Sendable {
         switch (request.offset, request.direction, request.ring) {
         case (5, .read, _):
             let d = FastPathDescription(.constantRead(UInt64(UART8250.idleLineStatus)), for: request,
-                                        independentOfPendingRingEntries: false)
+                                        independentOfPendingRingEntries: ringDrain != nil)
             grants.add(d, word: enableWord, exact: lineStatusIsConstant)
             return d
         case (0, .write, let ring?):

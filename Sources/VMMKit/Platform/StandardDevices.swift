@@ -62,6 +62,8 @@ public struct StandardDevices {
             try vm.bus.attach(PVRingKick(rings: rings), ports: ringKickPort..<(ringKickPort + 1))
         } catch { throw .bus(error) }
         rings.attach(to: vm)
+        // Neither ring target stops the VM, so a drain's stop reason can be dropped here.
+        uart.setRingDrain { [weak rings] in _ = rings?.drain() }
         vm.addExitHandler(marker)
         vm.addPeriodicTask(every: PVRingDevice.drainInterval) { _ throws(VMError) in
             rings.drain(wakePoller: true)
