@@ -14,6 +14,16 @@
 # every mode change; with scribble=2 it fills the first 16 KiB (DMP's code)
 # with ud2 after the first round: bad input for DMP (the area is reserved in the
 # memory map; a guest has no business there).
+# With scribble=3..6 the kernel maps the paravirtual area (0xE00000-0xFFFFFF)
+# through a page table of 4 KiB pages of its own (same frames, same flags) and
+# sets EFER.NXE; after the first round, at CPL3 (the page tables are
+# user-writable here) and without a TLB flush (CPL3 cannot flush; the shadow
+# MMU sees page-table writes), the guest changes how the implant is mapped:
+#   3: its first 16 KiB (DMP's code) remapped to other frames holding a copy
+#      (the patched code keeps working until DMP notices);
+#   4: unmapped (P clear); 5: not executable (XD set); 6: supervisor-only (U
+#      clear) - each followed by 40 reads of the scratch register (exits at a
+#      cold site) before the patched uart_putc runs again.
 # Command line: lines=N (default 20) rounds=R (default 3) scribble=S (0).
 
         .set USER_LOW, 1
@@ -25,6 +35,9 @@
         .set IMPLANT_BASE, 0xF00000
         .set IMPLANT_END,  0x1000000
         .set SCRIBBLE_SIZE, 0x4000
+        .set PV_AREA, 0xE00000          # the 2 MiB page holding the rings and the implant
+        .set PTE_FLAGS, 0x67            # P | RW | U | A | D
+        .set IMPLANT_PTES, pv_pt + (IMPLANT_BASE - PV_AREA) / 4096 * 8
 
         .text
 FUNC kmain
@@ -41,9 +54,80 @@ FUNC kmain
         xor %esi, %esi
         call cmdline_num
         mov %eax, cfg_scribble(%rip)
-        lea user_main(%rip), %rdi
+        cmp $3, %eax
+        jb 1f
+        call split_pv_area
+1:      lea user_main(%rip), %rdi
         jmp enter_user
 ENDF kmain
+
+# split_pv_area (CPL0): maps 0xE00000-0xFFFFFF through pv_pt, 4 KiB pages with
+# the frames and flags the 2 MiB page had, and sets EFER.NXE.
+FUNC split_pv_area
+        lea pv_pt(%rip), %rdi
+        mov $PV_AREA | PTE_FLAGS, %eax
+        mov $512, %ecx
+1:      mov %rax, (%rdi)
+        add $8, %rdi
+        add $4096, %rax
+        dec %ecx
+        jnz 1b
+        lea pv_pt(%rip), %rax
+        or $0x27, %rax                  # P | RW | U | A
+        mov %rax, pd_tables + 7 * 8(%rip)
+        mov $0xC0000080, %ecx           # EFER.NXE
+        rdmsr
+        or $0x800, %eax
+        wrmsr
+        mov %cr3, %rax
+        mov %rax, %cr3
+        ret
+ENDF split_pv_area
+
+# remap_implant(edi = mode 3..6), at CPL3: see the header.
+FUNC remap_implant
+        push %rbx
+        mov %edi, %ebx
+        cmp $3, %ebx
+        jne 2f
+        mov $IMPLANT_BASE, %esi         # 3: copy DMP's code and map the copy in its place
+        lea implant_copy(%rip), %rdi
+        mov $SCRIBBLE_SIZE / 8, %ecx
+        rep movsq
+        lea implant_copy(%rip), %rax
+        or $PTE_FLAGS, %rax
+        lea IMPLANT_PTES(%rip), %rdi
+        mov $SCRIBBLE_SIZE / 4096, %ecx
+1:      mov %rax, (%rdi)
+        add $8, %rdi
+        add $4096, %rax
+        dec %ecx
+        jnz 1b
+        jmp 9f
+2:      lea IMPLANT_PTES(%rip), %rdi    # 4, 5, 6: every implant page
+        mov $(IMPLANT_END - IMPLANT_BASE) / 4096, %ecx
+3:      mov (%rdi), %rax
+        cmp $4, %ebx
+        jne 4f
+        and $~1, %rax                   # not present
+        jmp 6f
+4:      cmp $5, %ebx
+        jne 5f
+        bts $63, %rax                   # not executable
+        jmp 6f
+5:      and $~4, %rax                   # supervisor-only
+6:      mov %rax, (%rdi)
+        add $8, %rdi
+        dec %ecx
+        jnz 3b
+        mov $40, %ebx                   # exits at a cold site before patched code runs again
+7:      mov $UART_BASE + 7, %edi
+        call uart_in
+        dec %ebx
+        jnz 7b
+9:      pop %rbx
+        ret
+ENDF remap_implant
 
 # uart_out(edi = port, esi = value)
 FUNC uart_out
@@ -203,14 +287,20 @@ FUNC user_main
         lea 0x100(%r12), %edi
         call scribble_data
         call loop_phase
-        cmpl $2, cfg_scribble(%rip)     # scribble=2: ud2 over the implant's code, once
-        jne 3f
-        test %r12d, %r12d
+        test %r12d, %r12d               # after the first round only
         jnz 3f
+        mov cfg_scribble(%rip), %eax
+        cmp $2, %eax                    # scribble=2: ud2 over the implant's code
+        jne 4f
         mov $IMPLANT_BASE, %edi
         mov $0x0b0f0b0f, %eax           # ud2, ud2
         mov $SCRIBBLE_SIZE / 4, %ecx
         rep stosl
+        jmp 3f
+4:      cmp $3, %eax                    # scribble=3..6: the implant's mapping changes
+        jb 3f
+        mov %eax, %edi
+        call remap_implant
 3:      inc %r12d
         cmp cfg_rounds(%rip), %r12d
         jb 1b
@@ -278,3 +368,11 @@ ENDO cfg_scribble
 OBJ readback
         .skip 16
 ENDO readback
+
+        .balign 4096
+OBJ pv_pt
+        .skip 4096
+ENDO pv_pt
+OBJ implant_copy
+        .skip SCRIBBLE_SIZE
+ENDO implant_copy

@@ -44,6 +44,8 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     private let rearmRequests = Mutex<[ExitSite]>([])
     private let rearmCount = Atomic<Int>(0)
     private let latencies = Mutex<[UInt64]>([])
+    /// One bit per patched site's exit RIP (``filterBit(_:)``): an exit whose bit is clear is at no patched site.
+    private let patchedSites = Atomic<UInt64>(0)
 
     /// Nanoseconds from a site becoming hot to every vCPU resuming with its patch in place, for every patch
     /// applied so far (re-patches after an undo included), in order.
@@ -137,15 +139,26 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             return clock.rearmed
         }
         if rearmCount.load(ordering: .relaxed) != rearmed { applyRearms(id) }
+        // The patch whose implant mapping is walked again once the exit is handled (page-table writes do not exit).
+        var recheck: Int?
         if let implant = implantOnExitPath,
            let owner = implant._withUnsafeGuaranteedRef({ $0.owner(ofInstructionPointer: rip) }) {
             // An exit from implanted code: a fallback is charged to its site; an instruction of a
             // function copy that no fast path serves counts as the original instruction.
-            guard let original = chargeImplantExit(owner: owner, rip: rip, site: site) else { return .pass }
+            recheck = owner
+            guard let original = chargeImplantExit(owner: owner, rip: rip, site: site) else {
+                return try forwardThenRecheck(exit, context, patch: owner)
+            }
             site = original
+        } else if patchedSites.load(ordering: .relaxed) & DMPMiddleware.filterBit(rip) != 0 {
+            // Possibly an exit at a patched site's own instruction (reached some way the patch does not cover).
+            recheck = patchServing(site)
         }
         let hot = lane.detector._withUnsafeGuaranteedRef { $0.record(site) }
-        guard hot else { return .pass }
+        guard hot else {
+            guard let recheck else { return .pass }
+            return try forwardThenRecheck(exit, context, patch: recheck)
+        }
         return try candidate(site, exit, context)
     }
 
@@ -155,6 +168,8 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         let registersAtExit = try? context.registers()
         let result = try context.forward(exit)
         guard result == .handled else { return result }
+        // Any site becoming hot walks every live patch's implant mapping again.
+        recheckMappings()
         let known = state.withLock { s -> (undone: Bool, retryAt: Int?)? in
             guard let r = s.sites[site] else { return nil }
             return (r.report.state == .undone, r.retryAtExits)
@@ -236,6 +251,50 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         }
     }
 
+    /// The patch serving `site`, if any.
+    @inline(never)
+    private func patchServing(_ site: ExitSite) -> Int? { state.withLock { $0.sites[site]?.patchID } }
+
+    /// Lets the chain handle the exit, then walks patch `id`'s implant mapping again.
+    @inline(never)
+    private func forwardThenRecheck(_ exit: VMExit, _ context: ExitContext, patch id: Int) throws(VMError) -> ExitResult {
+        let result = try context.forward(exit)
+        recheckMapping(ofPatch: id)
+        return result
+    }
+
+    /// The bit of ``patchedSites`` for an exit RIP.
+    @inline(__always)
+    static func filterBit(_ rip: UInt64) -> UInt64 { 1 << ((rip ^ (rip >> 6) ^ (rip >> 12)) & 63) }
+
+    /// Sets ``patchedSites`` to the bits of the sites of the patches in place (under the state lock).
+    private func refreshPatchedSites(_ s: State) {
+        var bits: UInt64 = 0
+        for p in s.patches.values { for site in p.sites { bits |= DMPMiddleware.filterBit(site.rip) } }
+        patchedSites.store(bits, ordering: .relaxed)
+    }
+
+    // MARK: The implant's mapping
+
+    /// Walks patch `id`'s implant mapping again (``ImplantMapping``); undoes the patch, with the reason, if the
+    /// guest's page tables no longer map it as when it was patched.
+    private func recheckMapping(ofPatch id: Int) {
+        guard let vm, let mapping = state.withLock({ $0.patches[id]?.mapping }) else { return }
+        guard let why = mapping.problem(in: vm.memory) else { return }
+        undo(id, reason: DMPMiddleware.unmapped(why), backOff: true)
+    }
+
+    /// Walks every live patch's implant mapping again; undoes those that no longer hold.
+    private func recheckMappings() {
+        let ids = state.withLock { $0.patches.keys.sorted() }
+        for id in ids { recheckMapping(ofPatch: id) }
+    }
+
+    /// The undo reason for a mapping that no longer holds.
+    private static func unmapped(_ why: String) -> DMPRefusal {
+        DMPRefusal(.implant, "the guest's page tables no longer map the implant as when it was patched: \(why)")
+    }
+
     /// Charges an exit taken from implanted code: returns nil when it was a fallback of a site the patch
     /// serves (counted there), or the site as the original instruction would have caused it.
     @inline(never)
@@ -290,7 +349,10 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         let elapsed = nanoseconds(since: hotAt)
         if outcome.applied != nil { latencies.withLock { $0.append(elapsed) } }
         state.withLock { s in
-            if let applied = outcome.applied { s.patches[id] = applied }
+            if let applied = outcome.applied {
+                s.patches[id] = applied
+                refreshPatchedSites(s)
+            }
             for sp in outcome.sites {
                 var r = s.sites[sp.site] ?? SiteRecord(report: PatchSite(site: sp.site, location: symbolize(sp.site.rip)))
                 if s.sites[sp.site] == nil { s.order.append(sp.site) }
@@ -382,6 +444,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             return s.hostWrites
         }
         for w in writes { invalidate(pagesOf: w, reason: "a host-side write into a guarded page at \(w.start)") }
+        recheckMappings()
         guard configuration.verify else { return }
         verifyPatches()
     }
@@ -454,6 +517,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         guard let vm else { return }
         guard let p = state.withLock({ s -> AppliedPatch? in
             s.entryChecks.remove(id)
+            defer { refreshPatchedSites(s) }
             return s.patches.removeValue(forKey: id)
         }) else { return }
         do {

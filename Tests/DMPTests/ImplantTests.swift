@@ -112,7 +112,7 @@ struct ImplantTests {
             (d, T.present | T.user, nil, { $0.site(cpl: 3) }, "does not allow user write"),
             (d, T.present | T.writable | T.user, nil, { $0.site(cpl: 0, smap: true) }, "CPL0 write at 0xfff000: virtual address 0xfff000 does not allow write"),
             (d, 0, nil, { $0.site(cpl: 3) }, "0xfff000 not present at paging level 1"),
-            (c, rw | T.user, 0x50_0000, { $0.site(cpl: 3) }, "0xf00000 maps 0x500000, not the implant page 0xf00000"),
+            (c, rw | T.user, 0x50_0000, { $0.site(cpl: 3) }, "0xf00000 maps 0x500000, not the page 0xf00000"),
         ]
         for k in cases {
             let t = try TestPageTables()

@@ -237,20 +237,11 @@ package final class Implant: Sendable {
     /// Walks every page of `range` at its placement for `access`; the reason of the first that fails.
     private static func checkPages(_ range: GuestRange, placement: ImplantPlacement, access: PageAccess, site: ImplantSite,
                                    memory: GuestMemory) -> String? {
-        guard range.size > 0 else { return nil }
-        var page = range.start.rawValue & ~(pageSize - 1)
-        let last = (range.start.rawValue + range.size - 1) & ~(pageSize - 1)
-        while page <= last {
-            let v = placement.virtualAddress(of: GuestAddress(page))
-            do {
-                let t = try memory.translate(v, paging: site.paging, access: access)
-                if t.physical.rawValue != page {
-                    return "\(hex(v)) maps \(t.physical), not the implant page \(hex(page))"
-                }
-            } catch {
-                return "CPL\(site.cpl) \(access) at \(hex(v)): \(error)"
+        for page in ImplantMapping.pageStarts(of: range) {
+            if let why = ImplantMapping.check(virtual: placement.virtualAddress(of: GuestAddress(page)), physical: page,
+                                              access: access, paging: site.paging, cpl: site.cpl, memory: memory) {
+                return why
             }
-            page += pageSize
         }
         return nil
     }

@@ -18,11 +18,15 @@ package struct AppliedPatch: Sendable {
     package var copy: FunctionCopy?
     /// The implanted code's guest-virtual start.
     package var codeVirtualStart: UInt64
+    /// How the patch reaches the implant and its rings through the guest's page tables (re-walked while it lives).
+    package var mapping: ImplantMapping?
 
     /// Creates a record.
     package init(writes: [CodeWrite], guardedPages: [UInt64], implantCode: GuestRange, strategy: String,
-                 sites: [ExitSite], appliedAt: ContinuousClock.Instant, copy: FunctionCopy? = nil, codeVirtualStart: UInt64) {
+                 sites: [ExitSite], appliedAt: ContinuousClock.Instant, copy: FunctionCopy? = nil, codeVirtualStart: UInt64,
+                 mapping: ImplantMapping? = nil) {
         self.writes = writes; self.guardedPages = guardedPages; self.implantCode = implantCode; self.strategy = strategy
         self.sites = sites; self.appliedAt = appliedAt; self.copy = copy; self.codeVirtualStart = codeVirtualStart
+        self.mapping = mapping
     }
 }

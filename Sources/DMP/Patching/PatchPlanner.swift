@@ -231,7 +231,7 @@ extension PatchPlanner {
                               original: located.instruction.bytes, replacement: jump)
         let pages = try guardPages(for: [write], extra: [], located: located)
         return try finish(strategy: "instruction stub", writes: [write], pages: pages, code: code, bytes: stub.bytes,
-                          placement: placement, owner: owner, sites: [g.plan], copy: nil)
+                          placement: placement, owner: owner, sites: [g.plan], copy: nil, located: located)
     }
 
     /// The function copy: the enclosing sized function copied with the hot instructions rewritten, entered as the plan allows.
@@ -307,7 +307,7 @@ extension PatchPlanner {
         let kinds = Array(Set(entries.map(\.kind.rawValue))).sorted().joined(separator: ", ")
         let outcome = try finish(strategy: "function copy of \(name) via \(kinds)", writes: writes, pages: pages,
                                  code: code, bytes: plan.copy.bytes, placement: placement, owner: owner,
-                                 sites: served.map(\.plan), copy: plan.copy)
+                                 sites: served.map(\.plan), copy: plan.copy, located: located)
         if !configuration.dryRun { usedPadding += entries.compactMap(\.deadPadding) }
         return outcome
     }
@@ -415,7 +415,8 @@ extension PatchPlanner {
 
     /// Writes the implant and the patch (or, for a dry run, nothing) and records the outcome.
     private func finish(strategy: String, writes: [CodeWrite], pages: [UInt64], code: GuestRange, bytes: [UInt8],
-                        placement: ImplantPlacement, owner: Int, sites: [SitePlan], copy: FunctionCopy?) throws(DMPRefusal) -> PlanOutcome {
+                        placement: ImplantPlacement, owner: Int, sites: [SitePlan], copy: FunctionCopy?,
+                        located: LocatedInstruction) throws(DMPRefusal) -> PlanOutcome {
         guard !configuration.dryRun else {
             return PlanOutcome(applied: nil, strategy: strategy, sites: sites, pausedNanoseconds: 0)
         }
@@ -426,10 +427,59 @@ extension PatchPlanner {
         var p = code.start.rawValue & ~0xfff
         while p < code.start.rawValue &+ code.size { codePages.append(p); p &+= 0x1000 }
         let pages = Array(Set(pages + codePages)).sorted()
-        let paused = try patcher.apply(writes, guarding: pages, implant: [(code.start, bytes)])
+        let mapping = self.mapping(for: sites, site: ImplantSite(located), placement: placement, code: code)
+        let paused = try patcher.apply(writes, guarding: pages, implant: [(code.start, bytes)]) { () throws(DMPRefusal) in
+            try checkAtWrite(writes, mapping: mapping, copy: copy, located: located)
+        }
         let applied = AppliedPatch(writes: writes, guardedPages: pages, implantCode: code, strategy: strategy,
                                    sites: sites.map(\.site), appliedAt: .now, copy: copy,
-                                   codeVirtualStart: placement.virtualAddress(of: code.start))
+                                   codeVirtualStart: placement.virtualAddress(of: code.start), mapping: mapping)
         return PlanOutcome(applied: applied, strategy: strategy, sites: sites, pausedNanoseconds: paused)
+    }
+}
+
+extension PatchPlanner {
+    /// The pages a patch reaches through the guest's page tables: its code, its sites' enable words and hit
+    /// counters, and the rings its ring appends write.
+    func mapping(for sites: [SitePlan], site: ImplantSite, placement: ImplantPlacement, code: GuestRange) -> ImplantMapping {
+        let data = sites.compactMap { s in s.hitCounter.map { GuestRange(start: GuestAddress($0.rawValue &- 8), size: 16) } }
+        let ringRanges: [GuestRange] = sites.compactMap { s in
+            guard let i = s.ring, let rings else { return nil }
+            return GuestRange(start: GuestAddress(rings.base.rawValue &+ UInt64(i) &* rings.stride),
+                              size: PVRingLayout.slotsOffset &+ UInt64(rings.slotCount) &* PVRingLayout.slotSize)
+        }
+        return ImplantMapping(site: site, placement: placement, code: code, data: data, rings: ringRanges)
+    }
+
+    /// What must still hold when the patch is written, with every vCPU paused (another vCPU, a device or the
+    /// guest's page-table writes may have changed it since the plan): the implant and rings mapped as planned,
+    /// every patched instruction's page still present, executable and the same frame, and a copied function's
+    /// bytes those it was copied from.
+    func checkAtWrite(_ writes: [CodeWrite], mapping: ImplantMapping, copy: FunctionCopy?,
+                      located: LocatedInstruction) throws(DMPRefusal) {
+        if let why = mapping.problem(in: vm.memory) {
+            throw DMPRefusal(.implant, "at the moment of writing, the guest's page tables no longer map the implant as planned: \(why)")
+        }
+        let fetch: PageAccess = located.cpl == 3 ? [.execute, .user] : [.execute]
+        for w in writes {
+            let page = w.physical.rawValue & ~(Implant.pageSize - 1)
+            if let why = ImplantMapping.check(virtual: w.virtual & ~(Implant.pageSize - 1), physical: page, access: fetch,
+                                              paging: located.paging, cpl: located.cpl, memory: vm.memory) {
+                throw DMPRefusal(.patch, "the code at \(hex(w.virtual)) is not the same at the moment of writing: \(why)")
+            }
+        }
+        guard let function = copy?.function else { return }
+        var v = function.start
+        while v < function.end {
+            let chunk = min(function.end &- v, Implant.pageSize &- (v & (Implant.pageSize &- 1)))
+            let offset = Int(v &- function.start)
+            guard let t = try? vm.memory.translate(v, paging: located.paging, access: fetch),
+                  let now = try? vm.memory.readBytes(at: t.physical, count: Int(chunk)),
+                  offset + Int(chunk) <= function.bytes.count,
+                  now[...] == function.bytes[offset..<(offset + Int(chunk))] else {
+                throw DMPRefusal(.patch, "\(function.symbol.name) changed (or was unmapped) at \(hex(v)) between the plan and the write")
+            }
+            v &+= chunk
+        }
     }
 }

@@ -22,11 +22,14 @@ package final class Patcher: @unchecked Sendable {
     /// Applies `writes` (all or none) and guards `pages` (page-aligned guest-physical
     /// addresses; each use counted). `implant` bytes (code and data the patch
     /// jumps to, in memory the guest does not execute yet) are written first.
+    /// `verify` runs first with every vCPU paused: the checks that must hold at the
+    /// moment of writing (the guest's mappings, the code the plan was made from).
     /// - Returns: the nanoseconds the vCPUs were paused.
     @discardableResult
-    package func apply(_ writes: [CodeWrite], guarding pages: [UInt64],
-                       implant: [(GuestAddress, [UInt8])] = []) throws(DMPRefusal) -> UInt64 {
+    package func apply(_ writes: [CodeWrite], guarding pages: [UInt64], implant: [(GuestAddress, [UInt8])] = [],
+                       verify: () throws(DMPRefusal) -> Void = {}) throws(DMPRefusal) -> UInt64 {
         try withPausedVCPUs { () throws(DMPRefusal) in
+            try verify()
             try checkRIPs(outside: writes)
             for w in writes {
                 guard w.original.count == w.replacement.count else {
