@@ -307,7 +307,10 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                 return nil
             }
             guard let original = copy.originalAddress(of: rip) else { return nil }
-            if let served = p.sites.first(where: { s.sites[$0]?.report.instructionAddress == original }) {
+            // A fallback of a served access; another access of the same instruction (an out-of-line `outb` called
+            // for a port no route serves) counts as the original instruction's, a site of its own.
+            if let served = p.sites.first(where: { $0.kind == site.kind && $0.address == site.address && $0.size == site.size
+                                                   && $0.direction == site.direction && s.sites[$0]?.report.instructionAddress == original }) {
                 s.sites[served]?.report.exitsWhilePatched += 1
                 return nil
             }

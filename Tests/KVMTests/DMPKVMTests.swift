@@ -79,6 +79,19 @@ extension KVMTests {
         #expect(onExits * 10 < offExits, "steady exits \(onExits) with DMP, \(offExits) without")
     }
 
+    @Test("DMP on c-uart-cpl3 built at -O0: the one out-of-line outb serves both of its hot ports (THR and the 0x80 delay) from one rewrite, over 90% of the steady exits gone, same output")
+    func dmpCUartO0() throws {
+        let off = try DMPLibraryRun("c-uart-cpl3-O0", commandLine: "iters=120", dmp: false)
+        let on = try DMPLibraryRun("c-uart-cpl3-O0", commandLine: "iters=120")
+        #expect(on.stop == .guestExit(status: 0))
+        #expect(on.text.split(separator: "\n").filter { !$0.hasPrefix("RESULT") } == off.text.split(separator: "\n").filter { !$0.hasPrefix("RESULT") })
+        #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
+        let outb = on.report.filter { $0.location.hasPrefix("outb+") && $0.state == .patched && $0.hitsServed > 0 }
+        #expect(Set(outb.map(\.site.address)) == [0x80, 0x3f8], "\(on.report.map(\.description))")
+        let offExits = try #require(off.steadyExits), onExits = try #require(on.steadyExits)
+        #expect(onExits * 10 < offExits, "steady exits \(onExits) with DMP, \(offExits) without")
+    }
+
     @Test("a copy that is never entered (c-poll-cpl3 with only its call-site and start entries, main never returns): undone as never entered, with back-off, same output")
     func dmpCopyNeverEntered() throws {
         let off = try DMPLibraryRun("c-poll-cpl3", commandLine: "iters=300", dmp: false)

@@ -238,14 +238,23 @@ extension PatchPlanner {
     private func functionCopy(_ located: LocatedInstruction, _ grants: [Grant], placement: ImplantPlacement,
                               owner: Int) throws(DMPRefusal) -> PlanOutcome {
         let image = codeImage(paging: located.paging)
-        let rewrites = grants.map { g in
-            let route = g.route
-            let insn = instruction(at: g.plan.virtualAddress, located: located)
+        // One rewrite per instruction, serving every granted access of it (an out-of-line `outb(port, value)`
+        // called for several ports: the body checks the runtime port against each route).
+        var byInstruction: [(address: UInt64, routes: [FastPathRoute])] = []
+        for g in grants {
+            if let k = byInstruction.firstIndex(where: { $0.address == g.plan.virtualAddress }) {
+                byInstruction[k].routes.append(g.route)
+            } else {
+                byInstruction.append((g.plan.virtualAddress, [g.route]))
+            }
+        }
+        let rewrites = byInstruction.map { (address, routes) in
+            let insn = instruction(at: address, located: located)
             let preserveFlags = insn.flatMap { instruction(at: $0.nextAddress, located: located) }
                 .map { !FastPathEmitter.arithmeticFlagsDead(before: $0) } ?? true
-            return HotRewrite(address: g.plan.virtualAddress) { (a: inout X86Assembler) throws(DMPRefusal) in
-                guard let insn else { throw DMPRefusal(.plan, "the hot instruction at \(hex(g.plan.virtualAddress)) is gone") }
-                try FastPathEmitter.emitBody(for: insn, routes: [route], preserveFlags: preserveFlags, into: &a)
+            return HotRewrite(address: address) { (a: inout X86Assembler) throws(DMPRefusal) in
+                guard let insn else { throw DMPRefusal(.plan, "the hot instruction at \(hex(address)) is gone") }
+                try FastPathEmitter.emitBody(for: insn, routes: routes, preserveFlags: preserveFlags, into: &a)
             }
         }
         let trial = try FunctionCopyPlan.make(hot: rewrites, in: image, at: placement.virtualAddress(of: implant.area.start),
@@ -338,7 +347,7 @@ extension PatchPlanner {
         var out: [Grant] = []
         for s in siblings {
             let matches = function.instructions.filter { i in
-                (i.address == s.rip || i.nextAddress == s.rip) && i.address != located.virtualAddress && PatchPlanner.plausible(i, for: s)
+                (i.address == s.rip || i.nextAddress == s.rip) && PatchPlanner.plausible(i, for: s)
             }
             guard matches.count == 1, let i = matches.first,
                   let t = try? vm.memory.translate(i.address, paging: located.paging, access: [.execute]) else { continue }
