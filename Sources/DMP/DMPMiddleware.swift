@@ -130,7 +130,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         default: return .pass
         }
         let id = context.vcpuID
-        guard id >= 0, id < lanes.count, let rip = try? context.instructionPointerAtExit() else { return .pass }
+        guard id >= 0, id < lanes.count, let rip = context.instructionPointerAtExitIfAvailable() else { return .pass }
         site.rip = rip
         // The vCPU's clock and detector, borrowed: nothing is retained or released per exit.
         let lane = lanes[id]

@@ -6,6 +6,16 @@ extension ExitContext {
     /// stays known after a handler completed the access).
     package func instructionPointerAtExit() throws(VMError) -> UInt64 { try exitRIP() }
 
+    /// RIP as reported at the current exit, `nil` when the backend cannot read
+    /// it: ``instructionPointerAtExit()`` for the exit path of a handler that
+    /// ignores the error (no ``VMError`` is built; one sync-regs load on KVM).
+    package func instructionPointerAtExitIfAvailable() -> UInt64? {
+        if let r = ripAtExit { return r }
+        guard let r = try? backend.instructionPointer() else { return nil }
+        ripAtExit = r
+        return r
+    }
+
     /// RIP after ``completePendingAccess()`` completed the current exit's
     /// access; `nil` when no completion ran for this exit (nothing was
     /// pending, or a stop cut it short).
