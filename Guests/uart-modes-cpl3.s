@@ -23,7 +23,9 @@
 #      (the patched code keeps working until DMP notices);
 #   4: unmapped (P clear); 5: not executable (XD set); 6: supervisor-only (U
 #      clear) - each followed by 40 reads of the scratch register (exits at a
-#      cold site) before the patched uart_putc runs again.
+#      cold site) before the patched uart_putc runs again;
+#   7: nothing (the tables split and NXE set, for tests that change them from
+#      the host).
 # Command line: lines=N (default 20) rounds=R (default 3) scribble=S (0).
 
         .set USER_LOW, 1
@@ -299,6 +301,8 @@ FUNC user_main
         jmp 3f
 4:      cmp $3, %eax                    # scribble=3..6: the implant's mapping changes
         jb 3f
+        cmp $7, %eax                    # (scribble=7: the tables split, nothing changed)
+        jae 3f
         mov %eax, %edi
         call remap_implant
 3:      inc %r12d

@@ -30,6 +30,8 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     /// ``implant`` without reference counting, for the exit path.
     private let implantOnExitPath: Unmanaged<Implant>?
     private let patcher: Patcher
+    /// The patcher, for tests that change guest memory at the moment of writing (``Patcher/beforeWriteChecks``).
+    package var patcherForTesting: Patcher { patcher }
     private let implant: Implant?
     private let locator: SiteLocator?
     private let planner: PatchPlanner?

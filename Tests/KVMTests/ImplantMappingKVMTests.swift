@@ -1,6 +1,9 @@
 import DMP
 import Testing
 import VMMKit
+#if canImport(Glibc)
+import Synchronization
+#endif
 
 // Issue 6, "Bad input": a guest that unmaps or remaps the implant while patched code is live.
 // Page-table writes do not exit: DMP walks each patch's implant mapping again on fallback exits,
@@ -28,5 +31,89 @@ extension KVMTests {
         for s in putc where s.state == .refused {
             #expect(s.refusal?.stage == .implant, "\(report)")
         }
+    }
+}
+
+/// What changes in guest memory between a patch's plan and its write (with the vCPUs paused, undone right after).
+enum ChangeAtWrite: String, CaseIterable, Sendable, CustomStringConvertible {
+    /// A byte of the function being copied (its `ret`).
+    case copiedCode
+    /// The 2 MiB page holding the site's code: not present.
+    case siteNotPresent
+    /// The same page: not executable (the guest set EFER.NXE).
+    case siteNotExecutable
+    /// The 2 MiB page holding the rings and the implant: not present.
+    case implantNotPresent
+
+    var description: String { rawValue }
+
+    /// The reason DMP must give, in part.
+    var reason: (stage: DMPRefusal.Stage, text: String) {
+        switch self {
+        case .copiedCode: (.patch, "uart_putc changed (or was unmapped)")
+        case .siteNotPresent: (.patch, "is not the same at the moment of writing")
+        case .siteNotExecutable: (.patch, "is not the same at the moment of writing")
+        case .implantNotPresent: (.implant, "at the moment of writing, the guest's page tables no longer map the implant")
+        }
+    }
+
+    /// Makes the change in `vm`'s memory; returns what undoes it.
+    func apply(_ vm: VirtualMachine, symbols: SymbolTable) -> @Sendable () -> Void {
+        let memory = vm.memory
+        func address(_ name: String) -> GuestSymbol? { symbols.symbols.first { $0.name == name } }
+        let target: GuestAddress
+        let change: (UInt64) -> UInt64
+        switch self {
+        case .copiedCode:
+            guard let f = address("uart_putc") else { return {} }
+            let at = GuestAddress(f.address + f.size - 1)
+            guard let old = try? memory.read(UInt8.self, at: at) else { return {} }
+            try? memory.write(old ^ 0xff, at: at)
+            return { try? memory.write(old, at: at) }
+        case .siteNotPresent:
+            target = GuestAddress(address("pd_tables")?.address ?? 0)
+            change = { $0 & ~1 }
+        case .siteNotExecutable:
+            target = GuestAddress(address("pd_tables")?.address ?? 0)
+            change = { $0 | 1 << 63 }
+        case .implantNotPresent:
+            target = GuestAddress((address("pd_tables")?.address ?? 0) + 7 * 8)
+            change = { $0 & ~1 }
+        }
+        guard let old = try? memory.read(UInt64.self, at: target) else { return {} }
+        try? memory.write(change(old), at: target)
+        return { try? memory.write(old, at: target) }
+    }
+}
+
+extension KVMTests {
+    @Test("the code, the site's page or the implant's mapping changes between the plan and the write: refused with the reason, output and status as without DMP",
+          arguments: ChangeAtWrite.allCases)
+    func dmpRefusesWhatChangedAtWrite(_ change: ChangeAtWrite) throws {
+        let commandLine = "lines=20 rounds=2 scribble=7"
+        let off = try DMPGuestRun("uart-modes-cpl3", commandLine: commandLine, dmp: nil)
+        let offStop = try off.run()
+        #expect(offStop == .guestExit(status: 0))
+        let on = try DMPGuestRun("uart-modes-cpl3", commandLine: commandLine, dmp: DMPGuestRun.configuration())
+        let vm = on.vm, symbols = on.loaded.symbols
+        let fired = Atomic<Int>(0)
+        on.dmp?.patcherForTesting.beforeWriteChecks = {
+            // Only the first patch (uart_putc's copy) sees the change.
+            guard fired.add(1, ordering: .relaxed).newValue == 1 else { return {} }
+            return change.apply(vm, symbols: symbols)
+        }
+        #expect(try on.run() == offStop)
+        #expect(on.output == off.output)
+        #expect(fired.load(ordering: .relaxed) >= 1)
+        let report = DMPReport.text(on.dmp?.report() ?? [])
+        let putc = on.sites(in: "uart_putc")
+        // The plan that met the change (the first hot site's, with its sibling) was refused with the reason; the
+        // change was gone for later plans, so the sibling, hot on its own later, may be patched then.
+        let refused = putc.filter { $0.state == .refused }
+        #expect(refused.count == 1 && refused.allSatisfy { $0.hitsServed == 0 && $0.hotToPatchedNanoseconds == nil }, "\(report)")
+        for s in refused {
+            #expect(s.refusal?.stage == change.reason.stage && s.refusal?.reason.contains(change.reason.text) == true, "\(report)")
+        }
+        #expect(on.decisions.reasons("refused").contains { $0.contains(change.reason.text) })
     }
 }

@@ -16,6 +16,11 @@ package final class Patcher: @unchecked Sendable {
     /// Creates a patcher for `vm`.
     package init(vm: VirtualMachine) { self.vm = vm }
 
+    /// Tests only: called with every vCPU paused just before ``apply(_:guarding:implant:verify:)`` runs its
+    /// checks, standing in for another vCPU or a device changing guest memory between the plan and the write;
+    /// the closure it returns runs after the checks (and the write, if any), still paused. Set before the VM runs.
+    package var beforeWriteChecks: (@Sendable () -> (@Sendable () -> Void))?
+
     /// The pages DMP guards now.
     package var guardedPages: [UInt64] { guardCounts.withLock { $0.keys.sorted() } }
 
@@ -29,6 +34,8 @@ package final class Patcher: @unchecked Sendable {
     package func apply(_ writes: [CodeWrite], guarding pages: [UInt64], implant: [(GuestAddress, [UInt8])] = [],
                        verify: () throws(DMPRefusal) -> Void = {}) throws(DMPRefusal) -> UInt64 {
         try withPausedVCPUs { () throws(DMPRefusal) in
+            let restore = beforeWriteChecks?()
+            defer { restore?() }
             try verify()
             try checkRIPs(outside: writes)
             for w in writes {
