@@ -23,6 +23,7 @@ enum StubLayout {
 
     static let asyncRing = RingMapping(base: ring, slotCount: 8, synchronous: false)
     static let syncRing = RingMapping(base: ring, slotCount: 512, synchronous: true, kick: .port(0x704))
+    static let kickedRing = RingMapping(base: ring, slotCount: 512, synchronous: false, kick: .port(0x704))
 }
 
 /// A body shape: an instruction and the routes it serves.
@@ -45,6 +46,8 @@ let bodyCases: [BodyCase] = {
             L.route(.port(0x1f2), width: 2, .read, .sharedSlotRead(slot: 1), index: 1),
         ]),
         BodyCase(name: "out dx, al: ring append (UART THR)", bytes: [0xee], routes: [L.route(.port(0x3f8), width: 1, .write, .ringAppend(ring: 0, mode: .asynchronous), ring: L.asyncRing)]),
+        BodyCase(name: "out dx, al: ring append that kicks a sleeping poller", bytes: [0xee],
+                 routes: [L.route(.port(0x3f8), width: 1, .write, .ringAppend(ring: 0, mode: .asynchronous), ring: L.kickedRing)]),
         BodyCase(name: "out 0x80, al: discard", bytes: [0xe6, 0x80], routes: [L.route(.port(0x80), width: 1, .write, .discardWrite)]),
         BodyCase(name: "out dx, ax: discard or ring", bytes: [0x66, 0xef], routes: [
             L.route(.port(0x80), width: 2, .write, .discardWrite),
@@ -98,13 +101,24 @@ func stub(_ c: BodyCase) throws -> (instruction: X86Instruction, bytes: [UInt8],
         #expect(d.dropFirst().first?.mnemonic == "pushfq")
         #expect(d.last?.mnemonic == "jmp" && d.last?.branch?.target == i.nextAddress)
         #expect(!d.contains { $0.groups.contains(.return) })
+        // A port kick: push rdx; mov edx, port; out dx, al; pop rdx, after a look at the wake flag.
+        let kicks = d.indices.filter { d[$0].mnemonic == "out" && !body.fallback.contains(d[$0].address) }
+        let kickPushes = Set(kicks.flatMap { [$0 - 2, $0 + 1] })
+        for k in kicks {
+            #expect(d[k - 2].description == "push rdx" && d[k - 1].description == "mov edx, 0x704" && d[k + 1].description == "pop rdx")
+        }
+        #expect(kicks.count == c.routes.filter { $0.ring?.kick != nil }.count)
+        for r in c.routes { if let ring = r.ring, ring.kick != nil {
+            #expect(d.contains { $0.description.hasPrefix("test dword ptr [rip") && $0.description.hasSuffix(", 4")
+                && $0.nextAddress &+ UInt64(bitPattern: $0.memoryOperands[0].memory!.displacement) == ring.base + PVRingLayout.flagsOffset })
+        } }
         // Two restores (fallback and served), each the pushes in reverse, popfq, lea rsp back.
-        let pushes = d.filter { $0.mnemonic == "push" }.map(\.operandText)
-        let pops = d.filter { $0.mnemonic == "pop" }.map(\.operandText)
+        let pushes = d.indices.filter { d[$0].mnemonic == "push" && !kickPushes.contains($0) }.map { d[$0].operandText }
+        let pops = d.indices.filter { d[$0].mnemonic == "pop" && !kickPushes.contains($0) }.map { d[$0].operandText }
         #expect(pops == pushes.reversed() + pushes.reversed())
         #expect(d.filter { $0.mnemonic == "popfq" }.count == 2)
         #expect(d.filter { $0.description == "lea rsp, [rsp + 0x80]" }.count == 2)
-        #expect(body.stackBytes == 8 * (pushes.count + 1) && body.stackBytes <= FastPathEmitter.stackLimit)
+        #expect(body.stackBytes == 8 * (pushes.count + 1 + (kicks.isEmpty ? 0 : 1)) && body.stackBytes <= FastPathEmitter.stackLimit)
         // Branches land on instruction starts of the stub, or at the site's end.
         let starts = Set(d.map(\.address))
         for b in d.compactMap(\.branch) {
@@ -257,7 +271,8 @@ func stub(_ c: BodyCase) throws -> (instruction: X86Instruction, bytes: [UInt8],
 
 
 @Suite struct FlagLivenessTests {
-    @Test("without pushfq/popfq a body is the same but for those three bytes, and uses 8 bytes less stack", arguments: bodyCases)
+    @Test("without pushfq/popfq a body is the same but for those three bytes (and the lea rsp pair when nothing else is pushed), and uses 8 bytes less stack",
+          arguments: bodyCases)
     func withoutFlags(c: BodyCase) throws {
         let i = try X86Disassembler().decode(c.bytes, address: StubLayout.site)
         let (with, bodyWith) = try FastPathEmitter.instructionStub(for: i, routes: c.routes, at: StubLayout.stub)
@@ -265,8 +280,45 @@ func stub(_ c: BodyCase) throws -> (instruction: X86Instruction, bytes: [UInt8],
         let d = try X86Disassembler().decodeAll(without, address: StubLayout.stub)
         #expect(d.map(\.length).reduce(0, +) == without.count)
         #expect(!d.contains { $0.mnemonic == "pushfq" || $0.mnemonic == "popfq" })
-        #expect(without.count == with.count - 3 && bodyWithout.stackBytes == bodyWith.stackBytes - 8)
+        #expect(bodyWithout.stackBytes == bodyWith.stackBytes - 8)
+        // lea rsp, [rsp - 0x80] is 5 bytes, lea rsp, [rsp + 0x80] 8 (once per restore).
+        let leaPair = bodyWithout.stackBytes == 0 ? 5 + 2 * 8 : 0
+        #expect(without.count == with.count - 3 - leaPair)
+        #expect(d.contains { $0.description.hasPrefix("lea rsp") } == (bodyWithout.stackBytes > 0))
         #expect(d.last?.branch?.target == i.nextAddress)
+    }
+
+    @Test("with lahf the flags are saved by lahf/seto al in a pushed word and restored by add al, 0x7f/sahf; pushfq stays for a read into rax",
+          arguments: bodyCases)
+    func lahfShape(c: BodyCase) throws {
+        let i = try X86Disassembler().decode(c.bytes, address: StubLayout.site)
+        let (bytes, body) = try FastPathEmitter.instructionStub(for: i, routes: c.routes, lahf: true, at: StubLayout.stub)
+        let (plain, plainBody) = try FastPathEmitter.instructionStub(for: i, routes: c.routes, at: StubLayout.stub)
+        let d = try X86Disassembler().decodeAll(bytes, address: StubLayout.stub)
+        #expect(d.map(\.length).reduce(0, +) == bytes.count, "the stub decodes whole")
+        #expect(body.stackBytes <= FastPathEmitter.stackLimit)
+        var readsRAX = false
+        switch i.accessShape {
+        case .success(.load(_, let dst, _, _)), .success(.portIn(_, let dst, _)): readsRAX = dst.architectural == .rax
+        default: break
+        }
+        if readsRAX {
+            #expect(bytes == plain && body == plainBody, "a read into rax keeps pushfq/popfq")
+            return
+        }
+        let text = d.map(\.description)
+        #expect(!d.contains { $0.mnemonic == "pushfq" || $0.mnemonic == "popfq" })
+        let k = try #require(text.firstIndex(of: "lahf"))
+        #expect(Array(text[k...].prefix(3)) == ["lahf", "seto al", "push rax"])
+        #expect(text.filter { $0 == "lahf" }.count == 1)
+        #expect(text.prefix(k).contains("push rax"), "rax is saved before lahf takes ah")
+        // Both restores: pop rax; add al, 0x7f; sahf; then the saved registers.
+        let restores = text.indices.filter { text[$0] == "sahf" }
+        #expect(restores.count == 2)
+        for r in restores { #expect(Array(text[(r - 2)...r]) == ["pop rax", "add al, 0x7f", "sahf"]) }
+        // Nothing between lahf and the flags word changes a flag; nothing after sahf does either.
+        for x in d[k..<(k + 3)] { #expect(x.flagsWritten.isEmpty, "\(x)") }
+        for r in restores { for x in d[(r + 1)...] where x.mnemonic == "pop" || x.mnemonic == "lea" { #expect(x.flagsWritten.isEmpty) } }
     }
 
     @Test("the arithmetic flags are dead before an instruction that writes all six and reads none", arguments: [

@@ -91,9 +91,9 @@ struct FastPathGuest {
     }
 
     /// The body for `bytes` (decoded as if at the current position) serving `routes`.
-    mutating func body(_ bytes: [UInt8], _ routes: [FastPathRoute], preserveFlags: Bool = true) throws {
+    mutating func body(_ bytes: [UInt8], _ routes: [FastPathRoute], preserveFlags: Bool = true, lahf: Bool = false) throws {
         let i = try X86Disassembler().decode(bytes, address: a.position)
-        try FastPathEmitter.emitBody(for: i, routes: routes, preserveFlags: preserveFlags, into: &a)
+        try FastPathEmitter.emitBody(for: i, routes: routes, preserveFlags: preserveFlags, lahf: lahf, into: &a)
     }
 
     /// Runs the guest on a VM that `setup` prepares once the code is loaded; returns the VM after the guest's exit.
@@ -161,14 +161,21 @@ struct FastPathGuest {
     }
 
     /// A guest that writes `text` with `out dx, al` (dx = `rdx`), each through a body serving a UART ring append on `ring`.
+    /// `delay`: iterations of a `dec ecx; jnz` loop after each byte (a slow writer).
     static func uartWriter(_ text: String, rdx: UInt64, ring: RingMapping, data: UInt64 = data,
-                           userMode: Bool = false) throws -> (FastPathGuest, FastPathRoute) {
+                           userMode: Bool = false, lahf: Bool = false, delay: UInt32 = 0) throws -> (FastPathGuest, FastPathRoute) {
         let route = FastPathGuest.route(.port(0x3f8), width: 1, .write, .ringAppend(ring: 0, mode: .asynchronous), ring: ring, in: data)
         var g = try FastPathGuest(userMode: userMode)
         try g.prologue([.rdx: rdx])
         for c in text.utf8 {
             try g.a.mov(.al, immediate: UInt64(c))
-            try g.body([0xee], [route])
+            try g.body([0xee], [route], lahf: lahf)
+            guard delay > 0 else { continue }
+            try g.a.mov(.ecx, immediate: UInt64(delay))
+            let spin = g.a.newLabel()
+            try g.a.bind(spin)
+            try g.a.dec(.ecx)
+            try g.a.jcc(.ne, .label(spin))
         }
         try g.epilogue()
         return (g, route)
@@ -207,11 +214,11 @@ extension KVMTests {
         #expect(try vm.memory.read(UInt32.self, at: GuestAddress(FastPathGuest.data + 0x100)) == enable, "the body never writes its enable word")
     }
 
-    @Test("ring appends land in the ring with their values and sequences; on a full ring nobody polls, the original out exits (CPL0 and CPL3)",
-          arguments: [false, true])
-    func ringAppendRuns(userMode: Bool) throws {
+    @Test("ring appends land in the ring with their values and sequences; on a full ring nobody polls, the original out exits (CPL0 and CPL3; flags kept by pushfq or lahf)",
+          arguments: [false, true], [false, true])
+    func ringAppendRuns(userMode: Bool, lahf: Bool) throws {
         let ring = RingMapping(base: FastPathGuest.ring, slotCount: 4, synchronous: false)
-        let (g, _) = try FastPathGuest.uartWriter("ABCDE", rdx: 0x5555_0000_0000_03f8, ring: ring, userMode: userMode)
+        let (g, _) = try FastPathGuest.uartWriter("ABCDE", rdx: 0x5555_0000_0000_03f8, ring: ring, userMode: userMode, lahf: lahf)
         let device = Recorder()
         let vm = try g.run { vm in
             try vm.bus.attach(device, ports: 0x3f8..<0x3f9)
@@ -275,6 +282,39 @@ extension KVMTests {
         #expect(rings?.consumed[0] == 4)
         #expect(try vm.memory.read(UInt64.self, at: GuestAddress(route.hitCounter)) == 4)
         #expect(try FastPathGuest.untouched(vm, except: [.rax], overrides: [.rdx: 0x3f8]))
+    }
+
+    @Test("a slow writer at CPL3 whose appends find the poller asleep wakes it (the original out before publishing, the kick port after); the output is complete and in order",
+          arguments: [true, false])
+    func ringAppendWakesSleepingPoller(kickPort: Bool) throws {
+        let ring = RingMapping(base: X86Layout.ringArea.start.rawValue, slotCount: 512, synchronous: false,
+                               kick: kickPort ? .port(StandardDevices.ringKickPort) : nil)
+        let text = "sleepy poller\n"
+        // Milliseconds between bytes: the poller (1 µs idle) goes to sleep before each next byte.
+        let (g, route) = try FastPathGuest.uartWriter(text, rdx: 0x3f8, ring: ring, data: FastPathGuest.implantData,
+                                                      userMode: true, lahf: true, delay: 25_000_000)
+        let console = CapturedOutput()
+        let wakes = Mutex<(kicks: Int, originals: Int)>((0, 0))
+        var rings: PVRingDevice?
+        let vm = try g.run(debugExit: false) { vm in
+            vm.addExitHandler(ClosureExitHandler { (exit, _) throws(VMError) -> ExitResult in
+                if case .io(let io) = exit, io.direction == .write {
+                    if io.port == StandardDevices.ringKickPort { wakes.withLock { $0.kicks += 1 } }
+                    if io.port == 0x3f8 { wakes.withLock { $0.originals += 1 } }
+                }
+                return .pass
+            })
+            rings = try StandardDevices.install(on: vm, console: console.sink(), ringPolling: .enabled(idleNanoseconds: 1_000)).rings
+            try vm.memory.write(UInt32(1), at: GuestAddress(route.enableWord))
+        }
+        let (kicks, originals) = wakes.withLock { ($0.kicks, $0.originals) }
+        let hits = try vm.memory.read(UInt64.self, at: GuestAddress(route.hitCounter))
+        #expect(console.text == text)
+        #expect(Int(hits) + originals == text.utf8.count, "every byte either appended or written by the original out")
+        #expect(rings?.consumed[0] == Int(hits))
+        #expect(kicks + originals > 0, "nothing woke the sleeping poller")
+        if !kickPort { #expect(kicks == 0) }
+        #expect(rings.map { $0.statistics(ring: 0).consumed } == Int(hits))
     }
 
     @Test("an instruction stub in the implant serves an MMIO load at a register-based address and jumps back; disabled, the load exits",

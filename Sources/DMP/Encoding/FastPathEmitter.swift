@@ -12,11 +12,13 @@ import X86Disassembler
 /// The body's shape:
 ///
 /// ```
-///         lea rsp, [rsp - 128]        ; below the red zone (at CPL0 too)
-///         pushfq                      ; skipped where the arithmetic flags are dead
-///         push <scratch>...           ; at most 64 bytes with the flags
+///         lea rsp, [rsp - 128]        ; below the red zone (at CPL0 too); skipped when nothing is pushed
+///         pushfq                      ; skipped where the arithmetic flags are dead, or saved by lahf below
+///         push <scratch>...           ; at most 64 bytes with the flags (and a port kick's rdx)
 ///         lea A, [<the operand>]      ; a register-based memory operand: its runtime address
-///         movzx V, <source>; shl V, 32 ; a store to a ring: the value, captured first
+///         movzx V, <source>           ; a store to a ring: the value, captured first
+///         lahf; seto al; push rax     ; the flags (CPUs with LAHF in 64-bit mode; rax saved above)
+///         shl V, 32
 ///   route i:
 ///         cmp dx, port | cmp A, addr  ; the runtime port or address (static ones are checked here, in Swift)
 ///         jne route i+1
@@ -27,18 +29,27 @@ import X86Disassembler
 ///         inc qword [hits_i]
 ///         jmp done
 ///   fallback:
-///         pop...; popfq; lea rsp, [rsp + 128]
+///         <restore>
 ///         <the original instruction, relocated>   ; it exits and the device handles it
 ///         jmp end
 ///   done:
-///         pop...; popfq; lea rsp, [rsp + 128]
+///         <restore>                   ; pop rax; add al, 0x7f; sahf (lahf) - pop...; popfq (pushfq); lea rsp, [rsp + 128]
 ///   end:
 /// ```
 ///
+/// A ring append looks at the ring's wake flag (the polling consumer sleeps) before
+/// it claims a slot, and then executes the original instruction instead: that exit
+/// applies the ring's entries first and wakes the poller. After publishing it looks
+/// again and, set, writes the rings' kick register (``RingMapping/kick``) as
+/// `Guests/include/ring.inc` does (a poller that fell asleep between the two looks
+/// is woken, not left with an entry until the drain timer). Each look is one
+/// `test` of the header line the append reads anyway; an exit only when set.
+///
 /// Every register and flag the original does not define is preserved (IN, OUT and
 /// MOV define none but their destination); scratch registers are ones the
-/// instruction does not name, except `rax` for a ring's `lock cmpxchg` (and `rdx`
-/// for a port kick), which are saved and whose values are captured first.
+/// instruction does not name, except `rax` for a ring's `lock cmpxchg` and for
+/// `lahf`, which is saved and whose value is captured first (a port kick saves
+/// `rdx` around its `out` only).
 package enum FastPathEmitter {
     /// The bytes below RSP the body steps over before it pushes (the System V red zone).
     package static let redZone: Int64 = 128
@@ -52,13 +63,18 @@ package enum FastPathEmitter {
     ///   an address is beyond ±2 GiB of the body or the original cannot be relocated.
     ///   On a refusal nothing is emitted.
     ///
-    /// - Parameter preserveFlags: `false` skips `pushfq`/`popfq` where the arithmetic flags are
-    ///   dead after the instruction (``arithmeticFlagsDead(before:)``); the body changes no other flag.
+    /// - Parameters:
+    ///   - preserveFlags: `false` skips saving the flags where the arithmetic flags are
+    ///     dead after the instruction (``arithmeticFlagsDead(before:)``); the body changes no other flag.
+    ///   - lahf: the CPU runs `lahf`/`sahf` in 64-bit mode (CPUID 8000_0001h ECX bit 0): preserved
+    ///     flags are saved with `lahf`/`seto al` and restored with `add al, 0x7f`/`sahf`, a few cycles
+    ///     where `popfq` costs more than the rest of a constant read. Not for a read into `rax`
+    ///     (`pushfq`/`popfq` then).
     @discardableResult
     package static func emitBody(for instruction: X86Instruction, routes: [FastPathRoute], preserveFlags: Bool = true,
-                                 into assembler: inout X86Assembler) throws(DMPRefusal) -> FastPathBody {
+                                 lahf: Bool = false, into assembler: inout X86Assembler) throws(DMPRefusal) -> FastPathBody {
         var a = assembler
-        var e = try BodyEmitter(instruction: instruction, routes: routes, preserveFlags: preserveFlags)
+        var e = try BodyEmitter(instruction: instruction, routes: routes, preserveFlags: preserveFlags, lahf: lahf)
         let body = try e.emit(into: &a)
         assembler = a
         return body
@@ -66,18 +82,18 @@ package enum FastPathEmitter {
 
     /// The body alone, emitted at `origin` (a function copy's inline rewrite: it falls through).
     package static func bodyBytes(for instruction: X86Instruction, routes: [FastPathRoute], preserveFlags: Bool = true,
-                                  at origin: UInt64) throws(DMPRefusal) -> [UInt8] {
+                                  lahf: Bool = false, at origin: UInt64) throws(DMPRefusal) -> [UInt8] {
         var a = X86Assembler(origin: origin)
-        try emitBody(for: instruction, routes: routes, preserveFlags: preserveFlags, into: &a)
+        try emitBody(for: instruction, routes: routes, preserveFlags: preserveFlags, lahf: lahf, into: &a)
         return try a.finish()
     }
 
     /// An instruction stub: the body, then `jmp` to the end of the instruction (never `ret`).
     /// Returns the stub's bytes (for `origin`) and where its parts are.
     package static func instructionStub(for instruction: X86Instruction, routes: [FastPathRoute], preserveFlags: Bool = true,
-                                        at origin: UInt64) throws(DMPRefusal) -> (bytes: [UInt8], body: FastPathBody) {
+                                        lahf: Bool = false, at origin: UInt64) throws(DMPRefusal) -> (bytes: [UInt8], body: FastPathBody) {
         var a = X86Assembler(origin: origin)
-        let body = try emitBody(for: instruction, routes: routes, preserveFlags: preserveFlags, into: &a)
+        let body = try emitBody(for: instruction, routes: routes, preserveFlags: preserveFlags, lahf: lahf, into: &a)
         try a.jmp(.absolute(instruction.nextAddress))
         return (try a.finish(), body)
     }
@@ -131,6 +147,8 @@ private struct BodyEmitter {
     let address: AccessAddress
     let value: AccessValue
     let preserveFlags: Bool
+    /// Flags saved by `lahf`/`seto al` into a stack word above the saved registers (instead of `pushfq`).
+    let lahfFlags: Bool
 
     /// The runtime address register (dynamic memory operands).
     var addressRegister: X86Register?
@@ -143,7 +161,7 @@ private struct BodyEmitter {
     /// Every register pushed, in push order.
     var saved: [X86Register] = []
 
-    init(instruction i: X86Instruction, routes: [FastPathRoute], preserveFlags: Bool) throws(DMPRefusal) {
+    init(instruction i: X86Instruction, routes: [FastPathRoute], preserveFlags: Bool, lahf: Bool) throws(DMPRefusal) {
         instruction = i
         self.routes = routes
         self.preserveFlags = preserveFlags
@@ -173,6 +191,9 @@ private struct BodyEmitter {
             }
             address = BodyEmitter.memoryAddress(i, m)
         }
+        var readsRAX = false
+        if case .read(let dst, _) = value { readsRAX = dst.architectural == .rax }
+        lahfFlags = preserveFlags && lahf && !readsRAX
         try checkRoutes()
         try chooseRegisters()
     }
@@ -249,14 +270,14 @@ private struct BodyEmitter {
     /// Whether a route reads a TSC-derived counter (`rdtsc` and `mul` clobber `rax` and `rdx`).
     var hasTSC: Bool { routes.contains { if case .tscCounter = $0.kind { true } else { false } } }
 
-    /// Whether a synchronous ring's kick is a port (`out dx, al` clobbers `rdx` and `rax`).
+    /// Whether a ring's kick is a port (`out dx, al`: `rdx` pushed around it, `rax` saved as for every ring).
     var portKick: Bool {
-        routes.contains { r in if case .port = r.ring?.kick, r.ring?.synchronous == true { true } else { false } }
+        routes.contains { r in if case .port = r.ring?.kick { true } else { false } }
     }
 
     // MARK: - Registers
 
-    /// Picks scratch registers the instruction does not name (`rax`, and `rdx` for a port kick, excepted: saved and captured around).
+    /// Picks scratch registers the instruction does not name (`rax` excepted: saved and captured around).
     mutating func chooseRegisters() throws(DMPRefusal) {
         var named = Set((instruction.registersRead + instruction.registersWritten).map(\.architectural))
         if case .dynamic(let m, _) = address {
@@ -288,15 +309,16 @@ private struct BodyEmitter {
         while temps.count < needed { temps.append(try take()) }
         if hasTSC { counterRegister = try take { $0 != .rdx } }
         saved = [valueRegister].compactMap { $0 } + temps + [counterRegister].compactMap { $0 }
-        if (hasRing || hasTSC) && !saved.contains(.rax) { saved.append(.rax) }
-        if (portKick || hasTSC) && !saved.contains(.rdx) { saved.append(.rdx) }
+        if (hasRing || hasTSC || lahfFlags) && !saved.contains(.rax) { saved.append(.rax) }
+        if hasTSC && !saved.contains(.rdx) { saved.append(.rdx) }
         guard stackBytes <= FastPathEmitter.stackLimit else {
             throw DMPRefusal(.encode, "\(instruction): the body would need \(stackBytes) bytes of stack")
         }
     }
 
-    /// The stack the body pushes below the red zone: the saved registers and, unless skipped, the flags.
-    var stackBytes: Int { 8 * (saved.count + (preserveFlags ? 1 : 0)) }
+    /// The stack the body pushes below the red zone: the saved registers, unless skipped the flags,
+    /// and `rdx` around a port kick.
+    var stackBytes: Int { 8 * (saved.count + (preserveFlags ? 1 : 0) + (portKick ? 1 : 0)) }
 
     /// The scratch register for a 64-bit address compare (never the address register).
     var compareTemp: X86Register { temps.first { $0 != addressRegister } ?? temps[0] }
@@ -306,16 +328,23 @@ private struct BodyEmitter {
     mutating func emit(into a: inout X86Assembler) throws(DMPRefusal) -> FastPathBody {
         let start = a.position
         let fallback = a.newLabel(), done = a.newLabel(), end = a.newLabel()
-        try a.lea(.rsp, .init(base: .rsp, displacement: -FastPathEmitter.redZone))
-        if preserveFlags { a.pushfq() }
+        if stackBytes > 0 { try a.lea(.rsp, .init(base: .rsp, displacement: -FastPathEmitter.redZone)) }
+        if preserveFlags && !lahfFlags { a.pushfq() }
         for r in saved { try a.push(r) }
-        let depth = FastPathEmitter.redZone + Int64(stackBytes)
+        // How far RSP has moved so far (the lahf flags word is pushed after the address is taken).
+        let depth = (stackBytes > 0 ? FastPathEmitter.redZone : 0) + Int64(8 * (saved.count + (preserveFlags && !lahfFlags ? 1 : 0)))
         if case .dynamic(let m, let disp) = address, let ar = addressRegister {
             let base = m.base?.architectural
             let adjusted = disp + (base == .rsp ? depth : 0)
             try a.lea(ar, .init(base: base, index: m.index?.architectural, scale: m.scale, displacement: adjusted))
         }
-        if hasRing, let v = valueRegister { try captureValue(v, into: &a) }
+        if hasRing, let v = valueRegister { try captureValue(v, into: &a) }    // before lahf takes ah
+        if lahfFlags {
+            a.lahf()                                                             // SF ZF AF PF CF in ah
+            a.setoAL()                                                           // OF in al
+            try a.push(.rax)
+        }
+        if hasRing, let v = valueRegister, case .writeRegister = value { try a.shl(v, 32) }
         for r in routes {
             let next = a.newLabel()
             try matchTarget(r.target, otherwise: next, &a)
@@ -340,12 +369,18 @@ private struct BodyEmitter {
     }
 
     func restore(_ a: inout X86Assembler) throws(DMPRefusal) {
+        if lahfFlags {
+            try a.pop(.rax)
+            a.addAL(0x7f)                                                        // OF = (al == 1)
+            a.sahf()                                                             // SF ZF AF PF CF
+        }
         for r in saved.reversed() { try a.pop(r) }
-        if preserveFlags { a.popfq() }
-        try a.lea(.rsp, .init(base: .rsp, displacement: FastPathEmitter.redZone))
+        if preserveFlags && !lahfFlags { a.popfq() }
+        if stackBytes > 0 { try a.lea(.rsp, .init(base: .rsp, displacement: FastPathEmitter.redZone)) }
     }
 
-    /// `V = value << 32`, zero-extended from the access width.
+    /// `V = value << 32`, zero-extended from the access width: the move here (no flag changes),
+    /// the shift for a register value after the flags are saved (``emit(into:)``).
     func captureValue(_ v: X86Register, into a: inout X86Assembler) throws(DMPRefusal) {
         let v32 = X86Register.gpr32[v.generalPurpose?.number ?? 0]
         switch value {
@@ -354,7 +389,6 @@ private struct BodyEmitter {
             case 4: try a.mov(v32, src)
             default: try a.movzx(v32, src)
             }
-            try a.shl(v, 32)
         case .writeImmediate(let imm):
             let mask: UInt64 = width == 4 ? 0xffff_ffff : (1 << UInt64(8 * width)) - 1
             try a.mov(v, immediate: (imm & mask) << 32)
@@ -469,7 +503,7 @@ private struct BodyEmitter {
             try a.mov(dst, alias(dw))
             return
         }
-        let slot = X86Assembler.Memory(base: .rsp, displacement: Int64(8 * (saved.count - 1 - k)))
+        let slot = X86Assembler.Memory(base: .rsp, displacement: Int64(8 * (saved.count - 1 - k + (lahfFlags ? 1 : 0))))
         try a.mov(slot, alias(dw))
         if dw == 4 {                                                 // a 32-bit write clears bits 63:32
             var upper = slot
@@ -504,6 +538,12 @@ private struct BodyEmitter {
             try a.test(flags, width: 4, immediate: Int64(PVRingLayout.pollingFlag))
             try a.jcc(.e, .label(fallback))
         }
+        // The polling consumer sleeps: the original access instead. Its exit applies the ring's
+        // entries first and wakes the poller (a write to a ring's target register does); then
+        // the appends that follow find it polling. (A poller that falls asleep after this look
+        // is kicked after publishing, below, where the body has a kick register.)
+        try a.test(flags, width: 4, immediate: Int64(PVRingLayout.wakeFlag))
+        try a.jcc(.ne, .label(fallback))
         try a.mov(r32(n), immediate: UInt64(ring.spinLimit))
         try a.bind(claim)
         try a.mov(p, hint)                                           // p = hint
@@ -521,6 +561,12 @@ private struct BodyEmitter {
         try a.mov(.rax, p)                                           // move the hint p -> p + 1
         try a.lea(new, .init(base: p, displacement: 1))
         try a.lockCmpxchg(hint, new)
+        let kick = a.newLabel()
+        if ring.kick != nil {
+            // The polling consumer sleeps: kick it (the line is the hint's, just written: a cheap look).
+            try a.test(flags, width: 4, immediate: Int64(PVRingLayout.wakeFlag))
+            try a.jcc(.ne, .label(kick))
+        }
         if ring.synchronous {
             let wait = a.newLabel()
             try a.mov(r32(n), immediate: UInt64(ring.synchronousWaitLimit))
@@ -530,15 +576,19 @@ private struct BodyEmitter {
             try a.jcc(.g, .label(served))
             a.pause()
             try a.dec(r32(n))
-            try a.jcc(.ne, .label(wait))
-            switch ring.kick {                                       // waited long enough: kick
-            case .port(let port)?:
+            try a.jcc(.ne, .label(wait))                             // waited long enough: kick
+        }
+        if let k = ring.kick {
+            if !ring.synchronous { try a.jmp(.label(served)) }
+            try a.bind(kick)
+            switch k {                                               // an exit: the VMM drains, then wakes the poller
+            case .port(let port):
+                try a.push(.rdx)                                     // counted in stackBytes
                 try a.mov(.edx, immediate: UInt64(port))
                 try a.outDX(width: 1)
-            case .memory(let address)?:
+                try a.pop(.rdx)
+            case .memory(let address):
                 try a.mov(.at(address), width: 4, immediate: 1)
-            case nil:
-                break
             }
         }
         try a.jmp(.label(served))

@@ -64,8 +64,10 @@ package struct RingMapping: Hashable, Sendable {
     /// past it the producer writes ``kick`` (its entry is already published).
     package var synchronousWaitLimit: UInt32
     /// The rings' kick register (``PVRingKick``): a port or a guest-virtual MMIO address whose
-    /// write exits and makes the VMM drain the rings. `nil`: a synchronous producer whose wait
-    /// ran out just goes on (the entry is applied at the next exit, drain or timer).
+    /// write exits and makes the VMM drain the rings and wake a sleeping poller. Every producer
+    /// writes it after publishing when the header's wake flag (``PVRingLayout/wakeFlag``) is set,
+    /// as `Guests/include/ring.inc` does. `nil`: no kick; a synchronous producer whose wait ran
+    /// out just goes on (the entry is applied at the next exit, drain or timer).
     package var kick: FastPathRoute.Target?
 
     /// Creates a mapping.

@@ -143,6 +143,14 @@ package struct X86Assembler: Sendable {
     package mutating func pushfq() { bytes.append(0x9c) }
     /// `popfq` (`9d`).
     package mutating func popfq() { bytes.append(0x9d) }
+    /// `lahf` (`9f`): SF, ZF, AF, PF and CF into `ah` (64-bit mode needs CPUID 8000_0001h ECX bit 0).
+    package mutating func lahf() { bytes.append(0x9f) }
+    /// `sahf` (`9e`): SF, ZF, AF, PF and CF from `ah` (OF and every other flag unchanged).
+    package mutating func sahf() { bytes.append(0x9e) }
+    /// `seto al` (`0f 90 c0`): `al` = OF.
+    package mutating func setoAL() { bytes += [0x0f, 0x90, 0xc0] }
+    /// `add al, imm8` (`04 ib`).
+    package mutating func addAL(_ imm: UInt8) { bytes += [0x04, imm] }
 
     // MARK: - Moves
 

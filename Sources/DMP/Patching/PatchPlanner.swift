@@ -17,12 +17,22 @@ package final class PatchPlanner {
     static let cacheLine = 64
     /// Dead padding already holding an entry's `jmp rel32` (never handed out twice).
     var usedPadding: [Range<UInt64>] = []
+    /// Whether the CPU runs `lahf`/`sahf` in 64-bit mode (bodies save live flags with them, not `pushfq`).
+    let lahf: Bool
+    /// The port of the rings' kick register (``PVRingKick`` attached for `rings`), if any: ring
+    /// appends kick a sleeping poller through it.
+    let kickPort: UInt16?
 
     /// Creates a planner.
     package init(vm: VirtualMachine, rings: PVRingDevice?, configuration: DMPConfiguration,
                  implant: Implant, patcher: Patcher) throws(DMPRefusal) {
         self.vm = vm; self.rings = rings; self.configuration = configuration
         self.implant = implant; self.patcher = patcher
+        let extended = (try? vm.backend.supportedCPUID())?.first { $0.function == 0x8000_0001 }
+        lahf = extended.map { $0.ecx & 1 != 0 } ?? false
+        kickPort = rings.flatMap { rings in
+            vm.bus.attached.first { $0.space == .pio && ($0.device as? PVRingKick)?.rings === rings }
+        }.map { UInt16(truncatingIfNeeded: $0.range.start.rawValue) }
         do { disassembler = try X86Disassembler() } catch {
             throw DMPRefusal(.plan, "cannot open the disassembler: \(error)")
         }
@@ -39,7 +49,8 @@ package final class PatchPlanner {
     /// Asks the device that owns `site`'s access for a fast path; builds the route.
     /// `memoryTarget` is the linear address the instruction accesses (MMIO).
     func grant(for site: ExitSite, instruction: X86Instruction, virtualAddress: UInt64, physicalAddress: GuestAddress,
-               memoryTarget: UInt64?, cpl: Int, placement: ImplantPlacement, paging: PagingContext) throws(DMPRefusal) -> Grant {
+               memoryTarget: UInt64?, cpl: Int, placement: ImplantPlacement, paging: PagingContext,
+               kick: FastPathRoute.Target? = nil) throws(DMPRefusal) -> Grant {
         if cpl == 3 && !configuration.userModeFastPaths {
             throw DMPRefusal(.fastPath, "the code runs at CPL3 and user-mode fast paths are off (DMPConfiguration.userModeFastPaths)")
         }
@@ -71,7 +82,8 @@ package final class PatchPlanner {
         var pendingRings: [RingMapping] = []
         do throws(DMPRefusal) {
             if case .ringAppend(let index, let mode) = granted.kind {
-                ring = try mappedRing(index, synchronous: mode == .synchronous, cpl: cpl, placement: placement, paging: paging)
+                ring = try mappedRing(index, synchronous: mode == .synchronous, cpl: cpl, placement: placement, paging: paging,
+                                      kick: kick)
                 if !configuration.dryRun { rings?.producerAttached() }
             }
             // A read the device did not declare independent of its pending ring entries is served
@@ -112,10 +124,9 @@ package final class PatchPlanner {
     }
 
     /// Ring `index` as implanted code sees it: at the placement's offset, mapped writable for `cpl`
-    /// (checked by a walk). A synchronous ring at CPL0 kicks ``StandardDevices/ringKickPort`` when its
-    /// bounded wait runs out, if a ``PVRingKick`` is there (at CPL3 an `out` may not be permitted: no kick).
+    /// (checked by a walk), kicking through `kick` (``ringKick(for:)``).
     func mappedRing(_ index: Int, synchronous: Bool, cpl: Int, placement: ImplantPlacement,
-                    paging: PagingContext) throws(DMPRefusal) -> RingMapping {
+                    paging: PagingContext, kick: FastPathRoute.Target? = nil) throws(DMPRefusal) -> RingMapping {
         guard let rings, index >= 0, index < rings.targets.count else {
             throw DMPRefusal(.fastPath, "the device named ring \(index), which does not exist")
         }
@@ -128,11 +139,31 @@ package final class PatchPlanner {
         guard physical.rawValue == base else {
             throw DMPRefusal(.implant, "ring \(index) is not mapped at \(hex(va)) (that address maps \(physical))")
         }
-        var kick: FastPathRoute.Target?
-        if synchronous && cpl == 0, vm.bus.device(at: UInt64(StandardDevices.ringKickPort), space: .pio)?.device is PVRingKick {
-            kick = .port(StandardDevices.ringKickPort)
-        }
         return RingMapping(base: va, slotCount: rings.slotCount, synchronous: synchronous, kick: kick)
+    }
+
+    /// The kick register bodies for `located` may write (a sleeping poller, a synchronous wait that ran
+    /// out): the port of the ``PVRingKick`` attached for the rings, always at CPL0; at CPL3 only where the
+    /// guest's TSS I/O bitmap permits it (KVM PVM checks the bitmap, not the user IOPL; an `out` the guest
+    /// may not make would fault). Without one a body still falls back to the original access when it sees
+    /// the poller asleep before publishing (that exit wakes it).
+    func ringKick(for located: LocatedInstruction) -> FastPathRoute.Target? {
+        guard let port = kickPort else { return nil }
+        if located.cpl == 0 { return .port(port) }
+        return ioBitmapPermits(port, tr: located.specialRegisters.tr, paging: located.paging) ? .port(port) : nil
+    }
+
+    /// Whether the 64-bit TSS at `tr` lets CPL3 write one byte to `port`: the I/O map base at offset 102,
+    /// the port's bit clear, and both bytes the CPU reads within the limit.
+    func ioBitmapPermits(_ port: UInt16, tr: Segment, paging: PagingContext) -> Bool {
+        func byte(_ offset: UInt64) -> UInt8? {
+            guard let t = try? vm.memory.translate(tr.base &+ offset, paging: paging) else { return nil }
+            return try? vm.memory.read(UInt8.self, at: t.physical)
+        }
+        guard tr.present, tr.limit >= 103, let lo = byte(102), let hi = byte(103) else { return false }
+        let at = (UInt64(lo) | UInt64(hi) << 8) + UInt64(port / 8)
+        guard at + 1 <= UInt64(tr.limit), let bits = byte(at) else { return false }
+        return bits & (1 << (port % 8)) == 0
     }
 
     /// The indices of the rings whose entries go to the device that owns `address`.
@@ -197,7 +228,7 @@ extension PatchPlanner {
         var grants: [Grant] = []
         grants.append(try grant(for: site, instruction: located.instruction, virtualAddress: located.virtualAddress,
                                 physicalAddress: located.physicalAddress, memoryTarget: memoryTarget, cpl: located.cpl,
-                                placement: placement, paging: located.paging))
+                                placement: placement, paging: located.paging, kick: ringKick(for: located)))
         do throws(DMPRefusal) {
             let outcome: PlanOutcome
             if located.instruction.length >= 5 && configuration.strategies.contains(.instructionStub) {
@@ -220,10 +251,11 @@ extension PatchPlanner {
         let preserveFlags = instruction(at: located.endAddress, located: located)
             .map { !FastPathEmitter.arithmeticFlagsDead(before: $0) } ?? true
         let trial = try FastPathEmitter.instructionStub(for: located.instruction, routes: [g.route], preserveFlags: preserveFlags,
-                                                        at: placement.virtualAddress(of: implant.area.start))
+                                                        lahf: lahf, at: placement.virtualAddress(of: implant.area.start))
         let code = try implant.allocateCode(trial.bytes.count + 64)
         let va = placement.virtualAddress(of: code.start)
-        let stub = try FastPathEmitter.instructionStub(for: located.instruction, routes: [g.route], preserveFlags: preserveFlags, at: va)
+        let stub = try FastPathEmitter.instructionStub(for: located.instruction, routes: [g.route], preserveFlags: preserveFlags,
+                                                       lahf: lahf, at: va)
         guard stub.bytes.count <= Int(code.size) else { throw DMPRefusal(.encode, "the stub grew from \(trial.bytes.count) to \(stub.bytes.count) bytes") }
         _ = try implant.placement(for: ImplantSite(located), code: code, data: [], memory: vm.memory)
         let jump = try FastPathEmitter.siteJump(replacing: located.instruction, to: va)
@@ -248,13 +280,14 @@ extension PatchPlanner {
                 byInstruction.append((g.plan.virtualAddress, [g.route]))
             }
         }
+        let lahf = lahf
         let rewrites = byInstruction.map { (address, routes) in
             let insn = instruction(at: address, located: located)
             let preserveFlags = insn.flatMap { instruction(at: $0.nextAddress, located: located) }
                 .map { !FastPathEmitter.arithmeticFlagsDead(before: $0) } ?? true
             return HotRewrite(address: address) { (a: inout X86Assembler) throws(DMPRefusal) in
                 guard let insn else { throw DMPRefusal(.plan, "the hot instruction at \(hex(address)) is gone") }
-                try FastPathEmitter.emitBody(for: insn, routes: routes, preserveFlags: preserveFlags, into: &a)
+                try FastPathEmitter.emitBody(for: insn, routes: routes, preserveFlags: preserveFlags, lahf: lahf, into: &a)
             }
         }
         let trial = try FunctionCopyPlan.make(hot: rewrites, in: image, at: placement.virtualAddress(of: implant.area.start),
@@ -354,7 +387,7 @@ extension PatchPlanner {
             // Memory operands of siblings cannot be evaluated without their registers: only port I/O siblings.
             guard s.kind == .io else { continue }
             if let g = try? grant(for: s, instruction: i, virtualAddress: i.address, physicalAddress: t.physical, memoryTarget: nil,
-                                  cpl: located.cpl, placement: placement, paging: located.paging) {
+                                  cpl: located.cpl, placement: placement, paging: located.paging, kick: ringKick(for: located)) {
                 out.append(g)
             }
         }

@@ -7,7 +7,8 @@
 public final class PVRingKick: BusDevice, @unchecked Sendable {
     /// `pvring-kick`.
     public let name = "pvring-kick"
-    private let rings: PVRingDevice
+    /// The rings it kicks (DMP finds the kick register of the rings it appends to by this).
+    package let rings: PVRingDevice
 
     /// A kick register for `rings`.
     public init(rings: PVRingDevice) { self.rings = rings }
