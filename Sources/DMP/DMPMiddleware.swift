@@ -120,6 +120,9 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
 
     // MARK: The exit path
 
+    /// DMP counts port I/O and MMIO exits only.
+    public var exitKinds: Set<ExitKind>? { [.io, .mmio] }
+
     /// Counts the exit; a site that just became hot is located and, if it qualifies, patched.
     ///
     /// An exit that is not a candidate costs a RIP read from the sync registers, one detector update

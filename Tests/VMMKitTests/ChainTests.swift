@@ -58,6 +58,41 @@ struct ChainTests {
         #expect(dev.writes.count == 1 && dev.writes[0].value == 7, "the bus ran exactly once")
     }
 
+    @Test("a handler that declares its exit kinds is skipped for other kinds, as if it had passed")
+    func exitKindsSkip() throws {
+        let mock = MockHypervisor()
+        let vm = try makeVM(mock)
+        final class Kinds: ExitHandler, @unchecked Sendable {
+            var seen: [ExitKind] = []
+            var exitKinds: Set<ExitKind>? { [.mmio] }
+            func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult {
+                seen.append(exit.kind)
+                return .pass
+            }
+        }
+        final class All: ExitHandler, @unchecked Sendable {
+            var seen: [ExitKind] = []
+            func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult {
+                seen.append(exit.kind)
+                return .pass
+            }
+        }
+        let kinds = Kinds(), all = All()
+        vm.addExitHandler(kinds)
+        vm.addExitHandler(all)
+        let dev = RecordingDevice()
+        try vm.bus.attach(dev, ports: 0x80..<0x81)
+        mock.vcpu(0)?.script([
+            out(0x80, 1),
+            .exit(.mmio(MMIOAccess(address: GuestAddress(0xd000_0000), size: 4, direction: .write, value: 5))),
+            out(0x80, 2),
+        ])
+        #expect(try vm.run() == .halted)
+        #expect(kinds.seen == [.mmio], "called for the MMIO exit only")
+        #expect(all.seen == [.io, .mmio, .io, .halt], "the handler after it still sees every exit")
+        #expect(dev.writes.map(\.value) == [1, 2], "skipped port writes still reach the bus")
+    }
+
     @Test("an unknown exit is a typed error, not a crash")
     func unsupportedExit() throws {
         let mock = MockHypervisor()

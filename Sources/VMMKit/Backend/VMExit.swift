@@ -36,6 +36,7 @@ public enum VMExit: Hashable, Sendable {
     case unsupported(reason: UInt32)
 
     /// The kind of exit, for statistics.
+    @inline(__always)
     public var kind: ExitKind {
         switch self {
         case .io: .io

@@ -11,8 +11,8 @@ public final class OutputSink: @unchecked Sendable {
     @exclusivity(unchecked) private var spare: [UInt8] = []
     private let capacity: Int
     private let output: (UnsafeRawBufferPointer) -> Void
-    /// Guards ``buffer``; never held across the host write.
-    private let lock = ConditionLock()
+    /// Guards ``buffer``; held only to append or swap, never across the host write.
+    private let lock = SpinLock()
     /// Held across the host write: one flush at a time, in order.
     private let writerLock = ConditionLock()
 

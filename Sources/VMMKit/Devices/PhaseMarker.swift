@@ -36,6 +36,9 @@ public final class PhaseMarker: ExitHandler, @unchecked Sendable {
         return (m[e].exits - m[b].exits, m[e].nanoseconds - m[b].nanoseconds)
     }
 
+    /// The marker is a port.
+    public var exitKinds: Set<ExitKind>? { [.io] }
+
     /// Consumes writes to the marker port.
     public func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult {
         guard case .io(let io) = exit, io.port == port else { return .pass }

@@ -41,8 +41,8 @@ public final class UART8250: BusDevice, @unchecked Sendable {
     @exclusivity(unchecked) private var overrun = false
     @exclusivity(unchecked) private var thrInterruptPending = false
     @exclusivity(unchecked) private var grants = FastPathGrants()
-    /// Guards every register and the grants.
-    private let lock = ConditionLock()
+    /// Guards every register and the grants (held a few instructions at a time: never across the sink or the ring drain).
+    private let lock = SpinLock()
     /// The receive FIFO depth of a 16550.
     public static let fifoDepth = 16
     /// The line status register's value while the fast path is exact: transmitter empty, nothing received.

@@ -181,9 +181,12 @@ public final class ExitContext {
         defer { running = caller }
         let count = handlers.count
         guard let base = handlers.baseAddress else { return .pass }
+        let kind: UInt64 = 1 << UInt64(exit.kind.rawValue)
         while cursor < count {
             let i = cursor
             cursor += 1
+            // A handler that does not act on this kind of exit passes it on: skip the call.
+            if base[i]._withUnsafeGuaranteedRef({ $0.kinds }) & kind == 0 { continue }
             running = i
             // Called through the borrowed box: the handler is not retained.
             // `_withUnsafeGuaranteedRef` rethrows untyped errors, and a Result of
@@ -400,7 +403,14 @@ public final class ExitContext {
 /// One handler of a chain, boxed so the exit path can borrow it (see ``ExitContext``).
 final class HandlerBox {
     let handler: any ExitHandler
-    init(_ handler: any ExitHandler) { self.handler = handler }
+    /// Bit ``ExitKind/rawValue`` set for each kind the handler acts on (``ExitHandler/exitKinds``).
+    let kinds: UInt64
+    init(_ handler: any ExitHandler) {
+        self.handler = handler
+        kinds = handler.exitKinds.map { HandlerBox.mask($0) } ?? ~0
+    }
+
+    static func mask(_ kinds: Set<ExitKind>) -> UInt64 { kinds.reduce(0) { $0 | 1 << UInt64($1.rawValue) } }
 }
 
 extension Control.Outcome {

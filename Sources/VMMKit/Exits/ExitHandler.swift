@@ -26,9 +26,17 @@ public protocol ExitHandler: AnyObject {
     func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult
     /// Called once on each VM stop, after every vCPU has left `KVM_RUN` (flush buffers, drain rings).
     func vmDidStop(_ vm: VirtualMachine) throws(VMError)
+    /// The kinds of exit the handler acts on, read once when the VM starts;
+    /// the chain does not call it for other kinds, exactly as if it had
+    /// returned ``ExitResult/pass`` (one call fewer per exit). `nil`, the
+    /// default, means every kind.
+    var exitKinds: Set<ExitKind>? { get }
 }
 
 extension ExitHandler {
+    /// Every kind by default.
+    public var exitKinds: Set<ExitKind>? { nil }
+
     /// Does nothing by default.
     public func vmDidStop(_ vm: VirtualMachine) throws(VMError) {}
 }

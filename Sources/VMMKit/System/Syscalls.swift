@@ -118,6 +118,8 @@ extension Sys {
     /// A spin-wait hint to the CPU (`pause`), for polling loops.
     @inline(__always)
     static func spinHint() { ckvm_spin_hint() }
+    /// Gives the calling thread's CPU to another runnable thread (`sched_yield`).
+    static func yieldProcessor() { _ = sched_yield() }
     /// Executes a serializing instruction on the calling thread's CPU (after guest code was rewritten).
     static func serialize() { ckvm_serialize() }
 

@@ -3,6 +3,9 @@ final class BusDispatchHandler: ExitHandler {
     let strict: Bool
     init(strict: Bool) { self.strict = strict }
 
+    /// Port I/O and MMIO.
+    var exitKinds: Set<ExitKind>? { [.io, .mmio] }
+
     func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult {
         switch exit {
         case .io(let io):

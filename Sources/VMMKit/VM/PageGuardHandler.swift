@@ -37,6 +37,9 @@ final class PageGuardHandler: ExitHandler {
 
     deinit { streaks.deallocate() }
 
+    /// Guarded writes exit as MMIO writes; emulation failures as internal errors.
+    var exitKinds: Set<ExitKind>? { [.mmio, .internalError] }
+
     /// Applies and reports guarded writes; passes every other exit on.
     func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult {
         switch exit {
