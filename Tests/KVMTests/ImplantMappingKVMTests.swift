@@ -90,20 +90,16 @@ extension KVMTests {
     @Test("the code, the site's page or the implant's mapping changes between the plan and the write: refused with the reason, output and status as without DMP",
           arguments: ChangeAtWrite.allCases)
     func dmpRefusesWhatChangedAtWrite(_ change: ChangeAtWrite) throws {
-        let commandLine = "lines=20 rounds=2 scribble=7"
-        let off = try DMPGuestRun("uart-modes-cpl3", commandLine: commandLine, dmp: nil)
-        let offStop = try off.run()
-        #expect(offStop == .guestExit(status: 0))
-        let on = try DMPGuestRun("uart-modes-cpl3", commandLine: commandLine, dmp: DMPGuestRun.configuration())
-        let vm = on.vm, symbols = on.loaded.symbols
         let fired = Atomic<Int>(0)
-        on.dmp?.patcherForTesting.beforeWriteChecks = {
-            // Only the first patch (uart_putc's copy) sees the change.
-            guard fired.add(1, ordering: .relaxed).newValue == 1 else { return {} }
-            return change.apply(vm, symbols: symbols)
+        let (_, on, stop) = try offAndOn("uart-modes-cpl3", "lines=20 rounds=2 scribble=7") { on in
+            let vm = on.vm, symbols = on.loaded.symbols
+            on.dmp?.patcherForTesting.beforeWriteChecks = {
+                // Only the first patch (uart_putc's copy) sees the change.
+                guard fired.add(1, ordering: .relaxed).newValue == 1 else { return {} }
+                return change.apply(vm, symbols: symbols)
+            }
         }
-        #expect(try on.run() == offStop)
-        #expect(on.output == off.output)
+        #expect(stop == .guestExit(status: 0))
         #expect(fired.load(ordering: .relaxed) >= 1)
         let report = DMPReport.text(on.dmp?.report() ?? [])
         let putc = on.sites(in: "uart_putc")

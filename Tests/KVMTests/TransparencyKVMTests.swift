@@ -143,11 +143,13 @@ func differingRanges(_ a: GuestMemory, _ b: GuestMemory, size: UInt64, excluding
 }
 
 /// Runs `image` without DMP and then with DMP's test configuration; expects the same stop reason and
-/// the same output (timing masked). Returns both runs and the stop reason.
-func offAndOn(_ image: String, _ commandLine: String) throws -> (off: DMPGuestRun, on: DMPGuestRun, stop: StopReason) {
+/// the same output (timing masked). Returns both runs and the stop reason. `prepare` sees the DMP run before it starts.
+func offAndOn(_ image: String, _ commandLine: String,
+              prepare: (DMPGuestRun) -> Void = { _ in }) throws -> (off: DMPGuestRun, on: DMPGuestRun, stop: StopReason) {
     let off = try DMPGuestRun(image, commandLine: commandLine, dmp: nil)
     let stop = try off.run()
     let on = try DMPGuestRun(image, commandLine: commandLine, dmp: DMPGuestRun.configuration())
+    prepare(on)
     #expect(try on.run() == stop)
     #expect(on.output == off.output, "\(image): \(on.output.suffix(300)) vs \(off.output.suffix(300))")
     return (off, on, stop)
