@@ -245,15 +245,20 @@ extension KVMTests {
 }
 
 extension KVMTests {
-    @Test("a ring of four slots keeps the output in order: DMP's ring appends and the static-PV twin, with and without the polling consumer",
-          arguments: ["uart-cpl3", "uart-cpl0", "uart-cpl3-pv"], [true, false])
-    func dmpFourSlotRingKeepsOrder(image: String, polling: Bool) throws {
+    @Test("a ring of four slots keeps the output in order: DMP's ring appends and the static-PV twin, with and without the polling consumer, and with one that sleeps after 1 µs idle (woken by the appends)",
+          arguments: ["uart-cpl3", "uart-cpl0", "uart-cpl3-pv"], ["poller", "none", "sleepy poller"])
+    func dmpFourSlotRingKeepsOrder(image: String, poller: String) throws {
+        let polling: PVRingPolling = switch poller {
+        case "poller": .enabled()
+        case "sleepy poller": .enabled(idleNanoseconds: 1_000)
+        default: .disabled
+        }
         let commandLine = "iters=60"
         let off = try DMPGuestRun(image, commandLine: commandLine, dmp: nil)
         let offStop = try off.run()
         let pv = image.hasSuffix("-pv")
         let on = try DMPGuestRun(image, commandLine: commandLine, dmp: pv ? nil : DMPGuestRun.configuration(),
-                                 ringPolling: polling ? .enabled() : .disabled, ringSlotCount: 4)
+                                 ringPolling: polling, ringSlotCount: 4)
         #expect(on.devices.rings.slotCount == 4)
         #expect(try on.run() == offStop)
         #expect(on.output == off.output, "\(image): \(on.output.suffix(300))")
