@@ -9,7 +9,7 @@ struct MiniVMM: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "minivmm",
         abstract: "A minimal VMM built with VMMKit: runs a guest image on KVM.",
-        subcommands: [Run.self, Bench.self, GuardBench.self, ExitPathBench.self, DetectorBench.self],
+        subcommands: [Run.self, Bench.self, GuardBench.self, ExitPathBench.self, DetectorBench.self, DMPLatencyBench.self],
         defaultSubcommand: Run.self)
 }
 

@@ -45,13 +45,17 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     /// Sites undone since DMP started, in order: each vCPU re-arms them in its own detector (``rearmCount`` tells it to look).
     private let rearmRequests = Mutex<[ExitSite]>([])
     private let rearmCount = Atomic<Int>(0)
-    private let latencies = Mutex<[UInt64]>([])
+    private let latencies = Mutex<[PatchLatency]>([])
     /// One bit per patched site's exit RIP (``filterBit(_:)``): an exit whose bit is clear is at no patched site.
     private let patchedSites = Atomic<UInt64>(0)
 
     /// Nanoseconds from a site becoming hot to every vCPU resuming with its patch in place, for every patch
-    /// applied so far (re-patches after an undo included), in order.
-    public var hotToPatchedNanoseconds: [UInt64] { latencies.withLock { $0 } }
+    /// applied so far (re-patches after an undo included), in order. A site that became hot while another
+    /// vCPU was patching counts from that first moment (``PatchLatency/deferredNanoseconds``).
+    public var hotToPatchedNanoseconds: [UInt64] { latencies.withLock { $0.map(\.hotToPatchedNanoseconds) } }
+
+    /// How each patch applied so far spent its time from hot to patched, in order.
+    public var patchLatencies: [PatchLatency] { latencies.withLock { $0 } }
 
     package struct State: Sendable {
         var sites: [ExitSite: SiteRecord] = [:]
@@ -63,6 +67,8 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         /// Patches that had served nothing at their first verification: their sites were re-armed in every
         /// detector, so that the original instruction becoming hot again shows the patch is never entered.
         var entryChecks: Set<Int> = []
+        /// When sites put off because another vCPU was patching first became hot.
+        var deferredSince: [ExitSite: ContinuousClock.Instant] = [:]
     }
 
     /// Creates the middleware for `vm`; ``install(on:rings:configuration:logger:)`` also adds it to the VM.
@@ -199,7 +205,8 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                 return result
             }
         }
-        let hotAt = ContinuousClock.now
+        let now = ContinuousClock.now
+        let hotAt = state.withLock { $0.deferredSince.removeValue(forKey: site) } ?? now
         let window = detectors[context.vcpuID].counts(of: site)
         let seconds = clocks[context.vcpuID].secondsForLast(configuration.window)
         state.withLock { s in
@@ -218,15 +225,17 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         logger.info("hot", metadata: ["site": "\(describe(site))", "exits": "\(window?.total ?? 0)"])
         let planned: Bool? = planning.withLockIfAvailable { _ in
             do throws(DMPRefusal) {
-                try plan(site, exit, context, registersAtExit: registersAtExit, hotAt: hotAt)
+                try plan(site, exit, context, registersAtExit: registersAtExit, hotAt: hotAt, deferred: now - hotAt)
             } catch {
                 refuse(site, error)
             }
             return true
         }
         if planned == nil {
-            // Another vCPU is patching: forget the site for now and let it become hot again.
+            // Another vCPU is patching: forget the site for now and let it become hot again (its
+            // hot-to-patched time still counts from now).
             state.withLock {
+                $0.deferredSince[site] = hotAt
                 if $0.sites[site]?.undos == 0 {
                     $0.sites[site] = nil
                     $0.order.removeAll { $0 == site }
@@ -325,7 +334,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
 
     /// Locates the instruction of `site`, asks the device, chooses a shape, encodes it and patches it in.
     private func plan(_ site: ExitSite, _ exit: VMExit, _ context: ExitContext, registersAtExit: Registers?,
-                      hotAt: ContinuousClock.Instant) throws(DMPRefusal) {
+                      hotAt: ContinuousClock.Instant, deferred: Duration) throws(DMPRefusal) {
         guard let locator, let planner, let implant else {
             throw disabledReason ?? DMPRefusal(.plan, "DMP could not start")
         }
@@ -355,7 +364,14 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         let outcome = try planner.plan(site, located: located, registersAtExit: registersAtExit, siblings: siblings,
                                        hotAt: hotAt, owner: id)
         let elapsed = nanoseconds(since: hotAt)
-        if outcome.applied != nil { latencies.withLock { $0.append(elapsed) } }
+        if outcome.applied != nil {
+            let (s, a) = deferred.components
+            let waited = UInt64(max(0, s)) &* 1_000_000_000 &+ UInt64(max(0, a / 1_000_000_000))
+            latencies.withLock {
+                $0.append(PatchLatency(hotToPatchedNanoseconds: elapsed, deferredNanoseconds: min(waited, elapsed),
+                                       pausedNanoseconds: outcome.pausedNanoseconds))
+            }
+        }
         state.withLock { s in
             if let applied = outcome.applied {
                 s.patches[id] = applied

@@ -9,9 +9,11 @@ struct DMPLibraryRun {
     let stop: StopReason
     let report: [PatchSite]
     let steadyExits: Int?
+    let latencies: [PatchLatency]
 
-    init(_ image: String, commandLine: String, dmp: Bool = true, configure: (inout DMPConfiguration) -> Void = { _ in }) throws {
-        let vm = try VirtualMachine(backend: try KVMSystem(), configuration: VMConfiguration(memorySize: 64 << 20))
+    init(_ image: String, commandLine: String, dmp: Bool = true, cpus: Int = 1,
+         configure: (inout DMPConfiguration) -> Void = { _ in }) throws {
+        let vm = try VirtualMachine(backend: try KVMSystem(), configuration: VMConfiguration(memorySize: 64 << 20, vcpuCount: cpus))
         let console = CapturedOutput()
         let devices = try StandardDevices.install(on: vm, console: console.sink())
         let loaded = try X86Boot.load(.elf(try guestImage(image)), commandLine: commandLine, into: vm)
@@ -29,6 +31,7 @@ struct DMPLibraryRun {
         text = console.text
         report = middleware?.report() ?? []
         steadyExits = devices.marker.steadyPhase?.exits
+        latencies = middleware?.patchLatencies ?? []
     }
 
     func site(_ location: String) -> PatchSite? { report.first { $0.location == location } }

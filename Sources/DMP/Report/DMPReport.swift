@@ -36,11 +36,19 @@ public enum DMPReport {
         let patched = sites.filter { $0.state == .patched }
         out += "\n\(patched.count) of \(sites.count) hot sites patched; \(patched.reduce(0) { $0 + $1.exitsAvoided }) exits avoided\n"
         if !latencies.isEmpty {
-            let l = latencies.sorted()
-            func ms(_ q: Double) -> String { fixed(Double(l[min(l.count - 1, Int(Double(l.count) * q))]) / 1e6, 2) }
-            out += "\(l.count) patches applied; hot to patched: p50 \(ms(0.5)) ms, p90 \(ms(0.9)) ms, max \(ms(1)) ms\n"
+            func ms(_ q: Double) -> String { fixed(Double(percentile(latencies, q) ?? 0) / 1e6, 2) }
+            out += "\(latencies.count) patches applied; hot to patched: p50 \(ms(0.5)) ms, p90 \(ms(0.9)) ms, max \(ms(1)) ms\n"
         }
         return out
+    }
+
+    /// The `q` quantile (0...1) of `values` by nearest rank: the value at index `⌊count × q⌋` of the
+    /// sorted values (the last for `q` = 1), as the report prints p50 and p90. Nil when `values` is empty.
+    public static func percentile(_ values: [UInt64], _ q: Double) -> UInt64? {
+        guard !values.isEmpty else { return nil }
+        let sorted = values.sorted()
+        let rank = q.isFinite ? Int(Double(sorted.count) * min(max(q, 0), 1)) : 0
+        return sorted[min(sorted.count - 1, rank)]
     }
 
     /// `port 0x3f8 write1`, `mmio 0xd0000000 read4`.

@@ -1,0 +1,40 @@
+import DMP
+import Testing
+import VMMKit
+
+extension KVMTests {
+    @Test("DMP with two vCPUs busy at CPL3 (smp-cpl3): every site of both vCPUs patched while the other runs, each vCPU's checksum identical to DMP off")
+    func dmpTwoBusyVCPUs() throws {
+        let commandLine = "sites=12 iters=8192 spin=0"
+        let off = try DMPLibraryRun("smp-cpl3", commandLine: commandLine, dmp: false, cpus: 2)
+        let on = try DMPLibraryRun("smp-cpl3", commandLine: commandLine, cpus: 2)
+        #expect(off.stop == .guestExit(status: 0), "\(off.text)")
+        #expect(on.stop == .guestExit(status: 0), "\(on.text)")
+        for key in ["checksum0", "checksum1", "checksum"] {
+            let a = resultField(off.text, key), b = resultField(on.text, key)
+            #expect(a != nil && a == b, "\(key): \(String(describing: b)) with DMP, \(String(describing: a)) without")
+        }
+        #expect(on.text == off.text, "the whole output (RESULT line included) is the same")
+        // Site k of vCPU c: an LSR read (in al, dx at +0x7) when k + c is even, a port-0x80 write (out dx, al, past it at +0x8) when odd.
+        var order: [String] = []
+        for c in 0...1 {
+            for k in 0..<12 {
+                let location = "smp_site_\(c)_\(k)+0x\((k + c) % 2 == 0 ? 7 : 8)"
+                let s = try #require(on.report.first { $0.location == location }, "\(location) in \(on.report.map(\.location))")
+                #expect(s.state == .patched, "\(s) \(String(describing: s.refusal))")
+                #expect(s.site.address == ((k + c) % 2 == 0 ? 0x3fd : 0x80))
+                #expect(s.hitsServed > 0, "\(s)")
+                #expect(s.userMode)
+            }
+            order.append(contentsOf: on.report.map(\.location).filter { $0.hasPrefix("smp_site_\(c)_") })
+        }
+        // Both vCPUs worked at once: the sites became hot interleaved, not one vCPU's after the other's.
+        let hot = on.report.map(\.location).filter { $0.hasPrefix("smp_site_") }
+        let firstOfOne = try #require(hot.firstIndex { $0.hasPrefix("smp_site_1_") })
+        let lastOfZero = try #require(hot.lastIndex { $0.hasPrefix("smp_site_0_") })
+        #expect(firstOfOne < lastOfZero, "\(hot)")
+        #expect(on.latencies.count >= 24, "\(on.latencies.count) patches applied")
+        #expect(on.latencies.allSatisfy { $0.pausedNanoseconds <= $0.hotToPatchedNanoseconds && $0.deferredNanoseconds <= $0.hotToPatchedNanoseconds })
+        #expect(order.count == 24)
+    }
+}
