@@ -67,6 +67,9 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         /// Patches that had served nothing at their first verification: their sites were re-armed in every
         /// detector, so that the original instruction becoming hot again shows the patch is never entered.
         var entryChecks: Set<Int> = []
+        /// Patches whose rate was judged once and found to pay: a site the guest stops using later (its loop
+        /// ended, the program moved on) is not undone for the accesses per second falling.
+        var judged: Set<Int> = []
         /// When sites put off because another vCPU was patching first became hot.
         var deferredSince: [ExitSite: ContinuousClock.Instant] = [:]
     }
@@ -506,11 +509,12 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                     if baseline > 0 && Double(exits) / age > baseline * 0.5 {
                         verdicts.append((id, DMPRefusal(.verify, "a hit counter was written by the guest and \(exits) exits in \(fixed(age, 2)) s are more than half the rate before the patch")))
                     }
-                } else if baseline > 0 && rate < baseline * 0.9 {
+                } else if baseline > 0 && rate < baseline * 0.9 && !s.judged.contains(id) {
                     verdicts.append((id, DMPRefusal(.verify, "slower with the patch: \(fixed(rate, 0)) accesses/s against \(fixed(baseline, 0)) before")))
                 } else if accesses > 0 && Double(exits) > accesses * 0.5 {
                     verdicts.append((id, DMPRefusal(.verify, "\(exits) of \(Int(accesses)) accesses still exited")))
                 }
+                if trusted, verdicts.last?.0 != id { s.judged.insert(id) }
             }
         }
         if !rearm.isEmpty {
@@ -541,6 +545,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         guard let vm else { return }
         guard let p = state.withLock({ s -> AppliedPatch? in
             s.entryChecks.remove(id)
+            s.judged.remove(id)
             defer { refreshPatchedSites(s) }
             return s.patches.removeValue(forKey: id)
         }) else { return }
