@@ -64,6 +64,9 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         var nextPatchID = 1
         /// Guarded pages written by host-side writes (devices, loaders), acted on by the periodic task.
         var hostWrites: [GuestRange] = []
+        /// Patches whose function copy is being rebuilt (their undo waits in ``deferredUndos`` until it is done).
+        var rebuilding: Set<Int> = []
+        var deferredUndos: [Int: (reason: DMPRefusal, backOff: Bool, backOffBase: Int?)] = [:]
         /// Patches that had served nothing at their first verification: their sites were re-armed in every
         /// detector, so that the original instruction becoming hot again shows the patch is never entered.
         var entryChecks: Set<Int> = []
@@ -323,7 +326,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                 if let served = p.sites.first { s.sites[served]?.report.exitsWhilePatched += 1 }
                 return nil
             }
-            guard let original = copy.originalAddress(of: rip) else { return nil }
+            guard let original = (p.copy(holding: rip) ?? copy).originalAddress(of: rip) else { return nil }
             // A fallback of a served access; another access of the same instruction (an out-of-line `outb` called
             // for a port no route serves) counts as the original instruction's, a site of its own.
             if let served = p.sites.first(where: { $0.kind == site.kind && $0.address == site.address && $0.size == site.size
@@ -348,11 +351,22 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             $0.sites[site]?.report.instruction = located.instruction.description
             $0.sites[site]?.report.userMode = located.cpl == 3
         }
-        if implant.owner(ofInstructionPointer: located.virtualAddress) != nil {
-            try planner.probeFastPath(site)
-            throw DMPRefusal(.plan, "the instruction runs inside a function copy (rebuilding a copy for a new site is not supported yet)")
+        // A new hot instruction inside a function copy: the copy is rebuilt with it (same patch id).
+        let owner = implant.owner(ofInstructionPointer: located.virtualAddress)
+        var old: AppliedPatch?
+        if let o = owner {
+            old = state.withLock { s -> AppliedPatch? in
+                guard let p = s.patches[o] else { return nil }
+                s.rebuilding.insert(o)
+                return p
+            }
+            if old == nil {
+                try planner.probeFastPath(site)
+                throw DMPRefusal(.plan, "the instruction runs inside implanted code whose patch was undone (it leaves at its next pad)")
+            }
         }
-        let id = state.withLock { s -> Int in
+        defer { if let owner { finishRebuild(owner) } }
+        let id = owner ?? state.withLock { s -> Int in
             defer { s.nextPatchID += 1 }
             return s.nextPatchID
         }
@@ -364,8 +378,12 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         // Read before the patch goes live: ring-append hit counters are bounded by what the consumer applies after it.
         let consumedBefore = rings?.consumed ?? []
         let beforePatch = ContinuousClock.now
-        let outcome = try planner.plan(site, located: located, registersAtExit: registersAtExit, siblings: siblings,
-                                       hotAt: hotAt, owner: id)
+        let outcome: PlanOutcome
+        if let old {
+            outcome = try planner.rebuild(old, adding: site, located: located, registersAtExit: registersAtExit, siblings: siblings, owner: id)
+        } else {
+            outcome = try planner.plan(site, located: located, registersAtExit: registersAtExit, siblings: siblings, hotAt: hotAt, owner: id)
+        }
         let elapsed = nanoseconds(since: hotAt)
         if outcome.applied != nil {
             let (s, a) = deferred.components
@@ -379,6 +397,8 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             if let applied = outcome.applied {
                 s.patches[id] = applied
                 refreshPatchedSites(s)
+                // A rebuild serves the old sites on: their rows name the new shape.
+                for x in applied.sites { s.sites[x]?.report.strategy = outcome.strategy }
             }
             for sp in outcome.sites {
                 var r = s.sites[sp.site] ?? SiteRecord(report: PatchSite(site: sp.site, location: symbolize(sp.site.rip)))
@@ -410,6 +430,15 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                     metadata: ["site": "\(describe(site))", "strategy": "\(outcome.strategy)",
                                "sites": "\(outcome.sites.count)", "paused_ns": "\(outcome.pausedNanoseconds)",
                                "hot_to_patched_ns": "\(elapsed)"])
+    }
+
+    /// Ends a rebuild of patch `id` (applied or refused) and runs an undo that waited for it.
+    private func finishRebuild(_ id: Int) {
+        let deferred = state.withLock { s in
+            s.rebuilding.remove(id)
+            return s.deferredUndos.removeValue(forKey: id)
+        }
+        if let d = deferred { undo(id, reason: d.reason, backOff: d.backOff, backOffBase: d.backOffBase) }
     }
 
     /// Re-arms, in vCPU `id`'s detector, the sites undone since it last looked (on its own thread).
@@ -544,13 +573,20 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     private func undo(_ id: Int, reason: DMPRefusal, backOff: Bool, backOffBase: Int? = nil) {
         guard let vm else { return }
         guard let p = state.withLock({ s -> AppliedPatch? in
+            if s.rebuilding.contains(id) {
+                // Its copy is being rebuilt: undo the patch that results, once it is in place.
+                s.deferredUndos[id] = (reason, backOff, backOffBase)
+                return nil
+            }
             s.entryChecks.remove(id)
             s.judged.remove(id)
             defer { refreshPatchedSites(s) }
             return s.patches.removeValue(forKey: id)
         }) else { return }
         do {
-            try patcher.revert(p.writes, unguarding: p.guardedPages)
+            // The copy is evicted too: a thread returning into it, or going round one of its loops, leaves it at
+            // its next pad for the original (where the guest's bytes are back).
+            try patcher.revert(p.writes, unguarding: p.guardedPages, evicting: p.evictionWrites())
         } catch {
             logger.error("undo failed", metadata: ["patch": "\(p.strategy)", "error": "\(error)"])
         }

@@ -34,7 +34,9 @@ enum CopyGuest {
     ] + (0...8).map { ("classify", UInt64($0), 30) } + (0...7).map { ("cet_switch", UInt64($0), 0) }
 
     /// How a run reaches the functions.
-    enum Mode { case originals, enteredCopies, evictedCopies }
+    enum Mode { case originals, enteredCopies, evictedCopies, rebuiltCopies }
+    /// Where a rebuild puts the new copies (the old ones stay at ``copies``).
+    static let rebuilt: UInt64 = 0x41_4000
 
     /// What one run produced.
     struct Outcome {
@@ -61,10 +63,15 @@ enum CopyGuest {
         // The copies, one per function, 1 KiB apart; post_delay's `out 0x80, al` becomes a discard body.
         let names = Array(Set(cases.map(\.0))).sorted()
         var copyOf: [String: FunctionCopy] = [:]
+        var newCopyOf: [String: FunctionCopy] = [:]
         for (k, name) in names.enumerated() {
             let f = try image.decode(try symbol(name), disassembler: d)
             var rewrites: [HotRewrite] = []
-            if name == "post_delay", let out = f.instructions.first(where: { $0.mnemonic == "out" }) {
+            if mode == .rebuiltCopies {
+                // The old copies have no body yet (the delay write was not hot); the rebuilt ones have it.
+                newCopyOf[name] = try FunctionCopy(f, at: rebuilt + UInt64(k) * 0x400, rewrites: try delayBody(f))
+                #expect(try #require(newCopyOf[name]).bytes.count <= 0x400)
+            } else if name == "post_delay", let out = f.instructions.first(where: { $0.mnemonic == "out" }) {
                 let route = FastPathRoute(target: .port(0x80), width: 1, direction: .write, kind: .discardWrite,
                                           enableWord: enable, hitCounter: hits)
                 rewrites.append(HotRewrite(address: out.address) { a throws(DMPRefusal) in
@@ -88,6 +95,10 @@ enum CopyGuest {
             case .evictedCopies:
                 callTarget[name] = copy.address
                 writes += copy.evictionWrites
+            case .rebuiltCopies:
+                // Threads still in the old copy leave it at its pads, for the new copy's corresponding points.
+                callTarget[name] = copy.address
+                writes += copy.evictionWrites(to: try #require(newCopyOf[name]))
             case .enteredCopies:
                 var entries: [CopyEntry] = []
                 var used = writes.map(\.range)
@@ -113,7 +124,9 @@ enum CopyGuest {
             }
         }
         if mode != .originals {
-            for c in copyOf.values { memory.replaceSubrange(Int(c.address - base)..<Int(c.end - base), with: c.bytes) }
+            for c in Array(copyOf.values) + Array(newCopyOf.values) {
+                memory.replaceSubrange(Int(c.address - base)..<Int(c.end - base), with: c.bytes)
+            }
         }
         for w in writes {
             let at = Int(w.address - base)
@@ -145,10 +158,17 @@ enum CopyGuest {
         return Outcome(results: values, port80Writes: port80.writes.count,
                        hits: try vm.memory.read(UInt64.self, at: GuestAddress(hits)), entries: kinds)
     }
+
+    /// post_delay's `out 0x80, al` as a discard body (no rewrite for the other functions).
+    static func delayBody(_ f: DecodedFunction) throws -> [HotRewrite] {
+        guard f.symbol.name == "post_delay", let out = f.instructions.first(where: { $0.mnemonic == "out" }) else { return [] }
+        let route = FastPathRoute(target: .port(0x80), width: 1, direction: .write, kind: .discardWrite, enableWord: enable, hitCounter: hits)
+        return [HotRewrite(address: out.address) { a throws(DMPRefusal) in try FastPathEmitter.emitBody(for: out, routes: [route], into: &a) }]
+    }
 }
 
 extension KVMTests {
-    @Test("gcc -O2 functions and their copies give the same results: entered through patched entries, and evicted")
+    @Test("gcc -O2 functions and their copies give the same results: entered through patched entries, evicted, and evicted for a rebuilt copy")
     func functionCopies() throws {
         let original = try CopyGuest.run(.originals)
         // Spot checks against C: helper(5) = 36, calls(4) = helper(4) + 2 helper(5) = 29 + 72, classify(2, 30) = helper(30) + 3.
@@ -168,5 +188,10 @@ extension KVMTests {
         let evicted = try CopyGuest.run(.evictedCopies)
         #expect(evicted.results == original.results)
         #expect(evicted.port80Writes == 10 && evicted.hits == 0, "an evicted copy leaves at its loop-head pad before the body")
+
+        // Evicted in favour of a rebuilt copy: every call starts in the old copy and moves on at its first pad.
+        let rebuilt = try CopyGuest.run(.rebuiltCopies)
+        #expect(rebuilt.results == original.results)
+        #expect(rebuilt.port80Writes == 0 && rebuilt.hits == 10, "the old copy's loop-head pad leads to the new copy, whose body serves the delay")
     }
 }

@@ -164,7 +164,7 @@ let transparencyGuests: [(String, String)] = [
     ("uart-cpl0", "iters=40"), ("uart-cpl3", "iters=40"), ("doorbell-cpl3", "iters=64"),
     ("uart-cpl0-pv", "iters=40"), ("uart-cpl3-pv", "iters=40"), ("doorbell-cpl3-pv", "iters=64"),
     ("c-uart-cpl3", "iters=40"), ("c-doorbell-cpl3", "iters=64"), ("c-selfmod-cpl3", "iters=40"),
-    ("uart-modes-cpl3", "lines=20 rounds=2"),
+    ("uart-modes-cpl3", "lines=20 rounds=2"), ("copy-rebuild-cpl3", "lines=200"),
 ]
 
 extension KVMTests {

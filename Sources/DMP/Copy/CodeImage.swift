@@ -42,6 +42,22 @@ package struct CodeImage: Sendable {
         return nil
     }
 
+    /// The image with `writes` taken back: each write's original bytes where its replacement stands (what a
+    /// rebuild of a function copy decodes: the guest's own code, not the old copy's entries).
+    package func restoring(_ writes: [PatchWrite]) -> CodeImage {
+        var regions = self.regions
+        for w in writes {
+            for k in regions.indices where w.address >= regions[k].address {
+                let start = w.address &- regions[k].address
+                guard start <= UInt64(regions[k].bytes.count), UInt64(regions[k].bytes.count) - start >= UInt64(w.original.count),
+                      w.original.count == w.replacement.count else { continue }
+                let range = Int(start)..<Int(start) + w.original.count
+                if Array(regions[k].bytes[range]) == w.replacement { regions[k].bytes.replaceSubrange(range, with: w.original) }
+            }
+        }
+        return CodeImage(regions: regions, symbols: symbols, tables: tables)
+    }
+
     /// The sized function symbol whose bytes hold `address`.
     package func function(containing address: UInt64) -> GuestSymbol? { functions.symbol(containing: address) }
 

@@ -96,9 +96,15 @@ package struct FunctionCopy: Sendable {
 
     /// The writes that evict an invalidated copy: each pad becomes a `jmp rel32` to the original's
     /// corresponding point, so a thread returning into the copy or going round one of its loops leaves it.
-    package var evictionWrites: [PatchWrite] {
+    package var evictionWrites: [PatchWrite] { evictionWrites(to: nil) }
+
+    /// The writes that evict this copy in favour of `next` (a rebuilt copy of the same function): each pad
+    /// becomes a `jmp rel32` to `next`'s point for the same original instruction (same frame, same registers;
+    /// both copies hold their pads at the same instructions), or to the original where `next` has none.
+    package func evictionWrites(to next: FunctionCopy?) -> [PatchWrite] {
         pieces.compactMap { p -> PatchWrite? in
-            guard p.kind == .pad, let jmp = CopyEncoding.branch32(at: p.copy.lowerBound, to: p.original) else { return nil }
+            let target = next?.copyAddress(of: p.original) ?? p.original
+            guard p.kind == .pad, let jmp = CopyEncoding.branch32(at: p.copy.lowerBound, to: target) else { return nil }
             return PatchWrite(address: p.copy.lowerBound, original: CopyEncoding.nop5, replacement: jmp)
         }
     }

@@ -20,6 +20,27 @@ package struct AppliedPatch: Sendable {
     package var codeVirtualStart: UInt64
     /// How the patch reaches the implant and its rings through the guest's page tables (re-walked while it lives).
     package var mapping: ImplantMapping?
+    /// For a function copy: the fast paths of the sites it serves, in ``sites`` order (a rebuild serves them again).
+    package var grants: [PatchPlanner.Grant] = []
+    /// For a rebuilt function copy: the copies it replaced, oldest first, each with its virtual-minus-physical
+    /// offset. Never freed (a thread may still run in one); their pads jump on into the next copy.
+    package var retired: [(copy: FunctionCopy, offset: UInt64)] = []
+
+    /// The copy, current or retired, holding the implant address `rip`.
+    package func copy(holding rip: UInt64) -> FunctionCopy? {
+        if let c = copy, rip >= c.address, rip < c.end { return c }
+        return retired.first { rip >= $0.copy.address && rip < $0.copy.end }?.copy
+    }
+
+    /// The writes that evict the current copy (its pads become jumps to `next`'s corresponding points, or to
+    /// the original's), at their guest-physical addresses.
+    package func evictionWrites(to next: FunctionCopy? = nil) -> [CodeWrite] {
+        guard let copy else { return [] }
+        let offset = codeVirtualStart &- implantCode.start.rawValue
+        return copy.evictionWrites(to: next).map { w in
+            CodeWrite(virtual: w.address, physical: GuestAddress(w.address &- offset), original: w.original, replacement: w.replacement)
+        }
+    }
 
     /// Creates a record.
     package init(writes: [CodeWrite], guardedPages: [UInt64], implantCode: GuestRange, strategy: String,

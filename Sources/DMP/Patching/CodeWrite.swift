@@ -13,10 +13,17 @@ package struct CodeWrite: Hashable, Sendable {
     /// Whether a vCPU whose RIP is at the first byte also blocks the write: true for a `jmp rel32` placed in
     /// dead padding (a thread between the `jmp rel8` and it would resume in restored fill bytes).
     package var guardsItsStart: Bool
+    /// The bytes there when the write is applied, where they are not ``original``: a rebuilt function copy's
+    /// entry holds the old copy's jump (``original`` stays the guest's own bytes, for the undo).
+    package var current: [UInt8]?
 
     /// Creates a write.
-    package init(virtual: UInt64, physical: GuestAddress, original: [UInt8], replacement: [UInt8], guardsItsStart: Bool = false) {
+    package init(virtual: UInt64, physical: GuestAddress, original: [UInt8], replacement: [UInt8], guardsItsStart: Bool = false,
+                 current: [UInt8]? = nil) {
         self.virtual = virtual; self.physical = physical; self.original = original; self.replacement = replacement
-        self.guardsItsStart = guardsItsStart
+        self.guardsItsStart = guardsItsStart; self.current = current
     }
+
+    /// The bytes the write expects to find.
+    package var expected: [UInt8] { current ?? original }
 }

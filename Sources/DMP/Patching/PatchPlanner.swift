@@ -41,9 +41,11 @@ package final class PatchPlanner {
     // MARK: Fast paths
 
     /// A granted fast path and the route the implanted code serves.
-    struct Grant {
-        var route: FastPathRoute
-        var plan: SitePlan
+    package struct Grant: Sendable {
+        /// What the implanted code serves (the body is emitted from it again when a copy is rebuilt).
+        package var route: FastPathRoute
+        /// The site, its enable word and hit counter.
+        package var plan: SitePlan
     }
 
     /// Asks the device that owns `site`'s access for a fast path; builds the route.
@@ -246,6 +248,60 @@ extension PatchPlanner {
         }
     }
 
+    /// Rebuilds the function copy of `old` for `site`, a new hot instruction that `located` found running inside
+    /// that copy (or inside a copy it retired): the new copy serves `old`'s sites and `site` (and siblings a static
+    /// reading locates), its entries replace the old ones, and the old copy is evicted (its pads jump to the new
+    /// copy's corresponding points). The old copy's code is never freed: a thread may still be inside it, and it
+    /// leaves it at its next pad, return or exit jump.
+    package func rebuild(_ old: AppliedPatch, adding site: ExitSite, located: LocatedInstruction, registersAtExit: Registers?,
+                         siblings: [ExitSite] = [], owner: Int) throws(DMPRefusal) -> PlanOutcome {
+        guard let current = old.copy else {
+            throw DMPRefusal(.plan, "the instruction runs inside an instruction stub, which serves one instruction")
+        }
+        guard configuration.strategies.contains(.functionCopy) else { throw DMPRefusal(.plan, "function copies are off") }
+        let name = current.function.symbol.name
+        guard let copy = old.copy(holding: located.virtualAddress),
+              let piece = copy.pieces.first(where: { $0.copy.lowerBound == located.virtualAddress }),
+              piece.kind == .copied || piece.kind == .relocated,
+              let k = current.function.index(at: piece.original) else {
+            throw DMPRefusal(.plan, "the instruction at \(hex(located.virtualAddress)) in the copy of \(name) is no copied instruction of the original")
+        }
+        let insn = current.function.instructions[k]
+        guard insn.mnemonic == located.instruction.mnemonic, insn.length == located.instruction.length,
+              insn.groups.contains(.portIO) || !insn.memoryOperands.isEmpty else {
+            throw DMPRefusal(.plan, "\(located.instruction) in the copy of \(name) does not match \(insn) at \(current.function.location(insn.address))")
+        }
+        // The same instruction at its place in the original, as the planner's other paths see it.
+        var at = located
+        at.instruction = insn
+        at.virtualAddress = insn.address
+        do { at.physicalAddress = try vm.memory.translate(insn.address, paging: located.paging, access: [.execute]).physical } catch {
+            throw DMPRefusal(.plan, "\(current.function.location(insn.address)) does not translate: \(error)")
+        }
+        let probeCode = GuestRange(start: implant.area.start, size: Implant.pageSize)
+        let probeData = try implant.allocateData(16, alignment: 16)
+        let placement = try implant.placement(for: ImplantSite(at), code: probeCode, data: [probeData], memory: vm.memory)
+        // The registers are those of the copy's instruction: a RIP-relative operand was refitted to the same target.
+        let memoryTarget = located.instruction.memoryOperands.first?.memory.flatMap { m in
+            registersAtExit.flatMap {
+                located.instruction.effectiveAddress(of: m, registers: $0, segments: X86SegmentBases(located.specialRegisters))
+            }
+        }
+        var added = [try grant(for: site, instruction: insn, virtualAddress: insn.address, physicalAddress: at.physicalAddress,
+                               memoryTarget: memoryTarget, cpl: at.cpl, placement: placement, paging: at.paging)]
+        do throws(DMPRefusal) {
+            let served = Set(old.grants.map(\.plan.virtualAddress))
+            let image = codeImage(paging: at.paging)
+                .restoring(old.writes.map { PatchWrite(address: $0.virtual, original: $0.original, replacement: $0.replacement) })
+            added += siblingGrants(siblings.filter { !old.sites.contains($0) }, of: at, placement: placement, image: image)
+                .filter { !served.contains($0.plan.virtualAddress) }
+            return try functionCopy(at, old.grants + added, placement: placement, owner: owner, rebuilding: old)
+        } catch {
+            revoke(added)
+            throw error
+        }
+    }
+
     /// The instruction stub: the hot instruction (≥ 5 bytes) becomes `jmp stub`; the stub serves the fast path and jumps back.
     private func stub(_ located: LocatedInstruction, _ g: Grant, placement: ImplantPlacement, owner: Int) throws(DMPRefusal) -> PlanOutcome {
         let preserveFlags = instruction(at: located.endAddress, located: located)
@@ -267,10 +323,19 @@ extension PatchPlanner {
     }
 
     /// The function copy: the enclosing sized function copied with the hot instructions rewritten, entered as the plan allows.
+    ///
+    /// `rebuilding`: the function copy this one replaces (`grants` then hold its sites' grants too): the function
+    /// is decoded from the guest's own bytes (the old entries taken back), its dead padding may be used again,
+    /// every entry is retargeted from the old copy to the new one (or restored where the new plan has none), and
+    /// the old copy's pads become jumps to the new copy's corresponding points, all in one pause.
     private func functionCopy(_ located: LocatedInstruction, _ grants: [Grant], placement: ImplantPlacement,
-                              owner: Int) throws(DMPRefusal) -> PlanOutcome {
+                              owner: Int, rebuilding old: AppliedPatch? = nil) throws(DMPRefusal) -> PlanOutcome {
+        let oldWrites = old?.writes ?? []
         let image = codeImage(paging: located.paging)
-        // One rewrite per instruction, serving every granted access of it (an out-of-line `outb(port, value)`
+            .restoring(oldWrites.map { PatchWrite(address: $0.virtual, original: $0.original, replacement: $0.replacement) })
+        let oldPadding = oldWrites.filter(\.guardsItsStart).map { $0.virtual..<$0.virtual &+ UInt64($0.original.count) }
+        let usedPadding = self.usedPadding.filter { !oldPadding.contains($0) }
+                // One rewrite per instruction, serving every granted access of it (an out-of-line `outb(port, value)`
         // called for several ports: the body checks the runtime port against each route).
         var byInstruction: [(address: UInt64, routes: [FastPathRoute])] = []
         for g in grants {
@@ -282,8 +347,8 @@ extension PatchPlanner {
         }
         let lahf = lahf
         let rewrites = byInstruction.map { (address, routes) in
-            let insn = instruction(at: address, located: located)
-            let preserveFlags = insn.flatMap { instruction(at: $0.nextAddress, located: located) }
+            let insn = instruction(at: address, located: located, image: image)
+            let preserveFlags = insn.flatMap { instruction(at: $0.nextAddress, located: located, image: image) }
                 .map { !FastPathEmitter.arithmeticFlagsDead(before: $0) } ?? true
             return HotRewrite(address: address) { (a: inout X86Assembler) throws(DMPRefusal) in
                 guard let insn else { throw DMPRefusal(.plan, "the hot instruction at \(hex(address)) is gone") }
@@ -332,10 +397,31 @@ extension PatchPlanner {
                                         guardsItsStart: entry.deadPadding.map { $0.lowerBound == w.address } ?? false))
             }
         }
+        // A rebuild retargets the old entries: each new write finds the old copy's jump where the old plan wrote
+        // one; old entries the new plan does not use get the guest's bytes back.
+        var restores: [CodeWrite] = []
+        if old != nil {
+            for w in oldWrites {
+                let range = w.virtual..<w.virtual &+ UInt64(w.original.count)
+                let overlapping = writes.indices.filter { k in range.overlaps(writes[k].virtual..<writes[k].virtual &+ UInt64(writes[k].original.count)) }
+                if overlapping.isEmpty {
+                    restores.append(CodeWrite(virtual: w.virtual, physical: w.physical, original: w.replacement, replacement: w.original,
+                                              guardsItsStart: w.guardsItsStart))
+                } else if overlapping.count == 1, let k = overlapping.first, writes[k].virtual == w.virtual,
+                          writes[k].original == w.original {
+                    writes[k].current = w.replacement
+                } else {
+                    throw DMPRefusal(.plan, "rebuilding the copy of \(function.symbol.name): a new entry overlaps the old entry at \(hex(w.virtual)) differently")
+                }
+            }
+        }
         // Sites no entry reaches keep exiting: not served, their grants given back.
         var served: [Grant] = []
         var unreached: [Grant] = []
         for g in grants { if reached.contains(g.plan.virtualAddress) { served.append(g) } else { unreached.append(g) } }
+        if let old, let lost = unreached.first(where: { old.sites.contains($0.plan.site) }) {
+            throw DMPRefusal(.plan, "rebuilding the copy of \(function.symbol.name): no entry of the new copy reaches \(function.location(lost.plan.virtualAddress)), which the old copy serves")
+        }
         revoke(unreached)
         // The copied function's pages are guarded too: a write there invalidates the copy.
         var functionPages: [UInt64] = []
@@ -344,13 +430,20 @@ extension PatchPlanner {
             if let t = try? vm.memory.translate(v, paging: located.paging) { functionPages.append(t.physical.rawValue & ~0xfff) }
             v &+= 0x1000
         }
-        let pages = try guardPages(for: writes, extra: functionPages, located: located)
+        // The implant pages of the copies a rebuild retires stay guarded (a thread may still run in them).
+        let retiredPages = (old?.guardedPages ?? []).filter { implant.area.contains(GuestAddress($0), length: 1) }
+        let pages = try guardPages(for: writes, extra: functionPages, located: located) + retiredPages
         let name = plan.copy.function.symbol.name
         let kinds = Array(Set(entries.map(\.kind.rawValue))).sorted().joined(separator: ", ")
-        let outcome = try finish(strategy: "function copy of \(name) via \(kinds)", writes: writes, pages: pages,
-                                 code: code, bytes: plan.copy.bytes, placement: placement, owner: owner,
-                                 sites: served.map(\.plan), copy: plan.copy, located: located)
-        if !configuration.dryRun { usedPadding += entries.compactMap(\.deadPadding) }
+        let rebuilds = old.map { $0.retired.count + 1 } ?? 0
+        let outcome = try finish(strategy: "function copy of \(name) via \(kinds)" + (rebuilds > 0 ? " (rebuilt \(rebuilds)x)" : ""),
+                                 writes: writes, pages: pages, code: code, bytes: plan.copy.bytes, placement: placement, owner: owner,
+                                 sites: served.map(\.plan), copy: plan.copy, grants: served, rebuilding: old,
+                                 extraWrites: restores + (old?.evictionWrites(to: plan.copy) ?? []), located: located)
+        if !configuration.dryRun {
+            // Old padding is either used again by the new entries or restored (a rebuild).
+            self.usedPadding = usedPadding + entries.compactMap(\.deadPadding)
+        }
         return outcome
     }
 
@@ -373,8 +466,9 @@ extension PatchPlanner {
 
     /// Grants for sibling sites that a static reading of the function locates exactly (best effort: a sibling
     /// that cannot be located or granted is left out and may become hot on its own later).
-    private func siblingGrants(_ siblings: [ExitSite], of located: LocatedInstruction, placement: ImplantPlacement) -> [Grant] {
-        let image = codeImage(paging: located.paging)
+    private func siblingGrants(_ siblings: [ExitSite], of located: LocatedInstruction, placement: ImplantPlacement,
+                               image given: CodeImage? = nil) -> [Grant] {
+        let image = given ?? codeImage(paging: located.paging)
         guard let symbol = image.function(containing: located.virtualAddress),
               let function = try? image.decode(symbol, disassembler: disassembler) else { return [] }
         var out: [Grant] = []
@@ -415,10 +509,11 @@ extension PatchPlanner {
         return true
     }
 
-    /// The instruction at `address` in the located instruction's address space, decoded from guest memory.
-    private func instruction(at address: UInt64, located: LocatedInstruction) -> X86Instruction? {
+    /// The instruction at `address` in the located instruction's address space, decoded from `image`
+    /// (by default the guest's memory now).
+    private func instruction(at address: UInt64, located: LocatedInstruction, image given: CodeImage? = nil) -> X86Instruction? {
         if address == located.virtualAddress { return located.instruction }
-        let image = codeImage(paging: located.paging)
+        let image = given ?? codeImage(paging: located.paging)
         guard let symbol = image.function(containing: address), let f = try? image.decode(symbol, disassembler: disassembler),
               let k = f.index(at: address) else { return nil }
         return f.instructions[k]
@@ -456,13 +551,17 @@ extension PatchPlanner {
     }
 
     /// Writes the implant and the patch (or, for a dry run, nothing) and records the outcome.
+    /// A rebuild (`rebuilding` the patch it replaces) also applies `extraWrites` (old entries restored, the old copy's
+    /// pads evicted) in the same pause, releases the old patch's guards and reports only the sites it adds.
     private func finish(strategy: String, writes: [CodeWrite], pages: [UInt64], code: GuestRange, bytes: [UInt8],
-                        placement: ImplantPlacement, owner: Int, sites: [SitePlan], copy: FunctionCopy?,
+                        placement: ImplantPlacement, owner: Int, sites: [SitePlan], copy: FunctionCopy?, grants: [Grant] = [],
+                        rebuilding old: AppliedPatch? = nil, extraWrites: [CodeWrite] = [],
                         located: LocatedInstruction) throws(DMPRefusal) -> PlanOutcome {
+        let fresh = old.map { o in sites.filter { !o.sites.contains($0.site) } } ?? sites
         guard !configuration.dryRun else {
-            return PlanOutcome(applied: nil, strategy: strategy, sites: sites, pausedNanoseconds: 0)
+            return PlanOutcome(applied: nil, strategy: strategy, sites: fresh, pausedNanoseconds: 0)
         }
-        for s in sites { if let h = s.hitCounter { try? vm.memory.writeAsGuardOwner([UInt8](repeating: 0, count: 8), at: h) } }
+        for s in fresh { if let h = s.hitCounter { try? vm.memory.writeAsGuardOwner([UInt8](repeating: 0, count: 8), at: h) } }
         implant.registerOwner(owner, code: code, placement: placement)
         // The implanted code is guarded too: a guest that overwrites it undoes the patches that enter it.
         var codePages: [UInt64] = []
@@ -470,13 +569,16 @@ extension PatchPlanner {
         while p < code.start.rawValue &+ code.size { codePages.append(p); p &+= 0x1000 }
         let pages = Array(Set(pages + codePages)).sorted()
         let mapping = self.mapping(for: sites, site: ImplantSite(located), placement: placement, code: code)
-        let paused = try patcher.apply(writes, guarding: pages, implant: [(code.start, bytes)]) { () throws(DMPRefusal) in
-            try checkAtWrite(writes, mapping: mapping, copy: copy, located: located)
+        let paused = try patcher.apply(writes + extraWrites, guarding: pages, implant: [(code.start, bytes)],
+                                       releasing: old?.guardedPages ?? []) { () throws(DMPRefusal) in
+            try checkAtWrite(writes, mapping: mapping, copy: copy, located: located, replacing: old?.writes ?? [])
         }
-        let applied = AppliedPatch(writes: writes, guardedPages: pages, implantCode: code, strategy: strategy,
+        var applied = AppliedPatch(writes: writes, guardedPages: pages, implantCode: code, strategy: strategy,
                                    sites: sites.map(\.site), appliedAt: .now, copy: copy,
                                    codeVirtualStart: placement.virtualAddress(of: code.start), mapping: mapping)
-        return PlanOutcome(applied: applied, strategy: strategy, sites: sites, pausedNanoseconds: paused)
+        applied.grants = grants
+        if let old, let c = old.copy { applied.retired = old.retired + [(c, old.codeVirtualStart &- old.implantCode.start.rawValue)] }
+        return PlanOutcome(applied: applied, strategy: strategy, sites: fresh, pausedNanoseconds: paused)
     }
 }
 
@@ -497,8 +599,9 @@ extension PatchPlanner {
     /// guest's page-table writes may have changed it since the plan): the implant and rings mapped as planned,
     /// every patched instruction's page still present, executable and the same frame, and a copied function's
     /// bytes those it was copied from.
+    /// `replacing`: the entries of the patch a rebuild replaces, still in the function's bytes (taken back for the check).
     func checkAtWrite(_ writes: [CodeWrite], mapping: ImplantMapping, copy: FunctionCopy?,
-                      located: LocatedInstruction) throws(DMPRefusal) {
+                      located: LocatedInstruction, replacing old: [CodeWrite] = []) throws(DMPRefusal) {
         if let why = mapping.problem(in: vm.memory) {
             throw DMPRefusal(.implant, "at the moment of writing, the guest's page tables no longer map the implant as planned: \(why)")
         }
@@ -516,9 +619,11 @@ extension PatchPlanner {
             let chunk = min(function.end &- v, Implant.pageSize &- (v & (Implant.pageSize &- 1)))
             let offset = Int(v &- function.start)
             guard let t = try? vm.memory.translate(v, paging: located.paging, access: fetch),
-                  let now = try? vm.memory.readBytes(at: t.physical, count: Int(chunk)),
+                  let read = try? vm.memory.readBytes(at: t.physical, count: Int(chunk)),
                   offset + Int(chunk) <= function.bytes.count,
-                  now[...] == function.bytes[offset..<(offset + Int(chunk))] else {
+                  CodeImage(regions: [.init(address: v, bytes: read)], symbols: SymbolTable())
+                    .restoring(old.map { PatchWrite(address: $0.virtual, original: $0.original, replacement: $0.replacement) })
+                    .regions[0].bytes[...] == function.bytes[offset..<(offset + Int(chunk))] else {
                 throw DMPRefusal(.patch, "\(function.symbol.name) changed (or was unmapped) at \(hex(v)) between the plan and the write")
             }
             v &+= chunk

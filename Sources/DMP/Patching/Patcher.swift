@@ -24,15 +24,16 @@ package final class Patcher: @unchecked Sendable {
     /// The pages DMP guards now.
     package var guardedPages: [UInt64] { guardCounts.withLock { $0.keys.sorted() } }
 
-    /// Applies `writes` (all or none) and guards `pages` (page-aligned guest-physical
-    /// addresses; each use counted). `implant` bytes (code and data the patch
-    /// jumps to, in memory the guest does not execute yet) are written first.
+    /// Applies `writes` (all or none; each finds ``CodeWrite/expected`` there) and guards `pages` (page-aligned
+    /// guest-physical addresses; each use counted). `implant` bytes (code and data the patch jumps to, in memory
+    /// the guest does not execute yet) are written first. `releasing`: pages of a patch this one replaces (a
+    /// rebuilt function copy), one use each dropped after the writes, in the same pause.
     /// `verify` runs first with every vCPU paused: the checks that must hold at the
     /// moment of writing (the guest's mappings, the code the plan was made from).
     /// - Returns: the nanoseconds the vCPUs were paused.
     @discardableResult
     package func apply(_ writes: [CodeWrite], guarding pages: [UInt64], implant: [(GuestAddress, [UInt8])] = [],
-                       verify: () throws(DMPRefusal) -> Void = {}) throws(DMPRefusal) -> UInt64 {
+                       releasing: [UInt64] = [], verify: () throws(DMPRefusal) -> Void = {}) throws(DMPRefusal) -> UInt64 {
         try withPausedVCPUs { () throws(DMPRefusal) in
             let restore = beforeWriteChecks?()
             defer { restore?() }
@@ -43,7 +44,7 @@ package final class Patcher: @unchecked Sendable {
                     throw DMPRefusal(.patch, "internal: a write of \(w.replacement.count) bytes over \(w.original.count)")
                 }
                 let now = try? vm.memory.readBytes(at: w.physical, count: w.original.count)
-                guard now == w.original else {
+                guard now == w.expected else {
                     throw DMPRefusal(.patch, "the code at \(hex(w.virtual)) changed since it was planned")
                 }
             }
@@ -60,26 +61,34 @@ package final class Patcher: @unchecked Sendable {
             var done: [CodeWrite] = []
             for w in writes {
                 do { try vm.memory.writeAsGuardOwner(w.replacement, at: w.physical) } catch {
-                    for d in done.reversed() { try? vm.memory.writeAsGuardOwner(d.original, at: d.physical) }
+                    for d in done.reversed() { try? vm.memory.writeAsGuardOwner(d.expected, at: d.physical) }
                     let freed = removeGuards(pages)
                     try? vm.slots.unprotect(freed.map { GuestRange(start: GuestAddress($0), size: 0x1000) })
                     throw DMPRefusal(.patch, "cannot write \(hex(w.virtual)): \(error)")
                 }
                 done.append(w)
             }
+            let freed = removeGuards(releasing)
+            try? vm.slots.unprotect(freed.map { GuestRange(start: GuestAddress($0), size: 0x1000) })
             VirtualMachine.serializeCallingThread()
         }
     }
 
     /// Restores the original bytes of `writes` where the patch's bytes are still
     /// there (a guest may have overwritten them since: its bytes stand) and drops
-    /// one use of each of `pages`, unguarding pages no patch relies on any more.
+    /// one use of each of `pages`, unguarding pages no patch relies on any more. `evicting`: writes into
+    /// implanted code applied in the same pause where their ``CodeWrite/expected`` bytes are still there (a
+    /// function copy's pads turned into jumps back to the original).
     /// - Returns: how many writes were restored.
     @discardableResult
-    package func revert(_ writes: [CodeWrite], unguarding pages: [UInt64]) throws(DMPRefusal) -> Int {
+    package func revert(_ writes: [CodeWrite], unguarding pages: [UInt64], evicting: [CodeWrite] = []) throws(DMPRefusal) -> Int {
         var restored = 0
         try withPausedVCPUs { () throws(DMPRefusal) in
-            try checkRIPs(outside: writes)
+            try checkRIPs(outside: writes + evicting)
+            for w in evicting {
+                guard let now = try? vm.memory.readBytes(at: w.physical, count: w.replacement.count), now == w.expected else { continue }
+                try? vm.memory.writeAsGuardOwner(w.replacement, at: w.physical)
+            }
             for w in writes {
                 guard let now = try? vm.memory.readBytes(at: w.physical, count: w.replacement.count), now == w.replacement else { continue }
                 do { try vm.memory.writeAsGuardOwner(w.original, at: w.physical) } catch {
