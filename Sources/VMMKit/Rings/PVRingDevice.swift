@@ -237,13 +237,20 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     /// Drains the rings before any exit is handled (when the lock-free check
     /// says there may be entries), then passes the exit on. A write exit to a
     /// ring's target register (a producer's fallback) wakes a sleeping poller,
-    /// once the rings have carried entries.
+    /// once the rings have carried entries. Such a write, or entries drained
+    /// here, show a producer at work: the poller's idle period starts again
+    /// (it may have been off its CPU while the exits drained for it).
     public func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult {
         if hasPending() {
-            if let stop = drain() { return .stopVM(stop) }
+            lock.lock()
+            let (stop, n) = drainLocked()
+            lock.unlock()
+            if let stop { return .stopVM(stop) }
+            if n > 0 { poller.noteActivity() }
             wakeSleepingPoller()
-        } else if poller.isSleeping, carriedEntries.load(ordering: .relaxed), isRingTargetWrite(exit) {
-            wakeSleepingPoller()
+        } else if carriedEntries.load(ordering: .relaxed), isRingTargetWrite(exit) {
+            poller.noteActivity()
+            if poller.isSleeping { wakeSleepingPoller() }
         }
         return .pass
     }
@@ -292,7 +299,10 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     public var isPolling: Bool { poller.polling.load(ordering: .acquiring) }
 
     /// Wakes a sleeping poller (the ring's kick register does this).
-    public func wakePoller() { wakeSleepingPoller() }
+    public func wakePoller() {
+        poller.noteActivity()
+        wakeSleepingPoller()
+    }
 
     /// Tells the device that a producer now appends to its rings (DMP granted a
     /// ring fast path): from now on a write to a target register is a producer's
@@ -313,10 +323,14 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
         for r in rings { r.setFlags(polling: polling, wake: wake) }
     }
 
-    /// Wakes a sleeping poller and clears the rings' wake flag at once, so
-    /// producers stop kicking before the poller thread has even run.
+    /// Wakes a sleeping poller, clears the rings' wake flag and raises their
+    /// polling flag at once, so producers stop kicking before the poller thread
+    /// has even run, and synchronous producers append and wait (bounded) for
+    /// it instead of falling back until it gets a CPU: on a loaded host that
+    /// takes a millisecond or more, and every fallback meanwhile is an exit.
+    /// (A producer whose wait runs out kicks: the entry is applied by that exit.)
     private func wakeSleepingPoller() {
-        poller.wake { [rings] in for r in rings { r.setFlags(polling: false, wake: false) } }
+        poller.wake { [rings] in for r in rings { r.setFlags(polling: true, wake: false) } }
     }
 
     private func pollLoop(_ vm: VirtualMachine, _ stop: ServiceStop) {
@@ -325,6 +339,7 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
         let idle = polling.idleNanoseconds
         let spacing = max(1, polling.spinsBetweenChecks)
         var idleSince: UInt64 = 0
+        var activitySeen = poller.activity.load(ordering: .relaxed)
         var spins = 0
         setPollingFlags(polling: true)
         defer { setPollingFlags(polling: false) }
@@ -354,7 +369,11 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
             if spins & 63 != 0 { continue }
             if spins & 0xffff == 0 && !vm.hasRunningVCPUs { break } // every vCPU halted: the VM is done
             let now = Sys.monotonicNanoseconds()
-            if idleSince == 0 { idleSince = now; continue }
+            // Producers that exited (a fallback, a kick, entries the exit path
+            // drained itself while this thread was off its CPU) are producing:
+            // the idle period starts again.
+            let seen = poller.activity.load(ordering: .relaxed)
+            if idleSince == 0 || seen != activitySeen { idleSince = now; activitySeen = seen; continue }
             if now &- idleSince < idle { continue }
             // Idle: clear the polling flag and raise the wake flag, then look once
             // more. A producer publishes with a locked instruction and then reads
@@ -481,10 +500,18 @@ private final class PollerState: @unchecked Sendable {
     let sleeping = Atomic<Bool>(false)
     let cpu = Atomic<UInt64>(0)
     let sleeps = Atomic<Int>(0)
+    /// Bumped by exits that show a producer at work (a fallback write to a
+    /// ring's target register, a kick, entries drained before an exit): the
+    /// poller's idle period starts again when it changes.
+    let activity = Atomic<UInt64>(0)
     private let cond = ConditionLock()
     private var woken = false
 
     var isSleeping: Bool { sleeping.load(ordering: .relaxed) }
+
+    /// A producer was seen at work (a relaxed increment: the exit path stays cheap).
+    @inline(__always)
+    func noteActivity() { activity.wrappingAdd(1, ordering: .relaxed) }
 
     /// Going idle: `raiseFlags` runs under the lock, then wakes are accepted
     /// (and remembered until the poller sleeps, so none is lost).

@@ -42,7 +42,8 @@ public enum PVRingLayout {
     public static let slotSize: UInt64 = 8
     /// The default distance between ring headers (room for up to 1008 slots, so 512 as a power of two).
     public static let defaultStride: UInt64 = 0x2000
-    /// Flag: a consumer is polling the ring now. A producer that finds the ring
+    /// Flag: a consumer is polling the ring now (or was just woken and is about
+    /// to: the VMM raises it when it wakes the consumer). A producer that finds the ring
     /// full may wait (bounded) for it; a synchronous producer appends only while it is set.
     public static let pollingFlag: UInt32 = 1
     /// Flag: the ring is synchronous: a producer waits (bounded) until the
