@@ -1,7 +1,7 @@
 /// One vCPU's DMP state on the exit path: its detector, how many re-arm requests it applied, and the time
 /// sampled every ``stride`` exits, so the time the last N exits took is known without a clock read per exit.
 ///
-/// The exit path reaches it through an `unowned(unsafe)` reference (``DMPMiddleware`` keeps it alive) and its
+/// The exit path reaches it through an `Unmanaged` reference (``DMPMiddleware`` keeps it alive) and its
 /// fields are only touched by the vCPU's own thread (or while it is paused), so they skip the run-time
 /// exclusivity checks.
 final class WindowClock: @unchecked Sendable {

@@ -7,7 +7,9 @@ import X86Disassembler
 ///
 /// Not thread-safe: the middleware calls it under its planning lock.
 package final class PatchPlanner {
-    let vm: VirtualMachine
+    /// Unowned, as in ``Patcher``: the VM holds DMP in its exit chain, so a strong reference made a
+    /// cycle that leaked every VM DMP was installed on (LeakSanitizer).
+    unowned let vm: VirtualMachine
     let rings: PVRingDevice?
     let configuration: DMPConfiguration
     let implant: Implant

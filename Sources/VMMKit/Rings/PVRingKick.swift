@@ -7,8 +7,10 @@
 public final class PVRingKick: BusDevice, @unchecked Sendable {
     /// `pvring-kick`.
     public let name = "pvring-kick"
-    /// The rings it kicks (DMP finds the kick register of the rings it appends to by this).
-    package let rings: PVRingDevice
+    /// The rings it kicks (DMP finds the kick register of the rings it appends to by this). Weak: the
+    /// rings hold the bus, whose tables hold this register, so a strong reference made a cycle that
+    /// leaked the bus and every device on it with each VM (LeakSanitizer).
+    package private(set) weak var rings: PVRingDevice?
 
     /// A kick register for `rings`.
     public init(rings: PVRingDevice) { self.rings = rings }
@@ -18,7 +20,7 @@ public final class PVRingKick: BusDevice, @unchecked Sendable {
 
     /// Wakes the poller; the drain already happened before the exit reached the bus.
     public func write(offset: UInt64, size: Int, value: UInt64) -> DeviceEffect {
-        rings.wakePoller()
+        rings?.wakePoller()
         return .none
     }
 }
