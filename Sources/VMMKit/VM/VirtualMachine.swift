@@ -66,9 +66,10 @@ public final class VirtualMachine: @unchecked Sendable {
             }
         } catch { throw .backend(error) }
         slots.gate = self
-        let listeners = guardListeners
-        memory.setHostWriteObserver { range in
-            listeners.current?.guardedWrite(GuardedWrite(range: range, source: .host), context: nil)
+        // Weak: the listener (DMP) holds objects that hold guest memory (its rings, enable words), so a
+        // strong capture made a cycle that leaked the listener, the memory and the rings with the VM.
+        memory.setHostWriteObserver { [weak listeners = guardListeners] range in
+            listeners?.current?.guardedWrite(GuardedWrite(range: range, source: .host), context: nil)
         }
     }
 
