@@ -588,7 +588,9 @@ extension PatchPlanner {
     /// The pages a patch reaches through the guest's page tables: its code, its sites' enable words and hit
     /// counters, and the rings its ring appends write.
     func mapping(for sites: [SitePlan], site: ImplantSite, placement: ImplantPlacement, code: GuestRange) -> ImplantMapping {
-        let data = sites.compactMap { s in s.hitCounter.map { GuestRange(start: GuestAddress($0.rawValue &- 8), size: 16) } }
+        // Each site's data chunk: the enable word one cache line below the hit counter (``grant(for:…)``).
+        let line = UInt64(PatchPlanner.cacheLine)
+        let data = sites.compactMap { s in s.hitCounter.map { GuestRange(start: GuestAddress($0.rawValue &- line), size: line &+ 8) } }
         let ringRanges: [GuestRange] = sites.compactMap { s in
             guard let i = s.ring, let rings else { return nil }
             return GuestRange(start: GuestAddress(rings.base.rawValue &+ UInt64(i) &* rings.stride),
