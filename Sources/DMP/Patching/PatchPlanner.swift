@@ -86,6 +86,12 @@ package final class PatchPlanner {
         var pendingRings: [RingMapping] = []
         do throws(DMPRefusal) {
             if case .ringAppend(let index, let mode) = granted.kind {
+                if mode == .synchronous && kick == nil {
+                    // A bounded wait that runs out must end in an exit that applies the entry: without a kick
+                    // register the code may write, the access would complete before the device saw it.
+                    throw DMPRefusal(.fastPath, "a synchronous ring append needs a kick register this code may write "
+                                     + "(no ring kick port, or the guest's TSS I/O bitmap does not permit it at CPL3)")
+                }
                 ring = try mappedRing(index, synchronous: mode == .synchronous, cpl: cpl, placement: placement, paging: paging,
                                       kick: kick)
                 if !configuration.dryRun { rings?.producerAttached() }
