@@ -330,10 +330,13 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                 return nil
             }
             guard let original = (p.copy(holding: rip) ?? copy).originalAddress(of: rip) else { return nil }
-            // A fallback of a served access; another access of the same instruction (an out-of-line `outb` called
-            // for a port no route serves) counts as the original instruction's, a site of its own.
-            if let served = p.sites.first(where: { $0.kind == site.kind && $0.address == site.address && $0.size == site.size
-                                                   && $0.direction == site.direction && s.sites[$0]?.report.instructionAddress == original }) {
+            // A fallback of a served access, or a body's kick of the ring poller (an exit the patch causes);
+            // another access of the same instruction (an out-of-line `outb` called for a port no route
+            // serves) counts as the original instruction's, a site of its own.
+            let kick = site.kind == .io && site.direction == .write && planner?.kickPort.map { UInt64($0) == site.address } == true
+            if let served = p.sites.first(where: { ($0.kind == site.kind && $0.address == site.address && $0.size == site.size
+                                                    && $0.direction == site.direction || kick)
+                                                   && s.sites[$0]?.report.instructionAddress == original }) {
                 s.sites[served]?.report.exitsWhilePatched += 1
                 return nil
             }
