@@ -35,6 +35,20 @@ struct DMPLibraryRun {
     }
 
     func site(_ location: String) -> PatchSite? { report.first { $0.location == location } }
+
+    /// The guest's lines without its RESULT line (whose cycle count varies from run to run).
+    var lines: [Substring] { text.split(separator: "\n").filter { !$0.hasPrefix("RESULT") } }
+
+    /// Expects this run (DMP on) to print what `off` printed, with the same checksum, and to keep fewer than
+    /// 1/`factor` of `off`'s steady-phase exits.
+    func expectSameOutput(as off: DMPLibraryRun, steadyExitsCutBy factor: Int,
+                          sourceLocation: SourceLocation = #_sourceLocation) throws {
+        #expect(lines == off.lines, sourceLocation: sourceLocation)
+        #expect(resultField(text, "checksum") == resultField(off.text, "checksum"), sourceLocation: sourceLocation)
+        let offExits = try #require(off.steadyExits, sourceLocation: sourceLocation)
+        let onExits = try #require(steadyExits, sourceLocation: sourceLocation)
+        #expect(onExits * factor < offExits, "steady exits \(onExits) with DMP, \(offExits) without", sourceLocation: sourceLocation)
+    }
 }
 
 extension KVMTests {
@@ -43,8 +57,6 @@ extension KVMTests {
         let off = try DMPLibraryRun("uart-cpl3", commandLine: "iters=400", dmp: false)
         let on = try DMPLibraryRun("uart-cpl3", commandLine: "iters=400")
         #expect(on.stop == off.stop)
-        #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
-        #expect(on.text.split(separator: "\n").filter { !$0.hasPrefix("RESULT") } == off.text.split(separator: "\n").filter { !$0.hasPrefix("RESULT") })
         for location in ["uart_putc+0x5", "uart_putc+0x12"] {
             let s = try #require(on.site(location), "\(on.report)")
             #expect(s.state == .patched, "\(s)")
@@ -52,8 +64,7 @@ extension KVMTests {
             #expect(s.hitsServed > 1000)
             #expect(s.userMode)
         }
-        let offExits = try #require(off.steadyExits), onExits = try #require(on.steadyExits)
-        #expect(onExits * 20 < offExits, "steady exits \(onExits) with DMP, \(offExits) without")
+        try on.expectSameOutput(as: off, steadyExitsCutBy: 20)
     }
 
     @Test("DMP on c-uart-cpl3 (gcc -O2, accessors through function pointers): every port site served, over 90% of the steady exits gone, same output")
@@ -61,12 +72,9 @@ extension KVMTests {
         let off = try DMPLibraryRun("c-uart-cpl3", commandLine: "iters=120", dmp: false)
         let on = try DMPLibraryRun("c-uart-cpl3", commandLine: "iters=120")
         #expect(on.stop == .guestExit(status: 0))
-        #expect(on.text.split(separator: "\n").filter { !$0.hasPrefix("RESULT") } == off.text.split(separator: "\n").filter { !$0.hasPrefix("RESULT") })
-        #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
         let patched = on.report.filter { $0.state == .patched }
         #expect(Set(patched.map(\.site.address)) == [0x80, 0x3f8, 0x3fd], "\(on.report.map(\.description))")
-        let offExits = try #require(off.steadyExits), onExits = try #require(on.steadyExits)
-        #expect(onExits * 10 < offExits, "steady exits \(onExits) with DMP, \(offExits) without")
+        try on.expectSameOutput(as: off, steadyExitsCutBy: 10)
     }
 
     @Test("DMP on c-poll-cpl3 (gcc -O2, the print loop written out in main, which never returns): entered through the enclosing loop, over 90% of the steady exits gone, same output")
@@ -74,12 +82,9 @@ extension KVMTests {
         let off = try DMPLibraryRun("c-poll-cpl3", commandLine: "iters=300", dmp: false)
         let on = try DMPLibraryRun("c-poll-cpl3", commandLine: "iters=300")
         #expect(on.stop == .guestExit(status: 0))
-        #expect(on.text.split(separator: "\n").filter { !$0.hasPrefix("RESULT") } == off.text.split(separator: "\n").filter { !$0.hasPrefix("RESULT") })
-        #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
         let inMain = on.report.filter { $0.location.hasPrefix("main+") }
         #expect(inMain.count == 2 && inMain.allSatisfy { $0.state == .patched && $0.hitsServed > 0 }, "\(on.report.map(\.description))")
-        let offExits = try #require(off.steadyExits), onExits = try #require(on.steadyExits)
-        #expect(onExits * 10 < offExits, "steady exits \(onExits) with DMP, \(offExits) without")
+        try on.expectSameOutput(as: off, steadyExitsCutBy: 10)
     }
 
     @Test("DMP on c-uart-cpl3 built at -O0: the one out-of-line outb serves both of its hot ports (THR and the 0x80 delay) from one rewrite, over 90% of the steady exits gone, same output")
@@ -87,12 +92,9 @@ extension KVMTests {
         let off = try DMPLibraryRun("c-uart-cpl3-O0", commandLine: "iters=120", dmp: false)
         let on = try DMPLibraryRun("c-uart-cpl3-O0", commandLine: "iters=120")
         #expect(on.stop == .guestExit(status: 0))
-        #expect(on.text.split(separator: "\n").filter { !$0.hasPrefix("RESULT") } == off.text.split(separator: "\n").filter { !$0.hasPrefix("RESULT") })
-        #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
         let outb = on.report.filter { $0.location.hasPrefix("outb+") && $0.state == .patched && $0.hitsServed > 0 }
         #expect(Set(outb.map(\.site.address)) == [0x80, 0x3f8], "\(on.report.map(\.description))")
-        let offExits = try #require(off.steadyExits), onExits = try #require(on.steadyExits)
-        #expect(onExits * 10 < offExits, "steady exits \(onExits) with DMP, \(offExits) without")
+        try on.expectSameOutput(as: off, steadyExitsCutBy: 10)
     }
 
     @Test("a copy that is never entered (c-poll-cpl3 with only its call-site and start entries, main never returns): undone as never entered, with back-off, same output")
