@@ -66,6 +66,16 @@ struct ImplantTests {
         #expect(!i.codePages.overlaps(i.dataPages))
     }
 
+    @Test("the plans' data probe is the first data page and allocates nothing")
+    func dataProbe() throws {
+        let i = try Implant(area: area)
+        let before = i.dataPages
+        #expect(i.dataProbe.start == GuestAddress(0xFF_F000))
+        #expect(i.dataPages == before)
+        let d = try i.allocateData(4)
+        #expect(d.start == i.dataProbe.start, "the first chunk lands in the probed page")
+    }
+
     @Test("a full implant, bad sizes and alignments and a bad area are refused with reasons")
     func allocationRefusals() throws {
         let small = try Implant(area: GuestRange(start: GuestAddress(0xF0_0000), size: 0x3000))

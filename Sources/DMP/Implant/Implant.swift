@@ -159,6 +159,13 @@ package final class Implant: Sendable {
         return r
     }
 
+    /// The range a plan's mapping check probes for data: the area's last page, the first one
+    /// ``allocateData(_:alignment:)`` claims. Nothing is allocated, so planning a site that is
+    /// then refused (or re-planned after back-off) costs no implant memory.
+    package var dataProbe: GuestRange {
+        GuestRange(start: GuestAddress(area.start.rawValue + area.size - Implant.pageSize), size: 16)
+    }
+
     /// The code pages claimed so far (from the area's start).
     package var codePages: GuestRange {
         state.withLock { s in GuestRange(start: area.start, size: s.codeEnd - area.start.rawValue) }

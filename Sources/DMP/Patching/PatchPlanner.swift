@@ -128,7 +128,7 @@ package final class PatchPlanner {
         var plan = SitePlan(site: site, virtualAddress: virtualAddress, physicalAddress: physicalAddress,
                             instruction: instruction.description, fastPath: PatchPlanner.describe(granted.kind),
                             userMode: cpl == 3, enableWord: configuration.dryRun ? nil : word,
-                            grant: configuration.dryRun ? nil : (space, site.address), hitCounter: hitsGPA)
+                            grant: configuration.dryRun ? nil : (space, site.address), hitCounter: hitsGPA, data: data)
         if case .ringAppend(let index, _) = granted.kind { plan.ring = index }
         return Grant(route: route, plan: plan)
     }
@@ -228,7 +228,7 @@ extension PatchPlanner {
         let implantSite = ImplantSite(located)
         // Where the guest maps the implant for this site (identity first), checked on the first code page and a data page.
         let probeCode = GuestRange(start: implant.area.start, size: Implant.pageSize)
-        let probeData = try implant.allocateData(16, alignment: 16)
+        let probeData = implant.dataProbe
         let placement = try implant.placement(for: implantSite, code: probeCode, data: [probeData], memory: vm.memory)
         let memoryTarget = located.instruction.memoryOperands.first?.memory.flatMap { m in
             registersAtExit.flatMap {
@@ -287,7 +287,7 @@ extension PatchPlanner {
             throw DMPRefusal(.plan, "\(current.function.location(insn.address)) does not translate: \(error)")
         }
         let probeCode = GuestRange(start: implant.area.start, size: Implant.pageSize)
-        let probeData = try implant.allocateData(16, alignment: 16)
+        let probeData = implant.dataProbe
         let placement = try implant.placement(for: ImplantSite(at), code: probeCode, data: [probeData], memory: vm.memory)
         // The registers are those of the copy's instruction: a RIP-relative operand was refitted to the same target.
         let memoryTarget = located.instruction.memoryOperands.first?.memory.flatMap { m in
@@ -594,9 +594,7 @@ extension PatchPlanner {
     /// The pages a patch reaches through the guest's page tables: its code, its sites' enable words and hit
     /// counters, and the rings its ring appends write.
     func mapping(for sites: [SitePlan], site: ImplantSite, placement: ImplantPlacement, code: GuestRange) -> ImplantMapping {
-        // Each site's data chunk: the enable word one cache line below the hit counter (``grant(for:…)``).
-        let line = UInt64(PatchPlanner.cacheLine)
-        let data = sites.compactMap { s in s.hitCounter.map { GuestRange(start: GuestAddress($0.rawValue &- line), size: line &+ 8) } }
+        let data = sites.compactMap(\.data)
         let ringRanges: [GuestRange] = sites.compactMap { s in
             guard let i = s.ring, let rings else { return nil }
             return GuestRange(start: GuestAddress(rings.base.rawValue &+ UInt64(i) &* rings.stride),

@@ -18,6 +18,9 @@ package struct SitePlan: Sendable {
     package var grant: (space: BusSpace, address: UInt64)?
     /// The hit counter's guest-physical address.
     package var hitCounter: GuestAddress?
+    /// The site's data chunk in the implant (its enable word and hit counter, each in a cache line
+    /// of its own): the pages the implant mapping check walks for this site's data.
+    package var data: GuestRange?
     /// For a ring-append fast path, the ring it appends to (its consumed count bounds the hit counter).
     package var ring: Int?
 }
