@@ -15,6 +15,8 @@ extension KVMTests {
         ("c-doorbell-cpl3", 20, "0x01babf12"), ("c-doorbell-cpl3", 160, "0xce81ef52"),
         ("c-selfmod-cpl3", 20, "0x6fbbbc68"), ("c-selfmod-cpl3", 40, "0x15d62744"),
         ("c-poll-cpl3", 20, "0xeb4b3bf7"), ("c-poll-cpl3", 200, "0x0c6d19aa"),
+        ("c-table-cpl3", 20, "0xcab924e6"), ("c-table-cpl3", 200, "0x22320181"),
+        ("c-mmio-cpl3", 16, "0x187b11fc"), ("c-mmio-cpl3", 160, "0xce81ef52"),
     ])
     func cGuestChecksums(name: String, iters: Int, checksum: String) throws {
         let g = try GuestRun(name, commandLine: "iters=\(iters)")
