@@ -46,6 +46,9 @@ public struct DMPConfiguration: Sendable {
     public var codeRanges: [GuestRange] = []
     /// For tests: only these kinds of function-copy entries are used (nil: every kind the rules allow).
     package var copyEntryKinds: Set<CopyEntry.Kind>?
+    /// For tests: whether a plan also serves the other hot-enough sites of the function it copies (false: each
+    /// site is planned alone when it gets hot, so later ones rebuild the copy).
+    package var planSiblings = true
 
     /// Takes the symbols and code ranges of a loaded image.
     public mutating func use(_ image: LoadedImage) {

@@ -357,8 +357,10 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             $0.sites[site]?.report.instruction = located.instruction.description
             $0.sites[site]?.report.userMode = located.cpl == 3
         }
-        // A new hot instruction inside a function copy: the copy is rebuilt with it (same patch id).
-        let owner = implant.owner(ofInstructionPointer: located.virtualAddress)
+        // A new hot instruction inside a function copy, or inside the original of a live copy (a thread that was
+        // still in the original when the copy went in, such as the vCPU that stopped right after the first hot
+        // site): the copy is rebuilt with it (same patch id), never a second patch planned over the first.
+        let owner = implant.owner(ofInstructionPointer: located.virtualAddress) ?? copyOwner(ofOriginal: located)
         var old: AppliedPatch?
         if let o = owner {
             old = state.withLock { s -> AppliedPatch? in
@@ -377,7 +379,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             return s.nextPatchID
         }
         let minimum = max(1, configuration.threshold / 4)
-        let siblings = detectors[context.vcpuID].entries
+        let siblings = !configuration.planSiblings ? [] : detectors[context.vcpuID].entries
             .filter { $0.site != site && ($0.site.kind == .io || $0.site.kind == .mmio) && $0.total >= minimum }
             .filter { e in state.withLock { $0.sites[e.site] == nil || $0.sites[e.site]?.report.state == .undone } }
             .map(\.site)
@@ -436,6 +438,15 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                     metadata: ["site": "\(describe(site))", "strategy": "\(outcome.strategy)",
                                "sites": "\(outcome.sites.count)", "paused_ns": "\(outcome.pausedNanoseconds)",
                                "hot_to_patched_ns": "\(elapsed)"])
+    }
+
+    /// The live function-copy patch whose original function holds `located` (the same code: its page is one the
+    /// patch guards), if any.
+    private func copyOwner(ofOriginal located: LocatedInstruction) -> Int? {
+        let page = located.physicalAddress.rawValue & ~0xfff
+        return state.withLock { s in
+            s.patches.first { _, p in p.copy?.function.contains(located.virtualAddress) == true && p.guardedPages.contains(page) }?.key
+        }
     }
 
     /// Ends a rebuild of patch `id` (applied or refused) and runs an undo that waited for it.

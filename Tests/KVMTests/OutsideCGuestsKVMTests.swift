@@ -20,3 +20,38 @@ extension KVMTests {
         #expect(!on.report.isEmpty, "DMP saw hot sites")
     }
 }
+
+extension KVMTests {
+    /// The sites of c-mmio-cpl3's `db_ring_full` (a loop `#pragma GCC unroll 16` made into sixteen 2-byte DOORBELL stores).
+    private func ringFullSites(_ run: DMPLibraryRun) -> [PatchSite] {
+        run.report.filter { $0.location.hasPrefix("db_ring_full") && $0.site.kind == .mmio && $0.site.address == 0xd000_0040 }
+    }
+
+    @Test("DMP on c-mmio-cpl3: the sixteen unrolled DOORBELL stores are served by one function copy (MMIO siblings in the hot site's page get its linear page), same output")
+    func dmpMMIOSiblings() throws {
+        let off = try DMPLibraryRun("c-mmio-cpl3", commandLine: "iters=8192", dmp: false)
+        // Verification off: this is about what the plan serves (rate judgments of bursty sites are the verifier's).
+        let on = try DMPLibraryRun("c-mmio-cpl3", commandLine: "iters=8192") { $0.verify = false }
+        #expect(on.stop == .guestExit(status: 0))
+        let sites = ringFullSites(on)
+        #expect(sites.count == 16, "\(on.report.map(\.description))")
+        #expect(sites.allSatisfy { $0.state == .patched && $0.hitsServed > 0 }, "\(sites.map(\.description))")
+        #expect(Set(sites.map(\.strategy)).count == 1, "one copy serves them all: \(Set(sites.map(\.strategy)))")
+        try on.expectSameOutput(as: off, steadyExitsCutBy: 4)
+    }
+
+    @Test("a site that gets hot in the original of a live function copy (the thread had not entered the copy yet) rebuilds that copy; no second patch over the first")
+    func dmpRebuildFromOriginal() throws {
+        let off = try DMPLibraryRun("c-mmio-cpl3", commandLine: "iters=8192", dmp: false)
+        // Each site planned alone: the vCPU stopped after the first store goes on through the original's next fifteen.
+        let on = try DMPLibraryRun("c-mmio-cpl3", commandLine: "iters=8192") { $0.verify = false; $0.planSiblings = false }
+        #expect(on.stop == .guestExit(status: 0))
+        let sites = ringFullSites(on)
+        #expect(sites.count == 16, "\(on.report.map(\.description))")
+        #expect(sites.allSatisfy { $0.state == .patched && $0.hitsServed > 0 }, "\(sites.map(\.description))")
+        #expect(sites.allSatisfy { $0.strategy.contains("rebuilt") }, "\(Set(sites.map(\.strategy)))")
+        #expect(Set(sites.map(\.strategy)).count == 1)
+        #expect(on.lines == off.lines)
+        #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
+    }
+}

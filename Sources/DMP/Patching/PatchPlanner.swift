@@ -244,7 +244,7 @@ extension PatchPlanner {
             if located.instruction.length >= 5 && configuration.strategies.contains(.instructionStub) {
                 outcome = try stub(located, grants[0], placement: placement, owner: owner)
             } else if configuration.strategies.contains(.functionCopy) {
-                grants += siblingGrants(siblings, of: located, placement: placement)
+                grants += siblingGrants(siblings, of: located, placement: placement, primary: (site, memoryTarget))
                 outcome = try functionCopy(located, grants, placement: placement, owner: owner)
             } else {
                 throw DMPRefusal(.plan, "\(located.instruction) is \(located.instruction.length) bytes and function copies are off")
@@ -257,10 +257,11 @@ extension PatchPlanner {
     }
 
     /// Rebuilds the function copy of `old` for `site`, a new hot instruction that `located` found running inside
-    /// that copy (or inside a copy it retired): the new copy serves `old`'s sites and `site` (and siblings a static
-    /// reading locates), its entries replace the old ones, and the old copy is evicted (its pads jump to the new
-    /// copy's corresponding points). The old copy's code is never freed: a thread may still be inside it, and it
-    /// leaves it at its next pad, return or exit jump.
+    /// that copy (or inside a copy it retired), or inside the original function itself (a thread that had not
+    /// entered the copy yet): the new copy serves `old`'s sites and `site` (and siblings a static reading
+    /// locates), its entries replace the old ones, and the old copy is evicted (its pads jump to the new copy's
+    /// corresponding points). The old copy's code is never freed: a thread may still be inside it, and it leaves
+    /// it at its next pad, return or exit jump.
     package func rebuild(_ old: AppliedPatch, adding site: ExitSite, located: LocatedInstruction, registersAtExit: Registers?,
                          siblings: [ExitSite] = [], owner: Int) throws(DMPRefusal) -> PlanOutcome {
         guard let current = old.copy else {
@@ -268,11 +269,20 @@ extension PatchPlanner {
         }
         guard configuration.strategies.contains(.functionCopy) else { throw DMPRefusal(.plan, "function copies are off") }
         let name = current.function.symbol.name
-        guard let copy = old.copy(holding: located.virtualAddress),
-              let piece = copy.pieces.first(where: { $0.copy.lowerBound == located.virtualAddress }),
-              piece.kind == .copied || piece.kind == .relocated,
-              let k = current.function.index(at: piece.original) else {
-            throw DMPRefusal(.plan, "the instruction at \(hex(located.virtualAddress)) in the copy of \(name) is no copied instruction of the original")
+        let k: Int
+        if current.function.contains(located.virtualAddress) {
+            guard let i = current.function.index(at: located.virtualAddress) else {
+                throw DMPRefusal(.plan, "\(hex(located.virtualAddress)) is no instruction boundary of \(name) as it was copied")
+            }
+            k = i
+        } else {
+            guard let copy = old.copy(holding: located.virtualAddress),
+                  let piece = copy.pieces.first(where: { $0.copy.lowerBound == located.virtualAddress }),
+                  piece.kind == .copied || piece.kind == .relocated,
+                  let i = current.function.index(at: piece.original) else {
+                throw DMPRefusal(.plan, "the instruction at \(hex(located.virtualAddress)) in the copy of \(name) is no copied instruction of the original")
+            }
+            k = i
         }
         let insn = current.function.instructions[k]
         guard insn.mnemonic == located.instruction.mnemonic, insn.length == located.instruction.length,
@@ -296,12 +306,14 @@ extension PatchPlanner {
             }
         }
         var added = [try grant(for: site, instruction: insn, virtualAddress: insn.address, physicalAddress: at.physicalAddress,
-                               memoryTarget: memoryTarget, cpl: at.cpl, placement: placement, paging: at.paging)]
+                               memoryTarget: memoryTarget, cpl: at.cpl, placement: placement, paging: at.paging,
+                               kick: ringKick(for: at))]
         do throws(DMPRefusal) {
             let served = Set(old.grants.map(\.plan.virtualAddress))
             let image = codeImage(paging: at.paging)
                 .restoring(old.writes.map { PatchWrite(address: $0.virtual, original: $0.original, replacement: $0.replacement) })
-            added += siblingGrants(siblings.filter { !old.sites.contains($0) }, of: at, placement: placement, image: image)
+            added += siblingGrants(siblings.filter { !old.sites.contains($0) }, of: at, placement: placement, image: image,
+                                   primary: (site, memoryTarget))
                 .filter { !served.contains($0.plan.virtualAddress) }
             return try functionCopy(at, old.grants + added, placement: placement, owner: owner, rebuilding: old)
         } catch {
@@ -474,8 +486,13 @@ extension PatchPlanner {
 
     /// Grants for sibling sites that a static reading of the function locates exactly (best effort: a sibling
     /// that cannot be located or granted is left out and may become hot on its own later).
+    ///
+    /// `primary`: the located site and, for MMIO, the linear address its operand had at the exit. A sibling's memory
+    /// operand cannot be evaluated without its registers; an MMIO sibling in the primary's 4 KiB page is given the
+    /// primary's linear page (a loop unrolled into one store per element, several registers of one device reached from
+    /// one base): its body compares the runtime address with that one and executes the original access on any other.
     private func siblingGrants(_ siblings: [ExitSite], of located: LocatedInstruction, placement: ImplantPlacement,
-                               image given: CodeImage? = nil) -> [Grant] {
+                               image given: CodeImage? = nil, primary: (site: ExitSite, memoryTarget: UInt64?)) -> [Grant] {
         let image = given ?? codeImage(paging: located.paging)
         guard let symbol = image.function(containing: located.virtualAddress),
               let function = try? image.decode(symbol, disassembler: disassembler) else { return [] }
@@ -486,18 +503,39 @@ extension PatchPlanner {
             }
             guard matches.count == 1, let i = matches.first,
                   let t = try? vm.memory.translate(i.address, paging: located.paging, access: [.execute]) else { continue }
-            // Memory operands of siblings cannot be evaluated without their registers: only port I/O siblings.
-            guard s.kind == .io else { continue }
-            if let g = try? grant(for: s, instruction: i, virtualAddress: i.address, physicalAddress: t.physical, memoryTarget: nil,
-                                  cpl: located.cpl, placement: placement, paging: located.paging, kick: ringKick(for: located)) {
+            var memoryTarget: UInt64?
+            if s.kind == .mmio {
+                guard let m = PatchPlanner.siblingMemoryTarget(s, primary: primary.site, primaryTarget: primary.memoryTarget) else { continue }
+                memoryTarget = m
+            }
+            if let g = try? grant(for: s, instruction: i, virtualAddress: i.address, physicalAddress: t.physical,
+                                  memoryTarget: memoryTarget, cpl: located.cpl, placement: placement, paging: located.paging,
+                                  kick: ringKick(for: located)) {
                 out.append(g)
             }
         }
         return out
     }
 
-    /// Whether `i` could make `site`'s access: port I/O of the right direction and width (and port, for an immediate).
-    static func plausible(_ i: X86Instruction, for site: ExitSite) -> Bool {
+    /// The linear address an MMIO sibling's body serves: the primary's linear page at the sibling's page offset,
+    /// when both accesses fall in one 4 KiB guest-physical page (nil otherwise: the sibling is left out).
+    package static func siblingMemoryTarget(_ sibling: ExitSite, primary: ExitSite, primaryTarget: UInt64?) -> UInt64? {
+        guard sibling.kind == .mmio, primary.kind == .mmio, let m = primaryTarget,
+              m & 0xfff == primary.address & 0xfff, sibling.address >> 12 == primary.address >> 12 else { return nil }
+        return (m & ~0xfff) | (sibling.address & 0xfff)
+    }
+
+    /// Whether `i` could make `site`'s access: port I/O of the right direction and width (and port, for an
+    /// immediate); for MMIO, a plain load or store of the site's width in the site's direction.
+    package static func plausible(_ i: X86Instruction, for site: ExitSite) -> Bool {
+        if site.kind == .mmio {
+            guard !i.groups.contains(.portIO), !i.groups.contains(.string), case .success(let shape) = i.accessShape else { return false }
+            switch shape {
+            case .load(let w, _, _, _): return site.direction == .read && w == Int(site.size)
+            case .store(let w, _, _): return site.direction == .write && w == Int(site.size)
+            default: return false
+            }
+        }
         guard i.groups.contains(.portIO), !i.groups.contains(.string) else { return false }
         let isIn = i.mnemonic.hasPrefix("in")
         guard isIn == (site.direction == .read) else { return false }
