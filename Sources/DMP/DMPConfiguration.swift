@@ -12,8 +12,12 @@ public struct DMPConfiguration: Sendable {
         public static let instructionStub = Strategies(rawValue: 1 << 0)
         /// The enclosing (sized) function is copied into the implant with its hot instructions rewritten.
         public static let functionCopy = Strategies(rawValue: 1 << 1)
-        /// Both.
-        public static let all: Strategies = [.instructionStub, .functionCopy]
+        /// A hot instruction in a function no entry of its copy reaches (a tiny accessor called only through a
+        /// function pointer) is served from a copy of its caller, found at the exit on the guest's stack, in which
+        /// that indirect call compares its target with the accessor and calls the accessor's copy when they match.
+        public static let callPromotion = Strategies(rawValue: 1 << 2)
+        /// All of them.
+        public static let all: Strategies = [.instructionStub, .functionCopy, .callPromotion]
     }
 
     /// Exits a site must cause within ``window`` to become a candidate.

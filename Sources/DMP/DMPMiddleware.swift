@@ -73,6 +73,8 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         /// Patches whose rate was judged once and found to pay: a site the guest stops using later (its loop
         /// ended, the program moved on) is not undone for the accesses per second falling.
         var judged: Set<Int> = []
+        /// Patches merged into another by a call promotion: an undo that waited for the merge goes to that one.
+        var mergedInto: [Int: Int] = [:]
         /// When sites put off because another vCPU was patching first became hot.
         var deferredSince: [ExitSite: ContinuousClock.Instant] = [:]
     }
@@ -373,8 +375,13 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                 throw DMPRefusal(.plan, "the instruction runs inside implanted code whose patch was undone (it leaves at its next pad)")
             }
         }
-        defer { if let owner { finishRebuild(owner) } }
-        let id = owner ?? state.withLock { s -> Int in
+        // Patches a call promotion merges into this one (their rebuilds end after the state update, as the owner's).
+        var claimed: [Int] = []
+        defer {
+            if let owner { finishRebuild(owner) }
+            for c in claimed { finishRebuild(c) }
+        }
+        var id = owner ?? state.withLock { s -> Int in
             defer { s.nextPatchID += 1 }
             return s.nextPatchID
         }
@@ -387,10 +394,40 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         let consumedBefore = rings?.consumed ?? []
         let beforePatch = ContinuousClock.now
         let outcome: PlanOutcome
-        if let old {
-            outcome = try planner.rebuild(old, adding: site, located: located, registersAtExit: registersAtExit, siblings: siblings, owner: id)
-        } else {
-            outcome = try planner.plan(site, located: located, registersAtExit: registersAtExit, siblings: siblings, hotAt: hotAt, owner: id)
+        do {
+            if let old {
+                outcome = try planner.rebuild(old, adding: site, located: located, registersAtExit: registersAtExit, siblings: siblings, owner: id)
+            } else {
+                outcome = try planner.plan(site, located: located, registersAtExit: registersAtExit, siblings: siblings, hotAt: hotAt, owner: id)
+            }
+        } catch {
+            // An instruction of the original code (not of a copy) that no entry reaches.
+            guard error.stage == .plan, configuration.strategies.contains(.callPromotion),
+                  implant.owner(ofInstructionPointer: located.virtualAddress) == nil else { throw error }
+            // No way into a copy of the instruction's function: serve it from a copy of its caller.
+            func combined(_ why: DMPRefusal) -> DMPRefusal { DMPRefusal(why.stage, "\(error.reason); call promotion: \(why.reason)") }
+            let request: PromotionRequest
+            do {
+                request = try planner.promotionRequest(for: located, registersAtExit: registersAtExit,
+                                                       patches: state.withLock { Array($0.patches.values) })
+            } catch { throw combined(error) }
+            // Live copies of the caller or the accessor are merged into the new one (the caller's keeps its id).
+            let olds = state.withLock { s -> [(id: Int, patch: AppliedPatch)] in
+                let involved = s.patches.filter { _, p in
+                    p.copy?.functions.contains { $0.start == request.caller || $0.start == request.accessor } ?? false
+                }.map { (id: $0.key, patch: $0.value) }.sorted { a, b in
+                    let ac = a.patch.copy?.function.start == request.caller, bc = b.patch.copy?.function.start == request.caller
+                    return ac != bc ? ac : a.id < b.id
+                }
+                for o in involved { s.rebuilding.insert(o.id) }
+                return involved
+            }
+            claimed = olds.map(\.id)
+            if let primary = olds.first { id = primary.id }
+            do {
+                outcome = try planner.promote(site, located: located, registersAtExit: registersAtExit, request: request,
+                                              siblings: siblings, olds: olds.map(\.patch), owner: id)
+            } catch { throw combined(error) }
         }
         let elapsed = nanoseconds(since: hotAt)
         if outcome.applied != nil {
@@ -403,10 +440,20 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         }
         state.withLock { s in
             if let applied = outcome.applied {
+                // Patches merged into this one (a call promotion) are gone; their sites are this patch's.
+                for c in claimed where c != id {
+                    s.patches[c] = nil
+                    s.entryChecks.remove(c)
+                    s.judged.remove(c)
+                    s.mergedInto[c] = id
+                }
                 s.patches[id] = applied
                 refreshPatchedSites(s)
                 // A rebuild serves the old sites on: their rows name the new shape.
-                for x in applied.sites { s.sites[x]?.report.strategy = outcome.strategy }
+                for x in applied.sites {
+                    s.sites[x]?.report.strategy = outcome.strategy
+                    s.sites[x]?.patchID = id
+                }
             }
             for sp in outcome.sites {
                 var r = s.sites[sp.site] ?? SiteRecord(report: PatchSite(site: sp.site, location: symbolize(sp.site.rip)))
@@ -445,17 +492,17 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     private func copyOwner(ofOriginal located: LocatedInstruction) -> Int? {
         let page = located.physicalAddress.rawValue & ~0xfff
         return state.withLock { s in
-            s.patches.first { _, p in p.copy?.function.contains(located.virtualAddress) == true && p.guardedPages.contains(page) }?.key
+            s.patches.first { _, p in p.copy?.function(containing: located.virtualAddress) != nil && p.guardedPages.contains(page) }?.key
         }
     }
 
     /// Ends a rebuild of patch `id` (applied or refused) and runs an undo that waited for it.
     private func finishRebuild(_ id: Int) {
-        let deferred = state.withLock { s in
+        let (deferred, target) = state.withLock { s in
             s.rebuilding.remove(id)
-            return s.deferredUndos.removeValue(forKey: id)
+            return (s.deferredUndos.removeValue(forKey: id), s.patches[id] == nil ? s.mergedInto[id] ?? id : id)
         }
-        if let d = deferred { undo(id, reason: d.reason, backOff: d.backOff, backOffBase: d.backOffBase) }
+        if let d = deferred { undo(target, reason: d.reason, backOff: d.backOff, backOffBase: d.backOffBase) }
     }
 
     /// Re-arms, in vCPU `id`'s detector, the sites undone since it last looked (on its own thread).

@@ -11,9 +11,12 @@ struct DMPLibraryRun {
     let steadyExits: Int?
     let latencies: [PatchLatency]
 
+    /// `prepare`: runs on the new VM before anything is installed (exit handlers of a test, first in the chain).
     init(_ image: String, commandLine: String, dmp: Bool = true, cpus: Int = 1,
-         configure: (inout DMPConfiguration) -> Void = { _ in }) throws {
+         configure: (inout DMPConfiguration) -> Void = { _ in },
+         prepare: (VirtualMachine) throws -> Void = { _ in }) throws {
         let vm = try VirtualMachine(backend: try KVMSystem(), configuration: VMConfiguration(memorySize: 64 << 20, vcpuCount: cpus))
+        try prepare(vm)
         let console = CapturedOutput()
         let devices = try StandardDevices.install(on: vm, console: console.sink())
         let loaded = try X86Boot.load(.elf(try guestImage(image)), commandLine: commandLine, into: vm)

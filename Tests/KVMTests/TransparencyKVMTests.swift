@@ -165,6 +165,7 @@ let transparencyGuests: [(String, String)] = [
     ("uart-cpl0-pv", "iters=40"), ("uart-cpl3-pv", "iters=40"), ("doorbell-cpl3-pv", "iters=64"),
     ("c-uart-cpl3", "iters=40"), ("c-doorbell-cpl3", "iters=64"), ("c-selfmod-cpl3", "iters=40"),
     ("uart-modes-cpl3", "lines=20 rounds=2"), ("copy-rebuild-cpl3", "lines=200"),
+    ("c-uart-cpl3-Os", "iters=40"), ("c-uart-cpl3-O1", "iters=40"),
 ]
 
 extension KVMTests {
@@ -186,7 +187,7 @@ extension KVMTests {
             #expect(Set(putc.map(\.site.address)) == [0x3f8, 0x3fd], "\(DMPReport.text(report))")
             #expect(putc.allSatisfy { $0.state == .patched || $0.state == .undone }, "\(DMPReport.text(report))")
             #expect(putc.allSatisfy { $0.hitsServed > 0 }, "\(DMPReport.text(report))")
-        case "c-uart-cpl3":
+        case "c-uart-cpl3", "c-uart-cpl3-Os", "c-uart-cpl3-O1":
             #expect(report.contains { $0.state == .patched && $0.hitsServed > 0 }, "\(DMPReport.text(report))")
         default:
             break
@@ -223,7 +224,7 @@ extension KVMTests {
 
     @Test("--dmp-dry-run changes no guest byte: memory after a dry run equals a DMP-off run, implant and rings included",
           arguments: [("uart-cpl3", "iters=40"), ("uart-cpl0", "iters=40"), ("doorbell-cpl3", "iters=64"),
-                      ("c-uart-cpl3", "iters=40"), ("c-doorbell-cpl3", "iters=64")])
+                      ("c-uart-cpl3", "iters=40"), ("c-doorbell-cpl3", "iters=64"), ("c-uart-cpl3-Os", "iters=40")])
     func dmpDryRunChangesNothing(image: String, commandLine: String) throws {
         let off = try DMPGuestRun(image, commandLine: commandLine, dmp: nil)
         let offStop = try off.run()

@@ -89,6 +89,23 @@ package struct FunctionCopy: Sendable {
         return lo < pieces.count && pieces[lo].copy.contains(copyAddress) ? pieces[lo].original : nil
     }
 
+    /// The original call instruction a return address inside the copy returns from: the call before the pad a
+    /// return lands on (pads follow every call), or the promoted call whose body holds it (its miss path's call
+    /// returns into it); `nil` otherwise.
+    package func originalCall(returningTo copyAddress: UInt64) -> UInt64? {
+        guard let p = pieces.first(where: { $0.copy.contains(copyAddress) }) else { return nil }
+        switch p.kind {
+        case .pad:
+            guard p.copy.lowerBound == copyAddress, let f = function(containing: p.original &- 1) ?? (p.original == function.end ? function : nil),
+                  let call = f.instructions.first(where: { $0.nextAddress == p.original }), call.groups.contains(.call) else { return nil }
+            return call.address
+        case .rewritten:
+            return promotions.contains { $0.site == p.original } ? p.original : nil
+        default:
+            return nil
+        }
+    }
+
     /// Every original instruction start and its point in the copy, by original address.
     package var offsetMap: [(original: UInt64, copy: UInt64)] {
         function.instructions.compactMap { i in map[i.address].map { (i.address, $0) } }
@@ -115,40 +132,94 @@ package struct FunctionCopy: Sendable {
         function.instructions.filter { $0.groups.contains(.indirectBranch) && $0.groups.contains(.jump) }.map(\.address)
     }
 
+    /// A function a copy calls through a promoted call (``CallPromotion``), copied after the main function with
+    /// its own hot instructions rewritten.
+    package struct Accessor: Sendable {
+        /// The accessor, decoded whole.
+        package var function: DecodedFunction
+        /// Its hot instructions' bodies.
+        package var rewrites: [HotRewrite]
+
+        /// Creates an accessor to copy.
+        package init(function: DecodedFunction, rewrites: [HotRewrite]) { self.function = function; self.rewrites = rewrites }
+    }
+
+    /// The calls of ``function`` promoted to calls of ``accessors``' copies.
+    package let promotions: [CallPromotion]
+    /// The accessors copied after the function (each a function of its own; their pieces follow the function's).
+    package let accessors: [DecodedFunction]
+
+    /// The function and the accessors it calls: the copied functions, the main one first.
+    package var functions: [DecodedFunction] { [function] + accessors }
+
+    /// The copied function (the main one or an accessor) holding the original address `address`.
+    package func function(containing address: UInt64) -> DecodedFunction? { functions.first { $0.contains(address) } }
+
+    /// The guest's bytes the copy was made from (each copied function's, each promoted call's thunk): their pages
+    /// are guarded, and they must be unchanged when the patch is written.
+    package var sources: [CodeImage.Region] {
+        functions.map { CodeImage.Region(address: $0.start, bytes: $0.bytes) } + promotions.compactMap(\.thunk)
+    }
+
     /// Copies `function` to the guest-virtual `address` with `rewrites` applied, or refuses
     /// (``DecodedFunction/checkCopyable(tables:)``; a hot address that is not an instruction start or is a
     /// branch; a body that is empty or too large; a target beyond ±2 GiB of the copy).
+    ///
+    /// `promotions`: calls of `function` replaced by ``CallPromotion/emit(_:call:entries:into:)``, each calling
+    /// copies of its accessors, which `accessors` holds (copied after `function`, in order, with their rewrites).
     package init(_ function: DecodedFunction, at address: UInt64, rewrites: [HotRewrite] = [],
-                 tables: [CodeAddressTable] = []) throws(DMPRefusal) {
-        try function.checkCopyable(tables: tables)
+                 tables: [CodeAddressTable] = [], promotions: [CallPromotion] = [], accessors: [Accessor] = []) throws(DMPRefusal) {
+        let parts = [Accessor(function: function, rewrites: rewrites)] + accessors
+        var promoted: [UInt64: CallPromotion] = [:]
+        for p in promotions {
+            guard let k = function.index(at: p.site), function.instructions[k].groups.contains(.call) else {
+                throw DMPRefusal(.plan, "promoted call at 0x\(String(p.site, radix: 16)) is no call of \(function.symbol.name)")
+            }
+            guard promoted.updateValue(p, forKey: p.site) == nil else {
+                throw DMPRefusal(.plan, "two promotions of the call at \(function.location(p.site))")
+            }
+            for a in p.accessors where !accessors.contains(where: { $0.function.start == a }) {
+                throw DMPRefusal(.plan, "the promoted call at \(function.location(p.site)) names 0x\(String(a, radix: 16)), no accessor copied")
+            }
+        }
+        for (k, part) in parts.enumerated() {
+            try part.function.checkCopyable(tables: tables)
+            if let other = parts[..<k].first(where: { $0.function.end > part.function.start && part.function.end > $0.function.start }) {
+                throw DMPRefusal(.plan, "\(part.function.symbol.name) overlaps \(other.function.symbol.name), copied too")
+            }
+        }
         var hot: [UInt64: HotRewrite] = [:]
-        for r in rewrites {
-            guard let k = function.index(at: r.address) else {
-                throw DMPRefusal(.plan, "hot address 0x\(String(r.address, radix: 16)) is not an instruction start of \(function.symbol.name)")
-            }
-            let g = function.instructions[k].groups
-            guard !g.contains(.jump), !g.contains(.call), !g.contains(.return) else {
-                throw DMPRefusal(.plan, "hot instruction at \(function.location(r.address)) is a branch")
-            }
-            guard hot.updateValue(r, forKey: r.address) == nil else {
-                throw DMPRefusal(.plan, "two rewrites for \(function.location(r.address))")
+        for part in parts {
+            for r in part.rewrites {
+                let f = part.function
+                guard let k = f.index(at: r.address) else {
+                    throw DMPRefusal(.plan, "hot address 0x\(String(r.address, radix: 16)) is not an instruction start of \(f.symbol.name)")
+                }
+                let g = f.instructions[k].groups
+                guard !g.contains(.jump), !g.contains(.call), !g.contains(.return) else {
+                    throw DMPRefusal(.plan, "hot instruction at \(f.location(r.address)) is a branch")
+                }
+                guard hot.updateValue(r, forKey: r.address) == nil else {
+                    throw DMPRefusal(.plan, "two rewrites for \(f.location(r.address))")
+                }
             }
         }
         self.function = function
         self.address = address
+        self.promotions = promotions
+        self.accessors = accessors.map(\.function)
 
         // One pass through the assembler: a label at every instruction's point (the pad in front of it,
-        // if any), bodies emitted at their final addresses, branches inside the function to labels.
-        let instructions = function.instructions
-        let heads = function.loopHeads
+        // if any), bodies emitted at their final addresses, branches inside a function to labels; the
+        // accessors after the function, their entries labelled for the promoted calls.
         var a = X86Assembler(origin: address)
         var labels: [UInt64: X86Assembler.Label] = [:]
-        for i in instructions { labels[i.address] = a.newLabel() }
+        for part in parts { for i in part.function.instructions { labels[i.address] = a.newLabel() } }
         var pieces: [Piece] = []
         func piece(_ kind: PieceKind, _ original: UInt64, from start: UInt64) {
             pieces.append(Piece(kind: kind, original: original, copy: start..<a.position))
         }
-        func pad(_ original: UInt64) throws(DMPRefusal) {
+        func pad(_ original: UInt64, of function: DecodedFunction) throws(DMPRefusal) {
             guard X86Assembler.rel32(to: original, from: a.position &+ 5) != nil else {
                 throw DMPRefusal(.plan, "the copy at 0x\(String(a.position, radix: 16)) is beyond ±2 GiB of \(function.symbol.name)")
             }
@@ -156,38 +227,49 @@ package struct FunctionCopy: Sendable {
             a.raw(CopyEncoding.nop5)
             piece(.pad, original, from: start)
         }
-        for (k, i) in instructions.enumerated() {
-            if let l = labels[i.address] { try a.bind(l) }
-            if heads.contains(i.address) || (k > 0 && instructions[k - 1].groups.contains(.call)) { try pad(i.address) }
-            let start = a.position
-            if let r = hot[i.address] {
-                try r.emit(&a)
-                let size = a.position &- start
-                guard (1...4096).contains(size) else {
-                    throw DMPRefusal(.plan, "the body for \(function.location(i.address)) is \(size) bytes (1 to 4096 fit)")
-                }
-                piece(.rewritten, i.address, from: start)
-            } else if let b = i.branch {
-                try a.relocate(i, branchTarget: function.contains(b.target) ? labels[b.target].map { .label($0) } : nil)
-                piece(.relocated, i.address, from: start)
-            } else {
-                try a.relocate(i)
-                piece(i.encoding.isRIPRelative ? .relocated : .copied, i.address, from: start)
-            }
-        }
-        if let last = instructions.last {
-            if last.groups.contains(.call) { try pad(function.end) }
-            let g = last.groups
-            if hot[last.address] != nil || !(g.contains(.return) || (g.contains(.jump) && !g.contains(.conditionalBranch))) {
+        for part in parts {
+            let function = part.function
+            let instructions = function.instructions
+            let heads = function.loopHeads
+            for (k, i) in instructions.enumerated() {
+                if let l = labels[i.address] { try a.bind(l) }
+                if heads.contains(i.address) || (k > 0 && instructions[k - 1].groups.contains(.call)) { try pad(i.address, of: function) }
                 let start = a.position
-                try a.jmp(.absolute(function.end))
-                piece(.exit, function.end, from: start)
+                if let r = hot[i.address] {
+                    try r.emit(&a)
+                    let size = a.position &- start
+                    guard (1...4096).contains(size) else {
+                        throw DMPRefusal(.plan, "the body for \(function.location(i.address)) is \(size) bytes (1 to 4096 fit)")
+                    }
+                    piece(.rewritten, i.address, from: start)
+                } else if let p = promoted[i.address] {
+                    let entries = p.accessors.compactMap { labels[$0].map { X86Assembler.Target.label($0) } }
+                    try CallPromotion.emit(p, call: i, entries: entries, into: &a)
+                    piece(.rewritten, i.address, from: start)
+                } else if let b = i.branch {
+                    try a.relocate(i, branchTarget: function.contains(b.target) ? labels[b.target].map { .label($0) } : nil)
+                    piece(.relocated, i.address, from: start)
+                } else {
+                    try a.relocate(i)
+                    piece(i.encoding.isRIPRelative ? .relocated : .copied, i.address, from: start)
+                }
+            }
+            if let last = instructions.last {
+                if last.groups.contains(.call) { try pad(function.end, of: function) }
+                let g = last.groups
+                if hot[last.address] != nil || !(g.contains(.return) || (g.contains(.jump) && !g.contains(.conditionalBranch))) {
+                    let start = a.position
+                    try a.jmp(.absolute(function.end))
+                    piece(.exit, function.end, from: start)
+                }
             }
         }
         self.bytes = try a.finish()
         self.pieces = pieces
         var map: [UInt64: UInt64] = [:]
-        for i in instructions { if let l = labels[i.address], let at = a.address(of: l) { map[i.address] = at } }
+        for part in parts {
+            for i in part.function.instructions { if let l = labels[i.address], let at = a.address(of: l) { map[i.address] = at } }
+        }
         self.map = map
     }
 }

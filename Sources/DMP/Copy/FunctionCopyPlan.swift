@@ -36,10 +36,16 @@ package struct FunctionCopyPlan: Sendable {
     /// Refuses when no sized function covers the hot instructions, they lie in different functions, the copy
     /// is refused (``FunctionCopy/init(_:at:rewrites:tables:)``) or no entry into it exists (unless `allowNoEntry`:
     /// then a plan without entries is returned, with the reasons in ``entryRefusals``, for a caller that adds its own).
+    /// `promotions` and `accessors`: calls of the function promoted to calls of accessor copies
+    /// (``FunctionCopy/init(_:at:rewrites:tables:promotions:accessors:)``); the function is then the one holding
+    /// the promoted calls, and the ways to them count as hot paths.
     package static func make(hot: [HotRewrite], in image: CodeImage, at placement: UInt64,
                              disassembler: X86Disassembler, usedPadding: [Range<UInt64>] = [],
-                             allowNoEntry: Bool = false, entryThroughPadding: Bool = true) throws(DMPRefusal) -> FunctionCopyPlan {
-        guard let first = hot.first else { throw DMPRefusal(.plan, "no hot instruction to copy a function for") }
+                             allowNoEntry: Bool = false, entryThroughPadding: Bool = true,
+                             promotions: [CallPromotion] = [], accessors: [FunctionCopy.Accessor] = []) throws(DMPRefusal) -> FunctionCopyPlan {
+        guard let first = promotions.first.map({ HotRewrite(address: $0.site, bytes: []) }) ?? hot.first else {
+            throw DMPRefusal(.plan, "no hot instruction to copy a function for")
+        }
         guard let symbol = image.function(containing: first.address) else {
             throw DMPRefusal(.plan, "no sized function symbol covers 0x\(String(first.address, radix: 16))")
         }
@@ -47,7 +53,7 @@ package struct FunctionCopyPlan: Sendable {
         if let stray = hot.first(where: { !function.contains($0.address) }) {
             throw DMPRefusal(.plan, "hot instructions in more than one function (0x\(String(stray.address, radix: 16)) is outside \(symbol.name))")
         }
-        let copy = try FunctionCopy(function, at: placement, rewrites: hot, tables: image.tables)
+        let copy = try FunctionCopy(function, at: placement, rewrites: hot, tables: image.tables, promotions: promotions, accessors: accessors)
         var entries: [CopyEntry] = []
         var refusals: [DMPRefusal] = []
         func attempt(_ make: () throws(DMPRefusal) -> CopyEntry) {
@@ -68,11 +74,12 @@ package struct FunctionCopyPlan: Sendable {
         }
         let returns = function.instructions.contains { $0.groups.contains(.return) }
         if returns { start() }
-        for h in hot { entries += copy.pathEntries(for: h.address) }
-        for h in hot {
-            guard let k = function.index(at: h.address), (2...4).contains(function.instructions[k].length) else { continue }
+        let paths = hot.map(\.address) + promotions.map(\.site)
+        for h in paths { entries += copy.pathEntries(for: h) }
+        for h in paths {
+            guard let k = function.index(at: h), (2...4).contains(function.instructions[k].length) else { continue }
             attempt { () throws(DMPRefusal) in
-                let e = try copy.deadPaddingEntry(hot: h.address, in: image, disassembler: disassembler, avoiding: padding)
+                let e = try copy.deadPaddingEntry(hot: h, in: image, disassembler: disassembler, avoiding: padding)
                 if let p = e.deadPadding { padding.append(p) }
                 return e
             }

@@ -66,8 +66,9 @@ package struct X86Assembler: Sendable {
     /// The bytes emitted so far (rel32 fields to labels not yet bound hold zero until ``finish()``).
     package private(set) var bytes: [UInt8] = []
     private var labelOffsets: [Int?] = []
-    /// rel32 fields to patch: the field's offset, the label, the offset the field counts from (the next instruction).
-    private var fixups: [(field: Int, label: Label, end: Int)] = []
+    /// rel32 (or, for `jrcxz`, rel8) fields to patch: the field's offset, the label, the offset the field counts
+    /// from (the next instruction), the field's size.
+    private var fixups: [(field: Int, label: Label, end: Int, size: Int)] = []
 
     /// An assembler whose first byte will be at `origin`.
     package init(origin: UInt64) { self.origin = origin }
@@ -97,14 +98,22 @@ package struct X86Assembler: Sendable {
         return origin &+ UInt64(o)
     }
 
-    /// The code with every label fixup resolved; refuses a label that was used but never bound.
+    /// The code with every label fixup resolved; refuses a label that was used but never bound, and a short
+    /// (`jrcxz`) jump to a label beyond rel8 reach.
     package func finish() throws(DMPRefusal) -> [UInt8] {
         var out = bytes
         for f in fixups {
             guard let target = labelOffsets[f.label.id] else {
                 throw DMPRefusal(.encode, "label \(f.label.id) used but never bound")
             }
-            Self.put(Int32(target - f.end), into: &out, at: f.field)
+            if f.size == 1 {
+                guard (-128...127).contains(target - f.end) else {
+                    throw DMPRefusal(.encode, "label \(f.label.id) is \(target - f.end) bytes from a jrcxz (rel8 reaches -128...127)")
+                }
+                out[f.field] = UInt8(bitPattern: Int8(target - f.end))
+            } else {
+                Self.put(Int32(target - f.end), into: &out, at: f.field)
+            }
         }
         return out
     }
@@ -435,13 +444,21 @@ package struct X86Assembler: Sendable {
     /// `call rel32`.
     package mutating func call(_ target: Target) throws(DMPRefusal) { try branch([0xe8], target) }
 
+    /// `jrcxz rel8` to `label` (bound within -128...127 bytes of the next instruction, checked by ``finish()``):
+    /// a branch on RCX = 0 that reads and writes no flag.
+    package mutating func jrcxz(_ label: Label) throws(DMPRefusal) {
+        guard label.id < labelOffsets.count else { throw DMPRefusal(.encode, "label \(label.id) is not from this assembler") }
+        bytes += [0xe3, 0]
+        fixups.append((bytes.count - 1, label, bytes.count, 1))
+    }
+
     private mutating func branch(_ opcode: [UInt8], _ target: Target) throws(DMPRefusal) {
         let end = bytes.count + opcode.count + 4
         var rel: Int32 = 0
         switch target {
         case .label(let l):
             guard l.id < labelOffsets.count else { throw DMPRefusal(.encode, "label \(l.id) is not from this assembler") }
-            fixups.append((end - 4, l, end))
+            fixups.append((end - 4, l, end, 4))
         case .absolute(let a):
             rel = try relative(a, from: origin &+ UInt64(end))
         }

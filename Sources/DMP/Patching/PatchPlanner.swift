@@ -230,11 +230,7 @@ extension PatchPlanner {
         let probeCode = GuestRange(start: implant.area.start, size: Implant.pageSize)
         let probeData = implant.dataProbe
         let placement = try implant.placement(for: implantSite, code: probeCode, data: [probeData], memory: vm.memory)
-        let memoryTarget = located.instruction.memoryOperands.first?.memory.flatMap { m in
-            registersAtExit.flatMap {
-                located.instruction.effectiveAddress(of: m, registers: $0, segments: X86SegmentBases(located.specialRegisters))
-            }
-        }
+        let memoryTarget = PatchPlanner.memoryTarget(of: located, registers: registersAtExit)
         var grants: [Grant] = []
         grants.append(try grant(for: site, instruction: located.instruction, virtualAddress: located.virtualAddress,
                                 physicalAddress: located.physicalAddress, memoryTarget: memoryTarget, cpl: located.cpl,
@@ -269,42 +265,41 @@ extension PatchPlanner {
         }
         guard configuration.strategies.contains(.functionCopy) else { throw DMPRefusal(.plan, "function copies are off") }
         let name = current.function.symbol.name
+        let holder: DecodedFunction
         let k: Int
-        if current.function.contains(located.virtualAddress) {
-            guard let i = current.function.index(at: located.virtualAddress) else {
-                throw DMPRefusal(.plan, "\(hex(located.virtualAddress)) is no instruction boundary of \(name) as it was copied")
+        if let f = current.function(containing: located.virtualAddress) {
+            guard let i = f.index(at: located.virtualAddress) else {
+                throw DMPRefusal(.plan, "\(hex(located.virtualAddress)) is no instruction boundary of \(f.symbol.name) as it was copied")
             }
+            holder = f
             k = i
         } else {
             guard let copy = old.copy(holding: located.virtualAddress),
                   let piece = copy.pieces.first(where: { $0.copy.lowerBound == located.virtualAddress }),
                   piece.kind == .copied || piece.kind == .relocated,
-                  let i = current.function.index(at: piece.original) else {
+                  let f = current.function(containing: piece.original), let i = f.index(at: piece.original) else {
                 throw DMPRefusal(.plan, "the instruction at \(hex(located.virtualAddress)) in the copy of \(name) is no copied instruction of the original")
             }
+            holder = f
             k = i
         }
-        let insn = current.function.instructions[k]
+        let insn = holder.instructions[k]
         guard insn.mnemonic == located.instruction.mnemonic, insn.length == located.instruction.length,
               insn.groups.contains(.portIO) || !insn.memoryOperands.isEmpty else {
-            throw DMPRefusal(.plan, "\(located.instruction) in the copy of \(name) does not match \(insn) at \(current.function.location(insn.address))")
+            throw DMPRefusal(.plan, "\(located.instruction) in the copy of \(name) does not match \(insn) at \(holder.location(insn.address))")
         }
         // The same instruction at its place in the original, as the planner's other paths see it.
         var at = located
         at.instruction = insn
         at.virtualAddress = insn.address
         do { at.physicalAddress = try vm.memory.translate(insn.address, paging: located.paging, access: [.execute]).physical } catch {
-            throw DMPRefusal(.plan, "\(current.function.location(insn.address)) does not translate: \(error)")
+            throw DMPRefusal(.plan, "\(holder.location(insn.address)) does not translate: \(error)")
         }
         let probeCode = GuestRange(start: implant.area.start, size: Implant.pageSize)
         let probeData = implant.dataProbe
         let placement = try implant.placement(for: ImplantSite(at), code: probeCode, data: [probeData], memory: vm.memory)
         // The registers are those of the copy's instruction: a RIP-relative operand was refitted to the same target.
-        let memoryTarget = located.instruction.memoryOperands.first?.memory.flatMap { m in
-            registersAtExit.flatMap {
-                located.instruction.effectiveAddress(of: m, registers: $0, segments: X86SegmentBases(located.specialRegisters))
-            }
-        }
+        let memoryTarget = PatchPlanner.memoryTarget(of: located, registers: registersAtExit)
         var added = [try grant(for: site, instruction: insn, virtualAddress: insn.address, physicalAddress: at.physicalAddress,
                                memoryTarget: memoryTarget, cpl: at.cpl, placement: placement, paging: at.paging,
                                kick: ringKick(for: at))]
@@ -315,7 +310,8 @@ extension PatchPlanner {
             added += siblingGrants(siblings.filter { !old.sites.contains($0) }, of: at, placement: placement, image: image,
                                    primary: (site, memoryTarget))
                 .filter { !served.contains($0.plan.virtualAddress) }
-            return try functionCopy(at, old.grants + added, placement: placement, owner: owner, rebuilding: old)
+            return try functionCopy(at, old.grants + added, placement: placement, owner: owner, rebuilding: [old],
+                                    promotions: current.promotions)
         } catch {
             revoke(added)
             throw error
@@ -344,13 +340,18 @@ extension PatchPlanner {
 
     /// The function copy: the enclosing sized function copied with the hot instructions rewritten, entered as the plan allows.
     ///
-    /// `rebuilding`: the function copy this one replaces (`grants` then hold its sites' grants too): the function
-    /// is decoded from the guest's own bytes (the old entries taken back), its dead padding may be used again,
-    /// every entry is retargeted from the old copy to the new one (or restored where the new plan has none), and
-    /// the old copy's pads become jumps to the new copy's corresponding points, all in one pause.
-    private func functionCopy(_ located: LocatedInstruction, _ grants: [Grant], placement: ImplantPlacement,
-                              owner: Int, rebuilding old: AppliedPatch? = nil) throws(DMPRefusal) -> PlanOutcome {
-        let oldWrites = old?.writes ?? []
+    /// `rebuilding`: the function copies this one replaces, the one whose patch id it keeps first (`grants` then
+    /// hold their sites' grants too): the function is decoded from the guest's own bytes (the old entries taken
+    /// back), its dead padding may be used again, every entry is retargeted from an old copy to the new one (or
+    /// restored where the new plan has none), and the old copies' pads become jumps to the new copy's
+    /// corresponding points, all in one pause.
+    /// `promotions`: calls of the function holding them promoted to calls of accessor copies (``CallPromotion``):
+    /// that function is copied, the accessors after it, and a grant inside an accessor is served there.
+    func functionCopy(_ located: LocatedInstruction, _ grants: [Grant], placement: ImplantPlacement,
+                              owner: Int, rebuilding olds: [AppliedPatch] = [],
+                              promotions: [CallPromotion] = []) throws(DMPRefusal) -> PlanOutcome {
+        let old = olds.first
+        let oldWrites = olds.flatMap(\.writes)
         let image = codeImage(paging: located.paging)
             .restoring(oldWrites.map { PatchWrite(address: $0.virtual, original: $0.original, replacement: $0.replacement) })
         let oldPadding = oldWrites.filter(\.guardsItsStart).map { $0.virtual..<$0.virtual &+ UInt64($0.original.count) }
@@ -366,7 +367,7 @@ extension PatchPlanner {
             }
         }
         let lahf = lahf
-        let rewrites = byInstruction.map { (address, routes) in
+        let allRewrites = byInstruction.map { (address, routes) in
             let insn = instruction(at: address, located: located, image: image)
             let preserveFlags = insn.flatMap { instruction(at: $0.nextAddress, located: located, image: image) }
                 .map { !FastPathEmitter.arithmeticFlagsDead(before: $0) } ?? true
@@ -375,12 +376,26 @@ extension PatchPlanner {
                 try FastPathEmitter.emitBody(for: insn, routes: routes, preserveFlags: preserveFlags, lahf: lahf, into: &a)
             }
         }
+        // With promoted calls the copy is the caller's, its accessors copied after it; each rewrite goes to the
+        // function that holds it.
+        var rewrites = allRewrites
+        var accessors: [FunctionCopy.Accessor] = []
+        for start in promotions.flatMap(\.accessors) where !accessors.contains(where: { $0.function.start == start }) {
+            guard let symbol = image.function(containing: start), symbol.address == start else {
+                throw DMPRefusal(.plan, "the promoted accessor at \(hex(start)) starts no sized function")
+            }
+            let f = try image.decode(symbol, disassembler: disassembler)
+            accessors.append(FunctionCopy.Accessor(function: f, rewrites: rewrites.filter { f.contains($0.address) }))
+            rewrites.removeAll { f.contains($0.address) }
+        }
         let trial = try FunctionCopyPlan.make(hot: rewrites, in: image, at: placement.virtualAddress(of: implant.area.start),
-                                              disassembler: disassembler, usedPadding: usedPadding, allowNoEntry: true)
+                                              disassembler: disassembler, usedPadding: usedPadding, allowNoEntry: true,
+                                              promotions: promotions, accessors: accessors)
         let code = try implant.allocateCode(trial.copy.bytes.count + 256)
         let va = placement.virtualAddress(of: code.start)
         let plan = try FunctionCopyPlan.make(hot: rewrites, in: image, at: va, disassembler: disassembler,
-                                             usedPadding: usedPadding, allowNoEntry: true)
+                                             usedPadding: usedPadding, allowNoEntry: true,
+                                             promotions: promotions, accessors: accessors)
         guard plan.copy.bytes.count <= Int(code.size) else {
             throw DMPRefusal(.encode, "the copy grew from \(trial.copy.bytes.count) to \(plan.copy.bytes.count) bytes")
         }
@@ -398,10 +413,19 @@ extension PatchPlanner {
             }
         }
         if let kinds = configuration.copyEntryKinds { entries = entries.filter { kinds.contains($0.kind) } }
-        let reached = PatchPlanner.reachable(in: function, from: entries.map { e in
+        var reached = PatchPlanner.reachable(in: function, from: entries.map { e in
             e.kind == .callSite || e.kind == .tailCallSite ? function.start : e.site
         })
+        // An accessor's copy runs wherever a promoted call naming it is reached.
+        for a in plan.copy.accessors where promotions.contains(where: { $0.accessors.contains(a.start) && reached.contains($0.site) }) {
+            reached.formUnion(PatchPlanner.reachable(in: a, from: [a.start]))
+        }
         guard reached.contains(located.virtualAddress) else {
+            if let p = promotions.first(where: { p in plan.copy.accessors.contains { $0.contains(located.virtualAddress) && p.accessors.contains($0.start) } }) {
+                throw DMPRefusal(.plan, "no entry into the copy of \(function.symbol.name) reaches its promoted call at \(function.location(p.site)) ("
+                                 + (plan.entryRefusals.map(\.reason) + entries.map { "\($0.kind.rawValue) at \(function.location($0.site)) does not lead to it" })
+                                    .joined(separator: "; ") + ")")
+            }
             throw DMPRefusal(.plan, "no entry into the copy of \(function.symbol.name) reaches \(located.instruction) ("
                              + (plan.entryRefusals.map(\.reason) + entries.map { "\($0.kind.rawValue) at \(function.location($0.site)) does not lead to it" })
                                 .joined(separator: "; ") + ")")
@@ -420,7 +444,7 @@ extension PatchPlanner {
         // A rebuild retargets the old entries: each new write finds the old copy's jump where the old plan wrote
         // one; old entries the new plan does not use get the guest's bytes back.
         var restores: [CodeWrite] = []
-        if old != nil {
+        if !olds.isEmpty {
             for w in oldWrites {
                 let range = w.virtual..<w.virtual &+ UInt64(w.original.count)
                 let overlapping = writes.indices.filter { k in range.overlaps(writes[k].virtual..<writes[k].virtual &+ UInt64(writes[k].original.count)) }
@@ -439,27 +463,35 @@ extension PatchPlanner {
         var served: [Grant] = []
         var unreached: [Grant] = []
         for g in grants { if reached.contains(g.plan.virtualAddress) { served.append(g) } else { unreached.append(g) } }
-        if let old, let lost = unreached.first(where: { old.sites.contains($0.plan.site) }) {
-            throw DMPRefusal(.plan, "rebuilding the copy of \(function.symbol.name): no entry of the new copy reaches \(function.location(lost.plan.virtualAddress)), which the old copy serves")
+        if let lost = unreached.first(where: { g in olds.contains { $0.sites.contains(g.plan.site) } }) {
+            throw DMPRefusal(.plan, "rebuilding the copy of \(function.symbol.name): no entry of the new copy reaches \(hex(lost.plan.virtualAddress)), which an old copy serves")
         }
         revoke(unreached)
-        // The copied function's pages are guarded too: a write there invalidates the copy.
+        // The copied functions' pages (and promoted calls' thunks') are guarded too: a write there invalidates the copy.
         var functionPages: [UInt64] = []
-        var v = plan.copy.function.start & ~0xfff
-        while v < plan.copy.function.end {
-            if let t = try? vm.memory.translate(v, paging: located.paging) { functionPages.append(t.physical.rawValue & ~0xfff) }
-            v &+= 0x1000
+        for source in plan.copy.sources {
+            var v = source.address & ~0xfff
+            while v < source.address &+ UInt64(source.bytes.count) {
+                if let t = try? vm.memory.translate(v, paging: located.paging) { functionPages.append(t.physical.rawValue & ~0xfff) }
+                v &+= 0x1000
+            }
         }
         // The implant pages of the copies a rebuild retires stay guarded (a thread may still run in them).
-        let retiredPages = (old?.guardedPages ?? []).filter { implant.area.contains(GuestAddress($0), length: 1) }
+        let retiredPages = olds.flatMap(\.guardedPages).filter { implant.area.contains(GuestAddress($0), length: 1) }
         let pages = try guardPages(for: writes, extra: functionPages, located: located) + retiredPages
         let name = plan.copy.function.symbol.name
         let kinds = Array(Set(entries.map(\.kind.rawValue))).sorted().joined(separator: ", ")
         let rebuilds = old.map { $0.retired.count + 1 } ?? 0
-        let outcome = try finish(strategy: "function copy of \(name) via \(kinds)" + (rebuilds > 0 ? " (rebuilt \(rebuilds)x)" : ""),
+        let promoted = plan.copy.promotions.map { p in
+            p.accessors.compactMap { a in plan.copy.accessors.first { $0.start == a }?.symbol.name }.joined(separator: "/")
+                + " at \(function.location(p.site))"
+        }
+        let outcome = try finish(strategy: "function copy of \(name) via \(kinds)"
+                                    + (promoted.isEmpty ? "" : ", promoted call to " + promoted.joined(separator: ", "))
+                                    + (rebuilds > 0 ? " (rebuilt \(rebuilds)x)" : ""),
                                  writes: writes, pages: pages, code: code, bytes: plan.copy.bytes, placement: placement, owner: owner,
-                                 sites: served.map(\.plan), copy: plan.copy, grants: served, rebuilding: old,
-                                 extraWrites: restores + (old?.evictionWrites(to: plan.copy) ?? []), located: located)
+                                 sites: served.map(\.plan), copy: plan.copy, grants: served, rebuilding: olds,
+                                 extraWrites: restores + olds.flatMap { $0.evictionWrites(to: plan.copy) }, located: located)
         if !configuration.dryRun {
             // Old padding is either used again by the new entries or restored (a rebuild).
             self.usedPadding = usedPadding + entries.compactMap(\.deadPadding)
@@ -491,7 +523,7 @@ extension PatchPlanner {
     /// operand cannot be evaluated without its registers; an MMIO sibling in the primary's 4 KiB page is given the
     /// primary's linear page (a loop unrolled into one store per element, several registers of one device reached from
     /// one base): its body compares the runtime address with that one and executes the original access on any other.
-    private func siblingGrants(_ siblings: [ExitSite], of located: LocatedInstruction, placement: ImplantPlacement,
+    func siblingGrants(_ siblings: [ExitSite], of located: LocatedInstruction, placement: ImplantPlacement,
                                image given: CodeImage? = nil, primary: (site: ExitSite, memoryTarget: UInt64?)) -> [Grant] {
         let image = given ?? codeImage(paging: located.paging)
         guard let symbol = image.function(containing: located.virtualAddress),
@@ -566,7 +598,7 @@ extension PatchPlanner {
     }
 
     /// The image's code as it is in guest memory now (segments the guest identity-maps).
-    private func codeImage(paging: PagingContext) -> CodeImage {
+    func codeImage(paging: PagingContext) -> CodeImage {
         var regions: [CodeImage.Region] = []
         for r in configuration.codeRanges {
             guard let t = try? vm.memory.translate(r.start.rawValue, paging: paging), t.physical == r.start,
@@ -601,9 +633,9 @@ extension PatchPlanner {
     /// pads evicted) in the same pause, releases the old patch's guards and reports only the sites it adds.
     private func finish(strategy: String, writes: [CodeWrite], pages: [UInt64], code: GuestRange, bytes: [UInt8],
                         placement: ImplantPlacement, owner: Int, sites: [SitePlan], copy: FunctionCopy?, grants: [Grant] = [],
-                        rebuilding old: AppliedPatch? = nil, extraWrites: [CodeWrite] = [],
+                        rebuilding olds: [AppliedPatch] = [], extraWrites: [CodeWrite] = [],
                         located: LocatedInstruction) throws(DMPRefusal) -> PlanOutcome {
-        let fresh = old.map { o in sites.filter { !o.sites.contains($0.site) } } ?? sites
+        let fresh = sites.filter { s in !olds.contains { $0.sites.contains(s.site) } }
         guard !configuration.dryRun else {
             return PlanOutcome(applied: nil, strategy: strategy, sites: fresh, pausedNanoseconds: 0)
         }
@@ -616,14 +648,17 @@ extension PatchPlanner {
         let pages = Array(Set(pages + codePages)).sorted()
         let mapping = self.mapping(for: sites, site: ImplantSite(located), placement: placement, code: code)
         let paused = try patcher.apply(writes + extraWrites, guarding: pages, implant: [(code.start, bytes)],
-                                       releasing: old?.guardedPages ?? []) { () throws(DMPRefusal) in
-            try checkAtWrite(writes, mapping: mapping, copy: copy, located: located, replacing: old?.writes ?? [])
+                                       releasing: olds.flatMap(\.guardedPages)) { () throws(DMPRefusal) in
+            try checkAtWrite(writes, mapping: mapping, copy: copy, located: located, replacing: olds.flatMap(\.writes))
         }
         var applied = AppliedPatch(writes: writes, guardedPages: pages, implantCode: code, strategy: strategy,
                                    sites: sites.map(\.site), appliedAt: .now, copy: copy,
                                    codeVirtualStart: placement.virtualAddress(of: code.start), mapping: mapping)
         applied.grants = grants
-        if let old, let c = old.copy { applied.retired = old.retired + [(c, old.codeVirtualStart &- old.implantCode.start.rawValue)] }
+        for old in olds {
+            applied.retired += old.retired
+            if let c = old.copy { applied.retired.append((c, old.codeVirtualStart &- old.implantCode.start.rawValue)) }
+        }
         return PlanOutcome(applied: applied, strategy: strategy, sites: fresh, pausedNanoseconds: paused)
     }
 }
@@ -659,20 +694,23 @@ extension PatchPlanner {
                 throw DMPRefusal(.patch, "the code at \(hex(w.virtual)) is not the same at the moment of writing: \(why)")
             }
         }
-        guard let function = copy?.function else { return }
-        var v = function.start
-        while v < function.end {
-            let chunk = min(function.end &- v, Implant.pageSize &- (v & (Implant.pageSize &- 1)))
-            let offset = Int(v &- function.start)
-            guard let t = try? vm.memory.translate(v, paging: located.paging, access: fetch),
-                  let read = try? vm.memory.readBytes(at: t.physical, count: Int(chunk)),
-                  offset + Int(chunk) <= function.bytes.count,
-                  CodeImage(regions: [.init(address: v, bytes: read)], symbols: SymbolTable())
-                    .restoring(old.map { PatchWrite(address: $0.virtual, original: $0.original, replacement: $0.replacement) })
-                    .regions[0].bytes[...] == function.bytes[offset..<(offset + Int(chunk))] else {
-                throw DMPRefusal(.patch, "\(function.symbol.name) changed (or was unmapped) at \(hex(v)) between the plan and the write")
+        for source in copy?.sources ?? [] {
+            let end = source.address &+ UInt64(source.bytes.count)
+            var v = source.address
+            while v < end {
+                let chunk = min(end &- v, Implant.pageSize &- (v & (Implant.pageSize &- 1)))
+                let offset = Int(v &- source.address)
+                guard let t = try? vm.memory.translate(v, paging: located.paging, access: fetch),
+                      let read = try? vm.memory.readBytes(at: t.physical, count: Int(chunk)),
+                      offset + Int(chunk) <= source.bytes.count,
+                      CodeImage(regions: [.init(address: v, bytes: read)], symbols: SymbolTable())
+                        .restoring(old.map { PatchWrite(address: $0.virtual, original: $0.original, replacement: $0.replacement) })
+                        .regions[0].bytes[...] == source.bytes[offset..<(offset + Int(chunk))] else {
+                    let name = configuration.symbols.symbolize(source.address) ?? hex(source.address)
+                    throw DMPRefusal(.patch, "\(name) changed (or was unmapped) at \(hex(v)) between the plan and the write")
+                }
+                v &+= chunk
             }
-            v &+= chunk
         }
     }
 }

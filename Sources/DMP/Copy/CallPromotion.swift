@@ -1,0 +1,210 @@
+import VMMKit
+import X86Disassembler
+
+/// An indirect call of a copied function promoted to direct calls of accessor copies
+/// (DESIGN.md, DMP step 4: the copy of a function reached only through pointers is
+/// entered from a copy of its caller).
+///
+/// A tiny out-of-line accessor (`mov edx, edi; mov eax, esi; out dx, al; ret`) called only
+/// through a function pointer has no way in of its own: no 5-byte instruction, no direct
+/// `call rel32`, no dead padding in reach. Its caller's copy holds, in place of the
+/// indirect call, a compare of the runtime target with each accessor's address: equal,
+/// it calls that accessor's copy (placed after the caller's copy, hot instructions
+/// rewritten inline); otherwise it makes the original call. No running byte changes but
+/// the caller's entries, each one instruction, as for any function copy.
+package struct CallPromotion: Hashable, Sendable {
+    /// Where the call's target comes from, evaluated with the registers and RSP of the call instruction.
+    package enum Target: Hashable, Sendable {
+        /// `call r64`.
+        case register(X86Register)
+        /// `call [m]` (a RIP-relative operand as its absolute address).
+        case memory(X86Assembler.Memory)
+    }
+
+    /// The call instruction's address in the copied function (an indirect `call`, or a direct `call rel32`
+    /// of a one-instruction thunk `jmp r/m64`).
+    package var site: UInt64
+    /// The target the call reaches.
+    package var target: Target
+    /// The accessors' entry addresses, compared in this order (at most ``maximumAccessors``).
+    package var accessors: [UInt64]
+    /// For a direct call of a thunk: the thunk's bytes (its page is guarded, its bytes checked at the write).
+    package var thunk: CodeImage.Region?
+
+    /// Accessors one call compares at most (the short jumps of the compare chain must reach their calls).
+    package static let maximumAccessors = 4
+
+    /// Creates a promotion.
+    package init(site: UInt64, target: Target, accessors: [UInt64], thunk: CodeImage.Region? = nil) {
+        self.site = site; self.target = target; self.accessors = accessors; self.thunk = thunk
+    }
+
+    /// The promotion of `call`, an instruction of `caller`, for `accessor`: `call` is `call r64` or
+    /// `call [m]` (FF /2), or a direct `call rel32` of a sized function that is one indirect `jmp`
+    /// (after an optional `endbr64`), whose operand is then evaluated at the call site.
+    /// Refuses other instructions, `fs`/`gs` or `67`-prefixed operands, `rsp` as the target register,
+    /// a thunk whose operand is RIP-relative beyond reach or that does more than jump.
+    package static func make(call: X86Instruction, caller: DecodedFunction, accessor: UInt64, in image: CodeImage,
+                             disassembler: X86Disassembler) throws(DMPRefusal) -> CallPromotion {
+        let at = caller.location(call.address)
+        let e = call.encoding
+        if e.map == .primary, e.opcode == 0xff, (e.modRM >> 3) & 7 == 2 {
+            return CallPromotion(site: call.address, target: try target(of: call, at: at, stackOffset: 0), accessors: [accessor])
+        }
+        guard e.map == .primary, e.opcode == 0xe8, call.length == 5, let b = call.branch else {
+            throw DMPRefusal(.plan, "the instruction before the return address (\(call) at \(at)) is not an indirect call")
+        }
+        guard b.target != accessor else {
+            throw DMPRefusal(.plan, "\(call) at \(at) calls the accessor directly (a retargeted call site serves it)")
+        }
+        guard let symbol = image.function(containing: b.target), symbol.address == b.target else {
+            throw DMPRefusal(.plan, "\(call) at \(at) calls 0x\(String(b.target, radix: 16)), which starts no sized function")
+        }
+        let thunk = try image.decode(symbol, disassembler: disassembler)
+        let body = thunk.instructions.first?.bytes == [0xf3, 0x0f, 0x1e, 0xfa] ? Array(thunk.instructions.dropFirst()) : thunk.instructions
+        guard body.count == 1, let jump = body.first, jump.encoding.map == .primary, jump.encoding.opcode == 0xff,
+              (jump.encoding.modRM >> 3) & 7 == 4 else {
+            throw DMPRefusal(.plan, "\(call) at \(at) calls \(symbol.name), which is not a one-jump thunk (jmp r/m64)")
+        }
+        // In the thunk RSP is 8 lower than at the call (the return address): [rsp + d] there is [rsp + d - 8] here.
+        return CallPromotion(site: call.address, target: try target(of: jump, at: "\(symbol.name) (called at \(at))", stackOffset: -8),
+                             accessors: [accessor], thunk: CodeImage.Region(address: thunk.start, bytes: thunk.bytes))
+    }
+
+    /// The target operand of the indirect branch `i`, as seen `stackOffset` bytes of RSP away from `i` (RSP-based
+    /// displacements move by it).
+    private static func target(of i: X86Instruction, at: String, stackOffset: Int64) throws(DMPRefusal) -> Target {
+        let e = i.encoding
+        guard !e.hasAddressSizePrefix, e.segmentOverride.map({ $0 != 0x64 && $0 != 0x65 }) ?? true else {
+            throw DMPRefusal(.plan, "\(i) at \(at): fs/gs or 67-prefixed operand")
+        }
+        guard let op = i.operands.first, i.operands.count == 1 else { throw DMPRefusal(.plan, "\(i) at \(at) has no single operand") }
+        switch op.operand {
+        case .register(let r):
+            guard let g = r.generalPurpose, g.width == 8, r != .rsp else { throw DMPRefusal(.plan, "\(i) at \(at): target register \(r)") }
+            return .register(r)
+        case .memory(let m):
+            guard op.size == 8, m.segment == nil || m.segment == .ds || m.segment == .ss || m.segment == .cs || m.segment == .es else {
+                throw DMPRefusal(.plan, "\(i) at \(at): not a 64-bit memory operand of the flat segments")
+            }
+            if m.isRIPRelative {
+                guard m.base == .rip, m.index == nil else { throw DMPRefusal(.plan, "\(i) at \(at): eip-relative operand") }
+                return .memory(.at(i.nextAddress &+ UInt64(bitPattern: m.displacement)))
+            }
+            let stack = m.base == .rsp ? stackOffset : 0
+            return .memory(X86Assembler.Memory(base: m.base, index: m.index, scale: m.scale, displacement: m.displacement &+ stack))
+        case .immediate:
+            throw DMPRefusal(.plan, "\(i) at \(at) has an immediate target")
+        }
+    }
+
+    /// Emits the promoted call in place of `call` (the original instruction, re-encoded for the miss path),
+    /// `entries[k]` being where the copy of `accessors[k]` starts:
+    ///
+    /// ```
+    ///         push rcx
+    ///         mov  rcx, <target>            ; an RSP-based operand 8 further: RSP moved by the push
+    ///         lea  rcx, [rcx - A0]          ; zero when the target is A0 (lea and jrcxz touch no flag)
+    ///         jrcxz hit0
+    ///         lea  rcx, [rcx - (A1 - A0)]
+    ///         jrcxz hit1
+    ///         pop  rcx
+    ///         <the original call>           ; any other target: the call as it was (its operand read again)
+    ///         jmp  done
+    /// hit0:   pop  rcx
+    ///         call <copy of A0>
+    ///         jmp  done
+    /// hit1:   pop  rcx
+    ///         call <copy of A1>
+    /// done:
+    /// ```
+    ///
+    /// Every register and flag is as the original call leaves them: RCX is restored before either call, and the
+    /// calls run with the original RSP (stack arguments and the callee's frame where they were). The push uses the
+    /// 8 bytes below RSP: at a call instruction nothing below RSP is live, because the call itself writes its
+    /// return address there and the callee owns everything below it (the red zone's contents do not survive a
+    /// call), and the saved RCX stays above RSP while it is needed, so an interrupt taken on this stack at CPL0
+    /// cannot overwrite it. On the miss path the target is read twice, once for the compare and once by the
+    /// original call: both reads are the guest's own operand, and the second decides, as if the call had run then.
+    package static func emit(_ promotion: CallPromotion, call: X86Instruction, entries: [X86Assembler.Target],
+                             into a: inout X86Assembler) throws(DMPRefusal) {
+        guard !promotion.accessors.isEmpty, promotion.accessors.count == entries.count,
+              promotion.accessors.count <= maximumAccessors else {
+            throw DMPRefusal(.encode, "a promoted call compares 1 to \(maximumAccessors) accessors (\(promotion.accessors.count) given)")
+        }
+        try a.push(.rcx)
+        switch promotion.target {
+        case .register(let r):
+            if r != .rcx { try a.mov(.rcx, r) }
+        case .memory(var m):
+            if m.base == .rsp { m.displacement &+= 8 }
+            try a.mov(.rcx, m)
+        }
+        var previous: UInt64 = 0
+        var hits: [X86Assembler.Label] = []
+        for accessor in promotion.accessors {
+            let delta = Int64(bitPattern: previous &- accessor)
+            guard X86Assembler.fitsInt32(delta) else {
+                throw DMPRefusal(.encode, "accessor 0x\(String(accessor, radix: 16)) is beyond a 32-bit displacement of the compare")
+            }
+            try a.lea(.rcx, X86Assembler.Memory(base: .rcx, displacement: delta))
+            let hit = a.newLabel()
+            try a.jrcxz(hit)
+            hits.append(hit)
+            previous = accessor
+        }
+        let done = a.newLabel()
+        try a.pop(.rcx)
+        try a.relocate(call)
+        try a.jmp(.label(done))
+        for (k, hit) in hits.enumerated() {
+            try a.bind(hit)
+            try a.pop(.rcx)
+            try a.call(entries[k])
+            if k + 1 < hits.count { try a.jmp(.label(done)) }
+        }
+        try a.bind(done)
+    }
+}
+
+extension DecodedFunction {
+    /// How many bytes the function's code has pushed on the stack when it reaches the instruction at `address`,
+    /// decoded from its start: `push`/`pop` (8 bytes each), `sub`/`add rsp, imm`, `lea rsp, [rsp + d]`. Refuses
+    /// when the way there is not straight-line (a branch, call or return before it, a branch landing between
+    /// the start and it) or RSP changes any other way (`mov rsp`, `leave`, `enter`, `and rsp`, 16-bit pushes).
+    package func stackDepth(at address: UInt64) throws(DMPRefusal) -> UInt64 {
+        guard let k = index(at: address) else { throw DMPRefusal(.plan, "0x\(String(address, radix: 16)) is no instruction start of \(symbol.name)") }
+        if let b = instructions.first(where: { $0.branch.map { contains($0.target) && $0.target > start && $0.target <= address } ?? false }) {
+            throw DMPRefusal(.plan, "\(b) at \(location(b.address)) lands between \(symbol.name)'s start and \(location(address)) (stack depth unknown)")
+        }
+        var depth: Int64 = 0
+        for i in instructions[..<k] {
+            let g = i.groups
+            guard !g.contains(.jump), !g.contains(.call), !g.contains(.return), !g.contains(.interrupt) else {
+                throw DMPRefusal(.plan, "\(i) at \(location(i.address)) before \(location(address)) (stack depth unknown)")
+            }
+            guard i.registersWritten.contains(.rsp) else { continue }
+            let unknown = DMPRefusal(.plan, "\(i) at \(location(i.address)) changes rsp in a way not tracked")
+            guard !i.encoding.hasOperandSizePrefix else { throw unknown }
+            let ops = i.operands.map(\.operand)
+            switch i.mnemonic {
+            case "push", "pushfq": depth += 8
+            case "pop", "popfq":
+                if ops.first == .register(.rsp) { throw unknown }
+                depth -= 8
+            case "sub", "add":
+                guard ops.count == 2, ops[0] == .register(.rsp), case .immediate(let v) = ops[1] else { throw unknown }
+                depth += i.mnemonic == "sub" ? v : -v
+            case "lea":
+                guard ops.count == 2, ops[0] == .register(.rsp), case .memory(let m) = ops[1], m.base == .rsp, m.index == nil else { throw unknown }
+                depth -= m.displacement
+            default:
+                throw unknown
+            }
+            guard (0...4096).contains(depth) else {
+                throw DMPRefusal(.plan, "\(symbol.name) has \(depth) bytes on the stack at \(location(i.address)) (0 to 4096 tracked)")
+            }
+        }
+        return UInt64(depth)
+    }
+}

@@ -1,0 +1,135 @@
+import VMMKit
+import X86Disassembler
+
+/// The caller whose copy serves a hot instruction no entry reaches (``PatchPlanner/promotionRequest(for:registersAtExit:patches:)``).
+package struct PromotionRequest: Sendable {
+    /// The caller's start (the function to copy).
+    package var caller: UInt64
+    /// The accessor's start (the function holding the hot instruction).
+    package var accessor: UInt64
+    /// The call of the caller to promote (naming the accessor).
+    package var promotion: CallPromotion
+}
+
+extension PatchPlanner {
+    /// Finds, at the exit, the call that reached the function holding `located` (a function no entry of a copy
+    /// reaches: a tiny accessor called only through a function pointer): the function is decoded from its start to
+    /// the hot instruction tracking how much it pushed (``DecodedFunction/stackDepth(at:)``), the return address is
+    /// read from the guest's stack through the exit's CR3, and the instruction ending there must be an indirect call
+    /// of a sized function (or a direct call of a one-jump thunk) (``CallPromotion/make(call:caller:accessor:in:disassembler:)``).
+    /// A return address inside a live function copy (`patches`) stands for the original call it copies.
+    /// The stack is the guest's: every value read is checked, never trusted; the promoted call compares the target at
+    /// run time, so a wrong caller can cost only the patch, never correctness.
+    package func promotionRequest(for located: LocatedInstruction, registersAtExit: Registers?,
+                                  patches: [AppliedPatch]) throws(DMPRefusal) -> PromotionRequest {
+        guard configuration.strategies.contains(.callPromotion) else { throw DMPRefusal(.plan, "call promotion is off") }
+        guard located.specialRegisters.isLongMode64 else { throw DMPRefusal(.plan, "not 64-bit code") }
+        guard let registers = registersAtExit else { throw DMPRefusal(.plan, "the registers at the exit could not be read") }
+        let image = codeImage(paging: located.paging)
+            .restoring(patches.flatMap(\.writes).map { PatchWrite(address: $0.virtual, original: $0.original, replacement: $0.replacement) })
+        guard let symbol = image.function(containing: located.virtualAddress) else {
+            throw DMPRefusal(.plan, "no sized function symbol covers \(hex(located.virtualAddress))")
+        }
+        let accessor = try image.decode(symbol, disassembler: disassembler)
+        let depth = try accessor.stackDepth(at: located.virtualAddress)
+        let slot = registers.rsp &+ depth
+        guard let returnAddress = readStackWord(at: slot, located: located) else {
+            throw DMPRefusal(.plan, "the return address of \(symbol.name) at rsp+\(depth) (\(hex(slot))) is not readable through the guest's page tables")
+        }
+        // The call: in the image, or the original call a live copy holds at that return address.
+        let callAddress: UInt64
+        if let copy = patches.lazy.compactMap({ $0.copy(holding: returnAddress) }).first {
+            guard let original = copy.originalCall(returningTo: returnAddress) else {
+                throw DMPRefusal(.plan, "the return address \(hex(returnAddress)) of \(symbol.name) is inside a function copy, after no call")
+            }
+            callAddress = original
+        } else {
+            guard returnAddress > 0, let c = image.function(containing: returnAddress &- 1) else {
+                throw DMPRefusal(.plan, "the return address \(hex(returnAddress)) of \(symbol.name) is in no sized function")
+            }
+            let f = try image.decode(c, disassembler: disassembler)
+            guard let i = f.instructions.first(where: { $0.nextAddress == returnAddress }) else {
+                throw DMPRefusal(.plan, "the return address \(hex(returnAddress)) of \(symbol.name) follows no instruction of \(c.name)")
+            }
+            callAddress = i.address
+        }
+        guard let c = image.function(containing: callAddress) else {
+            throw DMPRefusal(.plan, "the call at \(hex(callAddress)) is in no sized function")
+        }
+        guard c.address != symbol.address else { throw DMPRefusal(.plan, "\(symbol.name) is called from itself") }
+        let caller = try image.decode(c, disassembler: disassembler)
+        guard let k = caller.index(at: callAddress) else {
+            throw DMPRefusal(.plan, "the call at \(hex(callAddress)) is no instruction start of \(c.name)")
+        }
+        let promotion = try CallPromotion.make(call: caller.instructions[k], caller: caller, accessor: accessor.start,
+                                               in: image, disassembler: disassembler)
+        return PromotionRequest(caller: caller.start, accessor: accessor.start, promotion: promotion)
+    }
+
+    /// The linear address `located`'s memory operand accesses with `registers` (MMIO grants), or `nil`.
+    static func memoryTarget(of located: LocatedInstruction, registers: Registers?) -> UInt64? {
+        located.instruction.memoryOperands.first?.memory.flatMap { m in
+            registers.flatMap { located.instruction.effectiveAddress(of: m, registers: $0, segments: X86SegmentBases(located.specialRegisters)) }
+        }
+    }
+
+    /// The 8-byte stack word at the guest-virtual `address` under the exit's paging (user access at CPL3), or `nil`.
+    private func readStackWord(at address: UInt64, located: LocatedInstruction) -> UInt64? {
+        let access: PageAccess = located.cpl == 3 ? [.user] : []
+        var value: UInt64 = 0
+        for k in 0..<UInt64(8) {
+            guard let t = try? vm.memory.translate(address &+ k, paging: located.paging, access: access),
+                  let b = try? vm.memory.read(UInt8.self, at: t.physical) else { return nil }
+            value |= UInt64(b) << (8 * k)
+        }
+        return value
+    }
+
+    /// Plans (and applies) a copy of `request`'s caller in which its call is promoted to a call of the accessor's
+    /// copy serving `site` (and siblings a static reading of the accessor locates). `olds`: live patches whose
+    /// copies hold the caller or the accessor, merged into this one (the first keeps its id, `owner`): their
+    /// promotions and sites are kept, their entries retargeted or restored, their copies evicted into the new one.
+    package func promote(_ site: ExitSite, located: LocatedInstruction, registersAtExit: Registers?, request: PromotionRequest,
+                         siblings: [ExitSite] = [], olds: [AppliedPatch], owner: Int) throws(DMPRefusal) -> PlanOutcome {
+        let probeCode = GuestRange(start: implant.area.start, size: Implant.pageSize)
+        let placement = try implant.placement(for: ImplantSite(located), code: probeCode, data: [implant.dataProbe], memory: vm.memory)
+        // The promotions the old copies made of the same caller, with this one merged in.
+        var promotions = olds.compactMap(\.copy).filter { $0.function.start == request.caller }.flatMap(\.promotions)
+        if let k = promotions.firstIndex(where: { $0.site == request.promotion.site }) {
+            guard promotions[k].target == request.promotion.target else {
+                throw DMPRefusal(.plan, "the promoted call at \(hex(request.promotion.site)) was planned with another target")
+            }
+            if !promotions[k].accessors.contains(request.accessor) {
+                guard promotions[k].accessors.count < CallPromotion.maximumAccessors else {
+                    throw DMPRefusal(.plan, "the call at \(hex(request.promotion.site)) already compares \(CallPromotion.maximumAccessors) accessors")
+                }
+                promotions[k].accessors.append(request.accessor)
+            }
+        } else {
+            promotions.append(request.promotion)
+        }
+        // Old copies of the accessor alone (served through their own entries) keep their sites: their grants go
+        // into the accessor's copy, whose entry is now the promoted call.
+        let served = Set(olds.flatMap(\.grants).map(\.plan.virtualAddress))
+        var added: [Grant] = []
+        let memoryTarget = PatchPlanner.memoryTarget(of: located, registers: registersAtExit)
+        if !served.contains(located.virtualAddress) {
+            added.append(try grant(for: site, instruction: located.instruction, virtualAddress: located.virtualAddress,
+                                   physicalAddress: located.physicalAddress, memoryTarget: memoryTarget, cpl: located.cpl,
+                                   placement: placement, paging: located.paging, kick: ringKick(for: located)))
+        }
+        do throws(DMPRefusal) {
+            let image = codeImage(paging: located.paging)
+                .restoring(olds.flatMap(\.writes).map { PatchWrite(address: $0.virtual, original: $0.original, replacement: $0.replacement) })
+            let oldSites = Set(olds.flatMap(\.sites))
+            added += siblingGrants(siblings.filter { !oldSites.contains($0) }, of: located, placement: placement, image: image,
+                                   primary: (site, memoryTarget))
+                .filter { !served.contains($0.plan.virtualAddress) && $0.plan.virtualAddress != located.virtualAddress }
+            return try functionCopy(located, olds.flatMap(\.grants) + added, placement: placement, owner: owner,
+                                    rebuilding: olds, promotions: promotions)
+        } catch {
+            revoke(added)
+            throw error
+        }
+    }
+}
