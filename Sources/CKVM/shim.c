@@ -95,6 +95,24 @@ static __thread uintptr_t ckvm_tag;
 void ckvm_set_thread_tag(uintptr_t tag) { ckvm_tag = tag; }
 uintptr_t ckvm_thread_tag(void) { return ckvm_tag; }
 
+#include <sched.h>
+int ckvm_get_affinity(uint64_t *mask, size_t words) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof set, &set) != 0) return errno;
+    for (size_t w = 0; w < words; w++) mask[w] = 0;
+    for (size_t c = 0; c < CPU_SETSIZE && c / 64 < words; c++)
+        if (CPU_ISSET(c, &set)) mask[c / 64] |= (uint64_t)1 << (c % 64);
+    return 0;
+}
+int ckvm_set_affinity(const uint64_t *mask, size_t words) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    for (size_t c = 0; c < CPU_SETSIZE && c / 64 < words; c++)
+        if (mask[c / 64] & ((uint64_t)1 << (c % 64))) CPU_SET(c, &set);
+    return sched_setaffinity(0, sizeof set, &set) == 0 ? 0 : errno;
+}
+
 size_t ckvm_run_size(void) { return sizeof(struct kvm_run); }
 
 #include <stddef.h>

@@ -32,8 +32,25 @@ public struct DMPConfiguration: Sendable {
     public var userModeFastPaths = false
     /// Whether to measure every patch and undo those that do not pay.
     public var verify = true
-    /// Exits of the site after a patch before it is judged (hits served in the guest count too).
+    /// Exits of the site after a patch before it is judged (hits served in the guest count too): whether it is
+    /// entered at all, and for code at CPL0 (whose bodies may run emulated) its rate of accesses against the
+    /// rate before the patch.
     public var verifyAfterAccesses: Int = 4096
+    /// Accesses of a patched site (served in the guest or fallen back) that make one verification window. Each
+    /// window's cost per access (exits, kicks and wait iterations) is judged against the one exit per access the
+    /// site cost unpatched, over the patch's whole life.
+    public var verifyWindowAccesses: Int = 128
+    /// A window this old closes with what it has: judged with at least an eighth of ``verifyWindowAccesses``
+    /// accesses, otherwise skipped as idle (a site the guest stopped using is not undone).
+    public var verifyWindowSeconds: Double = 1
+    /// The cost per access, in exits, above which a window loses; at half of it or less a window pays and ends
+    /// a losing streak.
+    public var verifyCostLimit: Double = 0.9
+    /// Windows lost in a row after which the patch is undone.
+    public var verifyLosingWindows: Int = 3
+    /// How many iterations of a synchronous ring append's wait for the consumer count as one exit. On this
+    /// machine class an iteration (a load and `pause`) takes about 25 ns natively and an exit from CPL3 20–40 µs.
+    public var waitIterationsPerExit: Int = 1000
     /// The first back-off, in exits of the site, before an undone site may be patched again; it doubles on every undo.
     public var initialBackoff: Int = 1 << 14
     /// Undos after which a site is never patched again.

@@ -70,8 +70,9 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         /// Patches that had served nothing at their first verification: their sites were re-armed in every
         /// detector, so that the original instruction becoming hot again shows the patch is never entered.
         var entryChecks: Set<Int> = []
-        /// Patches whose rate was judged once and found to pay: a site the guest stops using later (its loop
-        /// ended, the program moved on) is not undone for the accesses per second falling.
+        /// Patches past their one-time check (entered at all; for CPL0 code, the rate of accesses against the rate
+        /// before the patch): a site the guest stops using later is not undone for the accesses per second falling.
+        /// Their costs per access keep being judged in windows (``VerifyWindow``).
         var judged: Set<Int> = []
         /// Patches merged into another by a call promotion: an undo that waited for the merge goes to that one.
         var mergedInto: [Int: Int] = [:]
@@ -326,24 +327,31 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     private func chargeImplantExit(owner: Int, rip: UInt64, site: ExitSite) -> ExitSite? {
         state.withLock { s -> ExitSite? in
             guard let p = s.patches[owner] else { return nil }
+            // A body's kick of the ring poller is an exit the patch causes, not another access.
+            let kick = site.kind == .io && site.direction == .write && planner?.kickPort.map { UInt64($0) == site.address } == true
             guard let copy = p.copy else {
-                // A stub: every exit from it is its site's fallback.
-                if let served = p.sites.first { s.sites[served]?.report.exitsWhilePatched += 1 }
+                // A stub: every exit from it is its site's fallback or kick.
+                if let served = p.sites.first { DMPMiddleware.charge(&s.sites[served], kick: kick) }
                 return nil
             }
             guard let original = (p.copy(holding: rip) ?? copy).originalAddress(of: rip) else { return nil }
-            // A fallback of a served access, or a body's kick of the ring poller (an exit the patch causes);
-            // another access of the same instruction (an out-of-line `outb` called for a port no route
-            // serves) counts as the original instruction's, a site of its own.
-            let kick = site.kind == .io && site.direction == .write && planner?.kickPort.map { UInt64($0) == site.address } == true
+            // A fallback of a served access, or a body's kick; another access of the same instruction (an
+            // out-of-line `outb` called for a port no route serves) counts as the original instruction's,
+            // a site of its own.
             if let served = p.sites.first(where: { ($0.kind == site.kind && $0.address == site.address && $0.size == site.size
                                                     && $0.direction == site.direction || kick)
                                                    && s.sites[$0]?.report.instructionAddress == original }) {
-                s.sites[served]?.report.exitsWhilePatched += 1
+                DMPMiddleware.charge(&s.sites[served], kick: kick)
                 return nil
             }
             return ExitSite(rip: original, kind: site.kind, address: site.address, size: site.size, direction: site.direction)
         }
+    }
+
+    /// Counts an exit from implanted code against its site: a fallback, or a kick (both are exits the patch did not save).
+    private static func charge(_ record: inout SiteRecord?, kick: Bool) {
+        record?.report.exitsWhilePatched += 1
+        if kick { record?.report.kicksWhilePatched += 1 }
     }
 
     /// Locates the instruction of `site`, asks the device, chooses a shape, encodes it and patches it in.
@@ -473,9 +481,14 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                 r.hits = sp.hitCounter.map { c in
                     HitCount(counter: c, ring: sp.ring.flatMap { i in
                         consumedBefore.indices.contains(i) ? (i, rings?.slotCount ?? 0, consumedBefore[i]) : nil
-                    }, now: beforePatch)
+                    }, waits: sp.waitCounter, now: beforePatch)
                 }
                 r.report.hitCounterDistrust = nil
+                r.report.waitIterations = 0
+                // Verification windows run from the moment the patch is live.
+                r.window = outcome.applied == nil ? nil : VerifyWindow(at: r.costs)
+                r.report.windowsJudged = 0
+                r.report.lastWindowCost = nil
                 r.patchID = outcome.applied == nil ? nil : id
                 if r.baselineRate == nil, sp.site != site { r.baselineRate = s.sites[site]?.baselineRate }
                 s.sites[sp.site] = r
@@ -569,11 +582,20 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         verifyPatches()
     }
 
-    /// Compares each patched site's rate of accesses with its rate before the patch; undoes patches that did not pay.
+    /// Judges every patch by its sites' costs (``VerifyWindow``) over its whole life; undoes patches that stopped paying.
+    ///
+    /// - Each trusted site's window of accesses is judged against one exit per access: exits (fallbacks and kicks) and
+    ///   wait iterations per access; ``DMPConfiguration/verifyLosingWindows`` losing windows in a row undo the patch.
+    ///   Idle windows judge nothing.
+    /// - Once, at ``DMPConfiguration/verifyAfterAccesses`` accesses or a second of age: a patch that served nothing
+    ///   is watched for never being entered; a patch of CPL0 code (whose bodies may run emulated, a cost no count
+    ///   shows) is compared by its rate of accesses with the rate before the patch.
+    /// - A site whose hit or wait counter the guest wrote is judged by its exits alone, against the rate before.
     private func verifyPatches() {
         guard let vm else { return }
         var verdicts: [(Int, DMPRefusal)] = []
         var rearm: [ExitSite] = []
+        let now = ContinuousClock.now
         state.withLock { s in
             for (id, p) in s.patches {
                 let age = Double(nanoseconds(since: p.appliedAt)) / 1e9
@@ -581,19 +603,35 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                 var accesses = 0.0, exits = 0
                 var baseline = 0.0
                 var trusted = true
+                var userMode = true
+                var lost: String?
                 for site in p.sites {
                     guard var r = s.sites[site] else { continue }
                     let n = observeHits(&r, memory: vm.memory)
-                    s.sites[site] = r
-                    accesses += Double(n + UInt64(r.report.exitsWhilePatched))
+                    accesses += Double(n + UInt64(r.report.exitsWhilePatched - r.report.kicksWhilePatched))
                     exits += r.report.exitsWhilePatched
                     baseline += r.baselineRate ?? 0
                     trusted = trusted && r.report.hitCounterDistrust == nil
+                    userMode = userMode && r.report.userMode
+                    if r.report.hitCounterDistrust == nil, var w = r.window {
+                        if case .loses = w.observe(r.costs, now: now, configuration: configuration), w.shouldUndo(configuration),
+                           lost == nil {
+                            lost = "\(r.report.location.isEmpty ? hex(site.rip) : r.report.location): \(w.reason(configuration))"
+                        }
+                        r.window = w
+                        r.report.windowsJudged = w.judged
+                        r.report.lastWindowCost = w.last?.costPerAccess
+                    }
+                    s.sites[site] = r
                 }
                 if accesses == Double(exits), !s.entryChecks.contains(id) {
                     // Nothing served yet: watch the original instructions (undone in `candidate` if they get hot again).
                     s.entryChecks.insert(id)
                     rearm += p.sites
+                }
+                if let lost {
+                    verdicts.append((id, DMPRefusal(.verify, lost)))
+                    continue
                 }
                 guard accesses >= Double(configuration.verifyAfterAccesses) || age >= 1 else { continue }
                 let rate = accesses / age
@@ -602,10 +640,8 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                     if baseline > 0 && Double(exits) / age > baseline * 0.5 {
                         verdicts.append((id, DMPRefusal(.verify, "a hit counter was written by the guest and \(exits) exits in \(fixed(age, 2)) s are more than half the rate before the patch")))
                     }
-                } else if baseline > 0 && rate < baseline * 0.9 && !s.judged.contains(id) {
-                    verdicts.append((id, DMPRefusal(.verify, "slower with the patch: \(fixed(rate, 0)) accesses/s against \(fixed(baseline, 0)) before")))
-                } else if accesses > 0 && Double(exits) > accesses * 0.5 {
-                    verdicts.append((id, DMPRefusal(.verify, "\(exits) of \(Int(accesses)) accesses still exited")))
+                } else if !userMode, baseline > 0 && rate < baseline * 0.9 && !s.judged.contains(id) {
+                    verdicts.append((id, DMPRefusal(.verify, "slower with the patch: \(fixed(rate, 0)) accesses/s against \(fixed(baseline, 0)) before (CPL0 code, whose bodies may run emulated)")))
                 }
                 if trusted, verdicts.last?.0 != id { s.judged.insert(id) }
             }
@@ -626,6 +662,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         let n = h.observe(memory) { i in rings.map { $0.statistics(ring: i).consumed } }
         r.hits = h
         r.report.hitsServed = n
+        r.report.waitIterations = h.waited
         if let why = h.distrust, r.report.hitCounterDistrust == nil {
             r.report.hitCounterDistrust = why
             logger.notice("hit counter untrusted", metadata: ["site": "\(describe(r.report.site))", "reason": "\(why)"])
@@ -663,6 +700,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                 }
                 observeHits(&r, memory: vm.memory)
                 r.patchID = nil
+                r.window = nil
                 r.report.state = .undone
                 r.report.refusal = reason
                 if backOff {

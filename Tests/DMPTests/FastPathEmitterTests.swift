@@ -24,6 +24,7 @@ enum StubLayout {
     static let asyncRing = RingMapping(base: ring, slotCount: 8, synchronous: false)
     static let syncRing = RingMapping(base: ring, slotCount: 512, synchronous: true, kick: .port(0x704))
     static let kickedRing = RingMapping(base: ring, slotCount: 512, synchronous: false, kick: .port(0x704))
+    static let countedSyncRing = RingMapping(base: ring, slotCount: 512, synchronous: true, kick: .port(0x704), waitCounter: hits + 8)
 }
 
 /// A body shape: an instruction and the routes it serves.
@@ -55,6 +56,8 @@ let bodyCases: [BodyCase] = {
         ]),
         BodyCase(name: "mov [rsi+0x40], eax: synchronous ring with a kick (doorbell)", bytes: [0x89, 0x46, 0x40],
                  routes: [L.route(.memory(L.wideTarget), width: 4, .write, .ringAppend(ring: 1, mode: .synchronous), ring: L.syncRing)]),
+        BodyCase(name: "mov [rsi+0x40], eax: synchronous ring with a kick and a wait counter", bytes: [0x89, 0x46, 0x40],
+                 routes: [L.route(.memory(L.wideTarget), width: 4, .write, .ringAppend(ring: 1, mode: .synchronous), ring: L.countedSyncRing)]),
         BodyCase(name: "mov dword [rdi+rcx*4+8], 7: ring", bytes: [0xc7, 0x44, 0x8f, 0x08, 0x07, 0x00, 0x00, 0x00],
                  routes: [L.route(.memory(0x10_0000), width: 4, .write, .ringAppend(ring: 0, mode: .asynchronous), ring: L.asyncRing)]),
         BodyCase(name: "mov [rbx], ah: ring from a high byte", bytes: [0x88, 0x23],
@@ -138,6 +141,7 @@ func stub(_ c: BodyCase) throws -> (instruction: X86Instruction, bytes: [UInt8],
             for ring in (r.ring.map { [$0] } ?? []) + r.pendingRings {
                 data.formUnion([ring.base, ring.base + PVRingLayout.flagsOffset, ring.base + PVRingLayout.consumerOffset,
                                 ring.base + PVRingLayout.slotsOffset])
+                if let w = ring.waitCounter { data.insert(w) }
             }
         }
         for x in d where x.encoding.isRIPRelative && !body.fallback.contains(x.address) {
@@ -151,6 +155,25 @@ func stub(_ c: BodyCase) throws -> (instruction: X86Instruction, bytes: [UInt8],
         }
         // Only 8-byte lock cmpxchg, never cmpxchg16b.
         #expect(d.filter { $0.mnemonic.contains("cmpxchg") }.allSatisfy { $0.description.contains("qword") && $0.mnemonic == "lock cmpxchg" && $0.groups.contains(.locked) })
+    }
+
+    @Test("a synchronous append with a wait counter adds limit - n (the iterations it waited) once, after its wait, then kicks only if n ran out")
+    func waitCounter() throws {
+        let counted = try stub(try #require(bodyCases.first { $0.name.contains("wait counter") }))
+        let plain = try stub(try #require(bodyCases.first { $0.name == "mov [rsi+0x40], eax: synchronous ring with a kick (doorbell)" }))
+        let d = counted.decoded
+        let adds = d.indices.filter { d[$0].description.hasPrefix("add qword ptr [rip") }
+        #expect(adds.count == 1)
+        let k = try #require(adds.first)
+        let m = try #require(d[k].memoryOperands.first?.memory)
+        #expect(d[k].nextAddress &+ UInt64(bitPattern: m.displacement) == StubLayout.hits + 8)
+        #expect(d[k].description.hasSuffix(", rax"))
+        #expect(d[k - 2].description == "mov eax, 0x10000" && d[k - 1].mnemonic == "sub" && d[k - 1].operandText.hasPrefix("eax, "))
+        // n == 0: the wait ran out, fall through to the kick; otherwise served.
+        #expect(d[k + 1].mnemonic == "test" && d[k + 2].mnemonic == "jne")
+        #expect(d.filter { $0.mnemonic == "pause" }.count == plain.decoded.filter { $0.mnemonic == "pause" }.count)
+        // Without a wait counter the body is the one it was.
+        #expect(!plain.decoded.contains { $0.description.hasPrefix("add qword ptr [rip") })
     }
 
     @Test("scratch registers are never ones the instruction names, except rax (and rdx for a port kick), which are saved first",

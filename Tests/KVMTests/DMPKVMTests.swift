@@ -12,10 +12,13 @@ struct DMPLibraryRun {
     let latencies: [PatchLatency]
 
     /// `prepare`: runs on the new VM before anything is installed (exit handlers of a test, first in the chain).
-    init(_ image: String, commandLine: String, dmp: Bool = true, cpus: Int = 1,
+    /// `hostCPUs`: pins the VM's threads (vCPUs, ring poller, timer) to these host CPUs.
+    init(_ image: String, commandLine: String, dmp: Bool = true, cpus: Int = 1, hostCPUs: [Int]? = nil,
          configure: (inout DMPConfiguration) -> Void = { _ in },
          prepare: (VirtualMachine) throws -> Void = { _ in }) throws {
-        let vm = try VirtualMachine(backend: try KVMSystem(), configuration: VMConfiguration(memorySize: 64 << 20, vcpuCount: cpus))
+        var vmConfiguration = VMConfiguration(memorySize: 64 << 20, vcpuCount: cpus)
+        vmConfiguration.hostCPUs = hostCPUs
+        let vm = try VirtualMachine(backend: try KVMSystem(), configuration: vmConfiguration)
         try prepare(vm)
         let console = CapturedOutput()
         let devices = try StandardDevices.install(on: vm, console: console.sink())

@@ -1,4 +1,5 @@
 import Testing
+import Synchronization
 import VMMKit
 import VMMKitTesting
 #if canImport(Glibc)
@@ -186,5 +187,51 @@ struct InterruptedCallTests {
             try InterruptedCall.retrying(9) { () throws(BackendError) -> Int in calls += 1; throw BackendError("KVM_CREATE_VM", errno: .outOfMemory) }
         }
         #expect(calls == 1)
+    }
+}
+
+@Suite("Host CPU pinning")
+struct HostCPUPinningTests {
+    @Test("VMConfiguration.hostCPUs pins the vCPU and timer threads to the CPU given; the starting thread keeps its own affinity")
+    func pinsThreads() throws {
+        let allowed = VirtualMachine.allowedHostCPUs
+        let cpu = try #require(allowed.last, "the host reported no CPU affinity")
+        let mock = MockHypervisor()
+        var c = VMConfiguration(memorySize: 4 << 20, vcpuCount: 2)
+        c.hostCPUs = [cpu]
+        let vm = try VirtualMachine(backend: mock, configuration: c)
+        let seen = Mutex<[[Int]]>([])
+        vm.addExitHandler(ClosureExitHandler { exit, _ in
+            guard case .io = exit else { return .pass }
+            seen.withLock { $0.append(VirtualMachine.allowedHostCPUs) }
+            return .handled
+        })
+        let timer = Mutex<[Int]?>(nil)
+        vm.addPeriodicTask(every: 100_000) { _ throws(VMError) in
+            timer.withLock { if $0 == nil { $0 = VirtualMachine.allowedHostCPUs } }
+            return nil
+        }
+        mock.vcpu(0)?.script([out(0x80, 1)])
+        mock.vcpu(1)?.script([out(0x80, 2)])
+        #expect(try vm.run() == .halted)
+        #expect(seen.withLock { $0 } == [[cpu], [cpu]])
+        #expect(timer.withLock { $0 } == nil || timer.withLock { $0 } == [cpu])
+        #expect(VirtualMachine.allowedHostCPUs == allowed, "the thread that started the VM is not left pinned")
+    }
+
+    @Test("a host CPU the host refuses: start throws invalidConfiguration and nothing runs")
+    func refusedCPU() throws {
+        let mock = MockHypervisor()
+        var c = VMConfiguration(memorySize: 4 << 20)
+        c.hostCPUs = [1 << 20]
+        let vm = try VirtualMachine(backend: mock, configuration: c)
+        mock.vcpu(0)?.script([out(0x80, 1)])
+        #expect {
+            try vm.run()
+        } throws: { e in
+            guard case VMError.invalidConfiguration(let why) = e else { return false }
+            return why.contains("sched_setaffinity")
+        }
+        #expect(!vm.isRunning)
     }
 }

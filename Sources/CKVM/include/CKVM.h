@@ -137,6 +137,13 @@ static inline void ckvm_serialize(void) {
 void ckvm_set_thread_tag(uintptr_t tag);
 uintptr_t ckvm_thread_tag(void);
 
+// MARK: host CPU affinity of the calling thread (sched_getaffinity/sched_setaffinity need _GNU_SOURCE)
+/// Fills `mask` (`words` 64-bit words, CPU n at bit n % 64 of word n / 64) with the calling thread's
+/// allowed CPUs. Returns 0 or an errno.
+int ckvm_get_affinity(uint64_t *mask, size_t words);
+/// Restricts the calling thread to the CPUs set in `mask` (as above). Returns 0 or an errno.
+int ckvm_set_affinity(const uint64_t *mask, size_t words);
+
 // MARK: timing
 /// The time-stamp counter (for in-process benchmarks of the exit path).
 static inline uint64_t ckvm_rdtsc(void) {

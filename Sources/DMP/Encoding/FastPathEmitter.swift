@@ -523,7 +523,8 @@ private struct BodyEmitter {
 
     /// The ring v2 producer (PVRingLayout, Guests/include/ring.inc): hint, one 8-byte
     /// `lock cmpxchg` claims and publishes, help move the hint, bounded loops; a
-    /// synchronous append waits, bounded, for the consumer index to pass its entry.
+    /// synchronous append waits, bounded, for the consumer index to pass its entry, and adds the
+    /// iterations it waited to the ring's wait counter (``RingMapping/waitCounter``), if it has one.
     func ringAppend(_ ring: RingMapping, fallback: X86Assembler.Label, _ a: inout X86Assembler) throws(DMPRefusal) {
         guard let v = valueRegister else { return }
         let t = temps
@@ -570,13 +571,22 @@ private struct BodyEmitter {
         if ring.synchronous {
             let wait = a.newLabel()
             try a.mov(r32(n), immediate: UInt64(ring.synchronousWaitLimit))
+            let waited = a.newLabel()
             try a.bind(wait)
             try a.mov(.rax, .at(ring.base &+ PVRingLayout.consumerOffset))
             try a.sub(.rax, p)                                       // consumer - p > 0: applied
-            try a.jcc(.g, .label(served))
+            try a.jcc(.g, .label(ring.waitCounter == nil ? served : waited))
             a.pause()
             try a.dec(r32(n))
             try a.jcc(.ne, .label(wait))                             // waited long enough: kick
+            if let counter = ring.waitCounter {
+                try a.bind(waited)                                   // the iterations waited, for verification
+                try a.mov(.eax, immediate: UInt64(ring.synchronousWaitLimit))
+                try a.sub(.eax, r32(n))
+                try a.arithmetic(.add, .at(counter), .rax)
+                try a.test(r32(n), r32(n))                           // n > 0: applied in time
+                try a.jcc(.ne, .label(served))
+            }
         }
         if let k = ring.kick {
             if !ring.synchronous { try a.jmp(.label(served)) }

@@ -69,11 +69,15 @@ package struct RingMapping: Hashable, Sendable {
     /// as `Guests/include/ring.inc` does. `nil`: no kick; a synchronous producer whose wait ran
     /// out just goes on (the entry is applied at the next exit, drain or timer).
     package var kick: FastPathRoute.Target?
+    /// For a synchronous producer: a 64-bit counter (guest-virtual, implant data page) to which each append
+    /// adds the iterations its wait for the consumer took (at most ``synchronousWaitLimit``; plain `add`, not
+    /// locked), so verification sees time spent waiting that causes no exit. `nil`: not counted.
+    package var waitCounter: UInt64?
 
     /// Creates a mapping.
     package init(base: UInt64, slotCount: UInt32, synchronous: Bool, spinLimit: UInt32 = 4096,
-                 synchronousWaitLimit: UInt32 = 1 << 16, kick: FastPathRoute.Target? = nil) {
+                 synchronousWaitLimit: UInt32 = 1 << 16, kick: FastPathRoute.Target? = nil, waitCounter: UInt64? = nil) {
         self.base = base; self.slotCount = slotCount; self.synchronous = synchronous; self.spinLimit = spinLimit
-        self.synchronousWaitLimit = synchronousWaitLimit; self.kick = kick
+        self.synchronousWaitLimit = synchronousWaitLimit; self.kick = kick; self.waitCounter = waitCounter
     }
 }

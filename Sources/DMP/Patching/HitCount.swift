@@ -28,6 +28,16 @@ import VMMKit
 /// one hit per nanosecond; for ring appends it is the ring's consumed count.
 /// Either way the counter only steers the report and verification, never what
 /// the guest observes.
+///
+/// A synchronous ring append also has a *wait counter*, the word after the hit
+/// counter, to which each append adds the iterations it waited for the consumer
+/// (at most the wait limit) before it counts its hit. Its change is accepted
+/// under the same rules: it did not decrease, it is at most one iteration per
+/// nanosecond (each iteration holds a `pause`), and its total since the patch
+/// is at most the wait limit times the hits counted plus a few appends in
+/// flight (the counter is read before the hit counter). An implausible wait
+/// counter makes the whole site untrusted. A guest that raises it plausibly can
+/// only make its own patch look slower (undone, then retried after back-off).
 package struct HitCount: Sendable {
     /// The counter's guest-physical address.
     package let counter: GuestAddress
@@ -45,13 +55,26 @@ package struct HitCount: Sendable {
     package private(set) var counted: UInt64 = 0
     /// Why the counter stopped being believed, once it did.
     package private(set) var distrust: String?
+    /// For a synchronous ring append: the wait counter's guest-physical address.
+    package let waitCounter: GuestAddress?
+    /// The most iterations one append adds to the wait counter.
+    private let waitLimit: UInt64
+    /// The wait counter at the last plausible reading.
+    private var lastWaits: UInt64 = 0
+    /// Wait iterations accepted since the patch.
+    package private(set) var waited: UInt64 = 0
+    /// Appends that may have added their wait but not yet counted their hit when the counters are read.
+    static let appendsInFlight: UInt64 = 8
 
     /// A counter the planner just zeroed, for a patch not live yet (`now` is taken before it goes live).
     /// - Parameters:
     ///   - ring: the ring of a ring-append fast path, with its slot count and its consumed count now.
+    ///   - waits: a synchronous append's wait counter (zeroed with the hit counter) and its wait limit.
     package init(counter: GuestAddress, ring: (index: Int, slotCount: UInt32, consumed: Int)?,
-                 now: ContinuousClock.Instant = .now) {
+                 waits: (address: GuestAddress, limit: UInt32)? = nil, now: ContinuousClock.Instant = .now) {
         self.counter = counter
+        self.waitCounter = waits?.address
+        self.waitLimit = UInt64(waits?.limit ?? 0)
         self.ring = ring?.index
         self.slotCount = UInt64(ring?.slotCount ?? 0)
         self.consumedAtPatch = ring?.consumed ?? 0
@@ -67,9 +90,26 @@ package struct HitCount: Sendable {
     package mutating func observe(_ memory: GuestMemory, consumed: (Int) -> Int?) -> UInt64 {
         guard distrust == nil else { return counted }
         let before = ContinuousClock.now
+        // The wait counter first: an append adds its wait before it counts its hit.
+        var waits: UInt64?
+        if let w = waitCounter {
+            guard let v = try? memory.read(UInt64.self, at: w) else { return counted }
+            waits = v
+        }
         guard let value = try? memory.read(UInt64.self, at: counter) else { return counted }
         let delta = value &- last
         let elapsed = nanoseconds(from: lastAt, to: .now)
+        if let waits {
+            let d = waits &- lastWaits
+            let bound = waitLimit.multipliedReportingOverflow(by: counted &+ min(delta, elapsed) &+ HitCount.appendsInFlight)
+            if d > elapsed || (!bound.overflow && waited &+ d > bound.partialValue) {
+                distrust = waits < lastWaits
+                    ? "the guest wrote the wait counter (it went down from \(lastWaits) to \(waits))"
+                    : "the guest wrote the wait counter (up \(d) in \(elapsed) ns; \(waited &+ d) iterations for "
+                        + "\(counted &+ delta) appends of at most \(waitLimit) each)"
+                return counted
+            }
+        }
         if delta > elapsed {
             distrust = value < last
                 ? "the guest wrote the hit counter (it went down from \(last) to \(value))"
@@ -87,6 +127,10 @@ package struct HitCount: Sendable {
         counted &+= delta
         last = value
         lastAt = before
+        if let waits {
+            waited &+= waits &- lastWaits
+            lastWaits = waits
+        }
         return counted
     }
 }

@@ -94,6 +94,8 @@ package final class PatchPlanner {
                 }
                 ring = try mappedRing(index, synchronous: mode == .synchronous, cpl: cpl, placement: placement, paging: paging,
                                       kick: kick)
+                // A synchronous append counts the iterations it waits, in the word after its hit counter.
+                if mode == .synchronous { ring?.waitCounter = placement.virtualAddress(of: GuestAddress(hitsGPA.rawValue &+ 8)) }
                 if !configuration.dryRun { rings?.producerAttached() }
             }
             // A read the device did not declare independent of its pending ring entries is served
@@ -130,6 +132,9 @@ package final class PatchPlanner {
                             userMode: cpl == 3, enableWord: configuration.dryRun ? nil : word,
                             grant: configuration.dryRun ? nil : (space, site.address), hitCounter: hitsGPA, data: data)
         if case .ringAppend(let index, _) = granted.kind { plan.ring = index }
+        if let r = ring, r.waitCounter != nil {
+            plan.waitCounter = (GuestAddress(hitsGPA.rawValue &+ 8), r.synchronousWaitLimit)
+        }
         return Grant(route: route, plan: plan)
     }
 
@@ -639,7 +644,8 @@ extension PatchPlanner {
         guard !configuration.dryRun else {
             return PlanOutcome(applied: nil, strategy: strategy, sites: fresh, pausedNanoseconds: 0)
         }
-        for s in fresh { if let h = s.hitCounter { try? vm.memory.writeAsGuardOwner([UInt8](repeating: 0, count: 8), at: h) } }
+        // The hit counter and the wait counter after it start at zero.
+        for s in fresh { if let h = s.hitCounter { try? vm.memory.writeAsGuardOwner([UInt8](repeating: 0, count: 16), at: h) } }
         implant.registerOwner(owner, code: code, placement: placement)
         // The implanted code is guarded too: a guest that overwrites it undoes the patches that enter it.
         var codePages: [UInt64] = []

@@ -18,9 +18,12 @@ package struct SitePlan: Sendable {
     package var grant: (space: BusSpace, address: UInt64)?
     /// The hit counter's guest-physical address.
     package var hitCounter: GuestAddress?
-    /// The site's data chunk in the implant (its enable word and hit counter, each in a cache line
-    /// of its own): the pages the implant mapping check walks for this site's data.
+    /// The site's data chunk in the implant (its enable word, and its hit counter with the wait counter
+    /// after it, each in a cache line of its own): the pages the implant mapping check walks for this site's data.
     package var data: GuestRange?
     /// For a ring-append fast path, the ring it appends to (its consumed count bounds the hit counter).
     package var ring: Int?
+    /// For a synchronous ring append: its wait counter's guest-physical address (the word after the hit
+    /// counter) and the most iterations one append adds to it.
+    package var waitCounter: (address: GuestAddress, limit: UInt32)?
 }

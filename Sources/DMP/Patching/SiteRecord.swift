@@ -20,6 +20,15 @@ package struct SiteRecord: Sendable {
     package var retryAtExits: Int?
     /// When the site became hot (for hot-to-patched time).
     package var hotAt: ContinuousClock.Instant?
+    /// The patch's verification window over the site (opened when the patch went live).
+    package var window: VerifyWindow?
+
+    /// What the site cost since DMP first saw it patched: hits and wait iterations of the current patch,
+    /// exits and kicks charged over all its patches (a window takes differences).
+    package var costs: SiteCosts {
+        SiteCosts(hits: hits?.counted ?? 0, exits: report.exitsWhilePatched, kicks: report.kicksWhilePatched,
+                  waitIterations: hits?.waited ?? 0)
+    }
 
     /// A new record for a site that became hot.
     package init(report: PatchSite) { self.report = report }

@@ -23,6 +23,14 @@ public enum DMPReport {
             out += "\nrefused or undone:\n"
             for s in notes { out += "  \(s.location) (\(access(s.site))): \(s.state.rawValue): \(s.refusal?.description ?? "")\n" }
         }
+        let verified = sites.filter { $0.windowsJudged > 0 && $0.state == .patched }
+        if !verified.isEmpty {
+            out += "\nverified (cost per access in exits, unpatched 1; windows judged, kicks, wait iterations):\n"
+            for s in verified {
+                out += "  \(s.location) (\(access(s.site))): \(fixed(s.lastWindowCost ?? 0, 3)) in the last of \(s.windowsJudged) windows; "
+                    + "\(s.kicksWhilePatched) kicks, \(s.waitIterations) wait iterations\n"
+            }
+        }
         let distrusted = sites.filter { $0.hitCounterDistrust != nil }
         if !distrusted.isEmpty {
             out += "\nhit counters written by the guest (served counts kept at their last plausible value):\n"

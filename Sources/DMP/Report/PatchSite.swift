@@ -39,8 +39,18 @@ public struct PatchSite: Hashable, Sendable, CustomStringConvertible {
     public var exitsBefore: Int
     /// Accesses served in the guest by the implant: its hit counter, believed only while its changes are plausible (see ``hitCounterDistrust``).
     public var hitsServed: UInt64
-    /// Exits the site caused while patched (fallbacks).
+    /// Exits the site caused while patched: fallbacks (the original instruction ran) and kicks of the ring poller.
     public var exitsWhilePatched: Int
+    /// Of ``exitsWhilePatched``, the kicks: a served ring append that found the poller asleep, or whose bounded
+    /// wait for the consumer ran out, and wrote the kick register (an exit, not another access).
+    public var kicksWhilePatched: Int = 0
+    /// Iterations the site's synchronous ring appends spent waiting for the consumer while patched (their wait
+    /// counter, believed only while plausible, like the hit counter).
+    public var waitIterations: UInt64 = 0
+    /// Verification windows judged while patched (idle ones not counted).
+    public var windowsJudged: Int = 0
+    /// The cost per access, in exits, of the last verification window judged (nil before the first).
+    public var lastWindowCost: Double?
     /// Nanoseconds from the site becoming hot to every vCPU resuming with the patch in place.
     public var hotToPatchedNanoseconds: UInt64?
     /// Why it was refused or undone.

@@ -25,6 +25,10 @@ public struct VMConfiguration: Sendable {
     public var slotGranularity: UInt64 = 2 << 20
     /// Log the guest's writes to RAM (`KVM_MEM_LOG_DIRTY_PAGES`); read them with ``MemorySlots/dirtyPages()``.
     public var logDirtyPages: Bool = false
+    /// Host CPUs every thread the VM starts runs on: its vCPU threads, its service threads (the ring
+    /// poller) and its timer (nil: wherever the host schedules them). ``VirtualMachine/start()`` throws when
+    /// the host refuses the set. For tests that put the vCPU and the ring poller on one CPU.
+    package var hostCPUs: [Int]?
 
     /// Where RAM ends below 4 GiB: `[lowMemoryLimit, 4 GiB)` is left for MMIO
     /// (the doorbell, the LAPIC and IOAPIC, the TSS pages), and RAM beyond it continues at 4 GiB.

@@ -163,6 +163,9 @@ public final class VirtualMachine: @unchecked Sendable {
         services.append((prepare, run, wake))
     }
 
+    /// The host CPUs the calling thread may run on (where ``VMConfiguration/hostCPUs`` can pin the VM's threads).
+    package static var allowedHostCPUs: [Int] { HostCPUAffinity.current() }
+
     /// Whether a stop was requested or a vCPU stopped the VM (service threads poll this; lock-free).
     var isStopping: Bool { control.stopRequested }
 
@@ -198,6 +201,16 @@ public final class VirtualMachine: @unchecked Sendable {
 
     /// Starts the vCPU threads and returns at once; ``wait()`` for the result.
     public func start() throws(VMError) {
+        // Threads inherit the affinity of the thread that creates them: this one, pinned while it does.
+        var restoreAffinity: [Int]?
+        if let cpus = configuration.hostCPUs {
+            let previous = HostCPUAffinity.current()
+            do { try HostCPUAffinity.set(cpus) } catch {
+                throw VMError.invalidConfiguration("host CPUs \(cpus): \(error)")
+            }
+            restoreAffinity = previous
+        }
+        defer { if let r = restoreAffinity, !r.isEmpty { try? HostCPUAffinity.set(r) } }
         // Slot changes and the start exclude each other: a change made while not
         // running must not overlap vCPUs entering the guest.
         guard slots.withLayoutLocked({ control.begin(vcpuCount: vcpus.count) }) else {
