@@ -55,3 +55,17 @@ extension KVMTests {
         #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
     }
 }
+
+extension KVMTests {
+    @Test("DMP on c-table-cpl3 (gcc -O2): the LSR read behind uart_read's switch jump table is served (the dispatch stays in the copy), the tail-called pio_write8 too; over 90% of the steady exits gone, same output")
+    func dmpJumpTableGuest() throws {
+        let off = try DMPLibraryRun("c-table-cpl3", commandLine: "iters=400", dmp: false)
+        let on = try DMPLibraryRun("c-table-cpl3", commandLine: "iters=400")
+        #expect(on.stop == .guestExit(status: 0))
+        let read = try #require(on.site("uart_read+0x3b"), "\(on.report.map(\.description))")
+        #expect(read.state == .patched && read.hitsServed > 1000, "\(read)")
+        let write = try #require(on.report.first { $0.location == "pio_write8+0x5" && $0.site.address == 0x3f8 })
+        #expect(write.state == .patched && write.hitsServed > 1000, "\(write)")
+        try on.expectSameOutput(as: off, steadyExitsCutBy: 10)
+    }
+}

@@ -31,7 +31,8 @@ package struct HotRewrite: Sendable {
 /// the original targets), hot instructions replaced by their bodies, a 5-byte NOP
 /// after every call and at every loop head so an invalidated copy can be evicted
 /// with one-instruction writes (``evictionWrites``). Indirect jumps stay as they
-/// are (`notrack` kept): they land in the intact original.
+/// are (`notrack` kept): they land in the intact original, except the dispatches
+/// of recognized jump tables (``JumpTable``), which stay in the copy.
 ///
 /// The planner is pure: it reads nothing from the guest and writes nothing.
 package struct FunctionCopy: Sendable {
@@ -68,6 +69,8 @@ package struct FunctionCopy: Sendable {
     package let bytes: [UInt8]
     /// The copy's stretches in address order.
     package let pieces: [Piece]
+    /// The jump tables whose dispatches stay in the copy (their snapshots and translated tables follow the code).
+    package let jumpTables: [JumpTable]
     /// Original instruction address → its corresponding point in the copy (the pad before it, if any).
     private let map: [UInt64: UInt64]
 
@@ -167,8 +170,12 @@ package struct FunctionCopy: Sendable {
     ///
     /// `promotions`: calls of `function` replaced by ``CallPromotion/emit(_:call:entries:into:)``, each calling
     /// copies of its accessors, which `accessors` holds (copied after `function`, in order, with their rewrites).
+    ///
+    /// `jumpTables`: `function`'s jump tables (``JumpTable/find(in:image:)``) whose dispatches stay in the copy;
+    /// ignored where the copy's address is beyond a 32-bit displacement.
     package init(_ function: DecodedFunction, at address: UInt64, rewrites: [HotRewrite] = [],
-                 tables: [CodeAddressTable] = [], promotions: [CallPromotion] = [], accessors: [Accessor] = []) throws(DMPRefusal) {
+                 tables: [CodeAddressTable] = [], promotions: [CallPromotion] = [], accessors: [Accessor] = [],
+                 jumpTables: [JumpTable] = []) throws(DMPRefusal) {
         let parts = [Accessor(function: function, rewrites: rewrites)] + accessors
         var promoted: [UInt64: CallPromotion] = [:]
         for p in promotions {
@@ -208,6 +215,11 @@ package struct FunctionCopy: Sendable {
         self.address = address
         self.promotions = promotions
         self.accessors = accessors.map(\.function)
+        let jumpTables = JumpTable.fitsDisplacement(address) && JumpTable.fitsDisplacement(address &+ 0x10_0000)
+            ? jumpTables.filter { function.index(at: $0.jump) != nil } : []
+        self.jumpTables = jumpTables
+        var dispatches: [UInt64: (table: JumpTable, fixups: JumpTable.Fixups)] = [:]
+        for t in jumpTables { dispatches[t.jump] = (t, JumpTable.Fixups()) }
 
         // One pass through the assembler: a label at every instruction's point (the pad in front of it,
         // if any), bodies emitted at their final addresses, branches inside a function to labels; the
@@ -230,7 +242,8 @@ package struct FunctionCopy: Sendable {
         for part in parts {
             let function = part.function
             let instructions = function.instructions
-            let heads = function.loopHeads
+            // A kept dispatch's targets get pads too (an evicted copy is left there).
+            let heads = function.loopHeads.union(jumpTables.flatMap { $0.targets(in: function) })
             for (k, i) in instructions.enumerated() {
                 if let l = labels[i.address] { try a.bind(l) }
                 if heads.contains(i.address) || (k > 0 && instructions[k - 1].groups.contains(.call)) { try pad(i.address, of: function) }
@@ -246,6 +259,9 @@ package struct FunctionCopy: Sendable {
                     let entries = p.accessors.compactMap { labels[$0].map { X86Assembler.Target.label($0) } }
                     try CallPromotion.emit(p, call: i, entries: entries, into: &a)
                     piece(.rewritten, i.address, from: start)
+                } else if let d = dispatches[i.address] {
+                    try d.table.emitDispatch(replacing: i, into: &a, fixups: &dispatches[i.address, default: d].fixups)
+                    piece(.relocated, i.address, from: start)
                 } else if let b = i.branch {
                     try a.relocate(i, branchTarget: function.contains(b.target) ? labels[b.target].map { .label($0) } : nil)
                     piece(.relocated, i.address, from: start)
@@ -264,12 +280,19 @@ package struct FunctionCopy: Sendable {
                 }
             }
         }
-        self.bytes = try a.finish()
-        self.pieces = pieces
         var map: [UInt64: UInt64] = [:]
         for part in parts {
             for i in part.function.instructions { if let l = labels[i.address], let at = a.address(of: l) { map[i.address] = at } }
         }
+        var placed: [(fixups: JumpTable.Fixups, snapshot: UInt64, translated: UInt64)] = []
+        for t in jumpTables {
+            let (snapshot, translated) = try t.emitTables(into: &a) { map[$0] }
+            placed.append((dispatches[t.jump]?.fixups ?? JumpTable.Fixups(), snapshot, translated))
+        }
+        var bytes = try a.finish()
+        for p in placed { JumpTable.fill(&bytes, fixups: p.fixups, snapshot: p.snapshot, translated: p.translated) }
+        self.bytes = bytes
+        self.pieces = pieces
         self.map = map
     }
 }

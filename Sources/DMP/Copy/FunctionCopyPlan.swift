@@ -53,7 +53,8 @@ package struct FunctionCopyPlan: Sendable {
         if let stray = hot.first(where: { !function.contains($0.address) }) {
             throw DMPRefusal(.plan, "hot instructions in more than one function (0x\(String(stray.address, radix: 16)) is outside \(symbol.name))")
         }
-        let copy = try FunctionCopy(function, at: placement, rewrites: hot, tables: image.tables, promotions: promotions, accessors: accessors)
+        let copy = try FunctionCopy(function, at: placement, rewrites: hot, tables: image.tables, promotions: promotions, accessors: accessors,
+                                    jumpTables: JumpTable.find(in: function, image: image))
         var entries: [CopyEntry] = []
         var refusals: [DMPRefusal] = []
         func attempt(_ make: () throws(DMPRefusal) -> CopyEntry) {

@@ -435,6 +435,11 @@ package struct X86Assembler: Sendable {
 
     // MARK: - Branches
 
+    /// `jmp qword ptr [m]` (an indirect jump through memory; a jump table's dispatch).
+    package mutating func jmpIndirect(_ m: Memory) throws(DMPRefusal) {
+        try encode(width: 4, opcode: [0xff], reg: 4, rm: .memory(m))
+    }
+
     /// `jmp rel32`.
     package mutating func jmp(_ target: Target) throws(DMPRefusal) { try branch([0xe9], target) }
     /// `jcc rel32`.

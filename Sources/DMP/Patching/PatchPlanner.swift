@@ -420,19 +420,27 @@ extension PatchPlanner {
         if let kinds = configuration.copyEntryKinds { entries = entries.filter { kinds.contains($0.kind) } }
         var reached = PatchPlanner.reachable(in: function, from: entries.map { e in
             e.kind == .callSite || e.kind == .tailCallSite ? function.start : e.site
-        })
+        }, jumpTables: plan.copy.jumpTables)
         // An accessor's copy runs wherever a promoted call naming it is reached.
         for a in plan.copy.accessors where promotions.contains(where: { $0.accessors.contains(a.start) && reached.contains($0.site) }) {
             reached.formUnion(PatchPlanner.reachable(in: a, from: [a.start]))
         }
         guard reached.contains(located.virtualAddress) else {
+            // Call sites lie in other functions: name them by the image's own symbols.
+            func location(_ a: UInt64) -> String {
+                guard !function.contains(a), let s = image.symbols.symbol(containing: a), s.address <= a else { return function.location(a) }
+                return a == s.address ? s.name : "\(s.name)+0x\(String(a &- s.address, radix: 16))"
+            }
             if let p = promotions.first(where: { p in plan.copy.accessors.contains { $0.contains(located.virtualAddress) && p.accessors.contains($0.start) } }) {
                 throw DMPRefusal(.plan, "no entry into the copy of \(function.symbol.name) reaches its promoted call at \(function.location(p.site)) ("
-                                 + (plan.entryRefusals.map(\.reason) + entries.map { "\($0.kind.rawValue) at \(function.location($0.site)) does not lead to it" })
+                                 + (plan.entryRefusals.map(\.reason) + entries.map { "\($0.kind.rawValue) at \(location($0.site)) does not lead to it" })
                                     .joined(separator: "; ") + ")")
             }
+            let kept = Set(plan.copy.jumpTables.map(\.jump))
+            let indirect = plan.copy.indirectJumps.filter { !kept.contains($0) }
             throw DMPRefusal(.plan, "no entry into the copy of \(function.symbol.name) reaches \(located.instruction) ("
-                             + (plan.entryRefusals.map(\.reason) + entries.map { "\($0.kind.rawValue) at \(function.location($0.site)) does not lead to it" })
+                             + (plan.entryRefusals.map(\.reason) + entries.map { "\($0.kind.rawValue) at \(location($0.site)) does not lead to it" }
+                                + indirect.map { "the indirect jump at \(function.location($0)) lands in the original" })
                                 .joined(separator: "; ") + ")")
         }
         var writes: [CodeWrite] = []
@@ -505,15 +513,19 @@ extension PatchPlanner {
     }
 
     /// The original instruction addresses control can reach in `function` from `starts`, following
-    /// fall-through and direct branches inside the function (calls return; indirect jumps and returns end a path).
-    static func reachable(in function: DecodedFunction, from starts: [UInt64]) -> Set<UInt64> {
+    /// fall-through, direct branches inside the function and the dispatches of `jumpTables` (which stay in the
+    /// copy); calls return; other indirect jumps and returns end a path.
+    static func reachable(in function: DecodedFunction, from starts: [UInt64], jumpTables: [JumpTable] = []) -> Set<UInt64> {
         var seen: Set<UInt64> = []
         var work = starts.filter { function.index(at: $0) != nil }
+        var dispatches: [UInt64: Set<UInt64>] = [:]
+        for t in jumpTables { dispatches[t.jump, default: []].formUnion(t.targets(in: function)) }
         while let a = work.popLast() {
             guard seen.insert(a).inserted, let k = function.index(at: a) else { continue }
             let i = function.instructions[k]
             let g = i.groups
             if let b = i.branch, !g.contains(.call), function.contains(b.target) { work.append(b.target) }
+            work += dispatches[a] ?? []
             let ends = g.contains(.return) || g.contains(.interruptReturn) || (g.contains(.jump) && !g.contains(.conditionalBranch))
                 || i.mnemonic.hasPrefix("ud") || i.mnemonic == "hlt"
             if !ends, k + 1 < function.instructions.count { work.append(function.instructions[k + 1].address) }
