@@ -98,6 +98,15 @@ struct CallPromotionTests {
         // test edi, edi; je +1; push rax; in al, dx; ret: the push may be skipped.
         let g = try function([0x85, 0xff, 0x74, 0x01, 0x50, 0xec, 0xc3])
         #expect(throws: DMPRefusal.self) { try g.stackDepth(at: 0x1005) }
+        // test edi, edi; jne <ret>; push rax; in al, dx; pop rax; ret: the branch not taken on the way, 8 bytes pushed.
+        let j = try function([0x85, 0xff, 0x75, 0x03, 0x50, 0xec, 0x58, 0xc3])
+        #expect(try j.stackDepth(at: 0x1005) == 8)
+        // call 0x2000; in al, dx; ret: the call returned, its return address popped.
+        let c = try function([0xe8, 0xfb, 0x0f, 0x00, 0x00, 0xec, 0xc3])
+        #expect(try c.stackDepth(at: 0x1005) == 0)
+        // jmp <in>... an unconditional jump on the way (it lands on the in: refused either way); call rax before it.
+        let r = try function([0xff, 0xd0, 0xec, 0xc3])
+        #expect(throws: DMPRefusal.self) { try r.stackDepth(at: 0x1002) }
         // mov rsp, rbp; in al, dx; ret
         let h = try function([0x48, 0x89, 0xec, 0xec, 0xc3])
         #expect(throws: DMPRefusal.self) { try h.stackDepth(at: 0x1003) }
@@ -131,6 +140,22 @@ struct CallPromotionTests {
         for f in [inSlow, outSlow] {
             for i in f.instructions where i.groups.contains(.portIO) { #expect(try f.stackDepth(at: i.address) == 0) }
         }
+    }
+
+    @Test("c-uart-cpl3-O1: the other calls of serial8250_init_port through the same pointer (call [rbx+0x18]) are promoted with the first, the call through [rbx+0x10] and call r8 are not")
+    func samePointerCalls() throws {
+        let image = try CGuestCopyTests.image("c-uart-cpl3-O1")
+        let d = try X86Disassembler()
+        let initPort = try decoded("serial8250_init_port", image, d)
+        let outSlow = try decoded("io_serial_out_slow", image, d)
+        let calls = initPort.instructions.filter { $0.groups.contains(.call) }
+        let viaOut = calls.filter { $0.description == "call qword ptr [rbx + 0x18]" }
+        #expect(viaOut.count == 7, "\(calls.map(\.description))")
+        #expect(calls.count == 9, "\(calls.map(\.description))")
+        let first = try CallPromotion.make(call: viaOut[0], caller: initPort, accessor: outSlow.start, in: image, disassembler: d)
+        let others = first.samePointerCalls(in: initPort, image: image, disassembler: d)
+        #expect(others.map(\.site) == viaOut.dropFirst().map(\.address))
+        #expect(others.allSatisfy { $0.accessors == [outSlow.start] && $0.target == first.target })
     }
 
     @Test("c-uart-cpl3-Os and -O1: the caller's copy with both calls promoted decodes whole, maps every accessor instruction back, and is entered on the way to the calls",

@@ -71,6 +71,21 @@ package struct CallPromotion: Hashable, Sendable {
                              accessors: [accessor], thunk: CodeImage.Region(address: thunk.start, bytes: thunk.bytes))
     }
 
+    /// The promotions, for the same accessors, of the other calls of `caller` through the same pointer as this one
+    /// (the same target operand, through the same thunk if any): a function that calls one function pointer from
+    /// several places (`serial_out(port, UART_IER, 0)` ... `serial_out(port, UART_IER, ier)`) reaches the accessor
+    /// from each. The operand may hold another value at another call (a register, a stack slot): each promoted call
+    /// compares at run time, so a call that reaches something else only makes its original call.
+    package func samePointerCalls(in caller: DecodedFunction, image: CodeImage, disassembler: X86Disassembler) -> [CallPromotion] {
+        caller.instructions.compactMap { i -> CallPromotion? in
+            guard i.address != site, i.groups.contains(.call),
+                  var p = try? CallPromotion.make(call: i, caller: caller, accessor: accessors.first ?? 0, in: image, disassembler: disassembler),
+                  p.target == target, p.thunk?.address == thunk?.address else { return nil }
+            p.accessors = accessors
+            return p
+        }
+    }
+
     /// The target operand of the indirect branch `i`, as seen `stackOffset` bytes of RSP away from `i` (RSP-based
     /// displacements move by it).
     private static func target(of i: X86Instruction, at: String, stackOffset: Int64) throws(DMPRefusal) -> Target {
@@ -170,8 +185,9 @@ package struct CallPromotion: Hashable, Sendable {
 extension DecodedFunction {
     /// How many bytes the function's code has pushed on the stack when it reaches the instruction at `address`,
     /// decoded from its start: `push`/`pop` (8 bytes each), `sub`/`add rsp, imm`, `lea rsp, [rsp + d]`. Refuses
-    /// when the way there is not straight-line (a branch, call or return before it, a branch landing between
-    /// the start and it) or RSP changes any other way (`mov rsp`, `leave`, `enter`, `and rsp`, 16-bit pushes).
+    /// when the way there is not straight-line (a branch landing between the start and it; an unconditional or
+    /// indirect jump, an indirect call or a return before it) or RSP changes any other way (`mov rsp`, `leave`,
+    /// `enter`, `and rsp`, 16-bit pushes).
     package func stackDepth(at address: UInt64) throws(DMPRefusal) -> UInt64 {
         guard let k = index(at: address) else { throw DMPRefusal(.plan, "0x\(String(address, radix: 16)) is no instruction start of \(symbol.name)") }
         if let b = instructions.first(where: { $0.branch.map { contains($0.target) && $0.target > start && $0.target <= address } ?? false }) {
@@ -179,11 +195,15 @@ extension DecodedFunction {
         }
         var depth: Int64 = 0
         for i in instructions[..<k] {
+            // No branch lands between the start and `address`, so the way there falls through every instruction before
+            // it: a conditional branch on the way was not taken, a call returned (to the next instruction, its
+            // return address popped). An unconditional jump, an indirect branch or a return would leave it.
             let g = i.groups
-            guard !g.contains(.jump), !g.contains(.call), !g.contains(.return), !g.contains(.interrupt) else {
+            let fallsThrough = g.contains(.conditionalBranch) || (g.contains(.call) && !g.contains(.indirectBranch))
+            guard fallsThrough || !(g.contains(.jump) || g.contains(.call) || g.contains(.return) || g.contains(.interrupt)) else {
                 throw DMPRefusal(.plan, "\(i) at \(location(i.address)) before \(location(address)) (stack depth unknown)")
             }
-            guard i.registersWritten.contains(.rsp) else { continue }
+            guard i.registersWritten.contains(.rsp), !g.contains(.call) else { continue }
             let unknown = DMPRefusal(.plan, "\(i) at \(location(i.address)) changes rsp in a way not tracked")
             guard !i.encoding.hasOperandSizePrefix else { throw unknown }
             let ops = i.operands.map(\.operand)

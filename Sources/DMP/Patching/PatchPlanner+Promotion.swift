@@ -95,18 +95,26 @@ extension PatchPlanner {
         let placement = try implant.placement(for: ImplantSite(located), code: probeCode, data: [implant.dataProbe], memory: vm.memory)
         // The promotions the old copies made of the same caller, with this one merged in.
         var promotions = olds.compactMap(\.copy).filter { $0.function.start == request.caller }.flatMap(\.promotions)
-        if let k = promotions.firstIndex(where: { $0.site == request.promotion.site }) {
-            guard promotions[k].target == request.promotion.target else {
-                throw DMPRefusal(.plan, "the promoted call at \(hex(request.promotion.site)) was planned with another target")
+        func add(_ p: CallPromotion) throws(DMPRefusal) {
+            guard let k = promotions.firstIndex(where: { $0.site == p.site }) else { return promotions.append(p) }
+            guard promotions[k].target == p.target else {
+                throw DMPRefusal(.plan, "the promoted call at \(hex(p.site)) was planned with another target")
             }
-            if !promotions[k].accessors.contains(request.accessor) {
+            for a in p.accessors where !promotions[k].accessors.contains(a) {
                 guard promotions[k].accessors.count < CallPromotion.maximumAccessors else {
-                    throw DMPRefusal(.plan, "the call at \(hex(request.promotion.site)) already compares \(CallPromotion.maximumAccessors) accessors")
+                    throw DMPRefusal(.plan, "the call at \(hex(p.site)) already compares \(CallPromotion.maximumAccessors) accessors")
                 }
-                promotions[k].accessors.append(request.accessor)
+                promotions[k].accessors.append(a)
             }
-        } else {
-            promotions.append(request.promotion)
+        }
+        try add(request.promotion)
+        // The caller's other calls through the same pointer are promoted too (best effort: one that cannot take
+        // another accessor stays as it is).
+        let restored = codeImage(paging: located.paging)
+            .restoring(olds.flatMap(\.writes).map { PatchWrite(address: $0.virtual, original: $0.original, replacement: $0.replacement) })
+        if let symbol = restored.function(containing: request.caller), symbol.address == request.caller,
+           let caller = try? restored.decode(symbol, disassembler: disassembler) {
+            for p in request.promotion.samePointerCalls(in: caller, image: restored, disassembler: disassembler) { try? add(p) }
         }
         // Old copies of the accessor alone (served through their own entries) keep their sites: their grants go
         // into the accessor's copy, whose entry is now the promoted call.
@@ -119,8 +127,7 @@ extension PatchPlanner {
                                    placement: placement, paging: located.paging, kick: ringKick(for: located)))
         }
         do throws(DMPRefusal) {
-            let image = codeImage(paging: located.paging)
-                .restoring(olds.flatMap(\.writes).map { PatchWrite(address: $0.virtual, original: $0.original, replacement: $0.replacement) })
+            let image = restored
             let oldSites = Set(olds.flatMap(\.sites))
             added += siblingGrants(siblings.filter { !oldSites.contains($0) }, of: located, placement: placement, image: image,
                                    primary: (site, memoryTarget))
