@@ -69,3 +69,25 @@ extension KVMTests {
         try on.expectSameOutput(as: off, steadyExitsCutBy: 10)
     }
 }
+
+extension KVMTests {
+    @Test("a stripped guest (no symbols, as X86Boot loads a stripped ELF): every site that needs a function copy is refused with the reason, nothing is patched, output and status as without DMP", arguments: [
+        ("c-table-cpl3", "iters=300"), ("c-mmio-cpl3", "iters=2048"),
+    ])
+    func dmpStrippedGuest(name: String, commandLine: String) throws {
+        let off = try DMPLibraryRun(name, commandLine: commandLine, dmp: false)
+        let on = try DMPLibraryRun(name, commandLine: commandLine) { $0.symbols = SymbolTable() }
+        #expect(on.stop == off.stop && off.stop == .guestExit(status: 0))
+        #expect(on.lines == off.lines)
+        #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
+        #expect(!on.report.isEmpty)
+        for s in on.report {
+            #expect(s.state == .refused, "\(s)")
+            let reason = s.refusal?.reason ?? ""
+            // Without a symbol to decode from, an instruction ending at RIP can also be ambiguous (a REX byte before it).
+            #expect(reason.contains("no sized function symbol covers") && reason.contains("stripped")
+                    || reason.contains("ambiguous") && reason.contains("no function symbol covers it")
+                    || reason.contains("offers no fast path"), "\(s)")
+        }
+    }
+}

@@ -47,7 +47,8 @@ package struct FunctionCopyPlan: Sendable {
             throw DMPRefusal(.plan, "no hot instruction to copy a function for")
         }
         guard let symbol = image.function(containing: first.address) else {
-            throw DMPRefusal(.plan, "no sized function symbol covers 0x\(String(first.address, radix: 16))")
+            throw DMPRefusal(.plan, "no sized function symbol covers 0x\(String(first.address, radix: 16))"
+                             + (image.symbols.symbols.isEmpty ? " (the image has no symbols: stripped?)" : ""))
         }
         let function = try image.decode(symbol, disassembler: disassembler)
         if let stray = hot.first(where: { !function.contains($0.address) }) {
