@@ -83,8 +83,50 @@ struct BenchRun: Sendable {
     var steadyExits: Int?
     /// Host CPU time of all the VMM's threads per steady-phase iteration, in nanoseconds.
     var hostCPUNanosecondsPerIteration: Double?
+    /// The rings' fallbacks, kicks and poller sleeps in the steady phase (nil where the VMM cannot count them: QEMU).
+    var steadyRing: RingCounters?
     /// Variant-specific values for the JSON record.
     var extra: [(key: String, value: JSONValue)] = []
+}
+
+/// What a steady phase's ring-related exits were (``PVRingStatistics`` summed over the rings, and the poller's
+/// sleeps): a producer's fallbacks by what they found, and kicks of an idle poller.
+struct RingCounters: Sendable, Equatable {
+    var fallbacks = 0
+    var ringFull = 0
+    var consumerIdle = 0
+    var kicks = 0
+    var pollerSleeps = 0
+
+    init() {}
+
+    /// The counters of `rings` now.
+    init(_ rings: PVRingDevice) {
+        for i in rings.targets.indices {
+            let s = rings.statistics(ring: i)
+            fallbacks += s.fallbacks
+            ringFull += s.fallbacksRingFull
+            consumerIdle += s.fallbacksConsumerIdle
+        }
+        kicks = rings.kicks
+        pollerSleeps = rings.pollerSleeps
+    }
+
+    /// The counts from `start` to `self`.
+    func since(_ start: RingCounters) -> RingCounters {
+        var d = RingCounters()
+        d.fallbacks = fallbacks - start.fallbacks
+        d.ringFull = ringFull - start.ringFull
+        d.consumerIdle = consumerIdle - start.consumerIdle
+        d.kicks = kicks - start.kicks
+        d.pollerSleeps = pollerSleeps - start.pollerSleeps
+        return d
+    }
+
+    var json: JSONValue {
+        .object([("fallbacks", .int(fallbacks)), ("ring_full", .int(ringFull)), ("consumer_idle", .int(consumerIdle)),
+                 ("kicks", .int(kicks)), ("poller_sleeps", .int(pollerSleeps))])
+    }
 }
 
 /// A way to run a workload.
@@ -169,6 +211,10 @@ struct BenchRecord: Sendable {
     /// Each run's cycles per iteration, in run order.
     var cyclesPerIterationRuns: [Double]
     var steadyExits: Int?
+    /// Each run's steady-phase exits, in run order (empty where the VMM cannot count them).
+    var steadyExitsRuns: [Int] = []
+    /// Each run's steady-phase ring counters, in run order (empty where the VMM cannot count them).
+    var steadyRingRuns: [RingCounters] = []
     var checksum: String
     /// The median steady phase, in seconds (guest TSC cycles over the host's TSC rate).
     var steadySeconds: Double
@@ -194,6 +240,8 @@ struct BenchRecord: Sendable {
             ("steady_seconds", .number(steadySeconds)),
             ("cycles_per_iter_runs", .array(cyclesPerIterationRuns.map(JSONValue.number))),
         ]
+        if !steadyExitsRuns.isEmpty { fields.append(("steady_exits_runs", .array(steadyExitsRuns.map(JSONValue.int)))) }
+        if !steadyRingRuns.isEmpty { fields.append(("steady_ring_runs", .array(steadyRingRuns.map(\.json)))) }
         fields += extra.map { ($0.key, $0.value) }
         return .object(fields)
     }
@@ -237,6 +285,15 @@ func runWorkloadBenchmark(_ plan: WorkloadBenchPlan, _ env: BenchEnvironment) th
             probes.append(p)
             iterations.append(plan.fixedIterations == nil ? try calibrated(w, v, p, plan, env) : probeN)
         }
+        // DMP's steady exits are judged against its twin's (no more than the twin's plus five): both run the larger
+        // of their two iteration counts, so they do the same work and the machine's noise (a ring consumer off its
+        // CPU, each costing a fallback exit per ring-full) has steady phases of the same length to land in.
+        if let d = variants.firstIndex(where: { $0.name == BenchVariant.dmp.name }),
+           let t = variants.firstIndex(where: { $0.name == BenchVariant.staticPV.name }) {
+            let n = max(iterations[d], iterations[t])
+            iterations[d] = n
+            iterations[t] = n
+        }
         var runs = Array(repeating: [BenchRun](), count: variants.count)
         for r in 0..<max(1, plan.runs) {
             for (i, v) in variants.enumerated() {
@@ -262,6 +319,8 @@ func runWorkloadBenchmark(_ plan: WorkloadBenchPlan, _ env: BenchEnvironment) th
                 workload: w.name, cpl: w.cpl, variant: v.name, totalIterations: last.iterations,
                 iterations: last.steadyIterations, cyclesPerIterationRuns: rs.map(\.cyclesPerIteration),
                 steadyExits: exits.count == rs.count ? Int(median(exits.map(Double.init))) : nil,
+                steadyExitsRuns: exits.count == rs.count ? exits : [],
+                steadyRingRuns: rs.allSatisfy { $0.steadyRing != nil } ? rs.compactMap(\.steadyRing) : [],
                 checksum: last.checksum, steadySeconds: median(seconds),
                 hostCPUNanosecondsPerIteration: cpu.count == rs.count ? median(cpu) : nil,
                 extra: last.extra))
@@ -297,16 +356,35 @@ private func calibrated(_ w: BenchWorkload, _ v: BenchVariant, _ probe: BenchRun
 /// the chain and passes every exit on.
 final class SteadyPhaseCPUClock: ExitHandler, Sendable {
     private let marks = Mutex<(start: UInt64?, end: UInt64?)>((nil, nil))
+    /// The ring device whose counters are sampled at the marks (set once the devices are installed).
+    private let rings = Mutex<PVRingDevice?>(nil)
+    private let ringMarks = Mutex<(start: RingCounters?, end: RingCounters?)>((nil, nil))
 
-    /// Records the CPU time at marks 1 and 2; passes every exit on.
+    /// Samples `device`'s counters at the marks too (``steadyRing``).
+    func sampleRings(of device: PVRingDevice) { rings.withLock { $0 = device } }
+
+    /// Records the CPU time (and the ring counters) at marks 1 and 2; passes every exit on.
     func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult {
         guard case .io(let io) = exit, io.port == StandardDevices.markerPort, io.direction == .write else { return .pass }
         let now = processCPUNanoseconds()
+        let counters = rings.withLock { $0 }.map(RingCounters.init)
         marks.withLock { m in
             if io.value == 1, m.start == nil { m.start = now }
             if io.value == 2, m.start != nil, m.end == nil { m.end = now }
         }
+        ringMarks.withLock { m in
+            if io.value == 1, m.start == nil { m.start = counters }
+            if io.value == 2, m.start != nil, m.end == nil { m.end = counters }
+        }
         return .pass
+    }
+
+    /// The ring counters from mark 1 to mark 2, if both came.
+    var steadyRing: RingCounters? {
+        ringMarks.withLock { m in
+            guard let s = m.start, let e = m.end else { return nil }
+            return e.since(s)
+        }
     }
 
     /// CPU nanoseconds between mark 1 and mark 2, if both came.
@@ -326,6 +404,7 @@ func runInProcess(_ image: String, iterations: Int, prepare: (VirtualMachine) th
     let clock = SteadyPhaseCPUClock()
     vm.addExitHandler(clock)
     let devices = try StandardDevices.install(on: vm, console: out.sink())
+    clock.sampleRings(of: devices.rings)
     try prepare(vm)
     let loaded = try X86Boot.load(.elf(try readFile(image)), commandLine: "iters=\(iterations)", into: vm)
     try afterLoad(vm, devices, loaded)
@@ -335,6 +414,7 @@ func runInProcess(_ image: String, iterations: Int, prepare: (VirtualMachine) th
     }
     var run = try BenchRun(result: out.text, image)
     run.steadyExits = devices.marker.steadyPhase?.exits
+    run.steadyRing = clock.steadyRing
     run.hostCPUNanosecondsPerIteration = clock.steadyNanoseconds.map { Double($0) / Double(max(1, run.steadyIterations)) }
     return run
 }

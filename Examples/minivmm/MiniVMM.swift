@@ -167,6 +167,11 @@ struct Session {
         if let steady = devices.marker.steadyPhase {
             out += "steady phase: \(steady.exits) exits in \(steady.nanoseconds / 1_000_000) ms\n"
         }
+        let ring = RingCounters(devices.rings)
+        if ring.fallbacks + ring.kicks > 0 {
+            out += "rings: \(ring.fallbacks) producer fallbacks (\(ring.ringFull) ring full, \(ring.consumerIdle) consumer idle), "
+            out += "\(ring.kicks) kicks, poller slept \(ring.pollerSleeps) times\n"
+        }
         let top = stats.topSites(10)
         if !top.isEmpty {
             out += "\n== top exit sites (rip is where KVM reported it; the instruction is the one that exited) ==\n"

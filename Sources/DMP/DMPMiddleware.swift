@@ -360,7 +360,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         guard let locator, let planner, let implant else {
             throw disabledReason ?? DMPRefusal(.plan, "DMP could not start")
         }
-        let located = try locator.locate(exit, context: context)
+        let located = try locator.locate(exit, context: context) { end in self.implantedInstruction(endingAt: end) }
         state.withLock {
             $0.sites[site]?.report.instructionAddress = located.virtualAddress
             $0.sites[site]?.report.physicalAddress = located.physicalAddress
@@ -506,6 +506,16 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         let page = located.physicalAddress.rawValue & ~0xfff
         return state.withLock { s in
             s.patches.first { _, p in p.copy?.function(containing: located.virtualAddress) != nil && p.guardedPages.contains(page) }?.key
+        }
+    }
+
+    /// The instruction of a live function copy (current or retired) that ends at the guest-virtual `end`, if any:
+    /// the locator's proof of an instruction start inside implanted code, where no symbol covers it.
+    private func implantedInstruction(endingAt end: UInt64) -> ImplantedInstruction? {
+        guard let owner = implant?.owner(ofInstructionPointer: end &- 1) else { return nil }
+        return state.withLock { s -> ImplantedInstruction? in
+            guard let c = s.patches[owner]?.copy(holding: end &- 1), let i = c.instruction(endingAt: end) else { return nil }
+            return ImplantedInstruction(start: i.copyStart, name: "the copy of \(c.function.symbol.name)", previous: i.previous)
         }
     }
 

@@ -40,12 +40,15 @@ struct BenchJSONTests {
         var full = record
         full.variant = "full"
         full.steadyExits = 13_681
+        full.steadyExitsRuns = [13_600, 13_681, 13_702]
         full.hostCPUNanosecondsPerIteration = 1234.5678
         let parsed = try parseBenchJSON(Bench.json([full, record]))
         #expect(parsed.count == 2)
         for r in parsed { checkBenchRecord(r, runs: 3) }
         #expect(parsed[0]["steady_exits"] as? Int == 13_681)
         #expect(parsed[1]["steady_exits"] is NSNull)
+        #expect(parsed[0]["steady_exits_runs"] as? [Int] == [13_600, 13_681, 13_702])
+        #expect(parsed[1]["steady_exits_runs"] == nil)
         #expect(parsed[1]["host_cpu_ns_per_iter"] is NSNull)
         #expect(parsed[0]["cycles_per_iter"] as? Double == 5_022_001)
         #expect(parsed[1]["note"] as? String == "a \"quoted\"\n\\ line\u{1}")

@@ -329,6 +329,29 @@ struct RingVMTests {
         #expect(console.text == "abZ")
     }
 
+    @Test("a producer's fallback is counted by what it found: the ring full, or not; a kick is counted apart")
+    func fallbackCounters() throws {
+        let mock = MockHypervisor()
+        let vm = try makeVM(mock, memory: 32 << 20)
+        let console = CapturedOutput()
+        let devices = try StandardDevices.install(on: vm, console: console.sink(), ringPolling: .disabled, ringSlotCount: 4)
+        // A THR write before any ring carried an entry is the guest using the UART: no fallback.
+        mock.vcpu(0)?.script([out(0x3f8, UInt64(UInt8(ascii: "A"))), .exit(.halt)])
+        _ = try vm.run()
+        #expect(devices.rings.statistics(ring: 0).fallbacks == 0)
+        // Four entries fill the ring; the fifth byte goes to THR: a fallback that found the ring full.
+        try publish("bcde", devices, vm)
+        mock.vcpu(0)?.script([out(0x3f8, UInt64(UInt8(ascii: "F"))), out(0x3f8, UInt64(UInt8(ascii: "G"))),
+                              out(StandardDevices.ringKickPort, 1), debugExit3])
+        #expect(try vm.run() == .guestExit(status: 3))
+        #expect(console.text == "AbcdeFG")
+        let s = devices.rings.statistics(ring: 0)
+        #expect(s.fallbacks == 2, "F and G")
+        #expect(s.fallbacksRingFull == 1, "F found the ring full; G found it drained")
+        #expect(s.fallbacksConsumerIdle == 0, "no poller is configured: nothing idles")
+        #expect(devices.rings.kicks == 1)
+    }
+
     @Test("the drain timer delivers ring entries while the vCPU never exits (no poller)")
     func timerDrains() throws {
         let mock = MockHypervisor()

@@ -109,6 +109,17 @@ package struct FunctionCopy: Sendable {
         }
     }
 
+    /// The instruction of the copy that ends exactly at the copy address `end`, when it is one of the copied
+    /// functions' instructions copied or relocated (not a body, pad or exit jump): where it starts in the copy, the original
+    /// instruction it stands for, and the original's predecessor (nil for the function's first instruction).
+    /// Its bytes decode as the original's, relocated: what a forward decode from the function's start proves for
+    /// the original, the copy's layout proves here.
+    package func instruction(endingAt end: UInt64) -> (copyStart: UInt64, original: X86Instruction, previous: X86Instruction?)? {
+        guard let p = pieces.first(where: { $0.copy.upperBound == end && ($0.kind == .copied || $0.kind == .relocated) }),
+              let f = function(containing: p.original), let k = f.index(at: p.original) else { return nil }
+        return (p.copy.lowerBound, f.instructions[k], k > 0 ? f.instructions[k - 1] : nil)
+    }
+
     /// Every original instruction start and its point in the copy, by original address.
     package var offsetMap: [(original: UInt64, copy: UInt64)] {
         function.instructions.compactMap { i in map[i.address].map { (i.address, $0) } }

@@ -10,6 +10,10 @@ package struct LocatedInstruction: Sendable {
         /// RIP did not move; the one candidate ending at RIP that reproduces the
         /// exit is the one a forward decode from the named symbol's start reaches.
         case symbol(String)
+        /// RIP did not move and lies in implanted code (a function copy): the
+        /// candidate ending at RIP that reproduces the exit is the one the
+        /// copy's layout puts there (``ImplantedInstruction``, named).
+        case implanted(String)
         /// RIP did not move, no function symbol covers it, and exactly one
         /// candidate ending at RIP reproduces the exit: probably right, not proven.
         case unconfirmed
@@ -40,6 +44,22 @@ package struct LocatedInstruction: Sendable {
     package var endAddress: UInt64 { virtualAddress &+ UInt64(instruction.length) }
 }
 
+/// An instruction of implanted code as DMP laid it out (a function copy's copied or relocated instruction):
+/// what confirms the start of an instruction no symbol covers, in place of a forward decode.
+package struct ImplantedInstruction: Sendable {
+    /// Where it starts (guest-virtual).
+    package var start: UInt64
+    /// What holds it, for reasons (`the copy of f`).
+    package var name: String
+    /// The instruction before it in the original function (nil for the first): for the interrupt-shadow check.
+    package var previous: X86Instruction?
+
+    /// Creates a record.
+    package init(start: UInt64, name: String, previous: X86Instruction?) {
+        self.start = start; self.name = name; self.previous = previous
+    }
+}
+
 /// Finds the instruction behind a candidate exit (DESIGN.md, "The DMP
 /// pipeline", step 2), or refuses with a reason (``DMPRefusal/Stage/locate``).
 ///
@@ -53,8 +73,10 @@ package struct LocatedInstruction: Sendable {
 /// - RIP did not move (RIP was already past: `out` here, MMIO stores on
 ///   hardware): the candidates ending at RIP are decoded and those that
 ///   reproduce the exit kept; a forward decode from the enclosing function
-///   symbol's start must reach RIP through one of them. Without a covering
-///   function symbol a single survivor is accepted, marked
+///   symbol's start must reach RIP through one of them. In implanted code
+///   (a function copy: no symbol covers it) the copy's layout says which
+///   instruction ends at RIP (``ImplantedInstruction``); elsewhere, without a
+///   covering function symbol, a single survivor is accepted, marked
 ///   ``LocatedInstruction/Confirmation/unconfirmed``.
 ///
 /// Code is decoded in the mode CS says, through the vCPU's page walk.
@@ -81,7 +103,11 @@ package final class SiteLocator {
     }
 
     /// Locates the instruction behind `exit`, the exit `context` is handling.
-    package func locate(_ exit: VMExit, context: ExitContext) throws(DMPRefusal) -> LocatedInstruction {
+    ///
+    /// - Parameter implanted: the implanted instruction (a function copy's) ending at a guest-virtual address,
+    ///   if implanted code holds one there: it decides among candidates where RIP is past the instruction.
+    package func locate(_ exit: VMExit, context: ExitContext,
+                        implanted: (UInt64) -> ImplantedInstruction? = { _ in nil }) throws(DMPRefusal) -> LocatedInstruction {
         let access: X86ExitAccess
         switch exit {
         case .io(let io): access = X86ExitAccess(io)
@@ -139,7 +165,16 @@ package final class SiteLocator {
             let survivors = disassembler.candidatesEnding(at: before, in: code)
                 .filter { $0.reproduces(access, registers: registers, context: code) }
             position = .pastInstruction
-            if let s = function(containing: before &- 1) {
+            if let known = implanted(before) {
+                // Two decodings can reproduce the exit (`40 89 3a` and `89 3a` both store edi at [rdx]): the
+                // copy's layout knows which instruction it put there.
+                guard let i = survivors.first(where: { $0.address == known.start }) else {
+                    throw DMPRefusal(.locate, "the instruction ending at RIP \(hex(before)) in \(known.name) does not reproduce the exit (\(access))")
+                }
+                instruction = i
+                previous = known.previous
+                confirmation = .implanted(known.name)
+            } else if let s = function(containing: before &- 1) {
                 guard let walk = forwardDecode(from: s.address, to: before, code: code) else {
                     throw DMPRefusal(.locate, "a forward decode from \(s.name) does not end at RIP \(hex(before)) (data in text, or RIP is not an instruction boundary)")
                 }

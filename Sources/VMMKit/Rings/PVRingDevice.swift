@@ -243,27 +243,42 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     public func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult {
         if hasPending() {
             lock.lock()
+            if let i = ringOfTargetWrite(exit) { countFallback(rings[i]) }
             let (stop, n) = drainLocked()
             lock.unlock()
             if let stop { return .stopVM(stop) }
             if n > 0 { poller.noteActivity() }
             wakeSleepingPoller()
-        } else if carriedEntries.load(ordering: .relaxed), isRingTargetWrite(exit) {
+        } else if carriedEntries.load(ordering: .relaxed), let i = ringOfTargetWrite(exit) {
+            lock.withLock { countFallback(rings[i]) }
             poller.noteActivity()
             if poller.isSleeping { wakeSleepingPoller() }
         }
         return .pass
     }
 
+    /// The index of the ring whose target register `exit` writes, if any.
     @inline(__always)
-    private func isRingTargetWrite(_ exit: VMExit) -> Bool {
+    private func ringOfTargetWrite(_ exit: VMExit) -> Int? {
         switch exit {
         case .io(let io) where io.direction == .write:
-            return targets.contains { $0.space == .pio && $0.address == UInt64(io.port) }
+            return targets.firstIndex { $0.space == .pio && $0.address == UInt64(io.port) }
         case .mmio(let m) where m.direction == .write:
-            return targets.contains { $0.space == .mmio && $0.address == m.address.rawValue }
+            return targets.firstIndex { $0.space == .mmio && $0.address == m.address.rawValue }
         default:
-            return false
+            return nil
+        }
+    }
+
+    /// Counts a producer's fallback on ring `r` by the state it found (lock held, before the drain): the
+    /// ring full, or the polling consumer idle. Called while entries are pending, or once the rings have
+    /// carried entries: before that, a write is the guest using the device directly, not a fallback.
+    private func countFallback(_ r: Ring) {
+        r.stats.fallbacks += 1
+        if r.hint.load() &- r.consumer >= r.count {
+            r.stats.fallbacksRingFull += 1
+        } else if polling.enabled && !poller.polling.load(ordering: .relaxed) || poller.isSleeping {
+            r.stats.fallbacksConsumerIdle += 1
         }
     }
 
@@ -297,6 +312,16 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
 
     /// Whether the poller is polling now (the header's polling flag).
     public var isPolling: Bool { poller.polling.load(ordering: .acquiring) }
+
+    /// Writes to the rings' kick register (``PVRingKick``) so far: each an exit a producer took to wake an idle poller
+    /// (or, on a synchronous ring, after its bounded wait ran out).
+    public var kicks: Int { poller.kicks.load(ordering: .relaxed) }
+
+    /// A write to the kick register: counted in ``kicks``, then ``wakePoller()``.
+    package func noteKick() {
+        poller.kicks.wrappingAdd(1, ordering: .relaxed)
+        wakePoller()
+    }
 
     /// Wakes a sleeping poller (the ring's kick register does this).
     public func wakePoller() {
@@ -500,6 +525,8 @@ private final class PollerState: @unchecked Sendable {
     let sleeping = Atomic<Bool>(false)
     let cpu = Atomic<UInt64>(0)
     let sleeps = Atomic<Int>(0)
+    /// Kick-register writes (``PVRingDevice/kicks``).
+    let kicks = Atomic<Int>(0)
     /// Bumped by exits that show a producer at work (a fallback write to a
     /// ring's target register, a kick, entries drained before an exit): the
     /// poller's idle period starts again when it changes.

@@ -20,7 +20,7 @@ public final class PVRingKick: BusDevice, @unchecked Sendable {
 
     /// Wakes the poller; the drain already happened before the exit reached the bus.
     public func write(offset: UInt64, size: Int, value: UInt64) -> DeviceEffect {
-        rings?.wakePoller()
+        rings?.noteKick()
         return .none
     }
 }

@@ -54,4 +54,17 @@ public struct PVRingStatistics: Hashable, Sendable {
     /// Times a drain found a free slot at the consumer index with the hint more
     /// than a ring ahead (a hostile or broken producer): nothing is skipped then.
     public var invalidHints: Int = 0
+    /// Producer fallbacks: exits writing the ring's target register while
+    /// entries are pending or once the rings have carried entries (or a
+    /// producer attached): a producer that performed the original access
+    /// instead of appending (or an access no producer serves yet). Each is
+    /// also counted below by what the VMM found when the exit arrived, before
+    /// it drained (a consumer that caught up meanwhile leaves it in neither).
+    public var fallbacks: Int = 0
+    /// Fallbacks that found the ring full (the consumer was behind: off its CPU, or asleep).
+    public var fallbacksRingFull: Int = 0
+    /// Fallbacks that found the ring not full while the polling consumer had
+    /// gone idle (asleep, or woken and not yet running): a producer that saw
+    /// the wake flag or no polling flag.
+    public var fallbacksConsumerIdle: Int = 0
 }

@@ -1,0 +1,28 @@
+import DMP
+import Testing
+import VMMKit
+
+extension KVMTests {
+    @Test("MMIO sites hot at different times: a second DOORBELL store gets hot inside db_ring's copy; the rebuilt copy serves both, output identical to DMP off, steady exits cut")
+    func dmpMMIOSiblingJoinsCopy() throws {
+        let off = try DMPLibraryRun("mmio-siblings-cpl3", commandLine: "iters=8192", dmp: false)
+        let on = try DMPLibraryRun("mmio-siblings-cpl3", commandLine: "iters=8192")
+        #expect(off.stop == .guestExit(status: 0) && on.stop == off.stop)
+        #expect(off.text.hasSuffix("mmio line 2000 hash 9d3dc820\ndone\n"), "\(off.text.suffix(80))")
+        let text = DMPReport.text(on.report)
+        let sites = on.report.filter { $0.location.hasPrefix("db_ring+") }
+        // Two instructions, one register: the path-0 store and the path-1 store of the DOORBELL register.
+        #expect(sites.count == 2, "\(text)")
+        #expect(Set(sites.compactMap(\.instructionAddress)).count == 2, "\(text)")
+        for s in sites {
+            #expect(s.site.kind == .mmio && s.site.address == StandardDevices.doorbellBase + DoorbellDevice.doorbellOffset, "\(s)")
+            #expect(s.state == .patched, "\(text)")
+            // One copy: the one made for the path-0 store, rebuilt once when the path-1 store got hot inside it.
+            #expect(s.strategy.hasPrefix("function copy of db_ring") && s.strategy.hasSuffix("(rebuilt 1x)"), "\(text)")
+            #expect(s.userMode)
+            // Path 1 runs for a quarter of the requests (half of the second half); path 0 for the rest.
+            #expect(s.hitsServed > 1000, "\(text)")
+        }
+        try on.expectSameOutput(as: off, steadyExitsCutBy: 20)
+    }
+}
