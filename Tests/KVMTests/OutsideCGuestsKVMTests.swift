@@ -8,7 +8,7 @@ import VMMKit
 /// unrolled into 16 stores). Committed before DMP work on them; DMP must never change what they print.
 extension KVMTests {
     @Test("DMP on the outside-style C guests: output and exit status identical to DMP off", arguments: [
-        ("c-table-cpl3", "iters=400"), ("c-mmio-cpl3", "iters=4096"),
+        ("c-table-cpl3", "iters=400"), ("c-mmio-cpl3", "iters=4096"), ("c-boot-cpl3", "iters=400"),
     ])
     func dmpOutsideCGuestsSameOutput(name: String, commandLine: String) throws {
         let off = try DMPLibraryRun(name, commandLine: commandLine, dmp: false)

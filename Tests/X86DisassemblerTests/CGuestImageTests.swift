@@ -13,6 +13,7 @@ struct CGuestImageTests {
         ("c-selfmod-cpl3", 0xfa72_a8fe_9504_e40a),
         // Written in styles of their own (runtimes, table-driven drivers), committed before DMP work on them.
         ("c-table-cpl3", 0x26de_a7af_45f2_6e01), ("c-mmio-cpl3", 0x13ea_2776_df1c_49d5),
+        ("c-boot-cpl3", 0x4d31_460d_d5a9_9ad7),
     ]
 
     static func image(_ name: String) throws -> (file: [UInt8], elf: ELFImage) {
