@@ -244,7 +244,8 @@ struct DMPOptions: ParsableArguments {
 }
 
 func pad(_ s: String, _ n: Int, right: Bool = false) -> String {
-    let p = String(repeating: " ", count: max(0, n - s.count))
+    // A left-aligned value that fills its column still gets one space before the next one.
+    let p = String(repeating: " ", count: max(right ? 0 : 1, n - s.count))
     return right ? p + s + " " : s + p
 }
 

@@ -66,8 +66,9 @@ public enum DMPReport {
         return "\(space) 0x\(String(s.address, radix: 16)) \(dir)\(s.size)"
     }
 
+    /// `s` in a column `n` wide; a left-aligned value that fills it still gets one space before the next column.
     private static func cell(_ s: String, _ n: Int, right: Bool = false) -> String {
-        let p = String(repeating: " ", count: max(0, n - s.count))
+        let p = String(repeating: " ", count: max(right ? 0 : 1, n - s.count))
         return right ? p + s + " " : s + p
     }
 }
