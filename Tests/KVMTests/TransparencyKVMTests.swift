@@ -170,6 +170,7 @@ let transparencyGuests: [(String, String)] = [
     ("uart-modes-cpl3", "lines=20 rounds=2"), ("copy-rebuild-cpl3", "lines=200"),
     ("c-uart-cpl3-Os", "iters=40"), ("c-uart-cpl3-O1", "iters=40"),
     ("c-table-cpl3", "iters=120"), ("c-mmio-cpl3", "iters=256"), ("c-boot-cpl3", "iters=60"),
+    ("mmio-siblings-cpl3", "iters=2048"),
 ]
 
 extension KVMTests {
