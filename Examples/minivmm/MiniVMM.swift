@@ -177,10 +177,13 @@ struct Session {
             out += "\n== top exit sites (rip is where KVM reported it; the instruction is the one that exited) ==\n"
             out += pad("rip", 20) + pad("symbol", 24) + pad("instruction", 40) + pad("access", 22) + pad("count", 10, right: true) + "\n"
             let profiler = SiteDescriber(vm: vm, snapshots: snapshots, symbols: loaded.symbols)
+            // A site DMP patched no longer holds its instruction (the patch's jump does): DMP knows which it was.
+            var patched: [ExitSite: String] = [:]
+            for p in dmp?.report() ?? [] { patched[p.site] = p.instruction + " (DMP)" }
             for (site, count) in top {
                 out += pad("0x" + String(site.rip, radix: 16), 20)
                 out += pad(loaded.symbols.symbolize(site.rip) ?? "-", 24)
-                out += pad(profiler.instruction(for: site) ?? "?", 40)
+                out += pad(profiler.instruction(for: site) ?? patched[site] ?? "?", 40)
                 out += pad(describe(site), 22)
                 out += pad(String(count), 10, right: true) + "\n"
             }
