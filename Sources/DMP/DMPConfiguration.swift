@@ -51,6 +51,13 @@ public struct DMPConfiguration: Sendable {
     /// How many iterations of a synchronous ring append's wait for the consumer count as one exit. On this
     /// machine class an iteration (a load and `pause`) takes about 25 ns natively and an exit from CPL3 20–40 µs.
     public var waitIterationsPerExit: Int = 1000
+    /// The bound, in iterations, on a synchronous ring append's wait for the consumer to apply its entry; past
+    /// it the body writes the rings' kick register, an exit that applies the entry. About two exits' worth
+    /// (``waitIterationsPerExit``): a consumer that polls applies an entry within a few hundred iterations, and
+    /// one that is not running (its thread descheduled on a loaded host) is not waited for longer than the exit
+    /// the kick costs anyway. (It was 65,536, ~1.6 ms here: under load appends waited 30,000–45,000 iterations.)
+    /// Values below 1 count as 1.
+    public var synchronousWaitLimit: Int = 2048
     /// The first back-off, in exits of the site, before an undone site may be patched again; it doubles on every undo.
     public var initialBackoff: Int = 1 << 14
     /// Undos after which a site is never patched again.

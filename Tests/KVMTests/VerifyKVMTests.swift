@@ -26,6 +26,27 @@ extension KVMTests {
         #expect(s.lastWindowCost.map { $0 > DMPConfiguration().verifyCostLimit } == true, "\(s)")
     }
 
+    @Test("a synchronous append waits at most DMPConfiguration.synchronousWaitLimit iterations, then kicks: with the poller pinned to the vCPU's host CPU (it cannot apply an entry while the vCPU spins) every append waits the whole bound; output identical to DMP off")
+    func dmpSynchronousWaitBounded() throws {
+        let cpu = try #require(VirtualMachine.allowedHostCPUs.last, "the host reported no CPU affinity")
+        let limit = 16
+        let commandLine = "iters=2000 warmup=200"
+        let off = try DMPLibraryRun("c-doorbell-cpl3", commandLine: commandLine, dmp: false)
+        let on = try DMPLibraryRun("c-doorbell-cpl3", commandLine: commandLine, hostCPUs: [cpu]) {
+            $0.synchronousWaitLimit = limit
+            $0.initialBackoff = 1 << 20
+        }
+        #expect(on.stop == off.stop)
+        #expect(on.lines == off.lines)
+        #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
+        let s = try #require(on.site("db_run+0x50"), "\(on.report.map(\.description))")
+        #expect(s.fastPath.contains("synchronous"), "\(s)")
+        #expect(s.kicksWhilePatched > 0, "a wait that ran out kicks: \(s)")
+        #expect(s.waitIterations > 0, "\(s)")
+        let appends = s.hitsServed + UInt64(s.kicksWhilePatched)
+        #expect(s.waitIterations <= UInt64(limit) * appends, "at most \(limit) iterations per append: \(s)")
+    }
+
     @Test("a patch that pays stays patched: uart-cpl3's copy of uart_putc is judged in window after window over its life, never undone")
     func dmpPayingPatchStays() throws {
         // Long enough for a dozen 20 ms verification ticks after the patch (uart-cpl3 at DMP speed; transparency

@@ -154,7 +154,8 @@ package final class PatchPlanner {
         guard physical.rawValue == base else {
             throw DMPRefusal(.implant, "ring \(index) is not mapped at \(hex(va)) (that address maps \(physical))")
         }
-        return RingMapping(base: va, slotCount: rings.slotCount, synchronous: synchronous, kick: kick)
+        return RingMapping(base: va, slotCount: rings.slotCount, synchronous: synchronous,
+                           synchronousWaitLimit: UInt32(clamping: max(1, configuration.synchronousWaitLimit)), kick: kick)
     }
 
     /// The kick register bodies for `located` may write (a sleeping poller, a synchronous wait that ran
