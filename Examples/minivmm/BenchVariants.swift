@@ -53,6 +53,19 @@ struct BenchWorkload: Sendable {
         BenchWorkload(name: "c-poll-cpl3", cpl: 3, granularity: 1, probeIterations: 40,
                       coalescedZone: CoalescedZone(address: 0x3f8, size: 1, isPIO: true), runsUnderQEMU: true,
                       hasStaticPVTwin: false),
+        // The UART guest at -Os: its port accessors are reached only through function pointers (call promotion).
+        BenchWorkload(name: "c-uart-cpl3-Os", cpl: 3, granularity: 1, probeIterations: 40,
+                      coalescedZone: CoalescedZone(address: 0x3f8, size: 1, isPIO: true), runsUnderQEMU: true,
+                      hasStaticPVTwin: false),
+        // Guests in styles of their own (own runtimes): switch jump tables and sink callbacks; readl/writel
+        // to the doorbell with an unrolled batch loop.
+        BenchWorkload(name: "c-table-cpl3", cpl: 3, granularity: 1, probeIterations: 40,
+                      coalescedZone: CoalescedZone(address: 0x3f8, size: 1, isPIO: true), runsUnderQEMU: false,
+                      hasStaticPVTwin: false),
+        BenchWorkload(name: "c-mmio-cpl3", cpl: 3, granularity: 16, probeIterations: 640,
+                      coalescedZone: CoalescedZone(address: StandardDevices.doorbellBase + DoorbellDevice.doorbellOffset,
+                                                   size: 4, isPIO: false),
+                      runsUnderQEMU: false, hasStaticPVTwin: false),
     ]
 
     /// `iterations` rounded up to the granularity, at least one granule.
