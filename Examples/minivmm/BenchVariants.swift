@@ -30,42 +30,36 @@ struct BenchWorkload: Sendable {
     /// static-PV twin: they are ordinary C programs, not rewritten by hand.
     var hasStaticPVTwin = true
 
+    /// A workload whose loop writes the UART's THR (the coalesced zone), at CPL3 unless `cpl` says otherwise.
+    static func uart(_ name: String, cpl: Int = 3, runsUnderQEMU: Bool = true, twin: Bool = false) -> BenchWorkload {
+        BenchWorkload(name: name, cpl: cpl, granularity: 1, probeIterations: 40,
+                      coalescedZone: CoalescedZone(address: 0x3f8, size: 1, isPIO: true), runsUnderQEMU: runsUnderQEMU,
+                      hasStaticPVTwin: twin)
+    }
+
+    /// A workload whose loop writes the doorbell register (the coalesced zone), at CPL3; QEMU has no doorbell.
+    static func doorbell(_ name: String, granularity: Int, twin: Bool = false) -> BenchWorkload {
+        BenchWorkload(name: name, cpl: 3, granularity: granularity, probeIterations: 640,
+                      coalescedZone: CoalescedZone(address: StandardDevices.doorbellBase + DoorbellDevice.doorbellOffset,
+                                                   size: 4, isPIO: false),
+                      runsUnderQEMU: false, hasStaticPVTwin: twin)
+    }
+
     static let all: [BenchWorkload] = [
-        BenchWorkload(name: "uart-cpl0", cpl: 0, granularity: 1, probeIterations: 40,
-                      coalescedZone: CoalescedZone(address: 0x3f8, size: 1, isPIO: true), runsUnderQEMU: true),
-        BenchWorkload(name: "uart-cpl3", cpl: 3, granularity: 1, probeIterations: 40,
-                      coalescedZone: CoalescedZone(address: 0x3f8, size: 1, isPIO: true), runsUnderQEMU: true),
-        BenchWorkload(name: "doorbell-cpl3", cpl: 3, granularity: 16, probeIterations: 640,
-                      coalescedZone: CoalescedZone(address: StandardDevices.doorbellBase + DoorbellDevice.doorbellOffset,
-                                                   size: 4, isPIO: false),
-                      runsUnderQEMU: false),
+        uart("uart-cpl0", cpl: 0, twin: true),
+        uart("uart-cpl3", twin: true),
+        doorbell("doorbell-cpl3", granularity: 16, twin: true),
         // The guests written in C (gcc -O2, Guests/c-*.c): no static-PV twin.
-        BenchWorkload(name: "c-uart-cpl3", cpl: 3, granularity: 1, probeIterations: 40,
-                      coalescedZone: CoalescedZone(address: 0x3f8, size: 1, isPIO: true), runsUnderQEMU: true,
-                      hasStaticPVTwin: false),
-        BenchWorkload(name: "c-doorbell-cpl3", cpl: 3, granularity: 1, probeIterations: 640,
-                      coalescedZone: CoalescedZone(address: StandardDevices.doorbellBase + DoorbellDevice.doorbellOffset,
-                                                   size: 4, isPIO: false),
-                      runsUnderQEMU: false, hasStaticPVTwin: false),
-        BenchWorkload(name: "c-selfmod-cpl3", cpl: 3, granularity: 1, probeIterations: 40,
-                      coalescedZone: CoalescedZone(address: 0x3f8, size: 1, isPIO: true), runsUnderQEMU: true,
-                      hasStaticPVTwin: false),
-        BenchWorkload(name: "c-poll-cpl3", cpl: 3, granularity: 1, probeIterations: 40,
-                      coalescedZone: CoalescedZone(address: 0x3f8, size: 1, isPIO: true), runsUnderQEMU: true,
-                      hasStaticPVTwin: false),
+        uart("c-uart-cpl3"),
+        doorbell("c-doorbell-cpl3", granularity: 1),
+        uart("c-selfmod-cpl3"),
+        uart("c-poll-cpl3"),
         // The UART guest at -Os: its port accessors are reached only through function pointers (call promotion).
-        BenchWorkload(name: "c-uart-cpl3-Os", cpl: 3, granularity: 1, probeIterations: 40,
-                      coalescedZone: CoalescedZone(address: 0x3f8, size: 1, isPIO: true), runsUnderQEMU: true,
-                      hasStaticPVTwin: false),
-        // Guests in styles of their own (own runtimes): switch jump tables and sink callbacks; readl/writel
-        // to the doorbell with an unrolled batch loop.
-        BenchWorkload(name: "c-table-cpl3", cpl: 3, granularity: 1, probeIterations: 40,
-                      coalescedZone: CoalescedZone(address: 0x3f8, size: 1, isPIO: true), runsUnderQEMU: false,
-                      hasStaticPVTwin: false),
-        BenchWorkload(name: "c-mmio-cpl3", cpl: 3, granularity: 16, probeIterations: 640,
-                      coalescedZone: CoalescedZone(address: StandardDevices.doorbellBase + DoorbellDevice.doorbellOffset,
-                                                   size: 4, isPIO: false),
-                      runsUnderQEMU: false, hasStaticPVTwin: false),
+        uart("c-uart-cpl3-Os"),
+        // Guests in styles of their own (own runtimes): switch jump tables and sink callbacks (not run under
+        // QEMU by the bench); readl/writel to the doorbell with an unrolled batch loop.
+        uart("c-table-cpl3", runsUnderQEMU: false),
+        doorbell("c-mmio-cpl3", granularity: 16),
     ]
 
     /// `iterations` rounded up to the granularity, at least one granule.
