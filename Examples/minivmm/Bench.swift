@@ -207,10 +207,25 @@ struct Bench: ParsableCommand {
     }
 }
 
+/// The value of `key=` in the last `RESULT ` line of `text`, or `nil`.
 func field(_ text: String, _ key: String) -> String? {
-    guard let line = text.split(separator: "\n").last(where: { $0.hasPrefix("RESULT ") }) else { return nil }
+    guard let line = lastResultLine(text) else { return nil }
     for w in line.split(separator: " ") where w.hasPrefix(key + "=") { return String(w.dropFirst(key.count + 1)) }
     return nil
+}
+
+/// The last line of `text` that starts with `RESULT `, found from the end: a DMP run's output holds millions of
+/// lines before it (splitting it all took most of a minute per run).
+func lastResultLine(_ text: String) -> Substring? {
+    let utf8 = text.utf8
+    var end = utf8.endIndex
+    while true {
+        let start = utf8[..<end].lastIndex(of: UInt8(ascii: "\n")).map { utf8.index(after: $0) } ?? utf8.startIndex
+        let line = Substring(utf8[start..<end])
+        if line.hasPrefix("RESULT ") { return line }
+        guard start > utf8.startIndex else { return nil }
+        end = utf8.index(before: start)
+    }
 }
 
 func median(_ v: [Double]) -> Double {

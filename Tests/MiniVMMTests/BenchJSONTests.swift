@@ -80,3 +80,20 @@ struct BenchJSONTests {
         #expect(try Bench.parse([]).variants == BenchVariant.all.map(\.name))
     }
 }
+
+@Suite("bench: the RESULT line of a run's output")
+struct ResultLineTests {
+    @Test("the last RESULT line wins, found from the end; its fields are read; none, or none at a line start, is nil")
+    func lastResult() {
+        let text = "boot\nRESULT iters=1 checksum=0x1\nline\nRESULT iters=10 warmup=2 cycles_per_iter=7 checksum=0xab\ndone\n"
+        #expect(lastResultLine(text) == "RESULT iters=10 warmup=2 cycles_per_iter=7 checksum=0xab")
+        #expect(field(text, "iters") == "10")
+        #expect(field(text, "checksum") == "0xab")
+        #expect(field(text, "missing") == nil)
+        #expect(lastResultLine("RESULT a=1") == "RESULT a=1", "the first line, no newline")
+        #expect(lastResultLine("no result\n x RESULT a=1\n") == nil)
+        #expect(lastResultLine("") == nil)
+        let long = String(repeating: "line 00000: the quick brown fox\n", count: 200_000) + "RESULT iters=3 warmup=1\n"
+        #expect(field(long, "warmup") == "1")
+    }
+}
