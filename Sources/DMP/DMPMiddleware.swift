@@ -16,8 +16,8 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     /// Where DMP tells its decisions (hot, patched, refused and why, undone and why).
     public let logger: Logger
 
-    private weak var vm: VirtualMachine?
-    private let rings: PVRingDevice?
+    weak var vm: VirtualMachine?
+    let rings: PVRingDevice?
     private let detectors: [HotspotDetector]
     private let clocks: [WindowClock]
     /// One vCPU's exit-path objects, unretained: ``clocks``, ``detectors`` and ``implant`` keep them alive.
@@ -38,13 +38,13 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     /// Why DMP cannot patch at all (no disassembler, a bad implant area), if so.
     private let disabledReason: DMPRefusal?
     /// Sites, patches and pending host writes (never held across a pause).
-    private let state = Mutex(State())
+    let state = Mutex(State())
     /// Held while one vCPU plans and writes a patch; others skip planning meanwhile (taken with try-lock only: a vCPU
     /// blocked in its handler would never let the patching vCPU pause it).
     private let planning = Mutex(())
     /// Sites undone since DMP started, in order: each vCPU re-arms them in its own detector (``rearmCount`` tells it to look).
-    private let rearmRequests = Mutex<[ExitSite]>([])
-    private let rearmCount = Atomic<Int>(0)
+    let rearmRequests = Mutex<[ExitSite]>([])
+    let rearmCount = Atomic<Int>(0)
     private let latencies = Mutex<[PatchLatency]>([])
     /// Two bits per patched site's exit RIP (``filterBits(_:)``): an exit missing one of its bits is at no patched site.
     private let patchedSites = Atomic<UInt64>(0)
@@ -592,96 +592,8 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         verifyPatches()
     }
 
-    /// Judges every patch by its sites' costs (``VerifyWindow``) over its whole life; undoes patches that stopped paying.
-    ///
-    /// - Each trusted site's window of accesses is judged against one exit per access: exits (fallbacks and kicks) and
-    ///   wait iterations per access; ``DMPConfiguration/verifyLosingWindows`` losing windows in a row undo the patch.
-    ///   Idle windows judge nothing.
-    /// - Once, at ``DMPConfiguration/verifyAfterAccesses`` accesses or a second of age: a patch that served nothing
-    ///   is watched for never being entered; a patch of CPL0 code (whose bodies may run emulated, a cost no count
-    ///   shows) is compared by its rate of accesses with the rate before the patch.
-    /// - A site whose hit or wait counter the guest wrote is judged by its exits alone, against the rate before.
-    private func verifyPatches() {
-        guard let vm else { return }
-        var verdicts: [(Int, DMPRefusal)] = []
-        var rearm: [ExitSite] = []
-        let now = ContinuousClock.now
-        state.withLock { s in
-            for (id, p) in s.patches {
-                let age = Double(nanoseconds(since: p.appliedAt)) / 1e9
-                guard age >= 0.05 else { continue }
-                var accesses = 0.0, exits = 0
-                var baseline = 0.0
-                var trusted = true
-                var userMode = true
-                var lost: String?
-                for site in p.sites {
-                    guard var r = s.sites[site] else { continue }
-                    let n = observeHits(&r, memory: vm.memory)
-                    accesses += Double(n + UInt64(r.report.exitsWhilePatched - r.report.kicksWhilePatched))
-                    exits += r.report.exitsWhilePatched
-                    baseline += r.baselineRate ?? 0
-                    trusted = trusted && r.report.hitCounterDistrust == nil
-                    userMode = userMode && r.report.userMode
-                    if r.report.hitCounterDistrust == nil, var w = r.window {
-                        if case .loses = w.observe(r.costs, now: now, configuration: configuration), w.shouldUndo(configuration),
-                           lost == nil {
-                            lost = "\(r.report.location.isEmpty ? hex(site.rip) : r.report.location): \(w.reason(configuration))"
-                        }
-                        r.window = w
-                        r.report.windowsJudged = w.judged
-                        r.report.lastWindowCost = w.last?.costPerAccess
-                    }
-                    s.sites[site] = r
-                }
-                if accesses == Double(exits), !s.entryChecks.contains(id) {
-                    // Nothing served yet: watch the original instructions (undone in `candidate` if they get hot again).
-                    s.entryChecks.insert(id)
-                    rearm += p.sites
-                }
-                if let lost {
-                    verdicts.append((id, DMPRefusal(.verify, lost)))
-                    continue
-                }
-                guard accesses >= Double(configuration.verifyAfterAccesses) || age >= 1 else { continue }
-                let rate = accesses / age
-                if !trusted {
-                    // A counter the guest wrote counts for nothing: judge by the exits alone.
-                    if baseline > 0 && Double(exits) / age > baseline * 0.5 {
-                        verdicts.append((id, DMPRefusal(.verify, "a hit counter was written by the guest and \(exits) exits in \(fixed(age, 2)) s are more than half the rate before the patch")))
-                    }
-                } else if !userMode, baseline > 0 && rate < baseline * 0.9 && !s.judged.contains(id) {
-                    verdicts.append((id, DMPRefusal(.verify, "slower with the patch: \(fixed(rate, 0)) accesses/s against \(fixed(baseline, 0)) before (CPL0 code, whose bodies may run emulated)")))
-                }
-                if trusted, verdicts.last?.0 != id { s.judged.insert(id) }
-            }
-        }
-        if !rearm.isEmpty {
-            rearmRequests.withLock { $0 += rearm }
-            rearmCount.add(1, ordering: .releasing)
-        }
-        for (id, why) in verdicts { undo(id, reason: why, backOff: true) }
-    }
-
-    /// Reads the site's hit counter (``HitCount``: changes accepted only while plausible) into its report row;
-    /// returns the hits served in the guest since the patch. Called under the state lock.
-    @discardableResult
-    private func observeHits(_ r: inout SiteRecord, memory: GuestMemory) -> UInt64 {
-        guard var h = r.hits else { return 0 }
-        let rings = self.rings
-        let n = h.observe(memory) { i in rings.map { $0.statistics(ring: i).consumed } }
-        r.hits = h
-        r.report.hitsServed = n
-        r.report.waitIterations = h.waited
-        if let why = h.distrust, r.report.hitCounterDistrust == nil {
-            r.report.hitCounterDistrust = why
-            logger.notice("hit counter untrusted", metadata: ["site": "\(describe(r.report.site))", "reason": "\(why)"])
-        }
-        return n
-    }
-
     /// Takes patch `id` out and records why; with `backOff` the site waits before it may be patched again.
-    private func undo(_ id: Int, reason: DMPRefusal, backOff: Bool, backOffBase: Int? = nil) {
+    func undo(_ id: Int, reason: DMPRefusal, backOff: Bool, backOffBase: Int? = nil) {
         guard let vm else { return }
         guard let p = state.withLock({ s -> AppliedPatch? in
             if s.rebuilding.contains(id) {
@@ -763,7 +675,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     }
 
     /// A site for log lines.
-    private func describe(_ site: ExitSite) -> String {
+    func describe(_ site: ExitSite) -> String {
         let dir = site.direction == .read ? "read" : "write"
         return "\(symbolize(site.rip)) \(site.kind) 0x\(String(site.address, radix: 16)) \(dir)\(site.size)"
     }
