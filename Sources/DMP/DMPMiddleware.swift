@@ -78,6 +78,8 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         var mergedInto: [Int: Int] = [:]
         /// When sites put off because another vCPU was patching first became hot.
         var deferredSince: [ExitSite: ContinuousClock.Instant] = [:]
+        /// Undos that failed (an ioctl failed while unpatching; the patch stays whole), tried again by the periodic task.
+        var failedUndos: [Int: (reason: DMPRefusal, backOff: Bool, backOffBase: Int?)] = [:]
     }
 
     /// Creates the middleware for `vm`; ``install(on:rings:configuration:logger:)`` also adds it to the VM.
@@ -240,6 +242,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             }
             return true
         }
+        logStranded()
         if planned == nil {
             // Another vCPU is patching: forget the site for now and let it become hot again (its
             // hot-to-patched time still counts from now).
@@ -563,7 +566,8 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     public func guardedEmulationFailure(_ failure: GuardedEmulationFailure, context: ExitContext) -> GuardDecision {
         guard let writes = failure.writes, !writes.isEmpty else { return .fail }
         for w in writes { invalidate(pagesOf: w, reason: "an emulation failure wrote into a guarded page at \(w.start)") }
-        let stillGuarded = Set(patcher.guardedPages)
+        _ = patcher.retryStrandedPages()
+        let stillGuarded = Set(patcher.guardedPages + patcher.strandedPages)
         let cleared = writes.allSatisfy { !stillGuarded.contains($0.start.rawValue & ~0xfff) }
         return cleared ? .retry : .fail
     }
@@ -587,35 +591,54 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             return s.hostWrites
         }
         for w in writes { invalidate(pagesOf: w, reason: "a host-side write into a guarded page at \(w.start)") }
+        retryFailedUndos()
         recheckMappings()
         guard configuration.verify else { return }
         verifyPatches()
     }
 
     /// Takes patch `id` out and records why; with `backOff` the site waits before it may be patched again.
-    func undo(_ id: Int, reason: DMPRefusal, backOff: Bool, backOffBase: Int? = nil) {
-        guard let vm else { return }
-        guard let p = state.withLock({ s -> AppliedPatch? in
+    /// Returns whether the patch is out. When the unpatch fails (an ioctl failed: the vCPUs' registers could not
+    /// be read), the patch stays whole and serving, the failure is logged and reported, and the undo is tried again.
+    @discardableResult
+    func undo(_ id: Int, reason: DMPRefusal, backOff: Bool, backOffBase: Int? = nil) -> Bool {
+        guard let vm else { return false }
+        guard let (p, checks) = state.withLock({ s -> (AppliedPatch, (entry: Bool, judged: Bool))? in
             if s.rebuilding.contains(id) {
                 // Its copy is being rebuilt: undo the patch that results, once it is in place.
                 s.deferredUndos[id] = (reason, backOff, backOffBase)
                 return nil
             }
-            s.entryChecks.remove(id)
-            s.judged.remove(id)
-            defer { refreshPatchedSites(s) }
-            return s.patches.removeValue(forKey: id)
-        }) else { return }
+            guard let p = s.patches.removeValue(forKey: id) else { return nil }
+            s.failedUndos[id] = nil
+            let checks = (entry: s.entryChecks.remove(id) != nil, judged: s.judged.remove(id) != nil)
+            refreshPatchedSites(s)
+            return (p, checks)
+        }) else { return false }
         do {
             // The copy is evicted too: a thread returning into it, or going round one of its loops, leaves it at
             // its next pad for the original (where the guest's bytes are back).
             try patcher.revert(p.writes, unguarding: p.guardedPages, evicting: p.evictionWrites())
         } catch {
-            logger.error("undo failed", metadata: ["patch": "\(p.strategy)", "error": "\(error)"])
+            // Nothing was changed: the patch is back, whole, and the undo waits for the next try.
+            let why = "\(error)"
+            state.withLock { s in
+                s.patches[id] = p
+                if checks.entry { s.entryChecks.insert(id) }
+                if checks.judged { s.judged.insert(id) }
+                s.failedUndos[id] = (reason, backOff, backOffBase)
+                for site in p.sites { s.sites[site]?.report.undoFailure = why }
+                refreshPatchedSites(s)
+            }
+            logger.error("undo failed", metadata: ["patch": "\(p.strategy)", "reason": "\(reason)", "error": "\(why)",
+                                                   "outcome": "the patch stays in place whole; the undo is tried again"])
+            return false
         }
+        logStranded()
         state.withLock { s in
             for site in p.sites {
                 guard var r = s.sites[site] else { continue }
+                r.report.undoFailure = nil
                 if let w = r.enableWord, let g = r.grant {
                     w.store(false)
                     vm.bus.revokeFastPath(space: g.space, address: g.address, enableWord: w)
@@ -642,14 +665,43 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             rearmCount.add(1, ordering: .releasing)
         }
         logger.notice("undone", metadata: ["patch": "\(p.strategy)", "reason": "\(reason)"])
+        return true
     }
 
-    /// Takes every patch out, restoring each original byte that is still ours. Returns how many patches were undone.
+    /// Tries again the undos that failed, and lifting guards no patch relies on that could not be lifted.
+    private func retryFailedUndos() {
+        let failed = state.withLock { $0.failedUndos.sorted { $0.key < $1.key } }
+        for (id, u) in failed { undo(id, reason: u.reason, backOff: u.backOff, backOffBase: u.backOffBase) }
+        let stranded = patcher.strandedPages
+        guard !stranded.isEmpty else { return }
+        if patcher.retryStrandedPages() == nil {
+            logger.info("stranded guards lifted", metadata: ["pages": "\(stranded.map(hex))"])
+        }
+    }
+
+    /// Logs pages the last patch or unpatch could not unguard (no patch relies on them; lifting is retried).
+    func logStranded() {
+        guard let note = patcher.takeStrandedNote() else { return }
+        logger.warning("guard left stranded", metadata: ["error": "\(note)", "pages": "\(patcher.strandedPages.map(hex))"])
+    }
+
+    /// Takes every patch out, restoring each original byte that is still ours, and lifts every guard DMP placed.
+    /// Returns how many patches were undone; a patch whose unpatch failed (an ioctl failed) stays in place whole,
+    /// is logged and reported (``PatchSite/undoFailure``), and is tried again by the next call or the periodic task.
     @discardableResult
     public func unpatchAll() -> Int {
         let ids = state.withLock { $0.patches.keys.sorted() }
-        for id in ids { undo(id, reason: DMPRefusal(.verify, "unpatchAll"), backOff: false) }
-        return ids.count
+        var undone = 0
+        for id in ids where undo(id, reason: DMPRefusal(.verify, "unpatchAll"), backOff: false) { undone += 1 }
+        let stranded = patcher.strandedPages
+        if !stranded.isEmpty {
+            if let why = patcher.retryStrandedPages() {
+                logger.error("guard left stranded", metadata: ["error": "\(why)", "pages": "\(stranded.map(hex))"])
+            } else {
+                logger.info("stranded guards lifted", metadata: ["pages": "\(stranded.map(hex))"])
+            }
+        }
+        return undone
     }
 
     // MARK: Report

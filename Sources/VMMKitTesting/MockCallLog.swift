@@ -7,7 +7,8 @@ import Glibc
 /// A record of everything the mock backend was asked to do, shared by a hypervisor's VMs and vCPUs.
 public final class MockCallLog: @unchecked Sendable {
     private let lock = Locked<[MockCall]>([])
-    private let failures = Locked<[MockOperation: [Errno]]>([:])
+    /// Per operation, what its next calls do: an errno to fail with, or nil to succeed (``inject(_:into:count:skipping:)``).
+    private let failures = Locked<[MockOperation: [Errno?]]>([:])
 
     init() {}
 
@@ -17,9 +18,14 @@ public final class MockCallLog: @unchecked Sendable {
     /// The calls of one operation.
     public func calls(_ op: MockOperation) -> [MockCall] { calls.filter { $0.operation == op } }
 
-    /// Makes the next `count` calls of `op` fail with `errno` (queued after earlier injections).
-    public func inject(_ errno: Errno, into op: MockOperation, count: Int = 1) {
-        failures.withLock { $0[op, default: []].append(contentsOf: Array(repeating: errno, count: count)) }
+    /// Makes the next `count` calls of `op` fail with `errno` (queued after earlier injections); with
+    /// `skipping`, the first `skipping` of those calls succeed and the `count` after them fail (fault injection
+    /// at the k-th call of an operation from a given moment).
+    public func inject(_ errno: Errno, into op: MockOperation, count: Int = 1, skipping: Int = 0) {
+        failures.withLock {
+            $0[op, default: []].append(contentsOf: Array(repeating: nil, count: max(0, skipping))
+                                       + Array(repeating: errno, count: count))
+        }
     }
 
     func record(_ op: MockOperation, vcpu: Int? = nil, _ detail: String = "") throws(BackendError) {
@@ -27,12 +33,14 @@ public final class MockCallLog: @unchecked Sendable {
         let injected: Errno? = failures.withLock { f in
             guard var list = f[op], !list.isEmpty else { return nil }
             let e = list.removeFirst()
-            f[op] = list
+            f[op] = list.isEmpty ? nil : list
             return e
         }
         if let e = injected { throw BackendError(op.rawValue, errno: e, detail: "injected by the mock backend") }
     }
 
     /// Errors injected but not yet delivered.
-    public var undeliveredFailures: [MockOperation: [Errno]] { failures.withLock { $0.filter { !$0.value.isEmpty } } }
+    public var undeliveredFailures: [MockOperation: [Errno]] {
+        failures.withLock { $0.compactMapValues { list in list.contains { $0 != nil } ? list.compactMap { $0 } : nil } }
+    }
 }

@@ -110,6 +110,9 @@ public enum MockStep: Sendable, CustomStringConvertible {
     /// I/O, the second half of a split MMIO access): the run that completes the previous part
     /// returns it, even with `immediate_exit` set, and RIP moves only when the last part completes.
     case continuation(VMExit, data: [UInt64] = [])
+    /// The guest branches to this RIP without exiting (a loop's back-edge, so that the next scripted
+    /// access exits from the same instruction again); the script goes on to the next step.
+    case jump(to: UInt64)
 
     /// A short description.
     public var description: String {
@@ -120,6 +123,7 @@ public enum MockStep: Sendable, CustomStringConvertible {
         case .guestStore(let a, let n, let v): "guest store \(n) bytes 0x\(String(v, radix: 16)) at \(a)"
         case .access(let e, let n, let r, let d): "access \(e) length \(n) into \(r)" + (d.isEmpty ? "" : " data \(d)")
         case .continuation(let e, let d): "continuation \(e)" + (d.isEmpty ? "" : " data \(d)")
+        case .jump(let rip): "jump to 0x" + String(rip, radix: 16)
         }
     }
 }

@@ -121,18 +121,27 @@ public final class MockVCPU: VCPUBackend, @unchecked Sendable {
             s.runs += 1
             return s.nextStep()
         }
-        // Guest stores that land in writable memory do not exit: the guest runs on to the next step.
-        while case .guestStore(let address, let size, let value)? = step {
-            let exits = vm?.guestStore(address, size: size, value: value) ?? [MMIOAccess(address: address, size: UInt8(clamping: size), direction: .write, value: value)]
-            step = state.withLock { s in
-                if !exits.isEmpty {
-                    s.script.insert(contentsOf: exits.map { MockStep.exit(.mmio($0)) }, at: s.head)
+        // Guest stores that land in writable memory and branches do not exit: the guest runs on to the next step.
+        while true {
+            if case .guestStore(let address, let size, let value)? = step {
+                let exits = vm?.guestStore(address, size: size, value: value) ?? [MMIOAccess(address: address, size: UInt8(clamping: size), direction: .write, value: value)]
+                step = state.withLock { s in
+                    if !exits.isEmpty {
+                        s.script.insert(contentsOf: exits.map { MockStep.exit(.mmio($0)) }, at: s.head)
+                    }
+                    return s.nextStep()
                 }
-                return s.nextStep()
+            } else if case .jump(let rip)? = step {
+                step = state.withLock { s in
+                    s.regs.rip = rip
+                    return s.nextStep()
+                }
+            } else {
+                break
             }
         }
         switch step {
-        case nil, .guestStore:
+        case nil, .guestStore, .jump:
             return .halt
         case .fail(let e):
             if e == .interrupted { return .interrupted }

@@ -213,6 +213,33 @@ struct GuardTests {
         #expect(mock.finish().isEmpty)
     }
 
+    @Test("a change whose rollback fails too: the manager records what the hypervisor holds, and the next change repairs the layout",
+          arguments: 0..<6)
+    func failedRollBackIsRepaired(skip: Int) throws {
+        let mock = MockHypervisor()
+        let vm = try guardVM(mock)
+        let before = layout(vm)
+        // Two failures in a row from the `skip`-th call on: the change fails and so does the rollback's first call.
+        mock.log.inject(.ioError, into: .setUserMemoryRegion, count: 2, skipping: skip)
+        let failed: Bool
+        do { try vm.slots.protect(range(0x3000, page)); failed = false } catch { failed = true }
+        if failed {
+            #expect(layout(vm) == backendLayout(mock), "the manager's view is the hypervisor's")
+            // An injected failure the protect did not reach fails the next change, rolled back.
+            for _ in 0..<2 where !mock.log.undeliveredFailures.isEmpty { _ = try? vm.slots.unprotect(range(0x3000, page)) }
+            #expect(layout(vm) == backendLayout(mock))
+            // Lifting the guard (a no-op for the guards) registers the whole layout again: no hole in RAM stays.
+            try vm.slots.unprotect(range(0x3000, page))
+            #expect(layout(vm) == backendLayout(mock))
+            let covered = vm.slots.slots.reduce(UInt64(0)) { $0 + $1.range.size }
+            #expect(covered == 4 << 20, "RAM has a hole: \(layout(vm))")
+            #expect(vm.memory.protectedRanges.isEmpty)
+        }
+        for _ in 0..<2 where !mock.log.undeliveredFailures.isEmpty { _ = try? vm.slots.unprotect(range(0x3000, page)) }
+        try vm.slots.unprotect(range(0x3000, page))
+        #expect(backendLayout(mock).count == before.count && layout(vm) == backendLayout(mock))
+    }
+
     @Test("a change that failed and was rolled back hands its slot numbers out again")
     func rollBackKeepsNumbersDense() throws {
         let mock = MockHypervisor()

@@ -5,13 +5,23 @@ import VMMKit
 /// vCPU paused (DESIGN.md, DMP step 4 "Writing" and step 6).
 ///
 /// Each call: pause every vCPU (their pending accesses complete on their own
-/// threads), refuse if any vCPU's RIP is strictly inside bytes to be written,
-/// check the bytes are still the expected ones, write, guard or unguard pages,
-/// serialize, resume (paused vCPUs serialize before they re-enter the guest).
+/// threads), refuse if any vCPU's RIP is strictly inside bytes to be written
+/// (or cannot be read), check the bytes are still the expected ones, write,
+/// guard or unguard pages, serialize, resume (paused vCPUs serialize before
+/// they re-enter the guest).
+///
+/// When an ioctl fails: a patch is applied whole or not at all (a failed guard
+/// writes nothing; a failed write restores what was written); an unpatch that
+/// cannot check the vCPUs changes nothing. A page no patch relies on any more
+/// whose guard cannot be lifted (the slot change failed) is *stranded*: it
+/// stays listed in ``strandedPages`` and unguarding it is tried again at every
+/// later apply and revert and by ``retryStrandedPages()``.
 package final class Patcher: @unchecked Sendable {
     private unowned let vm: VirtualMachine
     /// Guarded pages and how many patches rely on each.
     private let guardCounts = Mutex<[UInt64: Int]>([:])
+    /// Pages no patch relies on whose guard could not be lifted yet.
+    private let stranded = Mutex<Set<UInt64>>([])
 
     /// Creates a patcher for `vm`.
     package init(vm: VirtualMachine) { self.vm = vm }
@@ -23,6 +33,9 @@ package final class Patcher: @unchecked Sendable {
 
     /// The pages DMP guards now.
     package var guardedPages: [UInt64] { guardCounts.withLock { $0.keys.sorted() } }
+
+    /// Pages no patch relies on any more that are still guarded because lifting the guard failed.
+    package var strandedPages: [UInt64] { stranded.withLock { $0.sorted() } }
 
     /// Applies `writes` (all or none; each finds ``CodeWrite/expected`` there) and guards `pages` (page-aligned
     /// guest-physical addresses; each use counted). `implant` bytes (code and data the patch jumps to, in memory
@@ -37,6 +50,7 @@ package final class Patcher: @unchecked Sendable {
         try withPausedVCPUs { () throws(DMPRefusal) in
             let restore = beforeWriteChecks?()
             defer { restore?() }
+            _ = unguard([])
             try verify()
             try checkRIPs(outside: writes)
             for w in writes {
@@ -54,24 +68,42 @@ package final class Patcher: @unchecked Sendable {
                 }
             }
             let newPages = addGuards(pages)
-            do { try vm.slots.protect(newPages.map { GuestRange(start: GuestAddress($0), size: 0x1000) }) } catch {
-                removeGuards(pages)
-                throw DMPRefusal(.guard, "cannot guard \(newPages.map(hex)): \(error)")
+            do throws(MemorySlotError) { try vm.slots.protect(Patcher.ranges(newPages)) } catch {
+                // Rolled back, nothing is guarded; otherwise whatever the failed change left guarded is stranded.
+                if case .backend(_, rolledBack: false) = error { stranded.withLock { $0.formUnion(newPages) } }
+                if let failure = unguard(removeGuards(pages)) { strandedNote = failure }
+                throw DMPRefusal(.guard, "cannot guard \(newPages.map(hex)): \(error); nothing was written")
             }
             var done: [CodeWrite] = []
             for w in writes {
                 do { try vm.memory.writeAsGuardOwner(w.replacement, at: w.physical) } catch {
                     for d in done.reversed() { try? vm.memory.writeAsGuardOwner(d.expected, at: d.physical) }
-                    let freed = removeGuards(pages)
-                    try? vm.slots.unprotect(freed.map { GuestRange(start: GuestAddress($0), size: 0x1000) })
+                    if let failure = unguard(removeGuards(pages)) { strandedNote = failure }
                     throw DMPRefusal(.patch, "cannot write \(hex(w.virtual)): \(error)")
                 }
                 done.append(w)
             }
-            let freed = removeGuards(releasing)
-            try? vm.slots.unprotect(freed.map { GuestRange(start: GuestAddress($0), size: 0x1000) })
+            if let failure = unguard(removeGuards(releasing)) { strandedNote = failure }
             VirtualMachine.serializeCallingThread()
         }
+    }
+
+    /// Why the last ``apply(_:guarding:implant:releasing:verify:)`` or ``revert(_:unguarding:evicting:)`` left pages
+    /// stranded (``strandedPages``), if it did; read and cleared by the middleware to log it.
+    package func takeStrandedNote() -> String? { strandedNoteLock.withLock { n in defer { n = nil }; return n } }
+    private let strandedNoteLock = Mutex<String?>(nil)
+    private var strandedNote: String? {
+        get { strandedNoteLock.withLock { $0 } }
+        set { strandedNoteLock.withLock { $0 = newValue } }
+    }
+
+    /// Tries again to lift the guards of ``strandedPages`` (with every vCPU paused when the VM runs). Returns why
+    /// it failed, if it did (the pages stay stranded).
+    package func retryStrandedPages() -> String? {
+        guard !stranded.withLock({ $0.isEmpty }) else { return nil }
+        var failure: String?
+        try? withPausedVCPUs { () throws(DMPRefusal) in failure = unguard([]) }
+        return failure
     }
 
     /// Restores the original bytes of `writes` where the patch's bytes are still
@@ -85,6 +117,7 @@ package final class Patcher: @unchecked Sendable {
         var restored = 0
         try withPausedVCPUs { () throws(DMPRefusal) in
             try checkRIPs(outside: writes + evicting)
+            _ = unguard([])
             for w in evicting {
                 guard let now = try? vm.memory.readBytes(at: w.physical, count: w.replacement.count), now == w.expected else { continue }
                 try? vm.memory.writeAsGuardOwner(w.replacement, at: w.physical)
@@ -96,10 +129,9 @@ package final class Patcher: @unchecked Sendable {
                 }
                 restored += 1
             }
-            let freed = removeGuards(pages)
-            do { try vm.slots.unprotect(freed.map { GuestRange(start: GuestAddress($0), size: 0x1000) }) } catch {
-                throw DMPRefusal(.guard, "cannot unguard \(freed.map(hex)): \(error)")
-            }
+            // The patch is out whether or not its guards can be lifted now: a guard that stays costs exits on
+            // writes into the page (applied as ever), never correctness; it is stranded and lifted later.
+            if let failure = unguard(removeGuards(pages)) { strandedNote = failure }
             VirtualMachine.serializeCallingThread()
         }
         return restored
@@ -122,17 +154,41 @@ package final class Patcher: @unchecked Sendable {
     /// resume in the middle of the new instruction). Compared by virtual address,
     /// which is conservative across address spaces.
     private func checkRIPs(outside writes: [CodeWrite]) throws(DMPRefusal) {
+        guard !writes.isEmpty else { return }
         for v in vm.vcpus {
-            guard let r = try? v.registers() else { continue }
+            let r: Registers
+            do { r = try v.registers() } catch {
+                throw DMPRefusal(.patch, "cannot read vCPU \(v.id)'s registers to check that it is not inside the bytes to write: \(error)")
+            }
             for w in writes where (r.rip > w.virtual || (w.guardsItsStart && r.rip == w.virtual)) && r.rip < w.virtual &+ UInt64(w.original.count) {
                 throw DMPRefusal(.patch, "vCPU \(v.id) is inside the instruction at \(hex(w.virtual))")
             }
         }
     }
 
+    /// Lifts the guards of `freed` (pages no patch relies on any more) and of the pages stranded before, in one
+    /// slot change; on failure they all stay stranded and the reason is returned.
+    private func unguard(_ freed: [UInt64]) -> String? {
+        let pages = stranded.withLock { s -> [UInt64] in
+            s.formUnion(freed)
+            return s.sorted()
+        }
+        guard !pages.isEmpty else { return nil }
+        do { try vm.slots.unprotect(Patcher.ranges(pages)) } catch {
+            return "cannot unguard \(pages.map(hex)) (no patch relies on them; tried again later): \(error)"
+        }
+        stranded.withLock { $0.subtract(pages) }
+        return nil
+    }
+
+    /// One-page ranges.
+    private static func ranges(_ pages: [UInt64]) -> [GuestRange] { pages.map { GuestRange(start: GuestAddress($0), size: 0x1000) } }
+
     /// Counts one more use of each page; returns the pages that were not guarded before.
     private func addGuards(_ pages: [UInt64]) -> [UInt64] {
-        guardCounts.withLock { counts in
+        // A stranded page a patch relies on again is simply guarded again.
+        stranded.withLock { $0.subtract(pages) }
+        return guardCounts.withLock { counts in
             var fresh: [UInt64] = []
             for p in Set(pages) {
                 if counts[p, default: 0] == 0 { fresh.append(p) }

@@ -31,6 +31,11 @@ public enum DMPReport {
                     + "\(s.kicksWhilePatched) kicks, \(s.waitIterations) wait iterations\n"
             }
         }
+        let undoFailed = sites.filter { $0.undoFailure != nil && $0.state == .patched }
+        if !undoFailed.isEmpty {
+            out += "\nundo failed (the patch stays in place whole; tried again):\n"
+            for s in undoFailed { out += "  \(s.location) (\(access(s.site))): \(s.undoFailure ?? "")\n" }
+        }
         let distrusted = sites.filter { $0.hitCounterDistrust != nil }
         if !distrusted.isEmpty {
             out += "\nhit counters written by the guest (served counts kept at their last plausible value):\n"

@@ -55,6 +55,9 @@ public struct PatchSite: Hashable, Sendable, CustomStringConvertible {
     public var hotToPatchedNanoseconds: UInt64?
     /// Why it was refused or undone.
     public var refusal: DMPRefusal?
+    /// Why the last attempt to undo its patch failed (an ioctl failed while unpatching), if it did: the patch
+    /// stays in place whole and serving, and the undo is tried again (DMP's periodic task, ``DMPMiddleware/unpatchAll()``).
+    public var undoFailure: String?
     /// Why the site's hit counter stopped being believed, if it did: the guest wrote it (it went down, rose
     /// faster than one hit per nanosecond, or past what the site's ring consumed). ``hitsServed`` then stays
     /// at its last plausible value and verification judges the patch by its exits alone.

@@ -55,6 +55,9 @@ public final class MemorySlots: @unchecked Sendable {
     private var protectedRuns: [GuestRange] = []
     /// The registered slots, sorted by start.
     private var current: [Slot] = []
+    /// A change failed and could not be rolled back: the registered slots may leave holes in RAM, so the next
+    /// change registers the whole layout again even if it changes no guard.
+    private var needsRepair = false
     private var freeNumbers: [UInt32] = []
     private var nextNumber: UInt32 = 0
     private var savedDirty: Set<UInt64> = []
@@ -226,7 +229,7 @@ public final class MemorySlots: @unchecked Sendable {
             lock.lock()
             var c = cuts, runs = protectedRuns
             edit(&c, &runs)
-            if c == cuts && runs == protectedRuns { lock.unlock(); return }
+            if c == cuts && runs == protectedRuns && !needsRepair { lock.unlock(); return }
             if gate?.vcpusMayRun != true {
                 // VirtualMachine.start() takes this lock, so no vCPU can start meanwhile.
                 defer { lock.unlock() }
@@ -301,6 +304,7 @@ public final class MemorySlots: @unchecked Sendable {
         guard needed <= slotLimit else { throw .outOfSlots(needed: needed, limit: slotLimit) }
         if toDelete.isEmpty && toCreate.isEmpty {
             memory.setProtected(protected)
+            needsRepair = false
             return
         }
         // While slots change, host writes to pages guarded before or after
@@ -336,15 +340,17 @@ public final class MemorySlots: @unchecked Sendable {
                 created.append(s)
             }
         } catch {
-            let rolledBack = rollBack(deleted: deleted, created: created)
+            let (rolledBack, stillCreated, stillDeleted) = rollBack(deleted: deleted, created: created)
             if rolledBack {
                 // The numbers handed out for this change are free again.
                 nextNumber = firstUnused
                 memory.setProtected(protectedRuns)
             } else {
-                // Record what the hypervisor has now; every number below nextNumber not in use is free.
-                let gone = Set(deleted.map(\.number))
-                current = (current.filter { !gone.contains($0.number) } + created).sorted { $0.range.start < $1.range.start }
+                // Record what the hypervisor has now (what the partial rollback undid is undone); every number
+                // below nextNumber not in use is free. RAM may have holes: the next change repairs the layout.
+                needsRepair = true
+                let gone = Set(stillDeleted.map(\.number))
+                current = (current.filter { !gone.contains($0.number) } + stillCreated).sorted { $0.range.start < $1.range.start }
                 let used = Set(current.map(\.number))
                 freeNumbers = (0..<nextNumber).filter { !used.contains($0) }.sorted(by: >)
                 protectedRuns = MemorySlots.union([], current.filter { $0.readOnly && memory.region(containing: $0.range.start)?.readOnly == false }.map(\.range))
@@ -357,6 +363,7 @@ public final class MemorySlots: @unchecked Sendable {
         freeNumbers = numbers
         protectedRuns = protected
         memory.setProtected(protected)
+        needsRepair = false
     }
 
     /// Registers one slot with the hypervisor.
@@ -370,18 +377,21 @@ public final class MemorySlots: @unchecked Sendable {
         try backend.setUserMemoryRegion(MemorySlot(slot: s.number, flags: flags, range: s.range, host: host))
     }
 
-    /// Undoes a partly applied change: deletes the slots created, re-creates the ones deleted.
-    private func rollBack(deleted: [Slot], created: [Slot]) -> Bool {
-        var ok = true
+    /// Undoes a partly applied change: deletes the slots created, re-creates the ones deleted. Returns whether
+    /// all of it was undone, and the slots still created and still deleted (what the hypervisor has).
+    private func rollBack(deleted: [Slot], created: [Slot]) -> (done: Bool, stillCreated: [Slot], stillDeleted: [Slot]) {
+        var stillCreated: [Slot] = []
         for s in created {
             do { try backend.setUserMemoryRegion(MemorySlot(slot: s.number, range: GuestRange(start: s.range.start, size: 0), host: nil)) }
-            catch { ok = false }
+            catch { stillCreated.append(s) }
         }
-        guard ok else { return false }
+        // A deleted slot overlapping one still created cannot come back (KVM refuses overlaps).
+        guard stillCreated.isEmpty else { return (false, stillCreated, deleted) }
+        var stillDeleted: [Slot] = []
         for s in deleted {
-            do { try register(s) } catch { ok = false }
+            do { try register(s) } catch { stillDeleted.append(s) }
         }
-        return ok
+        return (stillDeleted.isEmpty, [], stillDeleted)
     }
 
     /// Folds a slot's dirty log into the saved pages.
