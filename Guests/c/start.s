@@ -5,7 +5,8 @@
 # at c_user_entry, which calls the C runtime's c_start(cmdline). Everything
 # else runs at CPL3, in C (see crt.c).
 #
-# Assembled with --defsym USER_DOORBELL=1 for guests that drive the doorbell.
+# Assembled with --defsym USER_DOORBELL=1 for guests that drive the doorbell,
+# and with --defsym KERNEL_MODE=1 for guests whose C program stays at CPL0.
 
         .set USER_LOW, 1
         .include "macros.inc"
@@ -30,8 +31,16 @@ FUNC kmain
         cmp $CMDLINE_MAX - 1, %ecx
         jb 1b
 2:      movb $0, (%rsi,%rcx)
+.ifdef KERNEL_MODE
+        # Assembled with --defsym KERNEL_MODE=1: the C program runs at CPL0.
+        lea c_cmdline(%rip), %rdi
+        and $-16, %rsp
+        call c_start
+        ud2
+.else
         lea c_user_entry(%rip), %rdi
         jmp enter_user
+.endif
 ENDF kmain
 
 # CPL3, on the user stack (16-byte aligned): c_start(c_cmdline) never returns.
