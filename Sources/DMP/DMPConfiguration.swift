@@ -33,9 +33,20 @@ public struct DMPConfiguration: Sendable {
     /// Whether to measure every patch and undo those that do not pay.
     public var verify = true
     /// Exits of the site after a patch before it is judged (hits served in the guest count too): whether it is
-    /// entered at all, and for code at CPL0 (whose bodies may run emulated) its rate of accesses against the
-    /// rate before the patch.
+    /// entered at all.
     public var verifyAfterAccesses: Int = 4096
+    /// A patch of CPL0 code (whose bodies run natively on hardware virtualization but may run emulated, a cost
+    /// no count shows) is judged by an A/B trial (``RateTrial``): the guest's original bytes put back and the patch
+    /// written again in alternating phases of this many seconds, its sites' accesses per second compared phase by phase.
+    public var trialPhaseSeconds: Double = 0.05
+    /// The off/on pairs of phases an A/B trial measures; the median of their ratios decides.
+    public var trialPairs: Int = 3
+    /// The accesses a trial phase needs to count (a phase short of them runs on, up to four times its length;
+    /// a pair still short of them is idle).
+    public var trialMinimumAccesses: Int = 32
+    /// The median ratio of a trial's pairs (accesses per second patched over unpatched) below which
+    /// the patch is undone as slower.
+    public var trialMinimumRatio: Double = 0.95
     /// Accesses of a patched site (served in the guest or fallen back) that make one verification window. Each
     /// window's cost per access (exits, kicks and wait iterations) is judged against the one exit per access the
     /// site cost unpatched, over the patch's whole life.

@@ -9,33 +9,39 @@ extension DMPMiddleware {
     /// - Each trusted site's window of accesses is judged against one exit per access: exits (fallbacks and kicks) and
     ///   wait iterations per access; ``DMPConfiguration/verifyLosingWindows`` losing windows in a row undo the patch.
     ///   Idle windows judge nothing.
+    /// - A patch of CPL0 code (whose bodies may run emulated, a cost no count shows) first goes through an A/B trial
+    ///   (``RateTrial``) once it has served an access: taken out and written again in alternating phases, its sites'
+    ///   rate of accesses compared phase by phase; it is undone if it is slower in place. Its windows start after
+    ///   the trial.
     /// - Once, at ``DMPConfiguration/verifyAfterAccesses`` accesses or a second of age: a patch that served nothing
-    ///   is watched for never being entered; a patch of CPL0 code (whose bodies may run emulated, a cost no count
-    ///   shows) is compared by its rate of accesses with the rate before the patch.
+    ///   is watched for never being entered.
     /// - A site whose hit or wait counter the guest wrote is judged by its exits alone, against the rate before.
     func verifyPatches() {
         guard let vm else { return }
-        var verdicts: [(Int, DMPRefusal)] = []
+        var verdicts: [(id: Int, why: DMPRefusal, backOffBase: Int?)] = []
         var rearm: [ExitSite] = []
+        var switches: [(id: Int, phase: RateTrial.Phase)] = []
         let now = ContinuousClock.now
         state.withLock { s in
             for (id, p) in s.patches {
                 let age = Double(nanoseconds(since: p.appliedAt)) / 1e9
                 guard age >= 0.05 else { continue }
-                var accesses = 0.0, exits = 0
+                let userMode = p.sites.allSatisfy { s.sites[$0]?.report.userMode ?? true }
+                // A CPL0 patch's windows start after its trial (the trial's off phases exit on purpose).
+                let inTrial = !userMode && !s.judged.contains(id)
+                var accesses = 0.0, exits = 0, atOriginal = 0
                 var baseline = 0.0
                 var trusted = true
-                var userMode = true
                 var lost: String?
                 for site in p.sites {
                     guard var r = s.sites[site] else { continue }
                     let n = observeHits(&r, memory: vm.memory)
                     accesses += Double(n + UInt64(r.report.exitsWhilePatched - r.report.kicksWhilePatched))
                     exits += r.report.exitsWhilePatched
+                    atOriginal += r.exitsAtOriginal
                     baseline += r.baselineRate ?? 0
                     trusted = trusted && r.report.hitCounterDistrust == nil
-                    userMode = userMode && r.report.userMode
-                    if r.report.hitCounterDistrust == nil, var w = r.window {
+                    if r.report.hitCounterDistrust == nil, !inTrial, var w = r.window {
                         if case .loses = w.observe(r.costs, now: now, configuration: configuration), w.shouldUndo(configuration),
                            lost == nil {
                             lost = "\(r.report.location.isEmpty ? hex(site.rip) : r.report.location): \(w.reason(configuration))"
@@ -52,27 +58,84 @@ extension DMPMiddleware {
                     rearm += p.sites
                 }
                 if let lost {
-                    verdicts.append((id, DMPRefusal(.verify, lost)))
+                    verdicts.append((id, DMPRefusal(.verify, lost), nil))
                     continue
                 }
+                if inTrial && trusted {
+                    // Nothing served yet: the entry check watches; the trial starts with the first access served.
+                    guard accesses > Double(exits) || s.trials[id] != nil else { continue }
+                    var t = s.trials[id] ?? RateTrial()
+                    let step = t.observe(accesses: UInt64(accesses) &+ UInt64(atOriginal), now: age, configuration: configuration)
+                    s.trials[id] = t
+                    switch step {
+                    case .wait: break
+                    case .switchTo(let phase): switches.append((id, phase))
+                    case .done(let v):
+                        switch v {
+                        case .loses:
+                            s.trials[id] = nil
+                            // Measured side by side, not inferred: the first back-off is four times the usual one.
+                            verdicts.append((id, DMPRefusal(.verify, RateTrial.reason(v, pairs: t.pairs.count, configuration: configuration)),
+                                             configuration.initialBackoff * 4))
+                        case .pays(let ratio, let on, let off):
+                            s.trials[id] = nil
+                            s.judged.insert(id)
+                            for site in p.sites {
+                                guard var r = s.sites[site] else { continue }
+                                r.window = VerifyWindow(at: r.costs, now: now)
+                                r.report.trialResult = "\(fixed(on, 0)) accesses/s patched, \(fixed(off, 0)) with the original code "
+                                    + "(median ratio \(fixed(ratio, 2)) over \(t.pairs.count) pairs)"
+                                s.sites[site] = r
+                            }
+                            logger.info("A/B trial paid", metadata: ["patch": "\(id)", "ratio": "\(fixed(ratio, 2))",
+                                                                    "on_per_s": "\(fixed(on, 0))", "off_per_s": "\(fixed(off, 0))"])
+                        case .idle:
+                            // The guest hardly used the sites: try again in a second.
+                            s.trials[id] = RateTrial(notBefore: age + 1)
+                        }
+                    }
+                    continue
+                }
+                if let t = s.trials.removeValue(forKey: id), t.phase == .off {
+                    // A counter the guest wrote ended the trial: the patch goes back in.
+                    switches.append((id, .on))
+                }
                 guard accesses >= Double(configuration.verifyAfterAccesses) || age >= 1 else { continue }
-                let rate = accesses / age
                 if !trusted {
                     // A counter the guest wrote counts for nothing: judge by the exits alone.
                     if baseline > 0 && Double(exits) / age > baseline * 0.5 {
-                        verdicts.append((id, DMPRefusal(.verify, "a hit counter was written by the guest and \(exits) exits in \(fixed(age, 2)) s are more than half the rate before the patch")))
+                        verdicts.append((id, DMPRefusal(.verify, "a hit counter was written by the guest and \(exits) exits in \(fixed(age, 2)) s are more than half the rate before the patch"), nil))
                     }
-                } else if !userMode, baseline > 0 && rate < baseline * 0.9 && !s.judged.contains(id) {
-                    verdicts.append((id, DMPRefusal(.verify, "slower with the patch: \(fixed(rate, 0)) accesses/s against \(fixed(baseline, 0)) before (CPL0 code, whose bodies may run emulated)")))
+                } else {
+                    s.judged.insert(id)
                 }
-                if trusted, verdicts.last?.0 != id { s.judged.insert(id) }
             }
         }
         if !rearm.isEmpty {
             rearmRequests.withLock { $0 += rearm }
             rearmCount.add(1, ordering: .releasing)
         }
-        for (id, why) in verdicts { undo(id, reason: why, backOff: true) }
+        for (id, phase) in switches where !verdicts.contains(where: { $0.id == id }) { switchPatch(id, to: phase) }
+        for (id, why, base) in verdicts { undo(id, reason: why, backOff: true, backOffBase: base) }
+    }
+
+    /// Switches patch `id` for an A/B trial phase (``RateTrial``): off puts the guest's original bytes back (the
+    /// implanted code and the page guards stay), on writes the patch again, each with every vCPU paused. Under the
+    /// planning lock, so no plan or rebuild of the same code runs meanwhile. A write that fails undoes the patch.
+    func switchPatch(_ id: Int, to phase: RateTrial.Phase) {
+        let failure = planning.withLock { _ -> DMPRefusal? in
+            guard let writes = state.withLock({ $0.patches[id]?.writes }) else { return nil }
+            do throws(DMPRefusal) {
+                switch phase {
+                case .off: try patcher.suspend(writes)
+                case .on: try patcher.resume(writes)
+                }
+                return nil
+            } catch {
+                return DMPRefusal(.verify, "an A/B trial could not switch the patch \(phase == .off ? "off" : "on"): \(error.reason)")
+            }
+        }
+        if let failure { undo(id, reason: failure, backOff: true) }
     }
 
     /// Reads the site's hit counter (``HitCount``: changes accepted only while plausible) into its report row;

@@ -29,7 +29,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     private let lanes: UnsafeMutableBufferPointer<Lane>
     /// ``implant`` without reference counting, for the exit path.
     private let implantOnExitPath: Unmanaged<Implant>?
-    private let patcher: Patcher
+    let patcher: Patcher
     /// The patcher, for tests that change guest memory at the moment of writing (``Patcher/beforeWriteChecks``).
     package var patcherForTesting: Patcher { patcher }
     private let implant: Implant?
@@ -41,7 +41,10 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     let state = Mutex(State())
     /// Held while one vCPU plans and writes a patch; others skip planning meanwhile (taken with try-lock only: a vCPU
     /// blocked in its handler would never let the patching vCPU pause it).
-    private let planning = Mutex(())
+    let planning = Mutex(())
+    /// Orders telling the ring device about DMP's producers (a patch going live with a ring fast path, the
+    /// last one going): taken before the state lock, never while holding it.
+    private let producers = Mutex(())
     /// Sites undone since DMP started, in order: each vCPU re-arms them in its own detector (``rearmCount`` tells it to look).
     let rearmRequests = Mutex<[ExitSite]>([])
     let rearmCount = Atomic<Int>(0)
@@ -70,10 +73,12 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         /// Patches that had served nothing at their first verification: their sites were re-armed in every
         /// detector, so that the original instruction becoming hot again shows the patch is never entered.
         var entryChecks: Set<Int> = []
-        /// Patches past their one-time check (entered at all; for CPL0 code, the rate of accesses against the rate
-        /// before the patch): a site the guest stops using later is not undone for the accesses per second falling.
+        /// Patches past their one-time check (entered at all; for CPL0 code, an A/B trial, ``RateTrial``): a site
+        /// the guest stops using later is not undone for the accesses per second falling.
         /// Their costs per access keep being judged in windows (``VerifyWindow``).
         var judged: Set<Int> = []
+        /// A/B trials of CPL0 patches in progress (``RateTrial``), by patch.
+        var trials: [Int: RateTrial] = [:]
         /// Patches merged into another by a call promotion: an undo that waited for the merge goes to that one.
         var mergedInto: [Int: Int] = [:]
         /// When sites put off because another vCPU was patching first became hot.
@@ -277,9 +282,15 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         }
     }
 
-    /// The patch serving `site`, if any.
+    /// The patch serving `site`, if any (counting the exit at its original instruction).
     @inline(never)
-    private func patchServing(_ site: ExitSite) -> Int? { state.withLock { $0.sites[site]?.patchID } }
+    private func patchServing(_ site: ExitSite) -> Int? {
+        state.withLock { s in
+            guard let id = s.sites[site]?.patchID else { return nil }
+            s.sites[site]?.exitsAtOriginal += 1
+            return id
+        }
+    }
 
     /// Lets the chain handle the exit, then walks patch `id`'s implant mapping again.
     @inline(never)
@@ -456,6 +467,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                     s.patches[c] = nil
                     s.entryChecks.remove(c)
                     s.judged.remove(c)
+                    s.trials[c] = nil
                     s.mergedInto[c] = id
                 }
                 s.patches[id] = applied
@@ -478,9 +490,11 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                 r.report.userMode = sp.userMode
                 r.report.state = outcome.applied == nil ? .wouldPatch : .patched
                 r.report.refusal = nil
+                r.report.trialResult = nil
                 r.report.hotToPatchedNanoseconds = elapsed
                 r.enableWord = sp.enableWord
                 r.grant = sp.grant
+                r.ringProducer = sp.ring != nil
                 r.hits = sp.hitCounter.map { c in
                     HitCount(counter: c, ring: sp.ring.flatMap { i in
                         consumedBefore.indices.contains(i) ? (i, rings?.slotCount ?? 0, consumedBefore[i]) : nil
@@ -496,6 +510,10 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                 if r.baselineRate == nil, sp.site != site { r.baselineRate = s.sites[site]?.baselineRate }
                 s.sites[sp.site] = r
             }
+        }
+        if outcome.applied != nil, outcome.sites.contains(where: { $0.ring != nil }), let rings {
+            // Again now that the patch is live: an undo of the last other ring patch may have detached meanwhile.
+            producers.withLock { _ in rings.producerAttached() }
         }
         logger.info(outcome.applied == nil ? "would patch" : "patched",
                     metadata: ["site": "\(describe(site))", "strategy": "\(outcome.strategy)",
@@ -611,6 +629,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             }
             guard let p = s.patches.removeValue(forKey: id) else { return nil }
             s.failedUndos[id] = nil
+            s.trials[id] = nil
             let checks = (entry: s.entryChecks.remove(id) != nil, judged: s.judged.remove(id) != nil)
             refreshPatchedSites(s)
             return (p, checks)
@@ -658,6 +677,15 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                     r.retryAtExits = nil
                 }
                 s.sites[site] = r
+            }
+        }
+        if let rings, state.withLock({ s in p.sites.contains { s.sites[$0]?.ringProducer == true } }) {
+            // The last ring producer gone: the guest's own writes to the target registers are no fallbacks.
+            producers.withLock { _ in
+                let live = state.withLock { s in
+                    s.patches.values.contains { q in q.sites.contains { s.sites[$0]?.ringProducer == true } }
+                }
+                if !live { rings.producersDetached() }
             }
         }
         if backOff {

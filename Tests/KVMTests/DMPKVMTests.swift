@@ -10,6 +10,8 @@ struct DMPLibraryRun {
     let report: [PatchSite]
     let steadyExits: Int?
     let latencies: [PatchLatency]
+    /// How many times the ring poller went to sleep after an idle period.
+    let pollerSleeps: Int
 
     /// `prepare`: runs on the new VM before anything is installed (exit handlers of a test, first in the chain).
     /// `hostCPUs`: pins the VM's threads (vCPUs, ring poller, timer) to these host CPUs.
@@ -38,6 +40,7 @@ struct DMPLibraryRun {
         report = middleware?.report() ?? []
         steadyExits = devices.marker.steadyPhase?.exits
         latencies = middleware?.patchLatencies ?? []
+        pollerSleeps = devices.rings.pollerSleeps
     }
 
     func site(_ location: String) -> PatchSite? { report.first { $0.location == location } }
@@ -127,8 +130,36 @@ extension KVMTests {
         #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
         let s = try #require(on.site("uart_putc+0x5"), "\(on.report)")
         // On hardware virtualization CPL0 runs natively and the copy may well pay; here it is emulated.
-        #expect(s.state == .undone || s.state == .patched)
-        if s.state == .undone { #expect(s.refusal?.stage == .verify, "\(String(describing: s.refusal))") } else { #expect(s.hitsServed > 0) }
+        try KVMTests.expectTrialJudged(s)
+    }
+
+    /// A CPL0 site was judged by its A/B trial: undone with the trial's figures (patched slower than the original
+    /// code), or patched with them (not slower).
+    static func expectTrialJudged(_ s: PatchSite, sourceLocation: SourceLocation = #_sourceLocation) throws {
+        #expect(s.state == .undone || s.state == .patched, "\(s)", sourceLocation: sourceLocation)
+        if s.state == .undone {
+            let why = try #require(s.refusal, sourceLocation: sourceLocation)
+            #expect(why.stage == .verify && why.reason.contains("accesses/s patched against")
+                    && why.reason.contains("with the original code"), "\(why)", sourceLocation: sourceLocation)
+        } else {
+            #expect(s.hitsServed > 0 && s.trialResult?.contains("accesses/s patched") == true, "\(s)", sourceLocation: sourceLocation)
+        }
+    }
+
+    @Test("DMP at CPL0 on C (c-uart-cpl0, gcc -O2): every patch judged by its A/B trial, the output the same; once the ring producers are undone the poller sleeps")
+    func dmpCUartCPL0Trial() throws {
+        let off = try DMPLibraryRun("c-uart-cpl0", commandLine: "iters=200", dmp: false)
+        let on = try DMPLibraryRun("c-uart-cpl0", commandLine: "iters=200")
+        #expect(on.lines == off.lines)
+        #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum") && resultField(on.text, "checksum") == "0xb735dd4d")
+        #expect(on.stop == off.stop)
+        let served = on.report.filter { $0.location.hasPrefix("io_serial_") }
+        #expect(served.count == 4, "\(on.report)")
+        for s in served { try KVMTests.expectTrialJudged(s) }
+        if on.report.allSatisfy({ $0.state != .patched }) {
+            // With no ring producer left, the guest's own THR writes no longer keep the poller polling.
+            #expect(on.pollerSleeps > 0)
+        }
     }
 
     @Test("--dmp-dry-run: sites reported as would patch, nothing patched, same output")

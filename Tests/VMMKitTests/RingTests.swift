@@ -352,6 +352,28 @@ struct RingVMTests {
         #expect(devices.rings.kicks == 1)
     }
 
+    @Test("producers detached: a target write is the guest's own again once the rings are drained; attached again: a fallback")
+    func producersDetached() throws {
+        let mock = MockHypervisor()
+        let vm = try makeVM(mock, memory: 32 << 20)
+        let console = CapturedOutput()
+        let devices = try StandardDevices.install(on: vm, console: console.sink(), ringPolling: .disabled, ringSlotCount: 4)
+        devices.rings.producerAttached()
+        // Entries left pending when the producers go: the detach waits for the drain that applies them.
+        try publish("ab", devices, vm)
+        devices.rings.producersDetached()
+        mock.vcpu(0)?.script([out(0x3f8, UInt64(UInt8(ascii: "C"))), out(0x3f8, UInt64(UInt8(ascii: "D"))), .exit(.halt)])
+        _ = try vm.run()
+        #expect(console.text == "abCD")
+        // C drained "ab" first (a fallback: the rings had carried entries); D found nothing pending and no producer.
+        #expect(devices.rings.statistics(ring: 0).fallbacks == 1)
+        devices.rings.producerAttached()
+        mock.vcpu(0)?.script([out(0x3f8, UInt64(UInt8(ascii: "E"))), debugExit3])
+        #expect(try vm.run() == .guestExit(status: 3))
+        #expect(console.text == "abCDE")
+        #expect(devices.rings.statistics(ring: 0).fallbacks == 2, "E is a producer's fallback again")
+    }
+
     @Test("the drain timer delivers ring entries while the vCPU never exits (no poller)")
     func timerDrains() throws {
         let mock = MockHypervisor()

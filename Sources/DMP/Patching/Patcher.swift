@@ -137,6 +137,23 @@ package final class Patcher: @unchecked Sendable {
         return restored
     }
 
+    /// Takes `writes` out for an A/B trial's off phase (``RateTrial``): the original bytes go back where the
+    /// patch's bytes are still there; guards and implanted code stay (a thread inside the code finishes there).
+    /// - Returns: how many writes were restored.
+    @discardableResult
+    package func suspend(_ writes: [CodeWrite]) throws(DMPRefusal) -> Int {
+        try revert(writes, unguarding: [])
+    }
+
+    /// Puts `writes` back after ``suspend(_:)``: each must find the guest's original bytes (all or none).
+    package func resume(_ writes: [CodeWrite]) throws(DMPRefusal) {
+        try apply(writes.map { w in
+            var w = w
+            w.current = nil
+            return w
+        }, guarding: [])
+    }
+
     // MARK: Internals
 
     /// Runs `body` with every vCPU paused (or with none running), and returns the pause's length in ns.

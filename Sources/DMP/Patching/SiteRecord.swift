@@ -10,6 +10,11 @@ package struct SiteRecord: Sendable {
     package var enableWord: FastPathEnableWord?
     /// The device's fast path, for revoking it.
     package var grant: (space: BusSpace, address: UInt64)?
+    /// Exits at the site's original instruction while its patch was live: a path the patch does not cover, or an
+    /// A/B trial's off phase (``RateTrial``), when the original bytes are back.
+    package var exitsAtOriginal = 0
+    /// Whether the site's fast path appends to a ring (its patch is one of the ring device's producers).
+    package var ringProducer = false
     /// The site's hit counter in the implant data page, as far as it is believed (the guest may write any value there).
     package var hits: HitCount?
     /// Accesses per second before the patch (the site's exits in the detector's window over the window's time).

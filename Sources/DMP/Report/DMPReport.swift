@@ -28,7 +28,8 @@ public enum DMPReport {
             out += "\nverified (cost per access in exits, unpatched 1; windows judged, kicks, wait iterations):\n"
             for s in verified {
                 out += "  \(s.location) (\(access(s.site))): \(fixed(s.lastWindowCost ?? 0, 3)) in the last of \(s.windowsJudged) windows; "
-                    + "\(s.kicksWhilePatched) kicks, \(s.waitIterations) wait iterations\n"
+                    + "\(s.kicksWhilePatched) kicks, \(s.waitIterations) wait iterations"
+                    + (s.trialResult.map { "; A/B trial: \($0)" } ?? "") + "\n"
             }
         }
         let undoFailed = sites.filter { $0.undoFailure != nil && $0.state == .patched }

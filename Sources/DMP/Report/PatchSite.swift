@@ -51,6 +51,10 @@ public struct PatchSite: Hashable, Sendable, CustomStringConvertible {
     public var windowsJudged: Int = 0
     /// The cost per access, in exits, of the last verification window judged (nil before the first).
     public var lastWindowCost: Double?
+    /// For a patch of CPL0 code that passed its A/B trial (the patch taken out and written again in alternating
+    /// phases, ``DMPConfiguration/trialPhaseSeconds``): the accesses per second patched and unpatched and the
+    /// median ratio. A trial that lost undoes the patch; ``refusal`` then gives the figures.
+    public var trialResult: String?
     /// Nanoseconds from the site becoming hot to every vCPU resuming with the patch in place.
     public var hotToPatchedNanoseconds: UInt64?
     /// Why it was refused or undone.

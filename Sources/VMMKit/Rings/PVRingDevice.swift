@@ -51,6 +51,9 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     /// producer's fallback, and does not wake the poller (a guest without
     /// rings would otherwise keep it polling on every such write).
     private let carriedEntries = Atomic<Bool>(false)
+    /// Set by ``producersDetached()`` while entries were still pending: the drain that empties the rings
+    /// clears ``carriedEntries`` (lock held).
+    private var detachAfterDrain = false
     private let poller = PollerState()
 
     /// Creates the rings and writes their headers. The rings occupy
@@ -180,6 +183,10 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
                 stoppedByEntry = true
                 return (stop, total)
             }
+        }
+        if detachAfterDrain && !rings.contains(where: { $0.mayHaveEntries }) {
+            detachAfterDrain = false
+            carriedEntries.store(false, ordering: .relaxed)
         }
         return (nil, total)
     }
@@ -335,8 +342,23 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     /// A synchronous producer falls back while no consumer polls; without this
     /// its fallbacks would never wake one.
     public func producerAttached() {
+        lock.withLock { detachAfterDrain = false }
         carriedEntries.store(true, ordering: .relaxed)
         wakeSleepingPoller()
+    }
+
+    /// Tells the device that the producers ``producerAttached()`` announced are gone (DMP took its last ring
+    /// fast path out): once the entries they left are applied, a write to a target register is again the guest
+    /// using the device directly until a ring carries an entry, and no longer restarts the poller's idle period
+    /// (every such exit would otherwise keep the poller polling, on a CPU of its own, for the rest of the run).
+    public func producersDetached() {
+        lock.lock(); defer { lock.unlock() }
+        if rings.contains(where: { $0.mayHaveEntries }) {
+            detachAfterDrain = true
+        } else {
+            detachAfterDrain = false
+            carriedEntries.store(false, ordering: .relaxed)
+        }
     }
 
     /// Writes every ring's polling and wake flags. Only the polling thread
