@@ -493,6 +493,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                 r.report.trialResult = nil
                 r.report.hotToPatchedNanoseconds = elapsed
                 r.enableWord = sp.enableWord
+                r.slot = sp.slot
                 r.grant = sp.grant
                 r.ringProducer = sp.ring != nil
                 r.hits = sp.hitCounter.map { c in
@@ -730,6 +731,11 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             }
         }
         return undone
+    }
+
+    /// The guest-physical addresses of the shared slots of the sites patched now (tests that write into them).
+    package var sharedSlotsForTesting: [GuestAddress] {
+        state.withLock { s in s.order.compactMap { site in s.sites[site].flatMap { $0.patchID == nil ? nil : $0.slot } } }
     }
 
     // MARK: Report

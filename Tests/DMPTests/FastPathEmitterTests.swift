@@ -70,6 +70,12 @@ let bodyCases: [BodyCase] = {
                  routes: [L.route(.memory(StubLayout.site + 7 + 0x100), width: 1, .read, .constantRead(0x80))]),
         BodyCase(name: "movsx r9, word [r8]: slot", bytes: [0x4d, 0x0f, 0xbf, 0x08],
                  routes: [L.route(.memory(0x1000), width: 2, .read, .sharedSlotRead(slot: 0))]),
+        BodyCase(name: "mov eax, [rcx+4]: shared slot while the doorbell's ring is empty (c-doorbell-cpl3 STATUS)", bytes: [0x8b, 0x41, 0x04],
+                 routes: [L.route(.memory(0xd000_0004), width: 4, .read, .sharedSlotRead(slot: 0), pending: [L.asyncRing])]),
+        BodyCase(name: "mov eax, [rsi+4]: shared slot (doorbell-cpl3 STATUS)", bytes: [0x8b, 0x46, 0x04],
+                 routes: [L.route(.memory(0xd000_0004), width: 4, .read, .sharedSlotRead(slot: 0))]),
+        BodyCase(name: "movsxd rdx, [rbx+4]: shared slot", bytes: [0x48, 0x63, 0x53, 0x04],
+                 routes: [L.route(.memory(0xd000_0004), width: 4, .read, .sharedSlotRead(slot: 0))]),
         BodyCase(name: "movsxd rdx, [rbp-4]: constant", bytes: [0x48, 0x63, 0x55, 0xfc],
                  routes: [L.route(.memory(0x1000), width: 4, .read, .constantRead(0x8000_0000))]),
         BodyCase(name: "in eax, dx: TSC counter (PM timer)", bytes: [0xed],
@@ -192,6 +198,32 @@ func stub(_ c: BodyCase) throws -> (instruction: X86Instruction, bytes: [UInt8],
         if !tsc, case .success(.portIn(_, let dst, _)) = i.accessShape { #expect(!pushed.contains(dst.architectural)) }
         if tsc { #expect(d.contains { $0.mnemonic == "rdtsc" } && d.contains { $0.mnemonic == "mul" }) }
         _ = body
+    }
+
+    @Test("a shared-slot read loads its destination from the slot, once, after the enable word and the rings-empty check", arguments: [
+        ("mov eax, [rcx+4]: shared slot while the doorbell's ring is empty (c-doorbell-cpl3 STATUS)", "mov eax, dword ptr [rip"),
+        ("mov eax, [rsi+4]: shared slot (doorbell-cpl3 STATUS)", "mov eax, dword ptr [rip"),
+        ("movsxd rdx, [rbx+4]: shared slot", "movsxd rdx, dword ptr [rip"),
+    ])
+    func sharedSlotLoad(name: String, load: String) throws {
+        let c = try #require(bodyCases.first { $0.name == name })
+        let (_, _, body, d) = try stub(c)
+        func target(_ x: X86Instruction) -> UInt64? {
+            guard x.encoding.isRIPRelative, let m = x.memoryOperands.first?.memory else { return nil }
+            return x.nextAddress &+ UInt64(bitPattern: m.displacement)
+        }
+        let loads = d.indices.filter { target(d[$0]) == StubLayout.slot }
+        #expect(loads.count == 1 && loads.allSatisfy { d[$0].description.hasPrefix(load) }, "\(d.map(\.description))")
+        let k = try #require(loads.first)
+        let enable = try #require(d.indices.first { target(d[$0]) == StubLayout.enable })
+        #expect(enable < k && d[enable + 1].mnemonic == "je")
+        // With pending rings: the consumer index and the hint are compared before the load.
+        let consumer = d.indices.first { target(d[$0]) == StubLayout.ring + PVRingLayout.consumerOffset }
+        #expect((consumer != nil) == !c.routes[0].pendingRings.isEmpty)
+        if let consumer { #expect(enable < consumer && consumer < k) }
+        // Then the hit counter, then done: the slot is the destination's only new value.
+        #expect(d[k + 1].description.hasPrefix("inc qword ptr [rip") && target(d[k + 1]) == StubLayout.hits)
+        #expect(!body.fallback.contains(d[k].address))
     }
 
     @Test("the patch at the site is jmp rel32 to the stub, padded with NOPs to the instruction's end")

@@ -15,9 +15,11 @@ struct DMPLibraryRun {
 
     /// `prepare`: runs on the new VM before anything is installed (exit handlers of a test, first in the chain).
     /// `hostCPUs`: pins the VM's threads (vCPUs, ring poller, timer) to these host CPUs.
+    /// `around`: wraps the run, with the devices and DMP installed (a test's own thread beside the guest).
     init(_ image: String, commandLine: String, dmp: Bool = true, cpus: Int = 1, hostCPUs: [Int]? = nil,
          configure: (inout DMPConfiguration) -> Void = { _ in },
-         prepare: (VirtualMachine) throws -> Void = { _ in }) throws {
+         prepare: (VirtualMachine) throws -> Void = { _ in },
+         around: (VirtualMachine, StandardDevices, DMPMiddleware?, () throws -> StopReason) throws -> StopReason = { try $3() }) throws {
         var vmConfiguration = VMConfiguration(memorySize: 64 << 20, vcpuCount: cpus)
         vmConfiguration.hostCPUs = hostCPUs
         let vm = try VirtualMachine(backend: try KVMSystem(), configuration: vmConfiguration)
@@ -35,7 +37,7 @@ struct DMPLibraryRun {
             logger.logLevel = .critical
             middleware = DMPMiddleware.install(on: vm, rings: devices.rings, configuration: c, logger: logger)
         }
-        stop = try vm.run()
+        stop = try around(vm, devices, middleware) { try vm.run() }
         text = console.text
         report = middleware?.report() ?? []
         steadyExits = devices.marker.steadyPhase?.exits

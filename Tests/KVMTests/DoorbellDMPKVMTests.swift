@@ -5,13 +5,16 @@ import Testing
 import VMMKit
 
 /// Counts, between the two phase marks, the exits that DMP's doorbell fast
-/// path is there to remove: DOORBELL writes that reach the VMM (fallbacks,
-/// and the warm-up before the patch) and writes to the rings' kick port (a
-/// synchronous append whose bounded wait ran out).
-private final class DoorbellExitCounter: Sendable {
-    private struct Counts { var marks = 0; var doorbell = 0; var kicks = 0 }
+/// paths are there to remove: DOORBELL writes that reach the VMM (fallbacks,
+/// and the warm-up before the patch), writes to the rings' kick port (a
+/// synchronous append whose bounded wait ran out) and STATUS reads.
+final class DoorbellExitCounter: Sendable {
+    private struct Counts { var marks = 0; var doorbell = 0; var kicks = 0; var status = 0 }
     private let counts = Mutex(Counts())
     var steady: (doorbell: Int, kicks: Int) { counts.withLock { ($0.doorbell, $0.kicks) } }
+    /// STATUS reads that exited in the steady phase.
+    var steadyStatus: Int { counts.withLock { $0.status } }
+    static let status = GuestAddress(StandardDevices.doorbellBase + DoorbellDevice.statusOffset)
     var handler: ClosureExitHandler {
         ClosureExitHandler { [self] exit, _ in
             counts.withLock { c in
@@ -23,6 +26,8 @@ private final class DoorbellExitCounter: Sendable {
                 case .mmio(let m) where m.direction == .write && c.marks == 1
                     && m.address == GuestAddress(StandardDevices.doorbellBase + DoorbellDevice.doorbellOffset):
                     c.doorbell += 1
+                case .mmio(let m) where m.direction == .read && c.marks == 1 && m.address == DoorbellExitCounter.status:
+                    c.status += 1
                 default:
                     break
                 }

@@ -99,6 +99,8 @@ final class FastPathHarness<S: FastPathSubject> {
     let options: HarnessOptions
     let fast: S.Device, reference: S.Device, direct: S.Device?
     let words: FastPathEnableWordStorage
+    /// A shared slot per request (offered with every read, as DMP does).
+    let slots: FastPathSlotStorage
     var grants: [(request: FastPathRequest, description: FastPathDescription, word: FastPathEnableWord)] = []
     var ring: [Entry] = []
     var nextID = 0
@@ -111,6 +113,8 @@ final class FastPathHarness<S: FastPathSubject> {
     var vcpus: [VCPU]
     /// Accesses served by a fast path and accesses that exited.
     var served = 0, exited = 0
+    /// Reads served from a shared slot.
+    var slotReads = 0
 
     init(_ subject: S, seed: UInt64, options: HarnessOptions) {
         self.subject = subject
@@ -121,12 +125,14 @@ final class FastPathHarness<S: FastPathSubject> {
         reference = subject.make()
         direct = options.vcpus == 1 ? subject.make() : nil
         words = FastPathEnableWordStorage(count: subject.requests.count)
+        slots = FastPathSlotStorage(count: subject.requests.count)
         vcpus = (0..<options.vcpus).map { VCPU(index: $0) }
         if options.connectRingDrain {
             let me = HarnessRef(self)
             subject.connect(fast) { me.value?.drain() }
         }
-        for (i, r) in subject.requests.enumerated() {
+        for (i, var r) in subject.requests.enumerated() {
+            if r.direction == .read { r.slot = slots[i] }
             if let d = fast.grantFastPath(r, enableWord: words[i]) { grants.append((r, d, words[i])) }
         }
     }
@@ -179,11 +185,17 @@ final class FastPathHarness<S: FastPathSubject> {
             let a = subject.access(vcpu: v, &rng)
             c.current = a
             if let g = grant(for: a), enabled(g.word) {
+                var slotValue: UInt64?
+                if case .sharedSlotRead(let slot) = g.description.kind { slotValue = slots.load(slot) }
                 switch g.description.kind {
-                case .constantRead(let value):
+                case .constantRead, .sharedSlotRead:
+                    // A constant, or the slot as the guest reads it now.
+                    var value: UInt64 = slotValue ?? 0
+                    if case .constantRead(let v) = g.description.kind { value = v }
                     let independent = g.description.independentOfPendingRingEntries || options.assumeIndependentReads
                     guard independent || ring.isEmpty else { break }
                     served += 1
+                    if slotValue != nil { slotReads += 1 }
                     trace.append("v\(v):\(a)~\(hex(value))")
                     if let d = runDirect(a), d != value { fail("\(a) served \(hex(value)); in program order it reads \(hex(d))") }
                     if let last = ring.last(where: { $0.vcpu == v }) {
@@ -287,14 +299,15 @@ final class FastPathHarness<S: FastPathSubject> {
 }
 
 /// Runs `seeds` seeds; returns the failures and how many accesses a fast path served.
-func runProperty<S: FastPathSubject>(_ subject: S, seeds: Range<UInt64>, _ options: HarnessOptions) -> (failures: [String], served: Int, exited: Int) {
-    var failures: [String] = [], served = 0, exited = 0
+func runProperty<S: FastPathSubject>(_ subject: S, seeds: Range<UInt64>, _ options: HarnessOptions)
+    -> (failures: [String], served: Int, exited: Int, slotReads: Int) {
+    var failures: [String] = [], served = 0, exited = 0, slotReads = 0
     for seed in seeds {
         let h = FastPathHarness(subject, seed: 0x5EED_0000 &+ seed, options: options)
         failures += h.run()
-        served += h.served; exited += h.exited
+        served += h.served; exited += h.exited; slotReads += h.slotReads
     }
-    return (failures, served, exited)
+    return (failures, served, exited, slotReads)
 }
 
 // MARK: - Subjects
@@ -388,7 +401,9 @@ struct DoorbellSubject: FastPathSubject {
     }
 
     func make() -> Device { Device() }
-    var requests: [FastPathRequest] { [FastPathRequest(offset: 0x40, size: 4, direction: .write, ring: 1)] }
+    var requests: [FastPathRequest] {
+        [FastPathRequest(offset: 0x40, size: 4, direction: .write, ring: 1), FastPathRequest(offset: 0x04, size: 4, direction: .read)]
+    }
     func hostAction(_ rng: inout SplitMix64) -> ((Device) -> Void)? { nil }
 
     /// The guest polls the completion queues in RAM (no exit): a hash of their bytes.
@@ -473,12 +488,13 @@ struct FastPathPropertyTests {
         #expect(!stale.failures.isEmpty)
     }
 
-    @Test("doorbell: synchronous appends agree with the device and program order, with a second vCPU reconfiguring it")
+    @Test("doorbell: synchronous appends and STATUS from its shared slot agree with the device and program order, with a second vCPU reconfiguring it")
     func doorbell() {
         for vcpus in [1, 2] {
             let r = runProperty(DoorbellSubject(), seeds: 0..<100, HarnessOptions(vcpus: vcpus))
             #expect(r.failures.isEmpty, "\(vcpus) vCPUs: \(r.failures.joined(separator: "\n"))")
             #expect(r.served > 0)
+            #expect(r.slotReads > 100, "\(vcpus) vCPUs: STATUS reads served from the slot: \(r.slotReads)")
         }
         let asynchronous = runProperty(DoorbellSubject(), seeds: 0..<100, HarnessOptions(vcpus: 1, ignoreSynchronous: true))
         #expect(!asynchronous.failures.isEmpty, "completions in RAM are seen without an exit: an asynchronous append is caught")

@@ -17,6 +17,10 @@ package final class PatchPlanner {
     let disassembler: X86Disassembler
     /// The cache-line size the implant's shared words are kept apart by.
     static let cacheLine = 64
+    /// Where a read's shared slot lies in its data, after the enable word (8-byte aligned, same cache line).
+    static let slotOffset: UInt64 = 8
+    /// The number the next shared slot gets (``FastPathSlot/index``; the report names it).
+    var nextSlotIndex = 0
     /// Dead padding already holding an entry's `jmp rel32` (never handed out twice).
     var usedPadding: [Range<UInt64>] = []
     /// Whether the CPU runs `lahf`/`sahf` in 64-bit mode (bodies save live flags with them, not `pushfq`).
@@ -64,24 +68,37 @@ package final class PatchPlanner {
         // The enable word and the hit counter in cache lines of their own: the device reads the enable
         // word whenever it refreshes its grants (every ring batch, from the poller's CPU), and a hit
         // counter in that line would move it back and forth between that CPU and the vCPU's on every batch.
+        // A read is offered a shared slot beside its enable word, in the same line: the device writes both when
+        // the register changes, and the body reads both (one line to fetch).
         let data = try implant.allocateData(2 * PatchPlanner.cacheLine, alignment: PatchPlanner.cacheLine)
         let enableGPA = data.start
+        let slotGPA = GuestAddress(data.start.rawValue + PatchPlanner.slotOffset)
         let hitsGPA = GuestAddress(data.start.rawValue + UInt64(PatchPlanner.cacheLine))
         let word: FastPathEnableWord
+        var slot: FastPathSlot?
+        let slotIndex = nextSlotIndex
         if configuration.dryRun {
             word = FastPathEnableWordStorage(count: 1)[0]
+            if site.direction == .read { slot = FastPathSlotStorage(count: 1)[0] }
         } else {
             do { word = try FastPathEnableWord(memory: vm.memory, at: enableGPA) } catch {
                 throw DMPRefusal(.implant, "cannot place an enable word at \(enableGPA): \(error)")
+            }
+            if site.direction == .read {
+                do { slot = try FastPathSlot(memory: vm.memory, at: slotGPA, index: slotIndex) } catch {
+                    throw DMPRefusal(.implant, "cannot place a shared slot at \(slotGPA): \(error)")
+                }
             }
         }
         let granted: FastPathDescription
         do {
             granted = try vm.bus.grantFastPath(space: space, address: site.address, size: size, direction: site.direction,
-                                               ring: ringIndex, enableWord: word).description
+                                               ring: ringIndex, slot: slot, enableWord: word).description
         } catch {
             throw DMPRefusal(.fastPath, "\(error)")
         }
+        var slotRead = false
+        if case .sharedSlotRead = granted.kind { slotRead = true; nextSlotIndex += 1 }
         var ring: RingMapping?
         var pendingRings: [RingMapping] = []
         do throws(DMPRefusal) {
@@ -109,10 +126,6 @@ package final class PatchPlanner {
             vm.bus.revokeFastPath(space: space, address: site.address, enableWord: word)
             throw error
         }
-        if case .sharedSlotRead = granted.kind {
-            vm.bus.revokeFastPath(space: space, address: site.address, enableWord: word)
-            throw DMPRefusal(.fastPath, "shared-slot reads are not served by DMP yet")
-        }
         let target: FastPathRoute.Target
         if site.kind == .io {
             target = .port(UInt16(truncatingIfNeeded: site.address))
@@ -125,13 +138,16 @@ package final class PatchPlanner {
         }
         let route = FastPathRoute(target: target, width: size, direction: site.direction, kind: granted.kind,
                                   enableWord: placement.virtualAddress(of: enableGPA),
-                                  hitCounter: placement.virtualAddress(of: hitsGPA), ring: ring, pendingRings: pendingRings)
+                                  hitCounter: placement.virtualAddress(of: hitsGPA), ring: ring,
+                                  slot: slotRead ? placement.virtualAddress(of: slotGPA) : nil,
+                                  pendingRings: pendingRings)
         if configuration.dryRun { vm.bus.revokeFastPath(space: space, address: site.address, enableWord: word) }
         var plan = SitePlan(site: site, virtualAddress: virtualAddress, physicalAddress: physicalAddress,
                             instruction: instruction.description, fastPath: PatchPlanner.describe(granted.kind),
                             userMode: cpl == 3, enableWord: configuration.dryRun ? nil : word,
                             grant: configuration.dryRun ? nil : (space, site.address), hitCounter: hitsGPA, data: data)
         if case .ringAppend(let index, _) = granted.kind { plan.ring = index }
+        if slotRead && !configuration.dryRun { plan.slot = slotGPA }
         if let r = ring, r.waitCounter != nil {
             plan.waitCounter = (GuestAddress(hitsGPA.rawValue &+ 8), r.synchronousWaitLimit)
         }
@@ -198,7 +214,7 @@ package final class PatchPlanner {
         let word = FastPathEnableWordStorage(count: 1)[0]
         do {
             _ = try vm.bus.grantFastPath(space: space, address: site.address, size: Int(site.size), direction: site.direction,
-                                         ring: ring, enableWord: word)
+                                         ring: ring, slot: FastPathSlotStorage(count: 1)[0], enableWord: word)
         } catch {
             throw DMPRefusal(.fastPath, "\(error)")
         }

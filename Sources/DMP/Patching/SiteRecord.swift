@@ -8,6 +8,8 @@ package struct SiteRecord: Sendable {
     package var patchID: Int?
     /// The enable word the device was granted for the site (revoked on undo).
     package var enableWord: FastPathEnableWord?
+    /// For a shared-slot read: the slot's guest-physical address (never read by the VMM: the guest may write it).
+    package var slot: GuestAddress?
     /// The device's fast path, for revoking it.
     package var grant: (space: BusSpace, address: UInt64)?
     /// Exits at the site's original instruction while its patch was live: a path the patch does not cover, or an

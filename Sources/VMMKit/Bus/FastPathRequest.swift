@@ -1,7 +1,8 @@
 import CKVM
 
 /// One register access DMP asks a device about: where, how wide, which way,
-/// and the ring (if any) whose consumer writes to this register.
+/// the ring (if any) whose consumer writes to this register, and the shared
+/// slot (if any) the device may keep current for a read.
 public struct FastPathRequest: Hashable, Sendable {
     /// The register's offset in the device's range.
     public var offset: UInt64
@@ -13,10 +14,14 @@ public struct FastPathRequest: Hashable, Sendable {
     /// exists. A device can offer ``FastPathKind/ringAppend(ring:mode:)`` only
     /// for this ring.
     public var ring: Int?
+    /// For a read: a slot the device may keep current with the register's value
+    /// (``FastPathSlot``). A device can offer ``FastPathKind/sharedSlotRead(slot:)``
+    /// only for this slot (its ``FastPathSlot/index``).
+    public var slot: FastPathSlot?
 
     /// Creates a request.
-    public init(offset: UInt64, size: Int, direction: AccessDirection, ring: Int? = nil) {
-        self.offset = offset; self.size = size; self.direction = direction; self.ring = ring
+    public init(offset: UInt64, size: Int, direction: AccessDirection, ring: Int? = nil, slot: FastPathSlot? = nil) {
+        self.offset = offset; self.size = size; self.direction = direction; self.ring = ring; self.slot = slot
     }
 }
 
@@ -50,7 +55,7 @@ public struct FastPathDescription: Hashable, Sendable {
     }
 }
 
-/// Why the bus did not grant a fast path (``IOBus/grantFastPath(space:address:size:direction:ring:enableWord:)``).
+/// Why the bus did not grant a fast path (``IOBus/grantFastPath(space:address:size:direction:ring:slot:enableWord:)``).
 public enum FastPathRefusal: Error, Hashable, Sendable, CustomStringConvertible {
     /// The width is not 1, 2, 4 or 8.
     case unsupportedSize(Int)
@@ -63,7 +68,7 @@ public enum FastPathRefusal: Error, Hashable, Sendable, CustomStringConvertible 
     /// The device offers no fast path for this access (a read with side effects, a write that stops the VM, ...).
     case declined(device: String)
     /// The device answered with a description that does not fit the request
-    /// (another offset, width or direction; a read kind for a write; a ring it was not offered).
+    /// (another offset, width or direction; a read kind for a write; a ring or slot it was not offered).
     case invalidDeclaration(device: String)
 
     /// A one-line description.

@@ -375,10 +375,12 @@ public final class IOBus: @unchecked Sendable {
     /// the device's range, and registers the kernel handles
     /// (``markKernelHandled(space:range:kind:)``); it checks that the device's
     /// answer fits the request. `ring` is the ring whose consumer writes to
-    /// this register, if any. On success the device owns the word's value
-    /// until ``revokeFastPath(space:address:enableWord:)``.
+    /// this register, if any; `slot` a shared slot the device may keep current
+    /// for a read (passed on for reads only). On success the device owns the
+    /// word's value, and the slot's if it granted a shared-slot read, until
+    /// ``revokeFastPath(space:address:enableWord:)``.
     public func grantFastPath(space: BusSpace, address: UInt64, size: Int, direction: AccessDirection,
-                              ring: Int? = nil, enableWord: FastPathEnableWord)
+                              ring: Int? = nil, slot: FastPathSlot? = nil, enableWord: FastPathEnableWord)
         throws(FastPathRefusal) -> (device: any BusDevice, description: FastPathDescription) {
         guard IOBus.isDeviceSize(size) else { throw .unsupportedSize(size) }
         // Under the attach lock, so a range the kernel takes over meanwhile cannot slip between check and grant.
@@ -386,7 +388,8 @@ public final class IOBus: @unchecked Sendable {
         guard let e = find(address, space) else { throw .unclaimed }
         guard e.range.contains(GuestAddress(address), length: UInt64(size)) else { throw .crossesRangeEnd }
         if let k = kernelHandling(space: space, address: address, size: size) { throw .kernelHandled(k) }
-        let request = FastPathRequest(offset: address - e.range.start.rawValue, size: size, direction: direction, ring: ring)
+        let request = FastPathRequest(offset: address - e.range.start.rawValue, size: size, direction: direction, ring: ring,
+                                      slot: direction == .read ? slot : nil)
         guard let d = e.device.grantFastPath(request, enableWord: enableWord) else {
             throw .declined(device: e.device.name)
         }
@@ -403,8 +406,11 @@ public final class IOBus: @unchecked Sendable {
     static func fits(_ d: FastPathDescription, _ r: FastPathRequest) -> Bool {
         guard d.offset == r.offset, d.size == r.size, d.direction == r.direction,
               d.kind.servesReads == (r.direction == .read) else { return false }
-        if case .ringAppend(let ring, _) = d.kind { return ring == r.ring }
-        return true
+        switch d.kind {
+        case .ringAppend(let ring, _): return ring == r.ring
+        case .sharedSlotRead(let slot): return slot == r.slot?.index
+        default: return true
+        }
     }
 
     /// Revokes the fast path granted with `enableWord` by the device at `address`.

@@ -12,10 +12,17 @@
 /// `queue[(seq - 1) % entries]`.
 ///
 /// Every call is safe from any thread (one lock guards the registers). Fast
-/// path: a 4-byte DOORBELL write, when a ring feeds the register, is a
+/// paths: a 4-byte DOORBELL write, when a ring feeds the register, is a
 /// *synchronous* ring append (the completion lands in guest RAM, which the
 /// guest reads without an exit), exact while the device is enabled with a
-/// valid queue size; the guest keeps exiting for errors.
+/// valid queue size; the guest keeps exiting for errors. A 4-byte STATUS read,
+/// when the request offers a slot, is a *shared-slot read*, always exact: the
+/// device writes the completion count into the slot under its lock at the
+/// grant and after every completion (after the completion's RAM words), and
+/// clears the read's enable word while a completion is being written (a guest
+/// that saw it in RAM never reads the older count). The read is not
+/// independent of pending ring entries: an entry not yet applied (the static-PV
+/// twin posts without waiting) makes the guest's read exit, which applies it.
 public final class DoorbellDevice: BusDevice, @unchecked Sendable {
     /// `doorbell`.
     public let name = "doorbell"
@@ -23,6 +30,8 @@ public final class DoorbellDevice: BusDevice, @unchecked Sendable {
     public static let id: UInt32 = 0x4C45_4244
     /// The DOORBELL register's offset.
     public static let doorbellOffset: UInt64 = 0x40
+    /// The STATUS register's offset (completions written, free-running).
+    public static let statusOffset: UInt64 = 0x04
     private let memory: GuestMemory
     private let lock = ConditionLock()
     private var queueAddress: UInt64 = 0
@@ -45,7 +54,7 @@ public final class DoorbellDevice: BusDevice, @unchecked Sendable {
         lock.lock(); defer { lock.unlock() }
         switch offset {
         case 0x00: return UInt64(DoorbellDevice.id)
-        case 0x04: return UInt64(completionCount)
+        case DoorbellDevice.statusOffset: return UInt64(completionCount)
         case 0x08: return queueAddress & 0xffff_ffff
         case 0x0c: return queueAddress >> 32
         case 0x10: return UInt64(entries)
@@ -64,10 +73,16 @@ public final class DoorbellDevice: BusDevice, @unchecked Sendable {
         case 0x0c: queueAddress = (queueAddress & 0xffff_ffff) | (UInt64(v) << 32)
         case 0x10: entries = v
         case 0x14: enabled = v & 1 != 0
-        case DoorbellDevice.doorbellOffset: complete(v)
+        case DoorbellDevice.doorbellOffset:
+            grants.clearSlotReads()
+            complete(v)
         default: break
         }
-        if !grants.isEmpty { let exact = doorbellIsExact; grants.refresh { _ in exact } }
+        if !grants.isEmpty {
+            grants.storeSlots { _ in UInt64(completionCount) }
+            let exact = doorbellIsExact
+            grants.refresh { $0.direction == .read || exact }
+        }
         return .none
     }
 
@@ -90,13 +105,24 @@ public final class DoorbellDevice: BusDevice, @unchecked Sendable {
         completionCount &+= 1
     }
 
-    /// Grants the DOORBELL write as a synchronous ring append when `request.ring` names a ring.
+    /// Grants the DOORBELL write as a synchronous ring append when `request.ring` names a ring,
+    /// and the STATUS read as a shared-slot read when `request.slot` offers a slot.
     public func grantFastPath(_ request: FastPathRequest, enableWord: FastPathEnableWord) -> FastPathDescription? {
-        guard request.offset == DoorbellDevice.doorbellOffset, request.direction == .write, request.size == 4,
-              let ring = request.ring else { return nil }
-        let d = FastPathDescription(.ringAppend(ring: ring, mode: .synchronous), for: request)
-        lock.withLock { grants.add(d, word: enableWord, exact: doorbellIsExact) }
-        return d
+        guard request.size == 4 else { return nil }
+        switch (request.offset, request.direction) {
+        case (DoorbellDevice.doorbellOffset, .write):
+            guard let ring = request.ring else { return nil }
+            let d = FastPathDescription(.ringAppend(ring: ring, mode: .synchronous), for: request)
+            lock.withLock { grants.add(d, word: enableWord, exact: doorbellIsExact) }
+            return d
+        case (DoorbellDevice.statusOffset, .read):
+            guard let slot = request.slot else { return nil }
+            let d = FastPathDescription(.sharedSlotRead(slot: slot.index), for: request)
+            lock.withLock { grants.add(d, word: enableWord, slot: slot, value: UInt64(completionCount), exact: true) }
+            return d
+        default:
+            return nil
+        }
     }
 
     /// Forgets a grant and clears its word.
