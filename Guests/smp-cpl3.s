@@ -21,7 +21,10 @@
 # (checksum: FNV-1a of both hashes) and exits 0. Without a second vCPU it
 # prints "smp: no second vCPU" and exits 2 (after ~2^33 TSC cycles).
 # Command line: sites=S (1-12, default 12) iters=N (default 4096) spin=K
-# (default 1000).
+# (default 1000) shared=B (default 0): with shared=1 the AP calls the BSP's
+# site functions too, so both vCPUs run the same site (and DMP the same
+# implanted body) at once: each site is then called 2N times in all, and
+# checksum1 equals checksum0.
 
         .set USER_LOW, 1
         .set CUSTOM_AP, 1
@@ -69,6 +72,10 @@ FUNC kmain
         jbe 5f
         mov %ecx, %eax
 5:      mov %eax, cfg_spin(%rip)
+        lea key_shared(%rip), %rdi
+        xor %esi, %esi
+        call cmdline_num
+        mov %eax, cfg_shared(%rip)
         lea user_main(%rip), %rdi
         jmp enter_user
 ENDF kmain
@@ -215,7 +222,10 @@ FUNC smp_worker
         push %r14
         mov $FNV_OFFSET, %r12d
         lea smp_site_table(%rip), %r13
-        imul $SMP_SITES_MAX * 8, %edi, %edi
+        cmpl $0, cfg_shared(%rip)
+        je 6f
+        xor %edi, %edi                  # shared=1: vCPU 0's sites
+6:      imul $SMP_SITES_MAX * 8, %edi, %edi
         add %rdi, %r13                  # r13 = this vCPU's sites
         xor %r14d, %r14d                # r14 = phase
 1:      cmp cfg_sites(%rip), %r14d
@@ -304,6 +314,9 @@ ENDO key_iters
 OBJ key_spin
         .asciz "spin="
 ENDO key_spin
+OBJ key_shared
+        .asciz "shared="
+ENDO key_shared
 OBJ msg_no_ap
         .asciz "smp: no second vCPU\n"
 ENDO msg_no_ap
@@ -364,6 +377,9 @@ ENDO cfg_iters
 OBJ cfg_spin
         .long 1000
 ENDO cfg_spin
+OBJ cfg_shared
+        .long 0
+ENDO cfg_shared
 # Flags and the AP's hash, each on a cache line of its own.
         .balign 64
 OBJ ap_ready

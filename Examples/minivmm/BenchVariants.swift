@@ -180,6 +180,7 @@ struct BenchVariant: Sendable {
             var c = DMPConfiguration()
             c.use(loaded)
             c.userModeFastPaths = true
+            c.lockedCounters = DMPOptions.lockedCounters
             var logger = Logger(label: "minivmm.bench.dmp")
             logger.logLevel = DMPOptions.logLevel
             middleware = DMPMiddleware.install(on: vm, rings: d.rings, configuration: c, logger: logger)

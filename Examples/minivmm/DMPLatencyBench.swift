@@ -134,6 +134,7 @@ struct DMPLatencyBench: ParsableCommand {
             c.use(loaded)
             c.userModeFastPaths = true
             c.threshold = threshold
+            c.lockedCounters = DMPOptions.lockedCounters
             var logger = Logger(label: "minivmm.dmp-latency")
             logger.logLevel = DMPOptions.logLevel
             middleware = DMPMiddleware.install(on: vm, rings: devices.rings, configuration: c, logger: logger)

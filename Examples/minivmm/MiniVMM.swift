@@ -226,6 +226,16 @@ struct DMPOptions: ParsableArguments {
         return .warning
     }
 
+    /// Whether implanted bodies count with locked instructions (`MINIVMM_DMP_LOCKED_COUNTERS=1` or `0`; unset:
+    /// the library's choice, locked with more than one vCPU), for measuring what locked counters cost.
+    static var lockedCounters: Bool? {
+        switch environment("MINIVMM_DMP_LOCKED_COUNTERS") {
+        case "1": true
+        case "0": false
+        default: nil
+        }
+    }
+
     func validate() throws {
         guard (1...1_000_000).contains(dmpThreshold) else { throw ValidationError("bad --dmp-threshold \(dmpThreshold): use 1 to 1000000") }
     }
@@ -241,6 +251,7 @@ struct DMPOptions: ParsableArguments {
         c.threshold = dmpThreshold
         c.dryRun = dmpDryRun
         c.userModeFastPaths = true
+        c.lockedCounters = DMPOptions.lockedCounters
         printError("minivmm: DMP on\(dmpDryRun ? " (dry run: no guest byte changes)" : ""); user-mode fast paths enabled (they bypass the guest's I/O permission checks)")
         return c
     }

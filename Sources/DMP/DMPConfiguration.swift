@@ -73,6 +73,11 @@ public struct DMPConfiguration: Sendable {
     public var initialBackoff: Int = 1 << 14
     /// Undos after which a site is never patched again.
     public var maximumUndos: Int = 4
+    /// Whether implanted bodies count their hits (and a synchronous append its wait iterations) with locked
+    /// instructions (`lock inc`, `lock add`), so that vCPUs running the same body at once lose no count;
+    /// verification judges patches on these counts. `nil` (the default): locked when the VM has more than one
+    /// vCPU, plain in a single-vCPU VM (where no count can be lost and a plain `inc` is cheaper).
+    public var lockedCounters: Bool?
     /// Report what would be patched and patch nothing (no guest byte changes).
     public var dryRun = false
     /// The guest-physical memory DMP places its code and data in: reserved in the

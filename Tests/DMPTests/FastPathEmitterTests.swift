@@ -182,6 +182,28 @@ func stub(_ c: BodyCase) throws -> (instruction: X86Instruction, bytes: [UInt8],
         #expect(!plain.decoded.contains { $0.description.hasPrefix("add qword ptr [rip") })
     }
 
+    @Test("with locked counters the hit counter is bumped by lock inc and the wait counter by lock add; the rest of the body is the same",
+          arguments: bodyCases)
+    func lockedCounters(c: BodyCase) throws {
+        var locked = c
+        locked.routes = c.routes.map { var r = $0; r.lockedCounters = true; return r }
+        let plain = try stub(c), l = try stub(locked)
+        #expect(l.decoded.map(\.length).reduce(0, +) == l.bytes.count, "the stub decodes whole")
+        let incs = l.decoded.filter { $0.mnemonic.hasSuffix("inc") && !$0.memoryOperands.isEmpty }
+        #expect(incs.count == c.routes.count && incs.allSatisfy { $0.bytes.first == 0xf0 && $0.groups.contains(.locked) },
+                "\(incs.map(\.description))")
+        for i in incs {
+            let m = try #require(i.memoryOperands.first?.memory)
+            let target = i.nextAddress &+ UInt64(bitPattern: m.displacement)
+            #expect(c.routes.contains { $0.hitCounter == target })
+        }
+        let waitAdds = l.decoded.filter { $0.mnemonic.hasSuffix("add") && $0.bytes.first == 0xf0 }
+        #expect(waitAdds.count == c.routes.filter { $0.ring?.waitCounter != nil && $0.ring?.synchronous == true }.count)
+        // Nothing else changes: one lock prefix byte per counter update.
+        #expect(l.bytes.count == plain.bytes.count + incs.count + waitAdds.count)
+        #expect(l.decoded.count == plain.decoded.count)
+    }
+
     @Test("scratch registers are never ones the instruction names, except rax (and rdx for a port kick), which are saved first",
           arguments: bodyCases)
     func scratchRegisters(c: BodyCase) throws {

@@ -26,7 +26,7 @@ import X86Disassembler
 ///         je fallback
 ///         <rings empty?>              ; a read not independent of the device's pending ring entries
 ///         <serve>                     ; constant, shared slot, discard, ring append (may go to fallback)
-///         inc qword [hits_i]
+///         inc qword [hits_i]         ; lock inc with several vCPUs (DMPConfiguration.lockedCounters)
 ///         jmp done
 ///   fallback:
 ///         <restore>
@@ -352,7 +352,7 @@ private struct BodyEmitter {
             try a.jcc(.e, .label(fallback))
             for ring in r.pendingRings { try ringsEmpty(ring, otherwise: fallback, &a) }
             try serve(r, fallback: fallback, &a)
-            try a.inc(.at(r.hitCounter), width: 8)
+            if r.lockedCounters { try a.lockInc(.at(r.hitCounter), width: 8) } else { try a.inc(.at(r.hitCounter), width: 8) }
             try a.jmp(.label(done))
             try a.bind(next)
         }
@@ -451,7 +451,7 @@ private struct BodyEmitter {
             break
         case .ringAppend:
             guard let ring = r.ring else { return }
-            try ringAppend(ring, fallback: fallback, &a)
+            try ringAppend(ring, locked: r.lockedCounters, fallback: fallback, &a)
         case .tscCounter(let counter):
             try tscCounter(counter, &a)
         }
@@ -525,7 +525,7 @@ private struct BodyEmitter {
     /// `lock cmpxchg` claims and publishes, help move the hint, bounded loops; a
     /// synchronous append waits, bounded, for the consumer index to pass its entry, and adds the
     /// iterations it waited to the ring's wait counter (``RingMapping/waitCounter``), if it has one.
-    func ringAppend(_ ring: RingMapping, fallback: X86Assembler.Label, _ a: inout X86Assembler) throws(DMPRefusal) {
+    func ringAppend(_ ring: RingMapping, locked: Bool, fallback: X86Assembler.Label, _ a: inout X86Assembler) throws(DMPRefusal) {
         guard let v = valueRegister else { return }
         let t = temps
         let (slot, new, p, n) = (t[0], t[1], t[2], t[3])
@@ -583,7 +583,7 @@ private struct BodyEmitter {
                 try a.bind(waited)                                   // the iterations waited, for verification
                 try a.mov(.eax, immediate: UInt64(ring.synchronousWaitLimit))
                 try a.sub(.eax, r32(n))
-                try a.arithmetic(.add, .at(counter), .rax)
+                if locked { try a.lockAdd(.at(counter), .rax) } else { try a.arithmetic(.add, .at(counter), .rax) }
                 try a.test(r32(n), r32(n))                           // n > 0: applied in time
                 try a.jcc(.ne, .label(served))
             }

@@ -26,8 +26,12 @@ package struct FastPathRoute: Hashable, Sendable {
     package var kind: FastPathKind
     /// The 32-bit enable word (implant data page): nonzero means the fast path is exact now.
     package var enableWord: UInt64
-    /// A 64-bit counter the body increments (plain `inc`, not locked) each time it serves the access.
+    /// A 64-bit counter the body increments each time it serves the access (`lock inc` with ``lockedCounters``,
+    /// else a plain `inc`).
     package var hitCounter: UInt64
+    /// Whether the body updates its hit counter and its ring's wait counter with locked instructions, so that
+    /// vCPUs running the same body at the same time lose no count (``DMPConfiguration/lockedCounters``).
+    package var lockedCounters = false
     /// For ``FastPathKind/ringAppend(ring:mode:)``: where the ring is mapped.
     package var ring: RingMapping?
     /// For ``FastPathKind/sharedSlotRead(slot:)``: the slot's address (`width` bytes).
@@ -70,8 +74,9 @@ package struct RingMapping: Hashable, Sendable {
     /// out just goes on (the entry is applied at the next exit, drain or timer).
     package var kick: FastPathRoute.Target?
     /// For a synchronous producer: a 64-bit counter (guest-virtual, implant data page) to which each append
-    /// adds the iterations its wait for the consumer took (at most ``synchronousWaitLimit``; plain `add`, not
-    /// locked), so verification sees time spent waiting that causes no exit. `nil`: not counted.
+    /// adds the iterations its wait for the consumer took (at most ``synchronousWaitLimit``; `lock add` when
+    /// the route's ``FastPathRoute/lockedCounters`` is set, else a plain `add`), so verification sees time
+    /// spent waiting that causes no exit. `nil`: not counted.
     package var waitCounter: UInt64?
 
     /// Creates a mapping.

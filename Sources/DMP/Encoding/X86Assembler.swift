@@ -368,6 +368,19 @@ package struct X86Assembler: Sendable {
         try encode(width: width, opcode: [width == 1 ? 0xfe : 0xff], reg: 0, rm: .memory(m))
     }
 
+    /// `lock inc [m]` on `width` bytes: no increment is lost to another vCPU's at the same time.
+    package mutating func lockInc(_ m: Memory, width: Int) throws(DMPRefusal) {
+        try checkWidth(width)
+        try encode(prefixes: [0xf0], width: width, opcode: [width == 1 ? 0xfe : 0xff], reg: 0, rm: .memory(m))
+    }
+
+    /// `lock add [m], src` with `src`'s width: no addition is lost to another vCPU's at the same time.
+    package mutating func lockAdd(_ m: Memory, _ src: X86Register) throws(DMPRefusal) {
+        let s = try gpr(src)
+        try encode(prefixes: [0xf0], width: s.width, opcode: [ArithmeticOperation.add.rawValue << 3 | (s.width == 1 ? 0 : 1)],
+                   reg: s.number, rm: .memory(m), byteRegisters: [src])
+    }
+
     private mutating func incdec(_ digit: Int, _ r: X86Register) throws(DMPRefusal) {
         let g = try gpr(r)
         try encode(width: g.width, opcode: [g.width == 1 ? 0xfe : 0xff], reg: digit, rm: .register(g.number), byteRegisters: [r])

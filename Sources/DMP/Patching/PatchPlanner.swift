@@ -136,11 +136,12 @@ package final class PatchPlanner {
             }
             target = .memory(m)
         }
-        let route = FastPathRoute(target: target, width: size, direction: site.direction, kind: granted.kind,
+        var route = FastPathRoute(target: target, width: size, direction: site.direction, kind: granted.kind,
                                   enableWord: placement.virtualAddress(of: enableGPA),
                                   hitCounter: placement.virtualAddress(of: hitsGPA), ring: ring,
                                   slot: slotRead ? placement.virtualAddress(of: slotGPA) : nil,
                                   pendingRings: pendingRings)
+        route.lockedCounters = configuration.lockedCounters ?? (vm.vcpus.count > 1)
         if configuration.dryRun { vm.bus.revokeFastPath(space: space, address: site.address, enableWord: word) }
         var plan = SitePlan(site: site, virtualAddress: virtualAddress, physicalAddress: physicalAddress,
                             instruction: instruction.description, fastPath: PatchPlanner.describe(granted.kind),
