@@ -44,6 +44,9 @@ public struct DMPConfiguration: Sendable {
     /// The accesses a trial phase needs to count (a phase short of them runs on, up to four times its length;
     /// a pair still short of them is idle).
     public var trialMinimumAccesses: Int = 32
+    /// The share of the guest's time A/B trials of a site may take: a lost trial's back-off is at least the
+    /// site's exits over the trial's length divided by this share (``RateTrial/backOff(offRate:sites:configuration:)``).
+    public var trialTimeShare: Double = 0.05
     /// The median ratio of a trial's pairs (accesses per second patched over unpatched) below which
     /// the patch is undone as slower.
     public var trialMinimumRatio: Double = 0.95

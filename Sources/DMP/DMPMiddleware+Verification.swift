@@ -72,11 +72,10 @@ extension DMPMiddleware {
                     case .switchTo(let phase): switches.append((id, phase))
                     case .done(let v):
                         switch v {
-                        case .loses:
+                        case .loses(_, _, let off):
                             s.trials[id] = nil
-                            // Measured side by side, not inferred: the first back-off is four times the usual one.
                             verdicts.append((id, DMPRefusal(.verify, RateTrial.reason(v, pairs: t.pairs.count, configuration: configuration)),
-                                             configuration.initialBackoff * 4))
+                                             RateTrial.backOff(offRate: off, sites: p.sites.count, configuration: configuration)))
                         case .pays(let ratio, let on, let off):
                             s.trials[id] = nil
                             s.judged.insert(id)

@@ -71,6 +71,15 @@ struct RateTrialTests {
         #expect(abs(ratio - 2) < 0.3)
     }
 
+    @Test("a lost trial backs off for the exits of twenty trials' time (5%), at least the usual back-off")
+    func backOff() {
+        let c = RateTrialTests.configuration
+        // 36,000 accesses/s over two sites, a 0.3 s trial: 18,000 × 0.3 / 0.05 = 108,000 exits of one site.
+        #expect(RateTrial.backOff(offRate: 36_000, sites: 2, configuration: c) == 108_000)
+        #expect(RateTrial.backOff(offRate: 100, sites: 1, configuration: c) == c.initialBackoff)
+        #expect(RateTrial.backOff(offRate: .infinity, sites: 0, configuration: c) == c.initialBackoff)
+    }
+
     @Test("no observation starts a trial before notBefore; a trial with nothing measured is idle")
     func notBefore() {
         var t = RateTrial(notBefore: 1)

@@ -114,6 +114,18 @@ package struct RateTrial: Sendable {
         return sorted.count % 2 == 1 ? sorted[m] : (sorted[m - 1] + sorted[m]) / 2
     }
 
+    /// The first back-off, in exits of one site, after a lost trial: at least the usual one, and long enough that
+    /// trials take at most ``DMPConfiguration/trialTimeShare`` of the guest's time — the exits one site makes, at
+    /// the rate measured with the original code (`offRate`, the patch's `sites` together), over the trial's
+    /// length divided by that share (each later undo doubles it, as every back-off). A trial measures directly,
+    /// under the conditions of the moment; trying again soon would measure the same.
+    package static func backOff(offRate: Double, sites: Int, configuration c: DMPConfiguration) -> Int {
+        let trialSeconds = 2 * Double(max(1, c.trialPairs)) * max(0, c.trialPhaseSeconds)
+        let share = min(max(c.trialTimeShare, 0.001), 1)
+        let exits = offRate / Double(max(1, sites)) * trialSeconds / share
+        return max(c.initialBackoff, exits.isFinite ? Int(min(exits, Double(1 << 40))) : c.initialBackoff)
+    }
+
     /// The undo reason for a trial that lost.
     package static func reason(_ v: Verdict, pairs: Int, configuration c: DMPConfiguration) -> String {
         guard case .loses(let ratio, let on, let off) = v else { return "the A/B trial did not lose" }
