@@ -16,6 +16,8 @@ struct CGuestImageTests {
         ("c-boot-cpl3", 0x4d31_460d_d5a9_9ad7),
         // c-uart-cpl3's source and runtime left at CPL0, committed before DMP's work on CPL0 C code.
         ("c-uart-cpl0", 0x6af8_e340_e54d_d358),
+        // Built with other flags for DMP's flag sweep: a distribution's defaults (CET, PIE), -Os.
+        ("c-table-cpl3-cet", 0xb1cb_e60e_2c05_c088), ("c-poll-cpl3-Os", 0x01e7_ffe9_e9db_50c2),
     ]
 
     static func image(_ name: String) throws -> (file: [UInt8], elf: ELFImage) {
@@ -49,6 +51,12 @@ struct CGuestImageTests {
         ("c-selfmod-cpl3", "early_puthex", ["lea rdx, [rsp - 9] [5]", "in al, dx [1]", "in al, dx [1]", "out dx, al [1]"]),
         // The instruction whose immediate the guest rewrites.
         ("c-selfmod-cpl3", "line_key", ["xor eax, 0x5bd1e995 [5]"]),
+        // gcc's PIC jump table with notrack (-fpie -fcf-protection=full), then the LSR read it dispatches to.
+        ("c-table-cpl3-cet", "uart_read", ["lea rcx, [rip + 0x1a17] [7]", "movsxd rdx, dword ptr [rcx + rdx*4] [4]",
+                                           "add rdx, rcx [3]", "jmp rdx [3]", "in al, dx [1]"]),
+        // -Os: a 2-byte first instruction, the port loads before the loops, short loops.
+        ("c-poll-cpl3-Os", "poll_console_write", ["mov edi, edx [2]", "mov r8d, 0x3fd [6]", "mov r9d, 0x3f8 [6]", "in al, dx [1]",
+                                                  "je 0x10142f [2]", "out dx, al [1]", "jmp 0x10142a [2]", "ret [1]"]),
     ])
     func hotInstructions(name: String, symbol: String, expected: [String]) throws {
         let code = try CGuestImageTests.function(name, symbol).map { "\($0.description) [\($0.length)]" }
