@@ -39,14 +39,18 @@ struct JumpTableTests {
         return (d, f, JumpTable.find(in: f, image: image()))
     }
 
-    @Test("the dispatch is recognized in gcc's non-PIC form only; its entries are read while they are code addresses")
+    @Test("the absolute dispatch is recognized in gcc's non-PIC form, notrack too; its entries are read while they are code addresses")
     func recognition() throws {
         let d = try X86Disassembler(mode: .bits64)
         func one(_ b: [UInt8]) throws -> X86Instruction { try d.decode(b, address: 0x40_0007) }
         let found = JumpTable.find(in: try JumpTableTests.function(d), image: JumpTableTests.image())
         #expect(found == [JumpTable(jump: 0x40_0007, table: 0x40_1000, index: .rax, entries: JumpTableTests.entries)])
         #expect(JumpTable.dispatch(try one([0x42, 0xff, 0x24, 0xcd, 0x00, 0x10, 0x40, 0x00]))?.index == .r9)
-        #expect(JumpTable.dispatch(try one([0x3e, 0xff, 0x24, 0xc5, 0x00, 0x10, 0x40, 0x00])) == nil, "notrack")
+        #expect(JumpTable.dispatch(try one([0x3e, 0xff, 0x24, 0xc5, 0x00, 0x10, 0x40, 0x00]))?.index == .rax, "notrack")
+        #expect(JumpTable.dispatch(try one([0x3e, 0x42, 0xff, 0x24, 0xcd, 0x00, 0x10, 0x40, 0x00]))?.index == .r9, "notrack and REX")
+        #expect(JumpTable.dispatch(try one([0x2e, 0xff, 0x24, 0xc5, 0x00, 0x10, 0x40, 0x00])) == nil, "cs override")
+        #expect(JumpTable.dispatch(try one([0xf2, 0xff, 0x24, 0xc5, 0x00, 0x10, 0x40, 0x00])) == nil, "bnd")
+        #expect(JumpTable.dispatch(try one([0x3e, 0x3e, 0xff, 0x24, 0xc5, 0x00, 0x10, 0x40, 0x00])) == nil, "two prefixes")
         #expect(JumpTable.dispatch(try one([0xff, 0x24, 0x85, 0x00, 0x10, 0x40, 0x00])) == nil, "scale 4")
         #expect(JumpTable.dispatch(try one([0xff, 0x24, 0xc3])) == nil, "a base register")
         #expect(JumpTable.dispatch(try one([0xff, 0xe0])) == nil, "jmp rax")
@@ -84,6 +88,91 @@ struct JumpTableTests {
             let p = try #require(copy.pieces.first { $0.original == e && $0.kind == .pad }, "a pad at \(e)")
             #expect(copy.copyAddress(of: e) == p.copy.lowerBound)
         }
+    }
+
+    @Test("a notrack dispatch (-fcf-protection) stays in the copy, its translated jump notrack too")
+    func notrackDispatch() throws {
+        let d = try X86Disassembler(mode: .bits64)
+        var code = JumpTableTests.code
+        code.insert(0x3e, at: 7) // notrack jmp qword ptr [rax*8 + 0x401000]; the cases move up by one
+        code[4] += 1             // ja 0x21
+        let entries = JumpTableTests.entries.map { $0 + 1 }
+        let table = (entries + [0]).flatMap { e in (0..<8).map { UInt8(truncatingIfNeeded: e >> (8 * $0)) } }
+        let s = GuestSymbol(name: "pick", address: 0x40_0000, size: UInt64(code.count), isFunction: true)
+        let image = CodeImage(regions: [.init(address: 0x40_0000, bytes: code), .init(address: 0x40_1000, bytes: table)],
+                              symbols: SymbolTable([s]))
+        let f = try image.decode(s, disassembler: d)
+        let tables = JumpTable.find(in: f, image: image)
+        #expect(tables == [JumpTable(jump: 0x40_0007, table: 0x40_1000, index: .rax, entries: entries, notrack: true)])
+        let copy = try FunctionCopy(f, at: 0x60_0000, jumpTables: tables)
+        let piece = try #require(copy.pieces.first { $0.original == 0x40_0007 })
+        let insns = d.decodeAll(Array(copy.bytes[Int(piece.copy.lowerBound - copy.address)..<Int(piece.copy.upperBound - copy.address)]),
+                                address: piece.copy.lowerBound)
+        let jumps = insns.filter { $0.mnemonic == "jmp" }
+        #expect(jumps.count == 2 && jumps.allSatisfy { $0.bytes.first == 0x3e }, "both the translated and the original jump are notrack: \(jumps)")
+        #expect(jumps.last?.bytes == Array(code[7..<15]), "the miss path is the original jmp")
+    }
+
+    /// cet_switch (copycet.c, gcc -O2 -fpie -fcf-protection=full): `lea rdx, [rip + table]; mov edi, edi;
+    /// movsxd rax, dword ptr [rdx + rdi*4]; add rax, rdx; notrack jmp rax`, seven cases.
+    static func cetSwitch() throws -> (X86Disassembler, DecodedFunction, CodeImage) {
+        let d = try X86Disassembler(mode: .bits64)
+        let image = CodeImage(
+            regions: [.init(address: CopyFixtures.text.address, bytes: CopyFixtures.text.bytes),
+                      .init(address: CopyFixtures.rodata.address, bytes: CopyFixtures.rodata.bytes)],
+            symbols: fixtureImage.symbols)
+        return (d, try image.decode(try fixtureSymbol("cet_switch"), disassembler: d), image)
+    }
+
+    @Test("gcc's PIC form (lea, movsxd, add, notrack jmp reg) is recognized; its entries are offsets from the table")
+    func relativeRecognition() throws {
+        let (_, f, image) = try JumpTableTests.cetSwitch()
+        let tables = JumpTable.find(in: f, image: image)
+        let t = try #require(tables.first)
+        #expect(tables.count == 1)
+        #expect(t.form == .relative && t.notrack && t.index == .rax && t.jump == f.start + 0x1d && t.table == 0x40_2044)
+        #expect(t.entries.count == 7 && t.entries.allSatisfy { f.index(at: $0) != nil }, "\(t.entries)")
+        #expect(t.targets(in: f) == Set(t.entries))
+        // Only the straight run before the jmp counts: the same jmp with the add gone is no table.
+        var bytes = f.bytes
+        bytes.replaceSubrange(0x1a..<0x1d, with: [0x0f, 0x1f, 0x00]) // add rax, rdx -> nop
+        let (plain, s) = handMade(bytes, at: f.start, name: "cet_switch")
+        let g = try plain.decode(s, disassembler: try X86Disassembler(mode: .bits64))
+        #expect(JumpTable.relativeDispatch(at: try #require(g.index(at: f.start + 0x1d)), in: g) == nil)
+    }
+
+    @Test("a relative dispatch in the copy compares the runtime target with each case and continues at the copy's point")
+    func relativeDispatchInCopy() throws {
+        let (d, f, image) = try JumpTableTests.cetSwitch()
+        let tables = JumpTable.find(in: f, image: image)
+        let copy = try FunctionCopy(f, at: copyPlacement, jumpTables: tables)
+        #expect(copy.jumpTables == tables)
+        let t = try #require(tables.first)
+        let piece = try #require(copy.pieces.first { $0.original == t.jump })
+        #expect(piece.kind == .relocated)
+        let insns = d.decodeAll(Array(copy.bytes[Int(piece.copy.lowerBound - copy.address)..<Int(piece.copy.upperBound - copy.address)]),
+                                address: piece.copy.lowerBound)
+        #expect(insns.reduce(0) { $0 + $1.length } == piece.copy.count, "the dispatch decodes whole")
+        let targets = Array(Set(t.entries)).sorted()
+        let n = targets.count
+        #expect(insns.prefix(2).map(\.description) == ["lea rsp, [rsp - 0x80]", "pushfq"])
+        // Each compare names a case; its je goes to popfq, lea rsp, jmp to the copy's point for that case.
+        var compared: [UInt64] = []
+        for k in 0..<n {
+            let cmp = insns[2 + 2 * k], je = insns[3 + 2 * k]
+            #expect(cmp.mnemonic == "cmp" && je.mnemonic == "je", "\(cmp) \(je)")
+            guard case .immediate(let v) = cmp.operands.last?.operand, let hit = je.branch?.target,
+                  let h = insns.firstIndex(where: { $0.address == hit }) else { Issue.record("compare \(k)"); continue }
+            compared.append(UInt64(bitPattern: v))
+            #expect(insns[h...].prefix(3).map(\.mnemonic) == ["popfq", "lea", "jmp"])
+            #expect(insns[h + 2].branch?.target == copy.copyAddress(of: UInt64(bitPattern: v)))
+        }
+        #expect(compared.sorted() == targets)
+        // No match: the original notrack jmp rax, which lands in the original.
+        let miss = Array(insns[2 + 2 * n..<2 + 2 * n + 3])
+        #expect(miss.map(\.description) == ["popfq", "lea rsp, [rsp + 0x80]", "jmp rax"] && miss[2].bytes == [0x3e, 0xff, 0xe0], "\(miss)")
+        for e in targets { #expect(copy.pieces.contains { $0.original == e && $0.kind == .pad }, "a pad at \(e)") }
+        #expect(PatchPlanner.reachable(in: f, from: [f.start], jumpTables: tables).isSuperset(of: targets))
     }
 
     @Test("reachability follows a kept dispatch into the cases, and only then")

@@ -57,12 +57,16 @@ extension KVMTests {
 }
 
 extension KVMTests {
-    @Test("DMP on c-table-cpl3 (gcc -O2): the LSR read behind uart_read's switch jump table is served (the dispatch stays in the copy), the tail-called pio_write8 too; over 90% of the steady exits gone, same output")
-    func dmpJumpTableGuest() throws {
-        let off = try DMPLibraryRun("c-table-cpl3", commandLine: "iters=400", dmp: false)
-        let on = try DMPLibraryRun("c-table-cpl3", commandLine: "iters=400")
+    /// c-table-cpl3 (gcc -O2: `jmp [rdx*8 + table]`) and c-table-cpl3-cet (a distribution's `-fcf-protection=full
+    /// -fpie`: gcc's PIC table, `lea rcx, [rip + table]`, `movsxd`, `add`, `notrack jmp rdx`).
+    @Test("DMP on c-table-cpl3 (gcc -O2, and -fcf-protection=full -fpie): the LSR read behind uart_read's switch jump table is served (the dispatch stays in the copy), the tail-called pio_write8 too; over 90% of the steady exits gone, same output", arguments: [
+        ("c-table-cpl3", "uart_read+0x3b"), ("c-table-cpl3-cet", "uart_read+0x43"),
+    ])
+    func dmpJumpTableGuest(image: String, lsrRead: String) throws {
+        let off = try DMPLibraryRun(image, commandLine: "iters=400", dmp: false)
+        let on = try DMPLibraryRun(image, commandLine: "iters=400")
         #expect(on.stop == .guestExit(status: 0))
-        let read = try #require(on.site("uart_read+0x3b"), "\(on.report.map(\.description))")
+        let read = try #require(on.site(lsrRead), "\(on.report.map(\.description))")
         #expect(read.state == .patched && read.hitsServed > 1000, "\(read)")
         let write = try #require(on.report.first { $0.location == "pio_write8+0x5" && $0.site.address == 0x3f8 })
         #expect(write.state == .patched && write.hitsServed > 1000, "\(write)")

@@ -226,8 +226,9 @@ package struct FunctionCopy: Sendable {
         self.address = address
         self.promotions = promotions
         self.accessors = accessors.map(\.function)
-        let jumpTables = JumpTable.fitsDisplacement(address) && JumpTable.fitsDisplacement(address &+ 0x10_0000)
-            ? jumpTables.filter { function.index(at: $0.jump) != nil } : []
+        // An absolute table's dispatch in the copy names its tables by 32-bit displacements; a relative one's does not.
+        let near = JumpTable.fitsDisplacement(address) && JumpTable.fitsDisplacement(address &+ 0x10_0000)
+        let jumpTables = jumpTables.filter { function.index(at: $0.jump) != nil && (near || $0.form == .relative) }
         self.jumpTables = jumpTables
         var dispatches: [UInt64: (table: JumpTable, fixups: JumpTable.Fixups)] = [:]
         for t in jumpTables { dispatches[t.jump] = (t, JumpTable.Fixups()) }
@@ -271,7 +272,9 @@ package struct FunctionCopy: Sendable {
                     try CallPromotion.emit(p, call: i, entries: entries, into: &a)
                     piece(.rewritten, i.address, from: start)
                 } else if let d = dispatches[i.address] {
-                    try d.table.emitDispatch(replacing: i, into: &a, fixups: &dispatches[i.address, default: d].fixups)
+                    try d.table.emitDispatch(replacing: i, in: function, into: &a, fixups: &dispatches[i.address, default: d].fixups) { t in
+                        labels[t].map { .label($0) }
+                    }
                     piece(.relocated, i.address, from: start)
                 } else if let b = i.branch {
                     try a.relocate(i, branchTarget: function.contains(b.target) ? labels[b.target].map { .label($0) } : nil)
@@ -296,7 +299,7 @@ package struct FunctionCopy: Sendable {
             for i in part.function.instructions { if let l = labels[i.address], let at = a.address(of: l) { map[i.address] = at } }
         }
         var placed: [(fixups: JumpTable.Fixups, snapshot: UInt64, translated: UInt64)] = []
-        for t in jumpTables {
+        for t in jumpTables where t.form == .absolute {
             let (snapshot, translated) = try t.emitTables(into: &a) { map[$0] }
             placed.append((dispatches[t.jump]?.fixups ?? JumpTable.Fixups(), snapshot, translated))
         }
