@@ -63,7 +63,11 @@ struct Bench: ParsableCommand {
     @Flag(help: "Skip QEMU even when it is installed.")
     var noQemu = false
 
+    @Option(help: "Run the VMs' threads (vCPU, ring poller, timer) under SCHED_FIFO at this priority (1-99; 0: the host's default policy), so other busy host threads cannot take their CPUs. Taken only with a host CPU per busy thread (the vCPU and the poller).")
+    var realtimePriority: Int32 = 0
+
     func validate() throws {
+        guard (0...99).contains(realtimePriority) else { throw ValidationError("--realtime-priority must be 0...99") }
         guard runs >= 1, runs <= 1000 else { throw ValidationError("--runs must be 1...1000") }
         guard seconds > 0, seconds <= 3600 else { throw ValidationError("--seconds must be in (0, 3600]") }
         if let iters, iters < 1 || iters > 100_000_000 { throw ValidationError("--iters must be 1...100000000") }
@@ -80,6 +84,13 @@ struct Bench: ParsableCommand {
 
     func run() throws {
         let qemu = noQemu ? nil : findExecutable("qemu-system-x86_64")
+        if realtimePriority > 0 {
+            if let refused = becomeRealtime(priority: realtimePriority, busyThreads: 2) {
+                printError("bench: --realtime-priority \(realtimePriority) not taken: \(refused)")
+            } else {
+                printError("bench: minivmm's threads run under SCHED_FIFO \(realtimePriority)")
+            }
+        }
         let env = BenchEnvironment(guests: guests, qemu: qemu, tscPerNanosecond: calibrateTSC())
         if json {
             print(Bench.json(try workloadRecords(env)))

@@ -1,4 +1,4 @@
-// minivmm's few libc calls: reading the image file and writing to stderr.
+// minivmm's few libc calls: reading the image file, writing to stderr, the real-time policy.
 import ArgumentParser
 import VMMKit
 #if canImport(Glibc)
@@ -147,4 +147,19 @@ func stopOnInterrupt(_ vm: VirtualMachine) -> InterruptFlag {
 /// The environment variable `name`, if set.
 func environment(_ name: String) -> String? {
     getenv(name).map { String(cString: $0) }
+}
+
+/// Puts the calling thread under the real-time policy `SCHED_FIFO` at `priority` (1...99); the
+/// threads it creates afterwards (a VM's vCPU, ring-poller and timer threads) inherit it, so no
+/// other busy host thread takes their CPUs (the host keeps a small share for them). Refused, with
+/// the reason, unless the host CPUs this process may use are at least `busyThreads` (the vCPUs and
+/// the ring poller: real-time threads that spin on one CPU starve each other), or when the host
+/// refuses (no `CAP_SYS_NICE`).
+func becomeRealtime(priority: Int32, busyThreads: Int) -> String? {
+    let cpus = VirtualMachine.allowedHostCPUs.count
+    guard cpus >= busyThreads else { return "\(busyThreads) busy threads (vCPUs and the ring poller) need as many host CPUs; \(cpus) allowed" }
+    var p = sched_param()
+    p.sched_priority = min(max(priority, 1), 99)
+    let r = pthread_setschedparam(pthread_self(), Int32(SCHED_FIFO), &p)
+    return r == 0 ? nil : "pthread_setschedparam: \(String(cString: strerror(r)))"
 }

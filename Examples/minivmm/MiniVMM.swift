@@ -39,6 +39,9 @@ struct GuestOptions: ParsableArguments {
     @Option(help: "Spin-wait hints between two looks of the ring poller at the rings (latency against cache traffic).")
     var ringPollSpins: Int = 16
 
+    @Option(help: "Run the VM's threads (vCPUs, ring poller, timer) under SCHED_FIFO at this priority (1-99), so other busy host threads cannot take their CPUs (a ring producer falls back to exits while the poller is off its CPU). Taken only with a host CPU per vCPU and one for the poller.")
+    var realtimePriority: Int32?
+
     var ringPolling: PVRingPolling {
         guard ringPoll else { return .disabled }
         return .enabled(idleNanoseconds: ringPollIdle > UInt64.max / 1000 ? UInt64.max : ringPollIdle * 1000,
@@ -57,6 +60,7 @@ struct GuestOptions: ParsableArguments {
             throw ValidationError("bad --memory '\(memory)': use a multiple of 4K from 32M to 1T, e.g. 256M or 1G")
         }
         guard (1...256).contains(cpus) else { throw ValidationError("bad --cpus \(cpus): use 1 to 256") }
+        if let p = realtimePriority, !(1...99).contains(p) { throw ValidationError("bad --realtime-priority \(p): use 1 to 99") }
     }
 
     func image() throws -> (BootImage, String) {
@@ -128,6 +132,10 @@ struct Session {
     let dmp: DMPMiddleware?
 
     init(options: GuestOptions, profile: Bool, dmp: DMPConfiguration? = nil, console: OutputSink = .standardOutput()) throws {
+        if let p = options.realtimePriority,
+           let refused = becomeRealtime(priority: p, busyThreads: options.cpus + (options.ringPoll ? 1 : 0)) {
+            printError("minivmm: --realtime-priority \(p) not taken: \(refused)")
+        }
         var config = VMConfiguration(memorySize: try options.memoryBytes(), vcpuCount: options.cpus)
         config.strict = options.strict
         config.collectSiteStatistics = profile
