@@ -18,6 +18,7 @@ struct CGuestImageTests {
         ("c-uart-cpl0", 0x6af8_e340_e54d_d358),
         // Built with other flags for DMP's flag sweep: a distribution's defaults (CET, PIE), -Os.
         ("c-table-cpl3-cet", 0xb1cb_e60e_2c05_c088), ("c-poll-cpl3-Os", 0x01e7_ffe9_e9db_50c2),
+        ("c-console-cpl3-Os", 0x741c_e765_78f9_7e3d),
     ]
 
     static func image(_ name: String) throws -> (file: [UInt8], elf: ELFImage) {
@@ -55,6 +56,8 @@ struct CGuestImageTests {
         ("c-table-cpl3-cet", "uart_read", ["lea rcx, [rip + 0x1a17] [7]", "movsxd rdx, dword ptr [rcx + rdx*4] [4]",
                                            "add rdx, rcx [3]", "jmp rdx [3]", "in al, dx [1]"]),
         // -Os: a 2-byte first instruction, the port loads before the loops, short loops.
+        ("c-console-cpl3-Os", "early_console_write", ["mov edi, edx [2]", "mov r8d, 0x3fd [6]", "mov r9d, 0x3f8 [6]", "in al, dx [1]",
+                                                     "je 0x10142f [2]", "out dx, al [1]", "jmp 0x10142a [2]", "ret [1]"]),
         ("c-poll-cpl3-Os", "poll_console_write", ["mov edi, edx [2]", "mov r8d, 0x3fd [6]", "mov r9d, 0x3f8 [6]", "in al, dx [1]",
                                                   "je 0x10142f [2]", "out dx, al [1]", "jmp 0x10142a [2]", "ret [1]"]),
     ])
