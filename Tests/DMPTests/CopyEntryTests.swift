@@ -52,6 +52,33 @@ struct CopyEntryTests {
         #expect(try #require(throws: DMPRefusal.self) { try copy.redirect(at: 0x401301) }.reason.contains("not an instruction start"))
     }
 
+    @Test("loops of short instructions only (gcc -Os): the instructions of 5 bytes or more before the loops are a way in, nearest first")
+    func pathEntriesBeforeShortLoops() throws {
+        let d = try X86Disassembler()
+        // Guests/c-poll-cpl3-Os's poll_console_write: an outer loop over the bytes, an inner LSR poll, every
+        // instruction in them of 2 to 4 bytes but the two 1-byte port accesses; the port loads before them.
+        let code: [UInt8] = [
+            0x89, 0xd7, 0x31, 0xc9,                     // 0x00 mov edi, edx; xor ecx, ecx
+            0x41, 0xb8, 0xfd, 0x03, 0x00, 0x00,         // 0x04 mov r8d, 0x3fd
+            0x41, 0xb9, 0xf8, 0x03, 0x00, 0x00,         // 0x0a mov r9d, 0x3f8
+            0x48, 0x39, 0xf9, 0x74, 0x14,               // 0x10 cmp rcx, rdi; je 0x29
+            0x44, 0x89, 0xc2, 0xec, 0xa8, 0x20, 0x74, 0xf8, // 0x15 mov edx, r8d; in al, dx; test al, 0x20; je 0x15
+            0x8a, 0x04, 0x0e, 0x44, 0x89, 0xca, 0xee,   // 0x1d mov al, [rsi + rcx]; mov edx, r9d; out dx, al
+            0x48, 0xff, 0xc1, 0xeb, 0xe7, 0xc3,         // 0x24 inc rcx; jmp 0x10; ret
+        ]
+        let base: UInt64 = 0x10_141a
+        let (image, s) = handMade(code, at: base, name: "poll_console_write")
+        let copy = try FunctionCopy(try image.decode(s, disassembler: d), at: copyPlacement)
+        for hot in [base + 0x18, base + 0x23] { // in al, dx; out dx, al
+            #expect(copy.pathEntries(for: hot).isEmpty, "no instruction of 5 bytes or more in the loops")
+            let entries = copy.entriesBeforeLoops(for: hot)
+            #expect(entries.map(\.site) == [base + 0x0a, base + 0x04], "the port loads, nearest first")
+            #expect(entries.allSatisfy { $0.kind == .redirect && $0.target == copy.copyAddress(of: $0.site) })
+            for e in entries { try expectBranchWrite(e.writes[0], to: e.target, d) }
+            #expect(PatchPlanner.reachable(in: copy.function, from: entries.map(\.site)).contains(hot))
+        }
+    }
+
     @Test("direct call and tail-call sites to a function are found and retargeted to the copy")
     func callSites() throws {
         let d = try X86Disassembler()
@@ -217,16 +244,23 @@ struct CopyEntryTests {
         #expect(overlapping.compatibleEntries == helper.entries, "an entry over bytes an earlier one writes is left out")
 
         // uart_puts: a 3-byte entry instruction, a 1-byte hot out, no direct caller: only the entry through
-        // the padding after its own ret; without that tactic, no way in.
+        // the padding after its own ret; without that tactic, the 5-byte instructions before its loops (its
+        // next call enters there), nearest first.
         let uart = try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x4010d8, bytes: [0x90])], in: fixtureImage, at: copyPlacement, disassembler: d)
         #expect(uart.entries.map(\.kind) == [.entryThroughPadding] && uart.entries[0].site == 0x4010b0)
         #expect(uart.entries[0].target == uart.copy.address)
+        let before = try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x4010d8, bytes: [0x90])], in: fixtureImage, at: copyPlacement,
+                                               disassembler: d, entryThroughPadding: false)
+        #expect(before.entries.map(\.kind) == [.redirect, .redirect] && before.entries.map(\.site) == [0x4010c3, 0x4010bd])
+        #expect(before.entryRefusals.contains { $0.reason.contains("no direct call or tail call of uart_puts") })
+        // A 2-byte first instruction, a loop of short instructions and nothing of 5 bytes before it, no caller, no padding: no way in.
+        let (poll, _) = handMade([0x89, 0xfa, 0xec, 0xa8, 0x20, 0x74, 0xfb, 0xc3], name: "poll") // mov edx, edi; in; test; je; ret
         let noWay = try #require(throws: DMPRefusal.self) {
-            try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x4010d8, bytes: [0x90])], in: fixtureImage, at: copyPlacement,
-                                      disassembler: d, entryThroughPadding: false)
+            try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x40_0002, bytes: [0x90])], in: poll, at: copyPlacement, disassembler: d)
         }
-        #expect(noWay.reason.hasPrefix("no way into the copy of uart_puts"))
-        #expect(noWay.reason.contains("no direct call or tail call of uart_puts"))
+        #expect(noWay.reason.hasPrefix("no way into the copy of poll"))
+        #expect(noWay.reason.contains("no direct call or tail call of poll"))
+        #expect(noWay.reason.contains("no instruction of 5 bytes or more before the hot loops"))
         let two = try #require(throws: DMPRefusal.self) {
             try FunctionCopyPlan.make(hot: [HotRewrite(address: 0x4010d8, bytes: [0x90]), HotRewrite(address: 0x4012a0, bytes: [0x90])],
                                       in: fixtureImage, at: copyPlacement, disassembler: d)

@@ -88,13 +88,20 @@ extension KVMTests {
         try on.expectSameOutput(as: off, steadyExitsCutBy: 10)
     }
 
-    @Test("DMP on c-poll-cpl3 (gcc -O2, the print loop written out in main, which never returns): entered through the enclosing loop, over 90% of the steady exits gone, same output")
-    func dmpCPoll() throws {
-        let off = try DMPLibraryRun("c-poll-cpl3", commandLine: "iters=300", dmp: false)
-        let on = try DMPLibraryRun("c-poll-cpl3", commandLine: "iters=300")
+    /// c-poll-cpl3 (gcc -O2, the print loop written out in main, which never returns): entered through the
+    /// enclosing loop. c-console-cpl3-Os (an early console's write function, reached only through a function
+    /// pointer: 2-byte first instruction, no padding, loops of short instructions): entered at a port load
+    /// before its loops, on its next call.
+    @Test("DMP on loops of short instructions: entered by an instruction redirect (an enclosing loop, or before the loops), over 90% of the steady exits gone, same output", arguments: [
+        ("c-poll-cpl3", "main+", "iters=300"), ("c-console-cpl3-Os", "early_console_write+", "iters=200"),
+    ])
+    func dmpCPoll(image: String, function: String, commandLine: String) throws {
+        let off = try DMPLibraryRun(image, commandLine: commandLine, dmp: false)
+        let on = try DMPLibraryRun(image, commandLine: commandLine)
         #expect(on.stop == .guestExit(status: 0))
-        let inMain = on.report.filter { $0.location.hasPrefix("main+") }
-        #expect(inMain.count == 2 && inMain.allSatisfy { $0.state == .patched && $0.hitsServed > 0 }, "\(on.report.map(\.description))")
+        let sites = on.report.filter { $0.location.hasPrefix(function) }
+        #expect(sites.count == 2 && sites.allSatisfy { $0.state == .patched && $0.hitsServed > 0 && $0.strategy.contains("instruction redirect") },
+                "\(on.report.map(\.description))")
         try on.expectSameOutput(as: off, steadyExitsCutBy: 10)
     }
 

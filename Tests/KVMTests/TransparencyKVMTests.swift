@@ -171,6 +171,8 @@ let transparencyGuests: [(String, String)] = [
     ("c-uart-cpl3-Os", "iters=40"), ("c-uart-cpl3-O1", "iters=40"),
     ("c-table-cpl3", "iters=120"), ("c-mmio-cpl3", "iters=256"), ("c-boot-cpl3", "iters=60"),
     ("mmio-siblings-cpl3", "iters=2048"),
+    // Built with other flags (a distribution's -fcf-protection=full -fpie; -Os).
+    ("c-table-cpl3-cet", "iters=120"), ("c-poll-cpl3-Os", "iters=40"), ("c-console-cpl3-Os", "iters=40"),
 ]
 
 extension KVMTests {

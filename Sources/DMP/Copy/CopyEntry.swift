@@ -94,24 +94,15 @@ extension FunctionCopy {
     package func pathEntries(for hot: UInt64, limit: Int = 4) -> [CopyEntry] {
         let instructions = function.instructions
         guard let k = function.index(at: hot) else { return [] }
-        var targets: Set<UInt64> = []
-        for i in instructions { if let b = i.branch, function.contains(b.target) { targets.insert(b.target) } }
-        func transfers(_ i: X86Instruction) -> Bool { i.groups.contains(.jump) || i.groups.contains(.return) }
-        var candidates: [X86Instruction] = [instructions[k]]
-        var j = k
-        while j > 0, !targets.contains(instructions[j].address), !transfers(instructions[j - 1]) {
-            j -= 1
-            candidates.append(instructions[j])
-        }
+        let j = blockStart(k)
+        var candidates: [X86Instruction] = Array(instructions[j...k].reversed())
+        let transfers = Self.transfers
         var m = k
         while !transfers(instructions[m]), m + 1 < instructions.count {
             m += 1
             candidates.append(instructions[m])
         }
-        let loops = instructions.compactMap { i -> (X86Instruction, UInt64)? in
-            guard let b = i.branch, !i.groups.contains(.call), function.contains(b.target), b.target <= hot, hot <= i.address else { return nil }
-            return (i, i.address &- b.target)
-        }
+        let loops = loopsHolding(hot).map { ($0, $0.address &- ($0.branch?.target ?? $0.address)) }
         // Innermost loop first, then the loops enclosing it.
         for (back, _) in loops.sorted(by: { $0.1 < $1.1 }) {
             candidates.append(back)
@@ -126,6 +117,50 @@ extension FunctionCopy {
             if let e = try? redirect(at: i.address) { out.append(e) }
         }
         return out
+    }
+
+    /// Redirects before `hot`'s loops, at most `limit`: the instructions of at least 5 bytes of the straight run
+    /// that falls into the outermost loop holding `hot` (or into `hot`'s block) from above, nearest first, back to
+    /// the nearest jump or return. For a function whose loops hold only short instructions (gcc -Os and -O1: a
+    /// 2-byte status poll, a 2-byte back-edge) and whose start offers no way in (a 2–4-byte first instruction, no
+    /// padding, reached only through function pointers), the code before the loops (where the constants the
+    /// loops keep in registers are loaded) is the way in on the function's next call. Correct for the same reason
+    /// as ``pathEntries(for:limit:)``: any instruction start is.
+    package func entriesBeforeLoops(for hot: UInt64, limit: Int = 2) -> [CopyEntry] {
+        let instructions = function.instructions
+        guard let k = function.index(at: hot) else { return [] }
+        // The start of hot's block, or the outermost loop head above it.
+        var p = blockStart(k)
+        if let head = loopsHolding(hot).compactMap(\.branch?.target).min(), head < instructions[p].address,
+           let h = function.index(at: head) { p = h }
+        var out: [CopyEntry] = []
+        while p > 0, !Self.transfers(instructions[p - 1]), out.count < limit {
+            p -= 1
+            if instructions[p].length >= 5, let e = try? redirect(at: instructions[p].address) { out.append(e) }
+        }
+        return out
+    }
+
+    /// Whether `i` ends a straight run: a jump (taken or not) or a return.
+    private static func transfers(_ i: X86Instruction) -> Bool { i.groups.contains(.jump) || i.groups.contains(.return) }
+
+    /// The index of the first instruction of the straight-line block holding instruction `k`: back to a target
+    /// of a branch inside the function or to the instruction after a jump or return.
+    private func blockStart(_ k: Int) -> Int {
+        let instructions = function.instructions
+        var targets: Set<UInt64> = []
+        for i in instructions { if let b = i.branch, function.contains(b.target) { targets.insert(b.target) } }
+        var j = k
+        while j > 0, !targets.contains(instructions[j].address), !Self.transfers(instructions[j - 1]) { j -= 1 }
+        return j
+    }
+
+    /// The back-edges of the loops holding `hot`: relative branches (no calls) from at or after `hot` to at or before it.
+    private func loopsHolding(_ hot: UInt64) -> [X86Instruction] {
+        function.instructions.filter { i in
+            guard let b = i.branch, !i.groups.contains(.call), function.contains(b.target) else { return false }
+            return b.target <= hot && hot <= i.address
+        }
     }
 
     /// Retargets a direct `call rel32` or `jmp rel32` (from ``CodeImage/callSites(to:disassembler:)``) that

@@ -92,6 +92,11 @@ package struct FunctionCopyPlan: Sendable {
             attempt { () throws(DMPRefusal) in try copy.callSiteEntry(site) }
         }
         if callers.isEmpty { refusals.append(DMPRefusal(.plan, "no direct call or tail call of \(symbol.name) in the image")) }
+        // Nothing else: the code before the hot loops (a function whose loops hold only short instructions).
+        if entries.isEmpty {
+            for h in paths { entries += copy.entriesBeforeLoops(for: h) }
+            if entries.isEmpty { refusals.append(DMPRefusal(.plan, "no instruction of 5 bytes or more before the hot loops")) }
+        }
         var sites: Set<UInt64> = []
         entries = entries.filter { sites.insert($0.site).inserted }
         guard !entries.isEmpty || allowNoEntry else {
