@@ -733,9 +733,15 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         return undone
     }
 
-    /// The guest-physical addresses of the shared slots of the sites patched now (tests that write into them).
-    package var sharedSlotsForTesting: [GuestAddress] {
-        state.withLock { s in s.order.compactMap { site in s.sites[site].flatMap { $0.patchID == nil ? nil : $0.slot } } }
+    /// The shared slots (guest-physical addresses) of the sites patched now, with their sites and enable words
+    /// (tests that write into the slots or revoke the grants).
+    package var sharedSlotsForTesting: [(site: ExitSite, slot: GuestAddress, enableWord: FastPathEnableWord)] {
+        state.withLock { s in
+            s.order.compactMap { site in
+                guard let r = s.sites[site], r.patchID != nil, let slot = r.slot, let w = r.enableWord else { return nil }
+                return (site, slot, w)
+            }
+        }
     }
 
     // MARK: Report

@@ -36,6 +36,42 @@ extension KVMTests {
         #expect(status.hitsServed >= UInt64(batches - counter.steadyStatus), "\(status.hitsServed) served in the guest")
     }
 
+    @Test("a STATUS body whose enable word is clear runs the original load: the grant revoked at the steady phase's start, every steady STATUS read exits to the device, output and checksum as without DMP")
+    func dmpStatusSlotRevoked() throws {
+        let commandLine = "iters=\(Self.statusIters) warmup=\(Self.statusWarmup)"
+        let off = try DMPLibraryRun("doorbell-cpl3", commandLine: commandLine, dmp: false)
+        let counter = DoorbellExitCounter()
+        let revoked = Mutex<[FastPathEnableWord]>([])
+        let dmp = Mutex<DMPMiddleware?>(nil), marks = Atomic<Int>(0)
+        let on = try DMPLibraryRun("doorbell-cpl3", commandLine: commandLine, configure: { c in
+            c.verify = false
+            c.synchronousWaitLimit = 1 << 16
+        }, prepare: { vm in
+            vm.addExitHandler(counter.handler)
+            // At the first phase mark (the steady phase starts) the device's grant of the STATUS read ends.
+            vm.addExitHandler(ClosureExitHandler { [weak vm] exit, _ in
+                guard case .io(let io) = exit, io.direction == .write, io.port == StandardDevices.markerPort,
+                      marks.add(1, ordering: .relaxed).newValue == 1, let vm, let m = dmp.withLock({ $0 }) else { return .pass }
+                for s in m.sharedSlotsForTesting {
+                    vm.bus.revokeFastPath(space: .mmio, address: s.site.address, enableWord: s.enableWord)
+                    revoked.withLock { $0.append(s.enableWord) }
+                }
+                return .pass
+            })
+        }, around: { _, _, middleware, run in
+            dmp.withLock { $0 = middleware }
+            return try run()
+        })
+        #expect(on.stop == .guestExit(status: 0) && on.lines == off.lines)
+        #expect(resultField(on.text, "checksum") == "0xb0fe031e" && resultField(off.text, "checksum") == "0xb0fe031e")
+        let words = revoked.withLock { $0 }
+        #expect(words.count == 1 && words.allSatisfy { !$0.isSet }, "the STATUS grant was live and is revoked")
+        let batches = (Self.statusIters - Self.statusWarmup) / 16
+        #expect(counter.steadyStatus == batches, "every steady STATUS read exits: \(counter.steadyStatus) of \(batches)")
+        let status = try #require(on.report.first { $0.site.address == DoorbellExitCounter.status.rawValue })
+        #expect(status.exitsWhilePatched >= batches, "the fallbacks are charged to the site: \(status.exitsWhilePatched)")
+    }
+
     @Test("hostile: the host scribbling garbage into the STATUS slot while doorbell-cpl3 runs leaves the VMM and the device intact; only the guest's own reads are misled")
     func dmpStatusSlotGarbage() throws {
         let stop = Atomic<Bool>(false), scribbles = Atomic<Int>(0)
@@ -54,7 +90,7 @@ extension KVMTests {
                     if slots.isEmpty { continue }
                     for _ in 0..<1000 {
                         garbage = garbage &* 6364136223846793005 &+ 1442695040888963407
-                        for s in slots { try? memory.write(garbage, at: s) }
+                        for s in slots { try? memory.write(garbage, at: s.slot) }
                     }
                     scribbles.add(1000, ordering: .relaxed)
                 }
