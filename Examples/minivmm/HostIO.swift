@@ -78,9 +78,10 @@ func findExecutable(_ name: String) -> String? {
     return nil
 }
 
-/// Runs a process with stdout and stderr to a temporary file; returns its status, output, wall time
-/// and CPU time (user + system, all its threads, from `wait4`).
-func spawn(_ argv: [String]) throws -> (status: Int32, output: String, milliseconds: Double, cpuNanoseconds: Double) {
+/// Runs a process with stdout and stderr to a temporary file; returns its status, the last `tail` bytes of its
+/// output (from the first whole line in them when the output was longer; see ``OutputTail``), wall time and
+/// CPU time (user + system, all its threads, from `wait4`).
+func spawn(_ argv: [String], tail: Int = 64 << 10) throws -> (status: Int32, output: String, milliseconds: Double, cpuNanoseconds: Double) {
     var template = Array("/tmp/minivmm-bench-XXXXXX".utf8CString)
     let fd = mkstemp(&template)
     guard fd >= 0 else { throw ValidationError("mkstemp failed") }
@@ -103,7 +104,7 @@ func spawn(_ argv: [String]) throws -> (status: Int32, output: String, milliseco
     while wait4(pid, &status, 0, &usage) < 0 && errno == EINTR {}
     let ms = Double(monotonicNanoseconds() - t0) / 1e6
     func ns(_ t: timeval) -> Double { Double(t.tv_sec) * 1e9 + Double(t.tv_usec) * 1e3 }
-    let output = (try? readFile(path)).map { String(decoding: $0, as: UTF8.self) } ?? ""
+    let output = readTail(fd, count: tail)
     let code: Int32 = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
     return (code, output, ms, ns(usage.ru_utime) + ns(usage.ru_stime))
 }
@@ -162,4 +163,24 @@ func becomeRealtime(priority: Int32, busyThreads: Int) -> String? {
     p.sched_priority = min(max(priority, 1), 99)
     let r = pthread_setschedparam(pthread_self(), Int32(SCHED_FIFO), &p)
     return r == 0 ? nil : "pthread_setschedparam: \(String(cString: strerror(r)))"
+}
+
+/// The last `count` bytes of the file open at `fd`, as ``OutputTail/text`` gives them.
+func readTail(_ fd: Int32, count: Int) -> String {
+    let tail = OutputTail(capacity: count)
+    var st = stat()
+    guard fstat(fd, &st) == 0 else { return "" }
+    let size = Int(st.st_size)
+    var offset = max(0, size - tail.capacity)
+    // The bytes before the tail count toward the total (so a cut first line is skipped).
+    tail.countSkipped(offset)
+    var buf = [UInt8](repeating: 0, count: 1 << 16)
+    while offset < size {
+        let n = buf.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, off_t(offset)) }
+        if n < 0 && errno == EINTR { continue }
+        guard n > 0 else { break }
+        buf.withUnsafeBytes { tail.append(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+        offset += n
+    }
+    return tail.text
 }
