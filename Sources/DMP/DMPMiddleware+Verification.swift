@@ -71,26 +71,8 @@ extension DMPMiddleware {
                     case .wait: break
                     case .switchTo(let phase): switches.append((id, phase))
                     case .done(let v):
-                        switch v {
-                        case .loses(_, _, let off):
-                            s.trials[id] = nil
-                            verdicts.append((id, DMPRefusal(.verify, RateTrial.reason(v, pairs: t.pairs.count, configuration: configuration)),
-                                             RateTrial.backOff(offRate: off, sites: p.sites.count, configuration: configuration)))
-                        case .pays(let ratio, let on, let off):
-                            s.trials[id] = nil
-                            s.judged.insert(id)
-                            for site in p.sites {
-                                guard var r = s.sites[site] else { continue }
-                                r.window = VerifyWindow(at: r.costs, now: now)
-                                r.report.trialResult = "\(fixed(on, 0)) accesses/s patched, \(fixed(off, 0)) with the original code "
-                                    + "(median ratio \(fixed(ratio, 2)) over \(t.pairs.count) pairs)"
-                                s.sites[site] = r
-                            }
-                            logger.info("A/B trial paid", metadata: ["patch": "\(id)", "ratio": "\(fixed(ratio, 2))",
-                                                                    "on_per_s": "\(fixed(on, 0))", "off_per_s": "\(fixed(off, 0))"])
-                        case .idle:
-                            // The guest hardly used the sites: try again in a second.
-                            s.trials[id] = RateTrial(notBefore: age + 1)
+                        if let undo = concludeTrial(v, pairs: t.pairs.count, patch: id, sites: p.sites, age: age, now: now, &s) {
+                            verdicts.append((id, undo.why, undo.backOffBase))
                         }
                     }
                     continue
@@ -116,6 +98,33 @@ extension DMPMiddleware {
         }
         for (id, phase) in switches where !verdicts.contains(where: { $0.id == id }) { switchPatch(id, to: phase) }
         for (id, why, base) in verdicts { undo(id, reason: why, backOff: true, backOffBase: base) }
+    }
+
+    /// Acts on a finished A/B trial of patch `id` (state lock held): a loss returns the undo's reason and back-off;
+    /// a win marks the patch judged and opens its sites' windows; an idle trial is tried again in a second.
+    private func concludeTrial(_ v: RateTrial.Verdict, pairs: Int, patch id: Int, sites: [ExitSite], age: Double,
+                               now: ContinuousClock.Instant, _ s: inout State) -> (why: DMPRefusal, backOffBase: Int)? {
+        s.trials[id] = nil
+        switch v {
+        case .loses(_, _, let off):
+            return (DMPRefusal(.verify, RateTrial.reason(v, pairs: pairs, configuration: configuration)),
+                    RateTrial.backOff(offRate: off, sites: sites.count, configuration: configuration))
+        case .pays(let ratio, let on, let off):
+            s.judged.insert(id)
+            for site in sites {
+                guard var r = s.sites[site] else { continue }
+                r.window = VerifyWindow(at: r.costs, now: now)
+                r.report.trialResult = "\(fixed(on, 0)) accesses/s patched, \(fixed(off, 0)) with the original code "
+                    + "(median ratio \(fixed(ratio, 2)) over \(pairs) pairs)"
+                s.sites[site] = r
+            }
+            logger.info("A/B trial paid", metadata: ["patch": "\(id)", "ratio": "\(fixed(ratio, 2))",
+                                                    "on_per_s": "\(fixed(on, 0))", "off_per_s": "\(fixed(off, 0))"])
+        case .idle:
+            // The guest hardly used the sites: try again in a second.
+            s.trials[id] = RateTrial(notBefore: age + 1)
+        }
+        return nil
     }
 
     /// Switches patch `id` for an A/B trial phase (``RateTrial``): off puts the guest's original bytes back (the
