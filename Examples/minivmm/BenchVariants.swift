@@ -64,7 +64,7 @@ struct BenchWorkload: Sendable {
 
     /// `iterations` rounded up to the granularity, at least one granule.
     func rounded(_ iterations: Int) -> Int {
-        max(granularity, (iterations + granularity - 1) / granularity * granularity)
+        BenchCalibration.rounded(iterations, granularity: granularity)
     }
 }
 
@@ -142,6 +142,10 @@ struct BenchVariant: Sendable {
     let name: String
     /// Why the variant cannot run `workload` here, or nil when it can (said on stderr).
     let unavailable: @Sendable (BenchWorkload, BenchEnvironment) -> String?
+    /// Whether the variant's cycles per iteration fall as its runs get longer (DMP patches during the guest's
+    /// warm-up, a tenth of the iterations, so a short probe's steady phase runs partly unpatched): its
+    /// calibration is confirmed by runs at the calibrated count, rescaled while one comes out short.
+    var confirmsCalibration = false
     /// Runs the workload with `iterations` iterations.
     let run: @Sendable (BenchWorkload, Int, BenchEnvironment) throws -> BenchRun
 
@@ -173,7 +177,7 @@ struct BenchVariant: Sendable {
     /// the same image as `full`, patched while it runs. Adds `patched_sites`
     /// (sites patched at the end of the run) and `warmup_exits` (exits before
     /// the guest's steady phase began: hotness threshold, locating, patching).
-    static let dmp = BenchVariant(name: "dmp", unavailable: { _, _ in nil }) { w, n, env in
+    static let dmp = BenchVariant(name: "dmp", unavailable: { _, _ in nil }, confirmsCalibration: true) { w, n, env in
         var middleware: DMPMiddleware?
         var devices: StandardDevices?
         var run = try runInProcess(env.guests + "/" + w.name + ".elf", iterations: n, afterLoad: { vm, d, loaded in
@@ -226,6 +230,8 @@ struct BenchRecord: Sendable {
     var checksum: String
     /// The median steady phase, in seconds (guest TSC cycles over the host's TSC rate).
     var steadySeconds: Double
+    /// Each run's steady phase, in seconds, in run order.
+    var steadySecondsRuns: [Double] = []
     var hostCPUNanosecondsPerIteration: Double?
     var extra: [(key: String, value: JSONValue)]
 
@@ -248,6 +254,7 @@ struct BenchRecord: Sendable {
             ("steady_seconds", .number(steadySeconds)),
             ("cycles_per_iter_runs", .array(cyclesPerIterationRuns.map(JSONValue.number))),
         ]
+        if !steadySecondsRuns.isEmpty { fields.append(("steady_seconds_runs", .array(steadySecondsRuns.map(JSONValue.number)))) }
         if !steadyExitsRuns.isEmpty { fields.append(("steady_exits_runs", .array(steadyExitsRuns.map(JSONValue.int)))) }
         if !steadyRingRuns.isEmpty { fields.append(("steady_ring_runs", .array(steadyRingRuns.map(\.json)))) }
         fields += extra.map { ($0.key, $0.value) }
@@ -296,28 +303,15 @@ func runWorkloadBenchmark(_ plan: WorkloadBenchPlan, _ env: BenchEnvironment) th
         // DMP's steady exits are judged against its twin's (no more than the twin's plus five): both run the larger
         // of their two iteration counts, so they do the same work and the machine's noise (a ring consumer off its
         // CPU, each costing a fallback exit per ring-full) has steady phases of the same length to land in.
-        if let d = variants.firstIndex(where: { $0.name == BenchVariant.dmp.name }),
-           let t = variants.firstIndex(where: { $0.name == BenchVariant.staticPV.name }) {
-            let n = max(iterations[d], iterations[t])
-            iterations[d] = n
-            iterations[t] = n
+        let partners = twinPartners(variants)
+        for (i, j) in partners.enumerated() {
+            if let j { iterations[i] = max(iterations[i], iterations[j]) }
         }
-        var runs = Array(repeating: [BenchRun](), count: variants.count)
-        for r in 0..<max(1, plan.runs) {
-            for (i, v) in variants.enumerated() {
-                plan.progress("\(w.name) \(v.name): run \(r + 1) of \(plan.runs), \(iterations[i]) iterations")
-                let run = try v.run(w, iterations[i], env)
-                if let first = runs[i].first, first.checksum != run.checksum {
-                    throw ValidationError("\(w.name) \(v.name): checksum changed between runs (\(first.checksum), \(run.checksum))")
-                }
-                runs[i].append(run)
-            }
-        }
+        let runs = try interleavedRuns(w, variants, iterations: iterations, partners: partners, plan, env)
         for (i, v) in variants.enumerated() {
             let rs = runs[i]
             guard let last = rs.last else { continue }
-            // The guest's TSC runs at the host's rate (KVM, no TSC scaling here).
-            let seconds = rs.map { $0.cyclesPerIteration * Double($0.steadyIterations) / env.tscPerNanosecond / 1e9 }
+            let seconds = rs.map { BenchCalibration.steadySeconds($0, tscPerNanosecond: env.tscPerNanosecond) }
             if plan.fixedIterations == nil, let shortest = seconds.min(), shortest < plan.seconds {
                 printError("minivmm bench: \(w.name) \(v.name): a steady phase lasted \(fmt(shortest)) s, under \(fmt(plan.seconds)) s")
             }
@@ -329,7 +323,7 @@ func runWorkloadBenchmark(_ plan: WorkloadBenchPlan, _ env: BenchEnvironment) th
                 steadyExits: exits.count == rs.count ? Int(median(exits.map(Double.init))) : nil,
                 steadyExitsRuns: exits.count == rs.count ? exits : [],
                 steadyRingRuns: rs.allSatisfy { $0.steadyRing != nil } ? rs.compactMap(\.steadyRing) : [],
-                checksum: last.checksum, steadySeconds: median(seconds),
+                checksum: last.checksum, steadySeconds: median(seconds), steadySecondsRuns: seconds,
                 hostCPUNanosecondsPerIteration: cpu.count == rs.count ? median(cpu) : nil,
                 extra: last.extra))
         }
@@ -337,16 +331,72 @@ func runWorkloadBenchmark(_ plan: WorkloadBenchPlan, _ env: BenchEnvironment) th
     return records
 }
 
+/// For each variant, the index of the variant that must run the same iteration count: `dmp` and `static-pv`
+/// of a workload pair up (DMP's steady exits are judged against its twin's), every other variant has none.
+func twinPartners(_ variants: [BenchVariant]) -> [Int?] {
+    let d = variants.firstIndex { $0.name == BenchVariant.dmp.name }
+    let t = variants.firstIndex { $0.name == BenchVariant.staticPV.name }
+    return variants.indices.map { i in
+        guard let d, let t else { return nil }
+        return i == d ? t : i == t ? d : nil
+    }
+}
+
+/// `plan.runs` runs of every variant, interleaved (each round runs every variant that still needs runs once).
+/// A run whose steady phase came out shorter than `plan.seconds` (a variant faster than its calibration said)
+/// recalibrates that variant from the run (and its partner to the same count): the runs of both so far are
+/// dropped and they run again, at most ``BenchCalibration/maximumRecalibrations`` times per variant; after that
+/// a short run is kept and reported on stderr.
+func interleavedRuns(_ w: BenchWorkload, _ variants: [BenchVariant], iterations initial: [Int], partners: [Int?],
+                     _ plan: WorkloadBenchPlan, _ env: BenchEnvironment) throws -> [[BenchRun]] {
+    var iterations = initial
+    let target = max(1, plan.runs)
+    var runs = Array(repeating: [BenchRun](), count: variants.count)
+    var recalibrations = Array(repeating: 0, count: variants.count)
+    // Each recalibration delays a variant and its partner by at most `target` rounds.
+    let roundLimit = target * (1 + 2 * BenchCalibration.maximumRecalibrations + 1)
+    var round = 0
+    while round < roundLimit, runs.contains(where: { $0.count < target }) {
+        round += 1
+        for (i, v) in variants.enumerated() where runs[i].count < target {
+            plan.progress("\(w.name) \(v.name): run \(runs[i].count + 1) of \(target), \(iterations[i]) iterations")
+            let run = try v.run(w, iterations[i], env)
+            if let first = runs[i].first, first.checksum != run.checksum {
+                throw ValidationError("\(w.name) \(v.name): checksum changed between runs (\(first.checksum), \(run.checksum))")
+            }
+            if plan.fixedIterations == nil, recalibrations[i] < BenchCalibration.maximumRecalibrations,
+               let n = BenchCalibration.lengthened(iterations[i], after: run, tscPerNanosecond: env.tscPerNanosecond,
+                                                   seconds: plan.seconds, granularity: w.granularity) {
+                recalibrations[i] += 1
+                let seconds = BenchCalibration.steadySeconds(run, tscPerNanosecond: env.tscPerNanosecond)
+                plan.progress("\(w.name) \(v.name): a steady phase lasted \(fmt(seconds)) s, under \(fmt(plan.seconds)) s: "
+                              + "\(n) iterations from now on, its runs so far dropped")
+                for j in [i] + [partners[i]].compactMap({ $0 }) {
+                    iterations[j] = max(iterations[j], n)
+                    runs[j] = []
+                }
+                continue
+            }
+            runs[i].append(run)
+        }
+    }
+    return runs
+}
+
 /// The iteration count that makes `variant`'s steady phase last `plan.seconds`
 /// (plus 40%), from a probe; probes again, ten times longer, while the probe's
 /// steady phase is under 50 ms (too short to scale from), then once more at
-/// the final count (the faster of the two counts).
-private func calibrated(_ w: BenchWorkload, _ v: BenchVariant, _ probe: BenchRun, _ plan: WorkloadBenchPlan,
-                        _ env: BenchEnvironment) throws -> Int {
+/// the final count (the faster of the two counts). A variant that
+/// ``BenchVariant/confirmsCalibration`` then runs at the calibrated count and is
+/// rescaled from that run while its steady phase comes out shorter than
+/// `plan.seconds` times ``BenchCalibration/confirmedShare`` (DMP: a probe's
+/// short warm-up leaves part of its steady phase unpatched).
+func calibrated(_ w: BenchWorkload, _ v: BenchVariant, _ probe: BenchRun, _ plan: WorkloadBenchPlan,
+                _ env: BenchEnvironment) throws -> Int {
     var p = probe
     for _ in 0..<6 {
         let steadyNs = p.cyclesPerIteration / env.tscPerNanosecond * Double(p.steadyIterations)
-        if steadyNs >= 50e6 || p.iterations >= 100_000_000 { break }
+        if steadyNs >= BenchCalibration.shortestScalableProbe || p.iterations >= 100_000_000 { break }
         let n = w.rounded(p.iterations * 10)
         plan.progress("\(w.name) \(v.name): probe, \(n) iterations")
         p = try v.run(w, n, env)
@@ -354,9 +404,20 @@ private func calibrated(_ w: BenchWorkload, _ v: BenchVariant, _ probe: BenchRun
     // A second probe at the final count: a probe slowed by the machine would give too few iterations.
     plan.progress("\(w.name) \(v.name): probe, \(p.iterations) iterations")
     let cycles = min(p.cyclesPerIteration, try v.run(w, p.iterations, env).cyclesPerIteration)
-    // The guest's warm-up is a tenth of the iterations; 40% margin for a slower run.
-    let steadyNeeded = plan.seconds * 1.4e9 / max(cycles / env.tscPerNanosecond, 0.001)
-    return w.rounded(Int(min(steadyNeeded / 0.9 + Double(w.granularity), 2e9)))
+    var n = BenchCalibration.iterations(cyclesPerIteration: cycles, tscPerNanosecond: env.tscPerNanosecond,
+                                        seconds: plan.seconds, granularity: w.granularity)
+    guard v.confirmsCalibration else { return n }
+    for _ in 0..<BenchCalibration.maximumConfirmations {
+        plan.progress("\(w.name) \(v.name): confirming run, \(n) iterations")
+        let run = try v.run(w, n, env)
+        guard let longer = BenchCalibration.lengthened(
+            n, after: run, tscPerNanosecond: env.tscPerNanosecond, seconds: plan.seconds, granularity: w.granularity,
+            shortOf: plan.seconds * BenchCalibration.confirmedShare) else { break }
+        plan.progress("\(w.name) \(v.name): its steady phase lasted "
+                      + "\(fmt(BenchCalibration.steadySeconds(run, tscPerNanosecond: env.tscPerNanosecond))) s")
+        n = longer
+    }
+    return n
 }
 
 /// Samples the process's CPU time (every thread: vCPUs, timer, ring poller)

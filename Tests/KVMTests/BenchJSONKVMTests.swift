@@ -28,6 +28,7 @@ extension KVMTests {
             #expect(r["host_cpu_ns_per_iter"] is Double)
             #expect((r["cycles_per_iter"] as? Double).map { $0 > 0 } == true)
             #expect((r["cycles_per_iter_runs"] as? [Double])?.count == 2)
+            #expect((r["steady_seconds_runs"] as? [Double])?.count == 2)
         }
         // iters=1 gives one UART line (no warm-up), iters=16 one doorbell batch.
         for r in records where r["workload"] as? String == "uart-cpl3" {
