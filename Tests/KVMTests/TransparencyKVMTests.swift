@@ -173,6 +173,7 @@ let transparencyGuests: [(String, String)] = [
     ("mmio-siblings-cpl3", "iters=2048"),
     // Built with other flags (a distribution's -fcf-protection=full -fpie; -Os).
     ("c-table-cpl3-cet", "iters=120"), ("c-poll-cpl3-Os", "iters=40"), ("c-console-cpl3-Os", "iters=40"),
+    ("c-mmio-cpl3-O1", "iters=256"),
 ]
 
 extension KVMTests {
