@@ -416,11 +416,14 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         let consumedBefore = rings?.consumed ?? []
         let beforePatch = ContinuousClock.now
         let outcome: PlanOutcome
+        let live = state.withLock { Array($0.patches.values) }
         do {
             if let old {
-                outcome = try planner.rebuild(old, adding: site, located: located, registersAtExit: registersAtExit, siblings: siblings, owner: id)
+                outcome = try planner.rebuild(old, adding: site, located: located, registersAtExit: registersAtExit, siblings: siblings,
+                                              owner: id, live: live)
             } else {
-                outcome = try planner.plan(site, located: located, registersAtExit: registersAtExit, siblings: siblings, hotAt: hotAt, owner: id)
+                outcome = try planner.plan(site, located: located, registersAtExit: registersAtExit, siblings: siblings, hotAt: hotAt,
+                                           owner: id, live: live)
             }
         } catch {
             // An instruction of the original code (not of a copy) that no entry reaches.
@@ -430,8 +433,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             func combined(_ why: DMPRefusal) -> DMPRefusal { DMPRefusal(why.stage, "\(error.reason); call promotion: \(why.reason)") }
             let request: PromotionRequest
             do {
-                request = try planner.promotionRequest(for: located, registersAtExit: registersAtExit,
-                                                       patches: state.withLock { Array($0.patches.values) })
+                request = try planner.promotionRequest(for: located, registersAtExit: registersAtExit, patches: live)
             } catch { throw combined(error) }
             // Live copies of the caller or the accessor are merged into the new one (the caller's keeps its id).
             let olds = state.withLock { s -> [(id: Int, patch: AppliedPatch)] in
@@ -448,7 +450,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             if let primary = olds.first { id = primary.id }
             do {
                 outcome = try planner.promote(site, located: located, registersAtExit: registersAtExit, request: request,
-                                              siblings: siblings, olds: olds.map(\.patch), owner: id)
+                                              siblings: siblings, olds: olds.map(\.patch), owner: id, live: live)
             } catch { throw combined(error) }
         }
         let elapsed = nanoseconds(since: hotAt)

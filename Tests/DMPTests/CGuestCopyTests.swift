@@ -70,3 +70,51 @@ struct CGuestCopyTests {
         }
     }
 }
+
+extension CGuestCopyTests {
+    @Test("c-mmio-cpl3-O1: db_ring_full's copy is entered through the call in db_run's live copy (copied first), also where db_run's copy names an earlier copy of db_ring_full")
+    func callSiteInLiveCopy() throws {
+        let image = try Self.image("c-mmio-cpl3-O1")
+        let d = try X86Disassembler()
+        func function(_ name: String) throws -> DecodedFunction {
+            try image.decode(try #require(image.symbols.symbols.first { $0.name == name }), disassembler: d)
+        }
+        let run = try function("db_run"), ringFull = try function("db_ring_full")
+        let call = try #require(run.instructions.first { $0.groups.contains(.call) && $0.branch?.target == ringFull.start })
+        let status = try #require(run.instructions.first { $0.mnemonic == "mov" && !$0.memoryOperands.isEmpty
+                                                          && $0.description.hasPrefix("mov eax, dword ptr [rax]") })
+        let store = try #require(ringFull.instructions.first { $0.mnemonic == "mov" && $0.description.hasPrefix("mov dword ptr [rax]") })
+        let runPlan = try FunctionCopyPlan.make(hot: [HotRewrite(address: status.address, bytes: [0x90])], in: image,
+                                                at: 0xf0_0000, disassembler: d)
+        let ringPlan = try FunctionCopyPlan.make(hot: [HotRewrite(address: store.address, bytes: [0x90])], in: image,
+                                                 at: 0xf1_0000, disassembler: d)
+        // In the image: only the original call (db_ring_full's first instruction is 3 bytes, no padding in reach).
+        #expect(ringPlan.entries.map(\.kind) == [.callSite], "\(ringPlan.entries.map(\.kind))")
+        let entries = ringPlan.copy.callSiteEntries(in: runPlan.copy)
+        #expect(entries.count == 1)
+        let e = try #require(entries.first)
+        let at = try #require(runPlan.copy.copyAddress(of: call.address))
+        #expect(e.kind == .liveCopyCallSite && e.site == at && e.target == 0xf1_0000)
+        let w = try #require(e.writes.first)
+        #expect(e.writes.count == 1 && w.address == at)
+        #expect(try d.decode(w.original, address: at, mode: .bits64).branch?.target == ringFull.start)
+        let retargeted = try d.decode(w.replacement, address: at, mode: .bits64)
+        #expect(retargeted.groups.contains(.call) && retargeted.branch?.target == 0xf1_0000)
+        // db_run copied again while that entry was in the image's call site: its copy calls the earlier copy.
+        let original = try #require(image.bytes(at: call.address, count: 5))
+        let toCopy = try #require(CopyEncoding.branch32(call: true, at: call.address, to: 0xf1_0000))
+        let patched = image.restoring([PatchWrite(address: call.address, original: toCopy, replacement: original)])
+        let run2 = try FunctionCopyPlan.make(hot: [HotRewrite(address: status.address, bytes: [0x90])], in: patched,
+                                             at: 0xf2_0000, disassembler: d)
+        let ring2 = try FunctionCopyPlan.make(hot: [HotRewrite(address: store.address, bytes: [0x90])], in: image,
+                                              at: 0xf3_0000, disassembler: d)
+        #expect(ring2.copy.callSiteEntries(in: run2.copy).isEmpty, "db_run's second copy does not call db_ring_full itself")
+        let again = ring2.copy.callSiteEntries(in: run2.copy, formerCopies: [0xf1_0000])
+        #expect(again.count == 1)
+        let w2 = try #require(again.first?.writes.first)
+        #expect(try d.decode(w2.original, address: w2.address, mode: .bits64).branch?.target == 0xf1_0000)
+        #expect(try d.decode(w2.replacement, address: w2.address, mode: .bits64).branch?.target == 0xf3_0000)
+        // Not the copy's own recursion, not a call of another function.
+        #expect(ringPlan.copy.callSiteEntries(in: ringPlan.copy).isEmpty)
+    }
+}

@@ -40,6 +40,23 @@ extension KVMTests {
         try on.expectSameOutput(as: off, steadyExitsCutBy: 4)
     }
 
+    @Test("DMP on c-mmio-cpl3-O1: db_ring_full, called only from db_run, whose copy is made first, is entered through the call in db_run's live copy; its sixteen stores are served, same output")
+    func dmpCallSiteInLiveCopy() throws {
+        let off = try DMPLibraryRun("c-mmio-cpl3-O1", commandLine: "iters=8192", dmp: false)
+        // Verification off: this is about the way in (rate judgments of bursty synchronous appends are the verifier's).
+        let on = try DMPLibraryRun("c-mmio-cpl3-O1", commandLine: "iters=8192") { $0.verify = false }
+        #expect(on.stop == .guestExit(status: 0))
+        let status = try #require(on.report.first { $0.location.hasPrefix("db_run+") && $0.site.address == 0xd000_0004 },
+                                  "\(on.report.map(\.description))")
+        #expect(status.state == .patched && status.hitsServed > 0, "\(status)")
+        let sites = ringFullSites(on)
+        #expect(sites.count == 16, "\(on.report.map(\.description))")
+        #expect(sites.allSatisfy { $0.state == .patched && $0.hitsServed > 0 }, "\(sites.map(\.description))")
+        #expect(sites.allSatisfy { $0.strategy.contains("call site in a live copy") }, "\(Set(sites.map(\.strategy)))")
+        #expect(on.lines == off.lines)
+        #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
+    }
+
     @Test("a site that gets hot in the original of a live function copy (the thread had not entered the copy yet) rebuilds that copy; no second patch over the first")
     func dmpRebuildFromOriginal() throws {
         let off = try DMPLibraryRun("c-mmio-cpl3", commandLine: "iters=8192", dmp: false)

@@ -16,6 +16,9 @@ package struct CopyEntry: Hashable, Sendable {
         case callSite = "call site"
         /// A direct `jmp rel32` (a tail call) elsewhere in the image, retargeted to the copy.
         case tailCallSite = "tail call site"
+        /// A direct `call rel32` or `jmp rel32` inside another live function copy (the relocated form of a call
+        /// site of the calling function), retargeted to the copy: implanted code, not the guest's.
+        case liveCopyCallSite = "call site in a live copy"
         /// A 2–4-byte hot instruction turned into `jmp rel8` to a `jmp rel32` in dead padding.
         case deadPadding = "short jump through dead padding"
         /// A 2–4-byte entry instruction (or the one after `endbr64`) turned into `jmp rel8` to a `jmp rel32` in
@@ -176,6 +179,31 @@ extension FunctionCopy {
         }
         return CopyEntry(kind: opcode == 0xe8 ? .callSite : .tailCallSite, site: site.address, target: target,
                          writes: [PatchWrite(address: site.address, original: site.bytes, replacement: bytes)], deadPadding: nil)
+    }
+
+    /// The direct `call rel32` and `jmp rel32` of the live copy `caller` (another function's copy, in the implant)
+    /// that target this function's start, or `formerCopies` (the starts of earlier copies of this function, which
+    /// a caller copied while one of them was entered through its call sites still names), retargeted to this
+    /// copy's start: a function whose copy is made after its caller's is otherwise entered only by threads that
+    /// still run the caller's original. Each is taken only where the caller's copy holds, at the copied call's
+    /// place, exactly the 5-byte branch to that target (promoted calls are left alone).
+    package func callSiteEntries(in caller: FunctionCopy, formerCopies: Set<UInt64> = []) -> [CopyEntry] {
+        guard let target = copyAddress(of: function.start) else { return [] }
+        var out: [CopyEntry] = []
+        for f in caller.functions where f.start != function.start {
+            for i in f.instructions where i.length == 5 {
+                let opcode = i.bytes.first ?? 0
+                guard let old = i.branch?.target, old == function.start || formerCopies.contains(old), old != target,
+                      opcode == 0xe8 || opcode == 0xe9, let at = caller.copyAddress(of: i.address), at >= caller.address,
+                      caller.bytes.count >= 5, at &- caller.address <= UInt64(caller.bytes.count - 5),
+                      let expected = CopyEncoding.branch32(call: opcode == 0xe8, at: at, to: old),
+                      Array(caller.bytes[Int(at &- caller.address)..<Int(at &- caller.address) + 5]) == expected,
+                      let bytes = CopyEncoding.branch32(call: opcode == 0xe8, at: at, to: target) else { continue }
+                out.append(CopyEntry(kind: .liveCopyCallSite, site: at, target: target,
+                                     writes: [PatchWrite(address: at, original: expected, replacement: bytes)], deadPadding: nil))
+            }
+        }
+        return out
     }
 
     /// Turns the 2–4-byte hot instruction at `hot` into `jmp rel8` to a `jmp rel32` (to the copy's point for

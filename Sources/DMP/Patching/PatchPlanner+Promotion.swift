@@ -89,8 +89,10 @@ extension PatchPlanner {
     /// copy serving `site` (and siblings a static reading of the accessor locates). `olds`: live patches whose
     /// copies hold the caller or the accessor, merged into this one (the first keeps its id, `owner`): their
     /// promotions and sites are kept, their entries retargeted or restored, their copies evicted into the new one.
+    /// `live`: the patches in place, as for ``plan(_:located:registersAtExit:siblings:hotAt:owner:live:)``.
     package func promote(_ site: ExitSite, located: LocatedInstruction, registersAtExit: Registers?, request: PromotionRequest,
-                         siblings: [ExitSite] = [], olds: [AppliedPatch], owner: Int) throws(DMPRefusal) -> PlanOutcome {
+                         siblings: [ExitSite] = [], olds: [AppliedPatch], owner: Int,
+                         live: [AppliedPatch] = []) throws(DMPRefusal) -> PlanOutcome {
         let probeCode = GuestRange(start: implant.area.start, size: Implant.pageSize)
         let placement = try implant.placement(for: ImplantSite(located), code: probeCode, data: [implant.dataProbe], memory: vm.memory)
         // The promotions the old copies made of the same caller, with this one merged in.
@@ -133,7 +135,7 @@ extension PatchPlanner {
                                    primary: (site, memoryTarget))
                 .filter { !served.contains($0.plan.virtualAddress) && $0.plan.virtualAddress != located.virtualAddress }
             return try functionCopy(located, olds.flatMap(\.grants) + added, placement: placement, owner: owner,
-                                    rebuilding: olds, promotions: promotions)
+                                    rebuilding: olds, promotions: promotions, live: live)
         } catch {
             revoke(added)
             throw error

@@ -23,6 +23,9 @@ package final class PatchPlanner {
     var nextSlotIndex = 0
     /// Dead padding already holding an entry's `jmp rel32` (never handed out twice).
     var usedPadding: [Range<UInt64>] = []
+    /// The guest-virtual start of every function copy written, with the start of the function it copies (copies are
+    /// never freed: a caller copied while one was entered through its call sites keeps calling it).
+    var copyStarts: [UInt64: UInt64] = [:]
     /// Whether the CPU runs `lahf`/`sahf` in 64-bit mode (bodies save live flags with them, not `pushfq`).
     let lahf: Bool
     /// The port of the rings' kick register (``PVRingKick`` attached for `rings`), if any: ring
@@ -246,8 +249,10 @@ package final class PatchPlanner {
 extension PatchPlanner {
     /// Plans the patch for the candidate `located` (with `siblings`: other hot-enough sites that
     /// may share a function copy), and applies it unless this is a dry run.
+    /// `live`: the patches in place (their function copies' calls of the function copied here are entries too).
     package func plan(_ site: ExitSite, located: LocatedInstruction, registersAtExit: Registers?,
-                      siblings: [ExitSite] = [], hotAt: ContinuousClock.Instant, owner: Int) throws(DMPRefusal) -> PlanOutcome {
+                      siblings: [ExitSite] = [], hotAt: ContinuousClock.Instant, owner: Int,
+                      live: [AppliedPatch] = []) throws(DMPRefusal) -> PlanOutcome {
         let implantSite = ImplantSite(located)
         // Where the guest maps the implant for this site (identity first), checked on the first code page and a data page.
         let probeCode = GuestRange(start: implant.area.start, size: Implant.pageSize)
@@ -264,7 +269,7 @@ extension PatchPlanner {
                 outcome = try stub(located, grants[0], placement: placement, owner: owner)
             } else if configuration.strategies.contains(.functionCopy) {
                 grants += siblingGrants(siblings, of: located, placement: placement, primary: (site, memoryTarget))
-                outcome = try functionCopy(located, grants, placement: placement, owner: owner)
+                outcome = try functionCopy(located, grants, placement: placement, owner: owner, live: live)
             } else {
                 throw DMPRefusal(.plan, "\(located.instruction) is \(located.instruction.length) bytes and function copies are off")
             }
@@ -281,8 +286,9 @@ extension PatchPlanner {
     /// locates), its entries replace the old ones, and the old copy is evicted (its pads jump to the new copy's
     /// corresponding points). The old copy's code is never freed: a thread may still be inside it, and it leaves
     /// it at its next pad, return or exit jump.
+    /// `live`: the patches in place, as for ``plan(_:located:registersAtExit:siblings:hotAt:owner:live:)``.
     package func rebuild(_ old: AppliedPatch, adding site: ExitSite, located: LocatedInstruction, registersAtExit: Registers?,
-                         siblings: [ExitSite] = [], owner: Int) throws(DMPRefusal) -> PlanOutcome {
+                         siblings: [ExitSite] = [], owner: Int, live: [AppliedPatch] = []) throws(DMPRefusal) -> PlanOutcome {
         guard let current = old.copy else {
             throw DMPRefusal(.plan, "the instruction runs inside an instruction stub, which serves one instruction")
         }
@@ -334,7 +340,7 @@ extension PatchPlanner {
                                    primary: (site, memoryTarget))
                 .filter { !served.contains($0.plan.virtualAddress) }
             return try functionCopy(at, old.grants + added, placement: placement, owner: owner, rebuilding: [old],
-                                    promotions: current.promotions)
+                                    promotions: current.promotions, live: live)
         } catch {
             revoke(added)
             throw error
@@ -372,7 +378,7 @@ extension PatchPlanner {
     /// that function is copied, the accessors after it, and a grant inside an accessor is served there.
     func functionCopy(_ located: LocatedInstruction, _ grants: [Grant], placement: ImplantPlacement,
                               owner: Int, rebuilding olds: [AppliedPatch] = [],
-                              promotions: [CallPromotion] = []) throws(DMPRefusal) -> PlanOutcome {
+                              promotions: [CallPromotion] = [], live: [AppliedPatch] = []) throws(DMPRefusal) -> PlanOutcome {
         let old = olds.first
         let oldWrites = olds.flatMap(\.writes)
         let image = codeImage(paging: located.paging)
@@ -428,7 +434,9 @@ extension PatchPlanner {
         // pointers). A site counts as served only if some entry reaches it in the copy.
         var entries = plan.entries.filter { e in !usedPadding.contains { u in e.deadPadding.map { $0.overlaps(u) } ?? false } }
         let function = plan.copy.function
-        if !entries.contains(where: { $0.kind == .functionEntry || $0.kind == .callSite || $0.kind == .tailCallSite }),
+        entries += liveCopyCallSites(of: plan.copy, live: live, rebuilding: olds, paging: located.paging)
+        let startKinds: Set<CopyEntry.Kind> = [.functionEntry, .callSite, .tailCallSite, .liveCopyCallSite]
+        if !entries.contains(where: { startKinds.contains($0.kind) }),
            let first = function.instructions.first, !entries.contains(where: { $0.site == first.address }) {
             let taken = usedPadding + entries.compactMap(\.deadPadding)
             if let e = try? plan.copy.deadPaddingEntry(hot: first.address, in: image, disassembler: disassembler, avoiding: taken) {
@@ -437,7 +445,7 @@ extension PatchPlanner {
         }
         if let kinds = configuration.copyEntryKinds { entries = entries.filter { kinds.contains($0.kind) } }
         var reached = PatchPlanner.reachable(in: function, from: entries.map { e in
-            e.kind == .callSite || e.kind == .tailCallSite ? function.start : e.site
+            startKinds.contains(e.kind) ? function.start : e.site
         }, jumpTables: plan.copy.jumpTables)
         // An accessor's copy runs wherever a promoted call naming it is reached.
         for a in plan.copy.accessors where promotions.contains(where: { $0.accessors.contains(a.start) && reached.contains($0.site) }) {
@@ -509,7 +517,12 @@ extension PatchPlanner {
         }
         // The implant pages of the copies a rebuild retires stay guarded (a thread may still run in them).
         let retiredPages = olds.flatMap(\.guardedPages).filter { implant.area.contains(GuestAddress($0), length: 1) }
-        let pages = try guardPages(for: writes, extra: functionPages, located: located) + retiredPages
+        // Calls retargeted inside live copies write implanted code: its pages are the implant's (no guest data,
+        // no page tables), guarded while this patch relies on them.
+        let inImplant = { (w: CodeWrite) in self.implant.area.contains(w.physical, length: UInt64(w.original.count)) }
+        let implantPages = writes.filter(inImplant).map { $0.physical.rawValue & ~0xfff }
+        let pages = try guardPages(for: writes.filter { !inImplant($0) }, extra: functionPages, located: located)
+            + retiredPages + implantPages
         let name = plan.copy.function.symbol.name
         let kinds = Array(Set(entries.map(\.kind.rawValue))).sorted().joined(separator: ", ")
         let rebuilds = old.map { $0.retired.count + 1 } ?? 0
@@ -526,8 +539,28 @@ extension PatchPlanner {
         if !configuration.dryRun {
             // Old padding is either used again by the new entries or restored (a rebuild).
             self.usedPadding = usedPadding + entries.compactMap(\.deadPadding)
+            copyStarts[plan.copy.address] = function.start
         }
         return outcome
+    }
+
+    /// The calls of `copy`'s function inside the function copies of `live` patches (not those `olds` a rebuild
+    /// replaces), as entries: each call's copy must translate, under `paging`, to where its patch wrote it.
+    func liveCopyCallSites(of copy: FunctionCopy, live: [AppliedPatch], rebuilding olds: [AppliedPatch],
+                           paging: PagingContext) -> [CopyEntry] {
+        let replaced = Set(olds.map(\.implantCode.start))
+        let former = Set(copyStarts.filter { $0.value == copy.function.start }.map(\.key))
+        var out: [CopyEntry] = []
+        for p in live where !replaced.contains(p.implantCode.start) {
+            guard let caller = p.copy else { continue }
+            let offset = p.codeVirtualStart &- p.implantCode.start.rawValue
+            for e in copy.callSiteEntries(in: caller, formerCopies: former) {
+                guard let t = try? vm.memory.translate(e.site, paging: paging, access: [.execute]),
+                      t.physical.rawValue == e.site &- offset else { continue }
+                out.append(e)
+            }
+        }
+        return out
     }
 
     /// The original instruction addresses control can reach in `function` from `starts`, following
