@@ -174,6 +174,8 @@ let transparencyGuests: [(String, String)] = [
     // Built with other flags (a distribution's -fcf-protection=full -fpie; -Os).
     ("c-table-cpl3-cet", "iters=120"), ("c-poll-cpl3-Os", "iters=40"), ("c-console-cpl3-Os", "iters=40"),
     ("c-mmio-cpl3-O1", "iters=256"),
+    // The MMIO style sweep.
+    ("c-mmio-mixed-cpl3", "iters=256"),
 ]
 
 extension KVMTests {
