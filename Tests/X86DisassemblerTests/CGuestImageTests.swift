@@ -60,9 +60,9 @@ struct CGuestImageTests {
         ("c-table-cpl3-cet", "uart_read", ["lea rcx, [rip + 0x1a17] [7]", "movsxd rdx, dword ptr [rcx + rdx*4] [4]",
                                            "add rdx, rcx [3]", "jmp rdx [3]", "in al, dx [1]"]),
         // A 9-byte constant-address DOORBELL store (an instruction stub when it gets hot first), then the UART's
-        // 1-byte `in`/`out` in the same loop (a function copy), then the STATUS read after the loop.
+        // 1-byte `in`/`out` in the same loop (a function copy), the STATUS read after the loop, the newline's `in`/`out`.
         ("c-mmio-mixed-cpl3", "run", ["movabs dword ptr [0xd0000040], eax [9]", "in al, dx [1]", "out dx, al [1]",
-                                      "movabs eax, dword ptr [0xd0000004] [9]"]),
+                                      "movabs eax, dword ptr [0xd0000004] [9]", "in al, dx [1]", "out dx, al [1]"]),
         // -Os: a 2-byte first instruction, the port loads before the loops, short loops.
         ("c-console-cpl3-Os", "early_console_write", ["mov edi, edx [2]", "mov r8d, 0x3fd [6]", "mov r9d, 0x3f8 [6]", "in al, dx [1]",
                                                      "je 0x10142f [2]", "out dx, al [1]", "jmp 0x10142a [2]", "ret [1]"]),
