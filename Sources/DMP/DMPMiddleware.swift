@@ -399,9 +399,14 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         }
         // Patches a call promotion merges into this one (their rebuilds end after the state update, as the owner's).
         var claimed: [Int] = []
+        // Instruction stubs a new function copy may fold in (held like a rebuild's patch meanwhile).
+        var folding: [Int] = []
+        // The patches the applied outcome replaces: a promotion's claimed ones, or the stubs folded into the copy.
+        var merged: [Int] = []
         defer {
             if let owner { finishRebuild(owner) }
             for c in claimed { finishRebuild(c) }
+            for c in folding { finishRebuild(c) }
         }
         var id = owner ?? state.withLock { s -> Int in
             defer { s.nextPatchID += 1 }
@@ -422,8 +427,24 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                 outcome = try planner.rebuild(old, adding: site, located: located, registersAtExit: registersAtExit, siblings: siblings,
                                               owner: id, live: live)
             } else {
-                outcome = try planner.plan(site, located: located, registersAtExit: registersAtExit, siblings: siblings, hotAt: hotAt,
-                                           owner: id, live: live)
+                // Live instruction stubs in the function a copy is planned for are folded into the copy (a copy that
+                // copied their jumps would leave itself through them: each stub returns into the original). Where
+                // the copy cannot serve them, it is planned as before, without them.
+                let stubs = state.withLock { s -> [(id: Int, patch: AppliedPatch)] in
+                    let ids = planner.stubsToFold(for: located, in: s.patches).filter { !s.rebuilding.contains($0) }
+                    for i in ids { s.rebuilding.insert(i) }
+                    return ids.compactMap { i in s.patches[i].map { (i, $0) } }
+                }
+                folding = stubs.map(\.id)
+                if !stubs.isEmpty, let o = try? planner.plan(site, located: located, registersAtExit: registersAtExit, siblings: siblings,
+                                                            hotAt: hotAt, owner: id, live: live,
+                                                            folding: stubs.map(\.patch)) {
+                    outcome = o
+                    merged = folding
+                } else {
+                    outcome = try planner.plan(site, located: located, registersAtExit: registersAtExit, siblings: siblings, hotAt: hotAt,
+                                               owner: id, live: live)
+                }
             }
         } catch {
             // An instruction of the original code (not of a copy) that no entry reaches.
@@ -451,6 +472,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             do {
                 outcome = try planner.promote(site, located: located, registersAtExit: registersAtExit, request: request,
                                               siblings: siblings, olds: olds.map(\.patch), owner: id, live: live)
+                merged = claimed
             } catch { throw combined(error) }
         }
         let elapsed = nanoseconds(since: hotAt)
@@ -464,8 +486,8 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         }
         state.withLock { s in
             if let applied = outcome.applied {
-                // Patches merged into this one (a call promotion) are gone; their sites are this patch's.
-                for c in claimed where c != id {
+                // Patches merged into this one (a call promotion, folded stubs) are gone; their sites are this patch's.
+                for c in merged where c != id {
                     s.patches[c] = nil
                     s.entryChecks.remove(c)
                     s.judged.remove(c)

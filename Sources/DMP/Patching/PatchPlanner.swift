@@ -250,9 +250,14 @@ extension PatchPlanner {
     /// Plans the patch for the candidate `located` (with `siblings`: other hot-enough sites that
     /// may share a function copy), and applies it unless this is a dry run.
     /// `live`: the patches in place (their function copies' calls of the function copied here are entries too).
+    ///
+    /// `folding`: live instruction stubs inside the function a copy is made of (``stubsToFold(for:in:)``): the copy
+    /// is decoded with their instructions back and serves their sites inline (their grants, enable words and hit
+    /// counters kept); their jumps are taken back or become the copy's entries, in the same pause. Without this the
+    /// copy would copy their `jmp stub`, and every stub returns into the original, leaving the copy there.
     package func plan(_ site: ExitSite, located: LocatedInstruction, registersAtExit: Registers?,
                       siblings: [ExitSite] = [], hotAt: ContinuousClock.Instant, owner: Int,
-                      live: [AppliedPatch] = []) throws(DMPRefusal) -> PlanOutcome {
+                      live: [AppliedPatch] = [], folding stubs: [AppliedPatch] = []) throws(DMPRefusal) -> PlanOutcome {
         let implantSite = ImplantSite(located)
         // Where the guest maps the implant for this site (identity first), checked on the first code page and a data page.
         let probeCode = GuestRange(start: implant.area.start, size: Implant.pageSize)
@@ -268,8 +273,15 @@ extension PatchPlanner {
             if located.instruction.length >= 5 && configuration.strategies.contains(.instructionStub) {
                 outcome = try stub(located, grants[0], placement: placement, owner: owner)
             } else if configuration.strategies.contains(.functionCopy) {
-                grants += siblingGrants(siblings, of: located, placement: placement, primary: (site, memoryTarget))
-                outcome = try functionCopy(located, grants, placement: placement, owner: owner, live: live)
+                let folded = Set(stubs.flatMap(\.grants).map(\.plan.virtualAddress))
+                let image = stubs.isEmpty ? nil : codeImage(paging: located.paging)
+                    .restoring(stubs.flatMap(\.writes).map { PatchWrite(address: $0.virtual, original: $0.original, replacement: $0.replacement) })
+                let more = siblingGrants(siblings.filter { s in !stubs.contains { $0.sites.contains(s) } }, of: located,
+                                         placement: placement, image: image, primary: (site, memoryTarget))
+                revoke(more.filter { folded.contains($0.plan.virtualAddress) })
+                grants += more.filter { !folded.contains($0.plan.virtualAddress) }
+                outcome = try functionCopy(located, stubs.flatMap(\.grants) + grants, placement: placement, owner: owner,
+                                           rebuilding: stubs, live: live)
             } else {
                 throw DMPRefusal(.plan, "\(located.instruction) is \(located.instruction.length) bytes and function copies are off")
             }
@@ -280,13 +292,25 @@ extension PatchPlanner {
         }
     }
 
+    /// The live instruction stubs among `patches` that a function copy planned for `located` folds in (``plan(_:located:registersAtExit:siblings:hotAt:owner:live:folding:)``):
+    /// those whose patched instruction lies in the sized function holding `located`, when `located` gets a copy.
+    package func stubsToFold(for located: LocatedInstruction, in patches: [Int: AppliedPatch]) -> [Int] {
+        guard configuration.strategies.contains(.functionCopy),
+              located.instruction.length < 5 || !configuration.strategies.contains(.instructionStub),
+              let f = configuration.symbols.symbols.first(where: { $0.isFunction && $0.size > 0 && located.virtualAddress >= $0.address
+                                                                   && located.virtualAddress &- $0.address < $0.size }) else { return [] }
+        return patches.filter { _, p in
+            p.copy == nil && !p.grants.isEmpty && p.writes.allSatisfy { $0.virtual >= f.address && $0.virtual &- f.address < f.size }
+        }.keys.sorted()
+    }
+
     /// Rebuilds the function copy of `old` for `site`, a new hot instruction that `located` found running inside
     /// that copy (or inside a copy it retired), or inside the original function itself (a thread that had not
     /// entered the copy yet): the new copy serves `old`'s sites and `site` (and siblings a static reading
     /// locates), its entries replace the old ones, and the old copy is evicted (its pads jump to the new copy's
     /// corresponding points). The old copy's code is never freed: a thread may still be inside it, and it leaves
     /// it at its next pad, return or exit jump.
-    /// `live`: the patches in place, as for ``plan(_:located:registersAtExit:siblings:hotAt:owner:live:)``.
+    /// `live`: the patches in place, as for ``plan(_:located:registersAtExit:siblings:hotAt:owner:live:folding:)``.
     package func rebuild(_ old: AppliedPatch, adding site: ExitSite, located: LocatedInstruction, registersAtExit: Registers?,
                          siblings: [ExitSite] = [], owner: Int, live: [AppliedPatch] = []) throws(DMPRefusal) -> PlanOutcome {
         guard let current = old.copy else {
@@ -364,7 +388,7 @@ extension PatchPlanner {
                               original: located.instruction.bytes, replacement: jump)
         let pages = try guardPages(for: [write], extra: [], located: located)
         return try finish(strategy: "instruction stub", writes: [write], pages: pages, code: code, bytes: stub.bytes,
-                          placement: placement, owner: owner, sites: [g.plan], copy: nil, located: located)
+                          placement: placement, owner: owner, sites: [g.plan], copy: nil, grants: [g], located: located)
     }
 
     /// The function copy: the enclosing sized function copied with the hot instructions rewritten, entered as the plan allows.
@@ -525,14 +549,17 @@ extension PatchPlanner {
             + retiredPages + implantPages
         let name = plan.copy.function.symbol.name
         let kinds = Array(Set(entries.map(\.kind.rawValue))).sorted().joined(separator: ", ")
-        let rebuilds = old.map { $0.retired.count + 1 } ?? 0
+        // Instruction stubs folded into a new copy are no rebuild of it.
+        let rebuilds = old.flatMap { $0.copy == nil ? nil : $0.retired.count + 1 } ?? 0
+        let folded = olds.filter { $0.copy == nil }.count
         let promoted = plan.copy.promotions.map { p in
             p.accessors.compactMap { a in plan.copy.accessors.first { $0.start == a }?.symbol.name }.joined(separator: "/")
                 + " at \(function.location(p.site))"
         }
         let outcome = try finish(strategy: "function copy of \(name) via \(kinds)"
                                     + (promoted.isEmpty ? "" : ", promoted call to " + promoted.joined(separator: ", "))
-                                    + (rebuilds > 0 ? " (rebuilt \(rebuilds)x)" : ""),
+                                    + (rebuilds > 0 ? " (rebuilt \(rebuilds)x)" : "")
+                                    + (folded > 0 ? ", \(folded) instruction stub\(folded == 1 ? "" : "s") folded in" : ""),
                                  writes: writes, pages: pages, code: code, bytes: plan.copy.bytes, placement: placement, owner: owner,
                                  sites: served.map(\.plan), copy: plan.copy, grants: served, rebuilding: olds,
                                  extraWrites: restores + olds.flatMap { $0.evictionWrites(to: plan.copy) }, located: located)
