@@ -96,7 +96,9 @@ final class DMPGuestRun {
         let mine = try vm.memory.read(UInt64.self, at: GuestAddress(a))
         let theirs = try other.vm.memory.read(UInt64.self, at: GuestAddress(a))
         #expect(Int64(bitPattern: mine &- theirs) == Int64(console.data.count - other.console.data.count))
-        #expect(mine == UInt64(console.data.count))
+        // Where every byte goes through the driver, the count is the output's length (c-mmio-mixed-cpl3 writes
+        // its progress digits with an `outb` of its own, which the driver does not count).
+        if theirs == UInt64(other.console.data.count) { #expect(mine == UInt64(console.data.count)) }
     }
 }
 
