@@ -18,7 +18,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
 
     weak var vm: VirtualMachine?
     let rings: PVRingDevice?
-    private let detectors: [HotspotDetector]
+    let detectors: [HotspotDetector]
     private let clocks: [WindowClock]
     /// One vCPU's exit-path objects, unretained: ``clocks``, ``detectors`` and ``implant`` keep them alive.
     private struct Lane {
@@ -32,9 +32,9 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     let patcher: Patcher
     /// The patcher, for tests that change guest memory at the moment of writing (``Patcher/beforeWriteChecks``).
     package var patcherForTesting: Patcher { patcher }
-    private let implant: Implant?
-    private let locator: SiteLocator?
-    private let planner: PatchPlanner?
+    let implant: Implant?
+    let locator: SiteLocator?
+    let planner: PatchPlanner?
     /// Why DMP cannot patch at all (no disassembler, a bad implant area), if so.
     private let disabledReason: DMPRefusal?
     /// Sites, patches and pending host writes (never held across a pause).
@@ -48,7 +48,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     /// Sites undone since DMP started, in order: each vCPU re-arms them in its own detector (``rearmCount`` tells it to look).
     let rearmRequests = Mutex<[ExitSite]>([])
     let rearmCount = Atomic<Int>(0)
-    private let latencies = Mutex<[PatchLatency]>([])
+    let latencies = Mutex<[PatchLatency]>([])
     /// Two bits per patched site's exit RIP (``filterBits(_:)``): an exit missing one of its bits is at no patched site.
     private let patchedSites = Atomic<UInt64>(0)
 
@@ -85,6 +85,8 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         var deferredSince: [ExitSite: ContinuousClock.Instant] = [:]
         /// Undos that failed (an ioctl failed while unpatching; the patch stays whole), tried again by the periodic task.
         var failedUndos: [Int: (reason: DMPRefusal, backOff: Bool, backOffBase: Int?)] = [:]
+        /// Sites of accessors served through a promoted call, watched for other callers (``CallerWatch``).
+        var callerWatch: [ExitSite: CallerWatch] = [:]
     }
 
     /// Creates the middleware for `vm`; ``install(on:rings:configuration:logger:)`` also adds it to the VM.
@@ -208,8 +210,12 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             return result
         }
         if let known {
-            // Refused and patched sites stay as they are; an undone one waits out its back-off.
-            guard known.undone, var retryAt = known.retryAt else { return result }
+            // Refused and patched sites stay as they are (an accessor's site served through a promoted call
+            // looks for another caller); an undone one waits out its back-off.
+            guard known.undone, var retryAt = known.retryAt else {
+                if !known.undone { otherCaller(site, exit, context, registersAtExit: registersAtExit) }
+                return result
+            }
             let total = detectors[context.vcpuID].counts(of: site)?.total ?? 0
             if retryAt < 0 {
                 // The back-off starts now, in this vCPU's count of the site.
@@ -308,7 +314,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     }
 
     /// Sets ``patchedSites`` to the bits of the sites of the patches in place (under the state lock).
-    private func refreshPatchedSites(_ s: State) {
+    func refreshPatchedSites(_ s: State) {
         var bits: UInt64 = 0
         for p in s.patches.values { for site in p.sites { bits |= DMPMiddleware.filterBits(site.rip) } }
         patchedSites.store(bits, ordering: .relaxed)
@@ -475,6 +481,14 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                 merged = claimed
             } catch { throw combined(error) }
         }
+        commit(outcome, for: site, id: id, merged: merged, hotAt: hotAt, deferred: deferred, vcpu: context.vcpuID,
+               consumedBefore: consumedBefore, beforePatch: beforePatch)
+    }
+
+    /// Records a planned patch (applied, or a dry run's): the merged patches it replaces, its sites' records, the
+    /// ring producers, the latency, the log line; watches its accessors' sites for other callers.
+    func commit(_ outcome: PlanOutcome, for site: ExitSite, id: Int, merged: [Int], hotAt: ContinuousClock.Instant,
+                deferred: Duration, vcpu: Int, consumedBefore: [Int], beforePatch: ContinuousClock.Instant) {
         let elapsed = nanoseconds(since: hotAt)
         if outcome.applied != nil {
             let (s, a) = deferred.components
@@ -505,7 +519,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             for sp in outcome.sites {
                 var r = s.sites[sp.site] ?? SiteRecord(report: PatchSite(site: sp.site, location: symbolize(sp.site.rip)))
                 if s.sites[sp.site] == nil { s.order.append(sp.site) }
-                if sp.site != site { r.report.exitsBefore = detectors[context.vcpuID].counts(of: sp.site)?.total ?? 0 }
+                if sp.site != site { r.report.exitsBefore = detectors[vcpu].counts(of: sp.site)?.total ?? 0 }
                 r.report.instructionAddress = sp.virtualAddress
                 r.report.physicalAddress = sp.physicalAddress
                 r.report.instruction = sp.instruction
@@ -544,6 +558,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                     metadata: ["site": "\(describe(site))", "strategy": "\(outcome.strategy)",
                                "sites": "\(outcome.sites.count)", "paused_ns": "\(outcome.pausedNanoseconds)",
                                "hot_to_patched_ns": "\(elapsed)"])
+        if let applied = outcome.applied { watchCallers(of: applied) }
     }
 
     /// The live function-copy patch whose original function holds `located` (the same code: its page is one the
@@ -557,7 +572,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
 
     /// The instruction of a live function copy (current or retired) that ends at the guest-virtual `end`, if any:
     /// the locator's proof of an instruction start inside implanted code, where no symbol covers it.
-    private func implantedInstruction(endingAt end: UInt64) -> ImplantedInstruction? {
+    func implantedInstruction(endingAt end: UInt64) -> ImplantedInstruction? {
         guard let owner = implant?.owner(ofInstructionPointer: end &- 1) else { return nil }
         return state.withLock { s -> ImplantedInstruction? in
             guard let c = s.patches[owner]?.copy(holding: end &- 1), let i = c.instruction(endingAt: end) else { return nil }
@@ -566,7 +581,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     }
 
     /// Ends a rebuild of patch `id` (applied or refused) and runs an undo that waited for it.
-    private func finishRebuild(_ id: Int) {
+    func finishRebuild(_ id: Int) {
         let (deferred, target) = state.withLock { s in
             s.rebuilding.remove(id)
             return (s.deferredUndos.removeValue(forKey: id), s.patches[id] == nil ? s.mergedInto[id] ?? id : id)
@@ -585,7 +600,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     }
 
     /// Records and logs a refusal.
-    private func refuse(_ site: ExitSite, _ refusal: DMPRefusal) {
+    func refuse(_ site: ExitSite, _ refusal: DMPRefusal) {
         state.withLock {
             $0.sites[site]?.report.state = .refused
             $0.sites[site]?.report.refusal = refusal
@@ -786,7 +801,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     }
 
     /// `symbol+0x…` for a guest-virtual address, or the address.
-    private func symbolize(_ address: UInt64) -> String {
+    func symbolize(_ address: UInt64) -> String {
         configuration.symbols.symbolize(address) ?? hex(address)
     }
 

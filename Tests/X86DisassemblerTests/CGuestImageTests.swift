@@ -23,6 +23,8 @@ struct CGuestImageTests {
         ("c-mmio-cpl3-O1", 0x3278_2e93_91cd_b058),
         // The MMIO style sweep: one hot loop mixing a 9-byte DOORBELL store with short UART port I/O.
         ("c-mmio-mixed-cpl3", 0x94ec_9bb8_9a60_565c),
+        // Written for DMP's style sweep: port accessors reached through pointers from several callers.
+        ("c-portops-cpl3", 0x3dae_582e_75e7_cbd0),
     ]
 
     static func image(_ name: String) throws -> (file: [UInt8], elf: ELFImage) {
@@ -66,6 +68,9 @@ struct CGuestImageTests {
         // -Os: a 2-byte first instruction, the port loads before the loops, short loops.
         ("c-console-cpl3-Os", "early_console_write", ["mov edi, edx [2]", "mov r8d, 0x3fd [6]", "mov r9d, 0x3f8 [6]", "in al, dx [1]",
                                                      "je 0x10142f [2]", "out dx, al [1]", "jmp 0x10142a [2]", "ret [1]"]),
+        // Out-of-line accessors reached only through uart_port's pointers, no 5-byte instruction, no padding.
+        ("c-portops-cpl3", "io_serial_in_p", ["movzx edx, word ptr [rdi] [3]", "in al, dx [1]", "out 0x80, al [2]", "ret [1]"]),
+        ("c-portops-cpl3", "io_serial_out", ["out dx, al [1]", "ret [1]"]),
         ("c-poll-cpl3-Os", "poll_console_write", ["mov edi, edx [2]", "mov r8d, 0x3fd [6]", "mov r9d, 0x3f8 [6]", "in al, dx [1]",
                                                   "je 0x10142f [2]", "out dx, al [1]", "jmp 0x10142a [2]", "ret [1]"]),
     ])

@@ -66,6 +66,14 @@ extension PatchPlanner {
         return PromotionRequest(caller: caller.start, accessor: accessor.start, promotion: promotion)
     }
 
+    /// The key under which a copy promoting `request`'s call serves an accessor instruction whose own site (`site`,
+    /// at the accessor's instruction) another caller's copy already serves: the access of `site` at the promoted
+    /// call's address. A site record holds one patch; the accessor's instruction served from two callers' copies is
+    /// two sites, each with its own grant, enable word and hit counter.
+    package static func callerSite(_ site: ExitSite, request: PromotionRequest) -> ExitSite {
+        ExitSite(rip: request.promotion.site, kind: site.kind, address: site.address, size: site.size, direction: site.direction)
+    }
+
     /// The linear address `located`'s memory operand accesses with `registers` (MMIO grants), or `nil`.
     static func memoryTarget(of located: LocatedInstruction, registers: Registers?) -> UInt64? {
         located.instruction.memoryOperands.first?.memory.flatMap { m in
@@ -90,9 +98,11 @@ extension PatchPlanner {
     /// copies hold the caller or the accessor, merged into this one (the first keeps its id, `owner`): their
     /// promotions and sites are kept, their entries retargeted or restored, their copies evicted into the new one.
     /// `live`: the patches in place, as for ``plan(_:located:registersAtExit:siblings:hotAt:owner:live:)``.
+    /// `alsoServing`: other instructions of the accessor that this copy serves under their own site keys (another
+    /// caller's copy of an accessor already served for a first caller: ``PromotionRequest/callerSite(_:)``).
     package func promote(_ site: ExitSite, located: LocatedInstruction, registersAtExit: Registers?, request: PromotionRequest,
-                         siblings: [ExitSite] = [], olds: [AppliedPatch], owner: Int,
-                         live: [AppliedPatch] = []) throws(DMPRefusal) -> PlanOutcome {
+                         siblings: [ExitSite] = [], olds: [AppliedPatch], owner: Int, live: [AppliedPatch] = [],
+                         alsoServing: [(site: ExitSite, address: UInt64, memoryTarget: UInt64?)] = []) throws(DMPRefusal) -> PlanOutcome {
         let probeCode = GuestRange(start: implant.area.start, size: Implant.pageSize)
         let placement = try implant.placement(for: ImplantSite(located), code: probeCode, data: [implant.dataProbe], memory: vm.memory)
         // The promotions the old copies made of the same caller, with this one merged in.
@@ -130,6 +140,15 @@ extension PatchPlanner {
         }
         do throws(DMPRefusal) {
             let image = restored
+            for (other, address, target) in alsoServing where !served.contains(address) && address != located.virtualAddress {
+                guard let insn = instruction(at: address, located: located, image: image),
+                      let t = try? vm.memory.translate(address, paging: located.paging, access: [.execute]) else {
+                    throw DMPRefusal(.plan, "the accessor's instruction at \(hex(address)) does not decode or translate")
+                }
+                added.append(try grant(for: other, instruction: insn, virtualAddress: address, physicalAddress: t.physical,
+                                       memoryTarget: target, cpl: located.cpl, placement: placement, paging: located.paging,
+                                       kick: ringKick(for: located)))
+            }
             let oldSites = Set(olds.flatMap(\.sites))
             added += siblingGrants(siblings.filter { !oldSites.contains($0) }, of: located, placement: placement, image: image,
                                    primary: (site, memoryTarget))

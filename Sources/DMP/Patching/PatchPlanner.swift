@@ -684,7 +684,7 @@ extension PatchPlanner {
 
     /// The instruction at `address` in the located instruction's address space, decoded from `image`
     /// (by default the guest's memory now).
-    private func instruction(at address: UInt64, located: LocatedInstruction, image given: CodeImage? = nil) -> X86Instruction? {
+    func instruction(at address: UInt64, located: LocatedInstruction, image given: CodeImage? = nil) -> X86Instruction? {
         if address == located.virtualAddress { return located.instruction }
         let image = given ?? codeImage(paging: located.paging)
         guard let symbol = image.function(containing: address), let f = try? image.decode(symbol, disassembler: disassembler),

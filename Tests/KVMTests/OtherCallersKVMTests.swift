@@ -1,0 +1,45 @@
+import DMP
+import Testing
+import VMMKit
+
+/// DMP on `c-portops-cpl3`: the port accessors, reached only through `uart_port`'s `serial_in`/`serial_out`
+/// pointers, are called from three functions (`serial_puts_fast`, `serial_putchar` with its transmitter wait
+/// inlined, `serial_putdec`). The first caller seen on the stack gets the promoted call; the accessor's site then
+/// keeps exiting from the others, becomes a candidate again, and each other caller's call is promoted in a copy of
+/// its own (rows named `accessor+off via caller+off`).
+extension KVMTests {
+    @Test("c-portops-cpl3 (accessors through pointers, three callers): every caller's call promoted, over 90% of the steady exits gone, same output",
+          arguments: [("iters=200", "io_serial_out", UInt64(0x3f8)), ("iters=200 slow=1", "io_serial_in_p", UInt64(0x3fd))])
+    func dmpAccessorWithSeveralCallers(commandLine: String, accessor: String, port: UInt64) throws {
+        let off = try DMPLibraryRun("c-portops-cpl3", commandLine: commandLine, dmp: false)
+        let on = try DMPLibraryRun("c-portops-cpl3", commandLine: commandLine)
+        #expect(on.stop == .guestExit(status: 0) && off.stop == on.stop)
+        let rows = on.report.filter { $0.location.hasPrefix(accessor + "+") && $0.site.address == port }
+        // One row per caller: the first (its own key) and the others (`via`), each patched and serving.
+        let callers = Set(rows.compactMap { s in s.strategy.split(separator: " ").dropFirst(3).first.map(String.init) })
+        #expect(callers.count == 3 && callers.allSatisfy { $0.hasPrefix("serial_") }, "\(DMPReport.text(on.report))")
+        for s in rows {
+            #expect(s.state == .patched && s.hitsServed > 0 && s.refusal == nil, "\(s)")
+            #expect(s.strategy.contains("promoted call to \(accessor) at serial_"), "\(s.strategy)")
+        }
+        #expect(rows.filter { $0.location.contains(" via ") }.count >= 2, "\(DMPReport.text(on.report))")
+        #expect(masked(on.text) == masked(off.text))
+        let offExits = try #require(off.steadyExits), onExits = try #require(on.steadyExits)
+        #expect(onExits * 10 < offExits, "steady exits \(onExits) with DMP, \(offExits) without")
+    }
+
+    @Test("c-portops-cpl3 slow=1 without call promotion: the accessors' short instructions are refused with the reason, same output")
+    func dmpAccessorWithSeveralCallersNoPromotion() throws {
+        let off = try DMPLibraryRun("c-portops-cpl3", commandLine: "iters=120 slow=1", dmp: false)
+        let on = try DMPLibraryRun("c-portops-cpl3", commandLine: "iters=120 slow=1") { $0.strategies = [.instructionStub, .functionCopy] }
+        #expect(on.report.allSatisfy { !$0.location.contains(" via ") }, "\(DMPReport.text(on.report))")
+        let lsr = try #require(on.report.first { $0.location == "io_serial_in_p+0x5" }, "\(DMPReport.text(on.report))")
+        #expect(lsr.state == .refused && lsr.refusal?.reason.contains("no entry into the copy") == true, "\(lsr)")
+        #expect(masked(on.text) == masked(off.text) && on.stop == off.stop)
+    }
+
+    /// The guest's output with its cycle count masked (its lines end in CRLF, as a Linux console writes them).
+    private func masked(_ text: String) -> String {
+        text.replacing(/cycles_per_iter=[0-9]+/, with: "cycles_per_iter=")
+    }
+}
