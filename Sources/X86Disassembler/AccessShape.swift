@@ -75,7 +75,7 @@ extension X86Instruction {
         case (.map0F, 0xb6), (.map0F, 0xb7): load = X86LoadExtension.zero
         case (.map0F, 0xbe), (.map0F, 0xbf), (.primary, 0x63): load = X86LoadExtension.sign
         case (.primary, 0x88), (.primary, 0x89), (.primary, 0xa2), (.primary, 0xa3): load = nil
-        case (.primary, 0xc6), (.primary, 0xc7) where (e.modRM >> 3) & 7 == 0: load = nil
+        case (.primary, 0xc6) where (e.modRM >> 3) & 7 == 0, (.primary, 0xc7) where (e.modRM >> 3) & 7 == 0: load = nil
         default: return .failure(.notPlainAccess)
         }
         if e.hasAddressSizePrefix || mem.segment == .fs || mem.segment == .gs { return .failure(.segmentOrAddressSize) }

@@ -395,7 +395,7 @@ public final class X86Disassembler {
             switch op {
             case 0x6c, 0x6d: return .write
             case 0x6e, 0x6f: return .read
-            case 0xf6, 0xf7 where reg < 2: return .read
+            case 0xf6 where reg < 2, 0xf7 where reg < 2: return .read
             case 0xd9: return [2, 3, 6, 7].contains(reg) ? .write : .read
             case 0xdb: return [1, 2, 3, 7].contains(reg) ? .write : .read
             case 0xdd: return [1, 2, 3, 6, 7].contains(reg) ? .write : .read

@@ -272,6 +272,10 @@ struct CapstoneMistakeTests {
         #expect(try access([0xf0, 0x48, 0x0f, 0xb1, 0x0e]) == [.read, .write], "lock cmpxchg")
         #expect(try access([0x48, 0x0f, 0xc7, 0x0e]) == [.read, .write], "cmpxchg16b")
         #expect(try access([0xf6, 0x06, 0x0a]) == .read, "test byte ptr [rsi], 10")
+        // Only `test` (/0, /1) of F6/F7 is corrected; not, neg, mul, div keep Capstone's answer.
+        #expect(try access([0xf6, 0x16]) == [.read, .write], "not byte ptr [rsi]")
+        #expect(try access([0xf6, 0x1e]) == [.read, .write], "neg byte ptr [rsi]")
+        #expect(try access([0xf7, 0x16]) == [.read, .write], "not dword ptr [rsi]")
         #expect(try access([0x6c]) == .write, "insb")
         #expect(try access([0x6e]) == .read, "outsb")
         #expect(try access([0x66, 0x0f, 0x3a, 0x16, 0x06, 0x01]) == .write, "pextrd [rsi], xmm0, 1")
