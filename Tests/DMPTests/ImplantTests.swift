@@ -66,6 +66,33 @@ struct ImplantTests {
         #expect(!i.codePages.overlaps(i.dataPages))
     }
 
+    @Test("a code range nothing was written to goes back when it is the latest allocation; the next allocation reuses it")
+    func releaseCode() throws {
+        let i = try Implant(area: area)
+        let kept = try i.allocateCode(100)
+        let refused = try i.allocateCode(5000, alignment: 64)
+        #expect(i.codePages == GuestRange(start: area.start, size: 0x2000))
+        #expect(!i.releaseCode(kept), "not the latest allocation: kept")
+        #expect(i.releaseCode(refused))
+        #expect(i.codePages == GuestRange(start: area.start, size: 0x1000), "the second page is no longer claimed")
+        #expect(!i.releaseCode(refused), "given back once")
+        let again = try i.allocateCode(5000, alignment: 64)
+        #expect(again == refused, "the next plan gets the same range")
+        // Data claimed below the code: a code range given back still never meets the data pages.
+        #expect(i.releaseCode(again))
+        let d = try i.allocateData(4)
+        #expect(!i.codePages.overlaps(i.dataPages))
+        #expect(d.start == GuestAddress(0xFF_F000))
+        // The only allocation given back: nothing is claimed, and the next starts at the area's start.
+        let j = try Implant(area: area)
+        #expect(j.releaseCode(try j.allocateCode(16)))
+        #expect(j.codePages.size == 0)
+        #expect(try j.allocateCode(16).start == area.start)
+        // Ranges that were never this implant's allocations are refused.
+        #expect(!i.releaseCode(GuestRange(start: GuestAddress(0x10_0000), size: 16)))
+        #expect(!i.releaseCode(GuestRange(start: area.start, size: 0)))
+    }
+
     @Test("the plans' data probe is the first data page and allocates nothing")
     func dataProbe() throws {
         let i = try Implant(area: area)
@@ -180,5 +207,12 @@ struct ImplantTests {
         i.registerOwner(9, code: a, placement: high)
         #expect(i.owner(ofInstructionPointer: TestPageTables.higherHalf + a.start.rawValue + 4) == 9)
         #expect(i.owner(ofInstructionPointer: a.start.rawValue + 4) == 3)
+        // An owner whose code was never written is forgotten (its range may go to another owner); the others stay.
+        i.unregisterOwner(7, code: b, placement: identity)
+        #expect(i.owner(ofInstructionPointer: b.start.rawValue) == nil)
+        i.unregisterOwner(3, code: b, placement: identity)
+        #expect(i.owner(ofInstructionPointer: a.start.rawValue) == 3, "owner 3 was registered for a, not b")
+        i.registerOwner(8, code: b, placement: identity)
+        #expect(i.owner(ofInstructionPointer: b.start.rawValue + 1) == 8)
     }
 }

@@ -184,6 +184,29 @@ extension KVMTests {
         #expect(dry.steadyExits == off.steadyExits)
     }
 
+    @Test("plans refused before anything was written, and dry runs, give their implant code back: none stays claimed")
+    func dmpRefusedPlansGiveCodeBack() throws {
+        func claimed(_ configure: @escaping (inout DMPConfiguration) -> Void) throws -> (DMPLibraryRun, GuestRange?) {
+            var pages: GuestRange?
+            let run = try DMPLibraryRun("uart-cpl3", commandLine: "iters=60", configure: configure, around: { _, _, dmp, run in
+                defer { pages = dmp?.implantCodePagesForTesting }
+                return try run()
+            })
+            return (run, pages)
+        }
+        let (patched, patchedPages) = try claimed { _ in }
+        #expect(patched.report.contains { $0.state == .patched })
+        #expect((patchedPages?.size ?? 0) > 0, "a patch keeps its code")
+        let (dry, dryPages) = try claimed { $0.dryRun = true }
+        #expect(!dry.report.isEmpty && dry.report.allSatisfy { $0.state == .wouldPatch }, "\(dry.report)")
+        #expect(dryPages?.size == 0, "a dry run writes no code and keeps none")
+        // A function copy no entry reaches is refused after its code was allocated.
+        let (refused, refusedPages) = try claimed { $0.strategies = .functionCopy; $0.copyEntryKinds = [] }
+        #expect(!refused.report.isEmpty && refused.report.allSatisfy { $0.state == .refused }, "\(refused.report)")
+        #expect(refused.report.contains { $0.refusal?.reason.contains("no entry into the copy") == true }, "\(refused.report)")
+        #expect(refusedPages?.size == 0, "refused plans keep no code")
+    }
+
     @Test("DMP with user-mode fast paths off refuses CPL3 sites with the reason")
     func dmpUserModeOff() throws {
         let on = try DMPLibraryRun("uart-cpl3", commandLine: "iters=60") { $0.userModeFastPaths = false }

@@ -57,9 +57,11 @@ package struct ImplantPlacement: Hashable, Sendable {
 /// guest's own page tables map it where a site can use it.
 ///
 /// - Code grows up from the area's start, data pages are claimed down from
-///   its end; no page ever holds both. Nothing is freed: a thread preempted
-///   inside implanted code may resume there at any time, and a data word an
-///   old stub still reads must stay what it was.
+///   its end; no page ever holds both. Nothing written is freed: a thread
+///   preempted inside implanted code may resume there at any time, and a data
+///   word an old stub still reads must stay what it was. Only a code range
+///   whose plan was refused before anything was written there goes back
+///   (``releaseCode(_:)``).
 /// - DMP never writes guest page tables: ``placement(for:code:data:memory:)``
 ///   walks them for the site's CR3 and accepts the implant only where it is
 ///   already mapped with the permissions the site needs and within ±2 GiB.
@@ -117,7 +119,7 @@ package final class Implant: Sendable {
 
     private static func validAlignment(_ a: Int) -> Bool { a > 0 && a <= Int(pageSize) && a & (a - 1) == 0 }
 
-    /// Allocates `size` bytes of code (never freed), aligned to `alignment` (a power of two up to a page).
+    /// Allocates `size` bytes of code (never freed once written: see ``releaseCode(_:)``), aligned to `alignment` (a power of two up to a page).
     /// Code allocations are contiguous: a function copy may span pages.
     package func allocateCode(_ size: Int, alignment: Int = 16) throws(DMPRefusal) -> GuestRange {
         guard size > 0, Implant.validAlignment(alignment) else {
@@ -134,6 +136,22 @@ package final class Implant: Sendable {
         }
         guard let r else { throw DMPRefusal(.implant, "implant full: no room for \(size) bytes of code") }
         return r
+    }
+
+    /// Gives back `code`, an allocation of ``allocateCode(_:alignment:)`` that nothing was written into (its plan
+    /// was refused before the patch wrote the implant), so the next allocation reuses it. Allocation is a bump
+    /// pointer: only the latest code allocation can go back (plans are made one at a time, so a refused plan's
+    /// range is the latest); any other is kept. Returns whether it went back.
+    @discardableResult
+    package func releaseCode(_ code: GuestRange) -> Bool {
+        state.withLock { s in
+            guard code.size > 0, code.start.rawValue >= area.start.rawValue,
+                  code.start.rawValue &+ code.size == s.codeNext else { return false }
+            s.codeNext = code.start.rawValue
+            // The pages claimed are those up to the highest allocation's end (allocations only grow).
+            s.codeEnd = Implant.alignUp(s.codeNext, Implant.pageSize)
+            return true
+        }
     }
 
     /// Allocates `size` bytes of data (never freed), aligned to `alignment` (a power of two up to a
@@ -277,6 +295,18 @@ package final class Implant: Sendable {
             let (done, seen) = highestOwned.compareExchange(expected: high, desired: end, ordering: .releasing)
             if done { break }
             high = seen
+        }
+    }
+
+    /// Forgets a ``registerOwner(_:code:placement:)`` whose code was never written (its patch was refused
+    /// before the write): its range may be allocated again, to another owner.
+    package func unregisterOwner(_ owner: Int, code: GuestRange, placement: ImplantPlacement) {
+        let start = placement.virtualAddress(of: code.start)
+        let end = start &+ code.size
+        state.withLock { s in
+            if let i = s.owners.lastIndex(where: { $0.owner == owner && $0.start == start && $0.end == end }) {
+                s.owners.remove(at: i)
+            }
         }
     }
 

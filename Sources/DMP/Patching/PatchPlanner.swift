@@ -378,6 +378,9 @@ extension PatchPlanner {
         let trial = try FastPathEmitter.instructionStub(for: located.instruction, routes: [g.route], preserveFlags: preserveFlags,
                                                         lahf: lahf, at: placement.virtualAddress(of: implant.area.start))
         let code = try implant.allocateCode(trial.bytes.count + 64)
+        // Refused (or a dry run) before anything was written there: the range goes back to the implant.
+        var written = false
+        defer { if !written { implant.releaseCode(code) } }
         let va = placement.virtualAddress(of: code.start)
         let stub = try FastPathEmitter.instructionStub(for: located.instruction, routes: [g.route], preserveFlags: preserveFlags,
                                                        lahf: lahf, at: va)
@@ -388,7 +391,8 @@ extension PatchPlanner {
                               original: located.instruction.bytes, replacement: jump)
         let pages = try guardPages(for: [write], extra: [], located: located)
         return try finish(strategy: "instruction stub", writes: [write], pages: pages, code: code, bytes: stub.bytes,
-                          placement: placement, owner: owner, sites: [g.plan], copy: nil, grants: [g], located: located)
+                          placement: placement, owner: owner, sites: [g.plan], copy: nil, grants: [g], located: located,
+                          written: &written)
     }
 
     /// The function copy: the enclosing sized function copied with the hot instructions rewritten, entered as the plan allows.
@@ -445,6 +449,9 @@ extension PatchPlanner {
                                               disassembler: disassembler, usedPadding: usedPadding, allowNoEntry: true,
                                               promotions: promotions, accessors: accessors)
         let code = try implant.allocateCode(trial.copy.bytes.count + 256)
+        // Refused (or a dry run) before anything was written there: the range goes back to the implant.
+        var written = false
+        defer { if !written { implant.releaseCode(code) } }
         let va = placement.virtualAddress(of: code.start)
         let plan = try FunctionCopyPlan.make(hot: rewrites, in: image, at: va, disassembler: disassembler,
                                              usedPadding: usedPadding, allowNoEntry: true,
@@ -562,7 +569,8 @@ extension PatchPlanner {
                                     + (folded > 0 ? ", \(folded) instruction stub\(folded == 1 ? "" : "s") folded in" : ""),
                                  writes: writes, pages: pages, code: code, bytes: plan.copy.bytes, placement: placement, owner: owner,
                                  sites: served.map(\.plan), copy: plan.copy, grants: served, rebuilding: olds,
-                                 extraWrites: restores + olds.flatMap { $0.evictionWrites(to: plan.copy) }, located: located)
+                                 extraWrites: restores + olds.flatMap { $0.evictionWrites(to: plan.copy) }, located: located,
+                                 written: &written)
         if !configuration.dryRun {
             // Old padding is either used again by the new entries or restored (a rebuild).
             self.usedPadding = usedPadding + entries.compactMap(\.deadPadding)
@@ -729,7 +737,7 @@ extension PatchPlanner {
     private func finish(strategy: String, writes: [CodeWrite], pages: [UInt64], code: GuestRange, bytes: [UInt8],
                         placement: ImplantPlacement, owner: Int, sites: [SitePlan], copy: FunctionCopy?, grants: [Grant] = [],
                         rebuilding olds: [AppliedPatch] = [], extraWrites: [CodeWrite] = [],
-                        located: LocatedInstruction) throws(DMPRefusal) -> PlanOutcome {
+                        located: LocatedInstruction, written: inout Bool) throws(DMPRefusal) -> PlanOutcome {
         let fresh = sites.filter { s in !olds.contains { $0.sites.contains(s.site) } }
         guard !configuration.dryRun else {
             return PlanOutcome(applied: nil, strategy: strategy, sites: fresh, pausedNanoseconds: 0)
@@ -743,9 +751,16 @@ extension PatchPlanner {
         while p < code.start.rawValue &+ code.size { codePages.append(p); p &+= 0x1000 }
         let pages = Array(Set(pages + codePages)).sorted()
         let mapping = self.mapping(for: sites, site: ImplantSite(located), placement: placement, code: code)
-        let paused = try patcher.apply(writes + extraWrites, guarding: pages, implant: [(code.start, bytes)],
-                                       releasing: olds.flatMap(\.guardedPages)) { () throws(DMPRefusal) in
-            try checkAtWrite(writes, mapping: mapping, copy: copy, located: located, replacing: olds.flatMap(\.writes))
+        let paused: UInt64
+        do throws(DMPRefusal) {
+            paused = try patcher.apply(writes + extraWrites, guarding: pages, implant: [(code.start, bytes)],
+                                       releasing: olds.flatMap(\.guardedPages), willWrite: { written = true }) { () throws(DMPRefusal) in
+                try checkAtWrite(writes, mapping: mapping, copy: copy, located: located, replacing: olds.flatMap(\.writes))
+            }
+        } catch {
+            // Refused before the write: the caller gives the code range back, so it has no owner any more.
+            if !written { implant.unregisterOwner(owner, code: code, placement: placement) }
+            throw error
         }
         var applied = AppliedPatch(writes: writes, guardedPages: pages, implantCode: code, strategy: strategy,
                                    sites: sites.map(\.site), appliedAt: .now, copy: copy,

@@ -42,11 +42,13 @@ package final class Patcher: @unchecked Sendable {
     /// the guest does not execute yet) are written first. `releasing`: pages of a patch this one replaces (a
     /// rebuilt function copy), one use each dropped after the writes, in the same pause.
     /// `verify` runs first with every vCPU paused: the checks that must hold at the
-    /// moment of writing (the guest's mappings, the code the plan was made from).
+    /// moment of writing (the guest's mappings, the code the plan was made from). `willWrite` runs once the
+    /// checks have passed, before the first byte is written (a refusal before it wrote nothing).
     /// - Returns: the nanoseconds the vCPUs were paused.
     @discardableResult
     package func apply(_ writes: [CodeWrite], guarding pages: [UInt64], implant: [(GuestAddress, [UInt8])] = [],
-                       releasing: [UInt64] = [], verify: () throws(DMPRefusal) -> Void = {}) throws(DMPRefusal) -> UInt64 {
+                       releasing: [UInt64] = [], willWrite: () -> Void = {},
+                       verify: () throws(DMPRefusal) -> Void = {}) throws(DMPRefusal) -> UInt64 {
         try withPausedVCPUs { () throws(DMPRefusal) in
             let restore = beforeWriteChecks?()
             defer { restore?() }
@@ -62,6 +64,7 @@ package final class Patcher: @unchecked Sendable {
                     throw DMPRefusal(.patch, "the code at \(hex(w.virtual)) changed since it was planned")
                 }
             }
+            willWrite()
             for (a, b) in implant {
                 do { try vm.memory.writeAsGuardOwner(b, at: a) } catch {
                     throw DMPRefusal(.implant, "cannot write the implant at \(a): \(error)")
