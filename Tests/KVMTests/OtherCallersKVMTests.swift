@@ -2,7 +2,7 @@ import DMP
 import Testing
 import VMMKit
 
-/// DMP on `c-portops-cpl3`: the port accessors, reached only through `uart_port`'s `serial_in`/`serial_out`
+/// DMP on the style sweep's guests. `c-portops-cpl3`: the port accessors, reached only through `uart_port`'s `serial_in`/`serial_out`
 /// pointers, are called from three functions (`serial_puts_fast`, `serial_putchar` with its transmitter wait
 /// inlined, `serial_putdec`). The first caller seen on the stack gets the promoted call; the accessor's site then
 /// keeps exiting from the others, becomes a candidate again, and each other caller's call is promoted in a copy of
@@ -26,6 +26,20 @@ extension KVMTests {
         #expect(masked(on.text) == masked(off.text))
         let offExits = try #require(off.steadyExits), onExits = try #require(on.steadyExits)
         #expect(onExits * 10 < offExits, "steady exits \(onExits) with DMP, \(offExits) without")
+    }
+
+    @Test("c-manyloops-cpl3-O0: outb's out dx, al, copied for the THR, gets port 0x80 hot from inside the copy's body and is rebuilt to serve both; over 90% of the steady exits gone, same output")
+    func dmpBodyFallbackForAnotherPort() throws {
+        let off = try DMPLibraryRun("c-manyloops-cpl3-O0", commandLine: "iters=200", dmp: false)
+        let on = try DMPLibraryRun("c-manyloops-cpl3-O0", commandLine: "iters=200")
+        #expect(on.stop == .guestExit(status: 0) && off.stop == on.stop)
+        let out = on.report.filter { $0.location.hasPrefix("outb+") }
+        #expect(Set(out.map(\.site.address)) == [0x3f8, 0x80], "\(DMPReport.text(on.report))")
+        for s in out {
+            #expect(s.state == .patched && s.hitsServed > 0 && s.refusal == nil, "\(s)")
+            #expect(s.strategy.hasPrefix("function copy of outb") && s.strategy.contains("rebuilt"), "\(s.strategy)")
+        }
+        try on.expectSameOutput(as: off, steadyExitsCutBy: 10)
     }
 
     @Test("c-portops-cpl3 slow=1 without call promotion: the accessors' short instructions are refused with the reason, same output")

@@ -182,6 +182,8 @@ let transparencyGuests: [(String, String)] = [
     ("c-mmio-mixed-cpl3", "iters=256"),
     // Port accessors through pointers, called from several functions.
     ("c-portops-cpl3", "iters=60"), ("c-portops-cpl3", "iters=60 slow=1"),
+    // Inline poll loops in every output function, at -O0 (one out-of-line outb for two ports).
+    ("c-manyloops-cpl3-O0", "iters=60"),
 ]
 
 extension KVMTests {

@@ -25,6 +25,8 @@ struct CGuestImageTests {
         ("c-mmio-mixed-cpl3", 0x94ec_9bb8_9a60_565c),
         // Written for DMP's style sweep: port accessors reached through pointers from several callers.
         ("c-portops-cpl3", 0x3dae_582e_75e7_cbd0),
+        // The style sweep at -O0: one out-of-line outb writing the THR and, less often, port 0x80.
+        ("c-manyloops-cpl3-O0", 0x1558_48c8_a530_8384),
     ]
 
     static func image(_ name: String) throws -> (file: [UInt8], elf: ELFImage) {
@@ -71,6 +73,8 @@ struct CGuestImageTests {
         // Out-of-line accessors reached only through uart_port's pointers, no 5-byte instruction, no padding.
         ("c-portops-cpl3", "io_serial_in_p", ["movzx edx, word ptr [rdi] [3]", "in al, dx [1]", "out 0x80, al [2]", "ret [1]"]),
         ("c-portops-cpl3", "io_serial_out", ["out dx, al [1]", "ret [1]"]),
+        ("c-manyloops-cpl3-O0", "outb", ["movzx edx, word ptr [rbp - 8] [4]", "out dx, al [1]"]),
+        ("c-manyloops-cpl3-O0", "inb", ["in al, dx [1]"]),
         ("c-poll-cpl3-Os", "poll_console_write", ["mov edi, edx [2]", "mov r8d, 0x3fd [6]", "mov r9d, 0x3f8 [6]", "in al, dx [1]",
                                                   "je 0x10142f [2]", "out dx, al [1]", "jmp 0x10142a [2]", "ret [1]"]),
     ])

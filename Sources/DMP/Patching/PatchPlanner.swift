@@ -327,9 +327,16 @@ extension PatchPlanner {
             holder = f
             k = i
         } else {
+            // A copied instruction, or the original instruction a body runs when its runtime port or address is
+            // not one its routes serve (an out-of-line `outb` called for a port that was not hot when the copy was made).
             guard let copy = old.copy(holding: located.virtualAddress),
-                  let piece = copy.pieces.first(where: { $0.copy.lowerBound == located.virtualAddress }),
-                  piece.kind == .copied || piece.kind == .relocated,
+                  let piece = copy.pieces.first(where: {
+                      $0.copy.lowerBound == located.virtualAddress && ($0.kind == .copied || $0.kind == .relocated)
+                  }) ?? copy.pieces.first(where: { p in
+                      p.kind == .rewritten && p.copy.contains(located.virtualAddress)
+                          && current.function(containing: p.original).flatMap { f in f.index(at: p.original).map { f.instructions[$0] } }
+                              .map { $0.mnemonic == located.instruction.mnemonic && $0.bytes == located.instruction.bytes } == true
+                  }),
                   let f = current.function(containing: piece.original), let i = f.index(at: piece.original) else {
                 throw DMPRefusal(.plan, "the instruction at \(hex(located.virtualAddress)) in the copy of \(name) is no copied instruction of the original")
             }
