@@ -179,7 +179,7 @@ let transparencyGuests: [(String, String)] = [
     ("c-table-cpl3-cet", "iters=120"), ("c-poll-cpl3-Os", "iters=40"), ("c-console-cpl3-Os", "iters=40"),
     ("c-mmio-cpl3-O1", "iters=256"),
     // The MMIO style sweep.
-    ("c-mmio-mixed-cpl3", "iters=256"),
+    ("c-mmio-mixed-cpl3", "iters=256"), ("c-mmio-widths-cpl3", "iters=256"), ("c-mmio-poll-cpl3", "iters=256"),
     // Port accessors through pointers, called from several functions.
     ("c-portops-cpl3", "iters=60"), ("c-portops-cpl3", "iters=60 slow=1"),
     // Inline poll loops in every output function, at -O0 (one out-of-line outb for two ports).

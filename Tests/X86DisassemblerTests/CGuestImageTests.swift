@@ -27,6 +27,10 @@ struct CGuestImageTests {
         ("c-portops-cpl3", 0x3dae_582e_75e7_cbd0),
         // The style sweep at -O0: one out-of-line outb writing the THR and, less often, port 0x80.
         ("c-manyloops-cpl3-O0", 0x1558_48c8_a530_8384),
+        // STATUS read at 1, 2, 4 and 8 bytes, a byte DOORBELL store, stores into reserved registers.
+        ("c-mmio-widths-cpl3", 0x6eff_7c79_4ac7_81f2),
+        // Polling loops with timeouts, CONTROL read-modify-write sequences, an `orl` on DOORBELL.
+        ("c-mmio-poll-cpl3", 0x5516_9a17_c3aa_0eca),
     ]
 
     static func image(_ name: String) throws -> (file: [UInt8], elf: ELFImage) {
@@ -67,6 +71,13 @@ struct CGuestImageTests {
         // 1-byte `in`/`out` in the same loop (a function copy), the STATUS read after the loop, the newline's `in`/`out`.
         ("c-mmio-mixed-cpl3", "run", ["movabs dword ptr [0xd0000040], eax [9]", "in al, dx [1]", "out dx, al [1]",
                                       "movabs eax, dword ptr [0xd0000004] [9]", "in al, dx [1]", "out dx, al [1]"]),
+        // The DOORBELL stores (dword, byte), the STATUS reads at every width, the reserved registers' store.
+        ("c-mmio-widths-cpl3", "run", ["mov dword ptr [rbp], ecx [3]", "mov byte ptr [rbp], cl [3]",
+                                       "movabs rax, qword ptr [0xd0000004] [10]", "mov eax, dword ptr [r15] [3]",
+                                       "movabs eax, dword ptr [0xd0000004] [9]", "movabs ax, word ptr [0xd0000004] [10]",
+                                       "movabs al, byte ptr [0xd0000004] [9]", "mov dword ptr [rdx], esi [2]"]),
+        // CONTROL's read-modify-write sequence, then the `orl` on DOORBELL.
+        ("c-mmio-poll-cpl3", "run", ["mov eax, dword ptr [rsi] [2]", "mov dword ptr [rsi], eax [2]", "or dword ptr [r13], eax [4]"]),
         // -Os: a 2-byte first instruction, the port loads before the loops, short loops.
         ("c-console-cpl3-Os", "early_console_write", ["mov edi, edx [2]", "mov r8d, 0x3fd [6]", "mov r9d, 0x3f8 [6]", "in al, dx [1]",
                                                      "je 0x10142f [2]", "out dx, al [1]", "jmp 0x10142a [2]", "ret [1]"]),
