@@ -23,3 +23,37 @@ extension KVMTests {
         try on.expectSameOutput(as: off, steadyExitsCutBy: 10)
     }
 }
+
+extension KVMTests {
+    @Test("c-mmio-widths-cpl3: STATUS read as a byte, a word, a dword and a qword is served from the shared slot at every width; the byte DOORBELL store and the reserved registers' stores are refused (the device has no fast path for them), same output")
+    func dmpStatusAtEveryWidth() throws {
+        let off = try DMPLibraryRun("c-mmio-widths-cpl3", commandLine: "iters=8192", dmp: false)
+        let on = try DMPLibraryRun("c-mmio-widths-cpl3", commandLine: "iters=8192") { $0.verify = false }
+        #expect(on.stop == .guestExit(status: 0))
+        let status = on.report.filter { $0.site.kind == .mmio && $0.site.address == 0xd000_0004 }
+        for size in [1, 2, 4, 8] {
+            let s = status.filter { Int($0.site.size) == size }
+            #expect(!s.isEmpty && s.allSatisfy { $0.state == .patched && $0.hitsServed > 50 }, "STATUS read\(size): \(s.map(\.description))")
+        }
+        let refused = on.report.filter { $0.state == .refused }
+        #expect(refused.allSatisfy { $0.site.size != 4 || ($0.site.address >= 0xd000_0020 && $0.site.address < 0xd000_0030) },
+                "\(refused.map(\.description))")
+        #expect(refused.allSatisfy { $0.refusal?.reason.contains("offers no fast path") == true }, "\(refused.map(\.description))")
+        try on.expectSameOutput(as: off, steadyExitsCutBy: 10)
+    }
+
+    @Test("c-mmio-poll-cpl3: the `orl` on DOORBELL is refused as a read-modify-write at both of its exits (its read and its write), every polling loop's STATUS read and the plain DOORBELL stores are served, same output")
+    func dmpReadModifyWriteRefused() throws {
+        let off = try DMPLibraryRun("c-mmio-poll-cpl3", commandLine: "iters=8192", dmp: false)
+        let on = try DMPLibraryRun("c-mmio-poll-cpl3", commandLine: "iters=8192") { $0.verify = false }
+        #expect(on.stop == .guestExit(status: 0))
+        let or = on.report.filter { $0.instruction.hasPrefix("or ") }
+        #expect(Set(or.map(\.site.direction)) == [.read, .write], "\(on.report.map(\.description))")
+        #expect(or.allSatisfy { $0.state == .refused && $0.refusal?.reason.hasSuffix("read-modify-write") == true }, "\(or.map(\.description))")
+        let served = on.report.filter { $0.site.kind == .mmio && ($0.site.address == 0xd000_0004 || $0.site.address == 0xd000_0040)
+            && !$0.instruction.hasPrefix("or ") }
+        #expect(served.count >= 4 && served.allSatisfy { $0.state == .patched && $0.hitsServed > 0 }, "\(served.map(\.description))")
+        #expect(on.lines == off.lines)
+        #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
+    }
+}

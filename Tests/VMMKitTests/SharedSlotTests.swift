@@ -19,14 +19,14 @@ struct SharedSlotTests {
 
     static let status = FastPathRequest(offset: DoorbellDevice.statusOffset, size: 4, direction: .read)
 
-    @Test("doorbell STATUS: granted only as a 4-byte read with a slot; the slot holds the count before the word is set")
+    @Test("doorbell STATUS: granted only as a read with a slot (1, 2, 4 or 8 bytes: the device answers the count at every width); the slot holds the count before the word is set")
     func grant() throws {
         let (d, _) = try Self.doorbell()
         for _ in 0..<3 { _ = d.write(offset: 0x40, size: 4, value: 9) }
         let words = FastPathEnableWordStorage(count: 1), slots = FastPathSlotStorage(count: 4)
         #expect(d.grantFastPath(Self.status, enableWord: words[0]) == nil, "no slot offered")
-        var two = Self.status; two.size = 2; two.slot = slots[2]
-        #expect(d.grantFastPath(two, enableWord: words[0]) == nil)
+        var three = Self.status; three.size = 3; three.slot = slots[2]
+        #expect(d.grantFastPath(three, enableWord: words[0]) == nil)
         var write = Self.status; write.direction = .write; write.slot = slots[2]
         #expect(d.grantFastPath(write, enableWord: words[0]) == nil)
         var id = Self.status; id.offset = 0; id.slot = slots[2]
@@ -42,6 +42,23 @@ struct SharedSlotTests {
         _ = d.write(offset: 0x40, size: 4, value: 9)
         #expect(slots.load(2) == 3, "a revoked slot is never written again")
         #expect(d.read(offset: 4, size: 4) == 4)
+    }
+
+    @Test("doorbell STATUS at 1, 2 and 8 bytes: granted from the same slot, whose low bytes are what the device answers at that width", arguments: [1, 2, 8])
+    func otherWidths(size: Int) throws {
+        let (d, _) = try Self.doorbell(entries: 512)
+        for _ in 0..<300 { _ = d.write(offset: 0x40, size: 4, value: 9) }
+        let words = FastPathEnableWordStorage(count: 1), slots = FastPathSlotStorage(count: 1)
+        var r = Self.status; r.size = size; r.slot = slots[0]
+        let g = try #require(d.grantFastPath(r, enableWord: words[0]))
+        #expect(g.kind == .sharedSlotRead(slot: 0) && g.size == size && words[0].isSet)
+        let mask: UInt64 = size == 8 ? ~0 : (1 << UInt64(size * 8)) - 1
+        #expect(slots.load(0) & mask == d.read(offset: 4, size: size) & mask)
+        _ = d.write(offset: 0x40, size: 4, value: 9)
+        #expect(slots.load(0) & mask == d.read(offset: 4, size: size) & mask && d.read(offset: 4, size: size) == 301)
+        // The DOORBELL store is granted only at 4 bytes.
+        let words2 = FastPathEnableWordStorage(count: 1)
+        #expect(d.grantFastPath(FastPathRequest(offset: 0x40, size: size, direction: .write, ring: 1), enableWord: words2[0]) == nil)
     }
 
     @Test("doorbell STATUS: the slot equals STATUS after every register write (exit or ring batch), errors and reconfiguration included")

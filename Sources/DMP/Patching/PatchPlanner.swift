@@ -65,6 +65,9 @@ package final class PatchPlanner {
         if cpl == 3 && !configuration.userModeFastPaths {
             throw DMPRefusal(.fastPath, "the code runs at CPL3 and user-mode fast paths are off (DMPConfiguration.userModeFastPaths)")
         }
+        // An instruction no body can serve is refused for what it is, before the device is asked: an `or [m], r` on a
+        // register exits twice (its read and its write), and the device declining the read says less than the shape.
+        if case .failure(let why) = instruction.accessShape { throw DMPRefusal(.fastPath, "\(instruction): \(why)") }
         let space: BusSpace = site.kind == .io ? .pio : .mmio
         let size = Int(site.size)
         let ringIndex = rings?.targets.firstIndex { $0.space == space && $0.address == site.address && $0.width == size }

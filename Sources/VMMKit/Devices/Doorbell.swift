@@ -15,8 +15,10 @@
 /// paths: a 4-byte DOORBELL write, when a ring feeds the register, is a
 /// *synchronous* ring append (the completion lands in guest RAM, which the
 /// guest reads without an exit), exact while the device is enabled with a
-/// valid queue size; the guest keeps exiting for errors. A 4-byte STATUS read,
-/// when the request offers a slot, is a *shared-slot read*, always exact: the
+/// valid queue size; the guest keeps exiting for errors. A STATUS read of any
+/// width (the device answers the count, zero-extended, at 1, 2, 4 and 8 bytes,
+/// and the guest sees its low bytes), when the request offers a slot, is a
+/// *shared-slot read* (the body loads the slot's low bytes), always exact: the
 /// device writes the completion count into the slot under its lock at the
 /// grant and after every completion (after the completion's RAM words), and
 /// clears the read's enable word while a completion is being written (a guest
@@ -105,18 +107,20 @@ public final class DoorbellDevice: BusDevice, @unchecked Sendable {
         completionCount &+= 1
     }
 
-    /// Grants the DOORBELL write as a synchronous ring append when `request.ring` names a ring,
-    /// and the STATUS read as a shared-slot read when `request.slot` offers a slot.
+    /// Grants the 4-byte DOORBELL write as a synchronous ring append when `request.ring` names a ring,
+    /// and the STATUS read (any width) as a shared-slot read when `request.slot` offers a slot.
     public func grantFastPath(_ request: FastPathRequest, enableWord: FastPathEnableWord) -> FastPathDescription? {
-        guard request.size == 4 else { return nil }
         switch (request.offset, request.direction) {
         case (DoorbellDevice.doorbellOffset, .write):
-            guard let ring = request.ring else { return nil }
+            // The ring carries 4-byte requests; a narrower store completes with fewer bits and exits.
+            guard request.size == 4, let ring = request.ring else { return nil }
             let d = FastPathDescription(.ringAppend(ring: ring, mode: .synchronous), for: request)
             lock.withLock { grants.add(d, word: enableWord, exact: doorbellIsExact) }
             return d
         case (DoorbellDevice.statusOffset, .read):
-            guard let slot = request.slot else { return nil }
+            // `read` answers the count at every width (the bus hands the guest its low `size` bytes): the
+            // slot's low bytes, little-endian, are the same value.
+            guard [1, 2, 4, 8].contains(request.size), let slot = request.slot else { return nil }
             let d = FastPathDescription(.sharedSlotRead(slot: slot.index), for: request)
             lock.withLock { grants.add(d, word: enableWord, slot: slot, value: UInt64(completionCount), exact: true) }
             return d
