@@ -184,6 +184,8 @@ let transparencyGuests: [(String, String)] = [
     ("c-portops-cpl3", "iters=60"), ("c-portops-cpl3", "iters=60 slow=1"),
     // Inline poll loops in every output function, at -O0 (one out-of-line outb for two ports).
     ("c-manyloops-cpl3-O0", "iters=60"),
+    // Packed images: the hot code's page shares read-only data, or written data.
+    ("c-packed-cpl3", "iters=60"), ("c-packed-cpl3-data", "iters=60"),
 ]
 
 extension KVMTests {

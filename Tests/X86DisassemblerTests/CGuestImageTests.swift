@@ -31,6 +31,9 @@ struct CGuestImageTests {
         ("c-mmio-widths-cpl3", 0x6eff_7c79_4ac7_81f2),
         // Polling loops with timeouts, CONTROL read-modify-write sequences, an `orl` on DOORBELL.
         ("c-mmio-poll-cpl3", 0x5516_9a17_c3aa_0eca),
+        // Linked packed (code, read-only data, data, bss), committed before DMP's guard rules were made precise:
+        // the hot code's page holds read-only data; in the -data image, written data and the GDT.
+        ("c-packed-cpl3", 0xb113_a812_0239_b9d4), ("c-packed-cpl3-data", 0x3e6b_f9cf_3e64_a868),
     ]
 
     static func image(_ name: String) throws -> (file: [UInt8], elf: ELFImage) {
