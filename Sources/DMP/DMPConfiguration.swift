@@ -91,16 +91,22 @@ public struct DMPConfiguration: Sendable {
     /// The guest-physical ranges of the image's code (its loaded segments), which the guest maps at the same
     /// virtual addresses: where a function copy looks for its function and for direct calls into it.
     public var codeRanges: [GuestRange] = []
+    /// The image's sections from its ELF section headers (``use(_:)`` takes them): with them, a page may be guarded
+    /// unless it holds writable data (a writable section) or memory outside the image's segments; without them
+    /// (`nil`), any page holding a sized data symbol is refused, read-only data too.
+    package var imageLayout: ImageLayout?
     /// For tests: only these kinds of function-copy entries are used (nil: every kind the rules allow).
     package var copyEntryKinds: Set<CopyEntry.Kind>?
     /// For tests: whether a plan also serves the other hot-enough sites of the function it copies (false: each
     /// site is planned alone when it gets hot, so later ones rebuild the copy).
     package var planSiblings = true
 
-    /// Takes the symbols and code ranges of a loaded image.
+    /// Takes the symbols, code ranges and section layout of a loaded image (the layout lets DMP guard a code page
+    /// that shares its page with read-only data, as images linked without page-aligned sections have).
     public mutating func use(_ image: LoadedImage) {
         symbols = image.symbols
         codeRanges = image.segments
+        imageLayout = image.layout
     }
 
     /// The defaults: threshold 64 in a window of 4,096 exits, both strategies, verification on, user-mode fast paths off.

@@ -48,24 +48,58 @@ package struct GuardPolicy {
         return pages
     }
 
-    /// Checks that every page of `pages` (guest-physical, page aligned) may be guarded:
-    /// no page tables, no descriptor tables, no sized data symbol of the image on it.
+    /// Checks that every page of `pages` (guest-physical, page aligned) may be guarded: no page tables, no
+    /// descriptor tables, and no writable data. With the image's section layout (`layout`), writable data is what
+    /// overlaps a writable section (`SHF_WRITE`: `.data`, `.bss`, ...) or lies past the image's loaded segments on a
+    /// page that holds part of them (memory the guest may use for anything); code and read-only data (`.rodata`: strings, tables, constants the
+    /// guest never writes) may share a guarded page. Without a layout (no section headers), and for pages wholly
+    /// outside the image, any sized data symbol of the image on the page refuses it, read-only or not.
     /// `virtualOf` maps a guest-physical page to the guest-virtual page the image's symbols use.
-    package static func check(_ pages: [UInt64], memory: GuestMemory, sregs: SpecialRegisters,
-                              symbols: SymbolTable, virtualOf: (UInt64) -> UInt64) throws(DMPRefusal) {
+    package static func check(_ pages: [UInt64], memory: GuestMemory, sregs: SpecialRegisters, symbols: SymbolTable,
+                              layout: ImageLayout? = nil, virtualOf: (UInt64) -> UInt64) throws(DMPRefusal) {
+        for p in pages {
+            if let why = dataProblem(page: p, symbols: symbols, layout: layout, virtualOf: virtualOf) {
+                throw DMPRefusal(.guard, "page \(hex(p)) \(why)")
+            }
+        }
         let paging = PagingContext(sregs)
         guard let tables = pageTablePages(memory: memory, paging: paging, fiveLevel: sregs.cr4 & (1 << 12) != 0) else {
             throw DMPRefusal(.guard, "more than \(pageTableLimit) page-table pages: cannot prove the code page holds none")
         }
         let descriptors = descriptorTablePages(memory: memory, sregs: sregs)
         for p in pages {
-            let hex = "0x" + String(p, radix: 16)
-            if tables.contains(p) { throw DMPRefusal(.guard, "page \(hex) holds page tables") }
-            if descriptors.contains(p) { throw DMPRefusal(.guard, "page \(hex) holds a descriptor table (GDT, IDT, TSS or LDT)") }
-            let v = virtualOf(p)
-            if let s = symbols.symbols.first(where: { !$0.isFunction && $0.size > 0 && $0.address < v &+ 0x1000 && $0.address &+ $0.size > v }) {
-                throw DMPRefusal(.guard, "page \(hex) holds data (\(s.name))")
-            }
+            if tables.contains(p) { throw DMPRefusal(.guard, "page \(hex(p)) holds page tables") }
+            if descriptors.contains(p) { throw DMPRefusal(.guard, "page \(hex(p)) holds a descriptor table (GDT, IDT, TSS or LDT)") }
         }
+    }
+
+    /// Why guest-physical page `page` holds data a guard must not cover (see ``check(_:memory:sregs:symbols:layout:virtualOf:)``),
+    /// or `nil`.
+    package static func dataProblem(page: UInt64, symbols: SymbolTable, layout: ImageLayout?,
+                                    virtualOf: (UInt64) -> UInt64) -> String? {
+        let v = virtualOf(page)
+        // The sized data symbols on the page, to name what the data is.
+        let data = symbols.symbols.filter { !$0.isFunction && $0.size > 0 && $0.address < v &+ 0x1000 && $0.address &+ $0.size > v }
+        guard let layout else {
+            return data.first.map { "holds data (\($0.name))" }
+        }
+        let pageRange = GuestRange(start: GuestAddress(page), size: 0x1000)
+        if let s = layout.sections.first(where: { $0.writable && $0.range.overlaps(pageRange) }) {
+            // Name a data symbol inside the section's part of the page, when there is one.
+            let lo = v &+ (max(s.range.start.rawValue, page) &- page)
+            let hi = v &+ (min(s.range.start.rawValue &+ s.range.size, page &+ 0x1000) &- page)
+            let named = data.first { $0.address < hi && $0.address &+ $0.size > lo }
+            return "holds writable data (section \(s.name.isEmpty ? "?" : s.name) at \(hex(s.range.start.rawValue))-\(hex(s.range.start.rawValue &+ s.range.size))"
+                + (named.map { ", \($0.name)" } ?? "") + ")"
+        }
+        // The image's last page may go on past its end, where the guest's heap often starts: refused. A page wholly
+        // outside the image (code the guest loaded or generated itself) is judged as without a layout.
+        var covered: UInt64 = 0
+        for r in layout.segments where r.overlaps(pageRange) {
+            covered &+= min(r.start.rawValue &+ r.size, page &+ 0x1000) &- max(r.start.rawValue, page)
+        }
+        if covered == 0 { return data.first.map { "holds data (\($0.name))" } }
+        if covered < 0x1000 { return "reaches past the image's loaded segments (memory the guest may use for data)" }
+        return nil
     }
 }

@@ -737,7 +737,7 @@ extension PatchPlanner {
         let sorted = pages.sorted()
         let offset = located.virtualAddress &- located.physicalAddress.rawValue
         try GuardPolicy.check(sorted, memory: vm.memory, sregs: located.specialRegisters, symbols: configuration.symbols,
-                              virtualOf: { $0 &+ offset })
+                              layout: configuration.imageLayout, virtualOf: { $0 &+ offset })
         return sorted
     }
 

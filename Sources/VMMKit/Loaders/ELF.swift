@@ -53,6 +53,24 @@ public struct ELFImage: Sendable {
     public var pvhEntry: UInt32?
     /// The symbol table (empty when the image has none).
     public var symbols: SymbolTable
+    /// An allocated section (`SHF_ALLOC`) as the section headers give it.
+    package struct Section: Hashable, Sendable {
+        /// The name, from the section-header string table (empty when there is none).
+        package var name: String
+        /// The virtual address (`sh_addr`).
+        package var address: UInt64
+        /// The size in memory (`sh_size`; `SHT_NOBITS` sections too).
+        package var size: UInt64
+        /// `SHF_WRITE`.
+        package var writable: Bool
+        /// `SHF_EXECINSTR`.
+        package var executable: Bool
+    }
+    /// The allocated sections, or `nil` when the image has no usable section headers.
+    package var sections: [Section]?
+
+    /// The most section headers read (an image with more is treated as having none).
+    static let maximumSections: UInt64 = 4096
 
     /// The largest image the loader accepts (1 GiB).
     public static let maximumSize = 1 << 30
@@ -124,6 +142,8 @@ public struct ELFImage: Sendable {
         segments = segs
         pvhEntry = pvh
         symbols = (try? ELFImage.symbolTable(r, shoff: shoff, shentsize: shentsize, shnum: shnum)) ?? SymbolTable()
+        let shstrndx = UInt64(try r.u16(62, "e_shstrndx"))
+        sections = try? ELFImage.allocatedSections(r, shoff: shoff, shentsize: shentsize, shnum: shnum, shstrndx: shstrndx)
 
         let target = pvh.map(UInt64.init) ?? entry
         let inImage = segs.contains { target >= $0.physicalAddress && target - $0.physicalAddress < $0.memorySize }
@@ -156,6 +176,37 @@ public struct ELFImage: Sendable {
             off = next
         }
         return nil
+    }
+
+    /// The allocated sections of the section headers; `nil` when there are none to read (or too many).
+    static func allocatedSections(_ r: ByteReader, shoff: UInt64, shentsize: UInt64, shnum: UInt64,
+                                  shstrndx: UInt64) throws(LoaderError) -> [Section]? {
+        guard shoff != 0, shnum > 0, shnum <= maximumSections, shentsize >= 64 else { return nil }
+        try r.check(shoff, shentsize * shnum, "the section headers")
+        var names: (offset: UInt64, size: UInt64)?
+        if shstrndx < shnum {
+            let sh = shoff + shstrndx * shentsize
+            let off = try r.u64(sh + 24, "shstrtab sh_offset"), size = try r.u64(sh + 32, "shstrtab sh_size")
+            if (try? r.check(off, size, "the section-header string table")) != nil { names = (off, size) }
+        }
+        var out: [Section] = []
+        for i in 0..<shnum {
+            let sh = shoff + i * shentsize
+            let flags = try r.u64(sh + 8, "sh_flags")
+            guard flags & 0x2 != 0 else { continue } // SHF_ALLOC
+            let address = try r.u64(sh + 16, "sh_addr"), size = try r.u64(sh + 32, "sh_size")
+            guard !address.addingReportingOverflow(size).overflow else {
+                throw .inconsistent("section \(i) at 0x\(String(address, radix: 16)) of \(size) bytes wraps")
+            }
+            var name: [UInt8] = []
+            if let names {
+                var p = names.offset + UInt64(try r.u32(sh, "sh_name"))
+                while p < names.offset + names.size, r.bytes[Int(p)] != 0, name.count < 64 { name.append(r.bytes[Int(p)]); p += 1 }
+            }
+            out.append(Section(name: String(decoding: name, as: UTF8.self), address: address, size: size,
+                               writable: flags & 0x1 != 0, executable: flags & 0x4 != 0))
+        }
+        return out
     }
 
     static func symbolTable(_ r: ByteReader, shoff: UInt64, shentsize: UInt64, shnum: UInt64) throws(LoaderError) -> SymbolTable {

@@ -78,6 +78,9 @@ public struct LoadedImage: Sendable {
     public var segments: [GuestRange]
     /// The image's symbols (empty for flat binaries and stripped images).
     public var symbols: SymbolTable
+    /// Where the image's sections (code, read-only data, writable data) lie, from its ELF section headers;
+    /// `nil` for flat binaries and images without section headers.
+    package var layout: ImageLayout?
 }
 
 /// Boots x86-64 guests without firmware: loads the image, builds the GDT,
@@ -124,7 +127,7 @@ public enum X86Boot {
                 }
                 entry = .pvh(pvh)
             } else { entry = .long64(try physicalEntry(elf)) }
-            loaded = LoadedImage(entry: entry, segments: ranges, symbols: elf.symbols)
+            loaded = LoadedImage(entry: entry, segments: ranges, symbols: elf.symbols, layout: ImageLayout(elf))
         case .flat(let bytes, let loadAddress, let entry):
             guard !bytes.isEmpty else { throw .loader(.empty) }
             let r = try place(index: 0, at: loadAddress, size: UInt64(bytes.count), memorySize: memSize)
