@@ -84,7 +84,7 @@ struct CallPromotionTests {
         }
     }
 
-    @Test("the stack depth of an accessor: pushes, sub/add rsp, lea rsp; refused after a branch or an untracked rsp change")
+    @Test("the stack depth of an accessor: pushes, sub/add rsp, lea rsp, along every path; refused where paths disagree, none arrives or rsp changes untracked")
     func stackDepth() throws {
         let d = try X86Disassembler()
         func function(_ bytes: [UInt8]) throws -> DecodedFunction {
@@ -104,9 +104,23 @@ struct CallPromotionTests {
         // call 0x2000; in al, dx; ret: the call returned, its return address popped.
         let c = try function([0xe8, 0xfb, 0x0f, 0x00, 0x00, 0xec, 0xc3])
         #expect(try c.stackDepth(at: 0x1005) == 0)
-        // jmp <in>... an unconditional jump on the way (it lands on the in: refused either way); call rax before it.
+        // call rax; in al, dx; ret: an indirect call returns with RSP as it was, like a direct one.
         let r = try function([0xff, 0xd0, 0xec, 0xc3])
-        #expect(throws: DMPRefusal.self) { try r.stackDepth(at: 0x1002) }
+        #expect(try r.stackDepth(at: 0x1002) == 0)
+        // push rbx; test edi, edi; jne L; pause; L: call rax; test eax, eax; je L; in al, dx; pop rbx; ret:
+        // branches landing on the way (clang's shape: a poll loop through a pointer before the access), every
+        // path with 8 bytes pushed.
+        let l = try function([0x53, 0x85, 0xff, 0x75, 0x02, 0xf3, 0x90, 0xff, 0xd0, 0x85, 0xc0, 0x74, 0xfa, 0xec, 0x5b, 0xc3])
+        #expect(try l.stackDepth(at: 0x100d) == 8)
+        // test edi, edi; je L; push rax; L: jmp M; M: in al, dx; ret: the paths disagree (0 and 8) even after a jump.
+        let m = try function([0x85, 0xff, 0x74, 0x01, 0x50, 0xeb, 0x00, 0xec, 0xc3])
+        #expect(throws: DMPRefusal.self) { try m.stackDepth(at: 0x1007) }
+        // ret; in al, dx: nothing reaches the in.
+        let u = try function([0xc3, 0xec, 0xc3])
+        #expect(throws: DMPRefusal.self) { try u.stackDepth(at: 0x1001) }
+        // test edi, edi; je L; mov rsp, rbp; L: in al, dx; ret: an untracked change on one path.
+        let v = try function([0x85, 0xff, 0x74, 0x03, 0x48, 0x89, 0xec, 0xec, 0xc3])
+        #expect(throws: DMPRefusal.self) { try v.stackDepth(at: 0x1007) }
         // mov rsp, rbp; in al, dx; ret
         let h = try function([0x48, 0x89, 0xec, 0xec, 0xc3])
         #expect(throws: DMPRefusal.self) { try h.stackDepth(at: 0x1003) }

@@ -28,6 +28,21 @@ extension KVMTests {
         #expect(onExits * 10 < offExits, "steady exits \(onExits) with DMP, \(offExits) without")
     }
 
+    @Test("c-portstat-cpl3-noalign: accessors whose branch over a counter lands before the port access (stack depth followed along both paths) served through every caller's promoted call; over 90% of the steady exits gone, same output",
+          arguments: ["iters=200 slow=1 trace=1", "iters=200 trace=1", "iters=200 slow=1"])
+    func dmpAccessorBranchBeforeAccess(commandLine: String) throws {
+        let off = try DMPLibraryRun("c-portstat-cpl3-noalign", commandLine: commandLine, dmp: false)
+        let on = try DMPLibraryRun("c-portstat-cpl3-noalign", commandLine: commandLine)
+        #expect(on.stop == .guestExit(status: 0) && off.stop == on.stop)
+        let rows = on.report.filter { $0.location.hasPrefix("io_serial_") }
+        #expect(!rows.isEmpty && rows.allSatisfy { $0.state == .patched && $0.hitsServed > 0 && $0.strategy.contains("promoted call") },
+                "\(DMPReport.text(on.report))")
+        #expect(rows.contains { $0.location.contains(" via ") }, "\(DMPReport.text(on.report))")
+        #expect(masked(on.text) == masked(off.text))
+        let offExits = try #require(off.steadyExits), onExits = try #require(on.steadyExits)
+        #expect(onExits * 10 < offExits, "steady exits \(onExits) with DMP, \(offExits) without")
+    }
+
     @Test("c-manyloops-cpl3-O0: outb's out dx, al, copied for the THR, gets port 0x80 hot from inside the copy's body and is rebuilt to serve both; over 90% of the steady exits gone, same output")
     func dmpBodyFallbackForAnotherPort() throws {
         let off = try DMPLibraryRun("c-manyloops-cpl3-O0", commandLine: "iters=200", dmp: false)

@@ -202,6 +202,7 @@ let transparencyGuests: [(String, String)] = [
     ("c-manyloops-cpl3-O0", "iters=60"),
     // Packed images: the hot code's page shares read-only data, or written data.
     ("c-packed-cpl3", "iters=60"), ("c-packed-cpl3-data", "iters=60"),
+    ("c-portstat-cpl3-noalign", "iters=60 slow=1 trace=1"),
 ]
 
 extension KVMTests {

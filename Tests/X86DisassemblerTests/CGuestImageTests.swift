@@ -34,6 +34,8 @@ struct CGuestImageTests {
         // Linked packed (code, read-only data, data, bss), committed before DMP's guard rules were made precise:
         // the hot code's page holds read-only data; in the -data image, written data and the GDT.
         ("c-packed-cpl3", 0xb113_a812_0239_b9d4), ("c-packed-cpl3-data", 0x3e6b_f9cf_3e64_a868),
+        // c-portops-cpl3 with statistics in its accessors, no padding between functions (-falign-functions=1).
+        ("c-portstat-cpl3-noalign", 0x2109_9706_1bc9_4fd3),
     ]
 
     static func image(_ name: String) throws -> (file: [UInt8], elf: ELFImage) {
@@ -89,6 +91,9 @@ struct CGuestImageTests {
         ("c-portops-cpl3", "io_serial_out", ["out dx, al [1]", "ret [1]"]),
         ("c-manyloops-cpl3-O0", "outb", ["movzx edx, word ptr [rbp - 8] [4]", "out dx, al [1]"]),
         ("c-manyloops-cpl3-O0", "inb", ["in al, dx [1]"]),
+        // A branch over the statistics counter lands just before the port access; no 5-byte instruction.
+        ("c-portstat-cpl3-noalign", "io_serial_in_p", ["cmp byte ptr [rdi + 8], 0 [4]", "je 0x101504 [2]", "add byte ptr [rdi + 9], 1 [4]",
+                                                      "add dx, word ptr [rdi] [3]", "in al, dx [1]", "out 0x80, al [2]", "ret [1]"]),
         ("c-poll-cpl3-Os", "poll_console_write", ["mov edi, edx [2]", "mov r8d, 0x3fd [6]", "mov r9d, 0x3f8 [6]", "in al, dx [1]",
                                                   "je 0x10142f [2]", "out dx, al [1]", "jmp 0x10142a [2]", "ret [1]"]),
     ])

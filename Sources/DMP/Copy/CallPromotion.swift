@@ -183,47 +183,78 @@ package struct CallPromotion: Hashable, Sendable {
 }
 
 extension DecodedFunction {
-    /// How many bytes the function's code has pushed on the stack when it reaches the instruction at `address`,
-    /// decoded from its start: `push`/`pop` (8 bytes each), `sub`/`add rsp, imm`, `lea rsp, [rsp + d]`. Refuses
-    /// when the way there is not straight-line (a branch landing between the start and it; an unconditional or
-    /// indirect jump, an indirect call or a return before it) or RSP changes any other way (`mov rsp`, `leave`,
-    /// `enter`, `and rsp`, 16-bit pushes).
+    /// How many bytes the function's code has pushed on the stack when it reaches the instruction at `address`:
+    /// `push`/`pop` (8 bytes each), `sub`/`add rsp, imm`, `lea rsp, [rsp + d]`, followed from the start through the
+    /// function's branches (fall-through, direct jumps and conditional branches inside it; calls, direct or
+    /// indirect, return with RSP as it was; returns, indirect jumps and jumps out of the function end a path).
+    /// Refuses when the paths reaching `address` disagree (a push skipped by a branch), when one of them changes
+    /// RSP any other way (`mov rsp`, `leave`, `enter`, `and rsp`, 16-bit pushes) or none reaches it.
+    /// The depth only chooses which caller a promotion looks at (the return address read there is checked, and
+    /// the promoted call compares its target at run time): a wrong one can cost the patch, never correctness.
     package func stackDepth(at address: UInt64) throws(DMPRefusal) -> UInt64 {
-        guard let k = index(at: address) else { throw DMPRefusal(.plan, "0x\(String(address, radix: 16)) is no instruction start of \(symbol.name)") }
-        if let b = instructions.first(where: { $0.branch.map { contains($0.target) && $0.target > start && $0.target <= address } ?? false }) {
-            throw DMPRefusal(.plan, "\(b) at \(location(b.address)) lands between \(symbol.name)'s start and \(location(address)) (stack depth unknown)")
-        }
-        var depth: Int64 = 0
-        for i in instructions[..<k] {
-            // No branch lands between the start and `address`, so the way there falls through every instruction before
-            // it: a conditional branch on the way was not taken, a call returned (to the next instruction, its
-            // return address popped). An unconditional jump, an indirect branch or a return would leave it.
+        guard let target = index(at: address) else { throw DMPRefusal(.plan, "0x\(String(address, radix: 16)) is no instruction start of \(symbol.name)") }
+        /// Depth on entry to each instruction reached: a number of bytes, or nil once an untracked change reached it.
+        var depths: [Int: Int64?] = [0: 0]
+        var untracked: [Int: DMPRefusal] = [:]
+        var work = [0]
+        var steps = 0
+        while let k = work.popLast() {
+            steps += 1
+            guard steps <= 4 * instructions.count + 4, let entry = depths[k] else { break }
+            let i = instructions[k]
             let g = i.groups
-            let fallsThrough = g.contains(.conditionalBranch) || (g.contains(.call) && !g.contains(.indirectBranch))
-            guard fallsThrough || !(g.contains(.jump) || g.contains(.call) || g.contains(.return) || g.contains(.interrupt)) else {
-                throw DMPRefusal(.plan, "\(i) at \(location(i.address)) before \(location(address)) (stack depth unknown)")
+            var after = entry
+            if let d = entry, i.registersWritten.contains(.rsp), !g.contains(.call), !g.contains(.return) {
+                let unknown = DMPRefusal(.plan, "\(i) at \(location(i.address)) changes rsp in a way not tracked")
+                let ops = i.operands.map(\.operand)
+                var next: Int64?
+                if !i.encoding.hasOperandSizePrefix {
+                    switch i.mnemonic {
+                    case "push", "pushfq": next = d + 8
+                    case "pop", "popfq": next = ops.first == .register(.rsp) ? nil : d - 8
+                    case "sub", "add":
+                        if ops.count == 2, ops[0] == .register(.rsp), case .immediate(let v) = ops[1] { next = i.mnemonic == "sub" ? d + v : d - v }
+                    case "lea":
+                        if ops.count == 2, ops[0] == .register(.rsp), case .memory(let m) = ops[1], m.base == .rsp, m.index == nil {
+                            next = d - m.displacement
+                        }
+                    default: break
+                    }
+                }
+                if next == nil { untracked[k] = unknown }
+                if let n = next, !(0...4096).contains(n) {
+                    throw DMPRefusal(.plan, "\(symbol.name) has \(n) bytes on the stack at \(location(i.address)) (0 to 4096 tracked)")
+                }
+                after = next
             }
-            guard i.registersWritten.contains(.rsp), !g.contains(.call) else { continue }
-            let unknown = DMPRefusal(.plan, "\(i) at \(location(i.address)) changes rsp in a way not tracked")
-            guard !i.encoding.hasOperandSizePrefix else { throw unknown }
-            let ops = i.operands.map(\.operand)
-            switch i.mnemonic {
-            case "push", "pushfq": depth += 8
-            case "pop", "popfq":
-                if ops.first == .register(.rsp) { throw unknown }
-                depth -= 8
-            case "sub", "add":
-                guard ops.count == 2, ops[0] == .register(.rsp), case .immediate(let v) = ops[1] else { throw unknown }
-                depth += i.mnemonic == "sub" ? v : -v
-            case "lea":
-                guard ops.count == 2, ops[0] == .register(.rsp), case .memory(let m) = ops[1], m.base == .rsp, m.index == nil else { throw unknown }
-                depth -= m.displacement
-            default:
-                throw unknown
+            var successors: [Int] = []
+            let ends = g.contains(.return) || g.contains(.interruptReturn) || g.contains(.interrupt)
+                || (g.contains(.jump) && !g.contains(.conditionalBranch)) || i.mnemonic.hasPrefix("ud") || i.mnemonic == "hlt"
+            if !ends, k + 1 < instructions.count { successors.append(k + 1) }
+            if let b = i.branch, !g.contains(.call), g.contains(.jump), let t = index(at: b.target) { successors.append(t) }
+            for t in successors {
+                switch depths[t] {
+                case .none:
+                    depths[t] = after
+                    work.append(t)
+                case .some(let known) where known != after:
+                    guard let known, let after else {
+                        // An untracked change reaches an instruction reached with a known depth too.
+                        if depths[t] != .some(nil) { depths[t] = .some(nil); work.append(t) }
+                        continue
+                    }
+                    throw DMPRefusal(.plan, "the stack depth at \(location(instructions[t].address)) is \(known) or \(after) bytes by different paths (stack depth unknown)")
+                default:
+                    break
+                }
             }
-            guard (0...4096).contains(depth) else {
-                throw DMPRefusal(.plan, "\(symbol.name) has \(depth) bytes on the stack at \(location(i.address)) (0 to 4096 tracked)")
-            }
+        }
+        guard let reached = depths[target] else {
+            throw DMPRefusal(.plan, "no path from \(symbol.name)'s start reaches \(location(address)) (stack depth unknown)")
+        }
+        guard let depth = reached else {
+            throw untracked.sorted { $0.key < $1.key }.first?.value
+                ?? DMPRefusal(.plan, "rsp changes in a way not tracked before \(location(address))")
         }
         return UInt64(depth)
     }
