@@ -66,7 +66,11 @@ struct Bench: ParsableCommand {
     @Option(help: "Run the VMs' threads (vCPU, ring poller, timer) under SCHED_FIFO at this priority (1-99; 0: the host's default policy), so other busy host threads cannot take their CPUs. Taken only with a host CPU per busy thread (the vCPU and the poller).")
     var realtimePriority: Int32 = 0
 
+    @Option(help: "Slots per paravirtual ring in the in-process variants (a power of two, 2-32768; above 512 the doorbell's ring moves and its static-PV twin is left out).")
+    var ringSlots: UInt32 = 512
+
     func validate() throws {
+        try validateRingSlots(ringSlots)
         guard (0...99).contains(realtimePriority) else { throw ValidationError("--realtime-priority must be 0...99") }
         guard runs >= 1, runs <= 1000 else { throw ValidationError("--runs must be 1...1000") }
         guard seconds > 0, seconds <= 3600 else { throw ValidationError("--seconds must be in (0, 3600]") }
@@ -91,7 +95,7 @@ struct Bench: ParsableCommand {
                 printError("bench: minivmm's threads run under SCHED_FIFO \(realtimePriority)")
             }
         }
-        let env = BenchEnvironment(guests: guests, qemu: qemu, tscPerNanosecond: calibrateTSC())
+        let env = BenchEnvironment(guests: guests, qemu: qemu, tscPerNanosecond: calibrateTSC(), ringSlots: ringSlots)
         if json {
             print(Bench.json(try workloadRecords(env)))
             return

@@ -26,6 +26,9 @@ struct BenchWorkload: Sendable {
     let coalescedZone: CoalescedZone
     /// Whether QEMU has the devices the workload needs.
     let runsUnderQEMU: Bool
+    /// Whether the static-PV twin uses only ring 0 (the UART's), whose header stays where it is whatever the
+    /// ring size (the doorbell twins use ring 1, at the default stride).
+    var usesRing0Only: Bool { coalescedZone.isPIO }
     /// Whether `Guests/NAME-pv.elf` exists. The guests written in C have no
     /// static-PV twin: they are ordinary C programs, not rewritten by hand.
     var hasStaticPVTwin = true
@@ -74,6 +77,8 @@ struct BenchEnvironment: Sendable {
     var qemu: String?
     /// TSC ticks per nanosecond.
     var tscPerNanosecond: Double
+    /// Slots per paravirtual ring of the in-process variants (`--ring-slots`).
+    var ringSlots: UInt32 = 512
 }
 
 /// One run of a workload under a variant.
@@ -154,21 +159,25 @@ struct BenchVariant: Sendable {
 
     /// minivmm, every access an exit.
     static let full = BenchVariant(name: "full", unavailable: { _, _ in nil }) { w, n, env in
-        try runInProcess(env.guests + "/" + w.name + ".elf", iterations: n)
+        try runInProcess(env.guests + "/" + w.name + ".elf", iterations: n, ringSlots: env.ringSlots)
     }
 
     /// The static-PV twin: the same work through minivmm's ring device.
-    static let staticPV = BenchVariant(name: "static-pv", unavailable: { w, _ in
-        w.hasStaticPVTwin ? nil : "\(w.name) has no static-PV twin"
+    static let staticPV = BenchVariant(name: "static-pv", unavailable: { w, env in
+        if !w.hasStaticPVTwin { return "\(w.name) has no static-PV twin" }
+        if !w.usesRing0Only, StandardDevices.ringStride(slotCount: env.ringSlots) != PVRingLayout.defaultStride {
+            return "its twin finds the doorbell's ring at the default stride, which \(env.ringSlots) slots do not fit"
+        }
+        return nil
     }) { w, n, env in
-        try runInProcess(env.guests + "/" + w.name + "-pv.elf", iterations: n)
+        try runInProcess(env.guests + "/" + w.name + "-pv.elf", iterations: n, ringSlots: env.ringSlots)
     }
 
     /// minivmm with a KVM coalesced zone on the register the loop writes: the
     /// kernel batches those writes into a ring that minivmm drains before the
     /// next exit (the in-kernel alternative DMP must beat).
     static let coalesced = BenchVariant(name: "coalesced", unavailable: { _, _ in nil }) { w, n, env in
-        try runInProcess(env.guests + "/" + w.name + ".elf", iterations: n) { vm in
+        try runInProcess(env.guests + "/" + w.name + ".elf", iterations: n, ringSlots: env.ringSlots) { vm in
             try vm.registerCoalescedZone(w.coalescedZone)
         }
     }
@@ -180,7 +189,8 @@ struct BenchVariant: Sendable {
     static let dmp = BenchVariant(name: "dmp", unavailable: { _, _ in nil }, confirmsCalibration: true) { w, n, env in
         var middleware: DMPMiddleware?
         var devices: StandardDevices?
-        var run = try runInProcess(env.guests + "/" + w.name + ".elf", iterations: n, afterLoad: { vm, d, loaded in
+        var run = try runInProcess(env.guests + "/" + w.name + ".elf", iterations: n, ringSlots: env.ringSlots,
+                                   afterLoad: { vm, d, loaded in
             var c = DMPConfiguration()
             c.use(loaded)
             c.userModeFastPaths = true
@@ -466,14 +476,15 @@ final class SteadyPhaseCPUClock: ExitHandler, Sendable {
 }
 
 /// Runs a workload image in this process with the standard devices and 64 MiB.
-func runInProcess(_ image: String, iterations: Int, prepare: (VirtualMachine) throws -> Void = { _ in },
+func runInProcess(_ image: String, iterations: Int, ringSlots: UInt32 = 512,
+                  prepare: (VirtualMachine) throws -> Void = { _ in },
                   afterLoad: (VirtualMachine, StandardDevices, LoadedImage) throws -> Void = { _, _, _ in }) throws -> BenchRun {
     // The end of the output only: the RESULT line comes last, and a long run writes hundreds of megabytes.
     let out = OutputTail()
     let vm = try VirtualMachine(backend: try KVMSystem(), configuration: VMConfiguration(memorySize: 64 << 20))
     let clock = SteadyPhaseCPUClock()
     vm.addExitHandler(clock)
-    let devices = try StandardDevices.install(on: vm, console: out.sink())
+    let devices = try StandardDevices.install(on: vm, console: out.sink(), ringSlotCount: ringSlots)
     clock.sampleRings(of: devices.rings)
     try prepare(vm)
     let loaded = try X86Boot.load(.elf(try readFile(image)), commandLine: "iters=\(iterations)", into: vm)

@@ -42,6 +42,9 @@ struct GuestOptions: ParsableArguments {
     @Option(help: "Run the VM's threads (vCPUs, ring poller, timer) under SCHED_FIFO at this priority (1-99), so other busy host threads cannot take their CPUs (a ring producer falls back to exits while the poller is off its CPU). Taken only with a host CPU per vCPU and one for the poller.")
     var realtimePriority: Int32?
 
+    @Option(help: "Slots per paravirtual ring (a power of two, 2-32768; above 512 the doorbell's ring moves past where the static-PV guests look for it).")
+    var ringSlots: UInt32 = 512
+
     var ringPolling: PVRingPolling {
         guard ringPoll else { return .disabled }
         return .enabled(idleNanoseconds: ringPollIdle > UInt64.max / 1000 ? UInt64.max : ringPollIdle * 1000,
@@ -61,6 +64,7 @@ struct GuestOptions: ParsableArguments {
         }
         guard (1...256).contains(cpus) else { throw ValidationError("bad --cpus \(cpus): use 1 to 256") }
         if let p = realtimePriority, !(1...99).contains(p) { throw ValidationError("bad --realtime-priority \(p): use 1 to 99") }
+        try validateRingSlots(ringSlots)
     }
 
     func image() throws -> (BootImage, String) {
@@ -120,6 +124,13 @@ struct Run: ParsableCommand {
     }
 }
 
+/// Refuses a `--ring-slots` value ``StandardDevices`` cannot lay out.
+func validateRingSlots(_ slots: UInt32) throws {
+    guard slots >= 2, slots <= StandardDevices.maximumRingSlotCount, slots & (slots - 1) == 0 else {
+        throw ValidationError("bad --ring-slots \(slots): use a power of two from 2 to \(StandardDevices.maximumRingSlotCount)")
+    }
+}
+
 /// A configured VM with the standard devices and a loaded guest.
 struct Session {
     let vm: VirtualMachine
@@ -145,7 +156,8 @@ struct Session {
         // First in the chain, so it sees exits the devices' own handlers consume.
         snapshots = profile ? ExitSnapshots() : nil
         if let snapshots { vm.addExitHandler(snapshots) }
-        devices = try StandardDevices.install(on: vm, console: console, ringPolling: options.ringPolling)
+        devices = try StandardDevices.install(on: vm, console: console, ringPolling: options.ringPolling,
+                                              ringSlotCount: options.ringSlots)
         let (image, _) = try options.image()
         loaded = try X86Boot.load(image, commandLine: options.append, into: vm)
         if var c = dmp {

@@ -79,6 +79,25 @@ struct BenchJSONTests {
         #expect(throws: (any Error).self) { try Bench.parse(["--runs", "0"]) }
         #expect(try Bench.parse([]).variants == BenchVariant.all.map(\.name))
     }
+
+    @Test("--ring-slots: a power of two up to 32,768; above 512 the doorbell twins are left out, the UART twins run")
+    func ringSlots() throws {
+        #expect(try Bench.parse([]).ringSlots == 512)
+        #expect(try Bench.parse(["--ring-slots", "4096"]).ringSlots == 4096)
+        for bad in ["1000", "1", "65536"] {
+            #expect(throws: (any Error).self) { try Bench.parse(["--ring-slots", bad]) }
+        }
+        #expect(try Run.parse(["--ring-slots", "8192"]).guest.ringSlots == 8192)
+        #expect(throws: (any Error).self) { try Run.parse(["--ring-slots", "3"]) }
+        let uart = try #require(BenchWorkload.all.first { $0.name == "uart-cpl3" })
+        let doorbell = try #require(BenchWorkload.all.first { $0.name == "doorbell-cpl3" })
+        var env = BenchEnvironment(guests: "", qemu: nil, tscPerNanosecond: 1)
+        #expect(BenchVariant.staticPV.unavailable(uart, env) == nil)
+        #expect(BenchVariant.staticPV.unavailable(doorbell, env) == nil)
+        env.ringSlots = 4096
+        #expect(BenchVariant.staticPV.unavailable(uart, env) == nil)
+        #expect(BenchVariant.staticPV.unavailable(doorbell, env) != nil)
+    }
 }
 
 @Suite("bench: the RESULT line of a run's output")

@@ -36,12 +36,12 @@ struct RingFixture {
     let sink: BatchSink
     var header: GuestAddress { ring.header(0) }
 
-    init(slots: UInt32 = 8, width: Int = 1, synchronous: Bool = false) throws {
+    init(slots: UInt32 = 8, width: Int = 1, synchronous: Bool = false, stride: UInt64 = PVRingLayout.defaultStride) throws {
         memory = try GuestMemory(size: 32 << 20)
         let bus = IOBus()
         sink = BatchSink()
         try bus.attach(sink, ports: 0x3f8..<0x3f9)
-        ring = try PVRingDevice(memory: memory, bus: bus,
+        ring = try PVRingDevice(memory: memory, bus: bus, stride: stride,
                                 targets: [PVRingTarget(space: .pio, address: 0x3f8, width: width, synchronous: synchronous)],
                                 slotCount: slots)
     }
@@ -91,6 +91,39 @@ struct RingTests {
         #expect(f.sink.batches.count >= 3 && f.sink.batches.count <= 6, "one or two runs per drain (wrap-around)")
         #expect(try f.consumerWord() == 18 && f.ring.consumerIndex(ring: 0) == 18, "consumer index published")
         #expect(try f.memory.read(UInt64.self, at: f.slotAddress(17)) == 17 + 8, "consumed slot freed as (p + count, 0)")
+    }
+
+    @Test("a drain hands the device at most maximumBatch entries at once, in order, each batch freed before the next")
+    func batchLimit() throws {
+        let f = try RingFixture(slots: 2048, stride: StandardDevices.ringStride(slotCount: 2048))
+        let prod = try f.producer()
+        let published = (0..<1500).filter { prod.push(UInt32($0 & 0xff)) == .published }.count
+        #expect(published == 1500)
+        #expect(f.ring.drain() == nil)
+        #expect(f.sink.batches.map(\.count) == [512, 512, 476])
+        #expect(f.sink.values == (0..<1500).map { UInt64($0 & 0xff) })
+        #expect(f.ring.consumerIndex(ring: 0) == 1500)
+        #expect(!f.ring.hasPending())
+    }
+
+    @Test("the standard rings: 512 slots at the default stride, larger rings spaced to fit, up to 32,768; more refused")
+    func standardRingSizes() throws {
+        #expect(StandardDevices.ringStride(slotCount: 512) == PVRingLayout.defaultStride)
+        #expect(StandardDevices.ringStride(slotCount: 4096) == 0x9000, "128 + 32,768 bytes, whole pages")
+        #expect(StandardDevices.ringStride(slotCount: StandardDevices.maximumRingSlotCount) == 0x41000)
+        for slots: UInt32 in [512, 4096, StandardDevices.maximumRingSlotCount] {
+            let vm = try makeVM(MockHypervisor(), memory: 32 << 20)
+            let devices = try StandardDevices.install(on: vm, console: CapturedOutput().sink(), ringPolling: .disabled,
+                                                      ringSlotCount: slots)
+            #expect(devices.rings.slotCount == slots)
+            #expect(devices.rings.header(0) == X86Layout.ringArea.start, "the UART's ring stays where the guests look")
+            #expect(devices.rings.header(1).rawValue == X86Layout.ringArea.start.rawValue + StandardDevices.ringStride(slotCount: slots))
+            #expect(try vm.memory.read(UInt32.self, at: GuestAddress(devices.rings.header(1).rawValue + PVRingLayout.slotCountOffset)) == slots)
+        }
+        let vm = try makeVM(MockHypervisor(), memory: 32 << 20)
+        #expect(throws: VMError.self) {
+            _ = try StandardDevices.install(on: vm, console: CapturedOutput().sink(), ringSlotCount: StandardDevices.maximumRingSlotCount * 2)
+        }
     }
 
     @Test("a full ring makes the producer fall back when no consumer polls; values are masked to the ring's width")

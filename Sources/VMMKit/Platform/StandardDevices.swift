@@ -19,6 +19,17 @@ public struct StandardDevices {
     /// The rings' kick port (``PVRingKick``).
     public static let ringKickPort: UInt16 = 0x704
 
+    /// The largest ring ``install(on:console:ringPolling:ringSlotCount:)`` accepts: two rings fill
+    /// ``X86Layout/ringArea``.
+    public static let maximumRingSlotCount: UInt32 = 32_768
+
+    /// The distance between the standard rings' headers for rings of `slotCount` slots: the default
+    /// stride while it holds them, else the header and slots rounded up to whole pages.
+    public static func ringStride(slotCount: UInt32) -> UInt64 {
+        let bytes = PVRingLayout.slotsOffset + UInt64(slotCount) * PVRingLayout.slotSize
+        return max(PVRingLayout.defaultStride, (bytes + 4095) / 4096 * 4096)
+    }
+
     /// The UART.
     public let uart: UART8250
     /// The debug-exit port.
@@ -37,7 +48,11 @@ public struct StandardDevices {
     /// `ringPolling` says whether a polling thread consumes the rings while the
     /// VM runs (on by default; the drain timer runs either way).
     /// `ringSlotCount` is each ring's slot count (a power of two from 2 to
-    /// 512; small rings fill often, which tests of ordering want).
+    /// ``maximumRingSlotCount``; small rings fill often, which tests of ordering
+    /// want). Up to 512 slots the rings are ``PVRingLayout/defaultStride`` apart
+    /// (the static-PV guests' `PVRING_STRIDE`); larger rings are spaced
+    /// ``ringStride(slotCount:)`` apart, so ring 1 (the doorbell) moves and a
+    /// guest that expects it at the default stride does not find it.
     @discardableResult
     public static func install(on vm: VirtualMachine, console: OutputSink,
                                ringPolling: PVRingPolling = .enabled(),
@@ -49,7 +64,7 @@ public struct StandardDevices {
         let marker = PhaseMarker(port: markerPort)
         let rings: PVRingDevice
         do {
-            rings = try PVRingDevice(memory: vm.memory, bus: vm.bus, targets: [
+            rings = try PVRingDevice(memory: vm.memory, bus: vm.bus, stride: ringStride(slotCount: ringSlotCount), targets: [
                 PVRingTarget(space: .pio, address: 0x3f8, width: 1),
                 PVRingTarget(space: .mmio, address: doorbellBase + DoorbellDevice.doorbellOffset, width: 4, synchronous: true),
             ], slotCount: ringSlotCount, polling: ringPolling)

@@ -28,6 +28,10 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     public let stride: UInt64
     /// How often ``StandardDevices`` drains the rings from the timer while vCPUs run without exiting (10 ms).
     public static let drainInterval: UInt64 = 10_000_000
+    /// The most entries the consumer hands to a device (and frees) at once. A producer sees the slots of a
+    /// batch in progress as full until the device has taken the whole batch, so batches as long as a large ring
+    /// would keep it full for as long as the device needs for them (a UART taking 32,768 bytes).
+    public static let maximumBatch: UInt64 = 512
 
     /// Where ring 0's header is.
     public let base: GuestAddress
@@ -200,7 +204,7 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
             let c = r.consumer
             // Collect the run of published slots at c, c+1, ...
             var n: UInt64 = 0
-            let limit = min(budget, r.count)
+            let limit = min(budget, r.count, PVRingDevice.maximumBatch)
             while n < limit {
                 let w = r.slot(c &+ n).load()
                 guard PVRingLayout.sequence(of: w) == UInt32(truncatingIfNeeded: c &+ n &+ 1) else { break }
@@ -481,7 +485,7 @@ private final class Ring {
         self.valueMask = target.width >= 4 ? 0xffff_ffff : (1 << (UInt64(target.width) * 8)) - 1
         self.hint = SharedGuestWord(pointer: host + Int(PVRingLayout.hintOffset))
         self.consumerWord = SharedGuestWord(pointer: host + Int(PVRingLayout.consumerOffset))
-        self.values = .allocate(capacity: Int(count))
+        self.values = .allocate(capacity: Int(min(count, PVRingDevice.maximumBatch)))
         // Every slot starts free for its first lap: sequence = its position.
         for i in 0..<count { slot(i).store(PVRingLayout.slotWord(sequence: UInt32(i), value: 0)) }
     }
