@@ -19,6 +19,7 @@ extension KVMTests {
         ("c-mmio-cpl3", 16, "0x187b11fc"), ("c-mmio-cpl3", 160, "0xce81ef52"),
         ("c-boot-cpl3", 20, "0x179ac4c3"), ("c-boot-cpl3", 200, "0xaf475a3c"),
         ("c-packed-cpl3", 20, "0xfad247c5"), ("c-packed-cpl3", 200, "0xb5ddc848"),
+        ("c-higher-cpl3", 20, "0xfad247c5"), ("c-higher-cpl3", 200, "0xb5ddc848"),
     ])
     func cGuestChecksums(name: String, iters: Int, checksum: String) throws {
         let g = try GuestRun(name, commandLine: "iters=\(iters)")

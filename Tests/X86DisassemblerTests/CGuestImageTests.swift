@@ -36,6 +36,8 @@ struct CGuestImageTests {
         ("c-packed-cpl3", 0xb113_a812_0239_b9d4), ("c-packed-cpl3-data", 0x3e6b_f9cf_3e64_a868),
         // c-portops-cpl3 with statistics in its accessors, no padding between functions (-falign-functions=1).
         ("c-portstat-cpl3-noalign", 0x2109_9706_1bc9_4fd3),
+        // A higher-half kernel (code linked at 0xffffffff80100000, loaded at 1 MiB), committed before DMP's work on it.
+        ("c-higher-cpl3", 0x49fb_f0d7_74ea_0c83),
     ]
 
     static func image(_ name: String) throws -> (file: [UInt8], elf: ELFImage) {
