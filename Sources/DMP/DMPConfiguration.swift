@@ -89,7 +89,8 @@ public struct DMPConfiguration: Sendable {
     /// The image's symbols (a function copy needs the enclosing function's sized symbol; the report symbolizes sites).
     public var symbols: SymbolTable = SymbolTable()
     /// The guest-physical ranges of the image's code (its loaded segments), which the guest maps at the same
-    /// virtual addresses: where a function copy looks for its function and for direct calls into it.
+    /// virtual addresses: where a function copy looks for its function and for direct calls into it, when there is
+    /// no ``imageLayout`` (with one, the segments are read at their linked virtual addresses).
     public var codeRanges: [GuestRange] = []
     /// The image's sections from its ELF section headers (``use(_:)`` takes them): with them, a page may be guarded
     /// unless it holds writable data (a writable section) or memory outside the image's segments; without them

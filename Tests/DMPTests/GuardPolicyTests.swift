@@ -104,3 +104,17 @@ struct GuardPolicyTests {
         #expect(check(TestPageTables.pd) == "page 0x22000 holds page tables")
     }
 }
+
+extension GuardPolicyTests {
+    @Test("a higher-half image: the segments' virtual addresses beside their physical ranges; its code page (the gap between the low entry's segment and the high one included) may be guarded, its data page not")
+    func higherHalf() throws {
+        let e = try Self.elf("c-higher-cpl3")
+        let layout = try #require(ImageLayout(e))
+        #expect(layout.segments.map(\.start.rawValue) == [0x10_0000, 0x10_00c0, 0x10_2000])
+        #expect(layout.virtualAddresses == [0x10_0000, 0xffff_ffff_8010_00c0, 0xffff_ffff_8010_2000])
+        let high: (UInt64) -> UInt64 = { $0 &+ 0xffff_ffff_8000_0000 }
+        #expect(GuardPolicy.dataProblem(page: 0x10_0000, symbols: e.symbols, layout: layout, virtualOf: high) == nil)
+        let data = GuardPolicy.dataProblem(page: 0x10_1000, symbols: e.symbols, layout: layout, virtualOf: high)
+        #expect(data?.hasPrefix("holds writable data (section .data") == true && data?.hasSuffix(", out_hash)") == true, "\(data ?? "nil")")
+    }
+}

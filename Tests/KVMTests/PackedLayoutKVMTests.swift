@@ -36,3 +36,36 @@ extension KVMTests {
         }
     }
 }
+
+/// A higher-half kernel (`Guests/c-higher-cpl3.c`): code linked at 0xffffffff80100000 and loaded at 1 MiB. DMP reads
+/// the image's code at the segments' virtual addresses and places the implant through the guest's own high mapping
+/// (the site's virtual-minus-physical offset), with the low identity map kept or dropped.
+extension KVMTests {
+    @Test("DMP on a higher-half kernel: both log_drain sites served by a function copy, over 90% of the steady exits gone, same output", arguments: [
+        "iters=400", "iters=400 lowmap=0",
+    ])
+    func dmpHigherHalf(commandLine: String) throws {
+        let off = try DMPLibraryRun("c-higher-cpl3", commandLine: commandLine, dmp: false)
+        let on = try DMPLibraryRun("c-higher-cpl3", commandLine: commandLine)
+        #expect(on.stop == .guestExit(status: 0) && off.stop == on.stop)
+        let sites = on.report.filter { $0.location.hasPrefix("log_drain+") }
+        #expect(Set(sites.map(\.site.address)) == [0x3f8, 0x3fd], "\(on.report.map(\.description))")
+        #expect(sites.allSatisfy { $0.state == .patched && $0.hitsServed > 1000 && $0.strategy.hasPrefix("function copy of log_drain") },
+                "\(sites.map(\.description))")
+        #expect(sites.allSatisfy { ($0.instructionAddress ?? 0) >= 0xffff_ffff_8010_0000 && ($0.physicalAddress?.rawValue ?? 0) < 0x20_0000 },
+                "\(sites.map(\.description))")
+        try on.expectSameOutput(as: off, steadyExitsCutBy: 10)
+    }
+
+    @Test("DMP on a higher-half kernel without the image's layout (code assumed at its physical addresses): refused with the reason, same output")
+    func dmpHigherHalfWithoutLayout() throws {
+        let off = try DMPLibraryRun("c-higher-cpl3", commandLine: "iters=200", dmp: false)
+        let on = try DMPLibraryRun("c-higher-cpl3", commandLine: "iters=200") { $0.imageLayout = nil }
+        #expect(on.stop == .guestExit(status: 0) && off.stop == on.stop)
+        #expect(on.lines == off.lines)
+        let sites = on.report.filter { $0.location.hasPrefix("log_drain+") }
+        #expect(sites.count == 2 && sites.allSatisfy { $0.state == .refused && $0.hitsServed == 0 }, "\(on.report.map(\.description))")
+        #expect(sites.allSatisfy { $0.refusal?.reason.contains("the bytes of log_drain are not in the image's code") == true },
+                "\(sites.map(\.description))")
+    }
+}

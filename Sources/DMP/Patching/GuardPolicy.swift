@@ -92,12 +92,12 @@ package struct GuardPolicy {
             return "holds writable data (section \(s.name.isEmpty ? "?" : s.name) at \(hex(s.range.start.rawValue))-\(hex(s.range.start.rawValue &+ s.range.size))"
                 + (named.map { ", \($0.name)" } ?? "") + ")"
         }
-        // The image's last page may go on past its end, where the guest's heap often starts: refused. A page wholly
-        // outside the image (code the guest loaded or generated itself) is judged as without a layout.
-        var covered: UInt64 = 0
-        for r in layout.segments where r.overlaps(pageRange) {
-            covered &+= min(r.start.rawValue &+ r.size, page &+ 0x1000) &- max(r.start.rawValue, page)
-        }
+        // The image's first and last pages may go on past its extent, where the guest's heap often starts:
+        // refused. (Gaps between segments inside it are the linker's alignment.) A page wholly outside the image
+        // (code the guest loaded or generated itself) is judged as without a layout.
+        let lowest = layout.segments.map(\.start.rawValue).min() ?? 0
+        let highest = layout.segments.map { $0.start.rawValue &+ $0.size }.max() ?? 0
+        let covered = min(highest, page &+ 0x1000) > max(lowest, page) ? min(highest, page &+ 0x1000) &- max(lowest, page) : 0
         if covered == 0 { return data.first.map { "holds data (\($0.name))" } }
         if covered < 0x1000 { return "reaches past the image's loaded segments (memory the guest may use for data)" }
         return nil

@@ -710,13 +710,17 @@ extension PatchPlanner {
         return f.instructions[k]
     }
 
-    /// The image's code as it is in guest memory now (segments the guest identity-maps).
+    /// The image's code as it is in guest memory now: each loaded segment the guest maps at the virtual address it
+    /// is linked at (`p_vaddr`, from the image's layout: a higher-half kernel's code runs above its physical
+    /// address), or, without a layout, at its physical address (identity).
     func codeImage(paging: PagingContext) -> CodeImage {
         var regions: [CodeImage.Region] = []
-        for r in configuration.codeRanges {
-            guard let t = try? vm.memory.translate(r.start.rawValue, paging: paging), t.physical == r.start,
+        let segments = configuration.imageLayout.map { l in Array(zip(l.segments, l.virtualAddresses)) }
+            ?? configuration.codeRanges.map { ($0, $0.start.rawValue) }
+        for (r, v) in segments {
+            guard let t = try? vm.memory.translate(v, paging: paging), t.physical == r.start,
                   let bytes = try? vm.memory.readBytes(at: r.start, count: Int(min(r.size, 64 << 20))) else { continue }
-            regions.append(CodeImage.Region(address: r.start.rawValue, bytes: bytes))
+            regions.append(CodeImage.Region(address: v, bytes: bytes))
         }
         return CodeImage(regions: regions, symbols: configuration.symbols)
     }

@@ -23,10 +23,14 @@ package struct ImageLayout: Hashable, Sendable {
     package var sections: [ImageSection]
     /// The guest-physical ranges the image's loaded segments occupy (`p_paddr`, `p_memsz`).
     package var segments: [GuestRange]
+    /// The virtual address each of ``segments`` is linked at (`p_vaddr`), in the same order: where the guest runs
+    /// the image's code when it maps it elsewhere than at its physical address (a higher-half kernel).
+    package var virtualAddresses: [UInt64]
 
-    /// Creates a layout.
-    package init(sections: [ImageSection], segments: [GuestRange]) {
+    /// Creates a layout; `virtualAddresses` default to the segments' physical addresses (an identity-linked image).
+    package init(sections: [ImageSection], segments: [GuestRange], virtualAddresses: [UInt64]? = nil) {
         self.sections = sections; self.segments = segments
+        self.virtualAddresses = virtualAddresses ?? segments.map(\.start.rawValue)
     }
 
     /// The layout of `elf` as loaded: each allocated section placed through the loaded segment whose virtual range
@@ -43,6 +47,7 @@ package struct ImageLayout: Hashable, Sendable {
                                        range: GuestRange(start: GuestAddress(seg.physicalAddress + (s.address - seg.virtualAddress)), size: s.size),
                                        writable: s.writable, executable: s.executable))
         }
-        self.init(sections: placed, segments: elf.segments.map { GuestRange(start: GuestAddress($0.physicalAddress), size: $0.memorySize) })
+        self.init(sections: placed, segments: elf.segments.map { GuestRange(start: GuestAddress($0.physicalAddress), size: $0.memorySize) },
+                  virtualAddresses: elf.segments.map(\.virtualAddress))
     }
 }
