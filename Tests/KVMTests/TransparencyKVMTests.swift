@@ -98,9 +98,18 @@ final class DMPGuestRun {
         // line's text or length, whose cycle count varies from run to run.
         let names: Set<String> = ["stacks", "user_stack", "tsc_start", "tsc_end", "printk_buf.0",
                                   "com1_lines", "bytes_logged", "log_ring", "log_head", "log_tail"]
-        var out = loaded.symbols.symbols.filter { names.contains($0.name) }.map { $0.address..<($0.address + $0.size) }
+        var out = loaded.symbols.symbols.filter { names.contains($0.name) }.map { physical($0.address)..<(physical($0.address) + $0.size) }
         if let t = transmittedCountAddress { out.append(t..<(t + 8)) }
         return out
+    }
+
+    /// The guest-physical address of the image's virtual address `v` (a higher-half image links its symbols above
+    /// where it is loaded), through the segment that holds it.
+    func physical(_ v: UInt64) -> UInt64 {
+        guard let l = loaded.layout,
+              let i = l.segments.indices.first(where: { v >= l.virtualAddresses[$0] && v - l.virtualAddresses[$0] < l.segments[$0].size })
+        else { return v }
+        return l.segments[i].start.rawValue + (v - l.virtualAddresses[i])
     }
 
     /// The C guests' `com1.tx_chars` (`struct uart_port`, Guests/c/serial.h: offset 32).
