@@ -278,8 +278,10 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     private func notEntered(_ site: ExitSite) -> Int? {
         guard let vm else { return nil }
         return state.withLock { s -> Int? in
+            // A site served through a promoted call exits at its original instruction from callers not promoted yet:
+            // that is another caller (``otherCaller(_:_:_:registersAtExit:)``), not a copy nothing enters.
             guard let r = s.sites[site], r.report.state == .patched, let id = r.patchID, s.entryChecks.contains(id),
-                  let p = s.patches[id] else { return nil }
+                  s.callerWatch[site] == nil, let p = s.patches[id] else { return nil }
             var served: UInt64 = 0
             for x in p.sites {
                 guard var r = s.sites[x] else { continue }
