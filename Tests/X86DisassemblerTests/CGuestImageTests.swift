@@ -21,6 +21,8 @@ struct CGuestImageTests {
         ("c-console-cpl3-Os", 0x741c_e765_78f9_7e3d),
         // c-mmio-cpl3 at -O1: its DOORBELL stores in a function reached only from a function DMP copies first.
         ("c-mmio-cpl3-O1", 0x3278_2e93_91cd_b058),
+        // The MMIO style sweep's index guest at -Os: a callee copied before its caller, whose copy is rebuilt.
+        ("c-mmio-index-cpl3-Os", 0x2a82_606a_dfa5_9541),
         // The MMIO style sweep: one hot loop mixing a 9-byte DOORBELL store with short UART port I/O.
         ("c-mmio-mixed-cpl3", 0x94ec_9bb8_9a60_565c),
         // Written for DMP's style sweep: port accessors reached through pointers from several callers.
