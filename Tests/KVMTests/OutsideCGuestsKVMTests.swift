@@ -112,3 +112,17 @@ extension KVMTests {
         }
     }
 }
+
+extension KVMTests {
+    @Test("DMP on c-mmio-index-cpl3-Os: read_at, copied first and entered through the call in run's live copy, keeps that way in when run's copy is rebuilt (the rebuilt copy calls read_at's copy); over 95% of the steady exits gone, same output")
+    func dmpRebuiltCallerCallsLiveCopy() throws {
+        let off = try DMPLibraryRun("c-mmio-index-cpl3-Os", commandLine: "iters=20000", dmp: false)
+        // Verification off: this is about the ways in (rate judgments of synchronous appends under load are the verifier's).
+        let on = try DMPLibraryRun("c-mmio-index-cpl3-Os", commandLine: "iters=20000") { $0.verify = false }
+        #expect(on.stop == .guestExit(status: 0))
+        let read = try #require(on.site("read_at"), "\(on.report.map(\.description))")
+        // Every STATUS read after the patch (562 at iters=20000) served in the guest, none left exiting at read_at.
+        #expect(read.state == .patched && read.hitsServed >= 500 && read.exitsWhilePatched < 16, "\(read)")
+        try on.expectSameOutput(as: off, steadyExitsCutBy: 20)
+    }
+}

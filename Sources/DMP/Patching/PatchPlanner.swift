@@ -517,8 +517,11 @@ extension PatchPlanner {
                 do { t = try vm.memory.translate(w.address, paging: located.paging, access: [.execute]) } catch {
                     throw DMPRefusal(.patch, "the entry at \(hex(w.address)) does not translate: \(error)")
                 }
-                writes.append(CodeWrite(virtual: w.address, physical: t.physical, original: w.original, replacement: w.replacement,
-                                        guardsItsStart: entry.deadPadding.map { $0.lowerBound == w.address } ?? false))
+                var write = CodeWrite(virtual: w.address, physical: t.physical, original: w.original, replacement: w.replacement,
+                                      guardsItsStart: entry.deadPadding.map { $0.lowerBound == w.address } ?? false)
+                // A caller's copy made while an earlier copy of the function lived calls that copy (see `implantBytes`).
+                if entry.kind == .liveCopyCallSite { write.current = currentCall(at: write, of: function.start) }
+                writes.append(write)
             }
         }
         // A rebuild retargets the old entries: each new write finds the old copy's jump where the old plan wrote
@@ -577,7 +580,8 @@ extension PatchPlanner {
                                     + (promoted.isEmpty ? "" : ", promoted call to " + promoted.joined(separator: ", "))
                                     + (rebuilds > 0 ? " (rebuilt \(rebuilds)x)" : "")
                                     + (folded > 0 ? ", \(folded) instruction stub\(folded == 1 ? "" : "s") folded in" : ""),
-                                 writes: writes, pages: pages, code: code, bytes: plan.copy.bytes, placement: placement, owner: owner,
+                                 writes: writes, pages: pages, code: code,
+                                 bytes: implantBytes(of: plan.copy, live: live, rebuilding: olds), placement: placement, owner: owner,
                                  sites: served.map(\.plan), copy: plan.copy, grants: served, rebuilding: olds,
                                  extraWrites: restores + olds.flatMap { $0.evictionWrites(to: plan.copy) }, located: located,
                                  written: &written)
@@ -606,6 +610,39 @@ extension PatchPlanner {
             }
         }
         return out
+    }
+
+    /// The bytes at a call site in a live copy (`write`) when they are not the relocated original call: a direct
+    /// branch of the same kind to an earlier or live copy of the function starting at `start` (the caller's copy
+    /// was made calling it), which the entry replaces; `nil` when they are the original (or anything else, which
+    /// the patcher then refuses as changed code).
+    func currentCall(at write: CodeWrite, of start: UInt64) -> [UInt8]? {
+        guard let now = try? vm.memory.readBytes(at: write.physical, count: write.original.count), now != write.original,
+              now.count == 5, now.first == write.original.first else { return nil }
+        let rel = Int32(bitPattern: UInt32(now[1]) | UInt32(now[2]) << 8 | UInt32(now[3]) << 16 | UInt32(now[4]) << 24)
+        let target = write.virtual &+ 5 &+ UInt64(bitPattern: Int64(rel))
+        return copyStarts[target] == start ? now : nil
+    }
+
+    /// The implanted bytes of `copy`: its direct calls of functions that have live copies (of `live` patches, not
+    /// those `olds` a rebuild replaces) go to those copies, as the calls of its original that their patches
+    /// retargeted do (a rebuilt caller whose original call is covered by an entry of its own would otherwise call
+    /// the original, and the callee's copy would lose the way in it had through the caller's old copy). When the
+    /// callee's patch is undone, this copy keeps calling its copy (enable words clear: the original accesses run)
+    /// until the callee is patched again, whose new copy retargets the call as a call site in a live copy.
+    func implantBytes(of copy: FunctionCopy, live: [AppliedPatch], rebuilding olds: [AppliedPatch]) -> [UInt8] {
+        let replaced = Set(olds.map(\.implantCode.start))
+        var bytes = copy.bytes
+        for p in live where !replaced.contains(p.implantCode.start) {
+            guard let callee = p.copy else { continue }
+            for e in callee.callSiteEntries(in: copy) {
+                guard let w = e.writes.first, w.address >= copy.address else { continue }
+                let at = Int(w.address &- copy.address)
+                guard at + w.replacement.count <= bytes.count, Array(bytes[at..<at + w.original.count]) == w.original else { continue }
+                bytes.replaceSubrange(at..<at + w.replacement.count, with: w.replacement)
+            }
+        }
+        return bytes
     }
 
     /// The original instruction addresses control can reach in `function` from `starts`, following
