@@ -9,7 +9,7 @@ extension KVMTests {
     func dmpStubFoldedIntoCopy() throws {
         let off = try DMPLibraryRun("c-mmio-mixed-cpl3", commandLine: "iters=4096", dmp: false)
         // Verification off: this is about what the plan serves (a synchronous append under load is the verifier's).
-        let on = try DMPLibraryRun("c-mmio-mixed-cpl3", commandLine: "iters=4096") { $0.verify = false }
+        let on = try DMPLibraryRun("c-mmio-mixed-cpl3", commandLine: "iters=4096", pollerIdle: 1_000_000_000) { $0.verify = false }
         #expect(on.stop == .guestExit(status: 0))
         let bell = try #require(on.report.first { $0.location == "run+0x84" }, "\(on.report.map(\.description))")
         let lsr = try #require(on.report.first { $0.location == "run+0xa3" }, "\(on.report.map(\.description))")
@@ -28,7 +28,7 @@ extension KVMTests {
     @Test("c-mmio-widths-cpl3: STATUS read as a byte, a word, a dword and a qword is served from the shared slot at every width; the byte DOORBELL store and the reserved registers' stores are refused (the device has no fast path for them), same output")
     func dmpStatusAtEveryWidth() throws {
         let off = try DMPLibraryRun("c-mmio-widths-cpl3", commandLine: "iters=8192", dmp: false)
-        let on = try DMPLibraryRun("c-mmio-widths-cpl3", commandLine: "iters=8192") { $0.verify = false }
+        let on = try DMPLibraryRun("c-mmio-widths-cpl3", commandLine: "iters=8192", pollerIdle: 1_000_000_000) { $0.verify = false }
         #expect(on.stop == .guestExit(status: 0))
         let status = on.report.filter { $0.site.kind == .mmio && $0.site.address == 0xd000_0004 }
         for size in [1, 2, 4, 8] {
@@ -45,7 +45,7 @@ extension KVMTests {
     @Test("c-mmio-poll-cpl3: the `orl` on DOORBELL is refused as a read-modify-write at both of its exits (its read and its write), every polling loop's STATUS read and the plain DOORBELL stores are served, same output")
     func dmpReadModifyWriteRefused() throws {
         let off = try DMPLibraryRun("c-mmio-poll-cpl3", commandLine: "iters=8192", dmp: false)
-        let on = try DMPLibraryRun("c-mmio-poll-cpl3", commandLine: "iters=8192") { $0.verify = false }
+        let on = try DMPLibraryRun("c-mmio-poll-cpl3", commandLine: "iters=8192", pollerIdle: 1_000_000_000) { $0.verify = false }
         #expect(on.stop == .guestExit(status: 0))
         let or = on.report.filter { $0.instruction.hasPrefix("or ") }
         #expect(Set(or.map(\.site.direction)) == [.read, .write], "\(on.report.map(\.description))")

@@ -31,7 +31,7 @@ extension KVMTests {
     func dmpMMIOSiblings() throws {
         let off = try DMPLibraryRun("c-mmio-cpl3", commandLine: "iters=8192", dmp: false)
         // Verification off: this is about what the plan serves (rate judgments of bursty sites are the verifier's).
-        let on = try DMPLibraryRun("c-mmio-cpl3", commandLine: "iters=8192") { $0.verify = false }
+        let on = try DMPLibraryRun("c-mmio-cpl3", commandLine: "iters=8192", pollerIdle: 1_000_000_000) { $0.verify = false }
         #expect(on.stop == .guestExit(status: 0))
         let sites = ringFullSites(on)
         #expect(sites.count == 16, "\(on.report.map(\.description))")
@@ -44,7 +44,7 @@ extension KVMTests {
     func dmpCallSiteInLiveCopy() throws {
         let off = try DMPLibraryRun("c-mmio-cpl3-O1", commandLine: "iters=8192", dmp: false)
         // Verification off: this is about the way in (rate judgments of bursty synchronous appends are the verifier's).
-        let on = try DMPLibraryRun("c-mmio-cpl3-O1", commandLine: "iters=8192") { $0.verify = false }
+        let on = try DMPLibraryRun("c-mmio-cpl3-O1", commandLine: "iters=8192", pollerIdle: 1_000_000_000) { $0.verify = false }
         #expect(on.stop == .guestExit(status: 0))
         let status = try #require(on.report.first { $0.location.hasPrefix("db_run+") && $0.site.address == 0xd000_0004 },
                                   "\(on.report.map(\.description))")
@@ -61,7 +61,7 @@ extension KVMTests {
     func dmpRebuildFromOriginal() throws {
         let off = try DMPLibraryRun("c-mmio-cpl3", commandLine: "iters=8192", dmp: false)
         // Each site planned alone: the vCPU stopped after the first store goes on through the original's next fifteen.
-        let on = try DMPLibraryRun("c-mmio-cpl3", commandLine: "iters=8192") { $0.verify = false; $0.planSiblings = false }
+        let on = try DMPLibraryRun("c-mmio-cpl3", commandLine: "iters=8192", pollerIdle: 1_000_000_000) { $0.verify = false; $0.planSiblings = false }
         #expect(on.stop == .guestExit(status: 0))
         let sites = ringFullSites(on)
         #expect(sites.count == 16, "\(on.report.map(\.description))")
@@ -118,7 +118,7 @@ extension KVMTests {
     func dmpRebuiltCallerCallsLiveCopy() throws {
         let off = try DMPLibraryRun("c-mmio-index-cpl3-Os", commandLine: "iters=20000", dmp: false)
         // Verification off: this is about the ways in (rate judgments of synchronous appends under load are the verifier's).
-        let on = try DMPLibraryRun("c-mmio-index-cpl3-Os", commandLine: "iters=20000") { $0.verify = false }
+        let on = try DMPLibraryRun("c-mmio-index-cpl3-Os", commandLine: "iters=20000", pollerIdle: 1_000_000_000) { $0.verify = false }
         #expect(on.stop == .guestExit(status: 0))
         let read = try #require(on.site("read_at"), "\(on.report.map(\.description))")
         // Every STATUS read after the patch (562 at iters=20000) served in the guest, none left exiting at read_at.

@@ -476,6 +476,12 @@ extension PatchPlanner {
         var entries = plan.entries.filter { e in !usedPadding.contains { u in e.deadPadding.map { $0.overlaps(u) } ?? false } }
         let function = plan.copy.function
         entries += liveCopyCallSites(of: plan.copy, live: live, rebuilding: olds, paging: located.paging)
+        // Another live patch's write (a call site it retargeted, a stub's jump) is not this patch's to replace: an
+        // entry over it would take that patch's bytes for the guest's and put them back when undone after it.
+        let replaced = Set(olds.map(\.implantCode.start))
+        let foreign = live.filter { !replaced.contains($0.implantCode.start) }.flatMap(\.writes)
+            .map { $0.virtual..<$0.virtual &+ UInt64($0.original.count) }
+        entries.removeAll { e in e.writes.contains { w in foreign.contains { $0.overlaps(w.range) } } }
         let startKinds: Set<CopyEntry.Kind> = [.functionEntry, .callSite, .tailCallSite, .liveCopyCallSite]
         if !entries.contains(where: { startKinds.contains($0.kind) }),
            let first = function.instructions.first, !entries.contains(where: { $0.site == first.address }) {
