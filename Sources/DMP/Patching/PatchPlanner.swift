@@ -475,12 +475,13 @@ extension PatchPlanner {
         // pointers). A site counts as served only if some entry reaches it in the copy.
         var entries = plan.entries.filter { e in !usedPadding.contains { u in e.deadPadding.map { $0.overlaps(u) } ?? false } }
         let function = plan.copy.function
-        entries += liveCopyCallSites(of: plan.copy, live: live, rebuilding: olds, paging: located.paging)
+        // The other live patches: not those this plan replaces.
+        let replaced = Set(olds.map(\.implantCode.start))
+        let others = live.filter { !replaced.contains($0.implantCode.start) }
+        entries += liveCopyCallSites(of: plan.copy, others: others, paging: located.paging)
         // Another live patch's write (a call site it retargeted, a stub's jump) is not this patch's to replace: an
         // entry over it would take that patch's bytes for the guest's and put them back when undone after it.
-        let replaced = Set(olds.map(\.implantCode.start))
-        let foreign = live.filter { !replaced.contains($0.implantCode.start) }.flatMap(\.writes)
-            .map { $0.virtual..<$0.virtual &+ UInt64($0.original.count) }
+        let foreign = others.flatMap(\.writes).map { $0.virtual..<$0.virtual &+ UInt64($0.original.count) }
         entries.removeAll { e in e.writes.contains { w in foreign.contains { $0.overlaps(w.range) } } }
         let startKinds: Set<CopyEntry.Kind> = [.functionEntry, .callSite, .tailCallSite, .liveCopyCallSite]
         if !entries.contains(where: { startKinds.contains($0.kind) }),
@@ -587,7 +588,7 @@ extension PatchPlanner {
                                     + (rebuilds > 0 ? " (rebuilt \(rebuilds)x)" : "")
                                     + (folded > 0 ? ", \(folded) instruction stub\(folded == 1 ? "" : "s") folded in" : ""),
                                  writes: writes, pages: pages, code: code,
-                                 bytes: implantBytes(of: plan.copy, live: live, rebuilding: olds), placement: placement, owner: owner,
+                                 bytes: implantBytes(of: plan.copy, others: others), placement: placement, owner: owner,
                                  sites: served.map(\.plan), copy: plan.copy, grants: served, rebuilding: olds,
                                  extraWrites: restores + olds.flatMap { $0.evictionWrites(to: plan.copy) }, located: located,
                                  written: &written)
@@ -597,58 +598,6 @@ extension PatchPlanner {
             copyStarts[plan.copy.address] = function.start
         }
         return outcome
-    }
-
-    /// The calls of `copy`'s function inside the function copies of `live` patches (not those `olds` a rebuild
-    /// replaces), as entries: each call's copy must translate, under `paging`, to where its patch wrote it.
-    func liveCopyCallSites(of copy: FunctionCopy, live: [AppliedPatch], rebuilding olds: [AppliedPatch],
-                           paging: PagingContext) -> [CopyEntry] {
-        let replaced = Set(olds.map(\.implantCode.start))
-        let former = Set(copyStarts.filter { $0.value == copy.function.start }.map(\.key))
-        var out: [CopyEntry] = []
-        for p in live where !replaced.contains(p.implantCode.start) {
-            guard let caller = p.copy else { continue }
-            let offset = p.codeVirtualStart &- p.implantCode.start.rawValue
-            for e in copy.callSiteEntries(in: caller, formerCopies: former) {
-                guard let t = try? vm.memory.translate(e.site, paging: paging, access: [.execute]),
-                      t.physical.rawValue == e.site &- offset else { continue }
-                out.append(e)
-            }
-        }
-        return out
-    }
-
-    /// The bytes at a call site in a live copy (`write`) when they are not the relocated original call: a direct
-    /// branch of the same kind to an earlier or live copy of the function starting at `start` (the caller's copy
-    /// was made calling it), which the entry replaces; `nil` when they are the original (or anything else, which
-    /// the patcher then refuses as changed code).
-    func currentCall(at write: CodeWrite, of start: UInt64) -> [UInt8]? {
-        guard let now = try? vm.memory.readBytes(at: write.physical, count: write.original.count), now != write.original,
-              now.count == 5, now.first == write.original.first else { return nil }
-        let rel = Int32(bitPattern: UInt32(now[1]) | UInt32(now[2]) << 8 | UInt32(now[3]) << 16 | UInt32(now[4]) << 24)
-        let target = write.virtual &+ 5 &+ UInt64(bitPattern: Int64(rel))
-        return copyStarts[target] == start ? now : nil
-    }
-
-    /// The implanted bytes of `copy`: its direct calls of functions that have live copies (of `live` patches, not
-    /// those `olds` a rebuild replaces) go to those copies, as the calls of its original that their patches
-    /// retargeted do (a rebuilt caller whose original call is covered by an entry of its own would otherwise call
-    /// the original, and the callee's copy would lose the way in it had through the caller's old copy). When the
-    /// callee's patch is undone, this copy keeps calling its copy (enable words clear: the original accesses run)
-    /// until the callee is patched again, whose new copy retargets the call as a call site in a live copy.
-    func implantBytes(of copy: FunctionCopy, live: [AppliedPatch], rebuilding olds: [AppliedPatch]) -> [UInt8] {
-        let replaced = Set(olds.map(\.implantCode.start))
-        var bytes = copy.bytes
-        for p in live where !replaced.contains(p.implantCode.start) {
-            guard let callee = p.copy else { continue }
-            for e in callee.callSiteEntries(in: copy) {
-                guard let w = e.writes.first, w.address >= copy.address else { continue }
-                let at = Int(w.address &- copy.address)
-                guard at + w.replacement.count <= bytes.count, Array(bytes[at..<at + w.original.count]) == w.original else { continue }
-                bytes.replaceSubrange(at..<at + w.replacement.count, with: w.replacement)
-            }
-        }
-        return bytes
     }
 
     /// The original instruction addresses control can reach in `function` from `starts`, following
