@@ -1,0 +1,102 @@
+import VMMKit
+import X86Disassembler
+
+/// What a static reading of the guest's code finds: sibling sites and their grants, the instruction at an
+/// address, the image's code as it is in guest memory now.
+extension PatchPlanner {
+    /// Grants for sibling sites that a static reading of the function locates exactly (best effort: a sibling
+    /// that cannot be located or granted is left out and may become hot on its own later).
+    ///
+    /// `primary`: the located site and, for MMIO, the linear address its operand had at the exit. A sibling's memory
+    /// operand cannot be evaluated without its registers; an MMIO sibling in the primary's 4 KiB page is given the
+    /// primary's linear page (a loop unrolled into one store per element, several registers of one device reached from
+    /// one base): its body compares the runtime address with that one and executes the original access on any other.
+    func siblingGrants(_ siblings: [ExitSite], of located: LocatedInstruction, placement: ImplantPlacement,
+                               image given: CodeImage? = nil, primary: (site: ExitSite, memoryTarget: UInt64?)) -> [Grant] {
+        let image = given ?? codeImage(paging: located.paging)
+        guard let symbol = image.function(containing: located.virtualAddress),
+              let function = try? image.decode(symbol, disassembler: disassembler) else { return [] }
+        var out: [Grant] = []
+        for s in siblings {
+            let matches = function.instructions.filter { i in
+                (i.address == s.rip || i.nextAddress == s.rip) && PatchPlanner.plausible(i, for: s)
+            }
+            guard matches.count == 1, let i = matches.first,
+                  let t = try? vm.memory.translate(i.address, paging: located.paging, access: [.execute]) else { continue }
+            var memoryTarget: UInt64?
+            if s.kind == .mmio {
+                guard let m = PatchPlanner.siblingMemoryTarget(s, primary: primary.site, primaryTarget: primary.memoryTarget) else { continue }
+                memoryTarget = m
+            }
+            if let g = try? grant(for: s, instruction: i, virtualAddress: i.address, physicalAddress: t.physical,
+                                  memoryTarget: memoryTarget, cpl: located.cpl, placement: placement, paging: located.paging,
+                                  kick: ringKick(for: located)) {
+                out.append(g)
+            }
+        }
+        return out
+    }
+
+    /// The linear address an MMIO sibling's body serves: the primary's linear page at the sibling's page offset,
+    /// when both accesses fall in one 4 KiB guest-physical page (nil otherwise: the sibling is left out).
+    package static func siblingMemoryTarget(_ sibling: ExitSite, primary: ExitSite, primaryTarget: UInt64?) -> UInt64? {
+        guard sibling.kind == .mmio, primary.kind == .mmio, let m = primaryTarget,
+              m & 0xfff == primary.address & 0xfff, sibling.address >> 12 == primary.address >> 12 else { return nil }
+        return (m & ~0xfff) | (sibling.address & 0xfff)
+    }
+
+    /// Whether `i` could make `site`'s access: port I/O of the right direction and width (and port, for an
+    /// immediate); for MMIO, a plain load or store of the site's width in the site's direction.
+    package static func plausible(_ i: X86Instruction, for site: ExitSite) -> Bool {
+        if site.kind == .mmio {
+            guard !i.groups.contains(.portIO), !i.groups.contains(.string), case .success(let shape) = i.accessShape else { return false }
+            switch shape {
+            case .load(let w, _, _, _): return site.direction == .read && w == Int(site.size)
+            case .store(let w, _, _): return site.direction == .write && w == Int(site.size)
+            default: return false
+            }
+        }
+        guard i.groups.contains(.portIO), !i.groups.contains(.string) else { return false }
+        let isIn = i.mnemonic.hasPrefix("in")
+        guard isIn == (site.direction == .read) else { return false }
+        var width = 0
+        var port: Int64?
+        for o in i.operands {
+            switch o.operand {
+            case .register(.al): width = 1
+            case .register(.ax): width = 2
+            case .register(.eax): width = 4
+            case .immediate(let v): port = v
+            default: break
+            }
+        }
+        guard width == Int(site.size) else { return false }
+        if let port { return UInt64(bitPattern: port) & 0xffff == site.address }
+        return true
+    }
+
+    /// The instruction at `address` in the located instruction's address space, decoded from `image`
+    /// (by default the guest's memory now).
+    func instruction(at address: UInt64, located: LocatedInstruction, image given: CodeImage? = nil) -> X86Instruction? {
+        if address == located.virtualAddress { return located.instruction }
+        let image = given ?? codeImage(paging: located.paging)
+        guard let symbol = image.function(containing: address), let f = try? image.decode(symbol, disassembler: disassembler),
+              let k = f.index(at: address) else { return nil }
+        return f.instructions[k]
+    }
+
+    /// The image's code as it is in guest memory now: each loaded segment the guest maps at the virtual address it
+    /// is linked at (`p_vaddr`, from the image's layout: a higher-half kernel's code runs above its physical
+    /// address), or, without a layout, at its physical address (identity).
+    func codeImage(paging: PagingContext) -> CodeImage {
+        var regions: [CodeImage.Region] = []
+        let segments = configuration.imageLayout.map { l in Array(zip(l.segments, l.virtualAddresses)) }
+            ?? configuration.codeRanges.map { ($0, $0.start.rawValue) }
+        for (r, v) in segments {
+            guard let t = try? vm.memory.translate(v, paging: paging), t.physical == r.start,
+                  let bytes = try? vm.memory.readBytes(at: r.start, count: Int(min(r.size, 64 << 20))) else { continue }
+            regions.append(CodeImage.Region(address: v, bytes: bytes))
+        }
+        return CodeImage(regions: regions, symbols: configuration.symbols)
+    }
+}
