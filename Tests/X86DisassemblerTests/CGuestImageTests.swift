@@ -40,6 +40,8 @@ struct CGuestImageTests {
         ("c-portstat-cpl3-noalign", 0x2109_9706_1bc9_4fd3),
         // A higher-half kernel (code linked at 0xffffffff80100000, loaded at 1 MiB), committed before DMP's work on it.
         ("c-higher-cpl3", 0x49fb_f0d7_74ea_0c83),
+        // c-doorbell-cpl3 at -O3 -funroll-loops (the flag sweep): DOORBELL stores back to back, committed before DMP work on it.
+        ("c-doorbell-cpl3-unroll", 0x9443_3eb2_ba8b_f813),
     ]
 
     static func image(_ name: String) throws -> (file: [UInt8], elf: ELFImage) {
