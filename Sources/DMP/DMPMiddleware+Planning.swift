@@ -9,6 +9,11 @@ extension DMPMiddleware {
         guard let locator, let planner, let implant else {
             throw disabledReason ?? DMPRefusal(.plan, "DMP could not start")
         }
+        // A ring grant announces its producer to the device before the patch is written: a plan that ends with no
+        // ring append live (refused, or its ring grant given back) takes the announcement back, or every later
+        // write of the guest to the ring's target register would count as a producer fallback and wake the poller.
+        planner.announcedRingProducer = false
+        defer { if planner.announcedRingProducer { detachRingProducersUnlessLive() } }
         let located = try locator.locate(exit, context: context) { end in self.implantedInstruction(endingAt: end) }
         state.withLock {
             $0.sites[site]?.report.instructionAddress = located.virtualAddress

@@ -114,21 +114,26 @@ extension DMPMiddleware {
                 s.sites[site] = r
             }
         }
-        if let rings, state.withLock({ s in p.sites.contains { s.sites[$0]?.ringProducer == true } }) {
-            // The last ring producer gone: the guest's own writes to the target registers are no fallbacks.
-            producers.withLock { _ in
-                let live = state.withLock { s in
-                    s.patches.values.contains { q in q.sites.contains { s.sites[$0]?.ringProducer == true } }
-                }
-                if !live { rings.producersDetached() }
-            }
-        }
+        if state.withLock({ s in p.sites.contains { s.sites[$0]?.ringProducer == true } }) { detachRingProducersUnlessLive() }
         if backOff {
             rearmRequests.withLock { $0 += p.sites }
             rearmCount.add(1, ordering: .releasing)
         }
         logger.notice("undone", metadata: ["patch": "\(p.strategy)", "reason": "\(reason)"])
         return true
+    }
+
+    /// Tells the ring device its producers are gone when no live patch appends to a ring (the last ring patch
+    /// undone, or a plan that announced one and left none live): from then on the guest's own writes to the
+    /// target registers are no producer fallbacks and do not keep the poller awake.
+    func detachRingProducersUnlessLive() {
+        guard let rings else { return }
+        producers.withLock { _ in
+            let live = state.withLock { s in
+                s.patches.values.contains { q in q.sites.contains { s.sites[$0]?.ringProducer == true } }
+            }
+            if !live { rings.producersDetached() }
+        }
     }
 
     /// Tries again the undos that failed, and lifting guards no patch relies on that could not be lifted.

@@ -12,6 +12,8 @@ struct DMPLibraryRun {
     let latencies: [PatchLatency]
     /// How many times the ring poller went to sleep after an idle period.
     let pollerSleeps: Int
+    /// Producer fallbacks counted over every ring (``PVRingStatistics/fallbacks``).
+    let ringFallbacks: Int
 
     /// `prepare`: runs on the new VM before anything is installed (exit handlers of a test, first in the chain).
     /// `hostCPUs`: pins the VM's threads (vCPUs, ring poller, timer) to these host CPUs.
@@ -46,6 +48,7 @@ struct DMPLibraryRun {
         steadyExits = devices.marker.steadyPhase?.exits
         latencies = middleware?.patchLatencies ?? []
         pollerSleeps = devices.rings.pollerSleeps
+        ringFallbacks = devices.rings.targets.indices.reduce(0) { $0 + devices.rings.statistics(ring: $1).fallbacks }
     }
 
     func site(_ location: String) -> PatchSite? { report.first { $0.location == location } }

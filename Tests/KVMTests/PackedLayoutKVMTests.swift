@@ -34,6 +34,9 @@ extension KVMTests {
             #expect(s.state == .refused && s.hitsServed == 0, "\(s)")
             #expect(s.refusal == DMPRefusal(.guard, reason), "\(s)")
         }
+        // The UART's transmit register is a ring's target: its grant announced a producer before the refusal, which
+        // took it back. No stub ran, so the guest's own writes to it are no producer fallbacks (they were, all of them).
+        #expect(on.ringFallbacks == 0, "\(on.ringFallbacks) producer fallbacks, \(on.pollerSleeps) poller sleeps")
     }
 }
 

@@ -31,6 +31,10 @@ package final class PatchPlanner {
     /// The port of the rings' kick register (``PVRingKick`` attached for `rings`), if any: ring
     /// appends kick a sleeping poller through it.
     let kickPort: UInt16?
+    /// Set when a grant told the ring device a producer is coming (``PVRingDevice/producerAttached()``, before the
+    /// patch is written); the middleware clears it before a plan and, when the plan leaves no ring append live
+    /// (refused, or its ring grant given back), tells the device the producers are gone.
+    package var announcedRingProducer = false
 
     /// Creates a planner.
     package init(vm: VirtualMachine, rings: PVRingDevice?, configuration: DMPConfiguration,
@@ -119,7 +123,10 @@ package final class PatchPlanner {
                                       kick: kick)
                 // A synchronous append counts the iterations it waits, in the word after its hit counter.
                 if mode == .synchronous { ring?.waitCounter = placement.virtualAddress(of: GuestAddress(hitsGPA.rawValue &+ 8)) }
-                if !configuration.dryRun { rings?.producerAttached() }
+                if !configuration.dryRun {
+                    rings?.producerAttached()
+                    announcedRingProducer = true
+                }
             }
             // A read the device did not declare independent of its pending ring entries is served
             // only while the device's rings are empty (DESIGN.md step 3); the body checks them.

@@ -254,7 +254,11 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     public func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult {
         if hasPending() {
             lock.lock()
-            if let i = ringOfTargetWrite(exit) { countFallback(rings[i]) }
+            // The lock-free check also says yes while the poller drains empty rings: a write then is a fallback
+            // only if the rings hold entries or have carried some (or a producer attached).
+            if let i = ringOfTargetWrite(exit), carriedEntries.load(ordering: .relaxed) || rings.contains(where: { $0.mayHaveEntries }) {
+                countFallback(rings[i])
+            }
             let (stop, n) = drainLocked()
             lock.unlock()
             if let stop { return .stopVM(stop) }
