@@ -24,7 +24,10 @@
 # (default 1000) shared=B (default 0): with shared=1 the AP calls the BSP's
 # site functions too, so both vCPUs run the same site (and DMP the same
 # implanted body) at once: each site is then called 2N times in all, and
-# checksum1 equals checksum0.
+# checksum1 equals checksum0. lockstep=B (default 0): with lockstep=1 each
+# vCPU, after each phase, publishes the phases it has done and waits
+# (spinning at CPL3, no exit) until the other has done as many, so both run
+# phase k together however the host schedules their threads (same output).
 
         .set USER_LOW, 1
         .set CUSTOM_AP, 1
@@ -76,6 +79,10 @@ FUNC kmain
         xor %esi, %esi
         call cmdline_num
         mov %eax, cfg_shared(%rip)
+        lea key_lockstep(%rip), %rdi
+        xor %esi, %esi
+        call cmdline_num
+        mov %eax, cfg_lockstep(%rip)
         lea user_main(%rip), %rdi
         jmp enter_user
 ENDF kmain
@@ -214,12 +221,16 @@ ENDF ap_user_main
 
 # smp_worker(edi = vCPU 0 or 1) -> eax: for each of cfg_sites phases k,
 # cfg_iters calls of site k of this vCPU (edi = the call's index), each
-# result folded into an FNV-1a hash, then cfg_spin rounds of arithmetic on it.
+# result folded into an FNV-1a hash, then cfg_spin rounds of arithmetic on it;
+# with cfg_lockstep, a barrier with the other vCPU after each phase.
 FUNC smp_worker
         push %rbx
         push %r12
         push %r13
         push %r14
+        push %r15
+        mov %edi, %r15d
+        shl $6, %r15d                   # r15 = this vCPU's line of smp_phases
         mov $FNV_OFFSET, %r12d
         lea smp_site_table(%rip), %r13
         cmpl $0, cfg_shared(%rip)
@@ -245,8 +256,18 @@ FUNC smp_worker
         cmp cfg_iters(%rip), %ebx
         jb 2b
         inc %r14d
-        jmp 1b
+        cmpl $0, cfg_lockstep(%rip)
+        je 1b
+        lea smp_phases(%rip), %rax
+        mov %r14d, (%rax,%r15)          # the phases this vCPU has done
+        mov %r15, %rcx
+        xor $64, %rcx                   # the other vCPU's line
+7:      cmp %r14d, (%rax,%rcx)
+        jae 1b
+        pause
+        jmp 7b
 3:      mov %r12d, %eax
+        pop %r15
         pop %r14
         pop %r13
         pop %r12
@@ -317,6 +338,9 @@ ENDO key_spin
 OBJ key_shared
         .asciz "shared="
 ENDO key_shared
+OBJ key_lockstep
+        .asciz "lockstep="
+ENDO key_lockstep
 OBJ msg_no_ap
         .asciz "smp: no second vCPU\n"
 ENDO msg_no_ap
@@ -380,6 +404,9 @@ ENDO cfg_spin
 OBJ cfg_shared
         .long 0
 ENDO cfg_shared
+OBJ cfg_lockstep
+        .long 0
+ENDO cfg_lockstep
 # Flags and the AP's hash, each on a cache line of its own.
         .balign 64
 OBJ ap_ready
@@ -397,6 +424,13 @@ ENDO ap_done
 OBJ ap_checksum
         .long 0
 ENDO ap_checksum
+# lockstep=1: the phases each vCPU has done (vCPU c's at smp_phases + 64c).
+        .balign 64
+OBJ smp_phases
+        .long 0
+        .balign 64
+        .long 0
+ENDO smp_phases
 
         .bss
         .balign 16

@@ -3,9 +3,12 @@ import Testing
 import VMMKit
 
 extension KVMTests {
-    @Test("DMP with two vCPUs busy at CPL3 (smp-cpl3): every site of both vCPUs patched while the other runs, each vCPU's checksum identical to DMP off")
+    /// `lockstep=1`: each vCPU waits (in the guest, at CPL3) for the other at the end of every phase, so both run
+    /// phase k together, the other one either calling its own site or spinning at the barrier, however the host
+    /// schedules the two vCPU threads (a loaded 2-core host may run one vCPU's whole workload before the other's).
+    @Test("DMP with two vCPUs busy at CPL3 (smp-cpl3 lockstep=1): every site of both vCPUs patched while the other runs, in phase order, each vCPU's checksum identical to DMP off")
     func dmpTwoBusyVCPUs() throws {
-        let commandLine = "sites=12 iters=8192 spin=0"
+        let commandLine = "sites=12 iters=8192 spin=0 lockstep=1"
         let off = try DMPLibraryRun("smp-cpl3", commandLine: commandLine, dmp: false, cpus: 2)
         let on = try DMPLibraryRun("smp-cpl3", commandLine: commandLine, cpus: 2)
         #expect(off.stop == .guestExit(status: 0), "\(off.text)")
@@ -28,8 +31,11 @@ extension KVMTests {
             }
             order.append(contentsOf: on.report.map(\.location).filter { $0.hasPrefix("smp_site_\(c)_") })
         }
-        // Both vCPUs worked at once: the sites became hot interleaved, not one vCPU's after the other's.
+        // Both vCPUs worked at once: the sites became hot interleaved, phase by phase (the guest's barrier
+        // guarantees it), not one vCPU's after the other's.
         let hot = on.report.map(\.location).filter { $0.hasPrefix("smp_site_") }
+        let phases = hot.map { location in location.dropFirst("smp_site_0_".count).prefix { $0.isNumber } }.compactMap { Int($0) }
+        #expect(phases.count == 24 && phases == phases.sorted(), "\(hot)")
         let firstOfOne = try #require(hot.firstIndex { $0.hasPrefix("smp_site_1_") })
         let lastOfZero = try #require(hot.lastIndex { $0.hasPrefix("smp_site_0_") })
         #expect(firstOfOne < lastOfZero, "\(hot)")
