@@ -35,13 +35,16 @@ extension DMPMiddleware {
                 if let served = p.sites.first { DMPMiddleware.charge(&s.sites[served], kick: kick) }
                 return nil
             }
-            guard let original = (p.copy(holding: rip) ?? copy).originalAddress(of: rip) else { return nil }
-            // A fallback of a served access, or a body's kick; another access of the same instruction (an
-            // out-of-line `outb` called for a port no route serves) counts as the original instruction's,
-            // a site of its own.
-            if let served = p.sites.first(where: { ($0.kind == site.kind && $0.address == site.address && $0.size == site.size
+            let holder = p.copy(holding: rip) ?? copy
+            guard let original = holder.originalAddress(of: rip) else { return nil }
+            // A fallback of a served access, or a body's kick, from inside the body; another access of the same
+            // instruction (an out-of-line `outb` called for a port no route serves) counts as the original
+            // instruction's, a site of its own. An exit at a body's first byte came from the copied instruction
+            // before it (RIP past it: stores back to back): a site of its own, at the original's RIP past it.
+            let body = holder.bodyOriginal(holding: rip)
+            if let body, let served = p.sites.first(where: { ($0.kind == site.kind && $0.address == site.address && $0.size == site.size
                                                     && $0.direction == site.direction || kick)
-                                                   && s.sites[$0]?.report.instructionAddress == original }) {
+                                                   && s.sites[$0]?.report.instructionAddress == body }) {
                 DMPMiddleware.charge(&s.sites[served], kick: kick)
                 return nil
             }

@@ -254,6 +254,26 @@ struct FunctionCopyRelocationTests {
         #expect(copy.originalAddress(of: copyPlacement + 36) == 0x4010ca)
     }
 
+    @Test("stores back to back, the second rewritten: an exit at its body's first byte is the first store's (RIP past it), not the body's")
+    func bodyStartIsThePreviousInstructionsExit() throws {
+        let d = try X86Disassembler()
+        // mov [rsi], eax; mov [rsi], r10d; ret
+        let (image, symbol) = handMade([0x89, 0x06, 0x44, 0x89, 0x16, 0xc3])
+        let f = try image.decode(symbol, disassembler: d)
+        let copy = try FunctionCopy(f, at: copyPlacement, rewrites: [HotRewrite(address: 0x40_0002, bytes: [0x90, 0x90, 0x90])])
+        let body = try #require(copy.pieces.first { $0.kind == .rewritten })
+        #expect(body.original == 0x40_0002 && body.copy.lowerBound == copyPlacement + 2)
+        // The first store, copied, exits with RIP past it: at the body's first byte, which maps to the original's
+        // RIP past the first store, and is no exit of the body.
+        #expect(copy.originalAddress(of: body.copy.lowerBound) == 0x40_0002)
+        #expect(copy.bodyOriginal(holding: body.copy.lowerBound) == nil)
+        // Inside the body (its fallback, its kick): the rewritten store's.
+        #expect(copy.bodyOriginal(holding: body.copy.lowerBound + 1) == 0x40_0002)
+        #expect(copy.bodyOriginal(holding: body.copy.upperBound - 1) == 0x40_0002)
+        #expect(copy.bodyOriginal(holding: copyPlacement) == nil, "a copied instruction")
+        #expect(copy.bodyOriginal(holding: body.copy.upperBound) == nil, "the ret after it")
+    }
+
     @Test("near_limit: a je rel8 of +122 relaxes to rel32 and its span passes 127 after 15 jl rel8 grow")
     func nearLimit() throws {
         let d = try X86Disassembler()

@@ -30,6 +30,28 @@ struct SiblingTests {
         #expect(!PatchPlanner.plausible(out, for: SiblingTests.mmio(0x1001, 0x3f8, size: 1, .write)))
     }
 
+    @Test("stores back to back: a sibling's exit RIP ends one and starts the next; the hot site's RIP position picks one")
+    func backToBackSiblings() throws {
+        let first = try SiblingTests.decode([0x89, 0x06], at: 0x1000) // mov [rsi], eax
+        let second = try SiblingTests.decode([0x44, 0x89, 0x16], at: 0x1002) // mov [rsi], r10d
+        let sibling = SiblingTests.mmio(0x1002, 0xd000_0040, .write)
+        let both = [first, second]
+        #expect(both.allSatisfy { PatchPlanner.plausible($0, for: sibling) })
+        let hotWrite = SiblingTests.mmio(0x2005, 0xd000_0040, .write)
+        // KVM completes an MMIO write before it exits: RIP past the store, so the sibling's store ends at its RIP.
+        #expect(PatchPlanner.siblingInstruction(both, for: sibling, primary: hotWrite, position: .pastInstruction)?.address == 0x1000)
+        #expect(PatchPlanner.siblingInstruction(both, for: sibling, primary: hotWrite, position: .onInstruction(length: 3))?.address == 0x1002)
+        #expect(PatchPlanner.siblingInstruction(both, for: sibling, primary: hotWrite, position: .unknown) == nil)
+        // The hot site's exit says nothing about another kind or direction of exit.
+        let hotRead = SiblingTests.mmio(0x2000, 0xd000_0004, .read)
+        #expect(PatchPlanner.siblingInstruction(both, for: sibling, primary: hotRead, position: .onInstruction(length: 3)) == nil)
+        let hotPort = ExitSite(rip: 0x2001, kind: .io, address: 0x3f8, size: 1, direction: .write)
+        #expect(PatchPlanner.siblingInstruction(both, for: sibling, primary: hotPort, position: .pastInstruction) == nil)
+        // One candidate is the one; none is none.
+        #expect(PatchPlanner.siblingInstruction([second], for: sibling, primary: hotRead, position: .unknown)?.address == 0x1002)
+        #expect(PatchPlanner.siblingInstruction([], for: sibling, primary: hotWrite, position: .pastInstruction) == nil)
+    }
+
     @Test("an MMIO sibling in the hot site's guest-physical page gets the hot site's linear page; elsewhere none")
     func mmioTarget() {
         let primary = SiblingTests.mmio(0x1002, 0xd000_0040, .write)

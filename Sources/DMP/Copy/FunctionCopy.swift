@@ -92,6 +92,20 @@ package struct FunctionCopy: Sendable {
         return lo < pieces.count && pieces[lo].copy.contains(copyAddress) ? pieces[lo].original : nil
     }
 
+    /// The original instruction whose body (a rewritten hot instruction) holds `copyAddress` past its first byte,
+    /// or `nil`. A body's own exits (its original access, a ring kick) lie past its checks, never at its first
+    /// byte: an exit there with RIP past its instruction came from the copied instruction before the body.
+    package func bodyOriginal(holding copyAddress: UInt64) -> UInt64? {
+        var lo = 0, hi = pieces.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if pieces[mid].copy.upperBound <= copyAddress { lo = mid + 1 } else { hi = mid }
+        }
+        guard lo < pieces.count, pieces[lo].kind == .rewritten, pieces[lo].copy.contains(copyAddress),
+              copyAddress != pieces[lo].copy.lowerBound else { return nil }
+        return pieces[lo].original
+    }
+
     /// The original call instruction a return address inside the copy returns from: the call before the pad a
     /// return lands on (pads follow every call), or the promoted call whose body holds it (its miss path's call
     /// returns into it); `nil` otherwise.

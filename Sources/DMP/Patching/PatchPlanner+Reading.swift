@@ -21,7 +21,7 @@ extension PatchPlanner {
             let matches = function.instructions.filter { i in
                 (i.address == s.rip || i.nextAddress == s.rip) && PatchPlanner.plausible(i, for: s)
             }
-            guard matches.count == 1, let i = matches.first,
+            guard let i = PatchPlanner.siblingInstruction(matches, for: s, primary: primary.site, position: located.position),
                   let t = try? vm.memory.translate(i.address, paging: located.paging, access: [.execute]) else { continue }
             var memoryTarget: UInt64?
             if s.kind == .mmio {
@@ -35,6 +35,23 @@ extension PatchPlanner {
             }
         }
         return out
+    }
+
+    /// The instruction a sibling's exit names among `candidates` (the function's instructions that start or end at
+    /// its exit RIP and could make its access): the only one; or, when one ends and another starts at that RIP
+    /// (accesses back to back, as an unrolled loop's stores), the one the hot site's own exit puts RIP at, if the
+    /// sibling's exit is of the same kind and direction: the hypervisor leaves RIP at the same place for those
+    /// (KVM completes an MMIO write or an `out` before it exits, RIP past the instruction; a read exits with RIP
+    /// on it). Anything else is ambiguous: `nil`, the sibling is left out and may become hot on its own.
+    package static func siblingInstruction(_ candidates: [X86Instruction], for sibling: ExitSite, primary: ExitSite,
+                                           position: RIPPosition) -> X86Instruction? {
+        if candidates.count == 1 { return candidates[0] }
+        guard candidates.count == 2, sibling.kind == primary.kind, sibling.direction == primary.direction else { return nil }
+        switch position {
+        case .onInstruction: return candidates.first { $0.address == sibling.rip }
+        case .pastInstruction: return candidates.first { $0.nextAddress == sibling.rip }
+        case .unknown: return nil
+        }
     }
 
     /// The linear address an MMIO sibling's body serves: the primary's linear page at the sibling's page offset,

@@ -1,0 +1,51 @@
+import DMP
+import Testing
+import VMMKit
+
+/// C guests from the compiler-flag sweep (the committed C guests' sources built with flags nobody here chose),
+/// committed before the DMP work they showed was needed.
+extension KVMTests {
+    @Test("c-doorbell-cpl3-unroll (-O3 -funroll-loops): DOORBELL stores back to back, where one store's exit RIP is the next one's start, all join db_run's copy as siblings; every store served, steady exits cut, same output")
+    func dmpBackToBackStoresJoinAsSiblings() throws {
+        let (off, on) = try unrolledDoorbellRuns(planSiblings: true)
+        try expectEveryDoorbellStoreServed(on)
+        for s in on.report where s.location.hasPrefix("db_run+") { #expect(s.hitsServed > 100, "\(s)") }
+        try on.expectSameOutput(as: off, steadyExitsCutBy: 20)
+    }
+
+    @Test("c-doorbell-cpl3-unroll with siblings off: every store, back to back or not, gets hot in the copy on its own and joins by a rebuild; steady exits cut, same output")
+    func dmpBackToBackStoresJoinByRebuilds() throws {
+        let (off, on) = try unrolledDoorbellRuns(planSiblings: false)
+        try expectEveryDoorbellStoreServed(on)
+        try on.expectSameOutput(as: off, steadyExitsCutBy: 10)
+    }
+
+    /// c-doorbell-cpl3-unroll without and with DMP. A warm-up of 100 batches: every store exits often enough to
+    /// join the first plan as a sibling. Verification off, a poller that does not sleep and a long append wait:
+    /// these tests are about what the plan serves (synchronous appends under load are the verifier's, VerifyKVMTests).
+    private func unrolledDoorbellRuns(planSiblings: Bool) throws -> (off: DMPLibraryRun, on: DMPLibraryRun) {
+        let commandLine = "iters=4096 warmup=1600"
+        let off = try DMPLibraryRun("c-doorbell-cpl3-unroll", commandLine: commandLine, dmp: false)
+        let on = try DMPLibraryRun("c-doorbell-cpl3-unroll", commandLine: commandLine, pollerIdle: 1_000_000_000) {
+            $0.planSiblings = planSiblings
+            $0.synchronousWaitLimit = 1 << 20
+            $0.verify = false
+        }
+        #expect(off.stop == .guestExit(status: 0) && on.stop == off.stop)
+        return (off, on)
+    }
+
+    /// Sixteen store instructions, each patched in db_run's copy: the loop's entry store, seven behind the
+    /// Duff's-device entry, eight in the unrolled loop (two of them end where the next store begins); no other
+    /// store's exits charged to one as its fallbacks.
+    private func expectEveryDoorbellStoreServed(_ on: DMPLibraryRun) throws {
+        let text = DMPReport.text(on.report)
+        let doorbell = StandardDevices.doorbellBase + DoorbellDevice.doorbellOffset
+        let stores = on.report.filter { $0.location.hasPrefix("db_run+") && $0.site.kind == .mmio && $0.site.address == doorbell }
+        #expect(Set(stores.compactMap(\.instructionAddress)).count == 16, "\(text)")
+        for s in stores {
+            #expect(s.state == .patched && s.strategy.hasPrefix("function copy of db_run"), "\(text)")
+            #expect(s.exitsWhilePatched < 8, "\(text)")
+        }
+    }
+}
