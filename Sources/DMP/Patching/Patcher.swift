@@ -105,7 +105,7 @@ package final class Patcher: @unchecked Sendable {
     package func retryStrandedPages() -> String? {
         guard !stranded.withLock({ $0.isEmpty }) else { return nil }
         var failure: String?
-        try? withPausedVCPUs { () throws(DMPRefusal) in failure = unguard([]) }
+        _ = try? withPausedVCPUs { () throws(DMPRefusal) in failure = unguard([]) }
         return failure
     }
 

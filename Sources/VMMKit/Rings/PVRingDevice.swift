@@ -45,7 +45,7 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     private let rings: [Ring]
     /// ``rings`` unretained (``rings`` keeps them alive), for the lock-free check.
     private let ringRefs: UnsafeMutableBufferPointer<Unmanaged<Ring>>
-    private let lock = ConditionLock()
+    let lock = ConditionLock()
     /// Odd while a drain is in progress (the lock-free check's seqlock).
     private let generation = Atomic<UInt64>(0)
     /// Set when an applied entry stopped the VM: nothing more is applied until the stop is done.
@@ -58,7 +58,7 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     /// Set by ``producersDetached()`` while entries were still pending: the drain that empties the rings
     /// clears ``carriedEntries`` (lock held).
     private var detachAfterDrain = false
-    private let poller = PollerState()
+    let poller = PollerState()
 
     /// Creates the rings and writes their headers. The rings occupy
     /// `[base, base + targets.count * stride)`, which must lie inside `area`
@@ -174,7 +174,7 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
         return generation.load(ordering: .acquiring) != g
     }
 
-    private func drainLocked() -> (stop: StopReason?, applied: Int) {
+    func drainLocked() -> (stop: StopReason?, applied: Int) {
         if stoppedByEntry { return (nil, 0) }
         generation.wrappingAdd(1, ordering: .sequentiallyConsistent)
         defer { generation.wrappingAdd(1, ordering: .releasing) }
@@ -315,35 +315,6 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
                             run: { [self] vm, stop in pollLoop(vm, stop) }, wake: { [self] in wakeSleepingPoller() })
     }
 
-    // MARK: polling consumer
-
-    /// Host CPU time the polling thread has used, in nanoseconds, summed over
-    /// the VM's runs (updated each time it goes to sleep and when it ends, so
-    /// exact once the VM has stopped).
-    public var pollerCPUNanoseconds: UInt64 { poller.cpu.load(ordering: .acquiring) }
-
-    /// How many times the poller went to sleep after an idle period (summed over the VM's runs).
-    public var pollerSleeps: Int { poller.sleeps.load(ordering: .relaxed) }
-
-    /// Whether the poller is polling now (the header's polling flag).
-    public var isPolling: Bool { poller.polling.load(ordering: .acquiring) }
-
-    /// Writes to the rings' kick register (``PVRingKick``) so far: each an exit a producer took to wake an idle poller
-    /// (or, on a synchronous ring, after its bounded wait ran out).
-    public var kicks: Int { poller.kicks.load(ordering: .relaxed) }
-
-    /// A write to the kick register: counted in ``kicks``, then ``wakePoller()``.
-    package func noteKick() {
-        poller.kicks.wrappingAdd(1, ordering: .relaxed)
-        wakePoller()
-    }
-
-    /// Wakes a sleeping poller (the ring's kick register does this).
-    public func wakePoller() {
-        poller.noteActivity()
-        wakeSleepingPoller()
-    }
-
     /// Tells the device that a producer now appends to its rings (DMP granted a
     /// ring fast path): from now on a write to a target register is a producer's
     /// fallback and wakes a sleeping poller, as after the first carried entry.
@@ -373,7 +344,7 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     /// writes them, except ``wakeSleepingPoller()``, which clears the wake
     /// flag while the poller sleeps (under the poller's lock: the poller
     /// writes them again only after it has woken).
-    private func setPollingFlags(polling: Bool, wake: Bool = false) {
+    func setPollingFlags(polling: Bool, wake: Bool = false) {
         poller.polling.store(polling, ordering: .sequentiallyConsistent)
         for r in rings { r.setFlags(polling: polling, wake: wake) }
     }
@@ -384,79 +355,8 @@ public final class PVRingDevice: ExitHandler, @unchecked Sendable {
     /// it instead of falling back until it gets a CPU: on a loaded host that
     /// takes a millisecond or more, and every fallback meanwhile is an exit.
     /// (A producer whose wait runs out kicks: the entry is applied by that exit.)
-    private func wakeSleepingPoller() {
+    func wakeSleepingPoller() {
         poller.wake { [rings] in for r in rings { r.setFlags(polling: true, wake: false) } }
-    }
-
-    private func pollLoop(_ vm: VirtualMachine, _ stop: ServiceStop) {
-        var cpuMark = Sys.threadCPUNanoseconds()
-        defer { poller.cpu.wrappingAdd(Sys.threadCPUNanoseconds() &- cpuMark, ordering: .releasing) }
-        let idle = polling.idleNanoseconds
-        let spacing = max(1, polling.spinsBetweenChecks)
-        var idleSince: UInt64 = 0
-        var activitySeen = poller.activity.load(ordering: .relaxed)
-        var spins = 0
-        setPollingFlags(polling: true)
-        defer { setPollingFlags(polling: false) }
-        while !stop.requested && !vm.isStopping {
-            if vm.isPauseRequested {
-                // A pause holder owns the devices' state: sleep it out, polling off.
-                setPollingFlags(polling: false)
-                poller.sleep(nanoseconds: 100_000, stop: stop)
-                setPollingFlags(polling: true)
-                continue
-            }
-            if hasPending() {
-                lock.lock()
-                let (s, n) = drainLocked()
-                lock.unlock()
-                if let s { vm.finishFromService(.success(s)); return }
-                if n > 0 {
-                    idleSince = 0; spins = 0
-                    for _ in 0..<spacing { Sys.spinHint() }
-                    continue
-                }
-            }
-            // Looking at the ring pulls its cache lines away from the producers:
-            // look every few spins, so entries arrive in runs and lines move once per run.
-            for _ in 0..<spacing { Sys.spinHint() }
-            spins &+= 1
-            if spins & 63 != 0 { continue }
-            if spins & 0xffff == 0 && !vm.hasRunningVCPUs { break } // every vCPU halted: the VM is done
-            let now = Sys.monotonicNanoseconds()
-            // Producers that exited (a fallback, a kick, entries the exit path
-            // drained itself while this thread was off its CPU) are producing:
-            // the idle period starts again.
-            let seen = poller.activity.load(ordering: .relaxed)
-            if idleSince == 0 || seen != activitySeen { idleSince = now; activitySeen = seen; continue }
-            if now &- idleSince < idle { continue }
-            // Idle: clear the polling flag and raise the wake flag, then look once
-            // more. A producer publishes with a locked instruction and then reads
-            // the flags; this drain's seq-cst increment comes after the flag
-            // store: either the drain sees the entry, or the producer sees the
-            // wake flag and kicks. (A producer that saw the polling flag may
-            // also just have published, or this thread was off its CPU a while.)
-            // From here a kick (or any wake) is remembered, so the poller does
-            // not go to sleep after one that came before it reached its sleep.
-            poller.beginIdle { setPollingFlags(polling: false, wake: true) }
-            lock.lock()
-            let (s, n) = drainLocked()
-            lock.unlock()
-            if let s { vm.finishFromService(.success(s)); return }
-            if n > 0 {
-                poller.endIdle()
-                setPollingFlags(polling: true)
-                idleSince = 0; spins = 0
-                continue
-            }
-            let cpu = Sys.threadCPUNanoseconds()
-            poller.cpu.wrappingAdd(cpu &- cpuMark, ordering: .releasing)
-            cpuMark = cpu
-            poller.sleepUntilWoken(stop: stop, vm: vm, pending: { [self] in hasPending() })
-            setPollingFlags(polling: true)
-            idleSince = 0
-            spins = 0
-        }
     }
 }
 
@@ -544,80 +444,5 @@ private final class Ring {
         if polling { f |= PVRingLayout.pollingFlag }
         if wake { f |= PVRingLayout.wakeFlag }
         SharedGuestWord32(pointer: p).store(f)
-    }
-}
-
-/// The poller's sleep/wake state.
-private final class PollerState: @unchecked Sendable {
-    let polling = Atomic<Bool>(false)
-    /// Set from the moment the poller goes idle (``beginIdle(_:)``, the wake
-    /// flag raised) until it polls again: wakes are accepted then.
-    let sleeping = Atomic<Bool>(false)
-    let cpu = Atomic<UInt64>(0)
-    let sleeps = Atomic<Int>(0)
-    /// Kick-register writes (``PVRingDevice/kicks``).
-    let kicks = Atomic<Int>(0)
-    /// Bumped by exits that show a producer at work (a fallback write to a
-    /// ring's target register, a kick, entries drained before an exit): the
-    /// poller's idle period starts again when it changes.
-    let activity = Atomic<UInt64>(0)
-    private let cond = ConditionLock()
-    private var woken = false
-
-    var isSleeping: Bool { sleeping.load(ordering: .relaxed) }
-
-    /// A producer was seen at work (a relaxed increment: the exit path stays cheap).
-    @inline(__always)
-    func noteActivity() { activity.wrappingAdd(1, ordering: .relaxed) }
-
-    /// Going idle: `raiseFlags` runs under the lock, then wakes are accepted
-    /// (and remembered until the poller sleeps, so none is lost).
-    func beginIdle(_ raiseFlags: () -> Void) {
-        cond.lock()
-        raiseFlags()
-        woken = false
-        sleeping.store(true, ordering: .sequentiallyConsistent)
-        cond.unlock()
-    }
-
-    /// Back to polling without sleeping (the last look found entries).
-    func endIdle() {
-        cond.lock()
-        woken = false
-        sleeping.store(false, ordering: .sequentiallyConsistent)
-        cond.unlock()
-    }
-
-    /// Wakes the poller if it is idle (asleep or about to sleep); `whileSleeping`
-    /// runs first, under the lock, only then (the poller is not writing the
-    /// flags then), and only for the first wake.
-    func wake(_ whileSleeping: () -> Void = {}) {
-        guard sleeping.load(ordering: .acquiring) else { return }
-        cond.withLock {
-            guard sleeping.load(ordering: .relaxed), !woken else { return }
-            whileSleeping()
-            woken = true
-            cond.broadcast()
-        }
-    }
-
-    /// Sleeps until woken, stopped, or (checked every drain interval) entries are pending.
-    func sleepUntilWoken(stop: ServiceStop, vm: VirtualMachine, pending: () -> Bool) {
-        sleeps.wrappingAdd(1, ordering: .relaxed)
-        cond.lock()
-        while !woken && !stop.requested && !vm.isStopping {
-            cond.wait(timeoutNanoseconds: PVRingDevice.drainInterval)
-            if pending() || !vm.hasRunningVCPUs { break }
-        }
-        woken = false
-        sleeping.store(false, ordering: .sequentiallyConsistent)
-        cond.unlock()
-    }
-
-    /// Sleeps for a while unless woken or stopped.
-    func sleep(nanoseconds: UInt64, stop: ServiceStop) {
-        cond.lock()
-        if !stop.requested { cond.wait(timeoutNanoseconds: nanoseconds) }
-        cond.unlock()
     }
 }
