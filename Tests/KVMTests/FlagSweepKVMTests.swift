@@ -5,9 +5,10 @@ import VMMKit
 /// C guests from the compiler-flag sweep (the committed C guests' sources built with flags nobody here chose),
 /// committed before the DMP work they showed was needed.
 extension KVMTests {
+    /// A warm-up of 100 batches: every store exits often enough to join the first plan as a sibling.
     @Test("c-doorbell-cpl3-unroll (-O3 -funroll-loops): DOORBELL stores back to back, where one store's exit RIP is the next one's start, all join db_run's copy as siblings; every store served, steady exits cut, same output")
     func dmpBackToBackStoresJoinAsSiblings() throws {
-        let (off, on) = try unrolledDoorbellRuns(planSiblings: true)
+        let (off, on) = try doorbellRuns("c-doorbell-cpl3-unroll", commandLine: "iters=4096 warmup=1600")
         try expectEveryDoorbellStoreServed(on)
         for s in on.report where s.location.hasPrefix("db_run+") { #expect(s.hitsServed > 100, "\(s)") }
         try on.expectSameOutput(as: off, steadyExitsCutBy: 20)
@@ -15,18 +16,30 @@ extension KVMTests {
 
     @Test("c-doorbell-cpl3-unroll with siblings off: every store, back to back or not, gets hot in the copy on its own and joins by a rebuild; steady exits cut, same output")
     func dmpBackToBackStoresJoinByRebuilds() throws {
-        let (off, on) = try unrolledDoorbellRuns(planSiblings: false)
+        let (off, on) = try doorbellRuns("c-doorbell-cpl3-unroll", commandLine: "iters=4096 warmup=1600", planSiblings: false)
         try expectEveryDoorbellStoreServed(on)
         try on.expectSameOutput(as: off, steadyExitsCutBy: 10)
     }
 
-    /// c-doorbell-cpl3-unroll without and with DMP. A warm-up of 100 batches: every store exits often enough to
-    /// join the first plan as a sibling. Verification off, a poller that does not sleep and a long append wait:
-    /// these tests are about what the plan serves (synchronous appends under load are the verifier's, VerifyKVMTests).
-    private func unrolledDoorbellRuns(planSiblings: Bool) throws -> (off: DMPLibraryRun, on: DMPLibraryRun) {
-        let commandLine = "iters=4096 warmup=1600"
-        let off = try DMPLibraryRun("c-doorbell-cpl3-unroll", commandLine: commandLine, dmp: false)
-        let on = try DMPLibraryRun("c-doorbell-cpl3-unroll", commandLine: commandLine, pollerIdle: 1_000_000_000) {
+    @Test("c-doorbell-cpl3-ubuntu-lto (-O2 -flto, distribution defaults): db_run's copy, entered through a 5-byte instruction that crosses a page boundary, is rebuilt for the STATUS read that gets hot later (the write-time check takes that entry back across the boundary); both sites served, same output")
+    func dmpRebuildOverEntryAcrossPages() throws {
+        let (off, on) = try doorbellRuns("c-doorbell-cpl3-ubuntu-lto", commandLine: "iters=4096")
+        let text = DMPReport.text(on.report)
+        let status = try #require(on.report.first { $0.location.hasPrefix("db_run+") && $0.site.kind == .mmio && $0.site.direction == .read },
+                                  "\(text)")
+        #expect(status.state == .patched && status.refusal == nil, "\(text)")
+        #expect(status.strategy.hasPrefix("function copy of db_run") && status.strategy.hasSuffix("(rebuilt 1x)"), "\(text)")
+        for s in on.report where s.location.hasPrefix("db_run+") { #expect(s.hitsServed > 100, "\(s)") }
+        try on.expectSameOutput(as: off, steadyExitsCutBy: 20)
+    }
+
+    /// A doorbell guest without and with DMP. Verification off, a poller that does not sleep and a long append
+    /// wait: these tests are about what the plan serves (synchronous appends under load are the verifier's,
+    /// VerifyKVMTests).
+    private func doorbellRuns(_ image: String, commandLine: String,
+                              planSiblings: Bool = true) throws -> (off: DMPLibraryRun, on: DMPLibraryRun) {
+        let off = try DMPLibraryRun(image, commandLine: commandLine, dmp: false)
+        let on = try DMPLibraryRun(image, commandLine: commandLine, pollerIdle: 1_000_000_000) {
             $0.planSiblings = planSiblings
             $0.synchronousWaitLimit = 1 << 20
             $0.verify = false

@@ -96,21 +96,27 @@ extension PatchPlanner {
             }
         }
         for source in copy?.sources ?? [] {
+            let name = configuration.symbols.symbolize(source.address) ?? hex(source.address)
             let end = source.address &+ UInt64(source.bytes.count)
+            var current: [UInt8] = []
+            current.reserveCapacity(source.bytes.count)
             var v = source.address
             while v < end {
                 let chunk = min(end &- v, Implant.pageSize &- (v & (Implant.pageSize &- 1)))
-                let offset = Int(v &- source.address)
                 guard let t = try? vm.memory.translate(v, paging: located.paging, access: fetch),
-                      let read = try? vm.memory.readBytes(at: t.physical, count: Int(chunk)),
-                      offset + Int(chunk) <= source.bytes.count,
-                      CodeImage(regions: [.init(address: v, bytes: read)], symbols: SymbolTable())
-                        .restoring(old.map { PatchWrite(address: $0.virtual, original: $0.original, replacement: $0.replacement) })
-                        .regions[0].bytes[...] == source.bytes[offset..<(offset + Int(chunk))] else {
-                    let name = configuration.symbols.symbolize(source.address) ?? hex(source.address)
+                      let read = try? vm.memory.readBytes(at: t.physical, count: Int(chunk)) else {
                     throw DMPRefusal(.patch, "\(name) changed (or was unmapped) at \(hex(v)) between the plan and the write")
                 }
+                current += read
                 v &+= chunk
+            }
+            // The old entries are taken back over the whole function at once: one may straddle a page boundary.
+            let restored = CodeImage(regions: [.init(address: source.address, bytes: current)], symbols: SymbolTable())
+                .restoring(old.map { PatchWrite(address: $0.virtual, original: $0.original, replacement: $0.replacement) })
+                .regions[0].bytes
+            if restored.count != source.bytes.count || restored != source.bytes {
+                let k = source.bytes.indices.first { $0 >= restored.count || restored[$0] != source.bytes[$0] } ?? 0
+                throw DMPRefusal(.patch, "\(name) changed (or was unmapped) at \(hex(source.address &+ UInt64(k))) between the plan and the write")
             }
         }
     }
