@@ -36,11 +36,10 @@
         .include "console.inc"
         .include "cmdline.inc"
         .include "fnv.inc"
+        .include "ap_user.inc"
 
 .set SMP_SITES_MAX, 12
 .set SMP_WAIT_SHIFT, 33                 # TSC cycles the BSP waits for the AP: 2^33
-.set AP_TSS_SEL, 0x38                   # the AP's TSS, in the AP's copy of the GDT
-.set GDT_BOOT_QUADS, 7                  # boot.inc's GDT: 5 descriptors and the 16-byte TSS
 
         .text
 # kmain (BSP, CPL0): UART, configuration, then CPL3 at user_main.
@@ -92,42 +91,7 @@ ENDF kmain
 FUNC ap_main
         cmp $1, %esi
         jne 9f
-        lea gdt(%rip), %rsi
-        lea ap_gdt(%rip), %rdi
-        mov $GDT_BOOT_QUADS, %ecx
-1:      mov (%rsi), %rax
-        mov %rax, (%rdi)
-        add $8, %rsi
-        add $8, %rdi
-        dec %ecx
-        jnz 1b
-        # 64-bit available TSS descriptor for ap_tss at AP_TSS_SEL.
-        lea ap_gdt + AP_TSS_SEL(%rip), %rdi
-        lea ap_tss(%rip), %rax
-        movw $ap_tss_limit, (%rdi)
-        mov %ax, 2(%rdi)
-        shr $16, %rax
-        mov %al, 4(%rdi)
-        movb $0x89, 5(%rdi)
-        movb $0, 6(%rdi)
-        mov %ah, 7(%rdi)
-        shr $16, %rax
-        mov %eax, 8(%rdi)
-        movl $0, 12(%rdi)
-        lgdt ap_gdt_ptr(%rip)
-        mov $AP_TSS_SEL, %eax
-        ltr %ax
-        mov $USER_DS, %eax
-        mov %eax, %ds
-        mov %eax, %es
-        lea ap_user_stack_top(%rip), %rax
-        lea ap_user_main(%rip), %rcx
-        push $USER_DS                   # ss
-        push %rax                       # rsp
-        push $0x3002                    # rflags: IOPL 3, IF 0
-        push $USER_CS                   # cs
-        push %rcx                       # rip
-        iretq
+        AP_ENTER_USER ap_user_main, ap_user_stack_top
 9:      cli
         hlt
         jmp 9b
@@ -364,32 +328,7 @@ OBJ str_checksum
 ENDO str_checksum
 
         .data
-        .balign 16
-# The AP's TSS: RSP0 on the AP's kernel stack (stacks[1]), the I/O bitmap
-# of boot.inc's TSS (ports 0-0x7ff allowed, then the all-ones byte).
-OBJ ap_tss
-        .long 0
-        .quad stacks + 2 * STACK_SIZE   # RSP0
-        .quad 0, 0                      # RSP1, RSP2
-        .quad 0
-        .quad 0, 0, 0, 0, 0, 0, 0       # IST1-7
-        .quad 0
-        .word 0
-        .word 104                       # I/O permission bitmap offset
-        .fill IO_BITMAP_PORTS / 8, 1, 0
-        .byte 0xff
-ENDO ap_tss
-        .set ap_tss_limit, . - ap_tss - 1
-
-        .balign 16
-# The AP's GDT: boot.inc's descriptors (copied at run time), then its TSS.
-OBJ ap_gdt
-        .fill GDT_BOOT_QUADS + 2, 8, 0
-ENDO ap_gdt
-OBJ ap_gdt_ptr
-        .word (GDT_BOOT_QUADS + 2) * 8 - 1
-        .quad ap_gdt
-ENDO ap_gdt_ptr
+        AP_USER_DATA
 
         .balign 4
 OBJ cfg_sites
@@ -433,8 +372,4 @@ OBJ smp_phases
 ENDO smp_phases
 
         .bss
-        .balign 16
-OBJ ap_user_stack
-        .skip USER_STACK_SIZE
-ENDO ap_user_stack
-        .set ap_user_stack_top, ap_user_stack + USER_STACK_SIZE
+        AP_USER_STACK
