@@ -48,37 +48,48 @@ extension DMPMiddleware {
         enum Look { case unwatched, later, now(AppliedPatch, Int) }
         let look = state.withLock { s -> Look in
             guard let w = s.callerWatch[site] else { return .unwatched }
-            guard let r = s.sites[site], r.report.state == .patched, let id = r.patchID, let p = s.patches[id] else {
+            guard let r = s.sites[site], r.report.state == .patched || r.report.state == .disabled, let id = r.patchID,
+                  let p = s.patches[id] else {
                 s.callerWatch[site] = nil
                 return .unwatched
             }
-            return total < w.checkAt ? .later : .now(p, id)
+            // A site turned off alone exits from its copy too: no caller is looked for until it is on again.
+            return total < w.checkAt || r.report.state == .disabled ? .later : .now(p, id)
         }
         guard case let .now(first, firstID) = look else {
             if case .later = look { _ = detectors[vcpu].rearm(site) }
             return
         }
-        let found: Bool? = planning.withLockIfAvailable { _ -> Bool in
+        let found: CallerLook? = planning.withLockIfAvailable { _ -> CallerLook in
             do throws(DMPRefusal) {
-                return try promoteOtherCaller(site, exit, context, registersAtExit: registersAtExit, first: first, firstID: firstID)
+                return try promoteOtherCaller(site, exit, context, registersAtExit: registersAtExit, first: first, firstID: firstID,
+                                              total: total)
             } catch {
                 logger.info("another caller not promoted", metadata: ["site": "\(describe(site))", "reason": "\(error)"])
-                return false
+                return .nothingNew
             }
         }
         let keep = state.withLock { s -> Bool in
             guard var w = s.callerWatch[site] else { return false }
-            if found == true {
+            var backOff: Int?
+            switch found {
+            case .promoted?:
                 w.misses = 0
                 w.callers += 1
-            } else if found == false {
+            case .nothingNew?:
                 w.misses += 1
+            case .backingOff(let until)?:
+                // This caller's copy was undone: no miss (other callers are looked for as before), and no look
+                // later than the end of its back-off.
+                backOff = until
+            case nil:
+                break
             }
             guard w.misses <= DMPMiddleware.callerMisses, w.callers < DMPMiddleware.maximumCallers else {
                 s.callerWatch[site] = nil
                 return false
             }
-            w.checkAt = total &+ max(1, configuration.threshold) << min(w.misses, 10)
+            w.checkAt = min(backOff ?? .max, total &+ max(1, configuration.threshold) << min(w.misses, 10))
             s.callerWatch[site] = w
             return true
         }
@@ -86,18 +97,19 @@ extension DMPMiddleware {
     }
 
     /// Promotes the call that reached `site`'s accessor this time (see ``otherCaller(_:_:_:registersAtExit:)``);
-    /// returns whether a patch was applied. `first`: the patch serving `site`.
+    /// returns whether a patch was applied, or that this caller's earlier copy was undone and its back-off (in
+    /// `site`'s exits, `total` now) is not over. `first`: the patch serving `site`.
     private func promoteOtherCaller(_ site: ExitSite, _ exit: VMExit, _ context: ExitContext, registersAtExit: Registers?,
-                                    first: AppliedPatch, firstID: Int) throws(DMPRefusal) -> Bool {
-        guard let locator, let planner, let implant else { return false }
+                                    first: AppliedPatch, firstID: Int, total: Int) throws(DMPRefusal) -> CallerLook {
+        guard let locator, let planner, let implant else { return .nothingNew }
         let hotAt = ContinuousClock.now
         let located = try locator.locate(exit, context: context) { end in self.implantedInstruction(endingAt: end) }
         // An exit from implanted code is a fallback or an instruction no body serves: not another caller.
         guard implant.owner(ofInstructionPointer: located.virtualAddress) == nil,
-              let accessor = first.copy?.accessors.first(where: { $0.contains(located.virtualAddress) }) else { return false }
+              let accessor = first.copy?.accessors.first(where: { $0.contains(located.virtualAddress) }) else { return .nothingNew }
         let patches = state.withLock { Array($0.patches.values) }
         let request = try planner.promotionRequest(for: located, registersAtExit: registersAtExit, patches: patches)
-        guard request.accessor == accessor.start else { return false }
+        guard request.accessor == accessor.start else { return .nothingNew }
         // A call already promoted (a thread that had not entered that copy yet): nothing new.
         let promoted = patches.contains { p in
             p.copy.map { c in
@@ -105,7 +117,7 @@ extension DMPMiddleware {
                     && c.promotions.contains { $0.site == request.promotion.site && $0.accessors.contains(request.accessor) }
             } ?? false
         }
-        guard !promoted else { return false }
+        guard !promoted else { return .nothingNew }
         // The caller's own live copy, if any, is rebuilt with the promoted call; the first caller's patch (whose copy
         // holds the accessor too) is left as it is, unless the caller is its own.
         let olds = state.withLock { s -> [(id: Int, patch: AppliedPatch)] in
@@ -125,12 +137,28 @@ extension DMPMiddleware {
                 let address = g.plan.virtualAddress
                 guard accessor.contains(address), address != located.virtualAddress else { continue }
                 let k = PatchPlanner.callerSite(x, request: request)
-                guard keys.insert(k).inserted, s.sites[k]?.report.state != .patched else { continue }
+                guard keys.insert(k).inserted, s.sites[k]?.report.state != .patched, s.sites[k]?.report.state != .disabled else { continue }
                 var target: UInt64?
                 if case .memory(let m) = g.route.target { target = m }
                 others.append((k, address, target))
             }
             return (PatchPlanner.callerSite(site, request: request), others)
+        }
+        // This caller's copy undone before (verification, a guarded write): not promoted again before its back-off,
+        // counted in the accessor site's exits from the first look after the undo (DESIGN.md, DMP step 7).
+        let backOff = state.withLock { s -> CallerLook? in
+            for k in [key] + others.map(\.site) where k != site {
+                guard var r = s.sites[k], r.report.state == .undone else { continue }
+                let over = r.backOffOver(atExits: total)
+                s.sites[k] = r
+                guard !over else { continue }
+                return r.retryAtExits.map { .backingOff(untilExits: $0) } ?? .nothingNew
+            }
+            return nil
+        }
+        if let backOff {
+            logger.info("another caller backs off", metadata: ["site": "\(describe(site))", "caller": "\(symbolize(request.caller))"])
+            return backOff
         }
         let id = olds.first?.id ?? state.withLock { s -> Int in
             defer { s.nextPatchID += 1 }
@@ -166,6 +194,16 @@ extension DMPMiddleware {
         }
         commit(outcome, for: key, id: id, merged: olds.map(\.id), hotAt: hotAt, deferred: .zero, vcpu: context.vcpuID,
                consumedBefore: consumedBefore, beforePatch: beforePatch)
-        return outcome.applied != nil
+        return outcome.applied != nil ? .promoted : .nothingNew
     }
+}
+
+/// What one look for another caller of a watched accessor found (``DMPMiddleware/otherCaller(_:_:_:registersAtExit:)``).
+enum CallerLook: Equatable {
+    /// A caller's call was promoted (a patch applied).
+    case promoted
+    /// Nothing to promote (the caller is promoted already, none was found, or the plan was refused).
+    case nothingNew
+    /// The caller's copy was undone and its back-off lasts until the accessor site's detector count reaches this.
+    case backingOff(untilExits: Int)
 }

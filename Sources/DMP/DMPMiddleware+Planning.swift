@@ -55,7 +55,12 @@ extension DMPMiddleware {
         let minimum = max(1, configuration.threshold / 4)
         let siblings = !configuration.planSiblings ? [] : detectors[context.vcpuID].entries
             .filter { $0.site != site && ($0.site.kind == .io || $0.site.kind == .mmio) && $0.total >= minimum }
-            .filter { e in state.withLock { $0.sites[e.site] == nil || $0.sites[e.site]?.report.state == .undone } }
+            .filter { e in
+                // An undone site joins another's plan only once its back-off is over (in its exits, as this vCPU counts them).
+                state.withLock { s in
+                    s.sites[e.site] == nil || s.sites[e.site]?.report.state == .undone && s.sites[e.site]?.backOffOver(atExits: e.total) == true
+                }
+            }
             .map(\.site)
         // Read before the patch goes live: ring-append hit counters are bounded by what the consumer applies after it.
         let consumedBefore = rings?.consumed ?? []
@@ -167,6 +172,7 @@ extension DMPMiddleware {
                 r.enableWord = sp.enableWord
                 r.slot = sp.slot
                 r.grant = sp.grant
+                r.granted = sp.granted
                 r.ringProducer = sp.ring != nil
                 r.hits = sp.hitCounter.map { c in
                     HitCount(counter: c, ring: sp.ring.flatMap { i in

@@ -98,12 +98,15 @@ extension DMPMiddleware {
                     vm.bus.revokeFastPath(space: g.space, address: g.address, enableWord: w)
                 }
                 observeHits(&r, memory: vm.memory)
+                // A site turned off alone counted its undo then (and backed off since): the copy's undo is not another.
+                let wasOff = r.report.state == .disabled
                 r.patchID = nil
                 r.window = nil
+                r.reenableAtExits = nil
                 r.report.state = .undone
                 r.report.refusal = reason
                 if backOff {
-                    r.undos += 1
+                    if !wasOff { r.undos += 1 }
                     // In exits of the site counted by a vCPU's detector from now: its total then is unknown
                     // here (detectors belong to their vCPUs), so the first candidate after re-arming sets it.
                     let base = backOffBase ?? configuration.initialBackoff
@@ -124,13 +127,15 @@ extension DMPMiddleware {
     }
 
     /// Tells the ring device its producers are gone when no live patch appends to a ring (the last ring patch
-    /// undone, or a plan that announced one and left none live): from then on the guest's own writes to the
-    /// target registers are no producer fallbacks and do not keep the poller awake.
+    /// undone, its last ring site turned off alone, or a plan that announced one and left none live): from then
+    /// on the guest's own writes to the target registers are no producer fallbacks and do not keep the poller awake.
     func detachRingProducersUnlessLive() {
         guard let rings else { return }
         producers.withLock { _ in
             let live = state.withLock { s in
-                s.patches.values.contains { q in q.sites.contains { s.sites[$0]?.ringProducer == true } }
+                s.patches.values.contains { q in
+                    q.sites.contains { s.sites[$0].map { $0.ringProducer && $0.report.state != .disabled } ?? false }
+                }
             }
             if !live { rings.producersDetached() }
         }

@@ -7,8 +7,10 @@ extension DMPMiddleware {
     /// Judges every patch by its sites' costs (``VerifyWindow``) over its whole life; undoes patches that stopped paying.
     ///
     /// - Each trusted site's window of accesses is judged against one exit per access: exits (fallbacks and kicks) and
-    ///   wait iterations per access; ``DMPConfiguration/verifyLosingWindows`` losing windows in a row undo the patch.
-    ///   Idle windows judge nothing.
+    ///   wait iterations per access; ``DMPConfiguration/verifyLosingWindows`` losing windows in a row lose the site.
+    ///   Idle windows judge nothing. A losing site of a function copy another site of which keeps paying is turned
+    ///   off alone (``turnOff(_:ofPatch:reason:)``; the copy stays); otherwise the patch is undone whole
+    ///   (``judgeLosingSites(_:of:_:)``). A site turned off alone is turned on again once its back-off is over.
     /// - A patch of CPL0 code (whose bodies may run emulated, a cost no count shows) first goes through an A/B trial
     ///   (``RateTrial``) once it has served an access: taken out and written again in alternating phases, its sites'
     ///   rate of accesses compared phase by phase; it is undone if it is slower in place. Its windows start after
@@ -21,6 +23,8 @@ extension DMPMiddleware {
         var verdicts: [(id: Int, why: DMPRefusal, backOffBase: Int?)] = []
         var rearm: [ExitSite] = []
         var switches: [(id: Int, phase: RateTrial.Phase)] = []
+        var offs: [(id: Int, site: ExitSite, reason: String)] = []
+        var ons: [(id: Int, site: ExitSite)] = []
         let now = ContinuousClock.now
         state.withLock { s in
             for (id, p) in s.patches {
@@ -32,7 +36,7 @@ extension DMPMiddleware {
                 var accesses = 0.0, exits = 0, atOriginal = 0
                 var baseline = 0.0
                 var trusted = true
-                var lost: String?
+                var losing: [(site: ExitSite, reason: String)] = []
                 for site in p.sites {
                     guard var r = s.sites[site] else { continue }
                     let n = observeHits(&r, memory: vm.memory)
@@ -41,10 +45,10 @@ extension DMPMiddleware {
                     atOriginal += r.exitsAtOriginal
                     baseline += r.baselineRate ?? 0
                     trusted = trusted && r.report.hitCounterDistrust == nil
+                    // A site turned off alone has no window (it is judged again once its fast path is back).
                     if r.report.hitCounterDistrust == nil, !inTrial, var w = r.window {
-                        if case .loses = w.observe(r.costs, now: now, configuration: configuration), w.shouldUndo(configuration),
-                           lost == nil {
-                            lost = "\(r.report.location.isEmpty ? hex(site.rip) : r.report.location): \(w.reason(configuration))"
+                        if case .loses = w.observe(r.costs, now: now, configuration: configuration), w.shouldUndo(configuration) {
+                            losing.append((site, w.reason(configuration)))
                         }
                         r.window = w
                         r.report.windowsJudged = w.judged
@@ -57,10 +61,16 @@ extension DMPMiddleware {
                     s.entryChecks.insert(id)
                     rearm += p.sites
                 }
-                if let lost {
-                    verdicts.append((id, DMPRefusal(.verify, lost), nil))
+                switch judgeLosingSites(losing, of: p, s) {
+                case .undoPatch(let why)?:
+                    verdicts.append((id, why, nil))
                     continue
+                case .turnOff(let sites)?:
+                    offs += sites.map { (id, $0.site, $0.reason) }
+                case nil:
+                    break
                 }
+                ons += sitesToTurnOn(of: p, s).map { (id, $0) }
                 if inTrial && trusted {
                     // Nothing served yet: the entry check watches; the trial starts with the first access served.
                     guard accesses > Double(exits) || s.trials[id] != nil else { continue }
@@ -98,6 +108,8 @@ extension DMPMiddleware {
         }
         for (id, phase) in switches where !verdicts.contains(where: { $0.id == id }) { switchPatch(id, to: phase) }
         for (id, why, base) in verdicts { undo(id, reason: why, backOff: true, backOffBase: base) }
+        for (id, site, reason) in offs { turnOff(site, ofPatch: id, reason: reason) }
+        for (id, site) in ons { turnOn(site, ofPatch: id) }
     }
 
     /// Acts on a finished A/B trial of patch `id` (state lock held): a loss returns the undo's reason and back-off;

@@ -214,17 +214,13 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         if let known {
             // Refused and patched sites stay as they are (an accessor's site served through a promoted call
             // looks for another caller); an undone one waits out its back-off.
-            guard known.undone, var retryAt = known.retryAt else {
+            guard known.undone, known.retryAt != nil else {
                 if !known.undone { otherCaller(site, exit, context, registersAtExit: registersAtExit) }
                 return result
             }
+            // The back-off starts at the first look, in this vCPU's count of the site.
             let total = detectors[context.vcpuID].counts(of: site)?.total ?? 0
-            if retryAt < 0 {
-                // The back-off starts now, in this vCPU's count of the site.
-                retryAt = total - retryAt
-                state.withLock { $0.sites[site]?.retryAtExits = retryAt }
-            }
-            if total < retryAt {
+            if state.withLock({ $0.sites[site]?.backOffOver(atExits: total) }) == false {
                 _ = detectors[context.vcpuID].rearm(site)
                 return result
             }

@@ -18,9 +18,10 @@ struct DMPLibraryRun {
     /// `prepare`: runs on the new VM before anything is installed (exit handlers of a test, first in the chain).
     /// `hostCPUs`: pins the VM's threads (vCPUs, ring poller, timer) to these host CPUs.
     /// `pollerIdle`: how long the ring poller polls without entries before it sleeps, in ns (nil: the default, 2 ms).
+    /// `ringPolling`: the rings' consumer, in place of `pollerIdle`'s (`.disabled`: no thread polls them).
     /// `around`: wraps the run, with the devices and DMP installed (a test's own thread beside the guest).
     init(_ image: String, commandLine: String, dmp: Bool = true, cpus: Int = 1, hostCPUs: [Int]? = nil,
-         pollerIdle: UInt64? = nil,
+         pollerIdle: UInt64? = nil, ringPolling: PVRingPolling? = nil,
          configure: (inout DMPConfiguration) -> Void = { _ in },
          prepare: (VirtualMachine) throws -> Void = { _ in },
          around: (VirtualMachine, StandardDevices, DMPMiddleware?, () throws -> StopReason) throws -> StopReason = { try $3() }) throws {
@@ -30,7 +31,7 @@ struct DMPLibraryRun {
         try prepare(vm)
         let console = CapturedOutput()
         let devices = try StandardDevices.install(on: vm, console: console.sink(),
-                                                  ringPolling: pollerIdle.map { .enabled(idleNanoseconds: $0) } ?? .enabled())
+                                                  ringPolling: ringPolling ?? pollerIdle.map { .enabled(idleNanoseconds: $0) } ?? .enabled())
         let loaded = try X86Boot.load(.elf(try guestImage(image)), commandLine: commandLine, into: vm)
         var middleware: DMPMiddleware?
         if dmp {

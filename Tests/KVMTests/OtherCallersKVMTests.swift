@@ -1,4 +1,5 @@
 import DMP
+import Synchronization
 import Testing
 import VMMKit
 
@@ -70,5 +71,44 @@ extension KVMTests {
     /// The guest's output with its cycle count masked (its lines end in CRLF, as a Linux console writes them).
     private func masked(_ text: String) -> String {
         text.replacing(/cycles_per_iter=[0-9]+/, with: "cycles_per_iter=")
+    }
+}
+
+extension KVMTests {
+    @Test("c-portops-cpl3: another caller's copy undone as verification undoes one that did not pay is not promoted again before its back-off, although its call keeps reaching the accessor's original instruction; same output")
+    func dmpOtherCallerBacksOff() throws {
+        let commandLine = "iters=400"
+        let off = try DMPLibraryRun("c-portops-cpl3", commandLine: commandLine, dmp: false)
+        let dmp = Mutex<DMPMiddleware?>(nil)
+        let undone = Mutex<ExitSite?>(nil)
+        let on = try DMPLibraryRun("c-portops-cpl3", commandLine: commandLine, configure: { c in
+            c.initialBackoff = 1 << 20   // longer than the run
+        }, prepare: { vm in
+            // At a port exit once another caller's copy serves accesses: that copy is undone (once).
+            vm.addExitHandler(ClosureExitHandler { exit, _ in
+                guard case .io = exit, undone.withLock({ $0 == nil }), let m = dmp.withLock({ $0 }),
+                      let row = m.report().first(where: { $0.location.contains(" via ") && $0.state == .patched && $0.hitsServed > 0 })
+                else { return .pass }
+                undone.withLock { $0 = row.site }
+                m.undoForTesting(row.site, reason: "the test undoes it as verification would")
+                return .pass
+            })
+        }, around: { _, _, m, run in
+            dmp.withLock { $0 = m }
+            return try run()
+        })
+        #expect(on.stop == .guestExit(status: 0) && off.stop == on.stop)
+        #expect(masked(on.text) == masked(off.text))
+        let site = try #require(undone.withLock { $0 }, "no other caller's copy served: \(DMPReport.text(on.report))")
+        let row = try #require(on.report.first { $0.site == site })
+        #expect(row.state == .undone && row.refusal?.reason == "the test undoes it as verification would", "\(DMPReport.text(on.report))")
+        // The first caller's copy, which the accessor's own row names, serves on.
+        let first = on.report.filter { r in
+            r.instructionAddress == row.instructionAddress && r.site.address == site.address && !r.location.contains(" via ")
+        }
+        #expect(!first.isEmpty && first.allSatisfy { $0.state == .patched }, "\(DMPReport.text(on.report))")
+        // The third caller is promoted as before: a caller backing off does not hold the others up.
+        let others = on.report.filter { $0.location.contains(" via ") && $0.site != site }
+        #expect(others.contains { $0.state == .patched && $0.hitsServed > 0 }, "\(DMPReport.text(on.report))")
     }
 }

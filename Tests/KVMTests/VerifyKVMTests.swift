@@ -1,5 +1,6 @@
 import DMP
 import Testing
+import Synchronization
 import VMMKit
 
 extension KVMTests {
@@ -61,5 +62,48 @@ extension KVMTests {
             #expect(s.waitIterations == 0 && s.kicksWhilePatched <= s.exitsWhilePatched)
             #expect(s.lastWindowCost.map { $0 <= DMPConfiguration().verifyCostLimit } == true, "\(s)")
         }
+    }
+}
+
+extension KVMTests {
+    @Test("c-doorbell-cpl3 with no thread polling the rings: the DOORBELL store's synchronous append can never be served (every access falls back), so in db_run's copy it loses alone and is turned off alone; the copy stays and keeps serving the STATUS read; unpatchAll restores everything; output identical to DMP off")
+    func dmpLosingSiteTurnedOffAlone() throws {
+        let commandLine = "iters=8192 warmup=1024"
+        let off = try DMPLibraryRun("c-doorbell-cpl3", commandLine: commandLine, dmp: false, ringPolling: .disabled)
+        let before = Mutex<[PatchSite]>([])
+        let guardsAfter = Mutex<[UInt64]?>(nil)
+        let on = try DMPLibraryRun("c-doorbell-cpl3", commandLine: commandLine, ringPolling: .disabled, configure: { c in
+            // The store's first patch (a copy serving it alone) is undone whole; after this back-off it joins the
+            // copy that serves the STATUS read, loses there, and stays off (its second undo).
+            c.initialBackoff = 256
+            c.maximumUndos = 2
+        }, around: { _, _, dmp, run in
+            let stop = try run()
+            before.withLock { $0 = dmp?.report() ?? [] }
+            dmp?.unpatchAll()
+            guardsAfter.withLock { $0 = dmp?.patcherForTesting.guardedPages }
+            return stop
+        })
+        #expect(off.stop == .guestExit(status: 0) && on.stop == off.stop)
+        #expect(on.lines == off.lines)
+        #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
+        let report = before.withLock { $0 }
+        let text = DMPReport.text(report)
+        let doorbell = try #require(report.first { $0.location == "db_run+0x50" }, "\(text)")
+        let status = try #require(report.first { $0.site.kind == .mmio && $0.site.address == DoorbellExitCounter.status.rawValue }, "\(text)")
+        #expect(doorbell.fastPath.contains("synchronous"), "\(doorbell)")
+        // Off once (its first copy served it with the STATUS read already) or twice (turned on again after its back-off).
+        #expect(doorbell.state == .disabled && (1...2).contains(doorbell.turnedOff), "\(doorbell.turnedOff) \(text)")
+        let why = doorbell.refusal?.reason ?? ""
+        #expect(doorbell.refusal?.stage == .verify && why.contains("slower with the patch")
+                && why.contains("turned off alone, the copy of db_run serves its other sites on")
+                && why.contains("never turned on again"), "\(text)")
+        #expect(doorbell.hitsServed == 0 && doorbell.exitsWhilePatched > 0, "\(doorbell)")
+        #expect(status.state == .patched && status.hitsServed > 0 && status.fastPath.hasPrefix("shared slot"), "\(text)")
+        #expect(status.strategy == doorbell.strategy && status.strategy.hasPrefix("function copy of db_run"), "\(text)")
+        #expect(text.contains("undone (did not pay)"), "\(text)")
+        // unpatchAll took the copy out, with the site that was off: no guard left, every row undone.
+        #expect(guardsAfter.withLock { $0 } == [])
+        #expect(on.report.allSatisfy { $0.state != .patched && $0.state != .disabled }, "\(on.report.map(\.description))")
     }
 }

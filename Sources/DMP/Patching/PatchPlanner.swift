@@ -160,6 +160,7 @@ package final class PatchPlanner {
                             instruction: instruction.description, fastPath: PatchPlanner.describe(granted.kind),
                             userMode: cpl == 3, enableWord: configuration.dryRun ? nil : word,
                             grant: configuration.dryRun ? nil : (space, site.address), hitCounter: hitsGPA, data: data)
+        plan.granted = granted
         if case .ringAppend(let index, _) = granted.kind { plan.ring = index }
         if slotRead && !configuration.dryRun { plan.slot = slotGPA }
         if let r = ring, r.waitCounter != nil {

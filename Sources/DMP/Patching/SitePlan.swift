@@ -16,6 +16,8 @@ package struct SitePlan: Sendable {
     /// The enable word the device was granted, and where (revoked on undo).
     package var enableWord: FastPathEnableWord?
     package var grant: (space: BusSpace, address: UInt64)?
+    /// What the device granted (the fast path the body is emitted for).
+    package var granted: FastPathDescription?
     /// For a shared-slot read: the slot's guest-physical address (beside the enable word; the device writes it).
     package var slot: GuestAddress?
     /// The hit counter's guest-physical address.

@@ -12,6 +12,13 @@ package struct SiteRecord: Sendable {
     package var slot: GuestAddress?
     /// The device's fast path, for revoking it.
     package var grant: (space: BusSpace, address: UInt64)?
+    /// What the device granted, the fast path the site's body was emitted for (a grant asked for again after the
+    /// site was turned off alone must be the same).
+    package var granted: FastPathDescription?
+    /// For a site turned off alone inside its copy (``PatchSite/State/disabled``): its exits while patched
+    /// (``PatchSite/exitsWhilePatched``, each a fallback: an access that exited, as unpatched) at which its fast
+    /// path is asked for again; nil: never again (``DMPConfiguration/maximumUndos``).
+    package var reenableAtExits: Int?
     /// Exits at the site's original instruction while its patch was live: a path the patch does not cover, or an
     /// A/B trial's off phase (``RateTrial``), when the original bytes are back.
     package var exitsAtOriginal = 0
@@ -39,4 +46,24 @@ package struct SiteRecord: Sendable {
 
     /// A new record for a site that became hot.
     package init(report: PatchSite) { self.report = report }
+
+    /// Whether the back-off after the site's last undo is over at `total`, the site's exits as a vCPU's detector
+    /// counts them (the back-off starts at the first look after the undo: ``retryAtExits`` negative until then).
+    /// Never over once the site was undone ``DMPConfiguration/maximumUndos`` times (``retryAtExits`` nil).
+    package mutating func backOffOver(atExits total: Int) -> Bool {
+        guard var at = retryAtExits else { return false }
+        if at < 0 {
+            at = total &- at
+            retryAtExits = at
+        }
+        return total >= at
+    }
+
+    /// Whether the site keeps its function copy in place when another site of the copy loses: its fast path is on,
+    /// it served accesses in the guest (a hit counter believed), and its last window judged, if any, did not lose.
+    /// A copy none of whose other sites does this is undone whole.
+    package func keepsCopy(_ c: DMPConfiguration) -> Bool {
+        guard report.state == .patched, report.hitCounterDistrust == nil, (hits?.counted ?? 0) > 0 else { return false }
+        return window?.last.map { $0.costPerAccess <= c.verifyCostLimit } ?? true
+    }
 }

@@ -9,11 +9,11 @@ public enum DMPReport {
         var out = "\n== DMP report ==\n"
         guard !sites.isEmpty else { return out + "no site became hot\n" }
         out += cell("site", 28) + cell("instruction", 26) + cell("access", 20) + cell("strategy", 50)
-            + cell("state", 12) + cell("exits before", 14, right: true) + cell("served in guest", 16, right: true)
+            + cell("state", 21) + cell("exits before", 14, right: true) + cell("served in guest", 16, right: true)
             + cell("fallbacks", 10, right: true) + cell("hot→patched", 12, right: true) + "\n"
         for s in sites {
             out += cell(s.location, 28) + cell(s.instruction.isEmpty ? "?" : s.instruction, 26) + cell(access(s.site), 20)
-            out += cell(s.strategy.isEmpty ? "-" : s.strategy, 50) + cell(s.state.rawValue, 12)
+            out += cell(s.strategy.isEmpty ? "-" : s.strategy, 50) + cell(s.state.rawValue, 21)
             out += cell(String(s.exitsBefore), 14, right: true) + cell(String(s.hitsServed), 16, right: true)
             out += cell(String(s.exitsWhilePatched), 10, right: true)
             out += cell(s.hotToPatchedNanoseconds.map { fixed(Double($0) / 1e6, 2) + " ms" } ?? "-", 12, right: true) + "\n"

@@ -15,6 +15,11 @@ public struct PatchSite: Hashable, Sendable, CustomStringConvertible {
         case refused
         /// Patched, then undone (did not pay, invalidated by a guest write); may be retried after back-off.
         case undone
+        /// Its fast path turned off alone (DESIGN.md, DMP step 7): it did not pay, while the function copy that
+        /// serves it stays in place for the copy's other sites, which do. Its accesses run the original instruction
+        /// in the copy (they exit, as unpatched) until the device grants the fast path again after back-off
+        /// (``PatchSite/refusal`` gives the figures and the back-off).
+        case disabled = "undone (did not pay)"
     }
 
     /// The exit site (RIP as the exit reported it, and the access).
@@ -59,6 +64,9 @@ public struct PatchSite: Hashable, Sendable, CustomStringConvertible {
     public var hotToPatchedNanoseconds: UInt64?
     /// Why it was refused or undone.
     public var refusal: DMPRefusal?
+    /// Times the site's fast path was turned off alone inside its copy (``State/disabled``), each followed by an
+    /// exponential back-off before the fast path is granted again.
+    public var turnedOff: Int = 0
     /// Why the last attempt to undo its patch failed (an ioctl failed while unpatching), if it did: the patch
     /// stays in place whole and serving, and the undo is tried again (DMP's periodic task, ``DMPMiddleware/unpatchAll()``).
     public var undoFailure: String?
