@@ -25,14 +25,31 @@ extension DMPMiddleware {
         return cleared ? .retry : .fail
     }
 
-    /// Undoes every patch that guards a page of `range`.
+    /// Undoes every patch that guards a page of `range`. A site whose patch served at least a verification
+    /// window's accesses (``DMPConfiguration/verifyWindowAccesses``, counted by a trusted hit counter) before the
+    /// write paid: the write is the guest changing code (its own, or code sharing the page: alternatives, static
+    /// keys), no sign against the patch, so that undo is not counted and the site is patched again as soon as it is
+    /// hot again. Any other site backs off as after every undo (a page the guest keeps writing is not re-patched
+    /// on every write).
     private func invalidate(pagesOf range: GuestRange, reason: String) {
         let first = range.start.rawValue & ~0xfff
         let last = (range.start.rawValue &+ max(range.size, 1) &- 1) & ~0xfff
         let ids: [Int] = state.withLock { s in
             s.patches.filter { _, p in p.guardedPages.contains { $0 >= first && $0 <= last } }.map(\.key).sorted()
         }
-        for id in ids { undo(id, reason: DMPRefusal(.verify, reason), backOff: true, backOffBase: configuration.threshold) }
+        for id in ids {
+            let sites = state.withLock { $0.patches[id]?.sites ?? [] }
+            guard undo(id, reason: DMPRefusal(.verify, reason), backOff: true, backOffBase: configuration.threshold) else { continue }
+            state.withLock { s in
+                for site in sites {
+                    guard var r = s.sites[site], r.report.state == .undone, r.undos > 0, let h = r.hits, h.trusted,
+                          h.counted >= UInt64(max(1, configuration.verifyWindowAccesses)) else { continue }
+                    r.undos -= 1
+                    r.retryAtExits = 0
+                    s.sites[site] = r
+                }
+            }
+        }
     }
 
     // MARK: Verify and undo

@@ -33,6 +33,22 @@ extension KVMTests {
         try on.expectSameOutput(as: off, steadyExitsCutBy: 20)
     }
 
+    @Test("c-selfmod-cpl3 (short of the target in every variant of the flag sweep): each of its three rewrites of its code page undoes the copies there; a site whose patch served a verification window's accesses before is patched again as soon as it is hot again, no back-off: over 90% of the steady exits gone at the default 200 lines, same output")
+    func dmpRewrittenPagePaidPatchesReturn() throws {
+        let off = try DMPLibraryRun("c-selfmod-cpl3", commandLine: "iters=200", dmp: false)
+        let on = try DMPLibraryRun("c-selfmod-cpl3", commandLine: "iters=200", pollerIdle: 1_000_000_000)
+        #expect(off.stop == .guestExit(status: 0) && on.stop == off.stop)
+        let text = DMPReport.text(on.report)
+        let sites = on.report.filter { $0.location.hasPrefix("early_") }
+        #expect(sites.count == 4, "\(text)")
+        for s in sites {
+            // Patched again after the last rewrite (its undo reason cleared by the new patch).
+            #expect(s.state == .patched && s.refusal == nil && s.hitsServed > 0, "\(text)")
+        }
+        // With the back-off after each rewrite (64, 128, 256 exits of each site) 1,808 of 11,881 were left.
+        try on.expectSameOutput(as: off, steadyExitsCutBy: 10)
+    }
+
     /// A doorbell guest without and with DMP. Verification off, a poller that does not sleep and a long append
     /// wait: these tests are about what the plan serves (synchronous appends under load are the verifier's,
     /// VerifyKVMTests).
