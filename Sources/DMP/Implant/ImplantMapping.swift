@@ -65,6 +65,11 @@ package struct ImplantMapping: Sendable {
     /// execute or write, with the user bit wrong for the site's CPL), or `nil` when they still do.
     /// A page walk per page; allocates only to describe a problem.
     package func problem(in memory: GuestMemory) -> String? {
+        problem(in: memory, under: paging)
+    }
+
+    /// Why the page tables of `paging` (another vCPU's, say) do not map every page as recorded, or `nil` when they do.
+    package func problem(in memory: GuestMemory, under paging: PagingContext) -> String? {
         for p in pages {
             if let why = ImplantMapping.check(virtual: p.virtual, physical: p.physical, access: p.access, paging: paging,
                                               cpl: cpl, memory: memory) {

@@ -79,6 +79,7 @@ extension PatchPlanner {
 
     /// What must still hold when the patch is written, with every vCPU paused (another vCPU, a device or the
     /// guest's page-table writes may have changed it since the plan): the implant and rings mapped as planned,
+    /// also by every other vCPU's page tables that map a patched instruction's page (``checkOtherAddressSpaces``),
     /// every patched instruction's page still present, executable and the same frame, and a copied function's
     /// bytes those it was copied from.
     /// `replacing`: the entries of the patch a rebuild replaces, still in the function's bytes (taken back for the check).
@@ -88,6 +89,7 @@ extension PatchPlanner {
             throw DMPRefusal(.implant, "at the moment of writing, the guest's page tables no longer map the implant as planned: \(why)")
         }
         let fetch: PageAccess = located.cpl == 3 ? [.execute, .user] : [.execute]
+        try checkOtherAddressSpaces(writes, mapping: mapping, located: located, fetch: fetch)
         for w in writes {
             let page = w.physical.rawValue & ~(Implant.pageSize - 1)
             if let why = ImplantMapping.check(virtual: w.virtual & ~(Implant.pageSize - 1), physical: page, access: fetch,
@@ -117,6 +119,32 @@ extension PatchPlanner {
             if restored.count != source.bytes.count || restored != source.bytes {
                 let k = source.bytes.indices.first { $0 >= restored.count || restored[$0] != source.bytes[$0] } ?? 0
                 throw DMPRefusal(.patch, "\(name) changed (or was unmapped) at \(hex(source.address &+ UInt64(k))) between the plan and the write")
+            }
+        }
+    }
+
+    /// A vCPU on page tables of its own (another CR3 than the site's, in the site's paging mode) that maps a
+    /// patched instruction's page to the same frame, executable at the site's CPL, runs the patched code: its
+    /// tables must map the implant and rings as planned too, or it would fault in the implant (an AP whose own
+    /// tables leave the VMM's reserved area unmapped: `Guests/c-smp-cpl3-aptables`). Runs with every vCPU paused;
+    /// a vCPU that loads such tables after the write is not seen here.
+    func checkOtherAddressSpaces(_ writes: [CodeWrite], mapping: ImplantMapping, located: LocatedInstruction,
+                                 fetch: PageAccess) throws(DMPRefusal) {
+        var seen: Set<UInt64> = [located.paging.cr3 & ExitContext.addressSpaceMask]
+        for v in vm.vcpus {
+            let sregs: SpecialRegisters
+            do { sregs = try v.specialRegisters() } catch {
+                throw DMPRefusal(.patch, "cannot read vCPU \(v.id)'s page-table base to check that it maps the implant: \(error)")
+            }
+            let paging = PagingContext(sregs)
+            guard paging.mode == located.paging.mode, seen.insert(paging.cr3 & ExitContext.addressSpaceMask).inserted else { continue }
+            let runsPatchedCode = writes.contains { w in
+                ImplantMapping.check(virtual: w.virtual & ~(Implant.pageSize - 1), physical: w.physical.rawValue & ~(Implant.pageSize - 1),
+                                     access: fetch, paging: paging, cpl: located.cpl, memory: vm.memory) == nil
+            }
+            guard runsPatchedCode else { continue }
+            if let why = mapping.problem(in: vm.memory, under: paging) {
+                throw DMPRefusal(.implant, "vCPU \(v.id) runs the patched code on page tables of its own (CR3 \(hex(paging.cr3))) that do not map the implant as planned: \(why)")
             }
         }
     }
