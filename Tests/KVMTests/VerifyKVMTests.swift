@@ -18,7 +18,8 @@ extension KVMTests {
         #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
         let s = try #require(on.site("db_run+0x50"), "\(on.report.map(\.description))")
         #expect(s.fastPath.contains("synchronous"), "\(s)")
-        #expect(s.state == .undone, "\(s)")
+        // Undone with its copy, or turned off alone where the copy also serves the STATUS read by then and that pays.
+        #expect(s.state == .undone || s.state == .disabled, "\(s)")
         #expect(s.refusal?.stage == .verify, "\(String(describing: s.refusal))")
         #expect(s.refusal?.reason.contains("slower with the patch") == true && s.refusal?.reason.contains("exits per access") == true,
                 "\(String(describing: s.refusal))")
