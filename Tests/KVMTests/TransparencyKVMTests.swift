@@ -213,6 +213,7 @@ let transparencyGuests: [(String, String)] = [
     // Packed images: the hot code's page shares read-only data, or written data.
     ("c-packed-cpl3", "iters=60"), ("c-packed-cpl3-data", "iters=60"),
     ("c-portstat-cpl3-noalign", "iters=60 slow=1 trace=1"),
+    ("c-consoleops-cpl3-noalign", "iters=60"),
     // A higher-half kernel, with and without the low identity map.
     ("c-higher-cpl3", "iters=60"), ("c-higher-cpl3", "iters=60 lowmap=0"),
 ]
