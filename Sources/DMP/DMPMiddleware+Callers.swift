@@ -60,15 +60,8 @@ extension DMPMiddleware {
             if case .later = look { _ = detectors[vcpu].rearm(site) }
             return
         }
-        let found: CallerLook? = planning.withLockIfAvailable { _ -> CallerLook in
-            do throws(DMPRefusal) {
-                return try promoteOtherCaller(site, exit, context, registersAtExit: registersAtExit, first: first, firstID: firstID,
-                                              total: total)
-            } catch {
-                logger.info("another caller not promoted", metadata: ["site": "\(describe(site))", "reason": "\(error)"])
-                return .nothingNew
-            }
-        }
+        let found = tryPromoteOtherCaller(site, exit, context, registersAtExit: registersAtExit, first: first, firstID: firstID,
+                                          total: total, failure: "another caller not promoted")
         let keep = state.withLock { s -> Bool in
             guard var w = s.callerWatch[site] else { return false }
             var backOff: Int?
@@ -76,7 +69,7 @@ extension DMPMiddleware {
             case .promoted?:
                 w.misses = 0
                 w.callers += 1
-            case .nothingNew?:
+            case .nothingNew?, .noCaller?:
                 w.misses += 1
             case .backingOff(let until)?:
                 // This caller's copy was undone: no miss (other callers are looked for as before), and no look
@@ -96,6 +89,21 @@ extension DMPMiddleware {
         if keep { _ = detectors[vcpu].rearm(site) }
     }
 
+    /// ``promoteOtherCaller(_:_:_:registersAtExit:first:firstID:total:)`` under the planning lock, if free (nil when
+    /// another vCPU is planning); a refusal is logged with `failure`.
+    private func tryPromoteOtherCaller(_ site: ExitSite, _ exit: VMExit, _ context: ExitContext, registersAtExit: Registers?,
+                                       first: AppliedPatch, firstID: Int, total: Int, failure: String) -> CallerLook? {
+        planning.withLockIfAvailable { _ -> CallerLook in
+            do throws(DMPRefusal) {
+                return try promoteOtherCaller(site, exit, context, registersAtExit: registersAtExit, first: first, firstID: firstID,
+                                              total: total)
+            } catch {
+                logger.info("\(failure)", metadata: ["site": "\(describe(site))", "reason": "\(error)"])
+                return .nothingNew
+            }
+        }
+    }
+
     /// Promotes the call that reached `site`'s accessor this time (see ``otherCaller(_:_:_:registersAtExit:)``);
     /// returns whether a patch was applied, or that this caller's earlier copy was undone and its back-off (in
     /// `site`'s exits, `total` now) is not over. `first`: the patch serving `site`.
@@ -105,11 +113,19 @@ extension DMPMiddleware {
         let hotAt = ContinuousClock.now
         let located = try locator.locate(exit, context: context) { end in self.implantedInstruction(endingAt: end) }
         // An exit from implanted code is a fallback or an instruction no body serves: not another caller.
-        guard implant.owner(ofInstructionPointer: located.virtualAddress) == nil,
-              let accessor = first.copy?.accessors.first(where: { $0.contains(located.virtualAddress) }) else { return .nothingNew }
+        // The function of the first copy holding the instruction: an accessor it calls through a promoted call, or
+        // the copied function itself (promoted one level up: its copy's entries do not lie on the path taken).
+        guard implant.owner(ofInstructionPointer: located.virtualAddress) == nil, let firstCopy = first.copy,
+              let accessor = firstCopy.functions.first(where: { $0.contains(located.virtualAddress) }) else { return .noCaller }
         let patches = state.withLock { Array($0.patches.values) }
-        let request = try planner.promotionRequest(for: located, registersAtExit: registersAtExit, patches: patches)
-        guard request.accessor == accessor.start else { return .nothingNew }
+        let request: PromotionRequest
+        do { request = try planner.promotionRequest(for: located, registersAtExit: registersAtExit, patches: patches) } catch {
+            logger.info("no caller to promote", metadata: ["site": "\(describe(site))", "reason": "\(error)"])
+            return .noCaller
+        }
+        guard request.accessor == accessor.start else { return .noCaller }
+        // The accessor's own promoted calls (and theirs) go along: the functions the new copy serves.
+        let nested = CallPromotion.nested(in: firstCopy, from: accessor.start)
         // A call already promoted (a thread that had not entered that copy yet): nothing new.
         let promoted = patches.contains { p in
             p.copy.map { c in
@@ -135,7 +151,7 @@ extension DMPMiddleware {
             var others: [(site: ExitSite, address: UInt64, memoryTarget: UInt64?)] = []
             for (x, g) in zip(first.sites, first.grants) where x != site {
                 let address = g.plan.virtualAddress
-                guard accessor.contains(address), address != located.virtualAddress else { continue }
+                guard nested.functions.contains(where: { $0.contains(address) }), address != located.virtualAddress else { continue }
                 let k = PatchPlanner.callerSite(x, request: request)
                 guard keys.insert(k).inserted, s.sites[k]?.report.state != .patched, s.sites[k]?.report.state != .disabled else { continue }
                 var target: UInt64?
@@ -166,8 +182,9 @@ extension DMPMiddleware {
         }
         // The new keys' rows: the accessor's instruction and the caller's call.
         let call = symbolize(request.promotion.site)
-        state.withLock { s in
-            for k in [key] + others.map(\.site) where s.sites[k] == nil {
+        let created = state.withLock { s -> [ExitSite] in
+            let fresh = ([key] + others.map(\.site)).filter { s.sites[$0] == nil }
+            for k in fresh {
                 let inner = k == key ? located.virtualAddress : others.first { $0.site == k }?.address ?? 0
                 var r = SiteRecord(report: PatchSite(site: k, location: "\(symbolize(inner)) via \(call)"))
                 r.report.state = .candidate
@@ -180,6 +197,7 @@ extension DMPMiddleware {
             s.sites[key]?.report.physicalAddress = located.physicalAddress
             s.sites[key]?.report.instruction = located.instruction.description
             s.sites[key]?.report.userMode = located.cpl == 3
+            return fresh
         }
         logger.info("another caller", metadata: ["site": "\(describe(site))", "caller": "\(symbolize(request.caller))", "call": "\(call)"])
         let consumedBefore = rings?.consumed ?? []
@@ -187,13 +205,28 @@ extension DMPMiddleware {
         let outcome: PlanOutcome
         do {
             outcome = try planner.promote(key, located: located, registersAtExit: registersAtExit, request: request,
-                                          olds: olds.map(\.patch), owner: id, live: patches, alsoServing: others)
+                                          olds: olds.map(\.patch), owner: id, live: patches, alsoServing: others,
+                                          nested: nested.promotions)
         } catch {
-            if key != site { refuse(key, DMPRefusal(error.stage, "another caller of \(symbolize(accessor.start)): \(error.reason)")) }
+            // The new keys' rows (the accessor's other instructions' too) say why.
+            if key != site {
+                for k in [key] + others.map(\.site) {
+                    refuse(k, DMPRefusal(error.stage, "another caller of \(symbolize(accessor.start)): \(error.reason)"))
+                }
+            }
             throw error
         }
         commit(outcome, for: key, id: id, merged: olds.map(\.id), hotAt: hotAt, deferred: .zero, vcpu: context.vcpuID,
                consumedBefore: consumedBefore, beforePatch: beforePatch)
+        // A rebuilt caller copy that already served the instruction under the key of another of its calls (the call
+        // now promoted too) serves it there: the rows made for this call's keys go.
+        let planned = Set(outcome.sites.map(\.site))
+        state.withLock { s in
+            for k in created where !planned.contains(k) && s.sites[k]?.report.state == .candidate {
+                s.sites[k] = nil
+                s.order.removeAll { $0 == k }
+            }
+        }
         return outcome.applied != nil ? .promoted : .nothingNew
     }
 }
@@ -202,8 +235,86 @@ extension DMPMiddleware {
 enum CallerLook: Equatable {
     /// A caller's call was promoted (a patch applied).
     case promoted
-    /// Nothing to promote (the caller is promoted already, none was found, or the plan was refused).
+    /// A caller was found on the stack, but nothing new was applied (promoted already, or its copy refused).
     case nothingNew
+    /// No caller: the stack at the exit leads to no call a promotion could serve.
+    case noCaller
     /// The caller's copy was undone and its back-off lasts until the accessor site's detector count reaches this.
     case backingOff(untilExits: Int)
+}
+
+// A function copy whose only ways in lie on a rarely taken path (the copy's own function reached through pointers,
+// its one ≥ 5-byte instruction in a branch the guest seldom takes) serves that path only: its sites keep exiting at
+// their original instructions on every other call. Its callers are then promoted one level up, as an accessor's are.
+extension DMPMiddleware {
+    /// Verification's look (every period, after the windows) at live function copies that do not serve the path the
+    /// guest takes: a site at an instruction of the copied function itself (not an accessor's, which
+    /// ``watchCallers(of:)`` watches already) whose original instruction exited more often since the patch than the
+    /// copy served it, at least `threshold` times, although the copy served some (one that served none is never
+    /// entered: ``promoteAboveUnentered(_:_:_:registersAtExit:patch:)``). Such a site is watched for callers like
+    /// an accessor's (``otherCaller(_:_:_:registersAtExit:)``): the next time it gets hot at its original
+    /// instruction, the caller on the stack gets a copy of its own whose promoted call calls a copy of the function.
+    func watchUnservedCopies() {
+        let fresh = state.withLock { s -> [ExitSite] in
+            var out: [ExitSite] = []
+            for (id, p) in s.patches {
+                // A CPL0 patch's A/B trial puts the original bytes back on purpose: looked at once it is judged.
+                guard let copy = p.copy, s.trials[id] == nil,
+                      s.judged.contains(id) || p.sites.allSatisfy({ s.sites[$0]?.report.userMode ?? true }) else { continue }
+                for site in p.sites {
+                    // The site's own key (another caller's key names the accessor's instruction, not its copy's function).
+                    guard s.callerWatch[site] == nil, let r = s.sites[site], r.report.state == .patched,
+                          let a = r.report.instructionAddress, copy.function.contains(a) else { continue }
+                    let atOriginal = r.exitsAtOriginal - r.exitsAtOriginalAtPatch
+                    guard r.report.hitsServed > 0, atOriginal >= max(1, configuration.threshold),
+                          UInt64(atOriginal) > r.report.hitsServed else { continue }
+                    s.callerWatch[site] = CallerWatch()
+                    out.append(site)
+                    logger.info("copy not on the path taken", metadata: [
+                        "site": "\(describe(site))", "served": "\(r.report.hitsServed)", "exits_at_original": "\(atOriginal)",
+                        "outcome": "its callers are promoted one level up",
+                    ])
+                }
+            }
+            return out
+        }
+        guard !fresh.isEmpty else { return }
+        rearmRequests.withLock { $0 += fresh }
+        rearmCount.add(1, ordering: .releasing)
+    }
+
+    /// A function copy that served nothing while `site`, one of its own function's sites, got hot again at its
+    /// original instruction (patch `id`, never entered: its entries lie on paths the guest does not take): the
+    /// caller on the stack now is promoted one level up, as for ``watchUnservedCopies()``, and the patch's own
+    /// function's sites are watched for further callers (the caller seen first may be one that cannot be entered).
+    /// Returns whether the patch stays for that (once per patch, with call promotion on, when the stack shows a caller
+    /// a promotion could serve); the next time it is found never entered, after the watch ended, it is undone as before.
+    func promoteAboveUnentered(_ site: ExitSite, _ exit: VMExit, _ context: ExitContext, registersAtExit: Registers?,
+                               patch id: Int) -> Bool {
+        guard configuration.strategies.contains(.callPromotion),
+              let first = state.withLock({ s -> AppliedPatch? in
+                  guard let p = s.patches[id], let a = s.sites[site]?.report.instructionAddress,
+                        p.copy?.function.contains(a) == true, s.promotedAbove.insert(id).inserted else { return nil }
+                  return p
+              }) else { return false }
+        let total = detectors[context.vcpuID].counts(of: site)?.total ?? 0
+        let found = tryPromoteOtherCaller(site, exit, context, registersAtExit: registersAtExit, first: first, firstID: id,
+                                          total: total, failure: "caller of a copy never entered not promoted")
+        // No caller a promotion could serve (a function called directly, a thread that never returns): undone as before.
+        guard found != .noCaller else { return false }
+        let watched = state.withLock { s -> [ExitSite] in
+            guard let copy = s.patches[id]?.copy else { return [] }
+            let own = first.sites.filter { x in
+                s.callerWatch[x] == nil && s.sites[x]?.report.instructionAddress.map { copy.function.contains($0) } == true
+            }
+            for x in own {
+                let mine = x == site
+                s.callerWatch[x] = CallerWatch(checkAt: 0, misses: mine && found != .promoted ? 1 : 0, callers: mine && found == .promoted ? 1 : 0)
+            }
+            return own
+        }
+        rearmRequests.withLock { $0 += watched }
+        rearmCount.add(1, ordering: .releasing)
+        return true
+    }
 }

@@ -183,6 +183,7 @@ extension DMPMiddleware {
                 r.report.waitIterations = 0
                 // Verification windows run from the moment the patch is live.
                 r.window = outcome.applied == nil ? nil : VerifyWindow(at: r.costs)
+                r.exitsAtOriginalAtPatch = r.exitsAtOriginal
                 r.report.windowsJudged = 0
                 r.report.lastWindowCost = nil
                 r.patchID = outcome.applied == nil ? nil : id

@@ -110,6 +110,7 @@ extension DMPMiddleware {
         for (id, why, base) in verdicts { undo(id, reason: why, backOff: true, backOffBase: base) }
         for (id, site, reason) in offs { turnOff(site, ofPatch: id, reason: reason) }
         for (id, site) in ons { turnOn(site, ofPatch: id) }
+        watchUnservedCopies()
     }
 
     /// Acts on a finished A/B trial of patch `id` (state lock held): a loss returns the undo's reason and back-off;
@@ -126,6 +127,7 @@ extension DMPMiddleware {
             for site in sites {
                 guard var r = s.sites[site] else { continue }
                 r.window = VerifyWindow(at: r.costs, now: now)
+                r.exitsAtOriginalAtPatch = r.exitsAtOriginal
                 r.report.trialResult = "\(fixed(on, 0)) accesses/s patched, \(fixed(off, 0)) with the original code "
                     + "(median ratio \(fixed(ratio, 2)) over \(pairs) pairs)"
                 s.sites[site] = r

@@ -89,6 +89,8 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         var failedUndos: [Int: (reason: DMPRefusal, backOff: Bool, backOffBase: Int?)] = [:]
         /// Sites of accessors served through a promoted call, watched for other callers (``CallerWatch``).
         var callerWatch: [ExitSite: CallerWatch] = [:]
+        /// Patches never entered whose callers were looked for one level up (once per patch: ``promoteAboveUnentered(_:_:_:registersAtExit:patch:)``).
+        var promotedAbove: Set<Int> = []
     }
 
     /// Creates the middleware for `vm`; ``install(on:rings:configuration:logger:)`` also adds it to the VM.
@@ -206,7 +208,9 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
             return (r.report.state == .undone, r.retryAtExits)
         }
         if let id = notEntered(site) {
-            // The original instruction exited `threshold` times again after the patch, which served nothing.
+            // The original instruction exited `threshold` times again after the patch, which served nothing: its
+            // callers are promoted one level up where they can be, or it is undone.
+            if promoteAboveUnentered(site, exit, context, registersAtExit: registersAtExit, patch: id) { return result }
             let n = detectors[context.vcpuID].counts(of: site)?.inWindow ?? 0
             undo(id, reason: DMPRefusal(.verify, "never entered: the original instruction still exits (\(n) of the last \(configuration.window) exits) and no access was served in the guest"), backOff: true)
             return result

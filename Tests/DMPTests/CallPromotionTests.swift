@@ -217,4 +217,58 @@ struct CallPromotionTests {
         #expect(copy.sources.count == (name.hasSuffix("Os") ? 4 : 3))
         #expect(copy.evictionWrites.count == copy.pieces.filter { $0.kind == .pad }.count)
     }
+
+    @Test("c-consoleops-cpl3-noalign: kprintf's calls through ops->putc promoted to a copy of uart_putc that keeps its own promoted call to uart_ready (one level up): the copy decodes whole, each promoted call calls its accessor's copy, returns map back, the nested promotions are found")
+    func nestedPromotion() throws {
+        let image = try CGuestCopyTests.image("c-consoleops-cpl3-noalign")
+        let d = try X86Disassembler()
+        let kprintf = try decoded("kprintf", image, d)
+        // The C's static uart_putc (start.s has a uart_putc of its own, the shorter one).
+        let putcSymbol = try #require(image.symbols.symbols.filter { $0.name == "uart_putc" && $0.size > 0 }.max { $0.size < $1.size })
+        let putc = try image.decode(putcSymbol, disassembler: d), ready = try decoded("uart_ready", image, d)
+        // Its one 5-byte instruction before the poll loop is on the '\n' branch, before its recursive call.
+        #expect(putc.instructions.filter { $0.length >= 5 && $0.mnemonic != "nop" }.map(\.description)
+                    == ["add qword ptr [rbx + 0x10], 1", "imul ebp, ebp, 0x1000193", "mov esi, 0xd", "call 0x\(String(putc.start, radix: 16))"],
+                "\(putc.instructions.map(\.description))")
+        let putcCalls = kprintf.instructions.filter { $0.description == "call qword ptr [rax]" }
+        #expect(putcCalls.count == 2, "\(kprintf.instructions.filter { $0.groups.contains(.call) }.map(\.description))")
+        let outer = try CallPromotion.make(call: putcCalls[0], caller: kprintf, accessor: putc.start, in: image, disassembler: d)
+        let others = outer.samePointerCalls(in: kprintf, image: image, disassembler: d)
+        #expect(others.map(\.site) == [putcCalls[1].address])
+        let readyCall = try #require(putc.instructions.first { $0.description == "call qword ptr [rax + 0x18]" })
+        let inner = try CallPromotion.make(call: readyCall, caller: putc, accessor: ready.start, in: image, disassembler: d)
+        let promotions = [outer] + others + [inner]
+        let hot = [putc, ready].map { a in
+            FunctionCopy.Accessor(function: a, rewrites: a.instructions.filter { $0.groups.contains(.portIO) }
+                .map { HotRewrite(address: $0.address, bytes: [0x90]) })
+        }
+        let plan = try FunctionCopyPlan.make(hot: [], in: image, at: 0xf0_0000, disassembler: d, promotions: promotions, accessors: hot)
+        let copy = plan.copy
+        #expect(copy.function.start == kprintf.start && copy.accessors.map(\.start) == [putc.start, ready.start])
+        // The code decodes whole (kprintf's jump table snapshot follows it).
+        let codeEnd = Int(try #require(copy.pieces.map(\.copy.upperBound).max()) - copy.address)
+        let all = d.decodeAll(Array(copy.bytes[..<codeEnd]), address: copy.address)
+        #expect(all.reduce(0) { $0 + $1.length } == codeEnd)
+        // kprintf's promoted calls call uart_putc's copy; uart_putc's copy calls uart_ready's, and its recursive call its own start.
+        let putcEntry = try #require(copy.copyAddress(of: putc.start)), readyEntry = try #require(copy.copyAddress(of: ready.start))
+        let calls = all.filter { $0.mnemonic == "call" }
+        #expect(calls.filter { $0.branch?.target == putcEntry && kprintf.contains(copy.originalAddress(of: $0.address) ?? 0) }.count == 2)
+        #expect(calls.contains { $0.branch?.target == readyEntry && putc.contains(copy.originalAddress(of: $0.address) ?? 0) })
+        #expect(calls.contains { $0.branch?.target == putcEntry && putc.contains(copy.originalAddress(of: $0.address) ?? 0) },
+                "the recursive call stays in the copy")
+        // A return after the nested promoted call stands for uart_putc's call.
+        let k = try #require(putc.index(at: readyCall.address))
+        let pad = try #require(copy.copyAddress(of: putc.instructions[k + 1].address))
+        #expect(copy.originalCall(returningTo: pad) == readyCall.address)
+        // The nested promotions of uart_putc's copy: uart_ready's call, with uart_putc and uart_ready to copy.
+        let nested = CallPromotion.nested(in: copy, from: putc.start)
+        #expect(nested.promotions == [inner] && nested.functions.map(\.start) == [putc.start, ready.start])
+        #expect(CallPromotion.nested(in: copy, from: ready.start).promotions.isEmpty)
+        // Entered at kprintf's start (main calls it directly), not at the accessors' promoted call.
+        #expect(plan.entries.contains { $0.kind == .callSite }, "\(plan.entries.map(\.kind)) \(plan.entryRefusals)")
+        // A promoted call naming an accessor that is not copied is refused.
+        #expect(throws: DMPRefusal.self) {
+            try FunctionCopy(kprintf, at: 0xf0_0000, promotions: [outer, inner], accessors: [hot[0]])
+        }
+    }
 }

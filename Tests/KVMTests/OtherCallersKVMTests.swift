@@ -68,6 +68,32 @@ extension KVMTests {
         #expect(masked(on.text) == masked(off.text) && on.stop == off.stop)
     }
 
+    @Test("c-consoleops-cpl3-noalign: uart_putc's copy, entered only on its rarely taken '\\n' path (crlf=1) or never (crlf=0), is promoted one level up: kprintf's and put_field's calls through ops->putc call copies of uart_putc that keep its promoted call to uart_ready; over 40% of the steady exits gone (4% or none before), same output",
+          arguments: ["iters=300", "iters=300 crlf=0"])
+    func dmpCopyOffThePathPromotedUp(commandLine: String) throws {
+        let off = try DMPLibraryRun("c-consoleops-cpl3-noalign", commandLine: commandLine, dmp: false)
+        let on = try DMPLibraryRun("c-consoleops-cpl3-noalign", commandLine: commandLine)
+        #expect(on.stop == .guestExit(status: 0) && off.stop == on.stop)
+        let report = DMPReport.text(on.report)
+        for caller in ["kprintf+", "put_field+"] {
+            // Both of uart_putc's sites (its THR write, uart_ready's LSR read), each under the caller's key.
+            let rows = on.report.filter { $0.location.contains(" via \(caller)") }
+            #expect(Set(rows.map(\.site.address)) == [0x3f8, 0x3fd], "\(report)")
+            for s in rows {
+                #expect(s.state == .patched && s.hitsServed > 0, "\(s)")
+                #expect(s.strategy.contains("promoted call to uart_putc at \(caller)") && s.strategy.contains("uart_ready at uart_putc+"), "\(s.strategy)")
+            }
+        }
+        // uart_write (reached by put_field's tail jump through ops->write; a 3-byte first instruction, no padding, no
+        // 5-byte instruction) has no way into a copy: its rows, if any, say so.
+        for s in on.report where s.location.contains(" via uart_write+") {
+            #expect(s.state == .refused && s.refusal?.reason.contains("no entry into the copy of uart_write") == true, "\(s)")
+        }
+        #expect(masked(on.text) == masked(off.text))
+        let offExits = try #require(off.steadyExits), onExits = try #require(on.steadyExits)
+        #expect(onExits * 10 < offExits * 6, "steady exits \(onExits) with DMP, \(offExits) without")
+    }
+
     /// The guest's output with its cycle count masked (its lines end in CRLF, as a Linux console writes them).
     private func masked(_ text: String) -> String {
         text.replacing(/cycles_per_iter=[0-9]+/, with: "cycles_per_iter=")

@@ -259,3 +259,28 @@ extension DecodedFunction {
         return UInt64(depth)
     }
 }
+
+extension CallPromotion {
+    /// The promoted calls of `copy` that run inside its copied function starting at `start`, and inside the
+    /// accessors those calls name, transitively (a call promoted in an accessor that calls another accessor through
+    /// a pointer), with the functions they lie in (`start`'s first). A copy of another caller that calls `start`'s
+    /// function through a promoted call of its own keeps them, so that function serves there as it does in `copy`.
+    package static func nested(in copy: FunctionCopy, from start: UInt64) -> (promotions: [CallPromotion], functions: [DecodedFunction]) {
+        guard let first = copy.functions.first(where: { $0.start == start }) else { return ([], []) }
+        var functions = [first]
+        var promotions: [CallPromotion] = []
+        var k = 0
+        // Each function is added once: at most as many passes as copied functions.
+        while k < functions.count {
+            let f = functions[k]
+            k += 1
+            for p in copy.promotions where f.contains(p.site) && !promotions.contains(where: { $0.site == p.site }) {
+                promotions.append(p)
+                for a in p.accessors where !functions.contains(where: { $0.start == a }) {
+                    if let g = copy.functions.first(where: { $0.start == a }) { functions.append(g) }
+                }
+            }
+        }
+        return (promotions, functions)
+    }
+}

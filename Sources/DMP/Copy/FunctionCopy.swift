@@ -172,7 +172,7 @@ package struct FunctionCopy: Sendable {
         package init(function: DecodedFunction, rewrites: [HotRewrite]) { self.function = function; self.rewrites = rewrites }
     }
 
-    /// The calls of ``function`` promoted to calls of ``accessors``' copies.
+    /// The calls of ``function`` (and of its accessors) promoted to calls of ``accessors``' copies.
     package let promotions: [CallPromotion]
     /// The accessors copied after the function (each a function of its own; their pieces follow the function's).
     package let accessors: [DecodedFunction]
@@ -204,14 +204,17 @@ package struct FunctionCopy: Sendable {
         let parts = [Accessor(function: function, rewrites: rewrites)] + accessors
         var promoted: [UInt64: CallPromotion] = [:]
         for p in promotions {
-            guard let k = function.index(at: p.site), function.instructions[k].groups.contains(.call) else {
-                throw DMPRefusal(.plan, "promoted call at 0x\(String(p.site, radix: 16)) is no call of \(function.symbol.name)")
+            // A call of the function, or of an accessor copied after it (an accessor that calls another through a
+            // pointer itself: the caller of a function copy whose entries lie on a rarely taken path, promoted).
+            guard let holder = parts.first(where: { $0.function.index(at: p.site) != nil })?.function,
+                  let k = holder.index(at: p.site), holder.instructions[k].groups.contains(.call) else {
+                throw DMPRefusal(.plan, "promoted call at 0x\(String(p.site, radix: 16)) is no call of \(function.symbol.name) or its accessors")
             }
             guard promoted.updateValue(p, forKey: p.site) == nil else {
-                throw DMPRefusal(.plan, "two promotions of the call at \(function.location(p.site))")
+                throw DMPRefusal(.plan, "two promotions of the call at \(holder.location(p.site))")
             }
             for a in p.accessors where !accessors.contains(where: { $0.function.start == a }) {
-                throw DMPRefusal(.plan, "the promoted call at \(function.location(p.site)) names 0x\(String(a, radix: 16)), no accessor copied")
+                throw DMPRefusal(.plan, "the promoted call at \(holder.location(p.site)) names 0x\(String(a, radix: 16)), no accessor copied")
             }
         }
         for (k, part) in parts.enumerated() {

@@ -38,7 +38,8 @@ package struct FunctionCopyPlan: Sendable {
     /// then a plan without entries is returned, with the reasons in ``entryRefusals``, for a caller that adds its own).
     /// `promotions` and `accessors`: calls of the function promoted to calls of accessor copies
     /// (``FunctionCopy/init(_:at:rewrites:tables:promotions:accessors:)``); the function is then the one holding
-    /// the promoted calls, and the ways to them count as hot paths.
+    /// the promoted calls (the first promotion's; a promotion may also name a call inside an accessor), and the
+    /// ways to the function's own promoted calls count as hot paths.
     package static func make(hot: [HotRewrite], in image: CodeImage, at placement: UInt64,
                              disassembler: X86Disassembler, usedPadding: [Range<UInt64>] = [],
                              allowNoEntry: Bool = false, entryThroughPadding: Bool = true,
@@ -76,7 +77,8 @@ package struct FunctionCopyPlan: Sendable {
         }
         let returns = function.instructions.contains { $0.groups.contains(.return) }
         if returns { start() }
-        let paths = hot.map(\.address) + promotions.map(\.site)
+        // A promoted call inside an accessor is reached through the promoted call that calls that accessor.
+        let paths = hot.map(\.address) + promotions.map(\.site).filter { function.contains($0) }
         for h in paths { entries += copy.pathEntries(for: h) }
         for h in paths {
             guard let k = function.index(at: h), (2...4).contains(function.instructions[k].length) else { continue }

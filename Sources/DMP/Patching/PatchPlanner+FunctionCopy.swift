@@ -93,9 +93,16 @@ extension PatchPlanner {
         var reached = PatchPlanner.reachable(in: function, from: entries.map { e in
             startKinds.contains(e.kind) ? function.start : e.site
         }, jumpTables: plan.copy.jumpTables)
-        // An accessor's copy runs wherever a promoted call naming it is reached.
-        for a in plan.copy.accessors where promotions.contains(where: { $0.accessors.contains(a.start) && reached.contains($0.site) }) {
-            reached.formUnion(PatchPlanner.reachable(in: a, from: [a.start]))
+        // An accessor's copy runs wherever a promoted call naming it is reached (a promoted call inside an accessor
+        // once that accessor is: each pass adds at least one accessor, so at most as many passes as accessors).
+        var grown = true
+        while grown {
+            grown = false
+            for a in plan.copy.accessors where !reached.contains(a.start)
+                && promotions.contains(where: { $0.accessors.contains(a.start) && reached.contains($0.site) }) {
+                reached.formUnion(PatchPlanner.reachable(in: a, from: [a.start]))
+                grown = true
+            }
         }
         guard reached.contains(located.virtualAddress) else {
             // Call sites lie in other functions: name them by the image's own symbols.
@@ -179,7 +186,7 @@ extension PatchPlanner {
         let folded = olds.filter { $0.copy == nil }.count
         let promoted = plan.copy.promotions.map { p in
             p.accessors.compactMap { a in plan.copy.accessors.first { $0.start == a }?.symbol.name }.joined(separator: "/")
-                + " at \(function.location(p.site))"
+                + " at \((plan.copy.function(containing: p.site) ?? function).location(p.site))"
         }
         let outcome = try finish(strategy: "function copy of \(name) via \(kinds)"
                                     + (promoted.isEmpty ? "" : ", promoted call to " + promoted.joined(separator: ", "))

@@ -100,9 +100,12 @@ extension PatchPlanner {
     /// `live`: the patches in place, as for ``plan(_:located:registersAtExit:siblings:hotAt:owner:live:)``.
     /// `alsoServing`: other instructions of the accessor that this copy serves under their own site keys (another
     /// caller's copy of an accessor already served for a first caller: ``PromotionRequest/callerSite(_:)``).
+    /// `nested`: promoted calls inside the accessor (and inside the accessors they name) that the copy keeps
+    /// (``CallPromotion/nested(in:from:)``): the accessor is a function copy's own function, promoted one level up.
     package func promote(_ site: ExitSite, located: LocatedInstruction, registersAtExit: Registers?, request: PromotionRequest,
                          siblings: [ExitSite] = [], olds: [AppliedPatch], owner: Int, live: [AppliedPatch] = [],
-                         alsoServing: [(site: ExitSite, address: UInt64, memoryTarget: UInt64?)] = []) throws(DMPRefusal) -> PlanOutcome {
+                         alsoServing: [(site: ExitSite, address: UInt64, memoryTarget: UInt64?)] = [],
+                         nested: [CallPromotion] = []) throws(DMPRefusal) -> PlanOutcome {
         let probeCode = GuestRange(start: implant.area.start, size: Implant.pageSize)
         let placement = try implant.placement(for: ImplantSite(located), code: probeCode, data: [implant.dataProbe], memory: vm.memory)
         // The promotions the old copies made of the same caller, with this one merged in.
@@ -128,6 +131,8 @@ extension PatchPlanner {
            let caller = try? restored.decode(symbol, disassembler: disassembler) {
             for p in request.promotion.samePointerCalls(in: caller, image: restored, disassembler: disassembler) { try? add(p) }
         }
+        // After the caller's own: the first promotion names the function copied.
+        for p in nested { try add(p) }
         // Old copies of the accessor alone (served through their own entries) keep their sites: their grants go
         // into the accessor's copy, whose entry is now the promoted call.
         let served = Set(olds.flatMap(\.grants).map(\.plan.virtualAddress))

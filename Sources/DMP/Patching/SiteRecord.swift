@@ -22,6 +22,9 @@ package struct SiteRecord: Sendable {
     /// Exits at the site's original instruction while its patch was live: a path the patch does not cover, or an
     /// A/B trial's off phase (``RateTrial``), when the original bytes are back.
     package var exitsAtOriginal = 0
+    /// ``exitsAtOriginal`` when the current patch went live (a copy whose entries are off the path the guest takes
+    /// shows by its original instruction exiting on: ``DMPMiddleware/watchUnservedCopies()``).
+    package var exitsAtOriginalAtPatch = 0
     /// Whether the site's fast path appends to a ring (its patch is one of the ring device's producers).
     package var ringProducer = false
     /// The site's hit counter in the implant data page, as far as it is believed (the guest may write any value there).
