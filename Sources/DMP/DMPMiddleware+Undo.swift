@@ -38,7 +38,8 @@ extension DMPMiddleware {
             s.patches.filter { _, p in p.guardedPages.contains { $0 >= first && $0 <= last } }.map(\.key).sorted()
         }
         for id in ids {
-            let sites = state.withLock { $0.patches[id]?.sites ?? [] }
+            // A site turned off alone (it did not pay) keeps its undo and back-off.
+            let sites = state.withLock { s in (s.patches[id]?.sites ?? []).filter { s.sites[$0]?.report.state != .disabled } }
             guard undo(id, reason: DMPRefusal(.verify, reason), backOff: true, backOffBase: configuration.threshold) else { continue }
             state.withLock { s in
                 for site in sites {
@@ -115,15 +116,19 @@ extension DMPMiddleware {
                     vm.bus.revokeFastPath(space: g.space, address: g.address, enableWord: w)
                 }
                 observeHits(&r, memory: vm.memory)
-                // A site turned off alone counted its undo then (and backed off since): the copy's undo is not another.
+                // A site turned off alone counted its undo then: the copy's undo is not another, and the site waits
+                // out what is left of that back-off (nil: it was never to be turned on again).
                 let wasOff = r.report.state == .disabled
+                let leftWhileOff = r.reenableAtExits.map { max(1, $0 - r.report.exitsWhilePatched) }
                 r.patchID = nil
                 r.window = nil
                 r.reenableAtExits = nil
                 r.report.state = .undone
                 r.report.refusal = reason
-                if backOff {
-                    if !wasOff { r.undos += 1 }
+                if backOff && wasOff {
+                    r.retryAtExits = leftWhileOff.map { -$0 }
+                } else if backOff {
+                    r.undos += 1
                     // In exits of the site counted by a vCPU's detector from now: its total then is unknown
                     // here (detectors belong to their vCPUs), so the first candidate after re-arming sets it.
                     let base = backOffBase ?? configuration.initialBackoff

@@ -206,3 +206,28 @@ struct BackOffTests {
         #expect(!never)
     }
 }
+
+extension SiteUndoTests {
+    @Test("a guest write into the copy's guarded page undoes the copy; a site that was off because it did not pay keeps its back-off (one that paid is patched again when hot)")
+    func guardedWriteKeepsOffSiteBackOff() throws {
+        let r = try SiteUndoRun(initialBackoff: 1 << 20, maximumUndos: 3)
+        // A served a window's worth before its fallbacks made it lose (108 accesses, 100 exits: 0.93 per access).
+        try r.served(8, at: siteA)
+        try r.served(100, at: siteB)
+        try r.fallbacks(100, at: siteA, exitA)
+        r.dmp.verifyForTesting()
+        try #require(r.row(siteA)?.state == .disabled && r.row(siteB)?.state == .patched, "\(r.dmp.report())")
+        // The guest rewrites g's last byte (the same `ret`): the copy is undone.
+        try r.run([.guestStore(GuestAddress(base + 8), size: 1, value: 0xc3)])
+        #expect(r.row(siteA)?.state == .undone && r.row(siteB)?.state == .undone, "\(r.dmp.report())")
+        #expect(r.guestCode == code)
+        // Both original instructions get hot again: B, which paid, is patched again; A waits out its back-off.
+        var steps: [MockStep] = []
+        for _ in 0..<(2 * SiteUndoRun.threshold) { steps += [.jump(to: siteA), .access(exitA, length: 1), .access(exitB, length: 2)] }
+        try r.run(steps)
+        let a = try #require(r.row(siteA)), b = try #require(r.row(siteB))
+        #expect(b.state == .patched, "\(b)")
+        #expect(a.state == .undone, "\(a)")
+        #expect(r.thr.granted == 0 && r.post.granted == 1)
+    }
+}
