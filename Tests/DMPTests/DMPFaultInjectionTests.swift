@@ -14,7 +14,7 @@ import VMMKitTesting
 // says patched), or it is not (original bytes, no page guarded, the report and the log say why); never a
 // crash, a hang, a half-written patch, or a guard left on a page nothing depends on.
 
-/// Takes every write of its registers; grants a discard-write fast path for 1- and 4-byte writes at offset 0.
+/// Takes every write of its registers; grants a discard-write fast path for writes at offset 0 and counts the grants it holds.
 final class DiscardingDevice: BusDevice, @unchecked Sendable {
     let name = "discard"
     private let grants = Mutex(FastPathGrants())
@@ -27,6 +27,8 @@ final class DiscardingDevice: BusDevice, @unchecked Sendable {
         return d
     }
     func revokeFastPath(_ enableWord: FastPathEnableWord) { grants.withLock { $0.remove(enableWord) } }
+    /// The grants it holds now.
+    var granted: Int { grants.withLock { $0.descriptions.count } }
 }
 
 /// A swift-log handler that keeps every message with its `reason` and `error` metadata.

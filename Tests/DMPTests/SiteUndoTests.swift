@@ -11,23 +11,6 @@ import VMMKitTesting
 // at the copy's address, as the body's original instruction would exit) and writes the other's hit counter (as
 // its body would count served accesses), then runs a verification pass.
 
-/// Takes every write; grants a discard-write fast path at offset 0 and counts the grants it holds.
-private final class GrantCountingDevice: BusDevice, @unchecked Sendable {
-    let name = "discard"
-    private let grants = Mutex(FastPathGrants())
-    func read(offset: UInt64, size: Int) -> UInt64 { 0 }
-    func write(offset: UInt64, size: Int, value: UInt64) -> DeviceEffect { .none }
-    func grantFastPath(_ request: FastPathRequest, enableWord: FastPathEnableWord) -> FastPathDescription? {
-        guard request.direction == .write, request.offset == 0 else { return nil }
-        let d = FastPathDescription(.discardWrite, for: request)
-        grants.withLock { $0.add(d, word: enableWord, exact: true) }
-        return d
-    }
-    func revokeFastPath(_ enableWord: FastPathEnableWord) { grants.withLock { $0.remove(enableWord) } }
-    /// The grants it holds now.
-    var granted: Int { grants.withLock { $0.descriptions.count } }
-}
-
 private let base: UInt64 = 0x10_0000
 /// g (0x100000, 9 bytes): `mov edx, 0x3f8` (the copy's entry), `out dx, al` (site A, port 0x3f8),
 /// `out 0x80, al` (site B, port 0x80), `ret`.
@@ -42,7 +25,7 @@ private final class SiteUndoRun: @unchecked Sendable {
     let mock = MockHypervisor()
     let vm: VirtualMachine
     let dmp: DMPMiddleware
-    let thr = GrantCountingDevice(), post = GrantCountingDevice()
+    let thr = DiscardingDevice(), post = DiscardingDevice()
 
     init(initialBackoff: Int = 4, maximumUndos: Int = 3) throws {
         vm = try VirtualMachine(backend: mock, configuration: VMConfiguration(memorySize: 32 << 20))
