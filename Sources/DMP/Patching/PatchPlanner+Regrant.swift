@@ -8,8 +8,7 @@ extension PatchPlanner {
     /// not fit the body: that grant is revoked at once and the site stays off.
     package func regrant(_ site: ExitSite, enableWord: FastPathEnableWord, slot: GuestAddress?,
                          granted: FastPathDescription) throws(DMPRefusal) {
-        let space: BusSpace = site.kind == .io ? .pio : .mmio
-        let ring = rings?.targets.firstIndex { $0.space == space && $0.address == site.address && $0.width == Int(site.size) }
+        let (space, ring) = target(of: site)
         var handle: FastPathSlot?
         if let slot, case .sharedSlotRead(let index) = granted.kind {
             do { handle = try FastPathSlot(memory: vm.memory, at: slot, index: index) } catch {

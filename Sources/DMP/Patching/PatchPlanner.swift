@@ -72,9 +72,8 @@ package final class PatchPlanner {
         // An instruction no body can serve is refused for what it is, before the device is asked: an `or [m], r` on a
         // register exits twice (its read and its write), and the device declining the read says less than the shape.
         if case .failure(let why) = instruction.accessShape { throw DMPRefusal(.fastPath, "\(instruction): \(why)") }
-        let space: BusSpace = site.kind == .io ? .pio : .mmio
+        let (space, ringIndex) = target(of: site)
         let size = Int(site.size)
-        let ringIndex = rings?.targets.firstIndex { $0.space == space && $0.address == site.address && $0.width == size }
         // The enable word and the hit counter in cache lines of their own: the device reads the enable
         // word whenever it refreshes its grants (every ring batch, from the poller's CPU), and a hit
         // counter in that line would move it back and forth between that CPU and the vCPU's on every batch.
@@ -224,8 +223,7 @@ package final class PatchPlanner {
 
     /// Asks the device whether it would grant `site` a fast path (with a host-side enable word, revoked at once).
     package func probeFastPath(_ site: ExitSite) throws(DMPRefusal) {
-        let space: BusSpace = site.kind == .io ? .pio : .mmio
-        let ring = rings?.targets.firstIndex { $0.space == space && $0.address == site.address && $0.width == Int(site.size) }
+        let (space, ring) = target(of: site)
         let word = FastPathEnableWordStorage(count: 1)[0]
         do {
             _ = try vm.bus.grantFastPath(space: space, address: site.address, size: Int(site.size), direction: site.direction,
@@ -234,6 +232,14 @@ package final class PatchPlanner {
             throw DMPRefusal(.fastPath, "\(error)")
         }
         vm.bus.revokeFastPath(space: space, address: site.address, enableWord: word)
+    }
+
+    /// The bus space of `site`'s access and the ring (an index into the ring device's targets) whose target
+    /// register it is, if any.
+    func target(of site: ExitSite) -> (space: BusSpace, ring: Int?) {
+        let space: BusSpace = site.kind == .io ? .pio : .mmio
+        let ring = rings?.targets.firstIndex { $0.space == space && $0.address == site.address && $0.width == Int(site.size) }
+        return (space, ring)
     }
 
     /// Revokes what `grants` were given (a plan that failed after asking the devices).
