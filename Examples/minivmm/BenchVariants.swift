@@ -101,46 +101,6 @@ struct BenchRun: Sendable {
     var extra: [(key: String, value: JSONValue)] = []
 }
 
-/// What a steady phase's ring-related exits were (``PVRingStatistics`` summed over the rings, and the poller's
-/// sleeps): a producer's fallbacks by what they found, and kicks of an idle poller.
-struct RingCounters: Sendable, Equatable {
-    var fallbacks = 0
-    var ringFull = 0
-    var consumerIdle = 0
-    var kicks = 0
-    var pollerSleeps = 0
-
-    init() {}
-
-    /// The counters of `rings` now.
-    init(_ rings: PVRingDevice) {
-        for i in rings.targets.indices {
-            let s = rings.statistics(ring: i)
-            fallbacks += s.fallbacks
-            ringFull += s.fallbacksRingFull
-            consumerIdle += s.fallbacksConsumerIdle
-        }
-        kicks = rings.kicks
-        pollerSleeps = rings.pollerSleeps
-    }
-
-    /// The counts from `start` to `self`.
-    func since(_ start: RingCounters) -> RingCounters {
-        var d = RingCounters()
-        d.fallbacks = fallbacks - start.fallbacks
-        d.ringFull = ringFull - start.ringFull
-        d.consumerIdle = consumerIdle - start.consumerIdle
-        d.kicks = kicks - start.kicks
-        d.pollerSleeps = pollerSleeps - start.pollerSleeps
-        return d
-    }
-
-    var json: JSONValue {
-        .object([("fallbacks", .int(fallbacks)), ("ring_full", .int(ringFull)), ("consumer_idle", .int(consumerIdle)),
-                 ("kicks", .int(kicks)), ("poller_sleeps", .int(pollerSleeps))])
-    }
-}
-
 /// A way to run a workload.
 struct BenchVariant: Sendable {
     /// The variant's name in the table and the JSON (`variant`).
@@ -430,51 +390,6 @@ func calibrated(_ w: BenchWorkload, _ v: BenchVariant, _ probe: BenchRun, _ plan
     return n
 }
 
-/// Samples the process's CPU time (every thread: vCPUs, timer, ring poller)
-/// when the guest marks the steady phase. It sits before the phase marker in
-/// the chain and passes every exit on.
-final class SteadyPhaseCPUClock: ExitHandler, Sendable {
-    private let marks = Mutex<(start: UInt64?, end: UInt64?)>((nil, nil))
-    /// The ring device whose counters are sampled at the marks (set once the devices are installed).
-    private let rings = Mutex<PVRingDevice?>(nil)
-    private let ringMarks = Mutex<(start: RingCounters?, end: RingCounters?)>((nil, nil))
-
-    /// Samples `device`'s counters at the marks too (``steadyRing``).
-    func sampleRings(of device: PVRingDevice) { rings.withLock { $0 = device } }
-
-    /// Records the CPU time (and the ring counters) at marks 1 and 2; passes every exit on.
-    func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult {
-        guard case .io(let io) = exit, io.port == StandardDevices.markerPort, io.direction == .write else { return .pass }
-        let now = processCPUNanoseconds()
-        let counters = rings.withLock { $0 }.map(RingCounters.init)
-        marks.withLock { m in
-            if io.value == 1, m.start == nil { m.start = now }
-            if io.value == 2, m.start != nil, m.end == nil { m.end = now }
-        }
-        ringMarks.withLock { m in
-            if io.value == 1, m.start == nil { m.start = counters }
-            if io.value == 2, m.start != nil, m.end == nil { m.end = counters }
-        }
-        return .pass
-    }
-
-    /// The ring counters from mark 1 to mark 2, if both came.
-    var steadyRing: RingCounters? {
-        ringMarks.withLock { m in
-            guard let s = m.start, let e = m.end else { return nil }
-            return e.since(s)
-        }
-    }
-
-    /// CPU nanoseconds between mark 1 and mark 2, if both came.
-    var steadyNanoseconds: UInt64? {
-        marks.withLock { m in
-            guard let s = m.start, let e = m.end, e >= s else { return nil }
-            return e - s
-        }
-    }
-}
-
 /// Runs a workload image in this process with the standard devices and 64 MiB.
 func runInProcess(_ image: String, iterations: Int, ringSlots: UInt32 = 512,
                   prepare: (VirtualMachine) throws -> Void = { _ in },
@@ -509,35 +424,4 @@ extension BenchRun {
         }
         self.init(iterations: n, steadyIterations: n - w, cyclesPerIteration: c, checksum: sum)
     }
-}
-
-/// Runs the workloads under QEMU. The host CPU time of QEMU's steady phase
-/// cannot be sampled from outside, so it is estimated: the whole process's
-/// CPU time (`wait4`) of this run minus that of the last shorter run of the
-/// same image, divided by the difference in iterations (boot and firmware cancel out).
-enum QEMURunner {
-    private static let baseline = Mutex<[String: (iterations: Int, cpu: Double)]>([:])
-
-    static func run(_ qemu: String, image: String, iterations: Int) throws -> BenchRun {
-        let r = try spawn([qemu] + qemuArguments(image, append: "iters=\(iterations)"))
-        guard r.status == 1 else {
-            throw ValidationError("QEMU on \(image): status \(r.status): \(r.output.suffix(200))")
-        }
-        var run = try BenchRun(result: r.output, "QEMU on \(image)")
-        run.hostCPUNanosecondsPerIteration = baseline.withLock { b -> Double? in
-            if let base = b[image], base.iterations < iterations {
-                return (r.cpuNanoseconds - base.cpu) / Double(iterations - base.iterations)
-            }
-            b[image] = (iterations, r.cpuNanoseconds)
-            return nil
-        }
-        return run
-    }
-}
-
-/// QEMU's command line for a workload image (MACHINE.md: `-cpu EPYC`, isa-debug-exit on 0xf4).
-func qemuArguments(_ image: String, append: String) -> [String] {
-    ["-accel", "kvm", "-cpu", "EPYC", "-m", "256", "-kernel", image, "-append", append,
-     "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-serial", "stdio", "-display", "none", "-no-reboot",
-     "-monitor", "none", "-nodefaults"]
 }

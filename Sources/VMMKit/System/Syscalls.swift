@@ -1,8 +1,9 @@
-// Where VMMKit calls into libc and the KVM ioctl shims (with ImageFile.swift, HostCPUAffinity.swift,
-// ConditionLock.swift, OSThread.swift and KVM/). `open`, the `ioctl`s, `mapShared` and `installKickHandler` turn
-// a failure into a typed `BackendError` naming the operation and errno; the
+// Where VMMKit calls into libc and the KVM ioctl shims (with HostMemory.swift,
+// HostOutput.swift, InterruptedCall.swift, ImageFile.swift, HostCPUAffinity.swift,
+// ConditionLock.swift, OSThread.swift and KVM/). `open`, the `ioctl`s, `mapShared`
+// and `installKickHandler` turn a failure into a typed `BackendError` naming the operation and errno; the
 // others return a result or ignore failures they cannot act on. Only
-// `HostOutput.write` retries EINTR here; the ioctl callers decide (KVM_RUN
+// `HostOutput.write` retries EINTR by itself; the ioctl callers decide (KVM_RUN
 // must see EINTR, KVM_CREATE_VM retries it).
 
 import Glibc
@@ -98,22 +99,6 @@ enum Sys {
     }
 }
 
-/// Retrying a system call that a signal interrupted.
-package enum InterruptedCall {
-    /// Runs `body`; while it fails with `EINTR`, runs it again, at most
-    /// `retries` more times, then lets the `EINTR` through.
-    package static func retrying<R>(_ retries: Int, _ body: () throws(BackendError) -> R) throws(BackendError) -> R {
-        var attempt = 0
-        while true {
-            do throws(BackendError) {
-                return try body()
-            } catch where error.errno == .interrupted && attempt < retries {
-                attempt += 1
-            }
-        }
-    }
-}
-
 extension Sys {
     /// A spin-wait hint to the CPU (`pause`), for polling loops.
     @inline(__always)
@@ -128,33 +113,5 @@ extension Sys {
         var ts = timespec()
         clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts)
         return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
-    }
-}
-
-/// Anonymous host memory for guest RAM.
-enum HostMemory {
-    static func mapAnonymous(size: Int) -> Result<UnsafeMutableRawPointer, Errno> {
-        guard let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
-              p != MAP_FAILED else {
-            return .failure(Errno(rawValue: ckvm_errno()))
-        }
-        return .success(p)
-    }
-
-    static func unmap(_ p: UnsafeMutableRawPointer, size: Int) { _ = munmap(p, size) }
-}
-
-/// Writes to a host file descriptor (UART output to the terminal).
-enum HostOutput {
-    static func write(fd: Int32, _ bytes: UnsafeRawBufferPointer) {
-        guard var p = bytes.baseAddress else { return }
-        var left = bytes.count
-        while left > 0 {
-            let n = Glibc.write(fd, p, left)
-            if n < 0 { if ckvm_errno() == EINTR { continue }; return }
-            if n == 0 { return }
-            p += n
-            left -= n
-        }
     }
 }
