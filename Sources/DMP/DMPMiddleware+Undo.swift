@@ -198,15 +198,4 @@ extension DMPMiddleware {
         }
         return undone
     }
-
-    /// The shared slots (guest-physical addresses) of the sites patched now, with their sites and enable words
-    /// (tests that write into the slots or revoke the grants).
-    package var sharedSlotsForTesting: [(site: ExitSite, slot: GuestAddress, enableWord: FastPathEnableWord)] {
-        state.withLock { s in
-            s.order.compactMap { site in
-                guard let r = s.sites[site], r.patchID != nil, let slot = r.slot, let w = r.enableWord else { return nil }
-                return (site, slot, w)
-            }
-        }
-    }
 }

@@ -30,10 +30,6 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     /// ``implant`` without reference counting, for the exit path.
     private let implantOnExitPath: Unmanaged<Implant>?
     let patcher: Patcher
-    /// The patcher, for tests that change guest memory at the moment of writing (``Patcher/beforeWriteChecks``).
-    package var patcherForTesting: Patcher { patcher }
-    /// The implant's code pages claimed so far (nil without an implant), for tests.
-    package var implantCodePagesForTesting: GuestRange? { implant?.codePages }
     let implant: Implant?
     let locator: SiteLocator?
     let planner: PatchPlanner?

@@ -159,14 +159,14 @@ final class FaultRun: @unchecked Sendable {
     }
 
     /// The pages DMP's patcher counts as guarded.
-    var guardedPages: [UInt64] { dmp.patcherForTesting.guardedPages }
+    var guardedPages: [UInt64] { dmp.testSeam.patcher.guardedPages }
 
     /// Expects one of the two consistent outcomes; returns whether the patch is in place.
     @discardableResult
     func expectConsistent(_ what: String, sourceLocation: SourceLocation = #_sourceLocation) -> Bool {
         let patched = dmp.report().contains { $0.state == .patched }
         // The kernel's view, the memory's view and DMP's count of guards agree.
-        let stranded = dmp.patcherForTesting.strandedPages
+        let stranded = dmp.testSeam.patcher.strandedPages
         #expect(readOnlyPages == Array(Set(guardedPages + stranded)).sorted(),
                 "\(what): read-only slots \(readOnlyPages.map(hex)) vs DMP's guards \(guardedPages.map(hex)) and stranded \(stranded.map(hex))",
                 sourceLocation: sourceLocation)
@@ -262,7 +262,7 @@ struct DMPFaultInjectionTests {
             r.expectConsistent(what)
             r.dmp.unpatchAll()
             #expect(r.code == faultCode, "\(what): unpatchAll left patched bytes")
-            #expect(r.guardedPages.isEmpty && r.readOnlyPages.isEmpty && r.dmp.patcherForTesting.strandedPages.isEmpty,
+            #expect(r.guardedPages.isEmpty && r.readOnlyPages.isEmpty && r.dmp.testSeam.patcher.strandedPages.isEmpty,
                     "\(what): unpatchAll left guards")
         }
     }

@@ -53,7 +53,7 @@ private final class SiteUndoRun: @unchecked Sendable {
         try #require(row(siteA)?.state == .patched && row(siteB)?.state == .patched, "\(dmp.report())")
         // The guest runs at CPL0, where a patch first goes through an A/B trial (RateTrial), which the mock cannot
         // time: the trial is taken as paid, and the sites' windows open.
-        dmp.concludeTrialsForTesting()
+        dmp.testSeam.concludeTrials()
         // Verification looks at patches 50 ms old or older.
         usleep(60_000)
     }
@@ -66,14 +66,14 @@ private final class SiteUndoRun: @unchecked Sendable {
     /// `n` accesses of the site at `original` that exit from its body in the copy (its enable word clear, or its fast
     /// path not serving): charged to the site as fallbacks.
     func fallbacks(_ n: Int, at original: UInt64, _ exit: VMExit) throws {
-        let at = try #require(dmp.copyAddressForTesting(of: original), "no live copy holds \(hex(original))")
+        let at = try #require(dmp.testSeam.copyAddress(of: original), "no live copy holds \(hex(original))")
         try run((0..<n).flatMap { _ in [MockStep.jump(to: at), .access(exit, length: 1)] })
     }
 
     /// Sets the hit counter of the site at `original` to `hits` (what its body counts when it serves).
     func served(_ hits: UInt64, at original: UInt64) throws {
         let site = try #require(row(original)?.site)
-        let counter = try #require(dmp.hitCountersForTesting[site], "no hit counter for \(site)")
+        let counter = try #require(dmp.testSeam.hitCounters[site], "no hit counter for \(site)")
         try vm.memory.write(hits, at: counter)
     }
 
@@ -94,7 +94,7 @@ struct SiteUndoTests {
         #expect(patched != code)
         try r.served(100, at: siteB)
         try r.fallbacks(16, at: siteA, exitA)
-        r.dmp.verifyForTesting()
+        r.dmp.testSeam.verify()
         var a = try #require(r.row(siteA)), b = try #require(r.row(siteB))
         #expect(a.state == .disabled && a.state.rawValue == "undone (did not pay)", "\(a)")
         #expect(a.turnedOff == 1 && a.exitsWhilePatched == 16, "\(a)")
@@ -109,11 +109,11 @@ struct SiteUndoTests {
 
         // Three more of its exits: the back-off is not over.
         try r.fallbacks(3, at: siteA, exitA)
-        r.dmp.verifyForTesting()
+        r.dmp.testSeam.verify()
         #expect(r.row(siteA)?.state == .disabled && r.thr.granted == 0)
         // The fourth: the device grants the fast path again, with a fresh window.
         try r.fallbacks(1, at: siteA, exitA)
-        r.dmp.verifyForTesting()
+        r.dmp.testSeam.verify()
         a = try #require(r.row(siteA))
         #expect(a.state == .patched && a.refusal == nil && a.turnedOff == 1, "\(a)")
         #expect(r.thr.granted == 1)
@@ -121,7 +121,7 @@ struct SiteUndoTests {
         // Losing again: off again, the back-off doubled.
         try r.served(200, at: siteB)
         try r.fallbacks(16, at: siteA, exitA)
-        r.dmp.verifyForTesting()
+        r.dmp.testSeam.verify()
         a = try #require(r.row(siteA)); b = try #require(r.row(siteB))
         #expect(a.state == .disabled && a.turnedOff == 2, "\(a)")
         #expect(a.refusal?.reason.contains("turned on again after 8 more of its exits") == true, "\(String(describing: a.refusal))")
@@ -131,7 +131,7 @@ struct SiteUndoTests {
         // unpatchAll takes the copy out, with the site that is off.
         #expect(r.dmp.unpatchAll() == 1)
         #expect(r.guestCode == code)
-        #expect(r.dmp.patcherForTesting.guardedPages.isEmpty)
+        #expect(r.dmp.testSeam.patcher.guardedPages.isEmpty)
         #expect(r.thr.granted == 0 && r.post.granted == 0)
         #expect(r.dmp.report().allSatisfy { $0.state == .undone }, "\(r.dmp.report())")
     }
@@ -141,22 +141,22 @@ struct SiteUndoTests {
         let r = try SiteUndoRun(initialBackoff: 4, maximumUndos: 1)
         try r.served(100, at: siteB)
         try r.fallbacks(16, at: siteA, exitA)
-        r.dmp.verifyForTesting()
+        r.dmp.testSeam.verify()
         let a = try #require(r.row(siteA))
         #expect(a.state == .disabled && a.refusal?.reason.contains("never turned on again") == true, "\(a)")
         try r.fallbacks(64, at: siteA, exitA)
-        r.dmp.verifyForTesting()
+        r.dmp.testSeam.verify()
         #expect(r.row(siteA)?.state == .disabled && r.thr.granted == 0, "no back-off ends")
         // B stops paying: every site of the copy lost or is off.
         try r.fallbacks(16, at: siteB, exitB)
-        r.dmp.verifyForTesting()
+        r.dmp.testSeam.verify()
         let b = try #require(r.row(siteB))
         #expect(b.state == .undone, "\(b)")
         #expect(b.refusal?.reason.contains("no other site of the copy pays (1 others, 1 of them off)") == true,
                 "\(String(describing: b.refusal))")
         #expect(r.row(siteA)?.state == .undone)
         #expect(r.guestCode == code)
-        #expect(r.dmp.patcherForTesting.guardedPages.isEmpty)
+        #expect(r.dmp.testSeam.patcher.guardedPages.isEmpty)
         #expect(r.thr.granted == 0 && r.post.granted == 0)
     }
 
@@ -164,7 +164,7 @@ struct SiteUndoTests {
     func noPayingSibling() throws {
         let r = try SiteUndoRun()
         try r.fallbacks(16, at: siteA, exitA)
-        r.dmp.verifyForTesting()
+        r.dmp.testSeam.verify()
         let a = try #require(r.row(siteA)), b = try #require(r.row(siteB))
         #expect(a.state == .undone && b.state == .undone, "\(a) \(b) exits \(a.exitsWhilePatched) windows \(a.windowsJudged) \(String(describing: a.lastWindowCost))")
         #expect(a.refusal?.reason.contains("no other site of the copy pays (1 others, 0 of them off)") == true,
@@ -198,7 +198,7 @@ extension SiteUndoTests {
         try r.served(8, at: siteA)
         try r.served(100, at: siteB)
         try r.fallbacks(100, at: siteA, exitA)
-        r.dmp.verifyForTesting()
+        r.dmp.testSeam.verify()
         try #require(r.row(siteA)?.state == .disabled && r.row(siteB)?.state == .patched, "\(r.dmp.report())")
         // The guest rewrites g's last byte (the same `ret`): the copy is undone.
         try r.run([.guestStore(GuestAddress(base + 8), size: 1, value: 0xc3)])

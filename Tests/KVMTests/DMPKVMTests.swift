@@ -196,7 +196,7 @@ extension KVMTests {
         func claimed(_ configure: @escaping (inout DMPConfiguration) -> Void) throws -> (DMPLibraryRun, GuestRange?) {
             var pages: GuestRange?
             let run = try DMPLibraryRun("uart-cpl3", commandLine: "iters=60", configure: configure, around: { _, _, dmp, run in
-                defer { pages = dmp?.implantCodePagesForTesting }
+                defer { pages = dmp?.testSeam.implantCodePages }
                 return try run()
             })
             return (run, pages)

@@ -93,7 +93,7 @@ extension KVMTests {
         let fired = Atomic<Int>(0)
         let (_, on, stop) = try offAndOn("uart-modes-cpl3", "lines=20 rounds=2 scribble=7") { on in
             let vm = on.vm, symbols = on.loaded.symbols
-            on.dmp?.patcherForTesting.beforeWriteChecks = {
+            on.dmp?.testSeam.patcher.beforeWriteChecks = {
                 // Only the first patch (uart_putc's copy) sees the change.
                 guard fired.add(1, ordering: .relaxed).newValue == 1 else { return {} }
                 return change.apply(vm, symbols: symbols)

@@ -118,7 +118,7 @@ extension KVMTests {
                       let row = m.report().first(where: { $0.location.contains(" via ") && $0.state == .patched && $0.hitsServed > 0 })
                 else { return .pass }
                 undone.withLock { $0 = row.site }
-                m.undoForTesting(row.site, reason: "the test undoes it as verification would")
+                m.testSeam.undo(row.site, reason: "the test undoes it as verification would")
                 return .pass
             })
         }, around: { _, _, m, run in

@@ -52,7 +52,7 @@ extension KVMTests {
             vm.addExitHandler(ClosureExitHandler { [weak vm] exit, _ in
                 guard case .io(let io) = exit, io.direction == .write, io.port == StandardDevices.markerPort,
                       marks.add(1, ordering: .relaxed).newValue == 1, let vm, let m = dmp.withLock({ $0 }) else { return .pass }
-                for s in m.sharedSlotsForTesting {
+                for s in m.testSeam.sharedSlots {
                     vm.bus.revokeFastPath(space: .mmio, address: s.site.address, enableWord: s.enableWord)
                     revoked.withLock { $0.append(s.enableWord) }
                 }
@@ -86,7 +86,7 @@ extension KVMTests {
                 defer { done.signal() }
                 var garbage: UInt64 = 0x9E37_79B9_7F4A_7C15
                 while !stop.load(ordering: .acquiring) {
-                    let slots = middleware?.sharedSlotsForTesting ?? []
+                    let slots = middleware?.testSeam.sharedSlots ?? []
                     if slots.isEmpty { continue }
                     for _ in 0..<1000 {
                         garbage = garbage &* 6364136223846793005 &+ 1442695040888963407

@@ -82,7 +82,7 @@ extension KVMTests {
             let stop = try run()
             before.withLock { $0 = dmp?.report() ?? [] }
             dmp?.unpatchAll()
-            guardsAfter.withLock { $0 = dmp?.patcherForTesting.guardedPages }
+            guardsAfter.withLock { $0 = dmp?.testSeam.patcher.guardedPages }
             return stop
         })
         #expect(off.stop == .guestExit(status: 0) && on.stop == off.stop)
