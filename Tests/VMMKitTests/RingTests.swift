@@ -126,6 +126,38 @@ struct RingTests {
         }
     }
 
+    @Test("extra ring targets: rings 2, 3, ... for a VMM's own registers, applied by the same consumer; too many refused")
+    func standardExtraRings() throws {
+        let vm = try makeVM(MockHypervisor(), memory: 32 << 20)
+        let sink = BatchSink()
+        try vm.bus.attach(sink, mmio: GuestRange(start: GuestAddress(0xD010_0000), size: 0x1000))
+        let devices = try StandardDevices.install(on: vm, console: CapturedOutput().sink(), ringPolling: .disabled, extraRingTargets: [
+            PVRingTarget(space: .mmio, address: 0xD010_000C, width: 4),
+            PVRingTarget(space: .pio, address: 0x510, width: 2),
+        ])
+        #expect(devices.rings.targets.count == 4)
+        #expect(devices.rings.ring(for: .pio, address: 0x3f8) == 0)
+        #expect(devices.rings.ring(for: .mmio, address: 0xD010_000C) == 2)
+        #expect(devices.rings.ring(for: .pio, address: 0x510) == 3)
+        #expect(devices.rings.header(2).rawValue == X86Layout.ringArea.start.rawValue + 2 * PVRingLayout.defaultStride)
+        let producer = try RingProducerModel(memory: vm.memory, header: devices.rings.header(2))
+        for v: UInt32 in [0xAABB_CCDD, 1, 2] { #expect(producer.push(v) == .published) }
+        #expect(devices.rings.drain() == nil)
+        #expect(sink.values == [0xAABB_CCDD, 1, 2])
+        // 32,768-slot rings (0x41000 bytes apart): three fit in the ring area, a fourth does not.
+        let three = try StandardDevices.install(on: try makeVM(MockHypervisor(), memory: 32 << 20), console: CapturedOutput().sink(),
+                                                ringPolling: .disabled, ringSlotCount: StandardDevices.maximumRingSlotCount,
+                                                extraRingTargets: [PVRingTarget(space: .pio, address: 0x510)])
+        #expect(three.rings.targets.count == 3)
+        let big = try makeVM(MockHypervisor(), memory: 32 << 20)
+        #expect(throws: VMError.self) {
+            _ = try StandardDevices.install(on: big, console: CapturedOutput().sink(), ringPolling: .disabled,
+                                            ringSlotCount: StandardDevices.maximumRingSlotCount,
+                                            extraRingTargets: [PVRingTarget(space: .pio, address: 0x510),
+                                                               PVRingTarget(space: .pio, address: 0x512)])
+        }
+    }
+
     @Test("a full ring makes the producer fall back when no consumer polls; values are masked to the ring's width")
     func fullRing() throws {
         let f = try RingFixture(slots: 4, width: 1)

@@ -8,7 +8,11 @@
 /// | phase marker | port `0x700` |
 /// | ring kick | port `0x704` |
 /// | doorbell | MMIO `0xD000_0000`, 4 KiB |
-/// | paravirtual rings | memory at ``X86Layout/paravirtualArea``: ring 0 → UART THR (asynchronous, 1 byte), ring 1 → doorbell (synchronous, 4 bytes) |
+/// | paravirtual rings | memory at ``X86Layout/paravirtualArea``: ring 0 → UART THR (asynchronous, 1 byte), ring 1 → doorbell (synchronous, 4 bytes), then one ring per extra target |
+///
+/// A VMM with devices of its own attaches them to `vm.bus` beside these; a
+/// register of its own that a ring should feed (so that DMP can offer its
+/// device a ring append) is an `extraRingTargets` entry of ``install(on:console:ringPolling:ringSlotCount:extraRingTargets:)``.
 public struct StandardDevices {
     /// The doorbell's MMIO page.
     public static let doorbellBase: UInt64 = 0xD000_0000
@@ -19,8 +23,8 @@ public struct StandardDevices {
     /// The rings' kick port (``PVRingKick``).
     public static let ringKickPort: UInt16 = 0x704
 
-    /// The largest ring ``install(on:console:ringPolling:ringSlotCount:)`` accepts: two rings fill
-    /// ``X86Layout/ringArea``.
+    /// The largest ring ``install(on:console:ringPolling:ringSlotCount:extraRingTargets:)`` accepts: the two
+    /// standard rings and one extra ring of this size fit ``X86Layout/ringArea``.
     public static let maximumRingSlotCount: UInt32 = 32_768
 
     /// The distance between the standard rings' headers for rings of `slotCount` slots: the default
@@ -53,10 +57,20 @@ public struct StandardDevices {
     /// (the static-PV guests' `PVRING_STRIDE`); larger rings are spaced
     /// ``ringStride(slotCount:)`` apart, so ring 1 (the doorbell) moves and a
     /// guest that expects it at the default stride does not find it.
+    ///
+    /// `extraRingTargets` adds rings 2, 3, ... (in order) for registers of the
+    /// VMM's own devices, which it attaches to `vm.bus` itself (before or after
+    /// this call, before the VM runs): DMP offers a device a ring append
+    /// (``FastPathKind/ringAppend(ring:mode:)``) only for a register a ring
+    /// targets, and the rings' consumer applies the entries to the device like
+    /// the standard ones. Every ring must fit ``X86Layout/ringArea``: with the
+    /// default 512 slots that is 128 rings in all; a layout that does not fit
+    /// throws ``VMError/ring(_:)``.
     @discardableResult
     public static func install(on vm: VirtualMachine, console: OutputSink,
                                ringPolling: PVRingPolling = .enabled(),
-                               ringSlotCount: UInt32 = 512) throws(VMError) -> StandardDevices {
+                               ringSlotCount: UInt32 = 512,
+                               extraRingTargets: [PVRingTarget] = []) throws(VMError) -> StandardDevices {
         let uart = UART8250(sink: console)
         let debugExit = DebugExitDevice()
         let doorbell = DoorbellDevice(memory: vm.memory)
@@ -67,7 +81,7 @@ public struct StandardDevices {
             rings = try PVRingDevice(memory: vm.memory, bus: vm.bus, stride: ringStride(slotCount: ringSlotCount), targets: [
                 PVRingTarget(space: .pio, address: 0x3f8, width: 1),
                 PVRingTarget(space: .mmio, address: doorbellBase + DoorbellDevice.doorbellOffset, width: 4, synchronous: true),
-            ], slotCount: ringSlotCount, polling: ringPolling)
+            ] + extraRingTargets, slotCount: ringSlotCount, polling: ringPolling)
         } catch { throw .ring(error) }
         do {
             try vm.bus.attach(uart, ports: 0x3f8..<0x400)
