@@ -97,6 +97,7 @@ extension DMPMiddleware {
                   implant.owner(ofInstructionPointer: located.virtualAddress) == nil else { throw error }
             // No way into a copy of the instruction's function: serve it from a copy of its caller.
             func combined(_ why: DMPRefusal) -> DMPRefusal { DMPRefusal(why.stage, "\(error.reason); call promotion: \(why.reason)") }
+            logger.debug("no entry of its own, trying call promotion", metadata: ["site": "\(describe(site))", "reason": "\(error.reason)"])
             let request: PromotionRequest
             do {
                 request = try planner.promotionRequest(for: located, registersAtExit: registersAtExit, patches: live)

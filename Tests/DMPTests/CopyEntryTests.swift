@@ -79,6 +79,32 @@ struct CopyEntryTests {
         }
     }
 
+    @Test("a hot loop the redirects found for a sibling further down do not lead to: the instructions of 5 bytes or more before its loop are a way in too")
+    func entriesBeforeLoopsForAnUnreachedPath() throws {
+        let d = try X86Disassembler()
+        // Guests/c-printf-cpl3's sink_out, shortened: a 3-byte first instruction, the LSR poll loop of short
+        // instructions, the THR write after it; reached only through a tail jump, no padding. The THR write's
+        // path holds the 5-byte `mov edx, 0x3f8` after the loop, which does not lead back into the poll.
+        let code: [UInt8] = [
+            0x8b, 0x46, 0x04, 0x89, 0xf9,               // 0x00 mov eax, [rsi + 4]; mov ecx, edi
+            0xba, 0xfd, 0x03, 0x00, 0x00,               // 0x05 mov edx, 0x3fd
+            0xec, 0xa8, 0x20, 0x74, 0xfb,               // 0x0a in al, dx; test al, 0x20; je 0x0a
+            0xba, 0xf8, 0x03, 0x00, 0x00,               // 0x0f mov edx, 0x3f8
+            0x89, 0xc8, 0xee, 0x89, 0x46, 0x04, 0xc3,   // 0x14 mov eax, ecx; out dx, al; mov [rsi + 4], eax; ret
+        ]
+        let base: UInt64 = 0x10_2400
+        let (image, _) = handMade(code, at: base, name: "sink_out")
+        let plan = try FunctionCopyPlan.make(hot: [HotRewrite(address: base + 0x0a, bytes: [0x90]), HotRewrite(address: base + 0x16, bytes: [0x90])],
+                                             in: image, at: copyPlacement, disassembler: d)
+        #expect(plan.entries.map(\.site) == [base + 0x0f, base + 0x05], "the redirect after the loop, then the port load before it")
+        #expect(plan.entries.allSatisfy { $0.kind == .redirect })
+        let reached = PatchPlanner.reachable(in: plan.copy.function, from: plan.entries.map(\.site))
+        #expect(reached.contains(base + 0x0a) && reached.contains(base + 0x16))
+        // The THR write alone: its redirect leads to it, nothing before the loop is added.
+        let out = try FunctionCopyPlan.make(hot: [HotRewrite(address: base + 0x16, bytes: [0x90])], in: image, at: copyPlacement, disassembler: d)
+        #expect(out.entries.map(\.site) == [base + 0x0f])
+    }
+
     @Test("direct call and tail-call sites to a function are found and retargeted to the copy")
     func callSites() throws {
         let d = try X86Disassembler()

@@ -55,7 +55,8 @@ struct DMPLibraryRun {
     func site(_ location: String) -> PatchSite? { report.first { $0.location == location } }
 
     /// The guest's lines without its RESULT line (whose cycle count varies from run to run).
-    var lines: [Substring] { text.split(separator: "\n").filter { !$0.hasPrefix("RESULT") } }
+    /// The output's lines but the RESULT line (its cycle count varies); `\r\n` ends a line too (one Character in Swift).
+    var lines: [Substring] { text.split(whereSeparator: \.isNewline).filter { !$0.hasPrefix("RESULT") } }
 
     /// Expects this run (DMP on) to print what `off` printed, with the same checksum, and to keep fewer than
     /// 1/`factor` of `off`'s steady-phase exits.

@@ -42,7 +42,7 @@ struct GuestRun {
 
 /// Extracts `key=value` from a RESULT line.
 func resultField(_ text: String, _ key: String) -> String? {
-    guard let line = text.split(separator: "\n").first(where: { $0.hasPrefix("RESULT ") }) else { return nil }
+    guard let line = text.split(whereSeparator: \.isNewline).first(where: { $0.hasPrefix("RESULT ") }) else { return nil }
     for word in line.split(separator: " ") where word.hasPrefix(key + "=") { return String(word.dropFirst(key.count + 1)) }
     return nil
 }

@@ -9,7 +9,8 @@ package struct FunctionCopyPlan: Sendable {
     /// The entries, best first: for a function that returns, its start (the entry instruction, else the entry
     /// instruction through dead padding), then redirects on the hot instructions' paths, short jumps through
     /// dead padding at them, then call and tail-call sites; for a function that never returns, the hot paths
-    /// come before its start. One entry catches the common case; every entry of
+    /// come before its start; last, for a hot instruction none of those leads to, the redirects before its loops
+    /// (``FunctionCopy/entriesBeforeLoops(for:limit:)``). One entry catches the common case; every entry of
     /// ``compatibleEntries`` may be applied together (each is its own one-instruction patch).
     package var entries: [CopyEntry]
 
@@ -94,10 +95,17 @@ package struct FunctionCopyPlan: Sendable {
             attempt { () throws(DMPRefusal) in try copy.callSiteEntry(site) }
         }
         if callers.isEmpty { refusals.append(DMPRefusal(.plan, "no direct call or tail call of \(symbol.name) in the image")) }
-        // Nothing else: the code before the hot loops (a function whose loops hold only short instructions).
-        if entries.isEmpty {
-            for h in paths { entries += copy.entriesBeforeLoops(for: h) }
-            if entries.isEmpty { refusals.append(DMPRefusal(.plan, "no instruction of 5 bytes or more before the hot loops")) }
+        // A hot path no entry so far leads to (none at all, or only redirects after its loop, which serve a
+        // sibling further down): the code before its loops (a function whose loops hold only short instructions).
+        let startKinds: Set<CopyEntry.Kind> = [.functionEntry, .entryThroughPadding, .callSite, .tailCallSite]
+        let reached = PatchPlanner.reachable(in: function, from: entries.map { startKinds.contains($0.kind) ? function.start : $0.site },
+                                             jumpTables: copy.jumpTables)
+        let unreached = paths.filter { !reached.contains($0) }
+        var before: [CopyEntry] = []
+        for h in unreached { before += copy.entriesBeforeLoops(for: h) }
+        entries += before
+        if !unreached.isEmpty, before.isEmpty {
+            refusals.append(DMPRefusal(.plan, "no instruction of 5 bytes or more before the hot loops"))
         }
         var sites: Set<UInt64> = []
         entries = entries.filter { sites.insert($0.site).inserted }
