@@ -163,8 +163,11 @@ public final class VirtualMachine: @unchecked Sendable {
         services.append((prepare, run, wake))
     }
 
-    /// The host CPUs the calling thread may run on (where ``VMConfiguration/hostCPUs`` can pin the VM's threads).
-    package static var allowedHostCPUs: [Int] { HostCPUAffinity.current() }
+    /// The host CPUs the calling thread may run on (its affinity mask), in ascending order; empty when the
+    /// host does not say. Threads the VM
+    /// starts from this thread inherit it: before giving them a real-time policy, check that there are at
+    /// least as many as busy threads (vCPUs and the ring poller; see "Devices on the bus" in WritingAVMM.md).
+    public static var allowedHostCPUs: [Int] { HostCPUAffinity.current() }
 
     /// Whether a stop was requested or a vCPU stopped the VM (service threads poll this; lock-free).
     var isStopping: Bool { control.stopRequested }

@@ -22,7 +22,8 @@ import VMMKit
 /// Fast paths (``grantFastPath(_:enableWord:)``), each exact under the lock that guards the
 /// registers:
 /// - STATUS read, 4 bytes: `.constantRead(READY)`, its enable word set only while
-///   the block is enabled; independent of pending ring entries (DATA never changes STATUS).
+///   the block is enabled; independent of pending ring entries once ``setRingDrain(_:)``
+///   is set (see ``write(offset:size:value:)`` for why it needs the drain).
 /// - DATA write, 4 bytes, when a ring feeds DATA: an *asynchronous* ring append (a
 ///   sample's effect reaches the guest only through reads of COUNT and HASH, which
 ///   exit or are served from a slot the block updates as it applies the entry),
@@ -58,6 +59,11 @@ public final class SensorBlock: BusDevice, @unchecked Sendable {
         var hash: UInt32 = 0x811C_9DC5
         var dropped: UInt32 = 0
         var grants = FastPathGrants()
+        /// CONTROL writes between clearing the words and changing CONTROL (their drain runs unlocked): the
+        /// STATUS and DATA words stay clear meanwhile.
+        var suspended = 0
+        /// Applies every ring entry published so far.
+        var drain: (@Sendable () -> Void)?
 
         mutating func take(_ sample: UInt32) {
             guard enabled else { dropped &+= 1; return }
@@ -73,7 +79,7 @@ public final class SensorBlock: BusDevice, @unchecked Sendable {
         func publish() {
             guard !grants.isEmpty else { return }
             grants.storeSlots { _ in UInt64(count) }
-            let enabled = enabled
+            let enabled = enabled && suspended == 0
             grants.refresh { d in d.offset == SensorBlock.countOffset || enabled }
         }
     }
@@ -104,10 +110,34 @@ public final class SensorBlock: BusDevice, @unchecked Sendable {
         }
     }
 
+    /// Sets what applies every ring entry published so far (the ring device's `drain()`; it must not
+    /// be called with the block's lock held, and the block never does). With it, STATUS is declared
+    /// independent of pending ring entries.
+    public func setRingDrain(_ drain: @escaping @Sendable () -> Void) {
+        state.withLock { $0.drain = drain }
+    }
+
     /// Writes a register (4 bytes; other widths are ignored).
+    ///
+    /// A CONTROL write first clears the STATUS and DATA words, applies the ring entries producers
+    /// published while they were set (with the lock released), and only then changes CONTROL. Without
+    /// that, a guest could append a sample, read READY from the constant, and have its sample dropped by
+    /// a disable another vCPU made after that read: its sample would take effect after a read it
+    /// preceded. An entry appended after the words went clear comes from a stub that looked just
+    /// before; its next STATUS read finds the word clear and exits.
     public func write(offset: UInt64, size: Int, value: UInt64) -> DeviceEffect {
         guard size == 4 else { return .none }
         let v = UInt32(truncatingIfNeeded: value)
+        if offset == SensorBlock.controlOffset, let drain = state.withLock({ s -> (@Sendable () -> Void)? in
+            guard let d = s.drain, !s.grants.isEmpty else { return nil }
+            s.suspended += 1
+            s.publish()
+            return d
+        }) {
+            atomicMemoryFence(ordering: .sequentiallyConsistent)
+            drain()
+            state.withLock { $0.suspended -= 1 }
+        }
         state.withLock { s in
             switch offset {
             case SensorBlock.controlOffset:
@@ -143,13 +173,13 @@ public final class SensorBlock: BusDevice, @unchecked Sendable {
             switch (request.offset, request.direction) {
             case (SensorBlock.statusOffset, .read):
                 let d = FastPathDescription(.constantRead(UInt64(SensorBlock.ready)), for: request,
-                                            independentOfPendingRingEntries: true)
-                s.grants.add(d, word: enableWord, exact: s.enabled)
+                                            independentOfPendingRingEntries: s.drain != nil)
+                s.grants.add(d, word: enableWord, exact: s.enabled && s.suspended == 0)
                 return d
             case (SensorBlock.dataOffset, .write):
                 guard let ring = request.ring else { return nil }
                 let d = FastPathDescription(.ringAppend(ring: ring, mode: .asynchronous), for: request)
-                s.grants.add(d, word: enableWord, exact: s.enabled)
+                s.grants.add(d, word: enableWord, exact: s.enabled && s.suspended == 0)
                 return d
             case (SensorBlock.countOffset, .read):
                 guard let slot = request.slot else { return nil }

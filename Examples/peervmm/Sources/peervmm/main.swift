@@ -69,6 +69,8 @@ func boot(_ options: Options) throws -> Int32 {
     let devices = try StandardDevices.install(on: vm, console: console, extraRingTargets: [
         PVRingTarget(space: .mmio, address: sensorBase + SensorBlock.dataOffset, width: 4),
     ])
+    // A CONTROL write applies the samples already in the ring before it changes anything (why: SensorBlock.write).
+    sensor.setRingDrain { [weak rings = devices.rings] in _ = rings?.drain() }
     let loaded = try X86Boot.load(.elf(try ImageFile.read(options.image)), commandLine: options.commandLine, into: vm)
 
     var dmp: DMPMiddleware?
