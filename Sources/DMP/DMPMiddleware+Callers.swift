@@ -126,6 +126,56 @@ extension DMPMiddleware {
         guard request.accessor == accessor.start else { return .noCaller }
         // The accessor's own promoted calls (and theirs) go along: the functions the new copy serves.
         let nested = CallPromotion.nested(in: firstCopy, from: accessor.start)
+        var keys: [ExitSite] = []
+        do {
+            return try promoteCaller(request, site, located: located, registersAtExit: registersAtExit, first: first, firstID: firstID,
+                                     total: total, nested: nested.promotions, functions: nested.functions, hotAt: hotAt,
+                                     vcpu: context.vcpuID, patches: patches, keys: &keys)
+        } catch where error.stage == .plan {
+            // The caller cannot be entered (a function reached only by a tail jump): one level further up.
+            let up: (request: PromotionRequest, more: [CallPromotion], middle: DecodedFunction)
+            do {
+                up = try planner.levelUpRequest(above: request, for: located, registersAtExit: registersAtExit, patches: patches)
+            } catch let above {
+                logger.info("no caller one level up", metadata: ["site": "\(describe(site))", "reason": "\(above)"])
+                throw error
+            }
+            var upKeys: [ExitSite] = []
+            do {
+                let look = try promoteCaller(up.request, site, located: located, registersAtExit: registersAtExit, first: first,
+                                             firstID: firstID, total: total, nested: up.more + [request.promotion] + nested.promotions,
+                                             functions: [up.middle] + nested.functions, hotAt: hotAt, vcpu: context.vcpuID,
+                                             patches: patches, keys: &upKeys)
+                // The rows refused for the caller that cannot be entered go: the copy one level up serves their accesses.
+                state.withLock { s in
+                    for k in keys where k != site && !upKeys.contains(k) && s.sites[k]?.report.state == .refused {
+                        s.sites[k] = nil
+                        s.order.removeAll { $0 == k }
+                    }
+                }
+                return look
+            } catch let above {
+                let both = DMPRefusal(error.stage, "\(error.reason); one level up: \(above.reason)")
+                for k in keys where k != site {
+                    refuse(k, DMPRefusal(both.stage, "another caller of \(symbolize(request.accessor)): \(both.reason)"))
+                }
+                throw both
+            }
+        }
+    }
+
+    /// Promotes `request`'s call (see ``otherCaller(_:_:_:registersAtExit:)``) in a copy of its caller serving the
+    /// accessor's `site` (exit `located`) and the first patch's sites in `functions`, with `nested`, the promoted calls
+    /// inside them; returns whether a patch was applied, or that this caller's earlier copy was undone and its
+    /// back-off (in `site`'s exits, `total` now) is not over. `keys`: the site keys this caller's copy serves under,
+    /// set before anything can fail (refused with the reason when the copy is refused).
+    private func promoteCaller(_ request: PromotionRequest, _ site: ExitSite, located: LocatedInstruction, registersAtExit: Registers?,
+                               first: AppliedPatch, firstID: Int, total: Int, nested: [CallPromotion], functions: [DecodedFunction],
+                               hotAt: ContinuousClock.Instant, vcpu: Int, patches: [AppliedPatch],
+                               keys tried: inout [ExitSite]) throws(DMPRefusal) -> CallerLook {
+        tried = []
+        guard let planner else { return .nothingNew }
+        let accessor = request.accessor
         // A call already promoted (a thread that had not entered that copy yet): nothing new.
         let promoted = patches.contains { p in
             p.copy.map { c in
@@ -151,7 +201,7 @@ extension DMPMiddleware {
             var others: [(site: ExitSite, address: UInt64, memoryTarget: UInt64?)] = []
             for (x, g) in zip(first.sites, first.grants) where x != site {
                 let address = g.plan.virtualAddress
-                guard nested.functions.contains(where: { $0.contains(address) }), address != located.virtualAddress else { continue }
+                guard functions.contains(where: { $0.contains(address) }), address != located.virtualAddress else { continue }
                 let k = PatchPlanner.callerSite(x, request: request)
                 guard keys.insert(k).inserted, s.sites[k]?.report.state != .patched, s.sites[k]?.report.state != .disabled else { continue }
                 var target: UInt64?
@@ -160,6 +210,7 @@ extension DMPMiddleware {
             }
             return (PatchPlanner.callerSite(site, request: request), others)
         }
+        tried = [key] + others.map(\.site)
         // This caller's copy undone before (verification, a guarded write): not promoted again before its back-off,
         // counted in the accessor site's exits from the first look after the undo (DESIGN.md, DMP step 7).
         let backOff = state.withLock { s -> CallerLook? in
@@ -206,17 +257,17 @@ extension DMPMiddleware {
         do {
             outcome = try planner.promote(key, located: located, registersAtExit: registersAtExit, request: request,
                                           olds: olds.map(\.patch), owner: id, live: patches, alsoServing: others,
-                                          nested: nested.promotions)
+                                          nested: nested)
         } catch {
             // The new keys' rows (the accessor's other instructions' too) say why.
             if key != site {
                 for k in [key] + others.map(\.site) {
-                    refuse(k, DMPRefusal(error.stage, "another caller of \(symbolize(accessor.start)): \(error.reason)"))
+                    refuse(k, DMPRefusal(error.stage, "another caller of \(symbolize(accessor)): \(error.reason)"))
                 }
             }
             throw error
         }
-        commit(outcome, for: key, id: id, merged: olds.map(\.id), hotAt: hotAt, deferred: .zero, vcpu: context.vcpuID,
+        commit(outcome, for: key, id: id, merged: olds.map(\.id), hotAt: hotAt, deferred: .zero, vcpu: vcpu,
                consumedBefore: consumedBefore, beforePatch: beforePatch)
         // A rebuilt caller copy that already served the instruction under the key of another of its calls (the call
         // now promoted too) serves it there: the rows made for this call's keys go.

@@ -77,12 +77,35 @@ package struct CallPromotion: Hashable, Sendable {
     /// from each. The operand may hold another value at another call (a register, a stack slot): each promoted call
     /// compares at run time, so a call that reaches something else only makes its original call.
     package func samePointerCalls(in caller: DecodedFunction, image: CodeImage, disassembler: X86Disassembler) -> [CallPromotion] {
-        caller.instructions.compactMap { i -> CallPromotion? in
+        // A guarded tail jump names no pointer a call shares: its other tail jumps are found by ``tailJumps(in:to:image:)``.
+        guard let k = caller.index(at: site), caller.instructions[k].groups.contains(.call) else { return [] }
+        return caller.instructions.compactMap { i -> CallPromotion? in
             guard i.address != site, i.groups.contains(.call),
                   var p = try? CallPromotion.make(call: i, caller: caller, accessor: accessors.first ?? 0, in: image, disassembler: disassembler),
                   p.target == target, p.thunk?.address == thunk?.address else { return nil }
             p.accessors = accessors
             return p
+        }
+    }
+
+    /// Whether `i` is an indirect near `jmp` (FF /4: `jmp r64`, `jmp [m]`).
+    package static func isIndirectJump(_ i: X86Instruction) -> Bool {
+        i.encoding.map == .primary && i.encoding.opcode == 0xff && (i.encoding.modRM >> 3) & 7 == 4
+    }
+
+    /// The indirect tail jumps of `function` promoted for `accessor`: each indirect `jmp` (FF /4, register or memory
+    /// operand) reached with nothing pushed (``DecodedFunction/stackDepth(at:)`` is 0: after the epilogue, so the
+    /// target runs with the caller's return address on top, as if called), that is not the dispatch of a jump table
+    /// the copy keeps (``JumpTable/find(in:image:)``) and whose operand qualifies (no `fs`/`gs` or `67` prefix, not
+    /// `rsp`). A function called directly that reaches the accessor only through such a jump (`ops->write(c, s, n)` as
+    /// a function's last statement, gcc's sibling call) leaves no frame of its own on the stack at the accessor's exit:
+    /// the return address there leads to the `call` of this function, not of the accessor.
+    package static func tailJumps(in function: DecodedFunction, to accessor: UInt64, image: CodeImage) -> [CallPromotion] {
+        let tables = Set(JumpTable.find(in: function, image: image).map(\.jump))
+        return function.instructions.compactMap { i -> CallPromotion? in
+            guard isIndirectJump(i), !tables.contains(i.address), (try? function.stackDepth(at: i.address)) == 0,
+                  let t = try? target(of: i, at: function.location(i.address), stackOffset: 0) else { return nil }
+            return CallPromotion(site: i.address, target: t, accessors: [accessor])
         }
     }
 
@@ -141,18 +164,43 @@ package struct CallPromotion: Hashable, Sendable {
     /// call), and the saved RCX stays above RSP while it is needed, so an interrupt taken on this stack at CPL0
     /// cannot overwrite it. On the miss path the target is read twice, once for the compare and once by the
     /// original call: both reads are the guest's own operand, and the second decides, as if the call had run then.
+    ///
+    /// A promoted indirect tail jump (`call` is a `jmp r/m64`, ``tailJumps(in:to:image:)``) is a guarded dispatch:
+    ///
+    /// ```
+    ///         lea  rsp, [rsp - 128]         ; below the red zone first, as stubs do
+    ///         push rcx
+    ///         mov  rcx, <target>            ; an RSP-based operand 136 further
+    ///         lea  rcx, [rcx - A0]
+    ///         jrcxz hit0
+    ///         ...
+    ///         pop  rcx
+    ///         lea  rsp, [rsp + 128]
+    ///         <the original jmp>            ; any other target: lands in the intact original (its operand read again)
+    /// hit0:   pop  rcx
+    ///         lea  rsp, [rsp + 128]
+    ///         jmp  <copy of A0>
+    /// ```
+    ///
+    /// A jump, unlike a call, may leave something live below RSP (the red zone at CPL3), so the saved RCX goes 128
+    /// bytes further down. No instruction of either form writes a flag (`push`, `pop`, `mov`, `lea` and `jrcxz` do
+    /// not), so the flags the original left reach the target on every path without a `pushfq`; every register is
+    /// as the original left it, and RSP is the original's when either jump runs.
     package static func emit(_ promotion: CallPromotion, call: X86Instruction, entries: [X86Assembler.Target],
                              into a: inout X86Assembler) throws(DMPRefusal) {
         guard !promotion.accessors.isEmpty, promotion.accessors.count == entries.count,
               promotion.accessors.count <= maximumAccessors else {
             throw DMPRefusal(.encode, "a promoted call compares 1 to \(maximumAccessors) accessors (\(promotion.accessors.count) given)")
         }
+        let jump = isIndirectJump(call)
+        let below: Int64 = jump ? FastPathEmitter.redZone : 0
+        if jump { try a.lea(.rsp, X86Assembler.Memory(base: .rsp, displacement: -below)) }
         try a.push(.rcx)
         switch promotion.target {
         case .register(let r):
             if r != .rcx { try a.mov(.rcx, r) }
         case .memory(var m):
-            if m.base == .rsp { m.displacement &+= 8 }
+            if m.base == .rsp { m.displacement &+= 8 &+ below }
             try a.mov(.rcx, m)
         }
         var previous: UInt64 = 0
@@ -168,17 +216,23 @@ package struct CallPromotion: Hashable, Sendable {
             hits.append(hit)
             previous = accessor
         }
-        let done = a.newLabel()
+        let done = jump ? nil : a.newLabel()
         try a.pop(.rcx)
+        if jump { try a.lea(.rsp, X86Assembler.Memory(base: .rsp, displacement: below)) }
         try a.relocate(call)
-        try a.jmp(.label(done))
+        if let done { try a.jmp(.label(done)) }
         for (k, hit) in hits.enumerated() {
             try a.bind(hit)
             try a.pop(.rcx)
-            try a.call(entries[k])
-            if k + 1 < hits.count { try a.jmp(.label(done)) }
+            if jump {
+                try a.lea(.rsp, X86Assembler.Memory(base: .rsp, displacement: below))
+                try a.jmp(entries[k])
+            } else {
+                try a.call(entries[k])
+                if let done, k + 1 < hits.count { try a.jmp(.label(done)) }
+            }
         }
-        try a.bind(done)
+        if let done { try a.bind(done) }
     }
 }
 

@@ -117,7 +117,10 @@ package struct FunctionCopy: Sendable {
                   let call = f.instructions.first(where: { $0.nextAddress == p.original }), call.groups.contains(.call) else { return nil }
             return call.address
         case .rewritten:
-            return promotions.contains { $0.site == p.original } ? p.original : nil
+            // A guarded tail jump's body returns nowhere.
+            guard promotions.contains(where: { $0.site == p.original }), let f = function(containing: p.original),
+                  let k = f.index(at: p.original), f.instructions[k].groups.contains(.call) else { return nil }
+            return p.original
         default:
             return nil
         }
@@ -157,7 +160,9 @@ package struct FunctionCopy: Sendable {
     /// The original addresses of the function's indirect jumps (jump tables, computed gotos, indirect
     /// tail calls): in the copy they land in the original, correct and slower on that path.
     package var indirectJumps: [UInt64] {
-        function.instructions.filter { $0.groups.contains(.indirectBranch) && $0.groups.contains(.jump) }.map(\.address)
+        let guarded = Set(promotions.map(\.site))
+        return function.instructions.filter { $0.groups.contains(.indirectBranch) && $0.groups.contains(.jump) && !guarded.contains($0.address) }
+            .map(\.address)
     }
 
     /// A function a copy calls through a promoted call (``CallPromotion``), copied after the main function with
@@ -206,9 +211,11 @@ package struct FunctionCopy: Sendable {
         for p in promotions {
             // A call of the function, or of an accessor copied after it (an accessor that calls another through a
             // pointer itself: the caller of a function copy whose entries lie on a rarely taken path, promoted).
+            // Or an indirect tail jump (``CallPromotion/tailJumps(in:to:image:)``), guarded the same way.
             guard let holder = parts.first(where: { $0.function.index(at: p.site) != nil })?.function,
-                  let k = holder.index(at: p.site), holder.instructions[k].groups.contains(.call) else {
-                throw DMPRefusal(.plan, "promoted call at 0x\(String(p.site, radix: 16)) is no call of \(function.symbol.name) or its accessors")
+                  let k = holder.index(at: p.site),
+                  holder.instructions[k].groups.contains(.call) || CallPromotion.isIndirectJump(holder.instructions[k]) else {
+                throw DMPRefusal(.plan, "promoted call at 0x\(String(p.site, radix: 16)) is no call or indirect jump of \(function.symbol.name) or its accessors")
             }
             guard promoted.updateValue(p, forKey: p.site) == nil else {
                 throw DMPRefusal(.plan, "two promotions of the call at \(holder.location(p.site))")
@@ -294,7 +301,10 @@ package struct FunctionCopy: Sendable {
                     }
                     piece(.relocated, i.address, from: start)
                 } else if let b = i.branch {
-                    try a.relocate(i, branchTarget: function.contains(b.target) ? labels[b.target].map { .label($0) } : nil)
+                    // Inside the function, or a direct tail jump to a function copied here too (an accessor's start).
+                    let here = function.contains(b.target)
+                        || (!i.groups.contains(.call) && parts.contains { $0.function.start == b.target })
+                    try a.relocate(i, branchTarget: here ? labels[b.target].map { .label($0) } : nil)
                     piece(.relocated, i.address, from: start)
                 } else {
                     try a.relocate(i)

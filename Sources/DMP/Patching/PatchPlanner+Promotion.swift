@@ -36,34 +36,85 @@ extension PatchPlanner {
         guard let returnAddress = readStackWord(at: slot, located: located) else {
             throw DMPRefusal(.plan, "the return address of \(symbol.name) at rsp+\(depth) (\(hex(slot))) is not readable through the guest's page tables")
         }
+        let (caller, call) = try call(returningTo: returnAddress, of: symbol.name, image: image, patches: patches)
+        guard caller.start != symbol.address else { throw DMPRefusal(.plan, "\(symbol.name) is called from itself") }
+        let promotion = try CallPromotion.make(call: call, caller: caller, accessor: accessor.start,
+                                               in: image, disassembler: disassembler)
+        return PromotionRequest(caller: caller.start, accessor: accessor.start, promotion: promotion)
+    }
+
+    /// The call instruction a return address read from the guest's stack returns from, and the function holding it:
+    /// the instruction ending at `returnAddress` in the image, or the original call a live copy (`patches`) holds there.
+    /// `callee` names the function whose return address it is, for the refusals.
+    private func call(returningTo returnAddress: UInt64, of callee: String, image: CodeImage,
+                      patches: [AppliedPatch]) throws(DMPRefusal) -> (caller: DecodedFunction, call: X86Instruction) {
         // The call: in the image, or the original call a live copy holds at that return address.
         let callAddress: UInt64
         if let copy = patches.lazy.compactMap({ $0.copy(holding: returnAddress) }).first {
             guard let original = copy.originalCall(returningTo: returnAddress) else {
-                throw DMPRefusal(.plan, "the return address \(hex(returnAddress)) of \(symbol.name) is inside a function copy, after no call")
+                throw DMPRefusal(.plan, "the return address \(hex(returnAddress)) of \(callee) is inside a function copy, after no call")
             }
             callAddress = original
         } else {
             guard returnAddress > 0, let c = image.function(containing: returnAddress &- 1) else {
-                throw DMPRefusal(.plan, "the return address \(hex(returnAddress)) of \(symbol.name) is in no sized function")
+                throw DMPRefusal(.plan, "the return address \(hex(returnAddress)) of \(callee) is in no sized function")
             }
             let f = try image.decode(c, disassembler: disassembler)
             guard let i = f.instructions.first(where: { $0.nextAddress == returnAddress }) else {
-                throw DMPRefusal(.plan, "the return address \(hex(returnAddress)) of \(symbol.name) follows no instruction of \(c.name)")
+                throw DMPRefusal(.plan, "the return address \(hex(returnAddress)) of \(callee) follows no instruction of \(c.name)")
             }
             callAddress = i.address
         }
         guard let c = image.function(containing: callAddress) else {
             throw DMPRefusal(.plan, "the call at \(hex(callAddress)) is in no sized function")
         }
-        guard c.address != symbol.address else { throw DMPRefusal(.plan, "\(symbol.name) is called from itself") }
         let caller = try image.decode(c, disassembler: disassembler)
         guard let k = caller.index(at: callAddress) else {
             throw DMPRefusal(.plan, "the call at \(hex(callAddress)) is no instruction start of \(c.name)")
         }
-        let promotion = try CallPromotion.make(call: caller.instructions[k], caller: caller, accessor: accessor.start,
-                                               in: image, disassembler: disassembler)
-        return PromotionRequest(caller: caller.start, accessor: accessor.start, promotion: promotion)
+        return (caller, caller.instructions[k])
+    }
+
+    /// One level further up (DESIGN.md, DMP step 4; Documentation/DMP.md, *Tail jumps*): `request`'s caller (the
+    /// function found on the stack above the hot function's frame) cannot be entered, so the frame above it is looked
+    /// at. Its stack depth at the promoted call gives the slot of its own return address, above the accessor's;
+    /// the instruction ending there must be either an indirect call (or a thunk call) of the caller, promoted as
+    /// ``promotionRequest(for:registersAtExit:patches:)`` promotes one, or a direct `call rel32` of another sized
+    /// function F, which then reached the caller by an indirect tail jump: F's tail jumps
+    /// (``CallPromotion/tailJumps(in:to:image:)``, at least one) are guarded to the caller's copy, the first as the
+    /// request, the others in `more`. One level and one tail jump only: anything else refuses with the reason.
+    /// `request.caller`, decoded, is returned as `middle` (a function the new copy serves, between F and the accessor).
+    package func levelUpRequest(above request: PromotionRequest, for located: LocatedInstruction, registersAtExit: Registers?,
+                                patches: [AppliedPatch]) throws(DMPRefusal) -> (request: PromotionRequest, more: [CallPromotion], middle: DecodedFunction) {
+        guard let registers = registersAtExit else { throw DMPRefusal(.plan, "the registers at the exit could not be read") }
+        let image = codeImage(paging: located.paging)
+            .restoring(patches.flatMap(\.writes).map { PatchWrite(address: $0.virtual, original: $0.original, replacement: $0.replacement) })
+        guard let symbol = image.function(containing: located.virtualAddress), symbol.address == request.accessor,
+              let m = image.function(containing: request.caller), m.address == request.caller else {
+            throw DMPRefusal(.plan, "the accessor or its caller starts no sized function")
+        }
+        let accessor = try image.decode(symbol, disassembler: disassembler)
+        let middle = try image.decode(m, disassembler: disassembler)
+        // The accessor's return address is at rsp + its depth; the caller's frame starts above it.
+        let depth = try accessor.stackDepth(at: located.virtualAddress) &+ 8 &+ middle.stackDepth(at: request.promotion.site)
+        let slot = registers.rsp &+ depth
+        guard let returnAddress = readStackWord(at: slot, located: located) else {
+            throw DMPRefusal(.plan, "the return address of \(m.name) at rsp+\(depth) (\(hex(slot))) is not readable through the guest's page tables")
+        }
+        let (caller, call) = try call(returningTo: returnAddress, of: m.name, image: image, patches: patches)
+        guard caller.start != middle.start else { throw DMPRefusal(.plan, "\(m.name) is called from itself") }
+        let at = caller.location(call.address)
+        if call.encoding.map == .primary, call.encoding.opcode == 0xe8, let b = call.branch, b.target != middle.start,
+           let f = image.function(containing: b.target), f.address == b.target {
+            let function = try image.decode(f, disassembler: disassembler)
+            let jumps = CallPromotion.tailJumps(in: function, to: middle.start, image: image)
+            if let first = jumps.first {
+                return (PromotionRequest(caller: function.start, accessor: middle.start, promotion: first), Array(jumps.dropFirst()), middle)
+            }
+            throw DMPRefusal(.plan, "\(f.name), called at \(at) above \(m.name), has no indirect tail jump with nothing pushed")
+        }
+        let p = try CallPromotion.make(call: call, caller: caller, accessor: middle.start, in: image, disassembler: disassembler)
+        return (PromotionRequest(caller: caller.start, accessor: middle.start, promotion: p), [], middle)
     }
 
     /// The key under which a copy promoting `request`'s call serves an accessor instruction whose own site (`site`,
