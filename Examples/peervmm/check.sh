@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # peervmm's check (.ci/run runs it): build the package and its tests, run the tests, then run its guest
 # once with DMP off and once with DMP on (--check-dmp: the sensor block's STATUS read and DATA write
-# patched and served in the guest) and compare what the guest printed and its exit status.
+# patched and served in the guest) and once as a DMP dry run, and compare what the guest printed and its
+# exit status.
 # Without a usable /dev/kvm the runs are skipped with the reason printed.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -27,15 +28,18 @@ if [ "$(cat "$out/off.status")" = 77 ]; then
     exit 0
 fi
 run on --dmp --check-dmp
+run dry --dmp-dry-run
 # What the VMM said (DMP's decisions, logged one a line, left out).
-for r in off on; do
+for r in off on dry; do
     echo "== peervmm $r: exit status $(cat "$out/$r.status") =="
     grep -v ' vmmkit.dmp: ' "$out/$r.err" || true
 done
 tail -n 2 "$out/on.out"
 status=0
 [ "$(cat "$out/off.status")" = 0 ] || { echo "peervmm: DMP off: exit status $(cat "$out/off.status")"; status=1; }
-[ "$(cat "$out/on.status")" = 0 ] || { echo "peervmm: DMP on: exit status $(cat "$out/on.status")"; status=1; }
-cmp "$out/off.out" "$out/on.out" || { echo "peervmm: the guest's output differs with DMP on"; diff "$out/off.out" "$out/on.out" | head -20; status=1; }
-[ $status = 0 ] && echo "peervmm: DMP off and on: identical output and exit status, the sensor's hot sites served"
+for r in on dry; do
+    [ "$(cat "$out/$r.status")" = 0 ] || { echo "peervmm: DMP $r: exit status $(cat "$out/$r.status")"; status=1; }
+    cmp "$out/off.out" "$out/$r.out" || { echo "peervmm: the guest's output differs with DMP $r"; diff "$out/off.out" "$out/$r.out" | head -20; status=1; }
+done
+[ $status = 0 ] && echo "peervmm: DMP off, on and dry run: identical output and exit status; with DMP on the sensor's hot sites served"
 exit $status
