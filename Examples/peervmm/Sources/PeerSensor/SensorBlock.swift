@@ -112,7 +112,8 @@ public final class SensorBlock: BusDevice, @unchecked Sendable {
 
     /// Sets what applies every ring entry published so far (the ring device's `drain()`; it must not
     /// be called with the block's lock held, and the block never does). With it, STATUS is declared
-    /// independent of pending ring entries.
+    /// independent of pending ring entries. CONTROL must not be a ring's target: the drain runs inside
+    /// CONTROL writes, and a consumer applying one would wait for itself.
     public func setRingDrain(_ drain: @escaping @Sendable () -> Void) {
         state.withLock { $0.drain = drain }
     }
