@@ -1,5 +1,6 @@
 import DMP
 import Logging
+import Synchronization
 import Testing
 import VMMKit
 
@@ -14,6 +15,8 @@ struct DMPLibraryRun {
     let pollerSleeps: Int
     /// Producer fallbacks counted over every ring (``PVRingStatistics/fallbacks``).
     let ringFallbacks: Int
+    /// Of ``steadyExits``, the kicks of the ring poller (``SteadyPhaseKicks``).
+    let steadyKicks: Int
 
     /// `prepare`: runs on the new VM before anything is installed (exit handlers of a test, first in the chain).
     /// `hostCPUs`: pins the VM's threads (vCPUs, ring poller, timer) to these host CPUs.
@@ -28,6 +31,8 @@ struct DMPLibraryRun {
         var vmConfiguration = VMConfiguration(memorySize: 64 << 20, vcpuCount: cpus)
         vmConfiguration.hostCPUs = hostCPUs
         let vm = try VirtualMachine(backend: try KVMSystem(), configuration: vmConfiguration)
+        let kicks = SteadyPhaseKicks()
+        vm.addExitHandler(kicks)
         try prepare(vm)
         let console = CapturedOutput()
         let devices = try StandardDevices.install(on: vm, console: console.sink(),
@@ -47,6 +52,7 @@ struct DMPLibraryRun {
         text = console.text
         report = middleware?.report() ?? []
         steadyExits = devices.marker.steadyPhase?.exits
+        steadyKicks = kicks.count
         latencies = middleware?.patchLatencies ?? []
         pollerSleeps = devices.rings.pollerSleeps
         ringFallbacks = devices.rings.targets.indices.reduce(0) { $0 + devices.rings.statistics(ring: $1).fallbacks }
@@ -59,14 +65,44 @@ struct DMPLibraryRun {
     var lines: [Substring] { text.split(whereSeparator: \.isNewline).filter { !$0.hasPrefix("RESULT") } }
 
     /// Expects this run (DMP on) to print what `off` printed, with the same checksum, and to keep fewer than
-    /// 1/`factor` of `off`'s steady-phase exits.
-    func expectSameOutput(as off: DMPLibraryRun, steadyExitsCutBy factor: Int,
+    /// 1/`factor` of `off`'s steady-phase exits. `kicksExcluded`: the bound counts the steady exits besides the
+    /// poller's kicks (``steadyKicks``), for tests of what a plan serves whose synchronous appends kick whenever
+    /// the host keeps the ring poller off its CPU longer than their bounded wait (each such append was served:
+    /// its entry published, the kick only brings the consumer); an access left to exit at its original
+    /// instruction still counts.
+    func expectSameOutput(as off: DMPLibraryRun, steadyExitsCutBy factor: Int, kicksExcluded: Bool = false,
                           sourceLocation: SourceLocation = #_sourceLocation) throws {
         #expect(lines == off.lines, sourceLocation: sourceLocation)
         #expect(resultField(text, "checksum") == resultField(off.text, "checksum"), sourceLocation: sourceLocation)
         let offExits = try #require(off.steadyExits, sourceLocation: sourceLocation)
-        let onExits = try #require(steadyExits, sourceLocation: sourceLocation)
-        #expect(onExits * factor < offExits, "steady exits \(onExits) with DMP, \(offExits) without", sourceLocation: sourceLocation)
+        let onExits = try #require(steadyExits, sourceLocation: sourceLocation) - (kicksExcluded ? steadyKicks : 0)
+        let kicks = kicksExcluded ? " besides \(steadyKicks) kicks" : ""
+        #expect(onExits * factor < offExits, "steady exits \(onExits) with DMP\(kicks), \(offExits) without", sourceLocation: sourceLocation)
+    }
+}
+
+/// Counts the ring poller's kicks (writes to ``StandardDevices/ringKickPort``) that the vCPU marking the steady
+/// phase makes inside it (from its first mark 1 to the next mark 2, as ``PhaseMarker/steadyPhase`` counts): the
+/// exits of served ring appends that found the poller asleep or whose bounded wait for it ran out. Passes every exit on.
+final class SteadyPhaseKicks: ExitHandler, Sendable {
+    private let state = Mutex<(vcpu: Int?, ended: Bool, kicks: Int)>((nil, false, 0))
+
+    var exitKinds: Set<ExitKind>? { [.io] }
+
+    /// The kicks counted.
+    var count: Int { state.withLock { $0.kicks } }
+
+    func handle(_ exit: VMExit, context: ExitContext) throws(VMError) -> ExitResult {
+        guard case .io(let io) = exit, io.direction == .write else { return .pass }
+        if io.port == StandardDevices.markerPort {
+            state.withLock { s in
+                if io.value == 1, s.vcpu == nil { s.vcpu = context.vcpuID }
+                if io.value == 2, s.vcpu != nil { s.ended = true }
+            }
+        } else if io.port == StandardDevices.ringKickPort {
+            state.withLock { s in if s.vcpu == context.vcpuID && !s.ended { s.kicks += 1 } }
+        }
+        return .pass
     }
 }
 
@@ -151,16 +187,21 @@ extension KVMTests {
     }
 
     /// A CPL0 site was judged by its A/B trial: undone with the trial's figures (patched slower than the original
-    /// code), or patched with them (not slower; then its windows may still have turned it off alone in its copy).
+    /// code), or patched with them (not slower; then its windows may still have turned it off alone in its copy, or
+    /// undone it whole, the trial's figures kept). Where the host's scheduling decides the outcome, any outcome of
+    /// the trial is accepted: a trial phase that could not be switched because the vCPU was paused inside the bytes
+    /// to write at that moment undoes the patch with that reason. Without trials a CPL0 patch stays with no figures.
     static func expectTrialJudged(_ s: PatchSite, sourceLocation: SourceLocation = #_sourceLocation) throws {
         #expect(s.state == .undone || s.state == .patched || s.state == .disabled, "\(s)", sourceLocation: sourceLocation)
+        let paid = s.trialResult?.contains("accesses/s patched") == true
         if s.state == .disabled {
-            #expect(s.trialResult?.contains("accesses/s patched") == true && s.refusal?.reason.contains("turned off alone") == true,
-                    "\(s)", sourceLocation: sourceLocation)
+            #expect(paid && s.refusal?.reason.contains("turned off alone") == true, "\(s)", sourceLocation: sourceLocation)
         } else if s.state == .undone {
             let why = try #require(s.refusal, sourceLocation: sourceLocation)
-            #expect(why.stage == .verify && why.reason.contains("accesses/s patched against")
-                    && why.reason.contains("with the original code"), "\(why)", sourceLocation: sourceLocation)
+            let lost = why.reason.contains("accesses/s patched against") && why.reason.contains("with the original code")
+            let cutShort = why.reason.hasPrefix("an A/B trial could not switch the patch")
+            #expect(why.stage == .verify && (lost || cutShort || paid), "\(why) \(s.trialResult ?? "no trial result")",
+                    sourceLocation: sourceLocation)
         } else {
             #expect(s.hitsServed > 0 && s.trialResult?.contains("accesses/s patched") == true, "\(s)", sourceLocation: sourceLocation)
         }

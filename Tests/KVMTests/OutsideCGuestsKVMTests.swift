@@ -37,7 +37,10 @@ extension KVMTests {
         #expect(sites.count == 16, "\(on.report.map(\.description))")
         #expect(sites.allSatisfy { $0.state == .patched && $0.hitsServed > 0 }, "\(sites.map(\.description))")
         #expect(Set(sites.map(\.strategy)).count == 1, "one copy serves them all: \(Set(sites.map(\.strategy)))")
-        try on.expectSameOutput(as: off, steadyExitsCutBy: 4)
+        // Planned together, at the first store's plan (the detector's window counts exits, not time): without the
+        // siblings' linear page each store would get hot alone and join the copy by a rebuild.
+        #expect(sites.allSatisfy { !$0.strategy.contains("rebuilt") }, "\(Set(sites.map(\.strategy)))")
+        try on.expectSameOutput(as: off, steadyExitsCutBy: 4, kicksExcluded: true)
     }
 
     @Test("DMP on c-mmio-cpl3-O1: db_ring_full, called only from db_run, whose copy is made first, is entered through the call in db_run's live copy; its sixteen stores are served, same output")
@@ -123,6 +126,6 @@ extension KVMTests {
         let read = try #require(on.site("read_at"), "\(on.report.map(\.description))")
         // Every STATUS read after the patch (562 at iters=20000) served in the guest, none left exiting at read_at.
         #expect(read.state == .patched && read.hitsServed >= 500 && read.exitsWhilePatched < 16, "\(read)")
-        try on.expectSameOutput(as: off, steadyExitsCutBy: 20)
+        try on.expectSameOutput(as: off, steadyExitsCutBy: 20, kicksExcluded: true)
     }
 }
