@@ -100,9 +100,38 @@ struct CopyEntryTests {
         #expect(plan.entries.allSatisfy { $0.kind == .redirect })
         let reached = PatchPlanner.reachable(in: plan.copy.function, from: plan.entries.map(\.site))
         #expect(reached.contains(base + 0x0a) && reached.contains(base + 0x16))
-        // The THR write alone: its redirect leads to it, nothing before the loop is added.
+        // The THR write alone: its redirect leads to it; the port load before the loop comes in as the entry
+        // block's (entryBlockEntries), not for want of a way to the write.
         let out = try FunctionCopyPlan.make(hot: [HotRewrite(address: base + 0x16, bytes: [0x90])], in: image, at: copyPlacement, disassembler: d)
-        #expect(out.entries.map(\.site) == [base + 0x0f])
+        #expect(out.entries.map(\.site) == [base + 0x0f, base + 0x05])
+        #expect(!out.entryRefusals.contains { $0.reason.contains("before the hot loops") })
+    }
+
+    @Test("a function that returns with no way in at its start is entered through its entry block too: the paths' redirects may lie on a path that never runs")
+    func entryBlockEntries() throws {
+        let d = try X86Disassembler()
+        // Guests/c-freebsd-cpl3-noalign's ns8250_putc, shortened: the THRE read laid out after the loop's body,
+        // whose only 5-byte instruction lies on the DELAY path (taken only while THRE is clear); a 3-byte first
+        // instruction, no padding, no direct caller.
+        let code: [UInt8] = [
+            0x41, 0x89, 0xf2,                           // 0x00 mov r10d, esi
+            0xbe, 0x90, 0xd0, 0x03, 0x00,               // 0x03 mov esi, 0x3d090
+            0xba, 0xfd, 0x03, 0x00, 0x00, 0xeb, 0x10,   // 0x08 mov edx, 0x3fd (the loop's head); jmp 0x1f
+            0x83, 0xee, 0x01, 0x74, 0x10,               // 0x0f sub esi, 1; je 0x24
+            0x48, 0x8b, 0x05, 0x00, 0x10, 0x00, 0x00,   // 0x14 mov rax, [rip + 0x1000] (DELAY)
+            0xf3, 0x90, 0xeb, 0xe9,                     // 0x1b pause; jmp 0x08
+            0xec, 0xa8, 0x20, 0x74, 0xeb,               // 0x1f in al, dx; test al, 0x20; je 0x0f
+            0x44, 0x89, 0xd0, 0xba, 0xf8, 0x03, 0x00, 0x00, 0xee, 0xc3, // 0x24 mov eax, r10d; mov edx, 0x3f8; out dx, al; ret
+        ]
+        let base: UInt64 = 0x10_1708
+        let (image, _) = handMade(code, at: base, name: "ns8250_putc")
+        let copy = try FunctionCopy(try image.decode(image.symbols.symbols[0], disassembler: d), at: copyPlacement)
+        #expect(copy.entryBlockEntries().map(\.site) == [base + 0x03], "up to the loop's head, a branch target")
+        let plan = try FunctionCopyPlan.make(hot: [HotRewrite(address: base + 0x1f, bytes: [0x90]), HotRewrite(address: base + 0x2c, bytes: [0x90])],
+                                             in: image, at: copyPlacement, disassembler: d)
+        #expect(plan.entries.map(\.site) == [base + 0x14, base + 0x27, base + 0x03], "the paths' redirects, then the entry block's")
+        #expect(plan.entries.allSatisfy { $0.kind == .redirect })
+        for e in plan.entries { try expectBranchWrite(e.writes[0], to: e.target, d) }
     }
 
     @Test("direct call and tail-call sites to a function are found and retargeted to the copy")

@@ -95,10 +95,10 @@ final class DMPGuestRun {
     /// cycle count's digits vary; ``checkTransmittedCount(against:)`` checks that field exactly).
     var timingAndStacks: [Range<UInt64>] {
         // c-table-cpl3's line buffer and byte count, c-boot-cpl3's log ring and its indices hold the RESULT
-        // line's text or length, whose cycle count varies from run to run; c-printf-cpl3's tx_hash hashes every
-        // byte it sent, the RESULT line's too.
+        // line's text or length, whose cycle count varies from run to run; c-printf-cpl3's tx_hash and
+        // c-freebsd-cpl3's cn_hash hash every byte sent, the RESULT line's too.
         let names: Set<String> = ["stacks", "user_stack", "tsc_start", "tsc_end", "printk_buf.0",
-                                  "com1_lines", "bytes_logged", "log_ring", "log_head", "log_tail", "tx_hash"]
+                                  "com1_lines", "bytes_logged", "log_ring", "log_head", "log_tail", "tx_hash", "cn_hash"]
         var out = loaded.symbols.symbols.filter { names.contains($0.name) }.map { physical($0.address)..<(physical($0.address) + $0.size) }
         if let t = transmittedCountAddress { out.append(t..<(t + 8)) }
         return out
@@ -212,7 +212,7 @@ let transparencyGuests: [(String, String)] = [
     // Inline poll loops in every output function, at -O0 (one out-of-line outb for two ports).
     ("c-manyloops-cpl3-O0", "iters=60"),
     // Drivers and runtimes nobody here wrote: an embedded printf library (a callback reached by a tail jump).
-    ("c-printf-cpl3", "iters=60"),
+    ("c-printf-cpl3", "iters=60"), ("c-freebsd-cpl3-noalign", "iters=60"),
     // Packed images: the hot code's page shares read-only data, or written data.
     ("c-packed-cpl3", "iters=60"), ("c-packed-cpl3-data", "iters=60"),
     ("c-portstat-cpl3-noalign", "iters=60 slow=1 trace=1"),

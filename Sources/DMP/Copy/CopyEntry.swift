@@ -144,6 +144,28 @@ extension FunctionCopy {
         return out
     }
 
+    /// Redirects in the function's entry block, at most `limit`, nearest its end first: the instructions of at
+    /// least 5 bytes from the first instruction up to the first jump, return or branch target. They run on every
+    /// call before anything else, so they lead to every hot instruction on the path the call takes, which a
+    /// static reading cannot tell from the paths that never run (a delay loop behind a status test that always
+    /// passes holds the only 5-byte instructions of the poll loop gcc laid out around it). Correct for the same
+    /// reason as ``pathEntries(for:limit:)``: any instruction start is.
+    package func entryBlockEntries(limit: Int = 2) -> [CopyEntry] {
+        let instructions = function.instructions
+        var targets: Set<UInt64> = []
+        for i in instructions { if let b = i.branch, function.contains(b.target) { targets.insert(b.target) } }
+        var end = 0
+        while end < instructions.count, end == 0 || !targets.contains(instructions[end].address) {
+            end += 1
+            if Self.transfers(instructions[end - 1]) { break }
+        }
+        var out: [CopyEntry] = []
+        for i in instructions[0..<end].reversed() where i.length >= 5 && out.count < limit {
+            if let e = try? redirect(at: i.address) { out.append(e) }
+        }
+        return out
+    }
+
     /// Whether `i` ends a straight run: a jump (taken or not) or a return.
     private static func transfers(_ i: X86Instruction) -> Bool { i.groups.contains(.jump) || i.groups.contains(.return) }
 

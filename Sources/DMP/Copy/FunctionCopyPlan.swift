@@ -9,8 +9,9 @@ package struct FunctionCopyPlan: Sendable {
     /// The entries, best first: for a function that returns, its start (the entry instruction, else the entry
     /// instruction through dead padding), then redirects on the hot instructions' paths, short jumps through
     /// dead padding at them, then call and tail-call sites; for a function that never returns, the hot paths
-    /// come before its start; last, for a hot instruction none of those leads to, the redirects before its loops
-    /// (``FunctionCopy/entriesBeforeLoops(for:limit:)``). One entry catches the common case; every entry of
+    /// come before its start; then, for a function that returns with no entry at its start, the redirects of its
+    /// entry block (``FunctionCopy/entryBlockEntries(limit:)``); last, for a hot instruction none of those leads
+    /// to, the redirects before its loops (``FunctionCopy/entriesBeforeLoops(for:limit:)``). One entry catches the common case; every entry of
     /// ``compatibleEntries`` may be applied together (each is its own one-instruction patch).
     package var entries: [CopyEntry]
 
@@ -95,9 +96,13 @@ package struct FunctionCopyPlan: Sendable {
             attempt { () throws(DMPRefusal) in try copy.callSiteEntry(site) }
         }
         if callers.isEmpty { refusals.append(DMPRefusal(.plan, "no direct call or tail call of \(symbol.name) in the image")) }
+        // A function that returns with no way in at its start (reached through pointers, a short first
+        // instruction, no padding): its entry block runs on every call, whichever paths its hot instructions lie
+        // on; the redirects found on those paths may lie on one that never runs.
+        let startKinds: Set<CopyEntry.Kind> = [.functionEntry, .entryThroughPadding, .callSite, .tailCallSite]
+        if returns, !entries.contains(where: { startKinds.contains($0.kind) }) { entries += copy.entryBlockEntries() }
         // A hot path no entry so far leads to (none at all, or only redirects after its loop, which serve a
         // sibling further down): the code before its loops (a function whose loops hold only short instructions).
-        let startKinds: Set<CopyEntry.Kind> = [.functionEntry, .entryThroughPadding, .callSite, .tailCallSite]
         let reached = PatchPlanner.reachable(in: function, from: entries.map { startKinds.contains($0.kind) ? function.start : $0.site },
                                              jumpTables: copy.jumpTables)
         let unreached = paths.filter { !reached.contains($0) }
