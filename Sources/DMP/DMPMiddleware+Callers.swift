@@ -132,13 +132,20 @@ extension DMPMiddleware {
                                      total: total, nested: nested.promotions, functions: nested.functions, hotAt: hotAt,
                                      vcpu: context.vcpuID, patches: patches, keys: &keys)
         } catch where error.stage == .plan {
-            // The caller cannot be entered (a function reached only by a tail jump): one level further up.
+            // The caller cannot be entered (a function reached only by a tail jump): one level further up. Its rows say
+            // both reasons when that fails too.
+            func refused(_ above: DMPRefusal) -> DMPRefusal {
+                let both = DMPRefusal(error.stage, "\(error.reason); one level up: \(above.reason)")
+                for k in keys where k != site {
+                    refuse(k, DMPRefusal(both.stage, "another caller of \(symbolize(request.accessor)): \(both.reason)"))
+                }
+                return both
+            }
             let up: (request: PromotionRequest, more: [CallPromotion], middle: DecodedFunction)
             do {
                 up = try planner.levelUpRequest(above: request, for: located, registersAtExit: registersAtExit, patches: patches)
             } catch let above {
-                logger.info("no caller one level up", metadata: ["site": "\(describe(site))", "reason": "\(above)"])
-                throw error
+                throw refused(above)
             }
             var upKeys: [ExitSite] = []
             do {
@@ -155,11 +162,7 @@ extension DMPMiddleware {
                 }
                 return look
             } catch let above {
-                let both = DMPRefusal(error.stage, "\(error.reason); one level up: \(above.reason)")
-                for k in keys where k != site {
-                    refuse(k, DMPRefusal(both.stage, "another caller of \(symbolize(request.accessor)): \(both.reason)"))
-                }
-                throw both
+                throw refused(above)
             }
         }
     }
