@@ -213,6 +213,8 @@ let transparencyGuests: [(String, String)] = [
     ("c-manyloops-cpl3-O0", "iters=60"),
     // Drivers and runtimes nobody here wrote: an embedded printf library (a callback reached by a tail jump).
     ("c-printf-cpl3", "iters=60"), ("c-freebsd-cpl3-noalign", "iters=60"),
+    // Real MMIO drivers' idioms on the doorbell: virtio-mmio's notify callback, NVMe's strided doorbells.
+    ("c-virtio-notify-cpl3", "iters=256"), ("c-nvme-sqdb-cpl3", "iters=256"),
     // Packed images: the hot code's page shares read-only data, or written data.
     ("c-packed-cpl3", "iters=60"), ("c-packed-cpl3-data", "iters=60"),
     ("c-portstat-cpl3-noalign", "iters=60 slow=1 trace=1"),

@@ -48,6 +48,9 @@ struct CGuestImageTests {
         // c-doorbell-cpl3 as a distribution builds with LTO (PIE, stack protector, unwind tables, CET): db_run
         // crosses a page boundary inside a 5-byte instruction. Committed before DMP work on it.
         ("c-doorbell-cpl3-ubuntu-lto", 0x37c2_7abd_89b9_2566),
+        // Real MMIO drivers' idioms on the doorbell, from memory: virtio-mmio's notify callback, NVMe's strided
+        // submission doorbell with a CQ-head doorbell that has no fast path.
+        ("c-virtio-notify-cpl3", 0x004e_5ef9_cacf_a30a), ("c-nvme-sqdb-cpl3", 0xb033_fcca_636e_afdd),
     ]
 
     static func image(_ name: String) throws -> (file: [UInt8], elf: ELFImage) {
