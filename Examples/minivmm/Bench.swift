@@ -249,6 +249,8 @@ func median(_ v: [Double]) -> Double {
 }
 
 func fmt(_ v: Double) -> String {
+    // Beyond an Int (a ratio over a guest-reported 0, an infinity) as Swift prints it: `Int(_:)` would trap.
+    guard v.isFinite, v.magnitude < 9e18 else { return String(v) }
     if v >= 100 { return String(Int(v.rounded())) }
     let r = (v * 100).rounded() / 100
     return String(r)

@@ -29,7 +29,9 @@ enum BenchCalibration {
     /// `cyclesPerIteration`.
     static func iterations(cyclesPerIteration: Double, tscPerNanosecond: Double, seconds: Double,
                            granularity: Int) -> Int {
-        let nanosecondsPerIteration = max(cyclesPerIteration / tscPerNanosecond, 0.001)
+        // `max` keeps a NaN (0 cycles at a TSC rate of 0): such a count scales as the fastest would.
+        let perIteration = cyclesPerIteration / tscPerNanosecond
+        let nanosecondsPerIteration = perIteration.isNaN ? 0.001 : max(perIteration, 0.001)
         let steadyNeeded = seconds * margin * 1e9 / nanosecondsPerIteration
         let total = min(steadyNeeded / steadyFraction + Double(granularity), iterationCap)
         return rounded(Int(total), granularity: granularity)

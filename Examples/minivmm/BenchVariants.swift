@@ -417,10 +417,15 @@ func runInProcess(_ image: String, iterations: Int, ringSlots: UInt32 = 512,
 
 extension BenchRun {
     /// A run as the guest's RESULT line reports it (iterations, warm-up, cycles per iteration, checksum).
+    /// The line is guest output: counts that are not `0 <= warmup < iters` and cycles that are not a finite
+    /// number `>= 0` (`nan`, `inf` parse as numbers) are refused, as a missing line is.
     init(result text: String, _ what: String) throws {
         guard let c = field(text, "cycles_per_iter").flatMap(Double.init), let sum = field(text, "checksum"),
-              let n = field(text, "iters").flatMap(Int.init), let w = field(text, "warmup").flatMap(Int.init), w < n else {
+              let n = field(text, "iters").flatMap(Int.init), let w = field(text, "warmup").flatMap(Int.init) else {
             throw ValidationError("\(what): no RESULT line in its output: \(text.suffix(200))")
+        }
+        guard w >= 0, w < n, c.isFinite, c >= 0 else {
+            throw ValidationError("\(what): implausible RESULT line (iters \(n), warmup \(w), cycles_per_iter \(c)): \(text.suffix(200))")
         }
         self.init(iterations: n, steadyIterations: n - w, cyclesPerIteration: c, checksum: sum)
     }

@@ -25,6 +25,17 @@ struct DetectorBench: ParsableCommand {
     @Option(help: "The sliding window in exits.")
     var window: Int = 4096
 
+    /// Bounds the sizes: `--exits` is a loop count, `--cold-sites` a table size and an address multiplier, and
+    /// `--threshold`/`--window` size the detector's window ring; unchecked they trap (a negative range, an overflow)
+    /// or exhaust memory.
+    func validate() throws {
+        guard (1...1000).contains(runs) else { throw ValidationError("--runs must be 1...1000") }
+        guard (1...1_000_000_000).contains(exits) else { throw ValidationError("--exits must be 1...1000000000") }
+        guard (0...1_000_000).contains(coldSites) else { throw ValidationError("--cold-sites must be 0...1000000") }
+        guard (1...1_000_000).contains(threshold) else { throw ValidationError("--threshold must be 1...1000000") }
+        guard (1...10_000_000).contains(window) else { throw ValidationError("--window must be 1...10000000") }
+    }
+
     func run() throws {
         // The stream, built before timing: 7 of 8 exits at 4 hot sites, the rest spread over the cold ones.
         var rng = SystemRandomNumberGenerator()

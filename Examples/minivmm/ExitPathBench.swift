@@ -18,7 +18,7 @@ struct ExitPathBench: ParsableCommand {
     @Option(help: "Runs (each a fresh VM).")
     var runs: Int = 5
 
-    @Option(help: "Exits measured per run.")
+    @Option(help: "Exits measured per run (1-10000000).")
     var exits: Int = 100_000
 
     @Flag(help: "Count exits per site too (the hotspot-detector load).")
@@ -26,6 +26,13 @@ struct ExitPathBench: ParsableCommand {
 
     @Flag(help: "Interleave runs with DMP installed (default detector, no patch strategy: each hot site is refused once, every other exit is not a candidate) and without: what DMP adds to an exit that is not a candidate.")
     var compareDmp = false
+
+    /// Bounds the sizes: `--exits` sizes the probe's sample buffer (8 bytes each), which an unchecked count
+    /// would overflow or exhaust.
+    func validate() throws {
+        guard (1...1000).contains(runs) else { throw ValidationError("--runs must be 1...1000") }
+        guard (1...10_000_000).contains(exits) else { throw ValidationError("--exits must be 1...10000000") }
+    }
 
     func run() throws {
         let image = try readFile(guests + "/uart-cpl0.elf")

@@ -35,7 +35,8 @@ struct GuardBench: ParsableCommand {
     func validate() throws {
         guard runs >= 1, runs <= 100 else { throw ValidationError("--runs must be 1...100") }
         guard memory >= 64, memory <= 3072 else { throw ValidationError("--memory must be 64...3072 (MiB)") }
-        guard workingSet >= 1, workingSet + 16 <= memory else { throw ValidationError("--working-set must fit above 16 MiB") }
+        // Not `workingSet + 16`: that traps for a --working-set near 2^64 (memory is at least 64 here).
+        guard workingSet >= 1, workingSet <= memory - 16 else { throw ValidationError("--working-set must fit above 16 MiB") }
     }
 
     struct Variant {
@@ -149,6 +150,7 @@ struct GuardBench: ParsableCommand {
     }
 
     private func short(_ v: Double) -> String {
+        guard v.isFinite, v.magnitude < 9e18 else { return String(v) }
         if v >= 100 { return String(Int(v.rounded())) }
         return String((v * 10).rounded() / 10)
     }

@@ -17,6 +17,8 @@ package struct DMPTestSeam {
     /// The implant's code pages claimed so far (nil without an implant).
     package var implantCodePages: GuestRange? { dmp.implant?.codePages }
 
+    /// The host-side writes into guarded pages waiting for the next periodic pass (one per span of pages).
+    package var pendingHostWrites: [GuestRange] { dmp.state.withLock { $0.hostWrites } }
     /// Runs one verification pass now (``DMPMiddleware/verifyPatches()``, otherwise run every 20 ms while the VM runs).
     package func verify() { dmp.verifyPatches() }
 

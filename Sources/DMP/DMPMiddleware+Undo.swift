@@ -8,8 +8,13 @@ extension DMPMiddleware {
     /// A write into a guarded page: unpatch what depends on the page (the guest's bytes stand where it overwrote ours).
     public func guardedWrite(_ write: GuardedWrite, context: ExitContext?) {
         guard context != nil else {
-            // A host write, possibly from a device holding its lock: act later.
-            state.withLock { $0.hostWrites.append(write.range) }
+            // A host write, possibly from a device holding its lock: act later. Once per span of pages until then
+            // (undo works by page): a device the guest points at a guarded page (a DMA queue) writes there on every
+            // request, and the list would grow with each until the next periodic pass.
+            let pages = DMPMiddleware.pageSpan(write.range)
+            state.withLock { s in
+                if !s.hostWrites.contains(where: { DMPMiddleware.pageSpan($0) == pages }) { s.hostWrites.append(write.range) }
+            }
             return
         }
         invalidate(pagesOf: write.range, reason: "the guest wrote into a guarded page at \(write.range.start)")
@@ -32,8 +37,7 @@ extension DMPMiddleware {
     /// hot again. Any other site backs off as after every undo (a page the guest keeps writing is not re-patched
     /// on every write).
     private func invalidate(pagesOf range: GuestRange, reason: String) {
-        let first = range.start.rawValue & ~0xfff
-        let last = (range.start.rawValue &+ max(range.size, 1) &- 1) & ~0xfff
+        let (first, last) = DMPMiddleware.pageSpan(range)
         let ids: [Int] = state.withLock { s in
             s.patches.filter { _, p in p.guardedPages.contains { $0 >= first && $0 <= last } }.map(\.key).sorted()
         }
@@ -51,6 +55,11 @@ extension DMPMiddleware {
                 }
             }
         }
+    }
+
+    /// The first and last page (4 KiB) `range` touches; an empty range touches its start's page.
+    static func pageSpan(_ range: GuestRange) -> (first: UInt64, last: UInt64) {
+        (range.start.rawValue & ~0xfff, (range.start.rawValue &+ max(range.size, 1) &- 1) & ~0xfff)
     }
 
     // MARK: Verify and undo
