@@ -50,6 +50,10 @@ public struct DMPConfiguration: Sendable {
     /// The median ratio of a trial's pairs (accesses per second patched over unpatched) below which
     /// the patch is undone as slower.
     public var trialMinimumRatio: Double = 0.95
+    /// Verification passes in a row at which an A/B trial's phase switch may find a vCPU paused inside the bytes
+    /// to write (the switch then changes nothing and is asked for again at the next pass) before the trial gives
+    /// up and the patch is undone with the reason.
+    public var trialSwitchBusyPasses: Int = 50
     /// Accesses of a patched site (served in the guest or fallen back) that make one verification window. Each
     /// window's cost per access (exits, kicks and wait iterations) is judged against the one exit per access the
     /// site cost unpatched, over the patch's whole life.

@@ -22,6 +22,10 @@ package struct DMPTestSeam {
     /// Runs one verification pass now (``DMPMiddleware/verifyPatches()``, otherwise run every 20 ms while the VM runs).
     package func verify() { dmp.verifyPatches() }
 
+    /// Runs one pass of the periodic task now (``DMPMiddleware/periodic()``: host writes into guarded pages, failed
+    /// undos tried again, mappings checked again, verification; otherwise run every 20 ms while the VM runs).
+    package func periodic() { dmp.periodic() }
+
     /// Takes every live patch's A/B trial (``RateTrial``) as paid: its sites' verification windows open now, for tests
     /// of CPL0 patches on a backend that cannot time one.
     package func concludeTrials() {

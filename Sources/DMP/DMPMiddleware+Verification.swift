@@ -22,7 +22,7 @@ extension DMPMiddleware {
         guard let vm else { return }
         var verdicts: [(id: Int, why: DMPRefusal, backOffBase: Int?)] = []
         var rearm: [ExitSite] = []
-        var switches: [(id: Int, phase: RateTrial.Phase)] = []
+        var switches: [(id: Int, phase: RateTrial.Phase, ending: RateTrial?)] = []
         var offs: [(id: Int, site: ExitSite, reason: String)] = []
         var ons: [(id: Int, site: ExitSite)] = []
         let now = ContinuousClock.now
@@ -79,7 +79,7 @@ extension DMPMiddleware {
                     s.trials[id] = t
                     switch step {
                     case .wait: break
-                    case .switchTo(let phase): switches.append((id, phase))
+                    case .switchTo(let phase): switches.append((id, phase, nil))
                     case .done(let v):
                         if let undo = concludeTrial(v, pairs: t.pairs.count, patch: id, sites: p.sites, age: age, now: now, &s) {
                             verdicts.append((id, undo.why, undo.backOffBase))
@@ -89,7 +89,7 @@ extension DMPMiddleware {
                 }
                 if let t = s.trials.removeValue(forKey: id), t.phase == .off {
                     // A counter the guest wrote ended the trial: the patch goes back in.
-                    switches.append((id, .on))
+                    switches.append((id, .on, t))
                 }
                 guard accesses >= Double(configuration.verifyAfterAccesses) || age >= 1 else { continue }
                 if !trusted {
@@ -106,7 +106,9 @@ extension DMPMiddleware {
             rearmRequests.withLock { $0 += rearm }
             rearmCount.add(1, ordering: .releasing)
         }
-        for (id, phase) in switches where !verdicts.contains(where: { $0.id == id }) { switchPatch(id, to: phase) }
+        for (id, phase, ending) in switches where !verdicts.contains(where: { $0.id == id }) {
+            switchPatch(id, to: phase, ending: ending)
+        }
         for (id, why, base) in verdicts { undo(id, reason: why, backOff: true, backOffBase: base) }
         for (id, site, reason) in offs { turnOff(site, ofPatch: id, reason: reason) }
         for (id, site) in ons { turnOn(site, ofPatch: id) }
@@ -143,21 +145,50 @@ extension DMPMiddleware {
 
     /// Switches patch `id` for an A/B trial phase (``RateTrial``): off puts the guest's original bytes back (the
     /// implanted code and the page guards stay), on writes the patch again, each with every vCPU paused. Under the
-    /// planning lock, so no plan or rebuild of the same code runs meanwhile. A write that fails undoes the patch.
-    func switchPatch(_ id: Int, to phase: RateTrial.Phase) {
-        let failure = planning.withLock { _ -> DMPRefusal? in
+    /// planning lock, so no plan or rebuild of the same code runs meanwhile. A switch made is confirmed to the
+    /// trial. A switch that finds a vCPU inside the bytes to write (a CPL0 pause can land anywhere where the code
+    /// runs emulated, also at a padding `jmp`'s first byte) changes nothing: the trial keeps its phase and asks
+    /// again at the next pass, and after ``DMPConfiguration/trialSwitchBusyPasses`` such passes in a row the patch
+    /// is undone with the reason. Any other failure undoes the patch at once. `ending`: a trial a counter the guest
+    /// wrote ended (no longer listed), whose patch goes back in; a busy switch lists it again to be retried.
+    func switchPatch(_ id: Int, to phase: RateTrial.Phase, ending: RateTrial? = nil) {
+        let direction = phase == .off ? "off" : "on"
+        let outcome = planning.withLock { _ -> Result<PatchSwitch, DMPRefusal>? in
             guard let writes = state.withLock({ $0.patches[id]?.writes }) else { return nil }
             do throws(DMPRefusal) {
                 switch phase {
-                case .off: try patcher.suspend(writes)
-                case .on: try patcher.resume(writes)
+                case .off: return .success(try patcher.suspend(writes))
+                case .on: return .success(try patcher.resume(writes))
                 }
-                return nil
             } catch {
-                return DMPRefusal(.verify, "an A/B trial could not switch the patch \(phase == .off ? "off" : "on"): \(error.reason)")
+                return .failure(error)
             }
         }
-        if let failure { undo(id, reason: failure, backOff: true) }
+        switch outcome {
+        case nil:
+            return
+        case .failure(let error):
+            undo(id, reason: DMPRefusal(.verify, "an A/B trial could not switch the patch \(direction): \(error.reason)"), backOff: true)
+        case .success(.switched):
+            state.withLock { s in
+                guard ending == nil else { return }
+                s.trials[id]?.switched()
+            }
+        case .success(.busy(let inside)):
+            let limit = max(1, configuration.trialSwitchBusyPasses)
+            let passes = state.withLock { s -> Int? in
+                guard s.patches[id] != nil, var t = ending ?? s.trials[id] else { return nil }
+                let n = t.busy()
+                s.trials[id] = n >= limit ? nil : t
+                return n
+            }
+            guard let passes else { return }
+            logger.info("A/B trial switch delayed", metadata: ["patch": "\(id)", "to": "\(direction)", "vcpu": "\(inside.vcpu)",
+                                                               "instruction": "\(hex(inside.instruction))", "passes": "\(passes)"])
+            guard passes >= limit else { return }
+            undo(id, reason: DMPRefusal(.verify, "an A/B trial could not switch the patch \(direction) in \(passes) passes in a row "
+                                                 + "(a vCPU inside the bytes to write at each; the last: \(inside))"), backOff: true)
+        }
     }
 
     /// Reads the site's hit counter (``HitCount``: changes accepted only while plausible) into its report row;

@@ -189,8 +189,9 @@ extension KVMTests {
     /// A CPL0 site was judged by its A/B trial: undone with the trial's figures (patched slower than the original
     /// code), or patched with them (not slower; then its windows may still have turned it off alone in its copy, or
     /// undone it whole, the trial's figures kept). Where the host's scheduling decides the outcome, any outcome of
-    /// the trial is accepted: a trial phase that could not be switched because the vCPU was paused inside the bytes
-    /// to write at that moment undoes the patch with that reason. Without trials a CPL0 patch stays with no figures.
+    /// the trial is accepted: a trial phase switch that found the vCPU paused inside the bytes to write at
+    /// ``DMPConfiguration/trialSwitchBusyPasses`` passes in a row undoes the patch with that reason (one that found it
+    /// there fewer times is tried again and the trial goes on). Without trials a CPL0 patch stays with no figures.
     static func expectTrialJudged(_ s: PatchSite, sourceLocation: SourceLocation = #_sourceLocation) throws {
         #expect(s.state == .undone || s.state == .patched || s.state == .disabled, "\(s)", sourceLocation: sourceLocation)
         let paid = s.trialResult?.contains("accesses/s patched") == true

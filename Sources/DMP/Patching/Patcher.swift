@@ -49,12 +49,26 @@ package final class Patcher: @unchecked Sendable {
     package func apply(_ writes: [CodeWrite], guarding pages: [UInt64], implant: [(GuestAddress, [UInt8])] = [],
                        releasing: [UInt64] = [], willWrite: () -> Void = {},
                        verify: () throws(DMPRefusal) -> Void = {}) throws(DMPRefusal) -> UInt64 {
-        try withPausedVCPUs { () throws(DMPRefusal) in
+        try applyWrites(writes, guarding: pages, implant: implant, releasing: releasing, willWrite: willWrite,
+                        verify: verify, yieldingTo: false).paused
+    }
+
+    /// ``apply(_:guarding:implant:releasing:willWrite:verify:)``; with `yieldingTo`, a vCPU inside bytes to write
+    /// is returned (nothing written) instead of refused.
+    private func applyWrites(_ writes: [CodeWrite], guarding pages: [UInt64], implant: [(GuestAddress, [UInt8])],
+                             releasing: [UInt64], willWrite: () -> Void, verify: () throws(DMPRefusal) -> Void,
+                             yieldingTo yielding: Bool) throws(DMPRefusal) -> (paused: UInt64, busy: VCPUInside?) {
+        var busy: VCPUInside?
+        let paused = try withPausedVCPUs { () throws(DMPRefusal) in
             let restore = beforeWriteChecks?()
             defer { restore?() }
             _ = unguard([])
             try verify()
-            try checkRIPs(outside: writes)
+            if let inside = try vcpuInside(writes) {
+                guard yielding else { throw DMPRefusal(.patch, inside.description) }
+                busy = inside
+                return
+            }
             for w in writes {
                 guard w.original.count == w.replacement.count else {
                     throw DMPRefusal(.patch, "internal: a write of \(w.replacement.count) bytes over \(w.original.count)")
@@ -89,6 +103,7 @@ package final class Patcher: @unchecked Sendable {
             if let failure = unguard(removeGuards(releasing)) { strandedNote = failure }
             VirtualMachine.serializeCallingThread()
         }
+        return (paused, busy)
     }
 
     /// Why the last ``apply(_:guarding:implant:releasing:verify:)`` or ``revert(_:unguarding:evicting:)`` left pages
@@ -117,9 +132,21 @@ package final class Patcher: @unchecked Sendable {
     /// - Returns: how many writes were restored.
     @discardableResult
     package func revert(_ writes: [CodeWrite], unguarding pages: [UInt64], evicting: [CodeWrite] = []) throws(DMPRefusal) -> Int {
+        try revertWrites(writes, unguarding: pages, evicting: evicting, yieldingTo: false).restored
+    }
+
+    /// ``revert(_:unguarding:evicting:)``; with `yieldingTo`, a vCPU inside bytes to write is returned (nothing
+    /// written) instead of refused.
+    private func revertWrites(_ writes: [CodeWrite], unguarding pages: [UInt64], evicting: [CodeWrite],
+                              yieldingTo yielding: Bool) throws(DMPRefusal) -> (restored: Int, busy: VCPUInside?) {
         var restored = 0
+        var busy: VCPUInside?
         try withPausedVCPUs { () throws(DMPRefusal) in
-            try checkRIPs(outside: writes + evicting)
+            if let inside = try vcpuInside(writes + evicting) {
+                guard yielding else { throw DMPRefusal(.patch, inside.description) }
+                busy = inside
+                return
+            }
             _ = unguard([])
             for w in evicting {
                 guard let now = try? vm.memory.readBytes(at: w.physical, count: w.replacement.count), now == w.expected else { continue }
@@ -137,24 +164,27 @@ package final class Patcher: @unchecked Sendable {
             if let failure = unguard(removeGuards(pages)) { strandedNote = failure }
             VirtualMachine.serializeCallingThread()
         }
-        return restored
+        return (restored, busy)
     }
 
     /// Takes `writes` out for an A/B trial's off phase (``RateTrial``): the original bytes go back where the
     /// patch's bytes are still there; guards and implanted code stay (a thread inside the code finishes there).
-    /// - Returns: how many writes were restored.
-    @discardableResult
-    package func suspend(_ writes: [CodeWrite]) throws(DMPRefusal) -> Int {
-        try revert(writes, unguarding: [])
+    /// - Returns: ``PatchSwitch/busy(_:)``, with nothing written, when a vCPU is paused inside bytes to write (the
+    ///   switch can be tried again later); ``PatchSwitch/switched`` otherwise. Other failures throw.
+    package func suspend(_ writes: [CodeWrite]) throws(DMPRefusal) -> PatchSwitch {
+        try revertWrites(writes, unguarding: [], evicting: [], yieldingTo: true).busy.map(PatchSwitch.busy) ?? .switched
     }
 
     /// Puts `writes` back after ``suspend(_:)``: each must find the guest's original bytes (all or none).
-    package func resume(_ writes: [CodeWrite]) throws(DMPRefusal) {
-        try apply(writes.map { w in
+    /// - Returns: as ``suspend(_:)``.
+    package func resume(_ writes: [CodeWrite]) throws(DMPRefusal) -> PatchSwitch {
+        let writes = writes.map { w in
             var w = w
             w.current = nil
             return w
-        }, guarding: [])
+        }
+        return try applyWrites(writes, guarding: [], implant: [], releasing: [], willWrite: {}, verify: {},
+                               yieldingTo: true).busy.map(PatchSwitch.busy) ?? .switched
     }
 
     // MARK: Internals
@@ -170,20 +200,21 @@ package final class Patcher: @unchecked Sendable {
         return nanoseconds(since: start)
     }
 
-    /// Refuses when a vCPU's RIP lies strictly inside bytes to be written (it would
-    /// resume in the middle of the new instruction). Compared by virtual address,
-    /// which is conservative across address spaces.
-    private func checkRIPs(outside writes: [CodeWrite]) throws(DMPRefusal) {
-        guard !writes.isEmpty else { return }
+    /// The first vCPU whose RIP lies strictly inside bytes to be written (it would resume in the middle of the new
+    /// instruction), or at the first byte of a write that guards its start; nil when none does. Compared by virtual
+    /// address, which is conservative across address spaces. Throws when a vCPU's registers cannot be read.
+    private func vcpuInside(_ writes: [CodeWrite]) throws(DMPRefusal) -> VCPUInside? {
+        guard !writes.isEmpty else { return nil }
         for v in vm.vcpus {
             let r: Registers
             do { r = try v.registers() } catch {
                 throw DMPRefusal(.patch, "cannot read vCPU \(v.id)'s registers to check that it is not inside the bytes to write: \(error)")
             }
             for w in writes where (r.rip > w.virtual || (w.guardsItsStart && r.rip == w.virtual)) && r.rip < w.virtual &+ UInt64(w.original.count) {
-                throw DMPRefusal(.patch, "vCPU \(v.id) is inside the instruction at \(hex(w.virtual))")
+                return VCPUInside(vcpu: v.id, rip: r.rip, instruction: w.virtual)
             }
         }
+        return nil
     }
 
     /// Lifts the guards of `freed` (pages no patch relies on any more) and of the pages stranded before, in one

@@ -16,6 +16,12 @@
 /// moving from boot to its loop, a loaded host. A phase with fewer than ``DMPConfiguration/trialMinimumAccesses``
 /// accesses is extended up to four times its length; a pair still short of them is idle and judges nothing (the
 /// guest stopped using the site); a trial with no judged pair ends idle and is tried again later.
+///
+/// A switch is asked for (``Step/switchTo(_:)``) and confirmed by the caller once written (``switched()``); until
+/// then the phase asked for is ``pending`` and ``phase`` stays the one in force. A switch that found a vCPU inside
+/// the bytes to write (``busy()``) is asked for again at the next observation, and the new phase starts there: the
+/// time the old phase ran on after it was measured is counted in neither (a phase that could not be switched is
+/// never measured as the other one).
 package struct RateTrial: Sendable {
     /// Which way the patch is switched.
     package enum Phase: Equatable, Sendable {
@@ -45,8 +51,12 @@ package struct RateTrial: Sendable {
         case idle
     }
 
-    /// The phase in force.
+    /// The phase in force (the guest's bytes are this phase's).
     package private(set) var phase: Phase = .on
+    /// A switch asked for and not confirmed yet (``switched()``); asked for again at each observation until it is.
+    package private(set) var pending: Phase?
+    /// Observations in a row at which the switch asked for found a vCPU inside the bytes to write (``busy()``).
+    package private(set) var busyPasses = 0
     /// Whether the trial has started (its first *off* phase was asked for).
     package private(set) var started = false
     private var phaseStart = 0.0
@@ -69,6 +79,8 @@ package struct RateTrial: Sendable {
             started = true
             return begin(.off, accesses: accesses, now: now)
         }
+        // The last switch was not made: ask again; the phase starts now (the old one was measured already).
+        if let p = pending { return begin(p, accesses: accesses, now: now) }
         let length = max(0.001, c.trialPhaseSeconds)
         let elapsed = now - phaseStart
         let n = accesses &- min(accesses, accessesAtPhaseStart)
@@ -89,8 +101,24 @@ package struct RateTrial: Sendable {
         }
     }
 
-    private mutating func begin(_ p: Phase, accesses: UInt64, now: Double) -> Step {
+    /// The switch asked for was written: its phase is in force, timed from the observation that asked for it.
+    package mutating func switched() {
+        guard let p = pending else { return }
         phase = p
+        pending = nil
+        busyPasses = 0
+    }
+
+    /// The switch asked for found a vCPU inside the bytes to write and changed nothing: the phase in force stays,
+    /// and the next observation asks for the switch again. Returns the observations in a row that found one.
+    @discardableResult
+    package mutating func busy() -> Int {
+        busyPasses += 1
+        return busyPasses
+    }
+
+    private mutating func begin(_ p: Phase, accesses: UInt64, now: Double) -> Step {
+        pending = p
         phaseStart = now
         accessesAtPhaseStart = accesses
         return .switchTo(p)
