@@ -150,7 +150,7 @@ extension DMPMiddleware {
             var upKeys: [ExitSite] = []
             do {
                 let look = try promoteCaller(up.request, site, located: located, registersAtExit: registersAtExit, first: first,
-                                             firstID: firstID, total: total, nested: up.more + [request.promotion] + nested.promotions,
+                                             firstID: firstID, total: total, nested: up.more + [request.promotion] + request.more + nested.promotions,
                                              functions: [up.middle] + nested.functions, hotAt: hotAt, vcpu: context.vcpuID,
                                              patches: patches, keys: &upKeys)
                 // The rows refused for the caller that cannot be entered go: the copy one level up serves their accesses.

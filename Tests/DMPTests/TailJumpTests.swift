@@ -220,4 +220,39 @@ struct TailJumpTests {
                              accessors: [hot[0]])
         }
     }
+
+    @Test("c-linux8250-cpl3-Os: the THR write's return address leads to uart_console_write's direct call of serial8250_console_putchar, which reached io_serial_out by its sibling call (jmp rax after the epilogue): that call alone cannot be promoted, the request guards serial8250_console_putchar's tail jump to io_serial_out's copy, and the copy (entered through its call sites) decodes whole")
+    func directCallOfTailJumpingFunction() throws {
+        let image = try CGuestCopyTests.image("c-linux8250-cpl3-Os")
+        let d = try X86Disassembler()
+        func decoded(_ name: String) throws -> DecodedFunction {
+            try image.decode(try #require(image.symbols.symbols.first { $0.name.hasPrefix(name) && $0.size > 0 }), disassembler: d)
+        }
+        let write = try decoded("uart_console_write"), putchar = try decoded("serial8250_console_putchar"), out = try decoded("io_serial_out")
+        let call = try #require(write.instructions.last { $0.mnemonic == "call" && $0.branch?.target == putchar.start })
+        // Neither an indirect call nor a call of a one-jump thunk.
+        #expect(throws: DMPRefusal.self) {
+            try CallPromotion.make(call: call, caller: write, accessor: out.start, in: image, disassembler: d)
+        }
+        let request = try PromotionRequest.resolve(call: call, caller: write, accessor: out.start, in: image, disassembler: d)
+        #expect(request.caller == putchar.start && request.accessor == out.start && request.more.isEmpty)
+        #expect(putchar.location(request.promotion.site) == "serial8250_console_putchar+0x2a" && request.promotion.target == .register(.rax),
+                "\(request.promotion)")
+        // A direct call of the accessor itself, or of a function with no tail jump, is no such request.
+        let wait = try #require(putchar.instructions.first { $0.mnemonic == "call" })
+        #expect(throws: DMPRefusal.self) {
+            try PromotionRequest.resolve(call: wait, caller: putchar, accessor: out.start, in: image, disassembler: d)
+        }
+        let hot = FunctionCopy.Accessor(function: out, rewrites: out.instructions.filter { $0.groups.contains(.portIO) }
+            .map { HotRewrite(address: $0.address, bytes: [0x90]) })
+        let plan = try FunctionCopyPlan.make(hot: [], in: image, at: 0xf0_0000, disassembler: d, promotions: [request.promotion], accessors: [hot])
+        let copy = plan.copy
+        #expect(copy.function.start == putchar.start && copy.accessors.map(\.start) == [out.start])
+        let all = d.decodeAll(copy.bytes, address: copy.address)
+        #expect(all.reduce(0) { $0 + $1.length } == copy.bytes.count)
+        let body = try #require(copy.pieces.first { $0.original == request.promotion.site })
+        let outEntry = try #require(copy.copyAddress(of: out.start))
+        #expect(all.filter { body.copy.contains($0.address) }.contains { $0.mnemonic == "jmp" && $0.branch?.target == outEntry })
+        #expect(plan.entries.contains { $0.kind == .callSite }, "\(plan.entries.map(\.kind)) \(plan.entryRefusals)")
+    }
 }

@@ -3,7 +3,7 @@ import Testing
 import VMMKit
 
 /// C guests in the idioms of drivers and runtimes nobody here wrote (an embedded printf library, FreeBSD's uart(4)
-/// console path; the scratch sweep
+/// console path, Linux's 8250 console; the scratch sweep
 /// of /work/scratch/realdrv also imitated xv6, Zephyr, U-Boot, Linux's early console, SeaBIOS, virtio-mmio and
 /// NVMe), committed before the DMP work they showed was needed.
 extension KVMTests {
@@ -26,6 +26,27 @@ extension KVMTests {
     @Test("c-freebsd-cpl3-noalign (FreeBSD's uart(4) path, gcc -O2 -falign-functions=1): ns8250_putc entered through its entry block on every call; its THRE read, DATA write and TEMT read served, over 90% of the steady exits gone, same output")
     func dmpFreeBSDPutcEnteredThroughItsEntryBlock() throws {
         try expectServedByOwnCopy("c-freebsd-cpl3-noalign", function: "ns8250_putc", sites: 3)
+    }
+
+    /// Linux's 8250 console at gcc -Os: `serial8250_console_putchar` ends in `serial_port_out`'s sibling call (its
+    /// epilogue, then `jmp rax` to `io_serial_out`, a 4-byte first instruction, no padding, reached only through the
+    /// pointer), and `uart_console_write` calls it directly, so the THR write's return address leads to a `call rel32`
+    /// of a function that is no thunk. Before, that refused call promotion and the THR write kept exiting (steady
+    /// exits 51,193 -> 25,867); now the tail jump is guarded to `io_serial_out`'s copy in a copy of
+    /// `serial8250_console_putchar`, entered through its call sites. The IER save, clear and restore of every
+    /// record (3 exits a line, no fast path from the UART) stay.
+    @Test("c-linux8250-cpl3-Os (Linux's serial8250_console_write, gcc -Os): the THR write, reached by serial8250_console_putchar's sibling call through port->serial_out, served from a copy of serial8250_console_putchar with its jmp rax guarded; LSR and THR served, over 90% of the steady exits gone, same output")
+    func dmpLinux8250SiblingCallPromoted() throws {
+        let off = try DMPLibraryRun("c-linux8250-cpl3-Os", commandLine: "iters=300", dmp: false)
+        let on = try DMPLibraryRun("c-linux8250-cpl3-Os", commandLine: "iters=300")
+        #expect(off.stop == .guestExit(status: 0) && on.stop == off.stop)
+        let text = DMPReport.text(on.report)
+        let thr = try #require(on.report.first { $0.location.hasPrefix("io_serial_out+") && $0.site.address == 0x3f8 }, "\(text)")
+        #expect(thr.state == .patched && thr.strategy.hasPrefix("function copy of serial8250_console_putchar") && thr.hitsServed > 1000,
+                "\(text)")
+        let lsr = try #require(on.report.first { $0.location.hasPrefix("io_serial_in+") && $0.site.address == 0x3fd }, "\(text)")
+        #expect(lsr.state == .patched && lsr.hitsServed > 1000, "\(text)")
+        try on.expectSameOutput(as: off, steadyExitsCutBy: 10)
     }
 
     /// The guest at `iters=300` without and with DMP: exit 0 both, `sites` sites of `function` patched in a copy of

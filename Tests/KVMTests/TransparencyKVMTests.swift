@@ -96,9 +96,11 @@ final class DMPGuestRun {
     var timingAndStacks: [Range<UInt64>] {
         // c-table-cpl3's line buffer and byte count, c-boot-cpl3's log ring and its indices hold the RESULT
         // line's text or length, whose cycle count varies from run to run; c-printf-cpl3's tx_hash and
-        // c-freebsd-cpl3's cn_hash hash every byte sent, the RESULT line's too.
+        // c-freebsd-cpl3's cn_hash hash every byte sent, the RESULT line's too; c-linux8250-cpl3 formats each record in
+        // printk_buf, hashes it into log_hash and counts its bytes in serial8250_ports' port.tx.
         let names: Set<String> = ["stacks", "user_stack", "tsc_start", "tsc_end", "printk_buf.0",
-                                  "com1_lines", "bytes_logged", "log_ring", "log_head", "log_tail", "tx_hash", "cn_hash"]
+                                  "com1_lines", "bytes_logged", "log_ring", "log_head", "log_tail", "tx_hash", "cn_hash",
+                                  "printk_buf", "log_hash", "serial8250_ports"]
         var out = loaded.symbols.symbols.filter { names.contains($0.name) }.map { physical($0.address)..<(physical($0.address) + $0.size) }
         if let t = transmittedCountAddress { out.append(t..<(t + 8)) }
         return out
@@ -213,6 +215,8 @@ let transparencyGuests: [(String, String)] = [
     ("c-manyloops-cpl3-O0", "iters=60"),
     // Drivers and runtimes nobody here wrote: an embedded printf library (a callback reached by a tail jump).
     ("c-printf-cpl3", "iters=60"), ("c-freebsd-cpl3-noalign", "iters=60"),
+    // Linux's 8250 console (at -Os a sibling call through port->serial_out from a function called directly).
+    ("c-linux8250-cpl3", "iters=60"), ("c-linux8250-cpl3-Os", "iters=60"),
     // Real MMIO drivers' idioms on the doorbell: virtio-mmio's notify callback, NVMe's strided doorbells.
     ("c-virtio-notify-cpl3", "iters=256"), ("c-nvme-sqdb-cpl3", "iters=256"),
     // Packed images: the hot code's page shares read-only data, or written data.

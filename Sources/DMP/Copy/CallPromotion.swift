@@ -109,6 +109,18 @@ package struct CallPromotion: Hashable, Sendable {
         }
     }
 
+    /// For `call`, a direct `call rel32` of a sized function F other than `target` (the function whose return address
+    /// leads to `call`: F reached it by a tail jump, leaving no frame of its own), F decoded and its indirect tail jumps
+    /// with nothing pushed promoted for `target` (``tailJumps(in:to:image:)``, possibly none); `nil` when `call` is no
+    /// such call.
+    package static func tailJumpingCallee(of call: X86Instruction, to target: UInt64, in image: CodeImage,
+                                          disassembler: X86Disassembler) throws(DMPRefusal) -> (function: DecodedFunction, jumps: [CallPromotion])? {
+        guard call.encoding.map == .primary, call.encoding.opcode == 0xe8, let b = call.branch, b.target != target,
+              let f = image.function(containing: b.target), f.address == b.target else { return nil }
+        let function = try image.decode(f, disassembler: disassembler)
+        return (function, tailJumps(in: function, to: target, image: image))
+    }
+
     /// The target operand of the indirect branch `i`, as seen `stackOffset` bytes of RSP away from `i` (RSP-based
     /// displacements move by it).
     private static func target(of i: X86Instruction, at: String, stackOffset: Int64) throws(DMPRefusal) -> Target {

@@ -9,6 +9,34 @@ package struct PromotionRequest: Sendable {
     package var accessor: UInt64
     /// The call of the caller to promote (naming the accessor).
     package var promotion: CallPromotion
+    /// The caller's other indirect tail jumps promoted for the accessor with ``promotion``, when that is a tail jump
+    /// (``CallPromotion/tailJumps(in:to:image:)``): the first is the request, these go along.
+    package var more: [CallPromotion] = []
+}
+
+extension PromotionRequest {
+    /// The request serving `accessor` from `call`, the instruction of `caller` before the accessor's return address:
+    /// `call` promoted (``CallPromotion/make(call:caller:accessor:in:disassembler:)``: an indirect call, or a direct
+    /// call of a one-jump thunk); or, for a direct `call rel32` of another sized function F that reached the accessor
+    /// by an indirect tail jump (gcc's sibling call after F's epilogue, which leaves no frame of F's on the stack:
+    /// Linux's `serial8250_console_putchar` ending in `serial_port_out`'s `jmp rax` at -Os), F's indirect tail jumps
+    /// with nothing pushed (``CallPromotion/tailJumps(in:to:image:)``) guarded to the accessor's copy in a copy of F,
+    /// the first as the request, the others in ``more``. Refuses with `make`'s reason (and F's, when it has no such
+    /// jump) otherwise.
+    package static func resolve(call: X86Instruction, caller: DecodedFunction, accessor: UInt64, in image: CodeImage,
+                                disassembler: X86Disassembler) throws(DMPRefusal) -> PromotionRequest {
+        do {
+            let promotion = try CallPromotion.make(call: call, caller: caller, accessor: accessor, in: image, disassembler: disassembler)
+            return PromotionRequest(caller: caller.start, accessor: accessor, promotion: promotion)
+        } catch {
+            guard let (function, jumps) = try CallPromotion.tailJumpingCallee(of: call, to: accessor, in: image, disassembler: disassembler)
+            else { throw error }
+            guard let first = jumps.first else {
+                throw DMPRefusal(.plan, "\(error.reason), and it has no indirect tail jump with nothing pushed")
+            }
+            return PromotionRequest(caller: function.start, accessor: accessor, promotion: first, more: Array(jumps.dropFirst()))
+        }
+    }
 }
 
 extension PatchPlanner {
@@ -16,7 +44,12 @@ extension PatchPlanner {
     /// reaches: a tiny accessor called only through a function pointer): the function is decoded from its start to
     /// the hot instruction tracking how much it pushed (``DecodedFunction/stackDepth(at:)``), the return address is
     /// read from the guest's stack through the exit's CR3, and the instruction ending there must be an indirect call
-    /// of a sized function (or a direct call of a one-jump thunk) (``CallPromotion/make(call:caller:accessor:in:disassembler:)``).
+    /// of a sized function (or a direct call of a one-jump thunk) (``CallPromotion/make(call:caller:accessor:in:disassembler:)``),
+    /// or a direct `call rel32` of another sized function F that reached the accessor by an indirect tail jump
+    /// (gcc's sibling call: Linux's `serial8250_console_putchar` ends in `serial_port_out`'s `jmp rax` at -Os, so
+    /// its frame is gone and the return address leads to its own direct call): F's indirect tail jumps with nothing
+    /// pushed are then guarded to the accessor's copy in a copy of F (``PromotionRequest/resolve(call:caller:accessor:in:disassembler:)``),
+    /// as one level up (``levelUpRequest(above:for:registersAtExit:patches:)``).
     /// A return address inside a live function copy (`patches`) stands for the original call it copies.
     /// The stack is the guest's: every value read is checked, never trusted; the promoted call compares the target at
     /// run time, so a wrong caller can cost only the patch, never correctness.
@@ -38,9 +71,7 @@ extension PatchPlanner {
         }
         let (caller, call) = try call(returningTo: returnAddress, of: symbol.name, image: image, patches: patches)
         guard caller.start != symbol.address else { throw DMPRefusal(.plan, "\(symbol.name) is called from itself") }
-        let promotion = try CallPromotion.make(call: call, caller: caller, accessor: accessor.start,
-                                               in: image, disassembler: disassembler)
-        return PromotionRequest(caller: caller.start, accessor: accessor.start, promotion: promotion)
+        return try PromotionRequest.resolve(call: call, caller: caller, accessor: accessor.start, in: image, disassembler: disassembler)
     }
 
     /// The call instruction a return address read from the guest's stack returns from, and the function holding it:
@@ -95,6 +126,10 @@ extension PatchPlanner {
         }
         let accessor = try image.decode(symbol, disassembler: disassembler)
         let middle = try image.decode(m, disassembler: disassembler)
+        // A caller that reached the accessor by its own tail jump left no frame above the accessor's return address.
+        if let k = middle.index(at: request.promotion.site), CallPromotion.isIndirectJump(middle.instructions[k]) {
+            throw DMPRefusal(.plan, "\(m.name) reaches \(symbol.name) by a tail jump (no frame of its own to look above)")
+        }
         // The accessor's return address is at rsp + its depth; the caller's frame starts above it.
         let depth = try accessor.stackDepth(at: located.virtualAddress) &+ 8 &+ middle.stackDepth(at: request.promotion.site)
         let slot = registers.rsp &+ depth
@@ -103,15 +138,12 @@ extension PatchPlanner {
         }
         let (caller, call) = try call(returningTo: returnAddress, of: m.name, image: image, patches: patches)
         guard caller.start != middle.start else { throw DMPRefusal(.plan, "\(m.name) is called from itself") }
-        let at = caller.location(call.address)
-        if call.encoding.map == .primary, call.encoding.opcode == 0xe8, let b = call.branch, b.target != middle.start,
-           let f = image.function(containing: b.target), f.address == b.target {
-            let function = try image.decode(f, disassembler: disassembler)
-            let jumps = CallPromotion.tailJumps(in: function, to: middle.start, image: image)
+        if let (function, jumps) = try CallPromotion.tailJumpingCallee(of: call, to: middle.start, in: image, disassembler: disassembler) {
             if let first = jumps.first {
                 return (PromotionRequest(caller: function.start, accessor: middle.start, promotion: first), Array(jumps.dropFirst()), middle)
             }
-            throw DMPRefusal(.plan, "\(f.name), called at \(at) above \(m.name), has no indirect tail jump with nothing pushed")
+            throw DMPRefusal(.plan, "\(function.symbol.name), called at \(caller.location(call.address)) above \(m.name), "
+                             + "has no indirect tail jump with nothing pushed")
         }
         let p = try CallPromotion.make(call: call, caller: caller, accessor: middle.start, in: image, disassembler: disassembler)
         return (PromotionRequest(caller: caller.start, accessor: middle.start, promotion: p), [], middle)
@@ -174,6 +206,7 @@ extension PatchPlanner {
             }
         }
         try add(request.promotion)
+        for p in request.more { try add(p) }
         // The caller's other calls through the same pointer are promoted too (best effort: one that cannot take
         // another accessor stays as it is).
         let restored = codeImage(paging: located.paging)
