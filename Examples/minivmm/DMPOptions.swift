@@ -29,8 +29,23 @@ struct DMPOptions: ParsableArguments {
         }
     }
 
+    /// Checks `--dmp-threshold` (1 to 1,000,000) and the library's ranges for the settings the options make
+    /// (``DMPConfiguration/validate()``), so a bad number is a usage error, not DMP turned off at run time.
     func validate() throws {
         guard (1...1_000_000).contains(dmpThreshold) else { throw ValidationError("bad --dmp-threshold \(dmpThreshold): use 1 to 1000000") }
+        do throws(DMPConfigurationError) { try settings().validate() } catch {
+            throw ValidationError("bad DMP option: \(error)")
+        }
+    }
+
+    /// The library's defaults with the settings these options give.
+    private func settings() -> DMPConfiguration {
+        var c = DMPConfiguration()
+        c.threshold = dmpThreshold
+        c.dryRun = dmpDryRun
+        c.userModeFastPaths = true
+        c.lockedCounters = DMPOptions.lockedCounters
+        return c
     }
 
     /// swift-log's handler for the process: DMP's decisions go to stderr, beside minivmm's own messages.
@@ -40,11 +55,7 @@ struct DMPOptions: ParsableArguments {
     func configuration() -> DMPConfiguration? {
         guard dmp || dmpDryRun else { return nil }
         DMPOptions.bootstrapLogging
-        var c = DMPConfiguration()
-        c.threshold = dmpThreshold
-        c.dryRun = dmpDryRun
-        c.userModeFastPaths = true
-        c.lockedCounters = DMPOptions.lockedCounters
+        let c = settings()
         printError("minivmm: DMP on\(dmpDryRun ? " (dry run: no guest byte changes)" : ""); user-mode fast paths enabled (they bypass the guest's I/O permission checks)")
         return c
     }

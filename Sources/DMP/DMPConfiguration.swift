@@ -20,9 +20,11 @@ public struct DMPConfiguration: Sendable {
         public static let all: Strategies = [.instructionStub, .functionCopy, .callPromotion]
     }
 
-    /// Exits a site must cause within ``window`` to become a candidate.
+    /// Exits a site must cause within ``window`` to become a candidate: 1 to ``HotspotDetector/maximumWindow``.
     public var threshold: Int = 64
-    /// The sliding window, in exits of the vCPU (all sites) over which ``threshold`` is counted.
+    /// The sliding window, in exits of the vCPU (all sites) over which ``threshold`` is counted: 1 to
+    /// ``HotspotDetector/maximumWindow`` (a window below ``threshold`` is raised to it). Each vCPU's detector keeps
+    /// 4 bytes per exit of the window.
     public var window: Int = 4096
     /// Which patch shapes to use.
     public var strategies: Strategies = .all
@@ -33,52 +35,56 @@ public struct DMPConfiguration: Sendable {
     /// Whether to measure every patch and undo those that do not pay.
     public var verify = true
     /// Exits of the site after a patch before it is judged (hits served in the guest count too): whether it is
-    /// entered at all.
+    /// entered at all. At least 0.
     public var verifyAfterAccesses: Int = 4096
     /// A patch of CPL0 code (whose bodies run natively on hardware virtualization but may run emulated, a cost
     /// no count shows) is judged by an A/B trial (``RateTrial``): the guest's original bytes put back and the patch
     /// written again in alternating phases of this many seconds, its sites' accesses per second compared phase by phase.
+    /// 0 to 3600 (a phase lasts at least a millisecond).
     public var trialPhaseSeconds: Double = 0.05
-    /// The off/on pairs of phases an A/B trial measures; the median of their ratios decides.
+    /// The off/on pairs of phases an A/B trial measures; the median of their ratios decides. At least 1.
     public var trialPairs: Int = 3
     /// The accesses a trial phase needs to count (a phase short of them runs on, up to four times its length;
-    /// a pair still short of them is idle).
+    /// a pair still short of them is idle). At least 0 (0 counts as 1).
     public var trialMinimumAccesses: Int = 32
     /// The share of the guest's time A/B trials of a site may take: a lost trial's back-off is at least the
     /// site's exits over the trial's length divided by this share (``RateTrial/backOff(offRate:sites:configuration:)``).
+    /// 0.001 to 1.
     public var trialTimeShare: Double = 0.05
     /// The median ratio of a trial's pairs (accesses per second patched over unpatched) below which
-    /// the patch is undone as slower.
+    /// the patch is undone as slower. 0 to 1000.
     public var trialMinimumRatio: Double = 0.95
     /// Verification passes in a row at which an A/B trial's phase switch may find a vCPU paused inside the bytes
     /// to write (the switch then changes nothing and is asked for again at the next pass) before the trial gives
-    /// up and the patch is undone with the reason.
+    /// up and the patch is undone with the reason. At least 1.
     public var trialSwitchBusyPasses: Int = 50
     /// Accesses of a patched site (served in the guest or fallen back) that make one verification window. Each
     /// window's cost per access (exits, kicks and wait iterations) is judged against the one exit per access the
-    /// site cost unpatched, over the patch's whole life.
+    /// site cost unpatched, over the patch's whole life. At least 1.
     public var verifyWindowAccesses: Int = 128
     /// A window this old closes with what it has: judged with at least an eighth of ``verifyWindowAccesses``
-    /// accesses, otherwise skipped as idle (a site the guest stopped using is not undone).
+    /// accesses, otherwise skipped as idle (a site the guest stopped using is not undone). 0 to 86,400 seconds.
     public var verifyWindowSeconds: Double = 1
     /// The cost per access, in exits, above which a window loses; at half of it or less a window pays and ends
-    /// a losing streak.
+    /// a losing streak. 0 to 1000.
     public var verifyCostLimit: Double = 0.9
-    /// Windows lost in a row after which the patch is undone.
+    /// Windows lost in a row after which the patch is undone. At least 1.
     public var verifyLosingWindows: Int = 3
     /// How many iterations of a synchronous ring append's wait for the consumer count as one exit. On this
     /// machine class an iteration (a load and `pause`) takes about 25 ns natively and an exit from CPL3 20–40 µs.
+    /// At least 1.
     public var waitIterationsPerExit: Int = 1000
     /// The bound, in iterations, on a synchronous ring append's wait for the consumer to apply its entry; past
     /// it the body writes the rings' kick register, an exit that applies the entry. About two exits' worth
     /// (``waitIterationsPerExit``): a consumer that polls applies an entry within a few hundred iterations, and
     /// one that is not running (its thread descheduled on a loaded host) is not waited for longer than the exit
     /// the kick costs anyway. (It was 65,536, ~1.6 ms here: under load appends waited 30,000–45,000 iterations.)
-    /// Values below 1 count as 1.
+    /// 1 to 2^32 − 1.
     public var synchronousWaitLimit: Int = 2048
-    /// The first back-off, in exits of the site, before an undone site may be patched again; it doubles on every undo.
+    /// The first back-off, in exits of the site, before an undone site may be patched again; it doubles on every undo
+    /// (at most 20 times). 1 to ``maximumBackoff``.
     public var initialBackoff: Int = 1 << 14
-    /// Undos after which a site is never patched again.
+    /// Undos after which a site is never patched again. At least 1.
     public var maximumUndos: Int = 4
     /// Whether implanted bodies count their hits (and a synchronous append its wait iterations) with locked
     /// instructions (`lock inc`, `lock add`), so that vCPUs running the same body at once lose no count;
@@ -115,5 +121,9 @@ public struct DMPConfiguration: Sendable {
     }
 
     /// The defaults: threshold 64 in a window of 4,096 exits, both strategies, verification on, user-mode fast paths off.
+    ///
+    /// Every numeric setting has an allowed range, stated in its documentation; ``validate()`` checks them, and
+    /// ``DMPMiddleware`` turns DMP off (patching nothing, ``DMPMiddleware/configurationError`` saying why) for a
+    /// configuration outside them.
     public init() {}
 }

@@ -44,9 +44,9 @@ extension DMPMiddleware {
             r.undos += 1
             r.report.turnedOff += 1
             r.window = nil
-            let exits = max(1, configuration.initialBackoff) << min(r.undos - 1, 20)
+            let exits = SiteRecord.backOff(base: configuration.initialBackoff, undos: r.undos)
             let never = r.undos >= configuration.maximumUndos
-            r.reenableAtExits = never ? nil : r.report.exitsWhilePatched + exits
+            r.reenableAtExits = never ? nil : SiteRecord.saturatingSum(r.report.exitsWhilePatched, exits)
             let copy = s.patches[id]?.copy.map { "the copy of \($0.function.symbol.name)" } ?? "the patch"
             r.report.state = .disabled
             r.report.refusal = DMPRefusal(.verify, "\(reason); its fast path turned off alone, \(copy) serves its other sites on; "

@@ -141,7 +141,7 @@ extension DMPMiddleware {
                     // In exits of the site counted by a vCPU's detector from now: its total then is unknown
                     // here (detectors belong to their vCPUs), so the first candidate after re-arming sets it.
                     let base = backOffBase ?? configuration.initialBackoff
-                    r.retryAtExits = r.undos >= configuration.maximumUndos ? nil : -(max(1, base) << min(r.undos - 1, 20))
+                    r.retryAtExits = r.undos >= configuration.maximumUndos ? nil : -SiteRecord.backOff(base: base, undos: r.undos)
                 } else {
                     r.retryAtExits = nil
                 }

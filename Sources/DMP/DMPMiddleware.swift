@@ -33,8 +33,12 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     let implant: Implant?
     let locator: SiteLocator?
     let planner: PatchPlanner?
-    /// Why DMP cannot patch at all (no disassembler, a bad implant area), if so.
+    /// Why DMP cannot patch at all (a configuration outside its ranges, no disassembler, a bad implant area), if so.
     let disabledReason: DMPRefusal?
+    /// The setting outside its allowed range when the configuration failed ``DMPConfiguration/validate()``: DMP is
+    /// then off (it counts exits but patches nothing; every site that gets hot is refused with this reason). `nil`
+    /// for a valid configuration.
+    public let configurationError: DMPConfigurationError?
     /// Sites, patches and pending host writes (never held across a pause).
     let state = Mutex(State())
     /// Held while one vCPU plans and writes a patch; others skip planning meanwhile (taken with try-lock only: a vCPU
@@ -90,10 +94,13 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     }
 
     /// Creates the middleware for `vm`; ``install(on:rings:configuration:logger:)`` also adds it to the VM.
+    ///
+    /// A configuration that fails ``DMPConfiguration/validate()`` turns DMP off, logged as an error and kept in
+    /// ``configurationError``: call `validate()` first to report a bad setting to the VMM's user.
     /// - Parameters:
     ///   - vm: the VM whose exits it sees.
     ///   - rings: the paravirtual ring device whose rings ring-append fast paths use (nil: no such fast paths).
-    ///   - configuration: thresholds, strategies, verification, dry run.
+    ///   - configuration: thresholds, strategies, verification, dry run (each numeric setting within its range).
     ///   - logger: where decisions are logged; the VMM's own logger, so they appear in its logs.
     public init(vm: VirtualMachine, rings: PVRingDevice?, configuration: DMPConfiguration = DMPConfiguration(),
                 logger: Logger = Logger(label: "vmmkit.dmp")) {
@@ -108,7 +115,12 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         let patcher = Patcher(vm: vm)
         self.patcher = patcher
         var implant: Implant?, locator: SiteLocator?, planner: PatchPlanner?, why: DMPRefusal?
+        var invalid: DMPConfigurationError?
         do throws(DMPRefusal) {
+            do throws(DMPConfigurationError) { try configuration.validate() } catch {
+                invalid = error
+                throw DMPRefusal(.plan, "invalid configuration: \(error)")
+            }
             let i = try Implant(area: configuration.implantArea)
             implant = i
             locator = try SiteLocator(symbols: configuration.symbols)
@@ -122,6 +134,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         self.locator = locator
         self.planner = planner
         self.disabledReason = why
+        self.configurationError = invalid
     }
 
     deinit { lanes.deallocate() }

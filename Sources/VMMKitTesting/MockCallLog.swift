@@ -18,13 +18,18 @@ public final class MockCallLog: @unchecked Sendable {
     /// The calls of one operation.
     public func calls(_ op: MockOperation) -> [MockCall] { calls.filter { $0.operation == op } }
 
+    /// The most calls one ``inject(_:into:count:skipping:)`` queues for `count` and for `skipping` each: 2^20.
+    public static let maximumInjectionCount = 1 << 20
+
     /// Makes the next `count` calls of `op` fail with `errno` (queued after earlier injections); with
     /// `skipping`, the first `skipping` of those calls succeed and the `count` after them fail (fault injection
-    /// at the k-th call of an operation from a given moment).
+    /// at the k-th call of an operation from a given moment). `count` and `skipping` are clamped to
+    /// 0...``maximumInjectionCount`` (a negative one queues nothing).
     public func inject(_ errno: Errno, into op: MockOperation, count: Int = 1, skipping: Int = 0) {
+        let limit = MockCallLog.maximumInjectionCount
         failures.withLock {
-            $0[op, default: []].append(contentsOf: Array(repeating: nil, count: max(0, skipping))
-                                       + Array(repeating: errno, count: count))
+            $0[op, default: []].append(contentsOf: Array(repeating: nil, count: min(max(0, skipping), limit))
+                                       + Array(repeating: errno, count: min(max(0, count), limit)))
         }
     }
 

@@ -104,6 +104,22 @@ struct HotspotDetectorTests {
         #expect(e.threshold == 7 && e.window == 7)
     }
 
+    @Test("threshold, window and capacity are clamped to their maxima: no huge window ring or table for huge values")
+    func upperClamps() {
+        let max = HotspotDetector.maximumWindow
+        let d = HotspotDetector(threshold: Int.max, window: Int.max, capacity: Int.max)
+        #expect(d.threshold == max && d.window == max && d.capacity == HotspotDetector.maximumCapacity)
+        let e = HotspotDetector(threshold: 2, window: max + 1, capacity: HotspotDetector.maximumCapacity + 1)
+        #expect(e.threshold == 2 && e.window == max && e.capacity == HotspotDetector.maximumCapacity)
+        // Just inside: kept as given.
+        let f = HotspotDetector(threshold: max, window: max, capacity: 16)
+        #expect(f.threshold == max && f.window == max && f.capacity == 16)
+        #expect(f.record(site(1)) == false)
+        let g = HotspotDetector(threshold: Int.min, window: Int.min, capacity: Int.min)
+        #expect(g.threshold == 1 && g.window == 1 && g.capacity == 16)
+        #expect(g.record(site(1)) == true)
+    }
+
     @Test("many distinct sites: totals and window counts stay consistent (window counts sum to the window)")
     func consistency() {
         let d = HotspotDetector(threshold: 50, window: 256, capacity: 1024)

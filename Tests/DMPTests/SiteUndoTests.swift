@@ -176,6 +176,21 @@ struct SiteUndoTests {
 
 @Suite("Back-off after an undo")
 struct BackOffTests {
+    @Test("at the largest initialBackoff (2^40) a losing site is turned off with that back-off, no overflow, and stays off")
+    func largestBackoff() throws {
+        let r = try SiteUndoRun(initialBackoff: DMPConfiguration.maximumBackoff, maximumUndos: 3)
+        #expect(r.dmp.configurationError == nil)
+        try r.served(100, at: siteB)
+        try r.fallbacks(16, at: siteA, exitA)
+        r.dmp.testSeam.verify()
+        let a = try #require(r.row(siteA))
+        #expect(a.state == .disabled && a.refusal?.reason.contains("turned on again after 1099511627776 more of its exits") == true,
+                "\(a)")
+        try r.fallbacks(16, at: siteA, exitA)
+        r.dmp.testSeam.verify()
+        #expect(r.row(siteA)?.state == .disabled && r.thr.granted == 0)
+    }
+
     @Test("the back-off starts at the first look after the undo, lasts its exits, and never ends after maximumUndos")
     func backOffOver() {
         var r = SiteRecord(report: PatchSite(site: ExitSite(rip: 1, kind: .io, address: 0x3f8, size: 1, direction: .write)))

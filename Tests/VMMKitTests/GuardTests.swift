@@ -164,6 +164,11 @@ struct GuardTests {
     @Test("hostile ranges get typed errors and change nothing", arguments: [
         (range(0x1000, 0), "empty"), (range(UInt64.max - 0x800, 0x1000), "overflow"), (range(UInt64.max - 0x10, 0x8), "overflow"),
         (range(4 << 20, page), "notRAM"), (range((4 << 20) - page, 2 * page), "notRAM"), (range(0x1000_0000, page), "notRAM"),
+        // At the top of the address space: ending exactly at 2^64 or rounding up to it overflows; the last page
+        // that rounds without overflow is just not RAM.
+        (range(UInt64.max - 0xfff, 0x1000), "overflow"), (range(UInt64.max - 0x1ffe, 0x1000), "overflow"),
+        (range(UInt64.max - 0x1fff, 0x1000), "notRAM"), (range(UInt64.max, 1), "overflow"),
+        (range(0, UInt64.max), "overflow"), (range(0, UInt64.max - 0xfff), "notRAM"),
     ])
     func hostile(r: GuestRange, kind: String) throws {
         let mock = MockHypervisor()

@@ -63,14 +63,18 @@ public final class HotspotDetector: @unchecked Sendable {
         var reported: UInt32
     }
 
-    /// Exits a site must cause within ``window`` to become a candidate (at least 1).
+    /// Exits a site must cause within ``window`` to become a candidate (1 to ``maximumWindow``).
     public let threshold: Int
-    /// The sliding window, in exits recorded by this detector (all sites), at least ``threshold``.
+    /// The sliding window, in exits recorded by this detector (all sites), ``threshold`` to ``maximumWindow``.
     public let window: Int
-    /// The most distinct sites the detector holds.
+    /// The most distinct sites the detector holds (16 to ``maximumCapacity``).
     public let capacity: Int
     /// How many slots one lookup visits at most.
     public static let probeLimit = 32
+    /// The largest ``window`` (and ``threshold``): 2^24 exits, a 64 MiB window ring.
+    public static let maximumWindow = 1 << 24
+    /// The largest ``capacity``: 2^21 sites, a table of 2^22 40-byte slots (160 MiB).
+    public static let maximumCapacity = 1 << 21
 
     /// The number of distinct sites held.
     @exclusivity(unchecked) public private(set) var siteCount = 0
@@ -89,16 +93,19 @@ public final class HotspotDetector: @unchecked Sendable {
     @exclusivity(unchecked) private var ringPosition = 0
     private static let noSlot = UInt32.max
 
-    /// Creates a detector.
+    /// Creates a detector. Each parameter is clamped to its range (``DMPConfiguration/validate()`` reports a
+    /// configuration's threshold and window outside it instead).
     /// - Parameters:
-    ///   - threshold: exits within the window that make a site a candidate (values below 1 count as 1).
-    ///   - window: the sliding window in exits (raised to `threshold` when smaller).
-    ///   - capacity: the most distinct sites held (at least 16). The table reserves twice
+    ///   - threshold: exits within the window that make a site a candidate: 1 to ``maximumWindow`` (values
+    ///     below count as 1, above as ``maximumWindow``).
+    ///   - window: the sliding window in exits: `threshold` to ``maximumWindow`` (raised to `threshold` when
+    ///     smaller, lowered to ``maximumWindow`` when larger).
+    ///   - capacity: the most distinct sites held: 16 to ``maximumCapacity`` (clamped). The table reserves twice
     ///     as many 40-byte slots, rounded up to a power of two; the ring 4 bytes per exit of the window.
     public init(threshold: Int, window: Int, capacity: Int = 4096) {
-        self.threshold = max(1, threshold)
-        self.window = max(self.threshold, window)
-        self.capacity = min(max(16, capacity), Int(UInt32.max / 4))
+        self.threshold = min(max(1, threshold), HotspotDetector.maximumWindow)
+        self.window = min(max(self.threshold, window), HotspotDetector.maximumWindow)
+        self.capacity = min(max(16, capacity), HotspotDetector.maximumCapacity)
         var n = 16
         while n < 2 * self.capacity { n <<= 1 }
         mask = n - 1
@@ -109,7 +116,7 @@ public final class HotspotDetector: @unchecked Sendable {
         seed = UInt64.random(in: 1...UInt64.max)
     }
 
-    /// A detector with a configuration's threshold and window.
+    /// A detector with a configuration's threshold and window (clamped as ``init(threshold:window:capacity:)`` does).
     public convenience init(_ configuration: DMPConfiguration, capacity: Int = 4096) {
         self.init(threshold: configuration.threshold, window: configuration.window, capacity: capacity)
     }

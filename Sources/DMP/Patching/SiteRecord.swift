@@ -50,13 +50,26 @@ package struct SiteRecord: Sendable {
     /// A new record for a site that became hot.
     package init(report: PatchSite) { self.report = report }
 
+    /// The back-off after the `undos`-th undo: `base` (at least 1) doubled for each undo after the first, at most
+    /// 20 times, saturating at `Int.max` (``DMPConfiguration/validate()`` keeps a middleware's base far below).
+    package static func backOff(base: Int, undos: Int) -> Int {
+        let (exits, overflow) = max(1, base).multipliedReportingOverflow(by: 1 << min(max(0, undos - 1), 20))
+        return overflow ? .max : exits
+    }
+
+    /// `a + b`, saturating at `Int.max` and `Int.min` (back-off counts added to exit counts).
+    package static func saturatingSum(_ a: Int, _ b: Int) -> Int {
+        let (sum, overflow) = a.addingReportingOverflow(b)
+        return overflow ? (b > 0 ? .max : .min) : sum
+    }
+
     /// Whether the back-off after the site's last undo is over at `total`, the site's exits as a vCPU's detector
     /// counts them (the back-off starts at the first look after the undo: ``retryAtExits`` negative until then).
     /// Never over once the site was undone ``DMPConfiguration/maximumUndos`` times (``retryAtExits`` nil).
     package mutating func backOffOver(atExits total: Int) -> Bool {
         guard var at = retryAtExits else { return false }
         if at < 0 {
-            at = total &- at
+            at = SiteRecord.saturatingSum(total, -at)
             retryAtExits = at
         }
         return total >= at

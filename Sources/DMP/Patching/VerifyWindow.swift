@@ -70,7 +70,7 @@ package struct VerifyWindow: Sendable {
         let window = UInt64(max(1, c.verifyWindowAccesses))
         let minimum = max(1, window / 8)
         let age = now - openedAt
-        let old = age >= .nanoseconds(Int64(max(0, c.verifyWindowSeconds) * 1e9))
+        let old = age >= VerifyWindow.duration(seconds: c.verifyWindowSeconds)
         // A window whose costs already exceed what a full window may cost loses now, whatever its other
         // accesses would bring (a site at tens of exits per access takes 3 windows of milliseconds, not seconds).
         let lost = d.accesses >= minimum && VerifyWindow.exits(d, c.waitIterationsPerExit) > c.verifyCostLimit * Double(window)
@@ -94,6 +94,15 @@ package struct VerifyWindow: Sendable {
 
     /// Whether the site lost enough windows in a row to be undone.
     package func shouldUndo(_ c: DMPConfiguration) -> Bool { losingStreak >= max(1, c.verifyLosingWindows) }
+
+    /// `seconds` as a duration, saturating: zero for NaN or a value at most 0, `Int64.max` nanoseconds (about
+    /// 292 years) for anything longer, infinity included (``DMPConfiguration/validate()`` keeps a middleware's
+    /// configuration far inside).
+    package static func duration(seconds: Double) -> Duration {
+        guard seconds > 0 else { return .zero }
+        let nanoseconds = seconds * 1e9
+        return .nanoseconds(nanoseconds < 9.2e18 ? Int64(nanoseconds) : .max)
+    }
 
     /// A window's cost per access in exits: its exits and its wait iterations (as exits) over its accesses.
     package static func costPerAccess(_ d: SiteCosts, waitIterationsPerExit: Int) -> Double {

@@ -16,9 +16,15 @@ public final class OutputSink: @unchecked Sendable {
     /// Held across the host write: one flush at a time, in order.
     private let writerLock = ConditionLock()
 
+    /// The largest buffer: 1 MiB (a chunk handed to the output is at most about twice this).
+    public static let maximumCapacity = 1 << 20
+
     /// A sink that hands each flushed chunk to `output`.
+    /// - Parameters:
+    ///   - capacity: the bytes buffered before a flush: 1 to ``maximumCapacity`` (clamped to that range).
+    ///   - output: called with each flushed chunk, one call at a time, in order.
     public init(capacity: Int = 4096, output: @escaping (UnsafeRawBufferPointer) -> Void) {
-        self.capacity = max(1, capacity)
+        self.capacity = min(max(1, capacity), OutputSink.maximumCapacity)
         self.output = output
         // Room for bytes that concurrent writers append while a flush runs.
         buffer.reserveCapacity(self.capacity * 2)

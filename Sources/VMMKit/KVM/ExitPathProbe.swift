@@ -10,9 +10,12 @@ public final class ExitPathProbe: @unchecked Sendable {
     private var count = 0
     private var lastReturn: UInt64 = 0
 
-    /// A probe that keeps up to `capacity` samples.
+    /// The most samples a probe keeps: 2^24 (128 MiB of samples).
+    public static let maximumCapacity = 1 << 24
+
+    /// A probe that keeps up to `capacity` samples: 1 to ``maximumCapacity`` (clamped to that range), allocated now.
     public init(capacity: Int) {
-        buffer = .allocate(capacity: max(1, capacity))
+        buffer = .allocate(capacity: min(max(1, capacity), ExitPathProbe.maximumCapacity))
         buffer.initialize(repeating: 0)
     }
 

@@ -79,6 +79,7 @@ func boot(_ options: Options) throws -> Int32 {
         config.use(loaded)
         config.userModeFastPaths = true     // the guest is ours: CPL3 fast paths bypass its I/O permission checks
         config.dryRun = options.dryRun
+        try config.validate()               // a setting outside its range: a DMPConfigurationError naming it
         say("peervmm: DMP on\(options.dryRun ? " (dry run)" : ""); user-mode fast paths enabled")
         dmp = DMPMiddleware.install(on: vm, rings: devices.rings, configuration: config)
     }
