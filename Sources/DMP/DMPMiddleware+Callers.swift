@@ -240,7 +240,7 @@ extension DMPMiddleware {
             let fresh = ([key] + others.map(\.site)).filter { s.sites[$0] == nil }
             for k in fresh {
                 let inner = k == key ? located.virtualAddress : others.first { $0.site == k }?.address ?? 0
-                var r = SiteRecord(report: PatchSite(site: k, location: "\(symbolize(inner)) via \(call)"))
+                var r = SiteRecord(report: PatchSite(site: k, location: "\(symbolize(inner)) via \(call)", exitLocation: ""))
                 r.report.state = .candidate
                 r.hotAt = hotAt
                 r.baselineRate = s.sites[site]?.baselineRate
@@ -325,7 +325,7 @@ extension DMPMiddleware {
                     s.callerWatch[site] = CallerWatch()
                     out.append(site)
                     logger.info("copy not on the path taken", metadata: [
-                        "site": "\(describe(site))", "served": "\(r.report.hitsServed)", "exits_at_original": "\(atOriginal)",
+                        "site": "\(describe(r.report))", "served": "\(r.report.hitsServed)", "exits_at_original": "\(atOriginal)",
                         "outcome": "its callers are promoted one level up",
                     ])
                 }

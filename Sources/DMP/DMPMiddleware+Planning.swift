@@ -16,7 +16,10 @@ extension DMPMiddleware {
         defer { if planner.announcedRingProducer { detachRingProducersUnlessLive() } }
         let located = try locator.locate(exit, context: context) { end in self.implantedInstruction(endingAt: end) }
         state.withLock {
-            $0.sites[site]?.report.instructionAddress = located.virtualAddress
+            if var r = $0.sites[site] {
+                name(&r, instructionAt: located.virtualAddress, $0)
+                $0.sites[site] = r
+            }
             $0.sites[site]?.report.physicalAddress = located.physicalAddress
             $0.sites[site]?.report.instruction = located.instruction.description
             $0.sites[site]?.report.userMode = located.cpl == 3
@@ -160,7 +163,7 @@ extension DMPMiddleware {
                 var r = s.sites[sp.site] ?? SiteRecord(report: PatchSite(site: sp.site, location: symbolize(sp.site.rip)))
                 if s.sites[sp.site] == nil { s.order.append(sp.site) }
                 if sp.site != site { r.report.exitsBefore = detectors[vcpu].counts(of: sp.site)?.total ?? 0 }
-                r.report.instructionAddress = sp.virtualAddress
+                name(&r, instructionAt: sp.virtualAddress, s)
                 r.report.physicalAddress = sp.physicalAddress
                 r.report.instruction = sp.instruction
                 r.report.strategy = outcome.strategy

@@ -203,7 +203,7 @@ extension DMPMiddleware {
         r.report.waitIterations = h.waited
         if let why = h.distrust, r.report.hitCounterDistrust == nil {
             r.report.hitCounterDistrust = why
-            logger.notice("hit counter untrusted", metadata: ["site": "\(describe(r.report.site))", "reason": "\(why)"])
+            logger.notice("hit counter untrusted", metadata: ["site": "\(describe(r.report))", "reason": "\(why)"])
         }
         return n
     }

@@ -365,9 +365,28 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
         configuration.symbols.symbolize(address) ?? hex(address)
     }
 
-    /// A site for log lines.
+    /// A site for log lines: its row's location (the instruction's start once located) and its access. Takes the
+    /// state lock: under it, use ``describe(_:)-(PatchSite)`` with the site's row.
     func describe(_ site: ExitSite) -> String {
-        let dir = site.direction == .read ? "read" : "write"
-        return "\(symbolize(site.rip)) \(site.kind) 0x\(String(site.address, radix: 16)) \(dir)\(site.size)"
+        describe(state.withLock { $0.sites[site]?.report } ?? PatchSite(site: site, location: symbolize(site.rip)))
+    }
+
+    /// A site's row for log lines: `uart_putc+0x11 io 0x3f8 write1` (the instruction's start), or
+    /// `uart_putc+0x12 (exit rip) io 0x3f8 write1` before the instruction is located.
+    func describe(_ r: PatchSite) -> String {
+        let dir = r.site.direction == .read ? "read" : "write"
+        return "\(r.shownLocation) \(r.site.kind) 0x\(String(r.site.address, radix: 16)) \(dir)\(r.site.size)"
+    }
+
+    /// Records that `r`'s instruction starts at `address` and names its row by it (KVM leaves RIP past an `out` or
+    /// an MMIO store, where the exit names the next instruction); an instruction inside a function copy is named by
+    /// the original instruction it copies. A row named otherwise (an accessor served via a caller) keeps its name.
+    /// Called under the state lock (`s`).
+    func name(_ r: inout SiteRecord, instructionAt address: UInt64, _ s: State) {
+        r.report.instructionAddress = address
+        guard r.namedByInstruction || r.report.location == r.report.exitLocation else { return }
+        let original = s.patches.values.lazy.compactMap { $0.copy(holding: address)?.originalAddress(of: address) }.first
+        r.report.location = symbolize(original ?? address)
+        r.namedByInstruction = true
     }
 }

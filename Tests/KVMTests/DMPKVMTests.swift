@@ -112,7 +112,7 @@ extension KVMTests {
         let off = try DMPLibraryRun("uart-cpl3", commandLine: "iters=400", dmp: false)
         let on = try DMPLibraryRun("uart-cpl3", commandLine: "iters=400")
         #expect(on.stop == off.stop)
-        for location in ["uart_putc+0x5", "uart_putc+0x12"] {
+        for location in ["uart_putc+0x5", "uart_putc+0x11"] {
             let s = try #require(on.site(location), "\(on.report)")
             #expect(s.state == .patched, "\(s)")
             #expect(s.strategy.hasPrefix("function copy of uart_putc"))

@@ -68,7 +68,7 @@ extension KVMTests {
         #expect(text.split(separator: "\n").filter { !$0.hasPrefix("RESULT") } == off.text.split(separator: "\n").filter { !$0.hasPrefix("RESULT") })
         #expect(resultField(text, "checksum") == resultField(off.text, "checksum"))
         #expect(devices.doorbell.completions == UInt32(iters) && devices.doorbell.error == 0)
-        let site = middleware.report().first { $0.location == "db_run+0x50" }
+        let site = middleware.report().first { $0.location == "db_run+0x4d" }
         #expect(site?.state == .patched, "\(middleware.report().map(\.description))")
         let steadyWrites = iters - warmup
         let (exits, kicks) = counter.steady

@@ -11,9 +11,9 @@ extension KVMTests {
         // Verification off: this is about what the plan serves (a synchronous append under load is the verifier's).
         let on = try DMPLibraryRun("c-mmio-mixed-cpl3", commandLine: "iters=4096", pollerIdle: 1_000_000_000) { $0.verify = false }
         #expect(on.stop == .guestExit(status: 0))
-        let bell = try #require(on.report.first { $0.location == "run+0x84" }, "\(on.report.map(\.description))")
+        let bell = try #require(on.report.first { $0.location == "run+0x7b" }, "\(on.report.map(\.description))")
         let lsr = try #require(on.report.first { $0.location == "run+0xa3" }, "\(on.report.map(\.description))")
-        let thr = try #require(on.report.first { $0.location == "run+0xaf" }, "\(on.report.map(\.description))")
+        let thr = try #require(on.report.first { $0.location == "run+0xae" }, "\(on.report.map(\.description))")
         // The DOORBELL store got hot first (an instruction stub); the copy made for the UART's sites serves it inline.
         for s in [bell, lsr, thr] {
             #expect(s.state == .patched && s.strategy.hasPrefix("function copy of run"), "\(s)")

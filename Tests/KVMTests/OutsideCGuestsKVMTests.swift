@@ -88,7 +88,7 @@ extension KVMTests {
         #expect(on.stop == .guestExit(status: 0))
         let read = try #require(on.site(lsrRead), "\(on.report.map(\.description))")
         #expect(read.state == .patched && read.hitsServed > 1000, "\(read)")
-        let write = try #require(on.report.first { $0.location == "pio_write8+0x5" && $0.site.address == 0x3f8 })
+        let write = try #require(on.report.first { $0.location == "pio_write8+0x4" && $0.site.address == 0x3f8 })
         #expect(write.state == .patched && write.hitsServed > 1000, "\(write)")
         try on.expectSameOutput(as: off, steadyExitsCutBy: 10)
     }

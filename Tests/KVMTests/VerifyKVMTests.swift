@@ -16,7 +16,7 @@ extension KVMTests {
         #expect(on.stop == off.stop)
         #expect(on.lines == off.lines)
         #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
-        let s = try #require(on.site("db_run+0x50"), "\(on.report.map(\.description))")
+        let s = try #require(on.site("db_run+0x4d"), "\(on.report.map(\.description))")
         #expect(s.fastPath.contains("synchronous"), "\(s)")
         // Undone with its copy, or turned off alone where the copy also serves the STATUS read by then and that pays.
         #expect(s.state == .undone || s.state == .disabled, "\(s)")
@@ -41,7 +41,7 @@ extension KVMTests {
         #expect(on.stop == off.stop)
         #expect(on.lines == off.lines)
         #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
-        let s = try #require(on.site("db_run+0x50"), "\(on.report.map(\.description))")
+        let s = try #require(on.site("db_run+0x4d"), "\(on.report.map(\.description))")
         #expect(s.fastPath.contains("synchronous"), "\(s)")
         #expect(s.kicksWhilePatched > 0, "a wait that ran out kicks: \(s)")
         #expect(s.waitIterations > 0, "\(s)")
@@ -56,7 +56,7 @@ extension KVMTests {
         let on = try DMPLibraryRun("uart-cpl3", commandLine: "iters=40000")
         #expect(on.stop == .guestExit(status: 0))
         #expect(resultField(on.text, "checksum") != nil)
-        for location in ["uart_putc+0x5", "uart_putc+0x12"] {
+        for location in ["uart_putc+0x5", "uart_putc+0x11"] {
             let s = try #require(on.site(location), "\(on.report.map(\.description))")
             #expect(s.state == .patched && s.refusal == nil, "\(s)")
             #expect(s.windowsJudged >= 3, "\(s)")
@@ -90,7 +90,7 @@ extension KVMTests {
         #expect(resultField(on.text, "checksum") == resultField(off.text, "checksum"))
         let report = before.withLock { $0 }
         let text = DMPReport.text(report)
-        let doorbell = try #require(report.first { $0.location == "db_run+0x50" }, "\(text)")
+        let doorbell = try #require(report.first { $0.location == "db_run+0x4d" }, "\(text)")
         let status = try #require(report.first { $0.site.kind == .mmio && $0.site.address == DoorbellExitCounter.status.rawValue }, "\(text)")
         #expect(doorbell.fastPath.contains("synchronous"), "\(doorbell)")
         // Off once (its first copy served it with the STATUS read already) or twice (turned on again after its back-off).

@@ -4,6 +4,8 @@ import VMMKit
 package struct SiteRecord: Sendable {
     /// The report row, kept current.
     package var report: PatchSite
+    /// Whether the row's ``PatchSite/location`` names its instruction (set once located; renamed if located again).
+    package var namedByInstruction = false
     /// The patch serving the site, if one is in place.
     package var patchID: Int?
     /// The enable word the device was granted for the site (revoked on undo).

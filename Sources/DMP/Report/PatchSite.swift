@@ -28,8 +28,16 @@ public struct PatchSite: Hashable, Sendable, CustomStringConvertible {
     public var instructionAddress: UInt64?
     /// The instruction's guest-physical start under its address space, once located.
     public var physicalAddress: GuestAddress?
-    /// `symbol+offset`, when the image has symbols.
+    /// Where the site's instruction starts, `symbol+offset` (an address without symbols), once located
+    /// (``instructionAddress``). Until then, and for a site that could not be located, where the exit's RIP was
+    /// (``exitLocation``; the report marks it `(exit rip)`). For an accessor's instruction served from a caller's
+    /// copy, `accessor+offset via caller+offset` (the promoted call's start).
     public var location: String
+    /// Where the exit's RIP was, `symbol+offset`: KVM completes an `out` and an MMIO store before it exits, so for
+    /// those it names the next instruction (the `out` at `uart_putc+0x11` exits at `uart_putc+0x12`), as an exit
+    /// profile keyed by RIP lists the site. Empty for an accessor's instruction served from a caller's copy (its
+    /// key's RIP is the promoted call's, where no exit is).
+    public var exitLocation: String
     /// The instruction's text (`out dx, al`), once located.
     public var instruction: String
     /// The shape used or planned (`instruction stub`, `function copy of f via entry`), empty when none.
@@ -77,20 +85,33 @@ public struct PatchSite: Hashable, Sendable, CustomStringConvertible {
 
     /// One line: location, instruction, state, strategy and the reason, if any.
     public var description: String {
-        "\(location) \(instruction.isEmpty ? "?" : instruction) \(state.rawValue)"
+        "\(shownLocation) \(instruction.isEmpty ? "?" : instruction) \(state.rawValue)"
             + (strategy.isEmpty ? "" : " (\(strategy))") + (refusal.map { ": \($0)" } ?? "")
+    }
+
+    /// ``location``, marked `(exit rip)` while it names the exit's RIP (the instruction not located).
+    var shownLocation: String {
+        instructionAddress == nil && location == exitLocation && !location.isEmpty ? location + " (exit rip)" : location
+    }
+
+    /// Whether the exit's RIP is not where the instruction starts (an `out` or an MMIO store, completed before the exit).
+    var exitsPastInstruction: Bool {
+        guard let a = instructionAddress, !exitLocation.isEmpty else { return false }
+        return a != site.rip
     }
 
     /// Exits avoided: hits served in the guest (each would have been an exit).
     public var exitsAvoided: UInt64 { hitsServed }
 
-    /// Creates a record.
+    /// Creates a record; `exitLocation` nil: the same as `location`.
     public init(site: ExitSite, instructionAddress: UInt64? = nil, physicalAddress: GuestAddress? = nil,
-                location: String = "", instruction: String = "", strategy: String = "", fastPath: String = "",
-                userMode: Bool = false, state: State = .candidate, exitsBefore: Int = 0, hitsServed: UInt64 = 0,
-                exitsWhilePatched: Int = 0, hotToPatchedNanoseconds: UInt64? = nil, refusal: DMPRefusal? = nil) {
+                location: String = "", exitLocation: String? = nil, instruction: String = "", strategy: String = "",
+                fastPath: String = "", userMode: Bool = false, state: State = .candidate, exitsBefore: Int = 0,
+                hitsServed: UInt64 = 0, exitsWhilePatched: Int = 0, hotToPatchedNanoseconds: UInt64? = nil,
+                refusal: DMPRefusal? = nil) {
         self.site = site; self.instructionAddress = instructionAddress; self.physicalAddress = physicalAddress
-        self.location = location; self.instruction = instruction; self.strategy = strategy; self.fastPath = fastPath
+        self.location = location; self.exitLocation = exitLocation ?? location
+        self.instruction = instruction; self.strategy = strategy; self.fastPath = fastPath
         self.userMode = userMode; self.state = state; self.exitsBefore = exitsBefore; self.hitsServed = hitsServed
         self.exitsWhilePatched = exitsWhilePatched; self.hotToPatchedNanoseconds = hotToPatchedNanoseconds
         self.refusal = refusal
