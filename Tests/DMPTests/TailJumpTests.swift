@@ -137,17 +137,17 @@ struct TailJumpTests {
         let image = CodeImage(regions: [], symbols: SymbolTable([]))
         // push rbx; pop rbx; jmp [rdi + 8]
         let f = try function([0x53, 0x5b, 0xff, 0x67, 0x08], d)
-        #expect(CallPromotion.tailJumps(in: f, to: 0x2000, image: image)
+        #expect(CallPromotion.tailJumps(in: f, to: 0x2000, image: image, disassembler: d)
                     == [CallPromotion(site: 0x1002, target: .memory(.init(base: .rdi, displacement: 8)), accessors: [0x2000])])
         // push rbx; jmp rax: a frame on the stack, no tail call.
         let g = try function([0x53, 0xff, 0xe0], d)
-        #expect(CallPromotion.tailJumps(in: g, to: 0x2000, image: image).isEmpty)
+        #expect(CallPromotion.tailJumps(in: g, to: 0x2000, image: image, disassembler: d).isEmpty)
         // jmp rsp; a call through rax is no jump.
         let h = try function([0xff, 0xd0, 0xff, 0xe4], d)
-        #expect(CallPromotion.tailJumps(in: h, to: 0x2000, image: image).isEmpty)
+        #expect(CallPromotion.tailJumps(in: h, to: 0x2000, image: image, disassembler: d).isEmpty)
         // A guarded jump's promotion has no same-pointer calls (call rax here is a call, the promotion a jump).
         let j = try function([0xff, 0xd0, 0xff, 0xe0], d)
-        let tails = CallPromotion.tailJumps(in: j, to: 0x2000, image: image)
+        let tails = CallPromotion.tailJumps(in: j, to: 0x2000, image: image, disassembler: d)
         #expect(tails.map(\.site) == [0x1002])
         #expect(tails.first?.samePointerCalls(in: j, image: image, disassembler: d).isEmpty == true)
     }
@@ -175,13 +175,13 @@ struct TailJumpTests {
             try image.decode(try #require(image.symbols.symbols.filter { $0.name == name && $0.size > 0 }.max { $0.size < $1.size }), disassembler: d)
         }
         let putField = try decoded("put_field"), write = try decoded("uart_write"), putc = try decoded("uart_putc"), ready = try decoded("uart_ready")
-        let tails = CallPromotion.tailJumps(in: putField, to: write.start, image: image)
+        let tails = CallPromotion.tailJumps(in: putField, to: write.start, image: image, disassembler: d)
         #expect(tails.count == 1 && tails.first?.target == .register(.rax), "\(tails)")
         let tail = try #require(tails.first)
         #expect(putField.location(tail.site) == "put_field+0x61")
         // uart_write ends in returns; kprintf's jump table dispatch is no tail jump.
-        #expect(CallPromotion.tailJumps(in: write, to: putc.start, image: image).isEmpty)
-        #expect(CallPromotion.tailJumps(in: try decoded("kprintf"), to: putc.start, image: image).isEmpty)
+        #expect(CallPromotion.tailJumps(in: write, to: putc.start, image: image, disassembler: d).isEmpty)
+        #expect(CallPromotion.tailJumps(in: try decoded("kprintf"), to: putc.start, image: image, disassembler: d).isEmpty)
         let writeCall = try #require(write.instructions.first { $0.description == "call qword ptr [rax]" })
         let readyCall = try #require(putc.instructions.first { $0.description == "call qword ptr [rax + 0x18]" })
         let promotions = [tail,

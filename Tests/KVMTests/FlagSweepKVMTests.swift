@@ -49,6 +49,41 @@ extension KVMTests {
         try on.expectSameOutput(as: off, steadyExitsCutBy: 10)
     }
 
+    /// Retpolines: every `ret` of `ns8250_putc` is a `jmp __x86_return_thunk`. Taken for a return, the function's entry
+    /// block is a way into its copy on every call; without it only redirects on the DELAY path (never taken while THRE
+    /// is set) entered it, and two of its three sites served nothing (39,991 steady exits -> 26,661).
+    @Test("c-freebsd-cpl3-retpoline (retpolines, -mfunction-return=thunk-extern): ns8250_putc, which returns through jmp __x86_return_thunk, is entered through its entry block; its three sites served, over 90% of the steady exits gone, same output")
+    func dmpReturnThunkFunctionEnteredAtItsStart() throws {
+        try expectSitesServed("c-freebsd-cpl3-retpoline", commandLine: "iters=300", sites: "ns8250_putc+", count: 3, copyOf: "ns8250_putc")
+    }
+
+    /// Retpolines at -Os: the port accessors are reached through `call __x86_indirect_thunk_rax` (serial_in's
+    /// pointer loaded into rax first) and through `serial_out`, a load thunk (`mov rax, [rdi + 0x18]; jmp
+    /// __x86_indirect_thunk_rax`). Both calls are promoted as the indirect calls they stand for; before, neither was
+    /// (not one-jump thunks) and no site was served (29,833 steady exits -> 29,833).
+    @Test("c-uart-cpl3-retpoline-Os (retpolines, -Os): the accessors' calls through the rax thunk and through the load thunk serial_out are promoted in serial8250_console_putchar's copy; the four sites served, over 90% of the steady exits gone, same output")
+    func dmpRetpolineCallsPromoted() throws {
+        try expectSitesServed("c-uart-cpl3-retpoline-Os", commandLine: "iters=200", sites: "io_serial_", count: 4,
+                              copyOf: "serial8250_console_putchar")
+    }
+
+    /// The guest without and with DMP: exit 0 both, `count` sites whose location starts with `sites`, each patched in a
+    /// copy of `copyOf` and serving over 1,000 accesses, same output, over 90% of the steady exits gone.
+    private func expectSitesServed(_ image: String, commandLine: String, sites prefix: String, count: Int, copyOf function: String,
+                                   sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let off = try DMPLibraryRun(image, commandLine: commandLine, dmp: false)
+        let on = try DMPLibraryRun(image, commandLine: commandLine)
+        #expect(off.stop == .guestExit(status: 0) && on.stop == off.stop, sourceLocation: sourceLocation)
+        let text = DMPReport.text(on.report)
+        let sites = on.report.filter { $0.location.hasPrefix(prefix) }
+        #expect(sites.count == count, "\(text)", sourceLocation: sourceLocation)
+        for s in sites {
+            #expect(s.state == .patched && s.strategy.hasPrefix("function copy of \(function)") && s.hitsServed > 1000, "\(text)",
+                    sourceLocation: sourceLocation)
+        }
+        try on.expectSameOutput(as: off, steadyExitsCutBy: 10, sourceLocation: sourceLocation)
+    }
+
     /// A doorbell guest without and with DMP. Verification off, a poller that does not sleep and a long append
     /// wait: these tests are about what the plan serves (synchronous appends under load are the verifier's,
     /// VerifyKVMTests).

@@ -22,26 +22,36 @@ package struct CallPromotion: Hashable, Sendable {
     }
 
     /// The call instruction's address in the copied function (an indirect `call`, or a direct `call rel32`
-    /// of a one-instruction thunk `jmp r/m64`).
+    /// of a one-instruction thunk `jmp r/m64`, of a register thunk or of a load thunk).
     package var site: UInt64
     /// The target the call reaches.
     package var target: Target
     /// The accessors' entry addresses, compared in this order (at most ``maximumAccessors``).
     package var accessors: [UInt64]
-    /// For a direct call of a thunk: the thunk's bytes (its page is guarded, its bytes checked at the write).
-    package var thunk: CodeImage.Region?
+    /// For a direct call of a thunk: the bytes of the thunks it runs, the called one first (a load thunk's
+    /// register thunk second). Their pages are guarded and their bytes checked at the write.
+    package var thunks: [CodeImage.Region]
+    /// For a call of a load thunk (`mov r64, [m]`, then a jump through `r64`): `r64`, which the thunk leaves
+    /// holding the target; a promoted call that calls an accessor's copy directly sets it to the accessor's address.
+    package var loads: X86Register?
+
+    /// The called thunk's bytes (the first of ``thunks``), for a direct call of a thunk.
+    package var thunk: CodeImage.Region? { thunks.first }
 
     /// Accessors one call compares at most (the short jumps of the compare chain must reach their calls).
     package static let maximumAccessors = 4
 
     /// Creates a promotion.
-    package init(site: UInt64, target: Target, accessors: [UInt64], thunk: CodeImage.Region? = nil) {
-        self.site = site; self.target = target; self.accessors = accessors; self.thunk = thunk
+    package init(site: UInt64, target: Target, accessors: [UInt64], thunks: [CodeImage.Region] = [], loads: X86Register? = nil) {
+        self.site = site; self.target = target; self.accessors = accessors; self.thunks = thunks; self.loads = loads
     }
 
     /// The promotion of `call`, an instruction of `caller`, for `accessor`: `call` is `call r64` or
     /// `call [m]` (FF /2), or a direct `call rel32` of a sized function that is one indirect `jmp`
-    /// (after an optional `endbr64`), whose operand is then evaluated at the call site.
+    /// (after an optional `endbr64`), whose operand is then evaluated at the call site. Retpoline code calls
+    /// through thunks (``BranchThunk``): a direct `call` of a register thunk is `call r64`, and a direct `call`
+    /// of a *load thunk*, `mov r64, [m]` then `jmp r64` or a `jmp` to a register thunk of `r64` (gcc -Os's
+    /// `serial_out` with retpolines), is `call [m]` that also leaves the target in `r64` (``loads``).
     /// Refuses other instructions, `fs`/`gs` or `67`-prefixed operands, `rsp` as the target register,
     /// a thunk whose operand is RIP-relative beyond reach or that does more than jump.
     package static func make(call: X86Instruction, caller: DecodedFunction, accessor: UInt64, in image: CodeImage,
@@ -61,14 +71,40 @@ package struct CallPromotion: Hashable, Sendable {
             throw DMPRefusal(.plan, "\(call) at \(at) calls 0x\(String(b.target, radix: 16)), which starts no sized function")
         }
         let thunk = try image.decode(symbol, disassembler: disassembler)
+        let region = CodeImage.Region(address: thunk.start, bytes: thunk.bytes)
+        if let r = BranchThunk.register(of: thunk) {
+            return CallPromotion(site: call.address, target: .register(r), accessors: [accessor], thunks: [region])
+        }
         let body = thunk.instructions.first?.bytes == [0xf3, 0x0f, 0x1e, 0xfa] ? Array(thunk.instructions.dropFirst()) : thunk.instructions
+        let named = "\(symbol.name) (called at \(at))"
+        if body.count == 2, let load = loadedRegister(body[0]) {
+            let jump = body[1]
+            var through: [CodeImage.Region] = []
+            if let via = BranchThunk.registerThunk(reachedBy: jump, in: image, disassembler: disassembler), via.register == load,
+               jump.encoding.opcode == 0xe9 {
+                through = [CodeImage.Region(address: via.thunk.start, bytes: via.thunk.bytes)]
+            } else if !(isIndirectJump(jump) && jump.operands.first?.operand == .register(load)) {
+                throw DMPRefusal(.plan, "\(call) at \(at) calls \(symbol.name), which loads \(load) but does not jump through it")
+            }
+            // In the thunk RSP is 8 lower than at the call (the return address): [rsp + d] there is [rsp + d - 8] here.
+            return CallPromotion(site: call.address, target: try target(of: body[0], operand: 1, at: named, stackOffset: -8),
+                                 accessors: [accessor], thunks: [region] + through, loads: load)
+        }
         guard body.count == 1, let jump = body.first, jump.encoding.map == .primary, jump.encoding.opcode == 0xff,
               (jump.encoding.modRM >> 3) & 7 == 4 else {
-            throw DMPRefusal(.plan, "\(call) at \(at) calls \(symbol.name), which is not a one-jump thunk (jmp r/m64)")
+            throw DMPRefusal(.plan, "\(call) at \(at) calls \(symbol.name), which is not a one-jump thunk (jmp r/m64), "
+                             + "a register thunk or a load thunk (mov r64, [m]; jmp through r64)")
         }
-        // In the thunk RSP is 8 lower than at the call (the return address): [rsp + d] there is [rsp + d - 8] here.
-        return CallPromotion(site: call.address, target: try target(of: jump, at: "\(symbol.name) (called at \(at))", stackOffset: -8),
-                             accessors: [accessor], thunk: CodeImage.Region(address: thunk.start, bytes: thunk.bytes))
+        return CallPromotion(site: call.address, target: try target(of: jump, at: named, stackOffset: -8),
+                             accessors: [accessor], thunks: [region])
+    }
+
+    /// For `mov r64, [m]` (8B /r, a 64-bit register other than RSP loaded from a 64-bit memory operand): `r64`.
+    private static func loadedRegister(_ i: X86Instruction) -> X86Register? {
+        guard i.encoding.map == .primary, i.encoding.opcode == 0x8b, i.operands.count == 2, i.operands[1].memory != nil,
+              i.operands[1].size == 8, case .register(let r) = i.operands[0].operand, let g = r.generalPurpose, g.width == 8,
+              r != .rsp else { return nil }
+        return r
     }
 
     /// The promotions, for the same accessors, of the other calls of `caller` through the same pointer as this one
@@ -77,12 +113,12 @@ package struct CallPromotion: Hashable, Sendable {
     /// from each. The operand may hold another value at another call (a register, a stack slot): each promoted call
     /// compares at run time, so a call that reaches something else only makes its original call.
     package func samePointerCalls(in caller: DecodedFunction, image: CodeImage, disassembler: X86Disassembler) -> [CallPromotion] {
-        // A guarded tail jump names no pointer a call shares: its other tail jumps are found by ``tailJumps(in:to:image:)``.
+        // A guarded tail jump names no pointer a call shares: its other tail jumps are found by ``tailJumps(in:to:image:disassembler:)``.
         guard let k = caller.index(at: site), caller.instructions[k].groups.contains(.call) else { return [] }
         return caller.instructions.compactMap { i -> CallPromotion? in
             guard i.address != site, i.groups.contains(.call),
                   var p = try? CallPromotion.make(call: i, caller: caller, accessor: accessors.first ?? 0, in: image, disassembler: disassembler),
-                  p.target == target, p.thunk?.address == thunk?.address else { return nil }
+                  p.target == target, p.thunks.map(\.address) == thunks.map(\.address) else { return nil }
             p.accessors = accessors
             return p
         }
@@ -93,6 +129,11 @@ package struct CallPromotion: Hashable, Sendable {
         i.encoding.map == .primary && i.encoding.opcode == 0xff && (i.encoding.modRM >> 3) & 7 == 4
     }
 
+    /// Whether `i` is a direct `jmp rel32` (E9), what an indirect jump becomes in retpoline code (to a register thunk).
+    package static func isDirectJump32(_ i: X86Instruction) -> Bool {
+        i.encoding.map == .primary && i.encoding.opcode == 0xe9 && i.length == 5
+    }
+
     /// The indirect tail jumps of `function` promoted for `accessor`: each indirect `jmp` (FF /4, register or memory
     /// operand) reached with nothing pushed (``DecodedFunction/stackDepth(at:)`` is 0: after the epilogue, so the
     /// target runs with the caller's return address on top, as if called), that is not the dispatch of a jump table
@@ -100,35 +141,51 @@ package struct CallPromotion: Hashable, Sendable {
     /// `rsp`). A function called directly that reaches the accessor only through such a jump (`ops->write(c, s, n)` as
     /// a function's last statement, gcc's sibling call) leaves no frame of its own on the stack at the accessor's exit:
     /// the return address there leads to the `call` of this function, not of the accessor.
-    package static func tailJumps(in function: DecodedFunction, to accessor: UInt64, image: CodeImage) -> [CallPromotion] {
+    /// In retpoline code the indirect tail jump is a `jmp rel32` to a register thunk (``BranchThunk``), promoted as
+    /// `jmp r64` (the thunk's bytes guarded like a called thunk's).
+    package static func tailJumps(in function: DecodedFunction, to accessor: UInt64, image: CodeImage,
+                                  disassembler: X86Disassembler) -> [CallPromotion] {
         let tables = Set(JumpTable.find(in: function, image: image).map(\.jump))
         return function.instructions.compactMap { i -> CallPromotion? in
-            guard isIndirectJump(i), !tables.contains(i.address), (try? function.stackDepth(at: i.address)) == 0,
-                  let t = try? target(of: i, at: function.location(i.address), stackOffset: 0) else { return nil }
+            guard isIndirectJump(i) || isDirectJump32(i), !tables.contains(i.address), (try? function.stackDepth(at: i.address)) == 0 else {
+                return nil
+            }
+            if isDirectJump32(i) {
+                guard let via = BranchThunk.registerThunk(reachedBy: i, in: image, disassembler: disassembler) else { return nil }
+                return CallPromotion(site: i.address, target: .register(via.register), accessors: [accessor],
+                                     thunks: [CodeImage.Region(address: via.thunk.start, bytes: via.thunk.bytes)])
+            }
+            guard let t = try? target(of: i, at: function.location(i.address), stackOffset: 0) else { return nil }
             return CallPromotion(site: i.address, target: t, accessors: [accessor])
         }
     }
 
     /// For `call`, a direct `call rel32` of a sized function F other than `target` (the function whose return address
     /// leads to `call`: F reached it by a tail jump, leaving no frame of its own), F decoded and its indirect tail jumps
-    /// with nothing pushed promoted for `target` (``tailJumps(in:to:image:)``, possibly none); `nil` when `call` is no
-    /// such call.
+    /// with nothing pushed promoted for `target` (``tailJumps(in:to:image:disassembler:)``, possibly none); `nil` when
+    /// `call` is no such call (also a call of a register thunk).
     package static func tailJumpingCallee(of call: X86Instruction, to target: UInt64, in image: CodeImage,
                                           disassembler: X86Disassembler) throws(DMPRefusal) -> (function: DecodedFunction, jumps: [CallPromotion])? {
         guard call.encoding.map == .primary, call.encoding.opcode == 0xe8, let b = call.branch, b.target != target,
               let f = image.function(containing: b.target), f.address == b.target else { return nil }
         let function = try image.decode(f, disassembler: disassembler)
-        return (function, tailJumps(in: function, to: target, image: image))
+        // A register thunk (retpolines) is no function called directly: its call is the indirect call `call r64`
+        // (``make(call:caller:accessor:in:disassembler:)``).
+        if BranchThunk.registerThunk(reachedBy: call, in: image, disassembler: disassembler) != nil { return nil }
+        return (function, tailJumps(in: function, to: target, image: image, disassembler: disassembler))
     }
 
     /// The target operand of the indirect branch `i`, as seen `stackOffset` bytes of RSP away from `i` (RSP-based
     /// displacements move by it).
-    private static func target(of i: X86Instruction, at: String, stackOffset: Int64) throws(DMPRefusal) -> Target {
+    /// `operand`: which of `i`'s operands (by default its only one).
+    private static func target(of i: X86Instruction, operand: Int? = nil, at: String, stackOffset: Int64) throws(DMPRefusal) -> Target {
         let e = i.encoding
         guard !e.hasAddressSizePrefix, e.segmentOverride.map({ $0 != 0x64 && $0 != 0x65 }) ?? true else {
             throw DMPRefusal(.plan, "\(i) at \(at): fs/gs or 67-prefixed operand")
         }
-        guard let op = i.operands.first, i.operands.count == 1 else { throw DMPRefusal(.plan, "\(i) at \(at) has no single operand") }
+        guard operand != nil || i.operands.count == 1, let op = i.operands.indices.contains(operand ?? 0) ? i.operands[operand ?? 0] : nil else {
+            throw DMPRefusal(.plan, "\(i) at \(at) has no single operand")
+        }
         switch op.operand {
         case .register(let r):
             guard let g = r.generalPurpose, g.width == 8, r != .rsp else { throw DMPRefusal(.plan, "\(i) at \(at): target register \(r)") }
@@ -177,7 +234,8 @@ package struct CallPromotion: Hashable, Sendable {
     /// cannot overwrite it. On the miss path the target is read twice, once for the compare and once by the
     /// original call: both reads are the guest's own operand, and the second decides, as if the call had run then.
     ///
-    /// A promoted indirect tail jump (`call` is a `jmp r/m64`, ``tailJumps(in:to:image:)``) is a guarded dispatch:
+    /// A promoted indirect tail jump (`call` is a `jmp r/m64`, or a `jmp rel32` to a register thunk,
+    /// ``tailJumps(in:to:image:disassembler:)``) is a guarded dispatch:
     ///
     /// ```
     ///         lea  rsp, [rsp - 128]         ; below the red zone first, as stubs do
@@ -204,7 +262,7 @@ package struct CallPromotion: Hashable, Sendable {
               promotion.accessors.count <= maximumAccessors else {
             throw DMPRefusal(.encode, "a promoted call compares 1 to \(maximumAccessors) accessors (\(promotion.accessors.count) given)")
         }
-        let jump = isIndirectJump(call)
+        let jump = isIndirectJump(call) || isDirectJump32(call)
         let below: Int64 = jump ? FastPathEmitter.redZone : 0
         if jump { try a.lea(.rsp, X86Assembler.Memory(base: .rsp, displacement: -below)) }
         try a.push(.rcx)
@@ -236,6 +294,8 @@ package struct CallPromotion: Hashable, Sendable {
         for (k, hit) in hits.enumerated() {
             try a.bind(hit)
             try a.pop(.rcx)
+            // A load thunk leaves the target in its register: on a hit, that is the accessor's address.
+            if let r = promotion.loads { try a.mov(r, immediate: promotion.accessors[k]) }
             if jump {
                 try a.lea(.rsp, X86Assembler.Memory(base: .rsp, displacement: below))
                 try a.jmp(entries[k])

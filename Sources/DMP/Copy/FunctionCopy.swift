@@ -191,7 +191,7 @@ package struct FunctionCopy: Sendable {
     /// The guest's bytes the copy was made from (each copied function's, each promoted call's thunk): their pages
     /// are guarded, and they must be unchanged when the patch is written.
     package var sources: [CodeImage.Region] {
-        functions.map { CodeImage.Region(address: $0.start, bytes: $0.bytes) } + promotions.compactMap(\.thunk)
+        functions.map { CodeImage.Region(address: $0.start, bytes: $0.bytes) } + promotions.flatMap(\.thunks)
     }
 
     /// Copies `function` to the guest-virtual `address` with `rewrites` applied, or refuses
@@ -211,10 +211,11 @@ package struct FunctionCopy: Sendable {
         for p in promotions {
             // A call of the function, or of an accessor copied after it (an accessor that calls another through a
             // pointer itself: the caller of a function copy whose entries lie on a rarely taken path, promoted).
-            // Or an indirect tail jump (``CallPromotion/tailJumps(in:to:image:)``), guarded the same way.
+            // Or an indirect tail jump (``CallPromotion/tailJumps(in:to:image:disassembler:)``), guarded the same way.
             guard let holder = parts.first(where: { $0.function.index(at: p.site) != nil })?.function,
                   let k = holder.index(at: p.site),
-                  holder.instructions[k].groups.contains(.call) || CallPromotion.isIndirectJump(holder.instructions[k]) else {
+                  holder.instructions[k].groups.contains(.call) || CallPromotion.isIndirectJump(holder.instructions[k])
+                    || (CallPromotion.isDirectJump32(holder.instructions[k]) && p.thunk != nil) else {
                 throw DMPRefusal(.plan, "promoted call at 0x\(String(p.site, radix: 16)) is no call or indirect jump of \(function.symbol.name) or its accessors")
             }
             guard promoted.updateValue(p, forKey: p.site) == nil else {

@@ -77,7 +77,11 @@ package struct FunctionCopyPlan: Sendable {
                 }
             }
         }
-        let returns = function.instructions.contains { $0.groups.contains(.return) }
+        // Retpoline code returns through a jump to a return thunk (``BranchThunk``).
+        let returns = function.instructions.contains { i in
+            i.groups.contains(.return)
+                || ((i.branch.map { !function.contains($0.target) } ?? false) && BranchThunk.isReturnJump(i, in: image, disassembler: disassembler))
+        }
         if returns { start() }
         // A promoted call inside an accessor is reached through the promoted call that calls that accessor.
         let paths = hot.map(\.address) + promotions.map(\.site).filter { function.contains($0) }

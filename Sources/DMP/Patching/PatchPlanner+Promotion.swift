@@ -10,7 +10,7 @@ package struct PromotionRequest: Sendable {
     /// The call of the caller to promote (naming the accessor).
     package var promotion: CallPromotion
     /// The caller's other indirect tail jumps promoted for the accessor with ``promotion``, when that is a tail jump
-    /// (``CallPromotion/tailJumps(in:to:image:)``): the first is the request, these go along.
+    /// (``CallPromotion/tailJumps(in:to:image:disassembler:)``): the first is the request, these go along.
     package var more: [CallPromotion] = []
 }
 
@@ -20,7 +20,7 @@ extension PromotionRequest {
     /// call of a one-jump thunk); or, for a direct `call rel32` of another sized function F that reached the accessor
     /// by an indirect tail jump (gcc's sibling call after F's epilogue, which leaves no frame of F's on the stack:
     /// Linux's `serial8250_console_putchar` ending in `serial_port_out`'s `jmp rax` at -Os), F's indirect tail jumps
-    /// with nothing pushed (``CallPromotion/tailJumps(in:to:image:)``) guarded to the accessor's copy in a copy of F,
+    /// with nothing pushed (``CallPromotion/tailJumps(in:to:image:disassembler:)``) guarded to the accessor's copy in a copy of F,
     /// the first as the request, the others in ``more``. Refuses with `make`'s reason (and F's, when it has no such
     /// jump) otherwise.
     package static func resolve(call: X86Instruction, caller: DecodedFunction, accessor: UInt64, in image: CodeImage,
@@ -112,7 +112,7 @@ extension PatchPlanner {
     /// the instruction ending there must be either an indirect call (or a thunk call) of the caller, promoted as
     /// ``promotionRequest(for:registersAtExit:patches:)`` promotes one, or a direct `call rel32` of another sized
     /// function F, which then reached the caller by an indirect tail jump: F's tail jumps
-    /// (``CallPromotion/tailJumps(in:to:image:)``, at least one) are guarded to the caller's copy, the first as the
+    /// (``CallPromotion/tailJumps(in:to:image:disassembler:)``, at least one) are guarded to the caller's copy, the first as the
     /// request, the others in `more`. One level and one tail jump only: anything else refuses with the reason.
     /// `request.caller`, decoded, is returned as `middle` (a function the new copy serves, between F and the accessor).
     package func levelUpRequest(above request: PromotionRequest, for located: LocatedInstruction, registersAtExit: Registers?,
@@ -127,7 +127,8 @@ extension PatchPlanner {
         let accessor = try image.decode(symbol, disassembler: disassembler)
         let middle = try image.decode(m, disassembler: disassembler)
         // A caller that reached the accessor by its own tail jump left no frame above the accessor's return address.
-        if let k = middle.index(at: request.promotion.site), CallPromotion.isIndirectJump(middle.instructions[k]) {
+        if let k = middle.index(at: request.promotion.site),
+           CallPromotion.isIndirectJump(middle.instructions[k]) || CallPromotion.isDirectJump32(middle.instructions[k]) {
             throw DMPRefusal(.plan, "\(m.name) reaches \(symbol.name) by a tail jump (no frame of its own to look above)")
         }
         // The accessor's return address is at rsp + its depth; the caller's frame starts above it.
