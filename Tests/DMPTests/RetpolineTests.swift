@@ -67,7 +67,7 @@ struct RetpolineTests {
                                                     GuestSymbol(name: "plain", address: 0x3000, size: 1, isFunction: true)]))
         let tails = CallPromotion.tailJumps(in: try function(f, d), to: 0x4000, image: image, disassembler: d)
         #expect(tails.map(\.site) == [0x1002] && tails.first?.target == .register(.rax))
-        #expect(tails.first?.thunks == [CodeImage.Region(address: 0x2000, bytes: thunkBytes)])
+        #expect(tails.first?.thunks == [CodeImage.Region(address: 0x2000, bytes: Array(thunkBytes.dropLast()))], "from its start to its ret")
         #expect(CallPromotion.tailJumps(in: try function(g, at: 0x1100, d), to: 0x4000, image: image, disassembler: d).isEmpty)
         #expect(CallPromotion.tailJumps(in: try function(h, at: 0x1200, d), to: 0x4000, image: image, disassembler: d).isEmpty)
         // Emitted as a guarded jump: below the red zone, compare, the original jmp rel32 (refitted) on a miss.
@@ -120,6 +120,22 @@ struct RetpolineTests {
         }
         #expect(Set(plan.copy.sources.map(\.address)) == [putchar.start, inSlow.start, outSlow.start, serialOut.start, raxThunk.start])
         #expect(!plan.entries.isEmpty, "\(plan.entryRefusals)")
+    }
+
+    @Test("c-portops-cpl3-retpoline-inline: gcc's own thunk has no symbol size; a call of it is still promoted as call rax, the thunk's bytes read from its start to its ret")
+    func unsizedThunk() throws {
+        let image = try CGuestCopyTests.image("c-portops-cpl3-retpoline-inline")
+        let d = try X86Disassembler()
+        let symbol = try #require(image.symbols.symbols.first { $0.name == "__x86_indirect_thunk_rax" })
+        #expect(symbol.size == 0)
+        let caller = try image.decode(try #require(image.symbols.symbols.first { $0.name == "serial_puts_fast.constprop.0" }), disassembler: d)
+        let call = try #require(caller.instructions.first { $0.groups.contains(.call) && $0.branch?.target == symbol.address })
+        let out = try #require(image.symbols.symbols.first { $0.name == "io_serial_out" && $0.size > 0 })
+        let p = try CallPromotion.make(call: call, caller: caller, accessor: out.address, in: image, disassembler: d)
+        #expect(p.target == .register(.rax) && p.loads == nil)
+        let thunk = try #require(p.thunk)
+        #expect(thunk.address == symbol.address && thunk.bytes.first == 0xe8 && thunk.bytes.last == 0xc3, "\(thunk.bytes)")
+        #expect(image.bytes(at: thunk.address, count: thunk.bytes.count) == thunk.bytes)
     }
 
     @Test("c-freebsd-cpl3-retpoline: ns8250_putc ends in jmp __x86_return_thunk, so it returns: its copy is entered through its entry block's 5-byte instructions (run on every call), not only through redirects on the DELAY path")

@@ -67,14 +67,14 @@ package struct CallPromotion: Hashable, Sendable {
         guard b.target != accessor else {
             throw DMPRefusal(.plan, "\(call) at \(at) calls the accessor directly (a retargeted call site serves it)")
         }
+        if let via = BranchThunk.registerThunk(reachedBy: call, in: image, disassembler: disassembler) {
+            return CallPromotion(site: call.address, target: .register(via.register), accessors: [accessor], thunks: [via.thunk])
+        }
         guard let symbol = image.function(containing: b.target), symbol.address == b.target else {
             throw DMPRefusal(.plan, "\(call) at \(at) calls 0x\(String(b.target, radix: 16)), which starts no sized function")
         }
         let thunk = try image.decode(symbol, disassembler: disassembler)
         let region = CodeImage.Region(address: thunk.start, bytes: thunk.bytes)
-        if let r = BranchThunk.register(of: thunk) {
-            return CallPromotion(site: call.address, target: .register(r), accessors: [accessor], thunks: [region])
-        }
         let body = thunk.instructions.first?.bytes == [0xf3, 0x0f, 0x1e, 0xfa] ? Array(thunk.instructions.dropFirst()) : thunk.instructions
         let named = "\(symbol.name) (called at \(at))"
         if body.count == 2, let load = loadedRegister(body[0]) {
@@ -82,7 +82,7 @@ package struct CallPromotion: Hashable, Sendable {
             var through: [CodeImage.Region] = []
             if let via = BranchThunk.registerThunk(reachedBy: jump, in: image, disassembler: disassembler), via.register == load,
                jump.encoding.opcode == 0xe9 {
-                through = [CodeImage.Region(address: via.thunk.start, bytes: via.thunk.bytes)]
+                through = [via.thunk]
             } else if !(isIndirectJump(jump) && jump.operands.first?.operand == .register(load)) {
                 throw DMPRefusal(.plan, "\(call) at \(at) calls \(symbol.name), which loads \(load) but does not jump through it")
             }
@@ -152,8 +152,7 @@ package struct CallPromotion: Hashable, Sendable {
             }
             if isDirectJump32(i) {
                 guard let via = BranchThunk.registerThunk(reachedBy: i, in: image, disassembler: disassembler) else { return nil }
-                return CallPromotion(site: i.address, target: .register(via.register), accessors: [accessor],
-                                     thunks: [CodeImage.Region(address: via.thunk.start, bytes: via.thunk.bytes)])
+                return CallPromotion(site: i.address, target: .register(via.register), accessors: [accessor], thunks: [via.thunk])
             }
             guard let t = try? target(of: i, at: function.location(i.address), stackOffset: 0) else { return nil }
             return CallPromotion(site: i.address, target: t, accessors: [accessor])
