@@ -88,16 +88,11 @@ struct Bench: ParsableCommand {
 
     func run() throws {
         let qemu = noQemu ? nil : findExecutable("qemu-system-x86_64")
-        if realtimePriority > 0 {
-            if let refused = becomeRealtime(priority: realtimePriority, busyThreads: 2) {
-                printError("bench: --realtime-priority \(realtimePriority) not taken: \(refused)")
-            } else {
-                printError("bench: minivmm's threads run under SCHED_FIFO \(realtimePriority)")
-            }
-        }
+        let realtime = realtimePriority > 0 ? becomeRealtime(priority: realtimePriority, busyThreads: 2) : nil
+        if let realtime { printError(realtime.message("bench")) }
         let env = BenchEnvironment(guests: guests, qemu: qemu, tscPerNanosecond: calibrateTSC(), ringSlots: ringSlots)
         if json {
-            print(Bench.json(try workloadRecords(env)))
+            print(Bench.json(try workloadRecords(env), realtime: realtime))
             return
         }
         if sections.contains(.exitPath) { try exitPath() }
@@ -158,9 +153,14 @@ struct Bench: ParsableCommand {
                           progress: { printError("bench: " + $0) })
     }
 
-    /// The `--json` output: one array, one object per workload and variant.
-    static func json(_ records: [BenchRecord]) -> String {
-        JSONValue.array(records.map(\.json)).rendered(indent: 2)
+    /// The `--json` output: one array, one object per workload and variant; each says in `realtime` what
+    /// `--realtime-priority` came to (null when not asked for).
+    static func json(_ records: [BenchRecord], realtime: RealtimeOutcome? = nil) -> String {
+        JSONValue.array(records.map { r in
+            var r = r
+            r.extra.append((key: "realtime", value: realtime?.json ?? .null))
+            return r.json
+        }).rendered(indent: 2)
     }
 
     func workloadRecords(_ env: BenchEnvironment) throws -> [BenchRecord] {

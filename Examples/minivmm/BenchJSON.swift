@@ -1,6 +1,7 @@
 /// A JSON value, enough for `minivmm bench --json` (objects keep their key order).
 enum JSONValue: Sendable, Equatable {
     case null
+    case bool(Bool)
     case int(Int)
     /// A finite number; NaN and infinities are written as `null`.
     case number(Double)
@@ -16,6 +17,7 @@ enum JSONValue: Sendable, Equatable {
         let close = indent > 0 ? "\n" + String(repeating: " ", count: indent * level) : ""
         switch self {
         case .null: return "null"
+        case .bool(let v): return v ? "true" : "false"
         case .int(let v): return String(v)
         case .number(let v):
             guard v.isFinite else { return "null" }

@@ -152,17 +152,24 @@ func environment(_ name: String) -> String? {
 
 /// Puts the calling thread under the real-time policy `SCHED_FIFO` at `priority` (1...99); the
 /// threads it creates afterwards (a VM's vCPU, ring-poller and timer threads) inherit it, so no
-/// other busy host thread takes their CPUs (the host keeps a small share for them). Refused, with
-/// the reason, unless the host CPUs this process may use are at least `busyThreads` (the vCPUs and
-/// the ring poller: real-time threads that spin on one CPU starve each other), or when the host
-/// refuses (no `CAP_SYS_NICE`).
-func becomeRealtime(priority: Int32, busyThreads: Int) -> String? {
+/// other busy host thread takes their CPUs (the host keeps a small share for them). Not applied,
+/// with the reason, unless the host CPUs this process may use are at least `busyThreads` (the vCPUs
+/// and the ring poller: real-time threads that spin on one CPU starve each other), or when the host
+/// refuses (the errno; `EPERM` without `CAP_SYS_NICE` and with `RLIMIT_RTPRIO` below `priority`).
+func becomeRealtime(priority: Int32, busyThreads: Int) -> RealtimeOutcome {
+    let priority = min(max(priority, 1), 99)
     let cpus = VirtualMachine.allowedHostCPUs.count
-    guard cpus >= busyThreads else { return "\(busyThreads) busy threads (vCPUs and the ring poller) need as many host CPUs; \(cpus) allowed" }
+    guard cpus >= busyThreads else {
+        return RealtimeOutcome(priority: priority, refusal: .tooFewCPUs(busyThreads: busyThreads, allowed: cpus))
+    }
     var p = sched_param()
-    p.sched_priority = min(max(priority, 1), 99)
+    p.sched_priority = priority
     let r = pthread_setschedparam(pthread_self(), Int32(SCHED_FIFO), &p)
-    return r == 0 ? nil : "pthread_setschedparam: \(String(cString: strerror(r)))"
+    guard r != 0 else { return RealtimeOutcome(priority: priority) }
+    var limit = rlimit()
+    let rtprio: UInt64? = getrlimit(__rlimit_resource_t(__RLIMIT_RTPRIO.rawValue), &limit) == 0 && limit.rlim_cur != rlim_t.max
+        ? UInt64(limit.rlim_cur) : nil
+    return RealtimeOutcome(priority: priority, refusal: .host(errno: r, text: String(cString: strerror(r)), rtprioLimit: rtprio))
 }
 
 /// The last `count` bytes of the file open at `fd`, as ``OutputTail/text`` gives them.

@@ -15,9 +15,8 @@ struct Session {
     let dmp: DMPMiddleware?
 
     init(options: GuestOptions, profile: Bool, dmp: DMPConfiguration? = nil, console: OutputSink = .standardOutput()) throws {
-        if let p = options.realtimePriority,
-           let refused = becomeRealtime(priority: p, busyThreads: options.cpus + (options.ringPoll ? 1 : 0)) {
-            printError("minivmm: --realtime-priority \(p) not taken: \(refused)")
+        if let p = options.realtimePriority {
+            printError(becomeRealtime(priority: p, busyThreads: options.cpus + (options.ringPoll ? 1 : 0)).message("minivmm"))
         }
         var config = VMConfiguration(memorySize: try options.memoryBytes(), vcpuCount: options.cpus)
         config.strict = options.strict
