@@ -51,7 +51,7 @@ package struct FunctionCopyPlan: Sendable {
         }
         guard let symbol = image.function(containing: first.address) else {
             throw DMPRefusal(.plan, "no sized function symbol covers 0x\(String(first.address, radix: 16))"
-                             + (image.symbols.symbols.isEmpty ? " (the image has no symbols: stripped?)" : ""))
+                             + (image.symbols.symbols.isEmpty ? " (no symbols: the image is stripped, or DMPConfiguration.use(_:) was not given its LoadedImage)" : ""))
         }
         let function = try image.decode(symbol, disassembler: disassembler)
         if let stray = hot.first(where: { !function.contains($0.address) }) {

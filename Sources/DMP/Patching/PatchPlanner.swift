@@ -104,7 +104,7 @@ package final class PatchPlanner {
             granted = try vm.bus.grantFastPath(space: space, address: site.address, size: size, direction: site.direction,
                                                ring: ringIndex, slot: slot, enableWord: word).description
         } catch {
-            throw DMPRefusal(.fastPath, "\(error)")
+            throw DMPRefusal(.fastPath, "\(error)" + Self.noRingHint(error, direction: site.direction, ring: ringIndex, rings: rings != nil))
         }
         var slotRead = false
         if case .sharedSlotRead = granted.kind { slotRead = true; nextSlotIndex += 1 }

@@ -287,13 +287,13 @@ public final class KVMVCPU: VCPUBackend {
         (raw + CKVM_RUN_SYNC_REGS_OFFSET).assumingMemoryBound(to: kvm_regs.self)
     }
 
-    /// The general registers. Reads the sync-regs area after an exit; otherwise the ioctl is `KVM_GET_REGS`.
     /// RIP: from the sync-regs area after an exit (one load), else `KVM_GET_REGS`.
     public func instructionPointer() throws(BackendError) -> UInt64 {
         if syncRegsValid { return syncRegs.pointee.rip }
         return try registers().rip
     }
 
+    /// The general registers. Reads the sync-regs area after an exit; otherwise the ioctl is `KVM_GET_REGS`.
     public func registers() throws(BackendError) -> Registers {
         if syncRegsValid { return Registers(syncRegs.pointee) }
         var r = kvm_regs()
