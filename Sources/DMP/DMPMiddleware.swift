@@ -101,7 +101,9 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
     ///   - vm: the VM whose exits it sees.
     ///   - rings: the paravirtual ring device whose rings ring-append fast paths use (nil: no such fast paths).
     ///   - configuration: thresholds, strategies, verification, dry run (each numeric setting within its range).
-    ///   - logger: where decisions are logged; the VMM's own logger, so they appear in its logs.
+    ///   - logger: where decisions are logged; the VMM's own logger, so they appear in its logs. The default goes to
+    ///     swift-log's global handler: without a `LoggingSystem.bootstrap` that prints every decision on stderr at
+    ///     `.info` and above; pass a logger whose `logLevel` is `.warning` to keep a VMM's stderr quiet.
     public init(vm: VirtualMachine, rings: PVRingDevice?, configuration: DMPConfiguration = DMPConfiguration(),
                 logger: Logger = Logger(label: "vmmkit.dmp")) {
         self.vm = vm
@@ -141,6 +143,7 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
 
     /// Creates the middleware, adds it to `vm`'s exit chain, makes it the VM's
     /// page-guard listener and starts its periodic verification. Call before the VM runs.
+    /// `logger` as in ``init(vm:rings:configuration:logger:)`` (the default prints every decision on stderr).
     @discardableResult
     public static func install(on vm: VirtualMachine, rings: PVRingDevice?,
                                configuration: DMPConfiguration = DMPConfiguration(),
