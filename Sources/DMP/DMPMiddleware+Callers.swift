@@ -183,7 +183,7 @@ extension DMPMiddleware {
         let promoted = patches.contains { p in
             p.copy.map { c in
                 c.function.start == request.caller
-                    && c.promotions.contains { $0.site == request.promotion.site && $0.accessors.contains(request.accessor) }
+                    && c.promotions.contains { p in p.site == request.promotion.site && request.promotion.accessors.allSatisfy(p.accessors.contains) }
             } ?? false
         }
         guard !promoted else { return .nothingNew }

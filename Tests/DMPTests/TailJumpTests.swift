@@ -255,4 +255,42 @@ struct TailJumpTests {
         #expect(all.filter { body.copy.contains($0.address) }.contains { $0.mnemonic == "jmp" && $0.branch?.target == outEntry })
         #expect(plan.entries.contains { $0.kind == .callSite }, "\(plan.entries.map(\.kind)) \(plan.entryRefusals)")
     }
+
+    @Test("c-linux8250-earlycon-cpl3-Os: uart_console_write calls its putchar argument (call r13); when it held serial8250_console_putchar at the THR write's exit, which reached io_serial_out by its sibling call, the call is promoted for serial8250_console_putchar and its tail jump for io_serial_out (a promotion for io_serial_out would compare with an address the call never holds); other runtime targets keep the promotion for the accessor")
+    func indirectCallOfTailJumpingFunction() throws {
+        let image = try CGuestCopyTests.image("c-linux8250-earlycon-cpl3-Os")
+        let d = try X86Disassembler()
+        func decoded(_ name: String) throws -> DecodedFunction {
+            try image.decode(try #require(image.symbols.symbols.first { $0.name == name && $0.size > 0 }), disassembler: d)
+        }
+        let write = try decoded("uart_console_write"), putchar = try decoded("serial8250_console_putchar")
+        let out = try decoded("io_serial_out"), early = try decoded("serial_putc")
+        let call = try #require(write.instructions.last { $0.description == "call r13" })
+        let request = try PromotionRequest.resolve(call: call, caller: write, accessor: out.start, runtimeTarget: putchar.start,
+                                                   in: image, disassembler: d)
+        #expect(request.caller == write.start && request.accessor == out.start)
+        #expect(request.promotion.site == call.address && request.promotion.target == .register(.r13) && request.promotion.accessors == [putchar.start])
+        #expect(request.more == CallPromotion.tailJumps(in: putchar, to: out.start, image: image, disassembler: d) && request.more.count == 1)
+        // No runtime target, the accessor itself, or a function with no tail jump: the call promoted for the accessor.
+        for target in [nil, out.start, early.start] as [UInt64?] {
+            let plain = try PromotionRequest.resolve(call: call, caller: write, accessor: out.start, runtimeTarget: target, in: image, disassembler: d)
+            #expect(plain.promotion.accessors == [out.start] && plain.more.isEmpty, "\(String(describing: target))")
+        }
+        // The caller's copy calls serial8250_console_putchar's copy, whose guarded jmp rax reaches io_serial_out's.
+        let accessors = [putchar, out].map { a in
+            FunctionCopy.Accessor(function: a, rewrites: a.instructions.filter { $0.groups.contains(.portIO) }
+                .map { HotRewrite(address: $0.address, bytes: [0x90]) })
+        }
+        let plan = try FunctionCopyPlan.make(hot: [], in: image, at: 0xf0_0000, disassembler: d,
+                                             promotions: [request.promotion] + request.more, accessors: accessors)
+        let copy = plan.copy
+        #expect(copy.function.start == write.start && copy.accessors.map(\.start) == [putchar.start, out.start])
+        let all = d.decodeAll(copy.bytes, address: copy.address)
+        #expect(all.reduce(0) { $0 + $1.length } == copy.bytes.count)
+        let putcharEntry = try #require(copy.copyAddress(of: putchar.start)), outEntry = try #require(copy.copyAddress(of: out.start))
+        #expect(all.contains { $0.mnemonic == "call" && $0.branch?.target == putcharEntry })
+        let tail = try #require(request.more.first)
+        let body = try #require(copy.pieces.first { $0.original == tail.site })
+        #expect(all.filter { body.copy.contains($0.address) }.contains { $0.mnemonic == "jmp" && $0.branch?.target == outEntry })
+    }
 }

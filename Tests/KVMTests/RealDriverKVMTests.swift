@@ -49,6 +49,28 @@ extension KVMTests {
         try on.expectSameOutput(as: off, steadyExitsCutBy: 10)
     }
 
+    /// `c-linux8250-cpl3` with the boot console first: `uart_console_write` gets two putchar functions and calls its
+    /// argument (`call r13`); at -Os and -noalign `serial8250_console_putchar` reaches `io_serial_out` by its sibling
+    /// call, so the THR write's return address leads to that indirect call, whose target was
+    /// `serial8250_console_putchar`. Before, the call was promoted for `io_serial_out`, an address it never holds:
+    /// the THR write was never served (steady exits 51,197 -> 25,869); now it is promoted for
+    /// `serial8250_console_putchar` (the target r13 still held at the exit), whose copy's guarded tail jump reaches
+    /// `io_serial_out`'s.
+    @Test("c-linux8250-earlycon-cpl3 (-Os, -noalign): the THR write, reached through uart_console_write's call r13 of serial8250_console_putchar and its sibling call, served from uart_console_write's copy (the call promoted for serial8250_console_putchar, its jmp rax for io_serial_out); over 90% of the steady exits gone, same output",
+          arguments: ["c-linux8250-earlycon-cpl3-Os", "c-linux8250-earlycon-cpl3-noalign"])
+    func dmpLinux8250IndirectCallOfSiblingCaller(_ image: String) throws {
+        let off = try DMPLibraryRun(image, commandLine: "iters=300", dmp: false)
+        let on = try DMPLibraryRun(image, commandLine: "iters=300")
+        #expect(off.stop == .guestExit(status: 0) && on.stop == off.stop)
+        let text = DMPReport.text(on.report)
+        // The THR write's rows (at -noalign a direct call of io_serial_out gets a copy of its own too; the accesses are
+        // served under the promoting caller's key, `io_serial_out+0xe via uart_console_write+…`).
+        let thr = on.report.filter { $0.location.hasPrefix("io_serial_out+") && $0.site.address == 0x3f8 }
+        #expect(thr.contains { $0.state == .patched && $0.strategy.contains("serial8250_console_putchar") && $0.hitsServed > 1000 },
+                "\(text)")
+        try on.expectSameOutput(as: off, steadyExitsCutBy: 10)
+    }
+
     /// The guest at `iters=300` without and with DMP: exit 0 both, `sites` sites of `function` patched in a copy of
     /// it and serving over 1,000 accesses each, same output, over 90% of the steady exits gone.
     private func expectServedByOwnCopy(_ image: String, function: String, sites count: Int,

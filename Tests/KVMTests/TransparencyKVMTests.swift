@@ -219,6 +219,7 @@ let transparencyGuests: [(String, String)] = [
     ("c-printf-cpl3", "iters=60"), ("c-freebsd-cpl3-noalign", "iters=60"),
     // Linux's 8250 console (at -Os a sibling call through port->serial_out from a function called directly).
     ("c-linux8250-cpl3", "iters=60"), ("c-linux8250-cpl3-Os", "iters=60"),
+    ("c-linux8250-earlycon-cpl3-Os", "iters=60"), ("c-linux8250-earlycon-cpl3-noalign", "iters=60"),
     // Real MMIO drivers' idioms on the doorbell: virtio-mmio's notify callback, NVMe's strided doorbells.
     ("c-virtio-notify-cpl3", "iters=256"), ("c-nvme-sqdb-cpl3", "iters=256"),
     // Packed images: the hot code's page shares read-only data, or written data.

@@ -9,8 +9,9 @@ package struct PromotionRequest: Sendable {
     package var accessor: UInt64
     /// The call of the caller to promote (naming the accessor).
     package var promotion: CallPromotion
-    /// The caller's other indirect tail jumps promoted for the accessor with ``promotion``, when that is a tail jump
-    /// (``CallPromotion/tailJumps(in:to:image:disassembler:)``): the first is the request, these go along.
+    /// Promotions that go along with ``promotion``: the caller's other indirect tail jumps promoted for the accessor,
+    /// when ``promotion`` is one (``CallPromotion/tailJumps(in:to:image:disassembler:)``); or, when ``promotion`` calls a function
+    /// that reached the accessor by its own indirect tail jump, that function's tail jumps promoted for the accessor.
     package var more: [CallPromotion] = []
 }
 
@@ -23,10 +24,26 @@ extension PromotionRequest {
     /// with nothing pushed (``CallPromotion/tailJumps(in:to:image:disassembler:)``) guarded to the accessor's copy in a copy of F,
     /// the first as the request, the others in ``more``. Refuses with `make`'s reason (and F's, when it has no such
     /// jump) otherwise.
-    package static func resolve(call: X86Instruction, caller: DecodedFunction, accessor: UInt64, in image: CodeImage,
-                                disassembler: X86Disassembler) throws(DMPRefusal) -> PromotionRequest {
+    ///
+    /// `runtimeTarget`: where an indirect `call` went when it ran, as far as the registers at the accessor's exit tell
+    /// (a guest value and a guess: it only chooses what to promote). When that is the start of another sized function
+    /// F with indirect tail jumps with nothing pushed (serial_core.c's `uart_console_write` calling its `putchar`
+    /// argument, `serial8250_console_putchar`, which ends in `serial_port_out`'s `jmp rax` to `io_serial_out`), the
+    /// call is promoted for F, and F's tail jumps (in ``more``) for the accessor: the caller's copy calls F's copy,
+    /// whose guarded jump reaches the accessor's. A promotion for the accessor itself would compare with the
+    /// accessor's address, which that call never holds.
+    package static func resolve(call: X86Instruction, caller: DecodedFunction, accessor: UInt64, runtimeTarget: UInt64? = nil,
+                                in image: CodeImage, disassembler: X86Disassembler) throws(DMPRefusal) -> PromotionRequest {
         do {
             let promotion = try CallPromotion.make(call: call, caller: caller, accessor: accessor, in: image, disassembler: disassembler)
+            if promotion.thunk == nil, let t = runtimeTarget, t != accessor, t != caller.start,
+               let f = image.function(containing: t), f.address == t, let function = try? image.decode(f, disassembler: disassembler) {
+                let jumps = CallPromotion.tailJumps(in: function, to: accessor, image: image, disassembler: disassembler)
+                if !jumps.isEmpty {
+                    return PromotionRequest(caller: caller.start, accessor: accessor,
+                                            promotion: CallPromotion(site: promotion.site, target: promotion.target, accessors: [t]), more: jumps)
+                }
+            }
             return PromotionRequest(caller: caller.start, accessor: accessor, promotion: promotion)
         } catch {
             guard let (function, jumps) = try CallPromotion.tailJumpingCallee(of: call, to: accessor, in: image, disassembler: disassembler)
@@ -71,7 +88,30 @@ extension PatchPlanner {
         }
         let (caller, call) = try call(returningTo: returnAddress, of: symbol.name, image: image, patches: patches)
         guard caller.start != symbol.address else { throw DMPRefusal(.plan, "\(symbol.name) is called from itself") }
-        return try PromotionRequest.resolve(call: call, caller: caller, accessor: accessor.start, in: image, disassembler: disassembler)
+        let target = runtimeTarget(of: call, rspAtCall: slot &+ 8, registers: registers, located: located)
+        return try PromotionRequest.resolve(call: call, caller: caller, accessor: accessor.start, runtimeTarget: target,
+                                            in: image, disassembler: disassembler)
+    }
+
+    /// The target an indirect `call` (FF /2) had when it ran, as far as the registers at the accessor's exit still
+    /// tell: the register's value, or the 8-byte word its memory operand names (RSP as it was at the call,
+    /// `rspAtCall`, just above the return address), read through the exit's paging. A guest value and a guess (the
+    /// accessor may have changed the register since): it only chooses what to promote, never correctness. `nil` for
+    /// other instructions and what cannot be read.
+    private func runtimeTarget(of call: X86Instruction, rspAtCall: UInt64, registers: Registers, located: LocatedInstruction) -> UInt64? {
+        let e = call.encoding
+        guard e.map == .primary, e.opcode == 0xff, (e.modRM >> 3) & 7 == 2, let operand = call.operands.first?.operand else { return nil }
+        var r = registers
+        r.rsp = rspAtCall
+        switch operand {
+        case .register(let register):
+            return register.value(in: r)
+        case .memory(let m):
+            return call.effectiveAddress(of: m, registers: r, segments: X86SegmentBases(located.specialRegisters))
+                .flatMap { readStackWord(at: $0, located: located) }
+        default:
+            return nil
+        }
     }
 
     /// The call instruction a return address read from the guest's stack returns from, and the function holding it:
@@ -165,7 +205,8 @@ extension PatchPlanner {
         }
     }
 
-    /// The 8-byte stack word at the guest-virtual `address` under the exit's paging (user access at CPL3), or `nil`.
+    /// The 8-byte word (a stack slot, a function pointer) at the guest-virtual `address` under the exit's paging (user
+    /// access at CPL3), or `nil`.
     private func readStackWord(at address: UInt64, located: LocatedInstruction) -> UInt64? {
         let access: PageAccess = located.cpl == 3 ? [.user] : []
         var value: UInt64 = 0
