@@ -107,13 +107,11 @@ struct CopyEntryTests {
         #expect(!out.entryRefusals.contains { $0.reason.contains("before the hot loops") })
     }
 
-    @Test("a function that returns with no way in at its start is entered through its entry block too: the paths' redirects may lie on a path that never runs")
-    func entryBlockEntries() throws {
-        let d = try X86Disassembler()
-        // Guests/c-freebsd-cpl3-noalign's ns8250_putc, shortened: the THRE read laid out after the loop's body,
-        // whose only 5-byte instruction lies on the DELAY path (taken only while THRE is clear); a 3-byte first
-        // instruction, no padding, no direct caller.
-        let code: [UInt8] = [
+    /// Guests/c-freebsd-cpl3-noalign's ns8250_putc, shortened: the THRE read laid out after the loop's body, whose
+    /// only 5-byte instruction lies on the DELAY path (taken only while THRE is clear); a 3-byte first instruction, no
+    /// padding, no direct caller. `ending`: what follows the data write at 0x2d (`ret`, or a tail call).
+    static func shortenedPutc(ending: [UInt8]) -> [UInt8] {
+        [
             0x41, 0x89, 0xf2,                           // 0x00 mov r10d, esi
             0xbe, 0x90, 0xd0, 0x03, 0x00,               // 0x03 mov esi, 0x3d090
             0xba, 0xfd, 0x03, 0x00, 0x00, 0xeb, 0x10,   // 0x08 mov edx, 0x3fd (the loop's head); jmp 0x1f
@@ -121,10 +119,15 @@ struct CopyEntryTests {
             0x48, 0x8b, 0x05, 0x00, 0x10, 0x00, 0x00,   // 0x14 mov rax, [rip + 0x1000] (DELAY)
             0xf3, 0x90, 0xeb, 0xe9,                     // 0x1b pause; jmp 0x08
             0xec, 0xa8, 0x20, 0x74, 0xeb,               // 0x1f in al, dx; test al, 0x20; je 0x0f
-            0x44, 0x89, 0xd0, 0xba, 0xf8, 0x03, 0x00, 0x00, 0xee, 0xc3, // 0x24 mov eax, r10d; mov edx, 0x3f8; out dx, al; ret
-        ]
+            0x44, 0x89, 0xd0, 0xba, 0xf8, 0x03, 0x00, 0x00, 0xee, // 0x24 mov eax, r10d; mov edx, 0x3f8; out dx, al
+        ] + ending
+    }
+
+    @Test("a function that returns with no way in at its start is entered through its entry block too: the paths' redirects may lie on a path that never runs")
+    func entryBlockEntries() throws {
+        let d = try X86Disassembler()
         let base: UInt64 = 0x10_1708
-        let (image, _) = handMade(code, at: base, name: "ns8250_putc")
+        let (image, _) = handMade(Self.shortenedPutc(ending: [0xc3]), at: base, name: "ns8250_putc") // ret
         let copy = try FunctionCopy(try image.decode(image.symbols.symbols[0], disassembler: d), at: copyPlacement)
         #expect(copy.entryBlockEntries().map(\.site) == [base + 0x03], "up to the loop's head, a branch target")
         let plan = try FunctionCopyPlan.make(hot: [HotRewrite(address: base + 0x1f, bytes: [0x90]), HotRewrite(address: base + 0x2c, bytes: [0x90])],
@@ -132,6 +135,39 @@ struct CopyEntryTests {
         #expect(plan.entries.map(\.site) == [base + 0x14, base + 0x27, base + 0x03], "the paths' redirects, then the entry block's")
         #expect(plan.entries.allSatisfy { $0.kind == .redirect })
         for e in plan.entries { try expectBranchWrite(e.writes[0], to: e.target, d) }
+    }
+
+    @Test("a function that leaves only through a tail call returns to its caller too: its entry block is a way in, as for one that ends in ret")
+    func tailCallReturnsToCaller() throws {
+        let d = try X86Disassembler()
+        // The shortened ns8250_putc, ending in a tail call (jmp rel32 to another function: OpenBSD's comcnputc ends
+        // in gcc's `jmp splx`) instead of ret.
+        let base: UInt64 = 0x10_1708
+        let (image, _) = handMade(Self.shortenedPutc(ending: [0xe9, 0xd3, 0x0f, 0x00, 0x00]), at: base, name: "comcnputc") // jmp base + 0x1005
+        let copy = try FunctionCopy(try image.decode(image.symbols.symbols[0], disassembler: d), at: copyPlacement)
+        #expect(copy.returnsToCaller)
+        let plan = try FunctionCopyPlan.make(hot: [HotRewrite(address: base + 0x1f, bytes: [0x90]), HotRewrite(address: base + 0x2c, bytes: [0x90])],
+                                             in: image, at: copyPlacement, disassembler: d)
+        #expect(plan.entries.map(\.site) == [base + 0x14, base + 0x27, base + 0x2d, base + 0x03],
+                "the paths' redirects (the tail call's jmp closes the write's block), then the entry block's")
+        // A loop that never leaves, and an indirect jump that is no table's dispatch (a tail call through a pointer).
+        let forever = try FunctionCopy(try decodeFixture("run_forever", d), at: copyPlacement)
+        #expect(!forever.returnsToCaller)
+        let (pointer, _) = handMade([0x48, 0x8b, 0x47, 0x18, 0xff, 0xe0], at: base, name: "tail") // mov rax, [rdi + 0x18]; jmp rax
+        #expect(try FunctionCopy(try pointer.decode(pointer.symbols.symbols[0], disassembler: d), at: copyPlacement).returnsToCaller)
+
+        // Guests/c-openbsd-cpl3-noalign's comcnputc: a 1-byte first instruction, reached through cn_tab->cn_putc, the
+        // 5-byte instructions of its first TXRDY loop on the delay(1) path, `jmp splx` at its end.
+        let guest = try CGuestCopyTests.image("c-openbsd-cpl3-noalign")
+        let f = try guest.decode(try #require(guest.symbols.symbols.first { $0.name == "comcnputc" && $0.size > 0 }), disassembler: d)
+        let io = f.instructions.filter { $0.groups.contains(.portIO) }
+        #expect(io.count == 3 && !f.instructions.contains { $0.groups.contains(.return) })
+        let firstJump = try #require(f.instructions.first { $0.groups.contains(.jump) })
+        let comcnputc = try FunctionCopyPlan.make(hot: io.map { HotRewrite(address: $0.address, bytes: [0x90]) }, in: guest,
+                                                  at: copyPlacement, disassembler: d)
+        #expect(comcnputc.copy.returnsToCaller)
+        #expect(comcnputc.entries.contains { $0.kind == .redirect && $0.site < firstJump.address },
+                "\(comcnputc.entries.map { f.location($0.site) })")
     }
 
     @Test("direct call and tail-call sites to a function are found and retargeted to the copy")

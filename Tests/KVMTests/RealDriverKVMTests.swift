@@ -3,7 +3,7 @@ import Testing
 import VMMKit
 
 /// C guests in the idioms of drivers and runtimes nobody here wrote (an embedded printf library, FreeBSD's uart(4)
-/// console path, Linux's 8250 console; the scratch sweep
+/// console path, Linux's 8250 console, OpenBSD's com(4) console; the scratch sweep
 /// of /work/scratch/realdrv also imitated xv6, Zephyr, U-Boot, Linux's early console, SeaBIOS, virtio-mmio and
 /// NVMe), committed before the DMP work they showed was needed.
 extension KVMTests {
@@ -26,6 +26,17 @@ extension KVMTests {
     @Test("c-freebsd-cpl3-noalign (FreeBSD's uart(4) path, gcc -O2 -falign-functions=1): ns8250_putc entered through its entry block on every call; its THRE read, DATA write and TEMT read served, over 90% of the steady exits gone, same output")
     func dmpFreeBSDPutcEnteredThroughItsEntryBlock() throws {
         try expectServedByOwnCopy("c-freebsd-cpl3-noalign", function: "ns8250_putc", sites: 3)
+    }
+
+    /// OpenBSD's `comcnputc`, reached only through `cn_tab->cn_putc`, starts with a 1-byte `push rbx`, and the
+    /// 5-byte instructions of its first TXRDY loop lie on the `delay(1)` path; it ends in gcc's tail call `jmp splx`,
+    /// with no `ret`, so its copy was planned as that of a function that never returns: no entry through its entry
+    /// block, only the redirect after the data write, which serves the second TXRDY wait (steady exits 91,210 ->
+    /// 60,807). A tail call returns to the caller too: the entry block's instructions run on every call.
+    @Test("c-openbsd-cpl3 (OpenBSD's com(4) console, gcc -O2 and -noalign): comcnputc, which ends in a tail call (jmp splx) and has no ret, entered through its entry block on every call; both TXRDY reads and the data write served, over 90% of the steady exits gone, same output",
+          arguments: ["c-openbsd-cpl3", "c-openbsd-cpl3-noalign"])
+    func dmpOpenBSDTailCallingPutcEnteredThroughItsEntryBlock(_ image: String) throws {
+        try expectServedByOwnCopy(image, function: "comcnputc", sites: 3)
     }
 
     /// Linux's 8250 console at gcc -Os: `serial8250_console_putchar` ends in `serial_port_out`'s sibling call (its

@@ -56,11 +56,12 @@ final class DMPGuestRun {
     /// the guest measured, which no two runs share (DMP or not). Every other byte must match.
     var output: String { DMPGuestRun.maskTiming(console.text) }
 
-    /// Lines are split at every LF scalar (a CRLF is one `Character` in Swift, which a split at "\n" would not cut).
+    /// Lines are split at every LF scalar (a CRLF is one `Character` in Swift, which a split at "\n" would not cut); a
+    /// line may begin with the CR of a console that ends lines with "\n\r" (the BSDs' `cnputc`).
     static func maskTiming(_ text: String) -> String {
         text.unicodeScalars.split(separator: "\n", omittingEmptySubsequences: false).map { scalars -> String in
             let line = String(String.UnicodeScalarView(scalars))
-            guard line.hasPrefix("RESULT ") else { return line }
+            guard line.drop(while: { $0 == "\r" }).hasPrefix("RESULT ") else { return line }
             return line.split(separator: " ", omittingEmptySubsequences: false).map { w in
                 w.hasPrefix("cycles_per_iter=") ? "cycles_per_iter=*" : String(w)
             }.joined(separator: " ")
@@ -97,10 +98,11 @@ final class DMPGuestRun {
         // c-table-cpl3's line buffer and byte count, c-boot-cpl3's log ring and its indices hold the RESULT
         // line's text or length, whose cycle count varies from run to run; c-printf-cpl3's tx_hash and
         // c-freebsd-cpl3's cn_hash hash every byte sent, the RESULT line's too; c-linux8250-cpl3 formats each record in
-        // printk_buf, hashes it into log_hash and counts its bytes in serial8250_ports' port.tx.
+        // printk_buf, hashes it into log_hash and counts its bytes in serial8250_ports' port.tx; c-openbsd-cpl3's
+        // msgbuf_hash hashes every byte logged and splx_calls counts them.
         let names: Set<String> = ["stacks", "user_stack", "tsc_start", "tsc_end", "printk_buf.0",
                                   "com1_lines", "bytes_logged", "log_ring", "log_head", "log_tail", "tx_hash", "cn_hash",
-                                  "printk_buf", "log_hash", "serial8250_ports"]
+                                  "printk_buf", "log_hash", "serial8250_ports", "msgbuf_hash", "splx_calls"]
         var out = loaded.symbols.symbols.filter { names.contains($0.name) }.map { physical($0.address)..<(physical($0.address) + $0.size) }
         if let t = transmittedCountAddress { out.append(t..<(t + 8)) }
         return out
@@ -220,6 +222,8 @@ let transparencyGuests: [(String, String)] = [
     // Linux's 8250 console (at -Os a sibling call through port->serial_out from a function called directly).
     ("c-linux8250-cpl3", "iters=60"), ("c-linux8250-cpl3-Os", "iters=60"),
     ("c-linux8250-earlycon-cpl3-Os", "iters=60"), ("c-linux8250-earlycon-cpl3-noalign", "iters=60"),
+    // OpenBSD's com(4) console: the putc ends in a tail call (no ret).
+    ("c-openbsd-cpl3", "iters=60"), ("c-openbsd-cpl3-noalign", "iters=60"),
     // Real MMIO drivers' idioms on the doorbell: virtio-mmio's notify callback, NVMe's strided doorbells.
     ("c-virtio-notify-cpl3", "iters=256"), ("c-nvme-sqdb-cpl3", "iters=256"),
     // Packed images: the hot code's page shares read-only data, or written data.

@@ -166,6 +166,23 @@ extension FunctionCopy {
         return out
     }
 
+    /// Whether the function goes back to its caller somewhere: a `ret`, or a jump that leaves it, a tail call (a
+    /// direct `jmp` or `jcc` to an address outside it, or an indirect `jmp` that is not the dispatch of a jump table the
+    /// copy keeps), after which the callee returns to this function's caller. A function that does neither never
+    /// returns (a main loop): it is entered on its hot paths, where its thread is now. One that leaves only through a
+    /// tail call (OpenBSD's `comcnputc` ends in gcc's `jmp splx`) returns like any other: each call starts it anew, so
+    /// its start and its entry block lead to every hot instruction on the path that call takes.
+    package var returnsToCaller: Bool {
+        let tables = Set(jumpTables.map(\.jump))
+        return function.instructions.contains { i in
+            let g = i.groups
+            if g.contains(.return) { return true }
+            guard g.contains(.jump), !g.contains(.call) else { return false }
+            guard let b = i.branch else { return !tables.contains(i.address) }
+            return !function.contains(b.target)
+        }
+    }
+
     /// Whether `i` ends a straight run: a jump (taken or not) or a return.
     private static func transfers(_ i: X86Instruction) -> Bool { i.groups.contains(.jump) || i.groups.contains(.return) }
 

@@ -6,7 +6,8 @@ import X86Disassembler
 package struct FunctionCopyPlan: Sendable {
     /// The copy (its bytes go into the implant at `copy.address`; its eviction writes undo its reach).
     package var copy: FunctionCopy
-    /// The entries, best first: for a function that returns, its start (the entry instruction, else the entry
+    /// The entries, best first: for a function that returns (with `ret` or through a tail call:
+    /// ``FunctionCopy/returnsToCaller``), its start (the entry instruction, else the entry
     /// instruction through dead padding), then redirects on the hot instructions' paths, short jumps through
     /// dead padding at them, then call and tail-call sites; for a function that never returns, the hot paths
     /// come before its start; then, for a function that returns with no entry at its start, the redirects of its
@@ -77,11 +78,9 @@ package struct FunctionCopyPlan: Sendable {
                 }
             }
         }
-        // Retpoline code returns through a jump to a return thunk (``BranchThunk``).
-        let returns = function.instructions.contains { i in
-            i.groups.contains(.return)
-                || ((i.branch.map { !function.contains($0.target) } ?? false) && BranchThunk.isReturnJump(i, in: image, disassembler: disassembler))
-        }
+        // A tail call returns to the caller too (``FunctionCopy/returnsToCaller``), and so does retpoline code's jump
+        // to a return thunk (``BranchThunk``): a jump out of the function.
+        let returns = copy.returnsToCaller
         if returns { start() }
         // A promoted call inside an accessor is reached through the promoted call that calls that accessor.
         let paths = hot.map(\.address) + promotions.map(\.site).filter { function.contains($0) }
