@@ -6,6 +6,7 @@ import VMMKitTesting
 struct ELFBuilder {
     struct PH { var type: UInt32 = 1; var offset: UInt64; var vaddr: UInt64; var paddr: UInt64; var filesz: UInt64; var memsz: UInt64 }
     var entry: UInt64 = 0x100000
+    var type: UInt16 = 2
     var machine: UInt16 = 62
     var elfClass: UInt8 = 2
     var phs: [PH] = []
@@ -15,7 +16,7 @@ struct ELFBuilder {
         var b = [UInt8](repeating: 0, count: 64)
         b[0] = 0x7f; b[1] = 0x45; b[2] = 0x4c; b[3] = 0x46; b[4] = elfClass; b[5] = 1; b[6] = 1
         func put<T: FixedWidthInteger>(_ v: T, _ at: Int) { withUnsafeBytes(of: v.littleEndian) { for (i, x) in $0.enumerated() { b[at + i] = x } } }
-        put(UInt16(2), 16); put(machine, 18); put(UInt32(1), 20); put(entry, 24)
+        put(type, 16); put(machine, 18); put(UInt32(1), 20); put(entry, 24)
         put(UInt64(64), 32); put(UInt16(64), 52); put(UInt16(56), 54); put(UInt16(phs.count), 56)
         for ph in phs {
             var p = [UInt8](repeating: 0, count: 56)
@@ -102,6 +103,59 @@ struct LoaderTests {
             _ = try X86Boot.load(.elf(b.bytes()), into: vm)
         } throws: { e in
             if case VMError.loader(.segmentOutsideMemory) = e { return true }
+            return false
+        }
+    }
+
+    /// A position-independent image: code at `base` (16 NOPs), an 8-byte pointer field at `base + 0x10` holding
+    /// `field`, and a `PT_DYNAMIC` whose `DT_RELA` table holds one relocation of `kind` at that field with addend
+    /// `base + 8` (what GNU ld emits for `.quad sym` in a PIE: `R_X86_64_RELATIVE`, the field written in place).
+    func pie(type: UInt16, base: UInt64, field: UInt64, kind: UInt64 = 8, interpreter: Bool = false) -> [UInt8] {
+        var b = ELFBuilder()
+        b.type = type
+        b.entry = base
+        let phCount: UInt64 = interpreter ? 3 : 2
+        let data = 64 + 56 * phCount // the file offset of the loaded bytes
+        var payload = [UInt8](repeating: 0x90, count: 16)
+        func u64(_ v: UInt64) { withUnsafeBytes(of: v.littleEndian) { payload += $0 } }
+        u64(field)                                           // base + 0x10: the relocated field
+        u64(base + 0x10); u64(UInt64(kind)); u64(base + 8)   // base + 0x18: the Elf64_Rela
+        for (tag, value) in [(UInt64(7), base + 0x18), (8, 24), (9, 24), (0, 0)] { u64(tag); u64(value) } // base + 0x30: dynamic
+        let interp = Array("/lib64/ld-linux-x86-64.so.2".utf8) + [0]
+        b.phs = [.init(offset: data, vaddr: base, paddr: base, filesz: UInt64(payload.count), memsz: 0x2000),
+                 .init(type: 2, offset: data + 0x30, vaddr: base + 0x30, paddr: base + 0x30, filesz: 64, memsz: 64)]
+        if interpreter {
+            b.phs.append(.init(type: 3, offset: data + UInt64(payload.count), vaddr: 0, paddr: 0, filesz: UInt64(interp.count), memsz: 0))
+            payload += interp
+        }
+        b.payload = payload
+        return b.bytes()
+    }
+
+    @Test("position-independent images: loaded where linked when that needs no relocation processing (ET_EXEC or ET_DYN with RELATIVE fields already holding their values, as GNU ld -pie at a fixed address writes them); refused with relocationRequired naming why otherwise (ET_DYN linked at 0, a field not yet relocated, a symbolic relocation, PT_INTERP)")
+    func positionIndependent() throws {
+        func refusal(_ bytes: [UInt8]) -> String? {
+            do { _ = try ELFImage(bytes: bytes); return nil } catch {
+                if case .relocationRequired(let why) = error { return why }
+                return "other: \(error)"
+            }
+        }
+        for type: UInt16 in [2, 3] {
+            let img = try ELFImage(bytes: pie(type: type, base: 0x100000, field: 0x100008))
+            #expect(img.segments.count == 1 && img.entry == 0x100000)
+            let vm = try makeVM(MockHypervisor(), memory: 32 << 20)
+            _ = try X86Boot.load(.elf(pie(type: type, base: 0x100000, field: 0x100008)), into: vm)
+            #expect(try vm.memory.read(UInt64.self, at: GuestAddress(0x100010)) == 0x100008, "the field as linked")
+            #expect(refusal(pie(type: type, base: 0x100000, field: 0))?.contains("R_X86_64_RELATIVE at 0x100010 holds 0x0") == true,
+                    "a field left for the loader (lld's default)")
+            #expect(refusal(pie(type: type, base: 0x100000, field: 0x100008, kind: 6))?.contains("relocation type 6 at 0x100010") == true,
+                    "R_X86_64_GLOB_DAT")
+            #expect(refusal(pie(type: type, base: 0x100000, field: 0x100008, interpreter: true))?.contains("/lib64/ld-linux-x86-64.so.2") == true)
+        }
+        #expect(refusal(pie(type: 3, base: 0, field: 8))?.contains("ET_DYN") == true, "gcc's default -pie: linked at 0")
+        let vm = try makeVM(MockHypervisor(), memory: 32 << 20)
+        #expect { _ = try X86Boot.load(.elf(pie(type: 3, base: 0, field: 8)), into: vm) } throws: { e in
+            if case VMError.loader(.relocationRequired) = e { return true }
             return false
         }
     }

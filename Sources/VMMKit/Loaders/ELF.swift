@@ -100,6 +100,8 @@ public struct ELFImage: Sendable {
         try r.check(phoff, phentsize * phnum, "the program headers")
 
         var segs: [Segment] = []
+        var dynamic: (offset: UInt64, size: UInt64)?
+        var interpreter: (offset: UInt64, size: UInt64)?
         var pvh: UInt32?
         var notesSeen = Set<UInt64>()
         for i in 0..<phnum {
@@ -123,6 +125,10 @@ public struct ELFImage: Sendable {
                     segs.append(Segment(physicalAddress: paddr, virtualAddress: vaddr, fileOffset: offset, fileSize: filesz, memorySize: memsz,
                                         executable: pflags & 1 != 0))
                 }
+            case 2: // PT_DYNAMIC
+                if dynamic == nil { dynamic = (offset, filesz) }
+            case 3: // PT_INTERP
+                if interpreter == nil { interpreter = (offset, filesz) }
             case 4: // PT_NOTE: each distinct note range is scanned once
                 if pvh == nil, notesSeen.insert(offset).inserted, notesSeen.count <= 16,
                    let e = try ELFImage.pvhNote(r, offset: offset, size: filesz) { pvh = e }
@@ -139,6 +145,7 @@ public struct ELFImage: Sendable {
                 throw .overlappingSegments(min(a, b), max(a, b))
             }
         }
+        try ELFImage.checkNoRelocationNeeded(r, type: type, segments: segs, dynamic: dynamic, interpreter: interpreter)
         segments = segs
         pvhEntry = pvh
         symbols = (try? ELFImage.symbolTable(r, shoff: shoff, shentsize: shentsize, shnum: shnum)) ?? SymbolTable()

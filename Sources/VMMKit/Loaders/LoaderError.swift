@@ -28,6 +28,11 @@ public enum LoaderError: Error, Hashable, Sendable, CustomStringConvertible {
     case commandLineTooLong(length: Int, maximum: Int)
     /// The guest memory is too small for the platform layout.
     case memoryTooSmall(needed: UInt64, available: UInt64)
+    /// The image cannot run where it is linked without relocation processing, which the loader does not do: a
+    /// position-independent executable (`ET_DYN`) linked at address 0, an image that asks for a dynamic linker
+    /// (`PT_INTERP`), or dynamic relocations that would change a byte at the link address (symbolic ones, or a
+    /// `R_X86_64_RELATIVE` whose field does not already hold its value). The string says which and where.
+    case relocationRequired(String)
 
     /// A one-line description.
     public var description: String {
@@ -48,6 +53,8 @@ public enum LoaderError: Error, Hashable, Sendable, CustomStringConvertible {
         case .entryOutsideImage(let e): return "entry point \(h(e)) is outside the loaded segments"
         case .commandLineTooLong(let l, let m): return "command line of \(l) bytes exceeds \(m)"
         case .memoryTooSmall(let n, let a): return "guest memory of \(a) bytes is below the \(n) the platform needs"
+        case .relocationRequired(let s):
+            return "the image needs relocation processing, which the loader does not do (it loads images at their link addresses): \(s)"
         }
     }
 }
