@@ -77,6 +77,45 @@ extension KVMTests {
                               copyOf: "serial_puts_fast", callersRows: false)
     }
 
+    /// ftrace's pads: a 5-byte NOP first in every function (`__mcount_loc`) and sixteen NOPs before it
+    /// (`__patchable_function_entries`), the bytes a kernel rewrites after checking they are what it expects. DMP used
+    /// the first as the copies' entry instruction and the others as dead padding for its jumps; now every pad holds the
+    /// guest's bytes while the patches are live, and the accessors are served from their caller's copy instead.
+    @Test("c-uart-cpl3-ftrace (ftrace pads: -mfentry -mnop-mcount -mrecord-mcount, -fpatchable-function-entry=16,16): every pad the guest's tables record holds its own bytes while DMP's patches are live; the four UART sites served, over 90% of the steady exits gone, same output")
+    func dmpFtracePadsLeftAlone() throws {
+        let bytes = try guestImage("c-uart-cpl3-ftrace")
+        let elf = try ELFImage(bytes: bytes)
+        // The pads: the 8-byte addresses of both tables, 5 bytes at each __mcount_loc entry, 16 at the others.
+        var pads: [(address: UInt64, size: Int)] = []
+        for s in elf.sections ?? [] where s.name == "__mcount_loc" || s.name == "__patchable_function_entries" {
+            let seg = try #require(elf.segments.first { s.address >= $0.virtualAddress && s.address - $0.virtualAddress < $0.fileSize })
+            let at = Int(seg.fileOffset + (s.address - seg.virtualAddress))
+            for o in stride(from: at, to: at + Int(s.size), by: 8) {
+                pads.append(((0..<8).reduce(UInt64(0)) { $0 | UInt64(bytes[o + $1]) << (8 * UInt64($1)) }, s.name == "__mcount_loc" ? 5 : 16))
+            }
+        }
+        #expect(pads.count > 40)
+        let text = try #require(elf.segments.first { $0.executable })
+        func original(_ a: UInt64, _ n: Int) -> [UInt8] {
+            let o = Int(text.fileOffset + (a - text.virtualAddress)); return Array(bytes[o..<o + n])
+        }
+        var changed: [String] = []
+        let off = try DMPLibraryRun("c-uart-cpl3-ftrace", commandLine: "iters=200", dmp: false)
+        let on = try DMPLibraryRun("c-uart-cpl3-ftrace", commandLine: "iters=200", around: { vm, _, _, run in
+            let stop = try run()
+            for p in pads where try vm.memory.readBytes(at: GuestAddress(p.address), count: p.size) != original(p.address, p.size) {
+                changed.append("0x" + String(p.address, radix: 16))
+            }
+            return stop
+        })
+        #expect(off.stop == .guestExit(status: 0) && on.stop == off.stop)
+        #expect(changed.isEmpty, "pads written: \(changed)")
+        let report = DMPReport.text(on.report)
+        let sites = on.report.filter { $0.location.hasPrefix("io_serial_") && !$0.location.contains(" via ") }
+        #expect(sites.count == 4 && sites.allSatisfy { $0.state == .patched && $0.hitsServed > 1000 }, "\(report)")
+        try on.expectSameOutput(as: off, steadyExitsCutBy: 10)
+    }
+
     /// The guest without and with DMP: exit 0 both, `count` sites whose location starts with `sites` (without
     /// `callersRows`, not counting the rows of other callers' copies, `accessor+off via caller+off`), each patched in a
     /// copy of `copyOf` and serving over 1,000 accesses, same output, over 90% of the steady exits gone.

@@ -210,7 +210,7 @@ let transparencyGuests: [(String, String)] = [
     ("c-mmio-cpl3-O1", "iters=256"), ("c-mmio-index-cpl3-Os", "iters=256"), ("c-doorbell-cpl3-unroll", "iters=256"),
     ("c-doorbell-cpl3-ubuntu-lto", "iters=256"),
     // Retpolines (thunks for indirect branches and returns).
-    ("c-freebsd-cpl3-retpoline", "iters=60"), ("c-uart-cpl3-retpoline-Os", "iters=40"), ("c-portops-cpl3-retpoline-inline", "iters=60"),
+    ("c-freebsd-cpl3-retpoline", "iters=60"), ("c-uart-cpl3-retpoline-Os", "iters=40"), ("c-portops-cpl3-retpoline-inline", "iters=60"), ("c-uart-cpl3-ftrace", "iters=40"),
     // The MMIO style sweep.
     ("c-mmio-mixed-cpl3", "iters=256"), ("c-mmio-widths-cpl3", "iters=256"), ("c-mmio-poll-cpl3", "iters=256"),
     // Port accessors through pointers, called from several functions.

@@ -58,6 +58,24 @@ package struct CodeImage: Sendable {
         return CodeImage(regions: regions, symbols: symbols, tables: tables)
     }
 
+    /// The pads the guest's pad tables record (``CodeAddressTable/recordsPads``), in address order: at each recorded
+    /// address the instruction there and the NOPs that follow it, at most 64 bytes (`-fpatchable-function-entry=16,16`
+    /// records the first of sixteen one-byte NOPs; `-mfentry` a `call __fentry__` or its 5-byte NOP).
+    package func pads(disassembler: X86Disassembler) -> [Range<UInt64>] {
+        var out: [Range<UInt64>] = []
+        for t in tables where t.recordsPads {
+            for a in t.addresses.prefix(CodeAddressTable.maximumAddresses) {
+                guard let first = instruction(at: a, disassembler: disassembler) else { continue }
+                var end = first.nextAddress
+                while end &- a < 64, let i = instruction(at: end, disassembler: disassembler), i.mnemonic == "nop", end &- a + UInt64(i.length) <= 64 {
+                    end = i.nextAddress
+                }
+                out.append(a..<end)
+            }
+        }
+        return out.sorted { $0.lowerBound < $1.lowerBound }
+    }
+
     /// The sized function symbol whose bytes hold `address`.
     package func function(containing address: UInt64) -> GuestSymbol? { functions.symbol(containing: address) }
 

@@ -60,19 +60,26 @@ extension FunctionCopy {
 
     /// The entry instruction: the function's first instruction if it has at least 5 bytes, or the one after
     /// a leading `endbr64` (which stays, so indirect calls still land on it).
-    package func functionEntry() throws(DMPRefusal) -> CopyEntry {
-        let entry = try entryInstruction()
+    /// `pads`: ranges the guest rewrites itself (``CodeImage/pads(disassembler:)``): the entry instruction is the
+    /// first one after them (a function's ftrace NOP runs on every call too, and the next instruction is on every
+    /// call's path).
+    package func functionEntry(pads: [Range<UInt64>] = []) throws(DMPRefusal) -> CopyEntry {
+        let entry = try entryInstruction(pads: pads)
         guard entry.length >= 5 else {
             throw DMPRefusal(.plan, "the entry instruction of \(function.symbol.name) (\(entry)) is \(entry.length) bytes (a jmp rel32 needs 5)")
         }
         return try redirect(at: entry.address, kind: .functionEntry)
     }
 
-    /// The function's first instruction, or the one after a leading `endbr64`.
-    private func entryInstruction() throws(DMPRefusal) -> X86Instruction {
+    /// The function's first instruction, or the one after a leading `endbr64`, and after any instructions inside `pads`.
+    private func entryInstruction(pads: [Range<UInt64>] = []) throws(DMPRefusal) -> X86Instruction {
         guard let first = function.instructions.first else { throw DMPRefusal(.plan, "\(function.symbol.name) is empty") }
         let endbr64: [UInt8] = [0xf3, 0x0f, 0x1e, 0xfa]
-        return first.bytes == endbr64 && function.instructions.count > 1 ? function.instructions[1] : first
+        var k = first.bytes == endbr64 && function.instructions.count > 1 ? 1 : 0
+        while k + 1 < function.instructions.count, pads.contains(where: { $0.overlaps(function.instructions[k].address..<function.instructions[k].nextAddress) }) {
+            k += 1
+        }
+        return function.instructions[k]
     }
 
     /// The entry instruction (or the one after `endbr64`) of 2 to 4 bytes turned into `jmp rel8` to a

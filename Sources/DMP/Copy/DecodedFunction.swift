@@ -11,9 +11,23 @@ package struct CodeAddressTable: Hashable, Sendable {
     package var name: String
     /// The guest-virtual code addresses it records.
     package var addresses: [UInt64]
+    /// Whether the table records *pads* the guest rewrites in place, and nothing else (gcc's `__mcount_loc` for
+    /// `-pg -mrecord-mcount`, the `call __fentry__` or 5-byte NOP at each function's start that ftrace turns into a
+    /// call and back; `__patchable_function_entries` for `-fpatchable-function-entry`, the NOPs at or before each
+    /// function's start). A function holding a pad may be copied: the guest's write to the pad hits a guarded
+    /// page and invalidates the copy, as any code write does. But no patch writes over a pad (the guest checks
+    /// the bytes it expects there before rewriting them), and padding holding one is not dead.
+    package var recordsPads: Bool
 
     /// Creates a table.
-    package init(name: String, addresses: [UInt64]) { self.name = name; self.addresses = addresses }
+    package init(name: String, addresses: [UInt64], recordsPads: Bool = false) {
+        self.name = name; self.addresses = addresses; self.recordsPads = recordsPads
+    }
+
+    /// The tables of pads an ELF image may hold, by section name (each an array of 8-byte code addresses).
+    package static let padSections = ["__mcount_loc", "__patchable_function_entries"]
+    /// The most addresses read from one table.
+    package static let maximumAddresses = 1 << 16
 }
 
 /// A function bounded by a sized symbol, decoded whole: its instructions end
@@ -110,7 +124,7 @@ package struct DecodedFunction: Sendable {
     /// absolute memory address or a 32/64-bit immediate that points inside the function (data in text, code
     /// addresses taken); a function named in a code-address table.
     package func checkCopyable(tables: [CodeAddressTable] = []) throws(DMPRefusal) {
-        for t in tables {
+        for t in tables where !t.recordsPads {
             if let a = t.addresses.first(where: contains) {
                 throw DMPRefusal(.plan, "\(symbol.name) is named in \(t.name) at \(location(a)) (a copy would freeze or break that table)")
             }

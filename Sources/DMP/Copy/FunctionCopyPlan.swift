@@ -68,8 +68,9 @@ package struct FunctionCopyPlan: Sendable {
         // Order: for a function that returns, its start first (its next call runs wholly in the copy, every
         // hot instruction served); for one that never returns, the hot paths first (the thread is in them now).
         var padding = usedPadding
+        let pads = image.pads(disassembler: disassembler)
         func start() {
-            attempt { () throws(DMPRefusal) in try copy.functionEntry() }
+            attempt { () throws(DMPRefusal) in try copy.functionEntry(pads: pads) }
             if entryThroughPadding, !entries.contains(where: { $0.kind == .functionEntry }) {
                 attempt { () throws(DMPRefusal) in
                     let e = try copy.entryThroughPadding(in: image, disassembler: disassembler, avoiding: padding)
@@ -114,6 +115,13 @@ package struct FunctionCopyPlan: Sendable {
         entries += before
         if !unreached.isEmpty, before.isEmpty {
             refusals.append(DMPRefusal(.plan, "no instruction of 5 bytes or more before the hot loops"))
+        }
+        // No write over a pad the guest rewrites itself (ftrace's NOPs, patchable entries).
+        entries = entries.filter { e in
+            guard let w = e.writes.first(where: { w in pads.contains { $0.overlaps(w.range) } }) else { return true }
+            refusals.append(DMPRefusal(.plan, "an entry at \(function.location(e.site)) would write over a pad the guest's tables record "
+                                       + "(at 0x\(String(w.address, radix: 16)))"))
+            return false
         }
         var sites: Set<UInt64> = []
         entries = entries.filter { sites.insert($0.site).inserted }

@@ -114,6 +114,21 @@ extension PatchPlanner {
                   let bytes = try? vm.memory.readBytes(at: r.start, count: Int(min(r.size, 64 << 20))) else { continue }
             regions.append(CodeImage.Region(address: v, bytes: bytes))
         }
-        return CodeImage(regions: regions, symbols: configuration.symbols)
+        return CodeImage(regions: regions, symbols: configuration.symbols, tables: padTables())
+    }
+
+    /// The image's pad tables (``CodeAddressTable/padSections``) as they are in guest memory now: arrays of 8-byte code
+    /// addresses (a guest value: it only keeps DMP's writes off those bytes).
+    func padTables() -> [CodeAddressTable] {
+        guard let layout = configuration.imageLayout else { return [] }
+        return layout.sections.compactMap { s -> CodeAddressTable? in
+            guard CodeAddressTable.padSections.contains(s.name), s.range.size >= 8,
+                  let bytes = try? vm.memory.readBytes(at: s.range.start, count: Int(min(s.range.size, UInt64(CodeAddressTable.maximumAddresses) * 8)))
+            else { return nil }
+            let addresses = stride(from: 0, to: bytes.count - 7, by: 8).map { o in
+                (0..<8).reduce(UInt64(0)) { $0 | UInt64(bytes[o + $1]) << (8 * UInt64($1)) }
+            }
+            return CodeAddressTable(name: s.name, addresses: addresses.filter { $0 != 0 }, recordsPads: true)
+        }
     }
 }
