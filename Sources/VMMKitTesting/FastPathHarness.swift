@@ -110,7 +110,7 @@ public struct FastPathHarnessOptions: Sendable {
     public var ignoreEnableWords: Bool
     /// Give the device the ring drain it asks for (``FastPathSubject/connect(_:drain:)``).
     public var connectRingDrain: Bool
-    /// Run the subject's host actions.
+    /// Run the subject's host actions (``FastPathSubject/hostAction(_:)``, e.g. a timer tick or a UART's input); default on.
     public var hostActions: Bool
 
     /// Options; the defaults inject no fault.
