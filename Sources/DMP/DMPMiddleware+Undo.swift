@@ -158,18 +158,25 @@ extension DMPMiddleware {
     }
 
     /// Tells the ring device its producers are gone when no live patch appends to a ring (the last ring patch
-    /// undone, its last ring site turned off alone, or a plan that announced one and left none live): from then
-    /// on the guest's own writes to the target registers are no producer fallbacks and do not keep the poller awake.
+    /// undone, its last ring site turned off alone, a plan that announced one and left none live, or the last
+    /// ring patch switched off for an A/B trial phase): from then on the guest's own writes to the target registers
+    /// are no producer fallbacks and do not keep the poller awake.
     func detachRingProducersUnlessLive() {
         guard let rings else { return }
         producers.withLock { _ in
-            let live = state.withLock { s in
-                s.patches.values.contains { q in
-                    q.sites.contains { s.sites[$0].map { $0.ringProducer && $0.report.state != .disabled } ?? false }
-                }
-            }
+            let live = state.withLock { s in s.patches.contains { id, q in appendsToRing(id, q, s) } }
             if !live { rings.producersDetached() }
         }
+    }
+
+    /// Whether patch `id` (`q`) appends to a ring now (state lock held): a ring site of it is on, and its bytes are
+    /// in place — not the guest's original bytes of an A/B trial's *off* phase (``RateTrial/originalBytesInPlace``),
+    /// which must leave what undoing the patch leaves, the poller asleep included, or the trial would compare two
+    /// arms that both pay for a polling thread (on a loaded host, its CPU taken from the vCPU) and keep a patch
+    /// that makes the guest slower than no DMP.
+    func appendsToRing(_ id: Int, _ q: AppliedPatch, _ s: State) -> Bool {
+        guard !(s.trials[id]?.originalBytesInPlace ?? false) else { return false }
+        return q.sites.contains { s.sites[$0].map { $0.ringProducer && $0.report.state != .disabled } ?? false }
     }
 
     /// Tries again the undos that failed, and lifting guards no patch relies on that could not be lifted.

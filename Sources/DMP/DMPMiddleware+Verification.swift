@@ -170,9 +170,17 @@ extension DMPMiddleware {
         case .failure(let error):
             undo(id, reason: DMPRefusal(.verify, "an A/B trial could not switch the patch \(direction): \(error.reason)"), backOff: true)
         case .success(.switched):
-            state.withLock { s in
-                guard ending == nil else { return }
-                s.trials[id]?.switched()
+            let ring = state.withLock { s -> Bool in
+                if ending == nil { s.trials[id]?.switched() }
+                return s.patches[id]?.sites.contains { s.sites[$0]?.ringProducer == true } ?? false
+            }
+            guard ring, let rings else { return }
+            // The off phase leaves what an undo leaves: with no other ring patch live, the guest's own writes to
+            // the target registers no longer keep the poller polling (``appendsToRing(_:_:_:)``).
+            if phase == .off {
+                detachRingProducersUnlessLive()
+            } else {
+                producers.withLock { _ in rings.producerAttached() }
             }
         case .success(.busy(let inside)):
             let limit = max(1, configuration.trialSwitchBusyPasses)

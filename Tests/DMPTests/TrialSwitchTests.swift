@@ -32,19 +32,8 @@ private final class TrialSwitchRun: @unchecked Sendable {
         _ = try X86Boot.load(.flat(code + [UInt8](repeating: 0x90, count: 0x1000 - code.count), loadAddress: base), into: vm)
         let v = try #require(mock.vcpu(0))
         v.currentRegisters.rip = site
-        var c = DMPConfiguration()
-        c.threshold = TrialSwitchRun.threshold
-        c.strategies = .functionCopy
-        c.trialPhaseSeconds = 0.005
-        c.trialPairs = 1
-        c.trialMinimumAccesses = 1
-        c.trialSwitchBusyPasses = busyPasses
-        c.initialBackoff = 1 << 20
-        c.symbols = SymbolTable([
-            GuestSymbol(name: "f", address: base, size: 3, isFunction: true),
-            GuestSymbol(name: "g", address: base + 11, size: 1, isFunction: true),
-        ])
-        c.codeRanges = [GuestRange(start: GuestAddress(base), size: 0x1000)]
+        let c = trialTestConfiguration(threshold: TrialSwitchRun.threshold, base: base, fSize: 3, gAddress: base + 11,
+                                       busyPasses: busyPasses)
         var logger = Logger(label: "test.dmp.trialswitch")
         logger.logLevel = .critical
         dmp = DMPMiddleware.install(on: vm, rings: nil, configuration: c, logger: logger)

@@ -5,7 +5,11 @@
 /// The patch is switched off and on in alternating phases (``DMPConfiguration/trialPhaseSeconds`` each,
 /// ``DMPConfiguration/trialPairs`` pairs, starting with *off*): off, the guest's original bytes are back (the
 /// implanted code and the page guards stay), so the original instructions exit as they did before the patch; on,
-/// the patch is written again. Each phase's rate is the patch's sites' accesses (served in the guest, fallen back,
+/// the patch is written again. The off arm is the guest as the patch's undo would leave it: a patch that appends to
+/// a paravirtual ring counts as no producer while off (with no other ring patch live, the guest's own writes to the
+/// target register no longer keep the ring poller polling, and it sleeps), so the on arm alone pays for the poller
+/// (on a loaded host, its CPU taken from the vCPU; a trial whose arms both paid for it kept patches that left the
+/// guest slower than without DMP). Each phase's rate is the patch's sites' accesses (served in the guest, fallen back,
 /// or exits at the original instructions) per second; the guest doing the same work makes more accesses per second
 /// when they are cheaper. The trial loses when the median of the pairs' ratios (rate on over rate off) is below
 /// ``DMPConfiguration/trialMinimumRatio``. (Switching only the devices' enable words would not do: a body that
@@ -57,6 +61,10 @@ package struct RateTrial: Sendable {
     package private(set) var pending: Phase?
     /// Observations in a row at which the switch asked for found a vCPU inside the bytes to write (``busy()``).
     package private(set) var busyPasses = 0
+    /// Whether the guest's original bytes are in place (an *off* phase in force): the patch serves nothing, and
+    /// nothing else it brings may run on meanwhile (its ring producers count as detached, so the poller sleeps
+    /// as after an undo): the off arm is the guest as the patch's undo would leave it.
+    package var originalBytesInPlace: Bool { phase == .off }
     /// Whether the trial has started (its first *off* phase was asked for).
     package private(set) var started = false
     private var phaseStart = 0.0
