@@ -52,8 +52,10 @@ public struct DMPConfiguration: Sendable {
     /// 0.001 to 1.
     public var trialTimeShare: Double = 0.05
     /// The median ratio of a trial's pairs (accesses per second patched over unpatched) below which
-    /// the patch is undone as slower. 0 to 1000.
-    public var trialMinimumRatio: Double = 0.95
+    /// the patch is undone as slower. 0 to 1000. The default, 1, keeps only a patch measured at least as fast
+    /// as the original code: a CPL0 patch must win to stay (below 1 a patch measured a little slower, within
+    /// the noise, would be kept).
+    public var trialMinimumRatio: Double = 1.0
     /// Verification passes in a row at which an A/B trial's phase switch may find a vCPU paused inside the bytes
     /// to write (the switch then changes nothing and is asked for again at the next pass) before the trial gives
     /// up and the patch is undone with the reason. At least 1.
