@@ -358,7 +358,9 @@ public final class DMPMiddleware: ExitHandler, PageGuardListener, @unchecked Sen
                     observeHits(&r, memory: memory)
                     s.sites[site] = r
                 }
-                return r.report
+                var row = r.report
+                row.trialUnderWay = row.state == .patched && r.patchID.map { s.trials[$0] != nil } == true
+                return row
             }
         }
     }

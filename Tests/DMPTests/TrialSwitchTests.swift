@@ -77,6 +77,10 @@ struct TrialSwitchTests {
         #expect(r.guestCode == patched, "nothing written under the vCPU")
         var row = try #require(r.row)
         #expect(row.state == .patched && row.refusal == nil && row.undoFailure == nil && row.trialResult == nil, "\(row)")
+        // Patched but not judged yet: the row and the report's text say the trial is under way.
+        #expect(row.trialUnderWay, "\(row)")
+        #expect(DMPReport.text(r.dmp.report()).contains("A/B trial under way (patched, not judged yet; the trial may still undo it): "
+                                                         + row.location), "\(DMPReport.text(r.dmp.report()))")
         // The next pass, the vCPU elsewhere: the off phase starts (the guest's bytes back).
         try r.pause(at: base + 0x100)
         r.dmp.testSeam.verify()
@@ -92,6 +96,7 @@ struct TrialSwitchTests {
         row = try #require(r.row)
         #expect(row.state == .patched && row.refusal == nil, "\(row)")
         #expect(row.trialResult?.contains("accesses/s patched") == true, "\(row)")
+        #expect(!row.trialUnderWay && !DMPReport.text(r.dmp.report()).contains("A/B trial under way"), "\(row)")
         #expect(r.guestCode == patched)
     }
 

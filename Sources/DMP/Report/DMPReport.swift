@@ -38,6 +38,11 @@ public enum DMPReport {
                     + (s.trialResult.map { "; A/B trial: \($0)" } ?? "") + "\n"
             }
         }
+        let inTrial = sites.filter { $0.trialUnderWay }
+        if !inTrial.isEmpty {
+            out += "\nA/B trial under way (patched, not judged yet; the trial may still undo it): "
+                + inTrial.map(\.shownLocation).joined(separator: ", ") + "\n"
+        }
         let undoFailed = sites.filter { $0.undoFailure != nil && $0.state == .patched }
         if !undoFailed.isEmpty {
             out += "\nundo failed (the patch stays in place whole; tried again):\n"

@@ -68,6 +68,9 @@ public struct PatchSite: Hashable, Sendable, CustomStringConvertible {
     /// phases, ``DMPConfiguration/trialPhaseSeconds``): the accesses per second patched and unpatched and the
     /// median ratio. A trial that lost undoes the patch; ``refusal`` then gives the figures.
     public var trialResult: String?
+    /// True while the site's patch, of CPL0 code, is in its A/B trial and not judged yet: its state says
+    /// ``State/patched`` but the trial may still undo it.
+    public var trialUnderWay: Bool = false
     /// Nanoseconds from the site becoming hot to every vCPU resuming with the patch in place.
     public var hotToPatchedNanoseconds: UInt64?
     /// Why it was refused or undone.
