@@ -22,118 +22,6 @@ import VMMKit
 // device's configuration; host input; the polling consumer applying one entry.
 // Seeds are fixed; a failure names the seed and the last steps.
 
-/// SplitMix64: a small, fixed-seed random number generator (reproducible programs).
-public struct SplitMix64: RandomNumberGenerator, Sendable {
-    /// The generator's state (the seed at first).
-    public var state: UInt64
-    /// A generator starting at `state`.
-    public init(state: UInt64) { self.state = state }
-    /// The next 64 random bits.
-    public mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
-/// One guest access to a device register, as a ``FastPathSubject`` generates them.
-public struct GuestAccess: Hashable, Sendable, CustomStringConvertible {
-    /// The register's offset in the device's range.
-    public var offset: UInt64
-    /// The width in bytes (1, 2, 4 or 8).
-    public var size: Int
-    /// Read or write.
-    public var direction: AccessDirection
-    /// The value a write stores (ignored for reads).
-    public var value: UInt64
-    /// An access.
-    public init(offset: UInt64, size: Int, direction: AccessDirection, value: UInt64 = 0) {
-        self.offset = offset; self.size = size; self.direction = direction; self.value = value
-    }
-    /// `r<offset>` or `w<offset>=<value in hex>`.
-    public var description: String { direction == .read ? "r\(offset)" : "w\(offset)=\(String(value, radix: 16))" }
-}
-
-/// A device under test (``FastPathHarness``), in three copies, and what the harness needs to know about it.
-public protocol FastPathSubject {
-    /// The device type.
-    associatedtype Device: BusDevice
-    /// A fresh copy (fast, reference or direct), reset as a guest would find it.
-    func make() -> Device
-    /// Host-side work applied to every copy at once (a UART's input); `nil` for none.
-    func hostAction(_ rng: inout SplitMix64) -> ((Device) -> Void)?
-    /// Guest-visible state outside the registers, compared at the end (output, RAM).
-    func observe(_ device: Device) -> [UInt64]
-    /// Reads that probe the final registers, in order (they may have side effects; every copy gets the same).
-    func finalProbe(_ device: Device) -> [UInt64]
-    /// A random access of vCPU `vcpu` (vCPU 0 drives the device; others change its configuration).
-    func access(vcpu: Int, _ rng: inout SplitMix64) -> GuestAccess
-    /// A guest-visible value the guest reads without an exit (RAM a device writes), if any.
-    func memoryRead(_ device: Device) -> UInt64?
-    /// The fast paths to ask for: one request per register access, with the ring that feeds it, if any
-    /// (the harness offers every read a shared slot, as DMP does).
-    var requests: [FastPathRequest] { get }
-    /// Hands the device the ring consumer's drain, if it takes one (a UART, before loopback goes on).
-    func connect(_ device: Device, drain: @escaping @Sendable () -> Void)
-}
-
-extension FastPathSubject {
-    /// By default no host action.
-    public func hostAction(_ rng: inout SplitMix64) -> ((Device) -> Void)? { nil }
-    /// By default nothing outside the registers.
-    public func observe(_ device: Device) -> [UInt64] { [] }
-    /// By default nothing the guest reads without an exit.
-    public func memoryRead(_ device: Device) -> UInt64? { nil }
-    /// By default the device takes no drain.
-    public func connect(_ device: Device, drain: @escaping @Sendable () -> Void) {}
-}
-
-/// The harness's drain, for the device to call back (the harness runs on one thread, so the device calls it on
-/// that thread, from inside an access the harness made).
-private final class DrainBox: @unchecked Sendable {
-    var action: (() -> Void)?
-}
-
-/// How ``FastPathHarness`` runs; the faults exist to show that the properties catch them.
-public struct FastPathHarnessOptions: Sendable {
-    /// Guest vCPUs: 1 also checks program order; 2 lets vCPU 1 change the device's configuration mid-stream.
-    public var vcpus: Int
-    /// Scheduler steps per program.
-    public var steps: Int
-    /// Fault: serve reads as if every read fast path were independent of pending ring entries.
-    public var assumeIndependentReads: Bool
-    /// Fault: apply synchronous ring appends asynchronously.
-    public var ignoreSynchronous: Bool
-    /// Fault: ignore the enable words (serve every granted fast path always).
-    public var ignoreEnableWords: Bool
-    /// Give the device the ring drain it asks for (``FastPathSubject/connect(_:drain:)``).
-    public var connectRingDrain: Bool
-    /// Run the subject's host actions (``FastPathSubject/hostAction(_:)``, e.g. a timer tick or a UART's input); default on.
-    public var hostActions: Bool
-
-    /// Options; the defaults inject no fault.
-    public init(vcpus: Int = 1, steps: Int = 400, assumeIndependentReads: Bool = false, ignoreSynchronous: Bool = false,
-                ignoreEnableWords: Bool = false, connectRingDrain: Bool = true, hostActions: Bool = true) {
-        self.vcpus = vcpus; self.steps = steps; self.assumeIndependentReads = assumeIndependentReads
-        self.ignoreSynchronous = ignoreSynchronous; self.ignoreEnableWords = ignoreEnableWords
-        self.connectRingDrain = connectRingDrain; self.hostActions = hostActions
-    }
-}
-
-/// What ``FastPathHarness/check(_:seeds:options:)`` found over its programs.
-public struct FastPathCheckResult: Sendable {
-    /// The failures (each names its seed and last steps); empty when every program agreed.
-    public var failures: [String]
-    /// Accesses a fast path served.
-    public var served: Int
-    /// Accesses that exited.
-    public var exited: Int
-    /// Reads served from a shared slot.
-    public var slotReads: Int
-}
-
 /// Checks a device's fast paths against the device itself: random programs run on a copy driven as a
 /// patched guest drives it and on a reference copy (and, with one vCPU, a copy in program order); every
 /// guest-visible value must agree. Single-threaded and deterministic for a seed.
@@ -364,4 +252,10 @@ extension FastPathHarness {
         }
         return r
     }
+}
+
+/// The harness's drain, for the device to call back (the harness runs on one thread, so the device calls it on
+/// that thread, from inside an access the harness made).
+private final class DrainBox: @unchecked Sendable {
+    var action: (() -> Void)?
 }
